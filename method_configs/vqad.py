@@ -1,0 +1,71 @@
+"""``ns-train vqad``: VQAD with 4-bit learned indices, 5 levels of detail (16^3 .. 256^3), k = 16."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vqad_nerfstudio.plugin import load_method
+
+if TYPE_CHECKING:
+    from nerfstudio.engine.trainer import TrainerConfig
+    from nerfstudio.models.base_model import ModelConfig
+    from nerfstudio.plugins.types import MethodSpecification
+
+
+def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfig":
+    """Trainer for sparse-grid methods: nerfstudio-format data, Adam, exponential decay, CUDA if present."""
+    import torch
+    from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
+    from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+    from nerfstudio.engine.optimizers import AdamOptimizerConfig
+    from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+    from nerfstudio.engine.trainer import TrainerConfig
+    from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+
+    def adam(lr: float, final: float) -> dict:
+        return {
+            "optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15),
+            "scheduler": ExponentialDecaySchedulerConfig(lr_final=final, max_steps=3000),
+        }
+
+    return TrainerConfig(
+        method_name=method_name,
+        steps_per_eval_batch=500,
+        steps_per_eval_image=500,
+        steps_per_save=1000,
+        max_num_iterations=3000,
+        mixed_precision=False,
+        machine=MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu"),
+        pipeline=VanillaPipelineConfig(
+            datamanager=VanillaDataManagerConfig(
+                dataparser=NerfstudioDataParserConfig(),
+                train_num_rays_per_batch=2048,
+                eval_num_rays_per_batch=2048,
+            ),
+            model=model,
+        ),
+        optimizers={
+            "fields": adam(1e-2, 1e-3),
+            "grid_rows": adam(5e-2, 5e-3),
+            "codebooks": adam(1e-2, 1e-3),
+            "camera_opt": adam(1e-3, 1e-4),
+        },
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        vis="viewer",
+    )
+
+
+def _build() -> "MethodSpecification":
+    from nerfstudio.plugins.types import MethodSpecification
+
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    return MethodSpecification(
+        config=vqad_trainer_config("vqad", VQADModelConfig(eval_num_rays_per_chunk=1 << 14)),
+        description="VQAD: sparse multi-resolution grid of learned b-bit indices into per-level codebooks "
+        "(Variable Bitrate Neural Fields); streamable levels of detail.",
+    )
+
+
+vqad = load_method("vqad", _build)

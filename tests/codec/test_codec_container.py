@@ -1,0 +1,254 @@
+import json
+import os
+import struct
+import zlib
+
+import pytest
+
+from vqad_nerfstudio.codec import (
+    BadMagicError,
+    ChecksumError,
+    Chunk,
+    CodecError,
+    FormatError,
+    TruncatedError,
+    UnsupportedVersionError,
+    describe,
+    read_container,
+    write_container,
+    write_container_file,
+)
+
+HEADER = {"method": "vqad", "config": {"levels": 3, "bits": [4, 6]}, "scene_box": [[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]}
+CHUNKS = [
+    Chunk("TOPO", 0, b"topology-0"),
+    Chunk("IDXE", 0, bytes(range(40))),
+    Chunk("TOPO", 1, b""),
+    Chunk("IDXE", 1, b"\xff" * 7),
+    Chunk("MLPW", None, b"decoder weights"),
+]
+
+
+def header_end(data):
+    return 14 + struct.unpack_from("<I", data, 6)[0]
+
+
+def with_header_crc(data):
+    """Recompute the header CRC after patching version bytes (CRC covers bytes 4..9 and the header)."""
+    crc = zlib.crc32(data[14 : header_end(data)], zlib.crc32(data[4:10]))
+    return data[:10] + struct.pack("<I", crc) + data[14:]
+
+
+def test_round_trip():
+    data = write_container(HEADER, CHUNKS)
+    container = read_container(data)
+    assert container.header == HEADER
+    assert container.chunks == CHUNKS
+    assert container.version == (1, 0)
+    assert container.complete and container.bytes_read == len(data)
+
+
+def test_preamble_layout_and_deterministic_header():
+    data = write_container(HEADER, [])
+    header_bytes = json.dumps(HEADER, sort_keys=True, separators=(",", ":")).encode()
+    assert data[:6] == b"VQNF\x01\x00"
+    assert struct.unpack_from("<I", data, 6)[0] == len(header_bytes)
+    assert data[14 : 14 + len(header_bytes)] == header_bytes
+    assert data[14 + len(header_bytes) :][:4] == b"END!"
+    assert len(data) == 14 + len(header_bytes) + 16
+    reordered = dict(reversed(list(HEADER.items())))
+    assert write_container(reordered, CHUNKS) == write_container(HEADER, CHUNKS)
+
+
+def test_chunk_layout():
+    data = write_container({}, [Chunk("ABCD", 3, b"xyz")])
+    chunk = data[header_end(data) :][:19]
+    assert chunk[:12] == b"ABCD" + bytes([3, 0, 0, 0]) + (3).to_bytes(4, "little")
+    assert struct.unpack_from("<I", chunk, 12)[0] == zlib.crc32(b"xyz", zlib.crc32(chunk[:12]))
+    assert chunk[16:] == b"xyz"
+
+
+def test_describe_sizes_add_up():
+    data = write_container(HEADER, CHUNKS)
+    rows = describe(read_container(data))
+    assert [r["tag"] for r in rows] == [c.tag for c in CHUNKS] + ["END!"]
+    assert [r["lod"] for r in rows] == [c.lod for c in CHUNKS] + [None]
+    assert [r["payload_bytes"] for r in rows] == [len(c.payload) for c in CHUNKS] + [0]
+    assert rows[-1]["end"] == len(data)
+    assert rows[0]["end"] == header_end(data) + 16 + len(CHUNKS[0].payload)
+    ends = [header_end(data)] + [r["end"] for r in rows]
+    assert [b - a for a, b in zip(ends, ends[1:])] == [r["chunk_bytes"] for r in rows]
+
+
+def test_every_chunk_boundary_prefix_is_a_coarser_model():
+    data = write_container(HEADER, CHUNKS)
+    for k, row in enumerate(describe(read_container(data))[:-1]):
+        container = read_container(data[: row["end"]], allow_truncated=True)
+        assert container.chunks == CHUNKS[: k + 1]
+        assert not container.complete and container.bytes_read == row["end"]
+        assert describe(container)[-1]["end"] == row["end"]
+
+
+def test_truncation_at_every_byte():
+    data = write_container(HEADER, CHUNKS)
+    boundaries = [r["end"] for r in describe(read_container(data))]
+    for length in range(len(data)):
+        prefix = data[:length]
+        with pytest.raises(TruncatedError):
+            read_container(prefix)
+        if length < header_end(data):
+            with pytest.raises(TruncatedError):
+                read_container(prefix, allow_truncated=True)
+            continue
+        container = read_container(prefix, allow_truncated=True)
+        complete_chunks = sum(end <= length for end in boundaries)
+        assert container.chunks == CHUNKS[:complete_chunks]
+        assert not container.complete
+        assert container.header == HEADER
+        assert container.bytes_read == max([header_end(data)] + [e for e in boundaries if e <= length])
+
+
+def test_truncation_message_counts_chunks():
+    data = write_container(HEADER, CHUNKS)
+    cut = describe(read_container(data))[0]["end"] + 20
+    with pytest.raises(TruncatedError, match=r"ends inside chunk 1 \(4 of 40 payload bytes\); 1 complete chunks"):
+        read_container(data[:cut])
+    with pytest.raises(TruncatedError, match="no END! chunk; 5 complete chunks"):
+        read_container(data[:-16])
+
+
+def test_bad_magic():
+    data = write_container(HEADER, CHUNKS)
+    with pytest.raises(BadMagicError, match="not a VQNF file"):
+        read_container(b"XQNF" + data[4:])
+    with pytest.raises(BadMagicError):
+        read_container(b"PK\x03\x04")
+    with pytest.raises(TruncatedError):
+        read_container(b"VQ")
+
+
+def test_versions():
+    data = write_container(HEADER, CHUNKS)
+    with pytest.raises(UnsupportedVersionError, match="version 2.0"):
+        read_container(data[:4] + b"\x02" + data[5:])
+    with pytest.raises(UnsupportedVersionError, match="version 0.0"):
+        read_container(data[:4] + b"\x00" + data[5:])
+    newer_minor = with_header_crc(data[:5] + b"\x07" + data[6:])
+    container = read_container(newer_minor)
+    assert container.version == (1, 7) and container.chunks == CHUNKS
+
+
+def test_corrupted_header_is_detected():
+    data = write_container(HEADER, CHUNKS)
+    for position in list(range(14, header_end(data))) + [5, 10]:  # header bytes, minor version, stored CRC
+        corrupted = bytearray(data)
+        corrupted[position] ^= 0x20
+        with pytest.raises(ChecksumError, match="header: CRC32 mismatch"):
+            read_container(bytes(corrupted), allow_truncated=True)
+
+
+def test_corrupted_chunk_is_detected_and_named():
+    data = write_container(HEADER, CHUNKS)
+    rows = describe(read_container(data))
+    start = rows[0]["end"]  # chunk 1 'IDXE' lod 0
+    for position in [start + i for i in range(16 + 40) if not 8 <= i < 12]:  # all but the length field
+        corrupted = bytearray(data)
+        corrupted[position] ^= 0x01
+        with pytest.raises(ChecksumError) as info:
+            read_container(bytes(corrupted), allow_truncated=True)
+        if position >= start + 16:
+            assert "chunk 1 'IDXE' lod 0: CRC32 mismatch (stored 0x" in str(info.value)
+        else:
+            assert "chunk 1 " in str(info.value)
+
+
+def test_corrupted_length_field_never_yields_garbage():
+    data = write_container(HEADER, CHUNKS)
+    start = describe(read_container(data))[0]["end"]
+    for bit in range(32):
+        corrupted = bytearray(data)
+        corrupted[start + 8 + bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(CodecError):
+            read_container(bytes(corrupted))
+        try:
+            container = read_container(bytes(corrupted), allow_truncated=True)
+        except (ChecksumError, TruncatedError):
+            continue
+        assert container.chunks == CHUNKS[:1] and not container.complete
+
+
+def test_end_marker_rules():
+    data = write_container(HEADER, CHUNKS)
+    with pytest.raises(FormatError, match="1 bytes after it"):
+        read_container(data + b"\x00")
+    head = data[: header_end(data)]
+    end_with_payload = b"END!" + bytes([255, 0, 0, 0]) + (1).to_bytes(4, "little")
+    end_with_payload += struct.pack("<I", zlib.crc32(b"x", zlib.crc32(end_with_payload))) + b"x"
+    with pytest.raises(FormatError, match="payload of 1 bytes"):
+        read_container(head + end_with_payload)
+
+
+def test_header_must_be_a_json_object():
+    raw = b"[1,2]"
+    preamble = b"VQNF" + struct.pack("<BBI", 1, 0, len(raw))
+    crc = zlib.crc32(raw, zlib.crc32(preamble[4:]))
+    end = b"END!" + bytes([255, 0, 0, 0]) + bytes(4)
+    end += struct.pack("<I", zlib.crc32(end))
+    with pytest.raises(FormatError, match="JSON object"):
+        read_container(preamble + struct.pack("<I", crc) + raw + end)
+
+
+def test_writer_validation():
+    for tag in ("ABC", "ABCDE", "ÄBCD", "AB\nC", 1234):
+        with pytest.raises(ValueError, match="4 printable ASCII"):
+            Chunk(tag, None, b"")
+    for lod in (-1, 255, True, 1.0):
+        with pytest.raises(ValueError, match="lod"):
+            Chunk("TOPO", lod, b"")
+    with pytest.raises(ValueError, match="payload must be bytes"):
+        Chunk("TOPO", 0, "text")
+    with pytest.raises(ValueError, match="reserved"):
+        write_container({}, [Chunk("END!", None, b"")])
+    with pytest.raises(ValueError, match="chunk 1 'IDXE' has lod 0 after a chunk with lod 1"):
+        write_container({}, [Chunk("IDXE", 1, b""), Chunk("IDXE", 0, b"")])
+    with pytest.raises(ValueError, match="header must be a mapping"):
+        write_container([("a", 1)], [])
+    with pytest.raises(ValueError):
+        write_container({"x": float("nan")}, [])
+    # lod-free chunks may appear anywhere; equal lods may repeat
+    ok = [
+        Chunk("MLPW", None, b""),
+        Chunk("A000", 0, b""),
+        Chunk("B000", 0, b""),
+        Chunk("CODE", None, b""),
+        Chunk("A001", 2, b""),
+    ]
+    assert read_container(write_container({}, ok)).chunks == ok
+
+
+def test_write_container_file(tmp_path):
+    path = tmp_path / "scene.vqnf"
+    size = write_container_file(path, HEADER, CHUNKS)
+    assert size == path.stat().st_size
+    assert path.read_bytes() == write_container(HEADER, CHUNKS)
+    assert read_container(path).chunks == CHUNKS
+    assert read_container(str(path)).header == HEADER
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_container_file(path, {"other": 1}, [])
+    assert read_container(path).header == HEADER
+    write_container_file(path, {"other": 1}, [], overwrite=True)
+    assert read_container(path).header == {"other": 1}
+    assert os.listdir(tmp_path) == ["scene.vqnf"]
+    with pytest.raises(ValueError, match="reserved"):
+        write_container_file(tmp_path / "bad.vqnf", {}, [Chunk("END!", None, b"")])
+    assert os.listdir(tmp_path) == ["scene.vqnf"]
+
+
+def test_specification_example_bytes():
+    expected = bytes.fromhex(
+        "56514E46 0100 0E000000 915E9584"
+        "7B226D6574686F64223A2278227D"
+        "41424344 03 00 0000 03000000 2DFEE38B 78797A"
+        "454E4421 FF 00 0000 00000000 BA03BB73"
+    )
+    assert write_container({"method": "x"}, [Chunk("ABCD", 3, b"xyz")]) == expected

@@ -1,0 +1,279 @@
+"""The VQNF container: a JSON header followed by CRC-protected, tagged chunks.
+
+Layout (little-endian; full specification in ``docs/format.md``)::
+
+    "VQNF" | major u8 | minor u8 | header length u32 | header CRC32 u32 | header (UTF-8 JSON)
+    chunk*: tag 4s | lod u8 | flags u8 | reserved u16 | payload length u32 | CRC32 u32 | payload
+    final chunk: tag "END!", lod 255, empty payload
+
+Producers write chunks coarse to fine, so every prefix that ends on a chunk
+boundary holds a complete coarser model; :func:`read_container` with
+``allow_truncated=True`` returns exactly those complete chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Union
+
+from .errors import BadMagicError, ChecksumError, FormatError, TruncatedError, UnsupportedVersionError
+
+__all__ = [
+    "MAGIC",
+    "FORMAT_VERSION",
+    "END_TAG",
+    "NO_LOD",
+    "Chunk",
+    "Container",
+    "write_container",
+    "write_container_file",
+    "read_container",
+    "describe",
+]
+
+MAGIC = b"VQNF"
+FORMAT_VERSION = (1, 0)
+END_TAG = "END!"
+NO_LOD = 255
+_PREAMBLE = struct.Struct("<4sBBII")  # magic, major, minor, header length, header CRC32
+_CHUNK_HEAD = struct.Struct("<4sBBHI")  # tag, lod, flags, reserved, payload length (CRC32 follows)
+_CRC = struct.Struct("<I")
+CHUNK_OVERHEAD = _CHUNK_HEAD.size + _CRC.size
+
+Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
+
+
+def _check_tag(tag: object) -> str:
+    if not (isinstance(tag, str) and len(tag) == 4 and all(" " <= ch <= "~" for ch in tag)):
+        raise ValueError(f"chunk tag must be 4 printable ASCII characters, got {tag!r}")
+    return tag
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One tagged payload; ``lod`` is a level of detail 0..254, or None when not tied to one."""
+
+    tag: str
+    lod: int | None
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        _check_tag(self.tag)
+        if self.lod is not None:
+            try:
+                lod = operator.index(self.lod)
+            except TypeError:
+                lod = -1
+            if isinstance(self.lod, bool) or not 0 <= lod < NO_LOD:
+                raise ValueError(f"chunk {self.tag!r}: lod must be None or an int in 0..{NO_LOD - 1}, got {self.lod!r}")
+            object.__setattr__(self, "lod", lod)
+        if not isinstance(self.payload, (bytes, bytearray, memoryview)):
+            raise ValueError(f"chunk {self.tag!r}: payload must be bytes, got {type(self.payload).__name__}")
+        object.__setattr__(self, "payload", bytes(self.payload))
+
+
+@dataclass
+class Container:
+    """A parsed file. ``chunks`` excludes the END! marker; ``complete`` tells whether it was present."""
+
+    version: tuple[int, int]
+    header: dict[str, Any]
+    chunks: list[Chunk]
+    complete: bool
+    bytes_read: int
+
+
+def _header_bytes(header: Mapping[str, Any]) -> bytes:
+    if not isinstance(header, Mapping):
+        raise ValueError(f"header must be a mapping, got {type(header).__name__}")
+    text = json.dumps(dict(header), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8")
+
+
+def _header_crc(major: int, minor: int, header: bytes) -> int:
+    return zlib.crc32(header, zlib.crc32(struct.pack("<BBI", major, minor, len(header))))
+
+
+def _chunk_bytes(tag: str, lod: int, payload: bytes) -> bytes:
+    head = _CHUNK_HEAD.pack(tag.encode("ascii"), lod, 0, 0, len(payload))
+    return head + _CRC.pack(zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def write_container(header: Mapping[str, Any], chunks: Iterable[Chunk]) -> bytes:
+    """Serialise a header and chunks (in the given order) into a complete VQNF file.
+
+    The header is written as compact JSON with sorted keys, so equal inputs give
+    equal bytes. LOD-tagged chunks must come in non-decreasing ``lod`` order.
+    """
+    header_bytes = _header_bytes(header)
+    major, minor = FORMAT_VERSION
+    parts = [
+        _PREAMBLE.pack(MAGIC, major, minor, len(header_bytes), _header_crc(major, minor, header_bytes)),
+        header_bytes,
+    ]
+    last_lod: int | None = None
+    for index, chunk in enumerate(chunks):
+        if not isinstance(chunk, Chunk):
+            raise ValueError(f"chunk {index}: expected a Chunk, got {type(chunk).__name__}")
+        if chunk.tag == END_TAG:
+            raise ValueError(f"chunk {index}: tag {END_TAG!r} is reserved for the end marker")
+        if chunk.lod is not None:
+            if last_lod is not None and chunk.lod < last_lod:
+                raise ValueError(
+                    f"chunk {index} {chunk.tag!r} has lod {chunk.lod} after a chunk with lod {last_lod}; "
+                    "chunks must go from coarse to fine"
+                )
+            last_lod = chunk.lod
+        if len(chunk.payload) > 0xFFFFFFFF:
+            raise ValueError(f"chunk {index} {chunk.tag!r}: payload of {len(chunk.payload)} bytes exceeds 2**32 - 1")
+        parts.append(_chunk_bytes(chunk.tag, NO_LOD if chunk.lod is None else chunk.lod, chunk.payload))
+    parts.append(_chunk_bytes(END_TAG, NO_LOD, b""))
+    return b"".join(parts)
+
+
+def write_container_file(
+    path: str | os.PathLike[str],
+    header: Mapping[str, Any],
+    chunks: Iterable[Chunk],
+    overwrite: bool = False,
+) -> int:
+    """Write a VQNF file atomically (temporary file + rename); return its size in bytes.
+
+    Raises ``FileExistsError`` if ``path`` exists and ``overwrite`` is False.
+    """
+    path = os.fspath(path)
+    data = write_container(header, chunks)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    directory, name = os.path.split(os.path.abspath(path))
+    temp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    handle = open(temp, "xb")
+    try:
+        with handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        os.remove(temp)
+        raise
+    return len(data)
+
+
+def _load(source: Source) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return f.read()
+    raise TypeError(f"expected bytes or a path, got {type(source).__name__}")
+
+
+def _read_preamble(data: bytes) -> tuple[int, int, dict[str, Any], int]:
+    """Check magic, version and header; return ``(major, minor, header, offset after header)``."""
+    if data[:4] != MAGIC[: len(data)]:
+        raise BadMagicError(f"not a VQNF file: starts with {data[:4]!r}, expected {MAGIC!r}")
+    if len(data) < _PREAMBLE.size:
+        raise TruncatedError(f"file truncated inside the {_PREAMBLE.size}-byte preamble ({len(data)} bytes)")
+    _, major, minor, header_length, stored = _PREAMBLE.unpack_from(data)
+    if major != FORMAT_VERSION[0]:
+        raise UnsupportedVersionError(
+            f"format version {major}.{minor} is not supported (this reader handles {FORMAT_VERSION[0]}.x)"
+        )
+    end = _PREAMBLE.size + header_length
+    if len(data) < end:
+        raise TruncatedError(f"file truncated inside the header ({len(data)} of {end} bytes)")
+    header_bytes = data[_PREAMBLE.size : end]
+    computed = _header_crc(major, minor, header_bytes)
+    if computed != stored:
+        raise ChecksumError(f"header: CRC32 mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"header must be a JSON object, got {type(header).__name__}")
+    return major, minor, header, end
+
+
+def read_container(source: Source, allow_truncated: bool = False) -> Container:
+    """Parse and verify a VQNF file from bytes or a path.
+
+    Raises BadMagicError, UnsupportedVersionError (major version != 1),
+    ChecksumError, FormatError, or TruncatedError when the data stops before the
+    END! chunk. With ``allow_truncated=True`` a file cut after its header yields
+    the complete chunks only, with ``complete=False``; a truncated preamble or
+    header always raises.
+    """
+    data = _load(source)
+    major, minor, header, offset = _read_preamble(data)
+    chunks: list[Chunk] = []
+    complete = False
+    problem = "it has no END! chunk"
+    while offset < len(data):
+        index = len(chunks)
+        if len(data) - offset < CHUNK_OVERHEAD:
+            problem = f"it ends inside the header of chunk {index}"
+            break
+        raw_tag, lod, _flags, _reserved, length = _CHUNK_HEAD.unpack_from(data, offset)
+        (stored,) = _CRC.unpack_from(data, offset + _CHUNK_HEAD.size)
+        start, end = offset + CHUNK_OVERHEAD, offset + CHUNK_OVERHEAD + length
+        if end > len(data):
+            problem = f"it ends inside chunk {index} ({len(data) - start} of {length} payload bytes)"
+            break
+        payload = data[start:end]
+        computed = zlib.crc32(payload, zlib.crc32(data[offset : offset + _CHUNK_HEAD.size]))
+        tag = raw_tag.decode("latin-1")
+        if computed != stored:
+            raise ChecksumError(
+                f"chunk {index} {tag!r} lod {lod}: CRC32 mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})"
+            )
+        try:
+            _check_tag(tag)
+        except ValueError as exc:
+            raise FormatError(f"chunk {index}: {exc}") from None
+        offset = end
+        if tag == END_TAG:
+            if length or offset != len(data):
+                raise FormatError(
+                    f"chunk {index} END!: payload of {length} bytes and {len(data) - offset} bytes after it; "
+                    "both must be 0"
+                )
+            complete = True
+            break
+        chunks.append(Chunk(tag, None if lod == NO_LOD else lod, payload))
+    if not complete and not allow_truncated:
+        raise TruncatedError(f"file truncated: {problem}; {len(chunks)} complete chunks read ({offset} bytes)")
+    return Container((major, minor), header, chunks, complete, offset)
+
+
+def describe(container: Container) -> list[dict[str, Any]]:
+    """Per-chunk size table: tag, lod, payload bytes, chunk bytes and cumulative file bytes at its end.
+
+    The first chunk's ``end`` includes the preamble and header; a complete
+    container gets a final END! row whose ``end`` equals the file size.
+    """
+    rows = [(c.tag, c.lod, len(c.payload)) for c in container.chunks]
+    if container.complete:
+        rows.append((END_TAG, None, 0))
+    position = container.bytes_read - sum(CHUNK_OVERHEAD + size for _, _, size in rows)
+    table = []
+    for index, (tag, lod, size) in enumerate(rows):
+        position += CHUNK_OVERHEAD + size
+        table.append(
+            {
+                "index": index,
+                "tag": tag,
+                "lod": lod,
+                "payload_bytes": size,
+                "chunk_bytes": CHUNK_OVERHEAD + size,
+                "end": position,
+            }
+        )
+    return table

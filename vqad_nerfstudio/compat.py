@@ -1,0 +1,59 @@
+"""The few shims our models need on nerfstudio 1.1.5, each scoped to what it fixes.
+
+1. Offline LPIPS. nerfstudio's models build torchmetrics' LPIPS in their constructor, which
+   downloads AlexNet weights; offline that crashes. :func:`optional_lpips` builds it only when the
+   weights are already in torch's hub cache and otherwise returns ``None`` with one warning.
+
+2. Loading checkpoints on torch >= 2.6. ``torch.load`` now defaults to ``weights_only=True`` and
+   nerfstudio 1.1.5 calls it without arguments in ``ns-eval``, ``ns-render``, ``ns-viewer`` and
+   ``ns-export``. Its checkpoints hold a few non-tensor objects (numpy scalars in scheduler and
+   grad-scaler state). :func:`allow_nerfstudio_checkpoints` adds exactly those types to torch's
+   allow-list of safe globals, so the safe loader keeps its guarantees for everything else. It is
+   called when our model module is imported, which nerfstudio does (through the saved config)
+   before it loads the checkpoint.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+# torchvision's AlexNet weights, the backbone of torchmetrics' LPIPS (net_type="alex").
+_ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
+_warned_lpips = False
+
+
+def lpips_weights_available() -> bool:
+    """Whether LPIPS can be built without a download."""
+    return (Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_WEIGHTS).is_file()
+
+
+def optional_lpips() -> Optional[torch.nn.Module]:
+    """torchmetrics' LPIPS if its weights are cached locally, else ``None`` (warns once)."""
+    global _warned_lpips
+    if lpips_weights_available():
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        return LearnedPerceptualImagePatchSimilarity(normalize=True)
+    if not _warned_lpips:
+        warnings.warn(
+            f"LPIPS is skipped: its AlexNet weights ({_ALEXNET_WEIGHTS}) are not in {torch.hub.get_dir()}/checkpoints "
+            "and vqad-nerfstudio never downloads at model construction. PSNR and SSIM are still reported.",
+            stacklevel=2,
+        )
+        _warned_lpips = True
+    return None
+
+
+def allow_nerfstudio_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` read nerfstudio 1.1.5 checkpoints (torch >= 2.6)."""
+    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
+    if add_safe_globals is None:  # torch < 2.4 loads everything by default
+        return
+    safe = [np.dtype, np.core.multiarray.scalar if hasattr(np, "core") else None]
+    safe += [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
+    add_safe_globals([item for item in safe if item is not None])

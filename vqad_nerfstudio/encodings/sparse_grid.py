@@ -1,0 +1,245 @@
+"""Multi-resolution sparse feature grid with streaming levels of detail.
+
+Level ``l`` is a cubic grid of ``resolution_l = base_resolution * 2**l`` cells over the unit cube.
+Only *occupied* cells exist; their 8 corners are the level's vertices, each holding one feature
+row of a :class:`~vqad_nerfstudio.encodings.vertex_features.FeatureStore`. The occupied cells of
+level ``l`` are always children of occupied cells of level ``l - 1`` (an octree), so a coarse-to-fine
+prefix of the levels is a complete model.
+
+A point's feature is the trilinear interpolation of its cell's 8 vertex rows, summed over the
+levels up to the requested level of detail. Points in unoccupied cells get no feature from that
+level and are reported as outside (the field gives them zero density).
+
+The topology (sorted linear ids of occupied cells, per level) is part of the module state and is
+saved in checkpoints; vertex lookup tables are derived from it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from vqad_nerfstudio.encodings.vertex_features import FeatureStore
+
+# Offsets of a cell's 8 corners, in (x, y, z) order; corner c has offsets of its bits (x = bit 2).
+CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
+
+
+def linear_ids(coords: Int[Tensor, "n 3"], size: int) -> Int[Tensor, "n"]:
+    """Row-major linear ids of integer coordinates in a ``size**3`` grid."""
+    return (coords[..., 0] * size + coords[..., 1]) * size + coords[..., 2]
+
+
+def coords_of(ids: Int[Tensor, "n"], size: int) -> Int[Tensor, "n 3"]:
+    """Inverse of :func:`linear_ids`."""
+    return torch.stack([ids // (size * size), (ids // size) % size, ids % size], dim=-1)
+
+
+def cell_vertex_ids(cells: Int[Tensor, "n"], resolution: int) -> Int[Tensor, "n 8"]:
+    """Linear vertex ids (in the ``(resolution + 1)**3`` vertex grid) of each cell's 8 corners."""
+    corners = coords_of(cells, resolution)[:, None, :] + CORNER_OFFSETS.to(cells.device)[None]
+    return linear_ids(corners, resolution + 1)
+
+
+def child_cells(cells: Int[Tensor, "n"], resolution: int) -> Int[Tensor, "n8"]:
+    """Sorted ids, at ``2 * resolution``, of the 8 children of each cell (given at ``resolution``)."""
+    children = coords_of(cells, resolution)[:, None, :] * 2 + CORNER_OFFSETS.to(cells.device)[None]
+    return torch.sort(linear_ids(children.reshape(-1, 3), 2 * resolution)).values
+
+
+def cells_from_occupancy(occupancy: Bool[Tensor, "r r r"], resolution: int) -> Int[Tensor, "n"]:
+    """Sorted ids of the cells at ``resolution`` that overlap an occupied voxel of ``occupancy``.
+
+    ``resolution`` and the occupancy grid's size must be powers of two apart (either way round).
+    """
+    size = occupancy.shape[0]
+    grid = occupancy[None, None].float()
+    if resolution <= size:
+        if size % resolution:
+            raise ValueError(f"resolution {resolution} must divide occupancy size {size}")
+        grid = F.max_pool3d(grid, kernel_size=size // resolution)
+    else:
+        if resolution % size:
+            raise ValueError(f"occupancy size {size} must divide resolution {resolution}")
+        grid = F.interpolate(grid, scale_factor=resolution // size, mode="nearest")
+    return torch.nonzero(grid[0, 0].reshape(-1) > 0).squeeze(-1)
+
+
+class GridLevel(nn.Module):
+    """One level of detail: occupied cells, their vertices and the vertices' feature rows."""
+
+    cells: Tensor
+    vertex_ids: Tensor
+    vertex_table: Tensor
+    cell_table: Tensor
+
+    def __init__(self, resolution: int, features: FeatureStore, cells: Optional[Tensor] = None) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.features = features
+        if cells is None:
+            cells = torch.arange(resolution**3)
+        self.register_buffer("cells", torch.empty(0, dtype=torch.long))
+        self.register_buffer("vertex_ids", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("vertex_table", torch.empty(0, dtype=torch.int32), persistent=False)
+        self.register_buffer("cell_table", torch.empty(0, dtype=torch.bool), persistent=False)
+        self.set_cells(cells)
+
+    @property
+    def num_vertices(self) -> int:
+        return int(self.vertex_ids.shape[0])
+
+    def set_cells(self, cells: Int[Tensor, "n"]) -> Int[Tensor, "m"]:
+        """Make ``cells`` (sorted, unique) the occupied cells; keep surviving vertices' feature rows.
+
+        Returns, for each new vertex row, the old row it came from (-1 for a new vertex), so that
+        optimiser state can be remapped the same way.
+        """
+        device = self.cells.device
+        cells = cells.to(device=device, dtype=torch.long)
+        if cells.numel() and (int(cells.min()) < 0 or int(cells.max()) >= self.resolution**3):
+            raise ValueError(f"cell ids out of range for resolution {self.resolution}")
+        new_vertex_ids = torch.unique(cell_vertex_ids(cells, self.resolution))
+        if self.vertex_table.numel():
+            source_rows = self.vertex_table[new_vertex_ids].long()
+        else:
+            source_rows = torch.full_like(new_vertex_ids, -1)
+        if self.features.num_rows != new_vertex_ids.numel() or self.vertex_table.numel():
+            self.features.remap(source_rows)
+        self.cells = cells
+        self.vertex_ids = new_vertex_ids
+        vertex_table = torch.full(((self.resolution + 1) ** 3,), -1, dtype=torch.int32, device=device)
+        vertex_table[new_vertex_ids] = torch.arange(new_vertex_ids.numel(), dtype=torch.int32, device=device)
+        self.vertex_table = vertex_table
+        cell_table = torch.zeros(self.resolution**3, dtype=torch.bool, device=device)
+        cell_table[cells] = True
+        self.cell_table = cell_table
+        return source_rows
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        cells = state_dict.get(prefix + "cells")
+        if cells is not None and not torch.equal(cells.to(self.cells.device), self.cells):
+            self.vertex_table = torch.empty(0, dtype=torch.int32, device=self.cells.device)
+            self.set_cells(cells)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def occupied(self, cell_ids: Int[Tensor, "n"]) -> Bool[Tensor, "n"]:
+        """Whether each cell (by linear id at this level) is occupied."""
+        return self.cell_table[cell_ids]
+
+    def locate(self, unit_positions: Float[Tensor, "n 3"]) -> Tuple[Int[Tensor, "n"], Float[Tensor, "n 3"], Bool[Tensor, "n"]]:
+        """Cell id, position inside the cell in [0, 1]^3, and occupancy of each point."""
+        scaled = unit_positions * self.resolution
+        cell = scaled.floor().long().clamp(0, self.resolution - 1)
+        inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
+        cell_id = linear_ids(cell, self.resolution)
+        return cell_id, scaled - cell, self.occupied(cell_id) & inside_box
+
+    def forward(self, unit_positions: Float[Tensor, "n 3"]) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
+        """Interpolated features (zero outside occupied cells) and the occupancy of each point."""
+        cell_id, frac, occupied = self.locate(unit_positions)
+        corner_vertices = cell_vertex_ids(cell_id, self.resolution)
+        rows = self.vertex_table[corner_vertices].long().clamp_min(0)  # [n, 8]; -1 only where unoccupied
+        offsets = CORNER_OFFSETS.to(frac.device).to(frac.dtype)
+        weights = torch.prod(offsets[None] * frac[:, None] + (1 - offsets[None]) * (1 - frac[:, None]), dim=-1)
+        weights = weights * occupied[:, None].to(weights.dtype)
+        corner_features = self.features(rows.reshape(-1)).reshape(rows.shape[0], 8, -1)
+        return (weights[..., None] * corner_features).sum(dim=1), occupied
+
+
+StoreFactory = Callable[[int, int], FeatureStore]
+"""Builds a feature store from (level index, number of rows)."""
+
+
+class SparseFeatureGrid(nn.Module):
+    """Levels of detail ``0..L-1`` at resolutions ``base_resolution * 2**l``, features summed over levels."""
+
+    def __init__(self, base_resolution: int, num_levels: int, store_factory: StoreFactory,
+                 dense_resolution: int) -> None:
+        """Levels up to ``dense_resolution`` start dense; finer levels start empty until :meth:`prune` grows them."""
+        super().__init__()
+        if num_levels < 1:
+            raise ValueError(f"the grid needs at least one level of detail, got num_levels={num_levels}")
+        if base_resolution < 1:
+            raise ValueError(f"base_resolution must be >= 1, got {base_resolution}")
+        self.resolutions: List[int] = [base_resolution * 2**level for level in range(num_levels)]
+        levels = []
+        for level, resolution in enumerate(self.resolutions):
+            cells = torch.arange(resolution**3) if resolution <= dense_resolution else torch.empty(0, dtype=torch.long)
+            num_vertices = int(torch.unique(cell_vertex_ids(cells, resolution)).numel()) if cells.numel() else 0
+            levels.append(GridLevel(resolution, store_factory(level, num_vertices), cells))
+        self.levels = nn.ModuleList(levels)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.levels[0].features.feature_dim
+
+    def grown_levels(self) -> int:
+        """Number of leading levels that hold cells (the finest usable level of detail + 1)."""
+        count = 0
+        for level in self.levels:
+            if level.cells.numel() == 0:
+                break
+            count += 1
+        return count
+
+    def forward(self, unit_positions: Float[Tensor, "n 3"],
+                lod: Optional[Int[Tensor, "n"]] = None) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
+        """Features summed over levels ``<= lod`` (per point; default: all grown levels) and occupancy.
+
+        A point is inside when its cell is occupied at its finest used level.
+        """
+        max_level = self.grown_levels() - 1
+        if max_level < 0:
+            raise RuntimeError("the sparse grid has no occupied cells at its coarsest level")
+        if lod is None:
+            lod = torch.full(unit_positions.shape[:1], max_level, dtype=torch.long, device=unit_positions.device)
+        lod = lod.clamp(0, max_level)
+        features = torch.zeros(unit_positions.shape[0], self.feature_dim, device=unit_positions.device)
+        inside = torch.zeros(unit_positions.shape[0], dtype=torch.bool, device=unit_positions.device)
+        for index in range(int(lod.max()) + 1 if lod.numel() else 0):
+            level_features, occupied = self.levels[index](unit_positions)
+            used = lod >= index
+            features = features + level_features * used[:, None].to(level_features.dtype)
+            inside = torch.where(lod == index, occupied, inside)
+        return features, inside
+
+    def inside(self, unit_positions: Float[Tensor, "n 3"], lod: int) -> Bool[Tensor, "n"]:
+        """Occupancy of points at level ``lod`` only (cheap: no feature lookup)."""
+        return self.levels[lod].locate(unit_positions)[2]
+
+    def prune(self, occupancy: Bool[Tensor, "r r r"]) -> List[Tuple[GridLevel, Tensor]]:
+        """Keep only cells overlapping ``occupancy``; grow empty levels inside their parents.
+
+        Returns ``(level, source_rows)`` for every level whose rows changed, for optimiser remapping.
+        """
+        changed = []
+        parent: Optional[Tensor] = None
+        for level in self.levels:
+            wanted = cells_from_occupancy(occupancy, level.resolution)
+            if level.cells.numel():
+                candidates = level.cells
+            elif parent is not None:
+                candidates = child_cells(parent, level.resolution // 2)
+            else:
+                candidates = wanted
+            new_cells = candidates[torch.isin(candidates, wanted)]
+            if parent is not None:  # keep the octree nested
+                parents_of_new = linear_ids(coords_of(new_cells, level.resolution) // 2, level.resolution // 2)
+                new_cells = new_cells[torch.isin(parents_of_new, parent)]
+            if not torch.equal(new_cells, level.cells):
+                changed.append((level, level.set_cells(new_cells)))
+            parent = new_cells
+        return changed
+
+    def occupied_vertices(self) -> Sequence[int]:
+        """Number of vertices (rows carrying an index) per level."""
+        return [level.num_vertices for level in self.levels]

@@ -1,0 +1,84 @@
+"""The VQAD radiance field: a sparse learned-index grid decoded by two small MLPs.
+
+density, geometry features = density MLP(grid features summed over levels <= LOD)
+colour = colour MLP(geometry features, spherical-harmonics encoded view direction)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from nerfstudio.cameras.rays import RaySamples
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.field_components.activations import trunc_exp
+from nerfstudio.field_components.encodings import SHEncoding
+from nerfstudio.field_components.field_heads import FieldHeadNames
+from nerfstudio.field_components.mlp import MLP
+from nerfstudio.field_components.spatial_distortions import SceneContraction
+from nerfstudio.fields.base_field import Field
+
+from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
+
+
+class VQADField(Field):
+    """Radiance field over a :class:`SparseFeatureGrid` (learned-index or float features)."""
+
+    def __init__(
+        self,
+        aabb: Float[Tensor, "2 3"],
+        grid: SparseFeatureGrid,
+        unbounded: bool = False,
+        hidden_dim: int = 64,
+        geo_feat_dim: int = 15,
+        sh_degree: int = 4,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("aabb", aabb.clone())
+        self.grid = grid
+        self.contraction = SceneContraction(order=float("inf")) if unbounded else None
+        self.geo_feat_dim = geo_feat_dim
+        self.direction_encoding = SHEncoding(levels=sh_degree, implementation="torch")
+        self.density_mlp = MLP(in_dim=grid.feature_dim, num_layers=2, layer_width=hidden_dim,
+                               out_dim=1 + geo_feat_dim, activation=nn.ReLU(), out_activation=None,
+                               implementation="torch")
+        self.color_mlp = MLP(in_dim=geo_feat_dim + self.direction_encoding.get_out_dim(), num_layers=3,
+                             layer_width=hidden_dim, out_dim=3, activation=nn.ReLU(), out_activation=nn.Sigmoid(),
+                             implementation="torch")
+
+    def to_unit_cube(self, positions: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs 3"]:
+        """World positions to the grid's [0, 1]^3 (scene box, or contracted space for unbounded scenes)."""
+        if self.contraction is not None:
+            return (self.contraction(positions) + 2.0) / 4.0
+        return SceneBox.get_normalized_positions(positions, self.aabb)
+
+    def density_at(
+        self, unit_positions: Float[Tensor, "n 3"], lod: Optional[Int[Tensor, "n"]] = None
+    ) -> Tuple[Float[Tensor, "n 1"], Float[Tensor, "n g"], Bool[Tensor, "n"]]:
+        """Density (zero outside occupied space), geometry features and occupancy at unit-cube points."""
+        features, inside = self.grid(unit_positions, lod)
+        hidden = self.density_mlp(features)
+        density = trunc_exp(hidden[:, :1] - 1.0) * inside[:, None].to(hidden.dtype)
+        return density, hidden[:, 1:], inside
+
+    def rgb_at(self, geo_features: Float[Tensor, "n g"], directions: Float[Tensor, "n 3"]) -> Float[Tensor, "n 3"]:
+        """View-dependent colour from geometry features and unit view directions."""
+        encoded = self.direction_encoding(directions)
+        return self.color_mlp(torch.cat([geo_features, encoded], dim=-1))
+
+    # nerfstudio's Field API, for tools that query fields on RaySamples.
+    def get_density(self, ray_samples: RaySamples) -> Tuple[Tensor, Tensor]:
+        positions = ray_samples.frustums.get_positions()
+        shape = positions.shape[:-1]
+        density, geo, _ = self.density_at(self.to_unit_cube(positions).reshape(-1, 3))
+        return density.reshape(*shape, 1), geo.reshape(*shape, -1)
+
+    def get_outputs(self, ray_samples: RaySamples, density_embedding: Optional[Tensor] = None) -> Dict[FieldHeadNames, Tensor]:
+        assert density_embedding is not None
+        shape = density_embedding.shape[:-1]
+        directions = ray_samples.frustums.directions.reshape(-1, 3)
+        rgb = self.rgb_at(density_embedding.reshape(-1, self.geo_feat_dim), directions)
+        return {FieldHeadNames.RGB: rgb.reshape(*shape, 3)}

@@ -1,0 +1,283 @@
+"""nerfstudio model for VQAD ("Variable Bitrate Neural Fields", Takikawa et al. 2022).
+
+Rays are sampled uniformly (nerfstudio's samplers), samples outside the sparse grid's occupied
+cells are skipped (and, while training, also samples in voxels the occupancy estimate marks empty),
+the rest go through :class:`VQADField` and nerfstudio's renderers composite them. Training callbacks
+update the occupancy estimate and prune the grid to the occupied region; each ray is trained at the
+finest level of detail or, for a fraction of rays, at a random coarser one so that every prefix of
+the levels renders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Tuple, Type
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+from torch.nn import Parameter
+
+from nerfstudio.cameras.camera_optimizers import CameraOptimizer, CameraOptimizerConfig
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.model_components.losses import MSELoss
+from nerfstudio.model_components.ray_samplers import UniformLinDispPiecewiseSampler, UniformSampler
+from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
+from nerfstudio.model_components.scene_colliders import AABBBoxCollider, NearFarCollider
+from nerfstudio.models.base_model import Model, ModelConfig
+from nerfstudio.utils import colormaps
+from nerfstudio.viewer.viewer_elements import ViewerSlider, ViewerText
+
+from vqad_nerfstudio.compat import allow_nerfstudio_checkpoints, optional_lpips
+from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
+from vqad_nerfstudio.encodings.sparse_grid import GridLevel, SparseFeatureGrid
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures
+from vqad_nerfstudio.fields.vqad_field import VQADField
+from vqad_nerfstudio.models.size_accounting import model_size_report
+
+allow_nerfstudio_checkpoints()
+
+
+@dataclass
+class VQADModelConfig(ModelConfig):
+    """VQAD model: a sparse multi-resolution grid of learned b-bit indices into per-level codebooks."""
+
+    _target: Type = field(default_factory=lambda: VQADModel)
+    bits: int = 4
+    """b: bit width of each vertex index; each level's codebook has 2**b vectors (1..16)."""
+    num_levels: int = 5
+    """L: number of levels of detail, coarse to fine (>= 1)."""
+    base_resolution: int = 16
+    """Grid resolution (cells per side) of the coarsest level; level l has base_resolution * 2**l."""
+    feature_dim: int = 16
+    """k: width of each codebook vector (the features summed over levels)."""
+    feature_store: Literal["codebook", "float"] = "codebook"
+    """'codebook': learned indices into codebooks (VQAD). 'float': a float vector per vertex (the uncompressed twin)."""
+    dense_resolution: int = 64
+    """Levels up to this resolution start dense; finer levels are grown inside occupied space at the first pruning."""
+    hidden_dim: int = 64
+    """Width of the density and colour MLPs."""
+    num_samples: int = 384
+    """Uniform samples per ray before empty-space skipping."""
+    unbounded: bool = False
+    """Contract space (as nerfacto does) for unbounded real captures; off for object scenes inside the scene box."""
+    occupancy_resolution: int = 128
+    """Voxels per side of the occupancy estimate (capped at the finest level's resolution)."""
+    occupancy_update_every: int = 16
+    """Steps between occupancy updates."""
+    occupancy_alpha_threshold: float = 0.01
+    """A voxel is empty when a ray step through it would be more transparent than this opacity."""
+    prune_steps: Tuple[int, ...] = (250, 500, 1000, 2000)
+    """Steps at which the grid is pruned to the (dilated) occupied region; the first one grows the fine levels."""
+    coarse_lod_fraction: float = 0.25
+    """Fraction of training rays rendered at a random coarser level of detail, so that every LOD prefix renders."""
+    background_color: Literal["random", "last_sample", "black", "white"] = "white"
+    """Background colour; white for nerfstudio's blender-format object scenes."""
+    camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="off"))
+    """Camera pose refinement (off for scenes with known poses)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 16:
+            raise ValueError(f"bits (b) must be in 1..16, got {self.bits}")
+        if self.num_levels < 1:
+            raise ValueError(f"num_levels (L) must be >= 1, got {self.num_levels}")
+        if self.base_resolution < 1 or self.feature_dim < 1:
+            raise ValueError("base_resolution and feature_dim must be >= 1")
+
+
+class VQADModel(Model):
+    """VQAD radiance field with streaming levels of detail."""
+
+    config: VQADModelConfig
+    field: VQADField
+
+    def populate_modules(self) -> None:
+        super().populate_modules()
+        cfg = self.config
+        self.grid = SparseFeatureGrid(cfg.base_resolution, cfg.num_levels, self._store_factory(),
+                                      dense_resolution=cfg.dense_resolution)
+        self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=cfg.unbounded, hidden_dim=cfg.hidden_dim)
+
+        if cfg.unbounded:
+            self.sampler = UniformLinDispPiecewiseSampler(num_samples=cfg.num_samples)
+            self.collider = NearFarCollider(near_plane=0.05, far_plane=1000.0)
+            step = 4.0 / cfg.num_samples  # contracted space spans 4 units per side
+        else:
+            self.sampler = UniformSampler(num_samples=cfg.num_samples)
+            self.collider = AABBBoxCollider(self.scene_box)
+            extent = self.scene_box.aabb[1] - self.scene_box.aabb[0]
+            step = float(torch.linalg.norm(extent)) / cfg.num_samples
+        occupancy_resolution = min(cfg.occupancy_resolution, self.grid.resolutions[-1])
+        # density is per world unit; the threshold makes one ray step at most this opaque
+        threshold = -torch.log1p(torch.tensor(-cfg.occupancy_alpha_threshold)).item() / step
+        self.occupancy = OccupancyEstimator(occupancy_resolution, density_threshold=threshold)
+
+        self.renderer_rgb = RGBRenderer(background_color=cfg.background_color)
+        self.renderer_accumulation = AccumulationRenderer()
+        self.renderer_depth = DepthRenderer(method="expected")
+        self.rgb_loss = MSELoss()
+
+        from torchmetrics.functional import structural_similarity_index_measure
+        from torchmetrics.image import PeakSignalNoiseRatio
+
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = structural_similarity_index_measure
+        self.lpips = optional_lpips()
+
+        self.camera_optimizer: CameraOptimizer = cfg.camera_optimizer.setup(
+            num_cameras=self.num_train_data, device="cpu"
+        )
+
+        finest = cfg.num_levels - 1
+        self.lod_size_text = ViewerText("Stored size at LOD", "", disabled=True,
+                                        hint="Bytes of topology, indices, codebooks and MLPs up to this level")
+        self.lod_slider = ViewerSlider("Level of detail", finest, 0, finest, step=1,
+                                       cb_hook=lambda _: self._update_lod_text(),
+                                       hint="Render with levels 0..LOD only (what a stream prefix holds)")
+
+    def _store_factory(self):
+        cfg = self.config
+
+        def make(level: int, rows: int) -> FeatureStore:
+            if cfg.feature_store == "float":
+                return FloatFeatures(rows, cfg.feature_dim)
+            return CodebookFeatures(rows, cfg.bits, cfg.feature_dim)
+
+        return make
+
+    def _update_lod_text(self) -> None:
+        lod = int(self.lod_slider.value)
+        report = model_size_report(self)
+        self.lod_size_text.value = f"{report.cumulative_bytes(lod) / 1024:.1f} KiB (levels 0..{lod})"
+
+    # ----------------------------------------------------------------------------------- training
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        rows, codebooks = [], []
+        for level in self.grid.levels:
+            rows += list(level.features.row_parameters())
+            codebooks += [p for p in level.features.parameters() if all(p is not r for r in rows)]
+        groups = {
+            "fields": list(self.field.density_mlp.parameters()) + list(self.field.color_mlp.parameters()),
+            "grid_rows": rows,
+        }
+        if codebooks:
+            groups["codebooks"] = codebooks
+        self.camera_optimizer.get_param_groups(param_groups=groups)
+        return groups
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        def update_occupancy(step: int) -> None:
+            self.occupancy.update(self._density_for_occupancy)
+
+        def prune(step: int) -> None:
+            changed = self.grid.prune(self.occupancy.dilated())
+            if training_callback_attributes.optimizers is not None:
+                for level, source_rows in changed:
+                    _remap_optimizer_state(training_callback_attributes.optimizers.optimizers.values(), level, source_rows)
+
+        return [
+            TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], update_occupancy,
+                             update_every_num_iters=self.config.occupancy_update_every),
+            TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], prune, iters=tuple(self.config.prune_steps)),
+        ]
+
+    @torch.no_grad()
+    def _density_for_occupancy(self, unit_positions: Tensor) -> Tensor:
+        density, _, _ = self.field.density_at(unit_positions)
+        return density[:, 0]
+
+    # ---------------------------------------------------------------------------------- rendering
+    def _ray_lods(self, num_rays: int, device: torch.device) -> Int[Tensor, "r"]:
+        finest = self.grid.grown_levels() - 1
+        if not self.training:
+            return torch.full((num_rays,), min(int(self.lod_slider.value), finest), dtype=torch.long, device=device)
+        lods = torch.full((num_rays,), finest, dtype=torch.long, device=device)
+        if finest > 0 and self.config.coarse_lod_fraction > 0:
+            coarse = torch.rand(num_rays, device=device) < self.config.coarse_lod_fraction
+            lods[coarse] = torch.randint(0, finest, (int(coarse.sum()),), device=device)
+        return lods
+
+    def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
+        if self.training:
+            self.camera_optimizer.apply_to_raybundle(ray_bundle)
+        ray_samples = self.sampler(ray_bundle)
+        num_rays, num_samples = ray_samples.shape[:2]
+        positions = self.field.to_unit_cube(ray_samples.frustums.get_positions()).reshape(-1, 3)
+        lods = self._ray_lods(num_rays, positions.device).repeat_interleave(num_samples)
+
+        candidate = self.grid.inside(positions, lod=0)
+        if self.training:
+            candidate &= self.occupancy.occupied_at(positions)
+        index = torch.nonzero(candidate).squeeze(-1)
+
+        density, geo, _ = self.field.density_at(positions[index], lods[index])
+        directions = ray_samples.frustums.directions.reshape(-1, 3)[index]
+        rgb = self.field.rgb_at(geo, directions)
+
+        total = num_rays * num_samples
+        density_all = torch.zeros(total, 1, device=positions.device, dtype=density.dtype).index_put((index,), density)
+        rgb_all = torch.zeros(total, 3, device=positions.device, dtype=rgb.dtype).index_put((index,), rgb)
+        weights = ray_samples.get_weights(density_all.reshape(num_rays, num_samples, 1))
+        return {
+            "rgb": self.renderer_rgb(rgb=rgb_all.reshape(num_rays, num_samples, 3), weights=weights),
+            "accumulation": self.renderer_accumulation(weights=weights),
+            "depth": self.renderer_depth(weights=weights, ray_samples=ray_samples),
+            "num_samples_evaluated": torch.tensor(float(index.numel()), device=positions.device),
+        }
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        image = batch["image"].to(outputs["rgb"].device)
+        image = self.renderer_rgb.blend_background(image)
+        metrics = {"psnr": self.psnr(outputs["rgb"], image), "samples_per_ray": outputs["num_samples_evaluated"]
+                   / outputs["rgb"].shape[0]}
+        self.camera_optimizer.get_metrics_dict(metrics)
+        return metrics
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        image = batch["image"].to(outputs["rgb"].device)
+        pred, gt = self.renderer_rgb.blend_background_for_loss_computation(
+            pred_image=outputs["rgb"], pred_accumulation=outputs["accumulation"], gt_image=image
+        )
+        loss_dict = {"rgb_loss": self.rgb_loss(gt, pred)}
+        self.camera_optimizer.get_loss_dict(loss_dict)
+        return loss_dict
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+        image = self.renderer_rgb.blend_background(batch["image"].to(outputs["rgb"].device))
+        rgb = outputs["rgb"]
+        gt_nchw = torch.moveaxis(image, -1, 0)[None]
+        rgb_nchw = torch.moveaxis(rgb, -1, 0)[None].clamp(0, 1)
+        metrics = {
+            "psnr": float(self.psnr(gt_nchw, rgb_nchw).item()),
+            "ssim": float(self.ssim(gt_nchw, rgb_nchw).item()),  # type: ignore[union-attr]
+            "stored_kib": model_size_report(self).total_bytes / 1024,
+        }
+        if self.lpips is not None:
+            metrics["lpips"] = float(self.lpips(gt_nchw, rgb_nchw).item())
+        images = {
+            "img": torch.cat([image, rgb], dim=1),
+            "accumulation": colormaps.apply_colormap(outputs["accumulation"]),
+            "depth": colormaps.apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"]),
+        }
+        return metrics, images
+
+
+def _remap_optimizer_state(optimizers, level: GridLevel, source_rows: Tensor) -> None:
+    """Carry optimiser moments of surviving rows over to their new positions (zeros for new rows)."""
+    keep = source_rows >= 0
+    for param in level.features.row_parameters():
+        for optimizer in optimizers:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape[1:] == param.shape[1:]:
+                    new = torch.zeros((source_rows.shape[0], *value.shape[1:]), dtype=value.dtype, device=value.device)
+                    new[keep] = value[source_rows[keep]]
+                    state[key] = new
+
+
+__all__ = ["VQADModel", "VQADModelConfig"]
