@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vqad_nerfstudio.method_configs.vqad import vqad_trainer_config
+
 from vqad_nerfstudio.plugin import load_method
 
 if TYPE_CHECKING:

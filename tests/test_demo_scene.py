@@ -293,9 +293,7 @@ def test_cli_writes_scene_and_prints_next_command(tmp_path: Path, capsys: pytest
         (["--num-train", "0"], "num_train must be at least 1"),
     ],
 )
-def test_cli_rejects_bad_values(
-    tmp_path: Path, capsys: pytest.CaptureFixture, extra: list, message: str
-) -> None:
+def test_cli_rejects_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture, extra: list, message: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([str(tmp_path / "out"), *extra])
     assert exit_info.value.code == 1

@@ -5,7 +5,18 @@ from vqad_nerfstudio.codec import FormatError, decode_array, decode_named_arrays
 from vqad_nerfstudio.codec.arrays import DTYPE_CODES
 
 DTYPES = [
-    "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32", "float64",
+    "bool",
+    "uint8",
+    "int8",
+    "uint16",
+    "int16",
+    "uint32",
+    "int32",
+    "uint64",
+    "int64",
+    "float16",
+    "float32",
+    "float64",
 ]
 
 

@@ -404,9 +404,9 @@ def render_demo_view(
         rows = np.arange(row0, min(h, row0 + rows_per_chunk))
         ys = (rows[:, None] + sub[None, :]).reshape(-1)  # rows * s sample rows
         grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
-        cam_dirs = np.stack(
-            [(grid_x - cx) / fl_x, -(grid_y - cy) / fl_y, -np.ones_like(grid_x)], axis=-1
-        ).reshape(-1, 3)
+        cam_dirs = np.stack([(grid_x - cx) / fl_x, -(grid_y - cy) / fl_y, -np.ones_like(grid_x)], axis=-1).reshape(
+            -1, 3
+        )
         dirs = cam_dirs @ rotation.T
         dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
         origins = np.broadcast_to(origin, dirs.shape).copy()
@@ -580,7 +580,5 @@ def write_demo_scene(
         "test_filenames": eval_names,
     }
     (output_dir / "transforms.json").write_text(json.dumps(transforms, indent=2) + "\n", encoding="utf-8")
-    (output_dir / "scene.json").write_text(
-        json.dumps(scene_description(config), indent=2) + "\n", encoding="utf-8"
-    )
+    (output_dir / "scene.json").write_text(json.dumps(scene_description(config), indent=2) + "\n", encoding="utf-8")
     return output_dir

@@ -3,8 +3,7 @@
 A dense grid over the unit cube keeps, per voxel, a running maximum of the field's density at
 random points inside it (decayed over time, as in Instant-NGP's occupancy grid; the threshold
 starts at the mean density, as in nerfacc, so that training can begin from a uniform field). Thresholded, it
-tells the sampler which space is empty and tells the sparse grid which cells to prune. No depth
-maps or point clouds are needed.
+tells the sampler which space it can skip while training. No depth maps or point clouds are needed.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
@@ -30,8 +28,9 @@ class OccupancyEstimator(nn.Module):
     density: Tensor
     binary: Tensor
 
-    def __init__(self, resolution: int, density_threshold: float, decay: float = 0.95,
-                 samples_per_update: int = 2**18) -> None:
+    def __init__(
+        self, resolution: int, density_threshold: float, decay: float = 0.95, samples_per_update: int = 2**18
+    ) -> None:
         super().__init__()
         self.resolution = resolution
         self.density_threshold = density_threshold
@@ -70,11 +69,6 @@ class OccupancyEstimator(nn.Module):
     def occupied(self) -> Bool[Tensor, "r r r"]:
         """Voxels whose density may exceed the threshold (unknown voxels count as occupied)."""
         return self.binary.reshape(self.resolution, self.resolution, self.resolution)
-
-    def dilated(self, voxels: int = 1) -> Bool[Tensor, "r r r"]:
-        """:meth:`occupied` grown by ``voxels`` in every direction (a safety margin for pruning)."""
-        grid = self.occupied()[None, None].float()
-        return F.max_pool3d(grid, kernel_size=2 * voxels + 1, stride=1, padding=voxels)[0, 0] > 0
 
     def occupied_at(self, unit_positions: Float[Tensor, "n 3"]) -> Bool[Tensor, "n"]:
         """Occupancy of the voxel holding each point (points outside the cube are empty)."""

@@ -16,14 +16,14 @@ saved in checkpoints; vertex lookup tables are derived from it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from vqad_nerfstudio.encodings.vertex_features import FeatureStore
+from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap
 
 # Offsets of a cell's 8 corners, in (x, y, z) order; corner c has offsets of its bits (x = bit 2).
 CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
@@ -51,22 +51,12 @@ def child_cells(cells: Int[Tensor, "n"], resolution: int) -> Int[Tensor, "n8"]:
     return torch.sort(linear_ids(children.reshape(-1, 3), 2 * resolution)).values
 
 
-def cells_from_occupancy(occupancy: Bool[Tensor, "r r r"], resolution: int) -> Int[Tensor, "n"]:
-    """Sorted ids of the cells at ``resolution`` that overlap an occupied voxel of ``occupancy``.
+@dataclass(frozen=True)
+class RowRemap:
+    """How a level's rows moved: new row i came from old row ``source_rows[i]`` (-1: new)."""
 
-    ``resolution`` and the occupancy grid's size must be powers of two apart (either way round).
-    """
-    size = occupancy.shape[0]
-    grid = occupancy[None, None].float()
-    if resolution <= size:
-        if size % resolution:
-            raise ValueError(f"resolution {resolution} must divide occupancy size {size}")
-        grid = F.max_pool3d(grid, kernel_size=size // resolution)
-    else:
-        if resolution % size:
-            raise ValueError(f"occupancy size {size} must divide resolution {resolution}")
-        grid = F.interpolate(grid, scale_factor=resolution // size, mode="nearest")
-    return torch.nonzero(grid[0, 0].reshape(-1) > 0).squeeze(-1)
+    source_rows: Tensor
+    swaps: List[ParameterSwap]
 
 
 class GridLevel(nn.Module):
@@ -93,11 +83,11 @@ class GridLevel(nn.Module):
     def num_vertices(self) -> int:
         return int(self.vertex_ids.shape[0])
 
-    def set_cells(self, cells: Int[Tensor, "n"]) -> Int[Tensor, "m"]:
+    def set_cells(self, cells: Int[Tensor, "n"], in_place: bool = False) -> RowRemap:
         """Make ``cells`` (sorted, unique) the occupied cells; keep surviving vertices' feature rows.
 
-        Returns, for each new vertex row, the old row it came from (-1 for a new vertex), so that
-        optimiser state can be remapped the same way.
+        Returns, for each new vertex row, the old row it came from (-1 for a new vertex) and the
+        replaced parameters, so that optimisers can follow (see :meth:`FeatureStore.remap`).
         """
         device = self.cells.device
         cells = cells.to(device=device, dtype=torch.long)
@@ -108,8 +98,9 @@ class GridLevel(nn.Module):
             source_rows = self.vertex_table[new_vertex_ids].long()
         else:
             source_rows = torch.full_like(new_vertex_ids, -1)
+        swaps: List[ParameterSwap] = []
         if self.features.num_rows != new_vertex_ids.numel() or self.vertex_table.numel():
-            self.features.remap(source_rows)
+            swaps = self.features.remap(source_rows, in_place=in_place)
         self.cells = cells
         self.vertex_ids = new_vertex_ids
         vertex_table = torch.full(((self.resolution + 1) ** 3,), -1, dtype=torch.int32, device=device)
@@ -118,20 +109,22 @@ class GridLevel(nn.Module):
         cell_table = torch.zeros(self.resolution**3, dtype=torch.bool, device=device)
         cell_table[cells] = True
         self.cell_table = cell_table
-        return source_rows
+        return RowRemap(source_rows, swaps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         cells = state_dict.get(prefix + "cells")
         if cells is not None and not torch.equal(cells.to(self.cells.device), self.cells):
             self.vertex_table = torch.empty(0, dtype=torch.int32, device=self.cells.device)
-            self.set_cells(cells)
+            self.set_cells(cells, in_place=True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def occupied(self, cell_ids: Int[Tensor, "n"]) -> Bool[Tensor, "n"]:
         """Whether each cell (by linear id at this level) is occupied."""
         return self.cell_table[cell_ids]
 
-    def locate(self, unit_positions: Float[Tensor, "n 3"]) -> Tuple[Int[Tensor, "n"], Float[Tensor, "n 3"], Bool[Tensor, "n"]]:
+    def locate(
+        self, unit_positions: Float[Tensor, "n 3"]
+    ) -> Tuple[Int[Tensor, "n"], Float[Tensor, "n 3"], Bool[Tensor, "n"]]:
         """Cell id, position inside the cell in [0, 1]^3, and occupancy of each point."""
         scaled = unit_positions * self.resolution
         cell = scaled.floor().long().clamp(0, self.resolution - 1)
@@ -148,18 +141,22 @@ class GridLevel(nn.Module):
         weights = torch.prod(offsets[None] * frac[:, None] + (1 - offsets[None]) * (1 - frac[:, None]), dim=-1)
         weights = weights * occupied[:, None].to(weights.dtype)
         corner_features = self.features(rows.reshape(-1)).reshape(rows.shape[0], 8, -1)
-        return (weights[..., None] * corner_features).sum(dim=1), occupied
+        return torch.bmm(weights[:, None, :], corner_features)[:, 0], occupied
 
 
 StoreFactory = Callable[[int, int], FeatureStore]
 """Builds a feature store from (level index, number of rows)."""
 
+CellFilter = Callable[[Int[Tensor, "n"], int], Bool[Tensor, "n"]]
+"""Decides, for cells given by linear id at a resolution, which ones to keep."""
+
 
 class SparseFeatureGrid(nn.Module):
     """Levels of detail ``0..L-1`` at resolutions ``base_resolution * 2**l``, features summed over levels."""
 
-    def __init__(self, base_resolution: int, num_levels: int, store_factory: StoreFactory,
-                 dense_resolution: int) -> None:
+    def __init__(
+        self, base_resolution: int, num_levels: int, store_factory: StoreFactory, dense_resolution: int
+    ) -> None:
         """Levels up to ``dense_resolution`` start dense; finer levels start empty until :meth:`prune` grows them."""
         super().__init__()
         if num_levels < 1:
@@ -191,8 +188,9 @@ class SparseFeatureGrid(nn.Module):
             count += 1
         return count
 
-    def forward(self, unit_positions: Float[Tensor, "n 3"],
-                lod: Optional[Int[Tensor, "n"]] = None) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
+    def forward(
+        self, unit_positions: Float[Tensor, "n 3"], lod: Optional[Int[Tensor, "n"]] = None
+    ) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
         """Features summed over levels ``<= lod`` (per point; default: all grown levels) and occupancy.
 
         A point is inside when its cell is occupied at its finest used level.
@@ -216,27 +214,27 @@ class SparseFeatureGrid(nn.Module):
         """Occupancy of points at level ``lod`` only (cheap: no feature lookup)."""
         return self.levels[lod].locate(unit_positions)[2]
 
-    def prune(self, occupancy: Bool[Tensor, "r r r"]) -> List[Tuple[GridLevel, Tensor]]:
-        """Keep only cells overlapping ``occupancy``; grow empty levels inside their parents.
+    def prune(self, keep: CellFilter) -> List[RowRemap]:
+        """Keep the cells ``keep`` accepts, level by level from coarse to fine.
 
-        Returns ``(level, source_rows)`` for every level whose rows changed, for optimiser remapping.
+        Levels that hold no cells yet are grown: their candidates are the children of the parent
+        level's kept cells. Returns the row remaps of the levels that changed, for the optimisers.
         """
         changed = []
         parent: Optional[Tensor] = None
         for level in self.levels:
-            wanted = cells_from_occupancy(occupancy, level.resolution)
             if level.cells.numel():
                 candidates = level.cells
             elif parent is not None:
                 candidates = child_cells(parent, level.resolution // 2)
             else:
-                candidates = wanted
-            new_cells = candidates[torch.isin(candidates, wanted)]
+                break
+            new_cells = candidates[keep(candidates, level.resolution)]
             if parent is not None:  # keep the octree nested
                 parents_of_new = linear_ids(coords_of(new_cells, level.resolution) // 2, level.resolution // 2)
                 new_cells = new_cells[torch.isin(parents_of_new, parent)]
             if not torch.equal(new_cells, level.cells):
-                changed.append((level, level.set_cells(new_cells)))
+                changed.append(level.set_cells(new_cells))
             parent = new_cells
         return changed
 

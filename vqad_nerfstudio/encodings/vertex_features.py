@@ -12,46 +12,53 @@ either, and a grid can prune rows (``remap``) without knowing which store it hol
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 
-class _StraightThroughLookup(torch.autograd.Function):
-    """Hard codeword lookup forward, softmax-relaxed gradient backward.
+class _StraightThroughCodewords(torch.autograd.Function):
+    """Hard codeword per row forward, softmax-relaxed gradient backward.
 
-    Equivalent to ``keys = hard - softmax(C).detach() + softmax(C); out = keys @ codebook`` but
-    without materialising ``[N, 2**b, k]`` (or even ``[N, 2**b]`` in the forward pass): the forward
-    pass gathers one codeword per row, and the backward pass recomputes the row softmax.
+    Equivalent to ``keys = hard - softmax(C).detach() + softmax(C); out = keys @ codebook`` for every
+    row of ``C``, without keeping ``[m, 2**b]`` activations: the backward pass recomputes the softmax.
+    Callers gather per-sample rows from the result, so memory never grows with ``N * 2**b * k``.
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, logits: Tensor, codebook: Tensor) -> Tensor:  # type: ignore[override]
-        hard = logits.index_select(0, rows).argmax(dim=-1)
-        ctx.save_for_backward(rows, hard, logits, codebook)
+    def forward(ctx, logits: Tensor, codebook: Tensor) -> Tensor:  # type: ignore[override]
+        hard = logits.argmax(dim=-1)
+        ctx.save_for_backward(hard, logits, codebook)
         return codebook.index_select(0, hard)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> Tuple[None, Optional[Tensor], Optional[Tensor]]:  # type: ignore[override]
-        rows, hard, logits, codebook = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:  # type: ignore[override]
+        hard, logits, codebook = ctx.saved_tensors
         grad_logits = grad_codebook = None
-        if ctx.needs_input_grad[1]:
-            soft = torch.softmax(logits.index_select(0, rows), dim=-1)
+        if ctx.needs_input_grad[0]:
+            soft = torch.softmax(logits, dim=-1)
             grad_soft = grad_out @ codebook.t()
-            grad_rows = soft * (grad_soft - (soft * grad_soft).sum(dim=-1, keepdim=True))
-            grad_logits = torch.zeros_like(logits).index_add_(0, rows, grad_rows)
-        if ctx.needs_input_grad[2]:
+            grad_logits = soft * (grad_soft - (soft * grad_soft).sum(dim=-1, keepdim=True))
+        if ctx.needs_input_grad[1]:
             grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
-        return None, grad_logits, grad_codebook
+        return grad_logits, grad_codebook
+
+
+def straight_through_codewords(logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"]) -> Float[Tensor, "m k"]:
+    """Codewords ``codebook[argmax(logits)]`` of every row, with straight-through softmax gradients."""
+    return _StraightThroughCodewords.apply(logits, codebook)
 
 
 def straight_through_lookup(
     rows: Int[Tensor, "n"], logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"]
 ) -> Float[Tensor, "n k"]:
-    """Codewords ``codebook[argmax(logits[rows])]`` with straight-through softmax gradients."""
-    return _StraightThroughLookup.apply(rows, logits, codebook)
+    """Codewords of ``rows``, with straight-through gradients (computed per row, not per lookup)."""
+    if rows.numel() < logits.shape[0]:  # few lookups: relax only the rows that are used
+        used, inverse = torch.unique(rows, return_inverse=True)
+        return straight_through_codewords(logits.index_select(0, used), codebook).index_select(0, inverse)
+    return straight_through_codewords(logits, codebook).index_select(0, rows)
 
 
 class FeatureStore(nn.Module):
@@ -66,10 +73,13 @@ class FeatureStore(nn.Module):
     def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
         raise NotImplementedError
 
-    def remap(self, source_rows: Int[Tensor, "m_new"]) -> None:
+    def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         """Rebuild the rows: new row i copies old row ``source_rows[i]``, or is freshly initialised where -1.
 
-        Parameters keep their identity (only ``.data`` changes) so optimisers keep tracking them.
+        By default the row parameters are replaced by new ``nn.Parameter`` objects (autograd caches a
+        parameter's shape, so a used parameter cannot change shape in place) and the (old, new) pairs
+        are returned so that optimisers can follow. ``in_place=True`` keeps the objects and changes
+        ``.data``; it is only safe before the parameters took part in a backward pass (loading).
         """
         raise NotImplementedError
 
@@ -82,19 +92,32 @@ class FeatureStore(nn.Module):
         raise NotImplementedError
 
 
-def _remap_rows(param: nn.Parameter, source_rows: Tensor, fresh: Tensor) -> None:
+ParameterSwap = Tuple[nn.Parameter, nn.Parameter]
+"""(old, new) parameter after a row remap."""
+
+
+def _remap_rows(
+    module: nn.Module, name: str, source_rows: Tensor, fresh: Tensor, in_place: bool
+) -> List[ParameterSwap]:
+    param: nn.Parameter = getattr(module, name)
     keep = source_rows >= 0
     new = fresh.to(param.dtype)
     new[keep] = param.data[source_rows[keep]]
-    param.data = new
-    param.grad = None
+    if in_place:
+        param.data = new
+        param.grad = None
+        return []
+    replacement = nn.Parameter(new, requires_grad=param.requires_grad)
+    setattr(module, name, replacement)
+    return [(param, replacement)]
 
 
 class CodebookFeatures(FeatureStore):
     """``num_rows`` learned ``bits``-bit indices into a codebook of ``2**bits`` vectors of width ``feature_dim``."""
 
-    def __init__(self, num_rows: int, bits: int, feature_dim: int, logit_init_std: float = 0.01,
-                 codebook_init_std: float = 0.1) -> None:
+    def __init__(
+        self, num_rows: int, bits: int, feature_dim: int, logit_init_std: float = 0.01, codebook_init_std: float = 0.01
+    ) -> None:
         super().__init__()
         if not 1 <= bits <= 16:
             raise ValueError(f"index bit width must be in 1..16, got {bits}")
@@ -109,6 +132,8 @@ class CodebookFeatures(FeatureStore):
         return self.logits.shape[0]
 
     def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
+        if not torch.is_grad_enabled():
+            return self.codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
         return straight_through_lookup(rows, self.logits, self.codebook)
 
     def hard_indices(self) -> Int[Tensor, "m"]:
@@ -124,9 +149,9 @@ class CodebookFeatures(FeatureStore):
         self.logits.data = one_hot
         self.logits.grad = None
 
-    def remap(self, source_rows: Int[Tensor, "m_new"]) -> None:
+    def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         fresh = torch.randn(source_rows.shape[0], 2**self.bits, device=self.logits.device) * self.logit_init_std
-        _remap_rows(self.logits, source_rows, fresh)
+        return _remap_rows(self, "logits", source_rows, fresh, in_place)
 
     def row_parameters(self) -> Tuple[nn.Parameter, ...]:
         return (self.logits,)
@@ -138,7 +163,7 @@ class CodebookFeatures(FeatureStore):
 class FloatFeatures(FeatureStore):
     """``num_rows`` free float feature vectors: the uncompressed twin of :class:`CodebookFeatures`."""
 
-    def __init__(self, num_rows: int, feature_dim: int, init_std: float = 0.1) -> None:
+    def __init__(self, num_rows: int, feature_dim: int, init_std: float = 0.01) -> None:
         super().__init__()
         self.feature_dim = feature_dim
         self.init_std = init_std
@@ -151,9 +176,9 @@ class FloatFeatures(FeatureStore):
     def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
         return self.features.index_select(0, rows)
 
-    def remap(self, source_rows: Int[Tensor, "m_new"]) -> None:
+    def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         fresh = torch.randn(source_rows.shape[0], self.feature_dim, device=self.features.device) * self.init_std
-        _remap_rows(self.features, source_rows, fresh)
+        return _remap_rows(self, "features", source_rows, fresh, in_place)
 
     def row_parameters(self) -> Tuple[nn.Parameter, ...]:
         return (self.features,)
@@ -163,8 +188,10 @@ class FloatFeatures(FeatureStore):
 
 
 __all__ = [
+    "ParameterSwap",
     "FeatureStore",
     "CodebookFeatures",
     "FloatFeatures",
+    "straight_through_codewords",
     "straight_through_lookup",
 ]

@@ -10,8 +10,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from jaxtyping import Bool, Float, Int
-from torch import Tensor, nn
-
 from nerfstudio.cameras.rays import RaySamples
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.field_components.activations import trunc_exp
@@ -20,6 +18,7 @@ from nerfstudio.field_components.field_heads import FieldHeadNames
 from nerfstudio.field_components.mlp import MLP
 from nerfstudio.field_components.spatial_distortions import SceneContraction
 from nerfstudio.fields.base_field import Field
+from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 
@@ -42,12 +41,24 @@ class VQADField(Field):
         self.contraction = SceneContraction(order=float("inf")) if unbounded else None
         self.geo_feat_dim = geo_feat_dim
         self.direction_encoding = SHEncoding(levels=sh_degree, implementation="torch")
-        self.density_mlp = MLP(in_dim=grid.feature_dim, num_layers=2, layer_width=hidden_dim,
-                               out_dim=1 + geo_feat_dim, activation=nn.ReLU(), out_activation=None,
-                               implementation="torch")
-        self.color_mlp = MLP(in_dim=geo_feat_dim + self.direction_encoding.get_out_dim(), num_layers=3,
-                             layer_width=hidden_dim, out_dim=3, activation=nn.ReLU(), out_activation=nn.Sigmoid(),
-                             implementation="torch")
+        self.density_mlp = MLP(
+            in_dim=grid.feature_dim,
+            num_layers=2,
+            layer_width=hidden_dim,
+            out_dim=1 + geo_feat_dim,
+            activation=nn.ReLU(),
+            out_activation=None,
+            implementation="torch",
+        )
+        self.color_mlp = MLP(
+            in_dim=geo_feat_dim + self.direction_encoding.get_out_dim(),
+            num_layers=3,
+            layer_width=hidden_dim,
+            out_dim=3,
+            activation=nn.ReLU(),
+            out_activation=nn.Sigmoid(),
+            implementation="torch",
+        )
 
     def to_unit_cube(self, positions: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs 3"]:
         """World positions to the grid's [0, 1]^3 (scene box, or contracted space for unbounded scenes)."""
@@ -76,7 +87,9 @@ class VQADField(Field):
         density, geo, _ = self.density_at(self.to_unit_cube(positions).reshape(-1, 3))
         return density.reshape(*shape, 1), geo.reshape(*shape, -1)
 
-    def get_outputs(self, ray_samples: RaySamples, density_embedding: Optional[Tensor] = None) -> Dict[FieldHeadNames, Tensor]:
+    def get_outputs(
+        self, ray_samples: RaySamples, density_embedding: Optional[Tensor] = None
+    ) -> Dict[FieldHeadNames, Tensor]:
         assert density_embedding is not None
         shape = density_embedding.shape[:-1]
         directions = ray_samples.frustums.directions.reshape(-1, 3)

@@ -11,13 +11,10 @@ the levels renders.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Tuple, Type
+from typing import Dict, List, Literal, Tuple, Type
 
 import torch
 from jaxtyping import Int
-from torch import Tensor, nn
-from torch.nn import Parameter
-
 from nerfstudio.cameras.camera_optimizers import CameraOptimizer, CameraOptimizerConfig
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
@@ -28,10 +25,12 @@ from nerfstudio.model_components.scene_colliders import AABBBoxCollider, NearFar
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from nerfstudio.viewer.viewer_elements import ViewerSlider, ViewerText
+from torch import Tensor
+from torch.nn import Parameter
 
 from vqad_nerfstudio.compat import allow_nerfstudio_checkpoints, optional_lpips
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
-from vqad_nerfstudio.encodings.sparse_grid import GridLevel, SparseFeatureGrid
+from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, RowRemap, SparseFeatureGrid, coords_of
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures
 from vqad_nerfstudio.fields.vqad_field import VQADField
 from vqad_nerfstudio.models.size_accounting import model_size_report
@@ -67,9 +66,9 @@ class VQADModelConfig(ModelConfig):
     occupancy_update_every: int = 16
     """Steps between occupancy updates."""
     occupancy_alpha_threshold: float = 0.01
-    """A voxel is empty when a ray step through it would be more transparent than this opacity."""
-    prune_steps: Tuple[int, ...] = (250, 500, 1000, 2000)
-    """Steps at which the grid is pruned to the (dilated) occupied region; the first one grows the fine levels."""
+    """Space is empty where one finest voxel of it would be more transparent than this opacity (sampling, pruning)."""
+    prune_steps: Tuple[int, ...] = (500, 1000, 2000)
+    """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels."""
     coarse_lod_fraction: float = 0.25
     """Fraction of training rays rendered at a random coarser level of detail, so that every LOD prefix renders."""
     background_color: Literal["random", "last_sample", "black", "white"] = "white"
@@ -95,21 +94,22 @@ class VQADModel(Model):
     def populate_modules(self) -> None:
         super().populate_modules()
         cfg = self.config
-        self.grid = SparseFeatureGrid(cfg.base_resolution, cfg.num_levels, self._store_factory(),
-                                      dense_resolution=cfg.dense_resolution)
+        self.grid = SparseFeatureGrid(
+            cfg.base_resolution, cfg.num_levels, self._store_factory(), dense_resolution=cfg.dense_resolution
+        )
         self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=cfg.unbounded, hidden_dim=cfg.hidden_dim)
 
         if cfg.unbounded:
             self.sampler = UniformLinDispPiecewiseSampler(num_samples=cfg.num_samples)
             self.collider = NearFarCollider(near_plane=0.05, far_plane=1000.0)
-            step = 4.0 / cfg.num_samples  # contracted space spans 4 units per side
+            extent = torch.full((3,), 4.0)  # contracted space spans 4 units per side
         else:
             self.sampler = UniformSampler(num_samples=cfg.num_samples)
             self.collider = AABBBoxCollider(self.scene_box)
             extent = self.scene_box.aabb[1] - self.scene_box.aabb[0]
-            step = float(torch.linalg.norm(extent)) / cfg.num_samples
+        step = float(extent.max()) / self.grid.resolutions[-1]  # one finest voxel
         occupancy_resolution = min(cfg.occupancy_resolution, self.grid.resolutions[-1])
-        # density is per world unit; the threshold makes one ray step at most this opaque
+        # density is per world unit; the threshold makes one finest voxel at most this opaque
         threshold = -torch.log1p(torch.tensor(-cfg.occupancy_alpha_threshold)).item() / step
         self.occupancy = OccupancyEstimator(occupancy_resolution, density_threshold=threshold)
 
@@ -130,11 +130,21 @@ class VQADModel(Model):
         )
 
         finest = cfg.num_levels - 1
-        self.lod_size_text = ViewerText("Stored size at LOD", "", disabled=True,
-                                        hint="Bytes of topology, indices, codebooks and MLPs up to this level")
-        self.lod_slider = ViewerSlider("Level of detail", finest, 0, finest, step=1,
-                                       cb_hook=lambda _: self._update_lod_text(),
-                                       hint="Render with levels 0..LOD only (what a stream prefix holds)")
+        self.lod_size_text = ViewerText(
+            "Stored size at LOD",
+            "",
+            disabled=True,
+            hint="Bytes of topology, indices, codebooks and MLPs up to this level",
+        )
+        self.lod_slider = ViewerSlider(
+            "Level of detail",
+            finest,
+            0,
+            finest,
+            step=1,
+            cb_hook=lambda _: self._update_lod_text(),
+            hint="Render with levels 0..LOD only (what a stream prefix holds)",
+        )
 
     def _store_factory(self):
         cfg = self.config
@@ -166,21 +176,39 @@ class VQADModel(Model):
         self.camera_optimizer.get_param_groups(param_groups=groups)
         return groups
 
-    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
         def update_occupancy(step: int) -> None:
             self.occupancy.update(self._density_for_occupancy)
 
         def prune(step: int) -> None:
-            changed = self.grid.prune(self.occupancy.dilated())
+            changed = self.grid.prune(self._cells_with_density)
             if training_callback_attributes.optimizers is not None:
-                for level, source_rows in changed:
-                    _remap_optimizer_state(training_callback_attributes.optimizers.optimizers.values(), level, source_rows)
+                for remap in changed:
+                    _remap_optimizer_state(training_callback_attributes.optimizers.optimizers.values(), remap)
 
         return [
-            TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], update_occupancy,
-                             update_every_num_iters=self.config.occupancy_update_every),
-            TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], prune, iters=tuple(self.config.prune_steps)),
+            TrainingCallback(
+                [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                update_occupancy,
+                update_every_num_iters=self.config.occupancy_update_every,
+            ),
+            TrainingCallback(
+                [TrainingCallbackLocation.AFTER_TRAIN_ITERATION], prune, iters=tuple(self.config.prune_steps)
+            ),
         ]
+
+    @torch.no_grad()
+    def _cells_with_density(self, cells: Tensor, resolution: int, batch: int = 1 << 16) -> Tensor:
+        """Cells where the field's density exceeds the pruning threshold at a corner or the centre."""
+        probes = torch.cat([CORNER_OFFSETS.float(), torch.full((1, 3), 0.5)]).to(cells.device)
+        keep = []
+        for chunk in torch.split(cells, batch):
+            points = (coords_of(chunk, resolution)[:, None, :].float() + probes[None]) / resolution
+            density, _, _ = self.field.density_at(points.reshape(-1, 3).clamp(0, 1))
+            keep.append((density.reshape(-1, probes.shape[0]) > self.occupancy.density_threshold).any(dim=-1))
+        return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool, device=cells.device)
 
     @torch.no_grad()
     def _density_for_occupancy(self, unit_positions: Tensor) -> Tensor:
@@ -229,8 +257,10 @@ class VQADModel(Model):
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
         image = batch["image"].to(outputs["rgb"].device)
         image = self.renderer_rgb.blend_background(image)
-        metrics = {"psnr": self.psnr(outputs["rgb"], image), "samples_per_ray": outputs["num_samples_evaluated"]
-                   / outputs["rgb"].shape[0]}
+        metrics = {
+            "psnr": self.psnr(outputs["rgb"], image),
+            "samples_per_ray": outputs["num_samples_evaluated"] / outputs["rgb"].shape[0],
+        }
         self.camera_optimizer.get_metrics_dict(metrics)
         return metrics
 
@@ -265,19 +295,22 @@ class VQADModel(Model):
         return metrics, images
 
 
-def _remap_optimizer_state(optimizers, level: GridLevel, source_rows: Tensor) -> None:
-    """Carry optimiser moments of surviving rows over to their new positions (zeros for new rows)."""
-    keep = source_rows >= 0
-    for param in level.features.row_parameters():
+def _remap_optimizer_state(optimizers, remap: RowRemap) -> None:
+    """Point optimisers at the replaced row parameters; carry moments of surviving rows over."""
+    keep = remap.source_rows >= 0
+    for old, new in remap.swaps:
         for optimizer in optimizers:
-            state = optimizer.state.get(param)
+            for group in optimizer.param_groups:
+                group["params"] = [new if p is old else p for p in group["params"]]
+            state = optimizer.state.pop(old, None)
             if not state:
                 continue
             for key, value in state.items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape[1:] == param.shape[1:]:
-                    new = torch.zeros((source_rows.shape[0], *value.shape[1:]), dtype=value.dtype, device=value.device)
-                    new[keep] = value[source_rows[keep]]
-                    state[key] = new
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape[1:] == new.shape[1:]:
+                    moved = torch.zeros_like(new.data, dtype=value.dtype)
+                    moved[keep] = value[remap.source_rows[keep]]
+                    state[key] = moved
+            optimizer.state[new] = state
 
 
 __all__ = ["VQADModel", "VQADModelConfig"]
