@@ -251,7 +251,7 @@ class VQADModel(Model):
             "rgb": self.renderer_rgb(rgb=rgb_all.reshape(num_rays, num_samples, 3), weights=weights),
             "accumulation": self.renderer_accumulation(weights=weights),
             "depth": self.renderer_depth(weights=weights, ray_samples=ray_samples),
-            "num_samples_evaluated": torch.tensor(float(index.numel()), device=positions.device),
+            "samples_evaluated": candidate.reshape(num_rays, num_samples).sum(dim=-1, keepdim=True).float(),
         }
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
@@ -259,7 +259,7 @@ class VQADModel(Model):
         image = self.renderer_rgb.blend_background(image)
         metrics = {
             "psnr": self.psnr(outputs["rgb"], image),
-            "samples_per_ray": outputs["num_samples_evaluated"] / outputs["rgb"].shape[0],
+            "samples_per_ray": outputs["samples_evaluated"].mean(),
         }
         self.camera_optimizer.get_metrics_dict(metrics)
         return metrics
