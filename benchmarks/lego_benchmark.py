@@ -31,7 +31,7 @@ class BenchmarkConfig:
     data: Path
     """Blender-format scene (transforms_{train,val,test}.json)."""
     methods: Tuple[str, ...] = ("tensorf", "vqad", "vqad-float")
-    """nerfstudio method names to compare."""
+    """nerfstudio method names to compare; METHOD@TAG runs METHOD again under another name (for overrides)."""
     budget_s: float = 120.0
     """Wall-clock training budget per method, in seconds."""
     output_dir: Path = Path("outputs/benchmark")
@@ -77,12 +77,12 @@ def _trainer_config(method: str, bench: BenchmarkConfig):
     from nerfstudio.configs.method_configs import all_methods
     from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 
-    config = copy.deepcopy(all_methods[method])
+    config = copy.deepcopy(all_methods[method.split("@")[0]])
     config.pipeline.datamanager.dataparser = BlenderDataParserConfig()
     config.pipeline.datamanager.data = bench.data
     config.output_dir = bench.output_dir
     config.experiment_name = "bench"
-    config.timestamp = method
+    config.timestamp = method.replace("@", "-")
     config.max_num_iterations = 10**7
     config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 10**9
     config.steps_per_save = 10**9

@@ -47,7 +47,8 @@ def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfi
         ),
         optimizers={
             "fields": adam(1e-2, 1e-3),
-            "grid_rows": adam(5e-2, 5e-3),
+            "grid_logits": adam(5e-2, 5e-3),
+            "grid_features": adam(1e-2, 1e-3),
             "codebooks": adam(1e-2, 1e-3),
             "camera_opt": adam(1e-3, 1e-4),
         },

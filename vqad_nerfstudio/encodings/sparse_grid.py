@@ -170,6 +170,12 @@ class SparseFeatureGrid(nn.Module):
             num_vertices = int(torch.unique(cell_vertex_ids(cells, resolution)).numel()) if cells.numel() else 0
             levels.append(GridLevel(resolution, store_factory(level, num_vertices), cells))
         self.levels = nn.ModuleList(levels)
+        self.register_buffer("pruned_flag", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def pruned(self) -> bool:
+        """Whether :meth:`prune` has run (the topology then reflects the scene, not the initial box)."""
+        return bool(self.pruned_flag)
 
     @property
     def num_levels(self) -> int:
@@ -236,6 +242,7 @@ class SparseFeatureGrid(nn.Module):
             if not torch.equal(new_cells, level.cells):
                 changed.append(level.set_cells(new_cells))
             parent = new_cells
+        self.pruned_flag.fill_(True)
         return changed
 
     def occupied_vertices(self) -> Sequence[int]:

@@ -2,8 +2,10 @@
 
 Rays are sampled uniformly (nerfstudio's samplers), samples outside the sparse grid's occupied
 cells are skipped (and, while training, also samples in voxels the occupancy estimate marks empty),
-the rest go through :class:`VQADField` and nerfstudio's renderers composite them. Training callbacks
-update the occupancy estimate and prune the grid to the occupied region; each ray is trained at the
+the rest go through :class:`VQADField` and nerfstudio's renderers composite them. Until the first
+pruning, training also skips space that the occupancy estimate marks empty; from then on training
+samples exactly what a decoded model samples (the stored topology). Training callbacks update the
+occupancy estimate and prune the grid to the occupied region; each ray is trained at the
 finest level of detail or, for a fraction of rays, at a random coarser one so that every prefix of
 the levels renders.
 """
@@ -167,9 +169,10 @@ class VQADModel(Model):
         for level in self.grid.levels:
             rows += list(level.features.row_parameters())
             codebooks += [p for p in level.features.parameters() if all(p is not r for r in rows)]
+        rows_group = "grid_logits" if self.config.feature_store == "codebook" else "grid_features"
         groups = {
             "fields": list(self.field.density_mlp.parameters()) + list(self.field.color_mlp.parameters()),
-            "grid_rows": rows,
+            rows_group: rows,
         }
         if codebooks:
             groups["codebooks"] = codebooks
@@ -235,7 +238,7 @@ class VQADModel(Model):
         lods = self._ray_lods(num_rays, positions.device).repeat_interleave(num_samples)
 
         candidate = self.grid.inside(positions, lod=0)
-        if self.training:
+        if self.training and not self.grid.pruned:  # warm-up: skip space the estimate marks empty
             candidate &= self.occupancy.occupied_at(positions)
         index = torch.nonzero(candidate).squeeze(-1)
 
