@@ -54,6 +54,9 @@ def allow_nerfstudio_checkpoints() -> None:
     add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
     if add_safe_globals is None:  # torch < 2.4 loads everything by default
         return
-    safe = [np.dtype, np.core.multiarray.scalar if hasattr(np, "core") else None]
-    safe += [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
-    add_safe_globals([item for item in safe if item is not None])
+    try:  # numpy >= 2 moved it; checkpoints name whichever module wrote them
+        from numpy._core.multiarray import scalar
+    except ImportError:
+        from numpy.core.multiarray import scalar
+    dtypes = [type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")]
+    add_safe_globals([scalar, np.dtype, *dtypes])

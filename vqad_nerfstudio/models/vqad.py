@@ -59,7 +59,7 @@ class VQADModelConfig(ModelConfig):
     """Levels up to this resolution start dense; finer levels are grown inside occupied space at the first pruning."""
     hidden_dim: int = 64
     """Width of the density and colour MLPs."""
-    num_samples: int = 384
+    num_samples: int = 512
     """Uniform samples per ray before empty-space skipping."""
     unbounded: bool = False
     """Contract space (as nerfacto does) for unbounded real captures; off for object scenes inside the scene box."""
@@ -71,7 +71,7 @@ class VQADModelConfig(ModelConfig):
     """Space is empty where one finest voxel of it would be more transparent than this opacity (sampling, pruning)."""
     prune_steps: Tuple[int, ...] = (500, 1000, 2000)
     """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels."""
-    coarse_lod_fraction: float = 0.25
+    coarse_lod_fraction: float = 0.1
     """Fraction of training rays rendered at a random coarser level of detail, so that every LOD prefix renders."""
     background_color: Literal["random", "last_sample", "black", "white"] = "white"
     """Background colour; white for nerfstudio's blender-format object scenes."""

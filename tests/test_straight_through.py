@@ -1,0 +1,90 @@
+"""The straight-through estimator: hard codewords forward, softmax-relaxed gradients backward."""
+
+import pytest
+import torch
+
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures, straight_through_lookup
+
+
+def reference_lookup(rows, logits, codebook):
+    """The paper's formulation, materialising the soft keys (what we must match without doing this)."""
+    soft = torch.softmax(logits[rows], dim=-1)
+    hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), logits.shape[1]).to(soft.dtype)
+    return (hard - soft.detach() + soft) @ codebook
+
+
+@pytest.mark.parametrize("num_rows,num_lookups", [(40, 300), (500, 64)])  # full-table and unique-rows paths
+@pytest.mark.parametrize("bits", [1, 4, 6])
+def test_forward_is_hard_lookup_and_gradients_match_reference(num_rows, num_lookups, bits):
+    torch.manual_seed(bits)
+    logits = torch.randn(num_rows, 2**bits, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(2**bits, 5, dtype=torch.float64, requires_grad=True)
+    rows = torch.randint(0, num_rows, (num_lookups,))
+    upstream = torch.randn(num_lookups, 5, dtype=torch.float64)
+
+    out = straight_through_lookup(rows, logits, codebook)
+    assert torch.equal(out, codebook[logits[rows].argmax(dim=-1)])  # exactly what will be stored
+    (out * upstream).sum().backward()
+
+    logits_ref = logits.detach().clone().requires_grad_()
+    codebook_ref = codebook.detach().clone().requires_grad_()
+    (reference_lookup(rows, logits_ref, codebook_ref) * upstream).sum().backward()
+    torch.testing.assert_close(logits.grad, logits_ref.grad)
+    torch.testing.assert_close(codebook.grad, codebook_ref.grad)
+    assert logits.grad.abs().sum() > 0 and codebook.grad.abs().sum() > 0
+
+
+def test_gradients_reach_logits_codebook_and_mlp():
+    torch.manual_seed(0)
+    store = CodebookFeatures(num_rows=64, bits=4, feature_dim=8)
+    mlp = torch.nn.Linear(8, 1)
+    loss = mlp(store(torch.randint(0, 64, (256,)))).pow(2).mean()
+    loss.backward()
+    for name, param in [("logits", store.logits), ("codebook", store.codebook), ("mlp", mlp.weight)]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_training_changes_indices():
+    torch.manual_seed(0)
+    store = CodebookFeatures(num_rows=32, bits=3, feature_dim=4)
+    target = torch.randn(32, 4)
+    before = store.hard_indices().clone()
+    optimizer = torch.optim.Adam(store.parameters(), lr=0.1)
+    for _ in range(100):
+        optimizer.zero_grad()
+        (store(torch.arange(32)) - target).pow(2).mean().backward()
+        optimizer.step()
+    assert (store.hard_indices() != before).any()
+
+
+def test_no_grad_lookup_equals_training_lookup():
+    store = CodebookFeatures(num_rows=100, bits=5, feature_dim=3)
+    rows = torch.randint(0, 100, (1000,))
+    with torch.no_grad():
+        inference = store(rows)
+    assert torch.equal(inference, store(rows).detach())
+
+
+def test_set_hard_indices_roundtrip_and_validation():
+    store = CodebookFeatures(num_rows=10, bits=2, feature_dim=3)
+    indices = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0, 1])
+    store.set_hard_indices(indices)
+    assert torch.equal(store.hard_indices(), indices)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        store.set_hard_indices(torch.tensor([4]))
+
+
+@pytest.mark.parametrize("bits", [0, 17])
+def test_bits_out_of_range(bits):
+    with pytest.raises(ValueError, match="1..16"):
+        CodebookFeatures(num_rows=4, bits=bits, feature_dim=2)
+
+
+def test_remap_keeps_surviving_rows():
+    for store in (CodebookFeatures(6, 3, 2), FloatFeatures(6, 2)):
+        (old,) = store.row_parameters()
+        source = torch.tensor([5, -1, 0])
+        swaps = store.remap(source)
+        (new,) = store.row_parameters()
+        assert swaps == [(old, new)] and new.shape[0] == 3
+        assert torch.equal(new.data[0], old.data[5]) and torch.equal(new.data[2], old.data[0])

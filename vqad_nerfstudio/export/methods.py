@@ -1,0 +1,46 @@
+"""The nerfstudio methods of this package, whose models compressed files hold."""
+
+from __future__ import annotations
+
+import copy
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Dict, List
+
+from vqad_nerfstudio.codec import CodecError
+
+if TYPE_CHECKING:
+    from nerfstudio.engine.trainer import TrainerConfig
+
+_PACKAGE = "vqad_nerfstudio."
+
+
+class UnsupportedMethodError(CodecError):
+    """A file or run names a method whose models this package cannot encode or decode."""
+
+
+def _entry_points() -> Dict[str, EntryPoint]:
+    points = entry_points(group="nerfstudio.method_configs")
+    return {point.name: point for point in points if point.value.startswith(_PACKAGE)}
+
+
+def vqad_method_names() -> List[str]:
+    """Names of the methods this package registers with nerfstudio (``vqad``, ``vqad-float``)."""
+    return sorted(_entry_points())
+
+
+def trainer_config(method: str) -> "TrainerConfig":
+    """A fresh copy of the registered trainer configuration of one of :func:`vqad_method_names`."""
+    from nerfstudio.plugins.types import MethodSpecification
+
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    points = _entry_points()
+    if method not in points:
+        known = ", ".join(sorted(points))
+        raise UnsupportedMethodError(f"unknown method {method!r}; compressed files hold the methods: {known}")
+    spec = points[method].load()
+    if not isinstance(spec, MethodSpecification):
+        raise UnsupportedMethodError(f"method {method!r} is unavailable: {spec!r}")
+    if not isinstance(spec.config.pipeline.model, VQADModelConfig):
+        raise UnsupportedMethodError(f"method {method!r} does not train a VQAD model")
+    return copy.deepcopy(spec.config)

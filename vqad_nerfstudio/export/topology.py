@@ -1,0 +1,56 @@
+"""Octree topology of a sparse grid as bytes: which cells of each level are occupied.
+
+Level 0: one bit per cell of the ``resolution**3`` grid, in linear-id order, bit-packed.
+Level l > 0: one byte per occupied parent cell (level l - 1, in ascending id order) whose bit
+``c`` tells whether the child at corner offset ``c`` (x = bit 2, y = bit 1, z = bit 0) is occupied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vqad_nerfstudio.codec import FormatError, pack_bits, unpack_bits
+from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, coords_of, linear_ids
+
+__all__ = ["encode_base_cells", "decode_base_cells", "encode_child_masks", "decode_child_masks"]
+
+_CORNER_WEIGHTS = torch.tensor([4, 2, 1])
+
+
+def encode_base_cells(cells: Tensor, resolution: int) -> bytes:
+    """Occupancy bits of all ``resolution**3`` cells (``cells``: sorted occupied linear ids)."""
+    occupancy = np.zeros(resolution**3, dtype=np.uint8)
+    occupancy[cells.cpu().numpy()] = 1
+    return pack_bits(occupancy, 1)
+
+
+def decode_base_cells(payload: bytes, resolution: int) -> Tensor:
+    """Sorted occupied cell ids from :func:`encode_base_cells` bytes."""
+    occupancy = unpack_bits(payload, 1, resolution**3)
+    return torch.from_numpy(np.flatnonzero(occupancy)).long()
+
+
+def encode_child_masks(cells: Tensor, resolution: int, parent_cells: Tensor) -> bytes:
+    """One child mask per parent cell; every cell (at ``resolution``) must have an occupied parent."""
+    cells, parent_cells = cells.cpu(), parent_cells.cpu()
+    coords = coords_of(cells, resolution)
+    parents = linear_ids(coords // 2, resolution // 2)
+    slot = torch.searchsorted(parent_cells, parents)
+    if cells.numel() and (int(slot.max()) >= parent_cells.numel() or not torch.equal(parent_cells[slot], parents)):
+        raise ValueError(f"the cells at resolution {resolution} are not all children of the coarser level's cells")
+    masks = torch.zeros(parent_cells.numel(), dtype=torch.long)
+    masks.index_add_(0, slot, 1 << ((coords % 2) * _CORNER_WEIGHTS).sum(dim=-1))
+    return masks.to(torch.uint8).numpy().tobytes()
+
+
+def decode_child_masks(payload: bytes, resolution: int, parent_cells: Tensor) -> Tensor:
+    """Sorted cell ids at ``resolution`` from the child masks of ``parent_cells`` (at ``resolution // 2``)."""
+    if len(payload) != parent_cells.numel():
+        raise FormatError(f"child masks: {parent_cells.numel()} parent cells need as many bytes, got {len(payload)}")
+    masks = np.frombuffer(payload, dtype=np.uint8)
+    bits = torch.from_numpy(np.unpackbits(masks[:, None], axis=1, bitorder="little"))
+    parent_slot, corner = torch.nonzero(bits, as_tuple=True)
+    coords = coords_of(parent_cells.cpu()[parent_slot], resolution // 2) * 2 + CORNER_OFFSETS[corner]
+    return torch.sort(linear_ids(coords, resolution)).values

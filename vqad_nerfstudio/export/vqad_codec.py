@@ -1,0 +1,394 @@
+"""VQAD models as VQNF files: a model's chunks from coarse to fine, and a model rebuilt from them.
+
+The header names the method, the model settings needed to rebuild it, the scene box and the
+number of levels stored. The decoder MLPs come first (``MLPS``), then each level of detail in
+order: its topology (``TOPO``), and either its codebook (``CBOK``) and codebook indices
+(``IDXE`` range-coded, or ``IDXR`` bit-packed) or its float features (``FEAT``). Per-vertex data
+are in Morton order of the vertex coordinates. Any prefix of a file that ends on a chunk boundary
+decodes to the complete levels it holds. The byte layout is specified in ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple, get_args, get_origin, get_type_hints
+
+import numpy as np
+import torch
+from rich.progress import track
+from torch import Tensor, nn
+
+from vqad_nerfstudio.codec import (
+    Chunk,
+    Container,
+    FormatError,
+    TruncatedError,
+    decode_array,
+    decode_categorical,
+    decode_named_arrays,
+    encode_array,
+    encode_categorical,
+    encode_named_arrays,
+    pack_bits,
+    read_container,
+    unpack_bits,
+)
+from vqad_nerfstudio.codec.container import Source
+from vqad_nerfstudio.encodings.sparse_grid import GridLevel, coords_of
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
+from vqad_nerfstudio.export.methods import trainer_config
+from vqad_nerfstudio.export.morton import morton_order
+from vqad_nerfstudio.export.topology import (
+    decode_base_cells,
+    decode_child_masks,
+    encode_base_cells,
+    encode_child_masks,
+)
+
+if TYPE_CHECKING:
+    from vqad_nerfstudio.models.vqad import VQADModel, VQADModelConfig
+
+__all__ = [
+    "IndexCoding",
+    "LevelStats",
+    "EncodedModel",
+    "DecodeInfo",
+    "IncompleteFileWarning",
+    "MODEL_KEYS",
+    "encode_model",
+    "load_compressed",
+]
+
+IndexCoding = Literal["entropy", "raw"]
+
+TAG_MLPS = "MLPS"
+TAG_TOPO = "TOPO"
+TAG_CBOK = "CBOK"
+TAG_IDXE = "IDXE"
+TAG_IDXR = "IDXR"
+TAG_FEAT = "FEAT"
+_INDEX_TAGS = {"entropy": TAG_IDXE, "raw": TAG_IDXR}
+_LEVEL_TAGS = (TAG_TOPO, TAG_CBOK, TAG_IDXE, TAG_IDXR, TAG_FEAT)
+
+MODEL_KEYS = (
+    "bits",
+    "num_levels",
+    "base_resolution",
+    "feature_dim",
+    "feature_store",
+    "hidden_dim",
+    "num_samples",
+    "unbounded",
+    "background_color",
+)
+"""The VQADModelConfig fields a file stores: everything that shapes the model or its renders."""
+
+
+class IncompleteFileWarning(UserWarning):
+    """A truncated file was decoded: only the levels of detail it holds completely are used."""
+
+
+@dataclass(frozen=True)
+class LevelStats:
+    """What one level of detail holds, and what its rows would take in each representation."""
+
+    lod: int
+    resolution: int
+    cells: int
+    vertices: int
+    raw_index_bytes: Optional[int]
+    """Indices bit-packed at b bits each (None for a float store)."""
+    entropy_index_bytes: Optional[int]
+    """Indices range-coded in Morton order (None for a float store)."""
+    float_feature_bytes: int
+    """The same vertices with an fp16 float feature vector each (the uncompressed reference)."""
+
+
+@dataclass(frozen=True)
+class EncodedModel:
+    """A file's header and chunks, with per-level statistics for size reports."""
+
+    header: Dict[str, Any]
+    chunks: List[Chunk]
+    levels: List[LevelStats]
+
+
+@dataclass(frozen=True)
+class DecodeInfo:
+    """What a decoded file held."""
+
+    method: str
+    levels_stored: int
+    """Levels of detail the producer wrote."""
+    levels_decoded: int
+    """Levels of detail in the decoded model (fewer when the file is truncated or ``max_lod`` is set)."""
+    complete: bool
+    """Whether the file ended with its end marker."""
+    bytes_read: int
+    """Bytes up to the end of the last complete chunk."""
+
+
+# ------------------------------------------------------------------------------------------- shared
+def _decoders(model: "VQADModel") -> nn.ModuleDict:
+    """The decoder MLPs, named as in the MLPS chunk."""
+    return nn.ModuleDict({"density_mlp": model.field.density_mlp, "color_mlp": model.field.color_mlp})
+
+
+def _vertex_order(level: GridLevel) -> np.ndarray:
+    """Permutation of the level's rows (vertex-id order) into Morton order of the vertex coordinates."""
+    return morton_order(coords_of(level.vertex_ids, level.resolution + 1).cpu().numpy())
+
+
+def _fp16(tensor: Tensor, what: str) -> np.ndarray:
+    values = tensor.detach().cpu().numpy().astype(np.float16)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what} has values that are not finite in fp16 (|x| > 65504, inf or nan)")
+    return values
+
+
+# ----------------------------------------------------------------------------------------- encoding
+def encode_model(
+    model: "VQADModel", method: Optional[str] = None, index_coding: IndexCoding = "entropy", progress: bool = False
+) -> EncodedModel:
+    """Header, chunks and per-level statistics of a trained model.
+
+    ``method`` is the nerfstudio method name stored in the header (default: ``vqad`` for a codebook
+    store, ``vqad-float`` for a float store). ``index_coding`` picks IDXE or IDXR chunks; both
+    sizes are always measured.
+    """
+    if index_coding not in _INDEX_TAGS:
+        raise ValueError(f"index_coding must be 'entropy' or 'raw', got {index_coding!r}")
+    config = model.config
+    method = method or ("vqad" if config.feature_store == "codebook" else "vqad-float")
+    trainer_config(method)  # fails early on a method no reader could rebuild
+    grid = model.grid
+    levels = grid.grown_levels()
+    if levels == 0:
+        raise ValueError("the model's grid has no occupied cells; there is nothing to export")
+    aabb = model.scene_box.aabb.detach().cpu().to(torch.float32)
+    header = {
+        "method": method,
+        "model": {key: getattr(config, key) for key in MODEL_KEYS},
+        "aabb": aabb.tolist(),
+        "levels": levels,
+    }
+    decoders = {name: _fp16(p, f"decoder weight {name}") for name, p in _decoders(model).state_dict().items()}
+    chunks = [Chunk(TAG_MLPS, None, encode_named_arrays(decoders))]
+    stats = []
+    for lod in track(range(levels), description="Encoding levels of detail", disable=not progress):
+        level_chunks, level_stats = _encode_level(grid.levels, lod, index_coding)
+        chunks += level_chunks
+        stats.append(level_stats)
+    return EncodedModel(header, chunks, stats)
+
+
+def _encode_level(levels: nn.ModuleList, lod: int, index_coding: IndexCoding) -> Tuple[List[Chunk], LevelStats]:
+    level: GridLevel = levels[lod]
+    if lod == 0:
+        topology = encode_base_cells(level.cells, level.resolution)
+    else:
+        topology = encode_child_masks(level.cells, level.resolution, levels[lod - 1].cells)
+    chunks = [Chunk(TAG_TOPO, lod, topology)]
+    order = _vertex_order(level)
+    store = level.features
+    raw_bytes = entropy_bytes = None
+    if isinstance(store, CodebookFeatures):
+        indices = store.hard_indices().cpu().numpy()[order]
+        coded = {
+            "raw": pack_bits(indices, store.bits),
+            "entropy": encode_categorical(indices, 2**store.bits, context="auto"),
+        }
+        raw_bytes, entropy_bytes = len(coded["raw"]), len(coded["entropy"])
+        chunks.append(Chunk(TAG_CBOK, lod, encode_array(_fp16(store.codebook, f"level {lod} codebook"))))
+        chunks.append(Chunk(_INDEX_TAGS[index_coding], lod, coded[index_coding]))
+    elif isinstance(store, FloatFeatures):
+        chunks.append(Chunk(TAG_FEAT, lod, encode_array(_fp16(store.features, f"level {lod} features")[order])))
+    else:
+        raise TypeError(f"level {lod}: cannot encode a {type(store).__name__}")
+    stats = LevelStats(
+        lod=lod,
+        resolution=level.resolution,
+        cells=int(level.cells.numel()),
+        vertices=level.num_vertices,
+        raw_index_bytes=raw_bytes,
+        entropy_index_bytes=entropy_bytes,
+        float_feature_bytes=level.num_vertices * store.feature_dim * 2,
+    )
+    return chunks, stats
+
+
+# ----------------------------------------------------------------------------------------- decoding
+def load_compressed(
+    source: Source, allow_truncated: bool = True, max_lod: Optional[int] = None
+) -> Tuple["VQADModel", DecodeInfo]:
+    """Rebuild a model (on the CPU, in eval mode) from a VQNF file's path or bytes.
+
+    A truncated file decodes to the levels of detail it holds completely (with an
+    :class:`IncompleteFileWarning`) unless ``allow_truncated`` is False; ``max_lod`` keeps at most
+    levels ``0..max_lod``. Levels not decoded are left without cells. Raises the codec's errors
+    (all :class:`~vqad_nerfstudio.codec.CodecError`) for damaged or foreign files, and
+    :class:`~vqad_nerfstudio.export.methods.UnsupportedMethodError` for a method it does not know.
+    """
+    if max_lod is not None and max_lod < 0:
+        raise ValueError(f"max_lod must be >= 0, got {max_lod}")
+    container = read_container(source, allow_truncated=allow_truncated)
+    method, config, aabb, levels = _parse_header(container.header)
+    decoders, parts = _group_chunks(container, levels)
+    complete_levels = _count_complete_levels(container, parts, config.feature_store)
+    if decoders is None or complete_levels == 0:
+        missing = "the decoder weights (MLPS)" if decoders is None else "level of detail 0"
+        raise TruncatedError(f"file truncated after {container.bytes_read} bytes, before {missing} is complete")
+    decoded = complete_levels if max_lod is None else min(complete_levels, max_lod + 1)
+
+    from nerfstudio.data.scene_box import SceneBox
+
+    model: "VQADModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
+    _load_decoders(model, decoders)
+    for lod, level in enumerate(model.grid.levels):
+        if lod < decoded:
+            _decode_level(model, lod, parts[lod])
+        else:
+            level.set_cells(torch.empty(0, dtype=torch.long), in_place=True)
+    model.lod_slider.max = decoded - 1
+    model.lod_slider.value = decoded - 1
+    model.eval()
+    if not container.complete:
+        warnings.warn(
+            f"compressed file truncated after {container.bytes_read} bytes: decoded levels of detail "
+            f"0..{decoded - 1} of the {levels} it stores",
+            IncompleteFileWarning,
+            stacklevel=2,
+        )
+    return model, DecodeInfo(method, levels, decoded, container.complete, container.bytes_read)
+
+
+def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tensor, int]:
+    """Method, model config (for decoding: no dense initial levels), scene box and stored level count."""
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    missing = [key for key in ("method", "model", "aabb", "levels") if key not in header]
+    if missing:
+        raise FormatError(f"header lacks {', '.join(missing)}")
+    method = header["method"]
+    if not isinstance(method, str):
+        raise FormatError(f"header: method must be a string, got {method!r}")
+    base = trainer_config(method).pipeline.model
+    stored = header["model"]
+    if not isinstance(stored, dict):
+        raise FormatError(f"header: model must be an object, got {stored!r}")
+    hints = get_type_hints(VQADModelConfig)
+    settings = {}
+    for key in MODEL_KEYS:
+        if key not in stored:
+            raise FormatError(f"header: model lacks {key!r}")
+        value, hint = stored[key], hints[key]
+        valid = value in get_args(hint) if get_origin(hint) is Literal else type(value) is hint
+        if not valid:
+            raise FormatError(f"header: model.{key} = {value!r} is not a valid {hint}")
+        settings[key] = value
+    try:
+        # Decoded levels get their cells from the file; dense initial levels would only cost time.
+        config = dataclasses.replace(base, **settings, dense_resolution=0)
+    except ValueError as error:
+        raise FormatError(f"header: invalid model settings: {error}") from None
+    aabb = _parse_aabb(header["aabb"])
+    levels = header["levels"]
+    if type(levels) is not int or not 1 <= levels <= config.num_levels:
+        raise FormatError(f"header: levels must be an integer in 1..{config.num_levels}, got {levels!r}")
+    return method, config, aabb, levels
+
+
+def _parse_aabb(aabb: Any) -> Tensor:
+    rows = aabb if isinstance(aabb, list) and len(aabb) == 2 else []
+    numbers = [x for row in rows if isinstance(row, list) and len(row) == 3 for x in row]
+    valid = len(numbers) == 6 and all(type(x) in (int, float) and math.isfinite(x) for x in numbers)
+    if not valid or not all(lo < hi for lo, hi in zip(numbers[:3], numbers[3:])):
+        raise FormatError(f"header: aabb must be [[x0, y0, z0], [x1, y1, z1]] with x0 < x1 etc., got {aabb!r}")
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _group_chunks(container: Container, levels: int) -> Tuple[Optional[bytes], List[Dict[str, bytes]]]:
+    """The MLPS payload and, per level, its payloads by tag. Unknown tags are skipped."""
+    decoders = None
+    parts: List[Dict[str, bytes]] = [{} for _ in range(levels)]
+    for index, chunk in enumerate(container.chunks):
+        if chunk.lod is None:
+            if chunk.tag == TAG_MLPS:
+                if decoders is not None:
+                    raise FormatError(f"chunk {index}: a second {TAG_MLPS} chunk")
+                decoders = chunk.payload
+        elif chunk.tag in _LEVEL_TAGS:
+            if chunk.lod >= levels:
+                raise FormatError(f"chunk {index} {chunk.tag!r}: lod {chunk.lod}, but the header stores {levels}")
+            if chunk.tag in parts[chunk.lod]:
+                raise FormatError(f"chunk {index}: a second {chunk.tag!r} chunk for lod {chunk.lod}")
+            parts[chunk.lod][chunk.tag] = chunk.payload
+    return decoders, parts
+
+
+def _count_complete_levels(container: Container, parts: List[Dict[str, bytes]], feature_store: str) -> int:
+    """Leading levels that have all their chunks; in a complete file, every level must."""
+    needed = (TAG_TOPO, TAG_CBOK) if feature_store == "codebook" else (TAG_TOPO, TAG_FEAT)
+    for lod, level_parts in enumerate(parts):
+        missing = [tag for tag in needed if tag not in level_parts]
+        index_tags = [tag for tag in (TAG_IDXE, TAG_IDXR) if tag in level_parts]
+        if feature_store == "codebook":
+            if len(index_tags) > 1:
+                raise FormatError(f"lod {lod} has both {TAG_IDXE} and {TAG_IDXR} chunks")
+            if not index_tags:
+                missing.append(f"{TAG_IDXE} or {TAG_IDXR}")
+        elif index_tags:
+            raise FormatError(f"lod {lod}: a float-feature model has no {index_tags[0]} chunks")
+        if missing:
+            if container.complete:
+                raise FormatError(f"lod {lod} lacks its {', '.join(missing)} chunk(s)")
+            return lod
+    return len(parts)
+
+
+def _float_array(payload: bytes, what: str, shape: Tuple[int, ...]) -> Tensor:
+    array = decode_array(payload)
+    if array.dtype != np.float16 or array.shape != shape:
+        raise FormatError(f"{what}: expected float16 {shape}, got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def _load_decoders(model: "VQADModel", payload: bytes) -> None:
+    arrays = decode_named_arrays(payload)
+    if any(array.dtype != np.float16 for array in arrays.values()):
+        raise FormatError(f"{TAG_MLPS}: decoder weights must be float16")
+    try:
+        _decoders(model).load_state_dict({name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()})
+    except RuntimeError as error:
+        raise FormatError(f"{TAG_MLPS}: the weights do not fit the model's decoders: {error}") from None
+
+
+def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes]) -> None:
+    grid = model.grid
+    level: GridLevel = grid.levels[lod]
+    if lod == 0:
+        cells = decode_base_cells(parts[TAG_TOPO], level.resolution)
+    else:
+        cells = decode_child_masks(parts[TAG_TOPO], level.resolution, grid.levels[lod - 1].cells)
+    level.set_cells(cells, in_place=True)
+    order = torch.from_numpy(_vertex_order(level))
+    store = level.features
+    if isinstance(store, CodebookFeatures):
+        store.codebook.data = _float_array(parts[TAG_CBOK], f"lod {lod} {TAG_CBOK}", tuple(store.codebook.shape))
+        if TAG_IDXE in parts:
+            coded = decode_categorical(parts[TAG_IDXE])
+            if coded.shape != (level.num_vertices,) or (coded.size and int(coded.max()) >= 2**store.bits):
+                raise FormatError(f"lod {lod} {TAG_IDXE}: expected {level.num_vertices} indices below {2**store.bits}")
+        else:
+            coded = unpack_bits(parts[TAG_IDXR], store.bits, level.num_vertices)
+        indices = torch.empty(level.num_vertices, dtype=torch.long)
+        indices[order] = torch.from_numpy(coded.astype(np.int64))
+        store.set_hard_indices(indices)
+    else:
+        shape = (level.num_vertices, store.feature_dim)
+        features = torch.empty(shape)
+        features[order] = _float_array(parts[TAG_FEAT], f"lod {lod} {TAG_FEAT}", shape)
+        store.features.data = features

@@ -1,0 +1,39 @@
+"""nerfstudio's VanillaPipeline, with input checks that fail in one line instead of a traceback."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Type
+
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+
+
+def missing_data_message(config: VanillaPipelineConfig) -> Optional[str]:
+    """Why the configured data cannot be read, or ``None`` when it can be."""
+    datamanager = config.datamanager
+    data: Optional[Path] = getattr(datamanager, "data", None) or getattr(datamanager.dataparser, "data", None)
+    if data is None:
+        return "no data given: pass --data PATH (a nerfstudio-format scene, or a parser subcommand's data)"
+    if not Path(data).exists():
+        return f"data path '{data}' does not exist"
+    return None
+
+
+class CheckedPipeline(VanillaPipeline):
+    """A VanillaPipeline that refuses to start on data that is not there."""
+
+    def __init__(self, config: VanillaPipelineConfig, *args, **kwargs) -> None:
+        problem = missing_data_message(config)
+        if problem is not None:
+            print(f"vqad-nerfstudio: error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+        super().__init__(config, *args, **kwargs)
+
+
+@dataclass
+class CheckedPipelineConfig(VanillaPipelineConfig):
+    """VanillaPipeline config whose pipeline checks its inputs first."""
+
+    _target: Type = field(default_factory=lambda: CheckedPipeline)
