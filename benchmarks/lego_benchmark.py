@@ -62,7 +62,7 @@ def _apply_override(config, path: str, value: str) -> None:
     target = config
     *parents, leaf = path.split(".")
     for name in parents:
-        target = getattr(target, name)
+        target = target[name] if isinstance(target, dict) else getattr(target, name)
     current = getattr(target, leaf)
     if isinstance(current, bool):
         parsed = value.lower() in ("1", "true", "yes")

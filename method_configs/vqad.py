@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfig":
     """Trainer for sparse-grid methods: nerfstudio-format data, Adam, exponential decay.
 
-    Runs on CUDA when present (8192 rays per step), else on the CPU (1024 rays per step).
+    Runs on CUDA when present (8192 rays per step), else on the CPU (1024 rays and at most 192 samples per ray).
     """
     import torch
     from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
@@ -34,7 +34,9 @@ def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfi
         }
 
     cuda = torch.cuda.is_available()
-    rays = 8192 if cuda else 1024  # a CPU trains the demo scene in minutes with fewer rays per step
+    rays = 8192 if cuda else 1024  # a CPU trains the demo scene in minutes with fewer rays and samples
+    if not cuda:
+        model.num_samples = min(model.num_samples, 192)
     return TrainerConfig(
         method_name=method_name,
         steps_per_eval_batch=500,

@@ -27,9 +27,16 @@ class CheckedPipeline(VanillaPipeline):
     def __init__(self, config: VanillaPipelineConfig, *args, **kwargs) -> None:
         problem = missing_data_message(config)
         if problem is not None:
-            print(f"vqad-nerfstudio: error: {problem}", file=sys.stderr)
-            raise SystemExit(2)
-        super().__init__(config, *args, **kwargs)
+            _fail(problem)
+        try:
+            super().__init__(config, *args, **kwargs)
+        except FileNotFoundError as error:  # e.g. a scene folder without its transforms.json
+            _fail(f"cannot read the data: {error.strerror}: '{error.filename}'")
+
+
+def _fail(problem: str) -> None:
+    print(f"vqad-nerfstudio: error: {problem}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 @dataclass

@@ -59,6 +59,15 @@ class RowRemap:
     swaps: List[ParameterSwap]
 
 
+def neighbourhood(cells: Int[Tensor, "n"], resolution: int) -> Int[Tensor, "n27"]:
+    """Sorted unique ids of the cells and their 26 neighbours (inside the grid)."""
+    offsets = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
+    around = coords_of(cells, resolution)[:, None, :] + offsets.to(cells.device)[None]
+    around = around.reshape(-1, 3)
+    around = around[((around >= 0) & (around < resolution)).all(dim=-1)]
+    return torch.unique(linear_ids(around, resolution))
+
+
 class GridLevel(nn.Module):
     """One level of detail: occupied cells, their vertices and the vertices' feature rows."""
 
@@ -221,7 +230,7 @@ class SparseFeatureGrid(nn.Module):
         return self.levels[lod].locate(unit_positions)[2]
 
     def prune(self, keep: CellFilter) -> List[RowRemap]:
-        """Keep the cells ``keep`` accepts, level by level from coarse to fine.
+        """Keep the cells ``keep`` accepts and their neighbours, level by level from coarse to fine.
 
         Levels that hold no cells yet are grown: their candidates are the children of the parent
         level's kept cells. Returns the row remaps of the levels that changed, for the optimisers.
@@ -235,7 +244,8 @@ class SparseFeatureGrid(nn.Module):
                 candidates = child_cells(parent, level.resolution // 2)
             else:
                 break
-            new_cells = candidates[keep(candidates, level.resolution)]
+            kept = candidates[keep(candidates, level.resolution)]
+            new_cells = candidates[torch.isin(candidates, neighbourhood(kept, level.resolution))]
             if parent is not None:  # keep the octree nested
                 parents_of_new = linear_ids(coords_of(new_cells, level.resolution) // 2, level.resolution // 2)
                 new_cells = new_cells[torch.isin(parents_of_new, parent)]

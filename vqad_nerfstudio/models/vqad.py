@@ -63,7 +63,7 @@ class VQADModelConfig(ModelConfig):
     """Uniform samples per ray before empty-space skipping."""
     unbounded: bool = False
     """Contract space (as nerfacto does) for unbounded real captures; off for object scenes inside the scene box."""
-    occupancy_resolution: int = 128
+    occupancy_resolution: int = 64
     """Voxels per side of the occupancy estimate (capped at the finest level's resolution)."""
     occupancy_update_every: int = 16
     """Steps between occupancy updates."""
