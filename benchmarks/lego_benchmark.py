@@ -233,8 +233,9 @@ def _table(results: List[Dict[str, float]]) -> str:
     if "vqad" in by_name and "tensorf" in by_name:
         v, t = by_name["vqad"], by_name["tensorf"]
         lines.append(
-            f"vqad vs tensorf: PSNR {v['psnr'] - t['psnr']:+.2f} dB, stored {t['stored_bytes'] / v['stored_bytes']:.0f}x "
-            f"smaller, checkpoint {t['checkpoint_bytes'] / v['checkpoint_bytes']:.1f}x smaller"
+            f"vqad vs tensorf: PSNR {v['psnr'] - t['psnr']:+.2f} dB, "
+            f"stored {t['stored_bytes'] / v['stored_bytes']:.0f}x smaller, "
+            f"checkpoint {t['checkpoint_bytes'] / v['checkpoint_bytes']:.1f}x smaller"
         )
     return "\n".join(lines)
 
