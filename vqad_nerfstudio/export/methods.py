@@ -28,17 +28,22 @@ def vqad_method_names() -> List[str]:
     return sorted(_entry_points())
 
 
+def check_method(method: str) -> None:
+    """Raise :class:`UnsupportedMethodError` unless ``method`` is one of :func:`vqad_method_names`."""
+    points = _entry_points()
+    if method not in points:
+        names = ", ".join(sorted(points))
+        raise UnsupportedMethodError(f"unknown method {method!r}; compressed files hold the methods: {names}")
+
+
 def trainer_config(method: str) -> "TrainerConfig":
     """A fresh copy of the registered trainer configuration of one of :func:`vqad_method_names`."""
     from nerfstudio.plugins.types import MethodSpecification
 
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
-    points = _entry_points()
-    if method not in points:
-        known = ", ".join(sorted(points))
-        raise UnsupportedMethodError(f"unknown method {method!r}; compressed files hold the methods: {known}")
-    spec = points[method].load()
+    check_method(method)
+    spec = _entry_points()[method].load()
     if not isinstance(spec, MethodSpecification):
         raise UnsupportedMethodError(f"method {method!r} is unavailable: {spec!r}")
     if not isinstance(spec.config.pipeline.model, VQADModelConfig):

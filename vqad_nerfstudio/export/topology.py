@@ -1,8 +1,10 @@
 """Octree topology of a sparse grid as bytes: which cells of each level are occupied.
 
-Level 0: one bit per cell of the ``resolution**3`` grid, in linear-id order, bit-packed.
-Level l > 0: one byte per occupied parent cell (level l - 1, in ascending id order) whose bit
-``c`` tells whether the child at corner offset ``c`` (x = bit 2, y = bit 1, z = bit 0) is occupied.
+Level 0: one occupancy bit (0 or 1) per cell of the ``resolution**3`` grid, in linear-id order.
+Level l > 0: one child mask (0..255) per occupied parent cell (level l - 1, ascending ids) whose
+bit ``c`` tells whether the child at corner offset ``c`` (x = bit 2, y = bit 1, z = bit 0) is
+occupied. Both symbol sequences are stored as categorical payloads (``encode_categorical`` with
+``context="auto"``), which fall back to plain bit packing when coding does not pay.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqad_nerfstudio.codec import FormatError, pack_bits, unpack_bits
+from vqad_nerfstudio.codec import encode_categorical
 from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, coords_of, linear_ids
+from vqad_nerfstudio.export.symbols import decode_symbols
 
 __all__ = ["encode_base_cells", "decode_base_cells", "encode_child_masks", "decode_child_masks"]
 
@@ -23,12 +26,12 @@ def encode_base_cells(cells: Tensor, resolution: int) -> bytes:
     """Occupancy bits of all ``resolution**3`` cells (``cells``: sorted occupied linear ids)."""
     occupancy = np.zeros(resolution**3, dtype=np.uint8)
     occupancy[cells.cpu().numpy()] = 1
-    return pack_bits(occupancy, 1)
+    return encode_categorical(occupancy, 2, context="auto")
 
 
 def decode_base_cells(payload: bytes, resolution: int) -> Tensor:
     """Sorted occupied cell ids from :func:`encode_base_cells` bytes."""
-    occupancy = unpack_bits(payload, 1, resolution**3)
+    occupancy = decode_symbols(payload, resolution**3, 2, "base occupancy")
     return torch.from_numpy(np.flatnonzero(occupancy)).long()
 
 
@@ -42,14 +45,12 @@ def encode_child_masks(cells: Tensor, resolution: int, parent_cells: Tensor) -> 
         raise ValueError(f"the cells at resolution {resolution} are not all children of the coarser level's cells")
     masks = torch.zeros(parent_cells.numel(), dtype=torch.long)
     masks.index_add_(0, slot, 1 << ((coords % 2) * _CORNER_WEIGHTS).sum(dim=-1))
-    return masks.to(torch.uint8).numpy().tobytes()
+    return encode_categorical(masks.numpy(), 256, context="auto")
 
 
 def decode_child_masks(payload: bytes, resolution: int, parent_cells: Tensor) -> Tensor:
     """Sorted cell ids at ``resolution`` from the child masks of ``parent_cells`` (at ``resolution // 2``)."""
-    if len(payload) != parent_cells.numel():
-        raise FormatError(f"child masks: {parent_cells.numel()} parent cells need as many bytes, got {len(payload)}")
-    masks = np.frombuffer(payload, dtype=np.uint8)
+    masks = decode_symbols(payload, parent_cells.numel(), 256, "child masks").astype(np.uint8)
     bits = torch.from_numpy(np.unpackbits(masks[:, None], axis=1, bitorder="little"))
     parent_slot, corner = torch.nonzero(bits, as_tuple=True)
     coords = coords_of(parent_cells.cpu()[parent_slot], resolution // 2) * 2 + CORNER_OFFSETS[corner]

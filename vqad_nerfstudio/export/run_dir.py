@@ -1,0 +1,88 @@
+"""A decoded model as a nerfstudio run: ``config.yml`` and a checkpoint, for nerfstudio's own tools.
+
+nerfstudio finds a run's checkpoints at ``{output_dir}/{experiment_name}/{method}/{timestamp}/``
+(its viewer also writes its log there), so a decoded run follows the same layout, with the
+timestamp slot naming the finest level of detail it holds (``lod4``). ``ns-eval``, ``ns-render``
+and ``ns-viewer`` then open it with ``--load-config <run>/config.yml``, unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import yaml
+
+from vqad_nerfstudio.export.methods import trainer_config
+
+if TYPE_CHECKING:
+    from nerfstudio.engine.trainer import TrainerConfig
+
+    from vqad_nerfstudio.models.vqad import VQADModel
+
+__all__ = ["decoded_run_config", "write_run_dir"]
+
+CHECKPOINT_NAME = "step-000000000.ckpt"
+
+
+def decoded_run_config(
+    model: "VQADModel",
+    method: str,
+    output_dir: Path,
+    experiment_name: str,
+    data: Optional[Path] = None,
+    load_config: Optional[Path] = None,
+) -> "TrainerConfig":
+    """The trainer config of a decoded run: its model's config, and the data of ``data`` or of ``load_config``.
+
+    ``data`` is a scene in nerfstudio's data format; ``load_config`` (the original run's
+    config.yml) keeps that run's data and dataparser settings instead. Paths are made absolute,
+    so the run opens from any working directory.
+    """
+    from nerfstudio.engine.trainer import TrainerConfig
+
+    if (data is None) == (load_config is None):
+        raise ValueError("give exactly one of data (a nerfstudio-format scene) or load_config (the original run)")
+    if load_config is not None:
+        config = yaml.load(Path(load_config).read_text(), Loader=yaml.Loader)
+        if not isinstance(config, TrainerConfig):
+            raise ValueError(f"{load_config} is not a nerfstudio run config")
+    else:
+        config = trainer_config(method)
+        config.pipeline.datamanager.data = data
+    if config.pipeline.datamanager.data is not None:
+        config.pipeline.datamanager.data = Path(config.pipeline.datamanager.data).absolute()
+    config.method_name = method
+    # The run's (or method's) render chunk size: a speed setting that files do not store.
+    config.pipeline.model = dataclasses.replace(
+        model.config, eval_num_rays_per_chunk=config.pipeline.model.eval_num_rays_per_chunk
+    )
+    config.output_dir = Path(output_dir).absolute()
+    config.experiment_name = experiment_name
+    config.timestamp = f"lod{model.grid.grown_levels() - 1}"
+    config.load_dir = config.load_checkpoint = config.load_step = None
+    return config
+
+
+def write_run_dir(config: "TrainerConfig", model: "VQADModel", overwrite: bool = False) -> Path:
+    """Write ``config.yml`` and the model's checkpoint into ``config``'s run directory; return the config path.
+
+    Raises ``FileExistsError`` if the run directory exists (unless ``overwrite``), or if it holds
+    other checkpoints (nerfstudio would load the latest of them instead).
+    """
+    run_dir = config.get_base_dir()
+    config_path = run_dir / "config.yml"
+    checkpoint_dir = config.get_checkpoint_dir()
+    checkpoint = checkpoint_dir / CHECKPOINT_NAME
+    if run_dir.exists() and not overwrite:
+        raise FileExistsError(f"{run_dir} already exists; pass --overwrite to replace it")
+    others = sorted(path.name for path in checkpoint_dir.glob("*.ckpt") if path != checkpoint)
+    if others:
+        raise FileExistsError(f"{checkpoint_dir} holds other checkpoints ({', '.join(others)}); choose another output")
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.dump(config), "utf8")
+    state = {f"_model.{name}": value for name, value in model.state_dict().items()}
+    torch.save({"step": 0, "pipeline": state}, checkpoint)
+    return config_path
