@@ -120,11 +120,6 @@ class VQADModel(Model):
         self.renderer_depth = DepthRenderer(method="expected")
         self.rgb_loss = MSELoss()
 
-        from torchmetrics.functional import structural_similarity_index_measure
-        from torchmetrics.image import PeakSignalNoiseRatio
-
-        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
-        self.ssim = structural_similarity_index_measure
         self.lpips = optional_lpips()
 
         self.camera_optimizer: CameraOptimizer = cfg.camera_optimizer.setup(
@@ -261,7 +256,7 @@ class VQADModel(Model):
         image = batch["image"].to(outputs["rgb"].device)
         image = self.renderer_rgb.blend_background(image)
         metrics = {
-            "psnr": self.psnr(outputs["rgb"], image),
+            "psnr": psnr(outputs["rgb"], image),
             "samples_per_ray": outputs["samples_evaluated"].mean(),
         }
         self.camera_optimizer.get_metrics_dict(metrics)
@@ -283,9 +278,11 @@ class VQADModel(Model):
         rgb = outputs["rgb"]
         gt_nchw = torch.moveaxis(image, -1, 0)[None]
         rgb_nchw = torch.moveaxis(rgb, -1, 0)[None].clamp(0, 1)
+        from torchmetrics.functional import structural_similarity_index_measure
+
         metrics = {
-            "psnr": float(self.psnr(gt_nchw, rgb_nchw).item()),
-            "ssim": float(self.ssim(gt_nchw, rgb_nchw).item()),  # type: ignore[union-attr]
+            "psnr": float(psnr(rgb_nchw, gt_nchw)),
+            "ssim": float(structural_similarity_index_measure(rgb_nchw, gt_nchw)),  # type: ignore[arg-type]
             "stored_kib": model_size_report(self).total_bytes / 1024,
         }
         if self.lpips is not None:
@@ -296,6 +293,11 @@ class VQADModel(Model):
             "depth": colormaps.apply_depth_colormap(outputs["depth"], accumulation=outputs["accumulation"]),
         }
         return metrics, images
+
+
+def psnr(prediction: Tensor, target: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio of images in [0, 1], in dB."""
+    return -10.0 * torch.log10(torch.mean((prediction - target) ** 2))
 
 
 def _remap_optimizer_state(optimizers, remap: RowRemap) -> None:
