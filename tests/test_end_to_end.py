@@ -32,8 +32,10 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
+def _run(tool: str, *args: str, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run one of the installed ns-* commands next to this interpreter, capturing its output."""
+    command = [str(Path(sys.executable).with_name(tool)), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +58,10 @@ def demo_scene(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained_run(demo_scene, tmp_path_factory, offline_env) -> Path:
     output = tmp_path_factory.mktemp("runs")
-    result = subprocess.run(
-        [_bin("ns-train"), "vqad", "--data", str(demo_scene), "--output-dir", str(output), *TRAIN_FLAGS],
-        capture_output=True,
-        text=True,
-        env=offline_env,
-        timeout=900,
-    )
+    result = _run(
+        "ns-train", "vqad", "--data", str(demo_scene), "--output-dir", str(output), *TRAIN_FLAGS,
+        env=offline_env, timeout=900,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stderr.count("LPIPS is skipped") == 1  # offline: one warning, no download attempt
     (config,) = output.glob("*/vqad/*/config.yml")
@@ -71,12 +70,8 @@ def trained_run(demo_scene, tmp_path_factory, offline_env) -> Path:
 
 def test_ns_eval_clears_psnr_threshold(trained_run, tmp_path, offline_env):
     metrics_path = tmp_path / "eval.json"
-    result = subprocess.run(
-        [_bin("ns-eval"), "--load-config", str(trained_run), "--output-path", str(metrics_path)],
-        capture_output=True,
-        text=True,
-        env=offline_env,
-        timeout=600,
+    result = _run(
+        "ns-eval", "--load-config", str(trained_run), "--output-path", str(metrics_path), env=offline_env, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(metrics_path.read_text())["results"]
@@ -108,13 +103,10 @@ def test_missing_data_fails_in_one_line(make_dir, message, tmp_path, offline_env
     data = tmp_path / "scene"
     if make_dir:  # a folder without transforms.json
         data.mkdir()
-    result = subprocess.run(
-        [_bin("ns-train"), "vqad", "--data", str(data), "--output-dir", str(tmp_path / "out"), *TRAIN_FLAGS],
-        capture_output=True,
-        text=True,
-        env=offline_env,
-        timeout=300,
-    )
+    result = _run(
+        "ns-train", "vqad", "--data", str(data), "--output-dir", str(tmp_path / "out"), *TRAIN_FLAGS,
+        env=offline_env, timeout=300,
+    )  # fmt: skip
     assert result.returncode != 0
     assert f"vqad-nerfstudio: error: {message}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -129,13 +121,10 @@ def test_missing_data_fails_in_one_line(make_dir, message, tmp_path, offline_env
     ],
 )
 def test_bad_model_flags_fail_clearly(flags, message, demo_scene, tmp_path, offline_env):
-    result = subprocess.run(
-        [_bin("ns-train"), "vqad", "--data", str(demo_scene), "--output-dir", str(tmp_path), *flags],
-        capture_output=True,
-        text=True,
-        env=offline_env,
-        timeout=300,
-    )
+    result = _run(
+        "ns-train", "vqad", "--data", str(demo_scene), "--output-dir", str(tmp_path), *flags,
+        env=offline_env, timeout=300,
+    )  # fmt: skip
     output = " ".join((result.stdout + result.stderr).split()).replace("│ ", "")
     assert result.returncode != 0
     assert message in output
