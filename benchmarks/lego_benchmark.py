@@ -2,7 +2,9 @@
 
 Every method trains in this one process for the same wall-clock budget (nerfstudio's Trainer,
 stopped by a callback when the budget is spent), then renders the eval split at full resolution.
-The last thing printed is one table. Run on one GPU:
+Models of this package are then written as compressed files (in memory), decoded again, and
+evaluated per level of detail; the time from file bytes to the first rendered frame is measured.
+The last thing printed is the tables. Run on one GPU:
 
     python benchmarks/lego_benchmark.py --data ../shared/data/blender-lego-400 --budget-s 120
 
@@ -38,6 +40,8 @@ class BenchmarkConfig:
     """Where runs, checkpoints and results.json go."""
     max_eval_views: int = 25
     """Eval views rendered per method (from the test split)."""
+    lod_eval_views: int = 5
+    """Eval views rendered per level of detail of each decoded compressed file (0: skip per-LOD evaluation)."""
     overrides: Dict[str, str] = field(default_factory=dict)
     """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.bits=6)."""
 
@@ -122,27 +126,35 @@ def _train(method: str, bench: BenchmarkConfig):
     return trainer, steps, seconds, peak, checkpoint
 
 
-@torch.no_grad()
-def _evaluate(pipeline, max_views: int) -> Tuple[float, float, float]:
-    """Mean PSNR, mean SSIM and rays per second over the first eval views."""
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _eval_image(dataset, index: int, device) -> torch.Tensor:
     from nerfstudio.utils import colors
+
+    image = dataset.get_image_float32(index).to(device)
+    if image.shape[-1] == 4:
+        image = image[..., :3] * image[..., 3:] + colors.WHITE.to(image.device) * (1 - image[..., 3:])
+    return image
+
+
+@torch.no_grad()
+def _evaluate(model, dataset, device, max_views: int) -> Tuple[float, float, float]:
+    """Mean PSNR, mean SSIM and rays per second of ``model`` over the first eval views of ``dataset``."""
     from torchmetrics.functional import structural_similarity_index_measure
 
-    pipeline.eval()
-    dataset = pipeline.datamanager.eval_dataset
-    cameras = dataset.cameras.to(pipeline.device)
+    model.eval()
+    cameras = dataset.cameras.to(device)
     psnrs, ssims, rays, seconds = [], [], 0, 0.0
     for index in range(min(max_views, len(dataset))):
         camera = cameras[index : index + 1]
-        image = dataset.get_image_float32(index).to(pipeline.device)
-        if image.shape[-1] == 4:
-            image = image[..., :3] * image[..., 3:] + colors.WHITE.to(image.device) * (1 - image[..., 3:])
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        image = _eval_image(dataset, index, device)
+        _sync()
         t = time.perf_counter()
-        rgb = pipeline.model.get_outputs_for_camera(camera)["rgb"].clamp(0, 1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        rgb = model.get_outputs_for_camera(camera)["rgb"].clamp(0, 1)
+        _sync()
         seconds += time.perf_counter() - t
         rays += rgb.shape[0] * rgb.shape[1]
         mse = torch.mean((rgb - image) ** 2)
@@ -168,6 +180,45 @@ def _stored_bytes(pipeline) -> Dict[str, float]:
     return {"stored_bytes": 4 * params, "feature_grid_bytes": float("nan"), "vertices": float("nan")}
 
 
+@torch.no_grad()
+def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, object]:
+    """File sizes (entropy-coded and raw-packed), decode time to the first frame, PSNR per level of detail."""
+    from vqad_nerfstudio.codec import write_container
+    from vqad_nerfstudio.export.size_report import size_report
+    from vqad_nerfstudio.export.vqad_codec import encode_model, load_compressed
+
+    base_method = method.split("@")[0]
+    encoded = encode_model(pipeline.model, base_method, index_coding="entropy")
+    data = write_container(encoded.header, encoded.chunks)
+    raw = encode_model(pipeline.model, base_method, index_coding="raw")
+    report = size_report(encoded, data)
+    dataset, device = pipeline.datamanager.eval_dataset, pipeline.device
+
+    _sync()
+    start = time.perf_counter()
+    decoded, _ = load_compressed(data)
+    decoded.to(device).get_outputs_for_camera(dataset.cameras.to(device)[0:1])
+    _sync()
+    decode_s = time.perf_counter() - start
+    decoded_psnr, _, _ = _evaluate(decoded, dataset, device, bench.max_eval_views)
+
+    per_lod = []
+    for level in report["levels"] if bench.lod_eval_views > 0 else []:
+        model, _ = load_compressed(data, max_lod=level["lod"])
+        psnr, _, _ = _evaluate(model.to(device), dataset, device, bench.lod_eval_views)
+        per_lod.append({"lod": level["lod"], "cumulative_bytes": level["cumulative_bytes"], "psnr": psnr})
+    return {
+        "file_bytes": len(data),
+        "file_bytes_raw": len(write_container(raw.header, raw.chunks)),
+        "index_bytes_entropy": report["index_bytes_entropy"],
+        "index_bytes_raw": report["index_bytes_raw"],
+        "decoder_bytes": report["decoder_bytes"],
+        "decode_to_first_frame_s": decode_s,
+        "decoded_psnr": decoded_psnr,
+        "per_lod": per_lod,
+    }
+
+
 def main(bench: BenchmarkConfig) -> None:
     _disable_lpips_download()
     import vqad_nerfstudio.models.vqad  # noqa: F401  (checkpoint-loading shim, model registration)
@@ -176,7 +227,10 @@ def main(bench: BenchmarkConfig) -> None:
     results: List[Dict[str, float]] = []
     for method in bench.methods:
         trainer, steps, seconds, peak, checkpoint = _train(method, bench)
-        psnr, ssim, rays_per_s = _evaluate(trainer.pipeline, bench.max_eval_views)
+        pipeline = trainer.pipeline
+        psnr, ssim, rays_per_s = _evaluate(
+            pipeline.model, pipeline.datamanager.eval_dataset, pipeline.device, bench.max_eval_views
+        )
         row = {
             "method": method,
             "psnr": psnr,
@@ -186,11 +240,13 @@ def main(bench: BenchmarkConfig) -> None:
             "eval_rays_per_s": rays_per_s,
             "peak_mem_mib": peak,
             "checkpoint_bytes": checkpoint.stat().st_size,
-            **_stored_bytes(trainer.pipeline),
+            **_stored_bytes(pipeline),
         }
+        if hasattr(pipeline.model, "grid"):
+            row["compressed"] = _compressed(pipeline, method, bench)
         results.append(row)
         print(json.dumps(row), flush=True)
-        del trainer
+        del trainer, pipeline
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     bench.output_dir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +258,7 @@ def main(bench: BenchmarkConfig) -> None:
         f"eval on {bench.max_eval_views} views of {bench.data}"
     )
     print(_table(results))
+    print(_compressed_tables(results))
 
 
 def _fmt_bytes(value: float) -> str:
@@ -242,3 +299,36 @@ def _table(results: List[Dict[str, float]]) -> str:
 
 if __name__ == "__main__":
     main(tyro.cli(BenchmarkConfig))
+
+
+def _compressed_tables(results: List[Dict]) -> str:
+    """Compressed files of this package's models: sizes, ratios, decode time, PSNR per level of detail."""
+    rows = [r for r in results if "compressed" in r]
+    if not rows:
+        return ""
+    by_name = {r["method"]: r for r in results}
+    float_grid = by_name.get("vqad-float", {}).get("feature_grid_bytes")
+    tensorf_ckpt = by_name.get("tensorf", {}).get("checkpoint_bytes")
+    lines = [
+        "\n| method | file (coded) | file (raw-packed) | indices coded / raw | decoders | x float grid | "
+        "x tensorf ckpt | decoded PSNR (trained) | file to first frame |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r["compressed"]
+        coded, raw = c["index_bytes_entropy"], c["index_bytes_raw"]
+        saving = f"{coded / raw:.3f} ({100 * (1 - coded / raw):.1f}% saved)" if raw else "-"
+        lines.append(
+            f"| {r['method']} | {_fmt_bytes(c['file_bytes'])} | {_fmt_bytes(c['file_bytes_raw'])} | {saving} | "
+            f"{_fmt_bytes(c['decoder_bytes'])} | "
+            f"{float_grid / c['file_bytes'] if float_grid else float('nan'):.1f} | "
+            f"{tensorf_ckpt / c['file_bytes'] if tensorf_ckpt else float('nan'):.0f} | "
+            f"{c['decoded_psnr']:.2f} ({r['psnr']:.2f}) | {c['decode_to_first_frame_s']:.2f} s |"
+        )
+    lines += ["\n| method | LOD | cumulative bytes | PSNR |", "|---|---|---|---|"]
+    for r in rows:
+        for level in r["compressed"]["per_lod"]:
+            lines.append(
+                f"| {r['method']} | {level['lod']} | {_fmt_bytes(level['cumulative_bytes'])} | {level['psnr']:.2f} |"
+            )
+    return "\n".join(lines)

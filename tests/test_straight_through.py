@@ -3,35 +3,78 @@
 import pytest
 import torch
 
-from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures, straight_through_lookup
+from vqad_nerfstudio.encodings.vertex_features import (
+    CodebookFeatures,
+    FloatFeatures,
+    straight_through_codewords,
+    straight_through_lookup,
+)
 
 
-def reference_lookup(rows, logits, codebook):
+def reference_lookup(rows, logits, codebook, temperature=1.0):
     """The paper's formulation, materialising the soft keys (what we must match without doing this)."""
-    soft = torch.softmax(logits[rows], dim=-1)
+    soft = torch.softmax(logits[rows] / temperature, dim=-1)
     hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), logits.shape[1]).to(soft.dtype)
     return (hard - soft.detach() + soft) @ codebook
 
 
 @pytest.mark.parametrize("num_rows,num_lookups", [(40, 300), (500, 64)])  # full-table and unique-rows paths
-@pytest.mark.parametrize("bits", [1, 4, 6])
-def test_forward_is_hard_lookup_and_gradients_match_reference(num_rows, num_lookups, bits):
+@pytest.mark.parametrize("bits,temperature", [(1, 1.0), (4, 1.0), (6, 1.0), (4, 0.1)])
+def test_forward_is_hard_lookup_and_gradients_match_reference(num_rows, num_lookups, bits, temperature):
     torch.manual_seed(bits)
     logits = torch.randn(num_rows, 2**bits, dtype=torch.float64, requires_grad=True)
     codebook = torch.randn(2**bits, 5, dtype=torch.float64, requires_grad=True)
     rows = torch.randint(0, num_rows, (num_lookups,))
     upstream = torch.randn(num_lookups, 5, dtype=torch.float64)
 
-    out = straight_through_lookup(rows, logits, codebook)
+    out = straight_through_lookup(rows, logits, codebook, temperature)
     assert torch.equal(out, codebook[logits[rows].argmax(dim=-1)])  # exactly what will be stored
     (out * upstream).sum().backward()
 
     logits_ref = logits.detach().clone().requires_grad_()
     codebook_ref = codebook.detach().clone().requires_grad_()
-    (reference_lookup(rows, logits_ref, codebook_ref) * upstream).sum().backward()
+    (reference_lookup(rows, logits_ref, codebook_ref, temperature) * upstream).sum().backward()
     torch.testing.assert_close(logits.grad, logits_ref.grad)
     torch.testing.assert_close(codebook.grad, codebook_ref.grad)
     assert logits.grad.abs().sum() > 0 and codebook.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_per_row_candidates_match_reference(temperature):
+    """Each row choosing among its own candidates (hashed buckets) uses the same estimator."""
+    torch.manual_seed(1)
+    logits = torch.randn(70, 4, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randn(70, 4, 3, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(70, 3, dtype=torch.float64)
+    out = straight_through_codewords(logits, candidates, temperature)
+    assert torch.equal(out, candidates[torch.arange(70), logits.argmax(dim=-1)])
+    (out * upstream).sum().backward()
+
+    logits_ref = logits.detach().clone().requires_grad_()
+    candidates_ref = candidates.detach().clone().requires_grad_()
+    soft = torch.softmax(logits_ref / temperature, dim=-1)
+    hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), 4).to(soft.dtype)
+    keys = hard - soft.detach() + soft
+    (torch.einsum("mc,mck->mk", keys, candidates_ref) * upstream).sum().backward()
+    torch.testing.assert_close(logits.grad, logits_ref.grad)
+    torch.testing.assert_close(candidates.grad, candidates_ref.grad)
+
+
+def test_relaxed_lookup_is_the_soft_mixture_and_approaches_hard_as_temperature_falls():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(16, 4, dtype=torch.float64)
+    rows = torch.randint(0, 50, (30,))
+    soft = straight_through_lookup(rows, logits, codebook, temperature=2.0, relaxed=True)
+    torch.testing.assert_close(soft, torch.softmax(logits[rows] / 2.0, dim=-1) @ codebook)
+    soft.sum().backward()
+    assert logits.grad[rows].abs().sum() > 0
+    hard = codebook[logits[rows].argmax(dim=-1)]
+    errors = [
+        (straight_through_lookup(rows, logits, codebook, temperature=t, relaxed=True) - hard).abs().max().item()
+        for t in (1.0, 0.1, 0.001)
+    ]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-6
 
 
 def test_gradients_reach_logits_codebook_and_mlp():
@@ -88,3 +131,15 @@ def test_remap_keeps_surviving_rows():
         (new,) = store.row_parameters()
         assert swaps == [(old, new)] and new.shape[0] == 3
         assert torch.equal(new.data[0], old.data[5]) and torch.equal(new.data[2], old.data[0])
+
+
+def test_relaxed_store_is_soft_in_training_mode_only():
+    torch.manual_seed(0)
+    store = CodebookFeatures(num_rows=20, bits=3, feature_dim=4, codebook_init_std=1.0)
+    store.relaxed = True
+    rows = torch.arange(20)
+    hard = store.codebook[store.hard_indices()]
+    with torch.no_grad():  # e.g. occupancy updates and pruning during the warm-up see the soft field
+        assert not torch.allclose(store(rows), hard)
+    store.eval()
+    assert torch.equal(store(rows), hard)

@@ -22,43 +22,73 @@ from torch import Tensor, nn
 class _StraightThroughCodewords(torch.autograd.Function):
     """Hard codeword per row forward, softmax-relaxed gradient backward.
 
-    Equivalent to ``keys = hard - softmax(C).detach() + softmax(C); out = keys @ codebook`` for every
-    row of ``C``, without keeping ``[m, 2**b]`` activations: the backward pass recomputes the softmax.
-    Callers gather per-sample rows from the result, so memory never grows with ``N * 2**b * k``.
+    Row ``i`` chooses among candidates ``codebook`` (``[c, k]``, shared by all rows) or
+    ``codebook[i]`` (``[m, c, k]``, a candidate set per row). Equivalent to
+    ``keys = hard - soft.detach() + soft; out = keys @ candidates`` with
+    ``soft = softmax(C / temperature)``, without keeping ``[m, c]`` activations: the backward pass
+    recomputes the softmax. With a shared codebook, callers gather per-sample rows from the result,
+    so memory never grows with ``N * c * k``.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, codebook: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, codebook: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
         hard = logits.argmax(dim=-1)
         ctx.save_for_backward(hard, logits, codebook)
-        return codebook.index_select(0, hard)
+        ctx.temperature = temperature
+        if codebook.dim() == 2:
+            return codebook.index_select(0, hard)
+        return codebook[torch.arange(hard.shape[0], device=hard.device), hard]
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:  # type: ignore[override]
         hard, logits, codebook = ctx.saved_tensors
+        shared = codebook.dim() == 2
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0]:
-            soft = torch.softmax(logits, dim=-1)
-            grad_soft = grad_out @ codebook.t()
-            grad_logits = soft * (grad_soft - (soft * grad_soft).sum(dim=-1, keepdim=True))
+            soft = torch.softmax(logits / ctx.temperature, dim=-1)
+            grad_soft = grad_out @ codebook.t() if shared else torch.einsum("mk,mck->mc", grad_out, codebook)
+            grad_logits = soft * (grad_soft - (soft * grad_soft).sum(dim=-1, keepdim=True)) / ctx.temperature
         if ctx.needs_input_grad[1]:
-            grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
-        return grad_logits, grad_codebook
+            if shared:
+                grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
+            else:
+                grad_codebook = torch.zeros_like(codebook)
+                grad_codebook[torch.arange(hard.shape[0], device=hard.device), hard] = grad_out
+        return grad_logits, grad_codebook, None
 
 
-def straight_through_codewords(logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"]) -> Float[Tensor, "m k"]:
-    """Codewords ``codebook[argmax(logits)]`` of every row, with straight-through softmax gradients."""
-    return _StraightThroughCodewords.apply(logits, codebook)
+def straight_through_codewords(
+    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"] | Float[Tensor, "m c k"], temperature: float = 1.0
+) -> Float[Tensor, "m k"]:
+    """Chosen codewords of every row: ``codebook[argmax(logits)]`` (shared ``[c, k]`` codebook) or
+    ``codebook[i, argmax(logits[i])]`` (per-row candidates ``[m, c, k]``), with straight-through
+    softmax gradients to the logits and the chosen codewords."""
+    return _StraightThroughCodewords.apply(logits, codebook, temperature)
+
+
+def soft_codewords(
+    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0
+) -> Float[Tensor, "m k"]:
+    """Relaxed codewords ``softmax(C / temperature) @ codebook`` of every row (soft indices, forward too)."""
+    return torch.softmax(logits / temperature, dim=-1) @ codebook
 
 
 def straight_through_lookup(
-    rows: Int[Tensor, "n"], logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"]
+    rows: Int[Tensor, "n"],
+    logits: Float[Tensor, "m c"],
+    codebook: Float[Tensor, "c k"],
+    temperature: float = 1.0,
+    relaxed: bool = False,
 ) -> Float[Tensor, "n k"]:
-    """Codewords of ``rows``, with straight-through gradients (computed per row, not per lookup)."""
+    """Codewords of ``rows``, with straight-through gradients (computed per row, not per lookup).
+
+    ``relaxed=True`` returns the soft codewords instead (soft-to-hard annealing warm-up).
+    """
+    per_row = soft_codewords if relaxed else straight_through_codewords
     if rows.numel() < logits.shape[0]:  # few lookups: relax only the rows that are used
         used, inverse = torch.unique(rows, return_inverse=True)
-        return straight_through_codewords(logits.index_select(0, used), codebook).index_select(0, inverse)
-    return straight_through_codewords(logits, codebook).index_select(0, rows)
+        return per_row(logits.index_select(0, used), codebook, temperature).index_select(0, inverse)
+    return per_row(logits, codebook, temperature).index_select(0, rows)
 
 
 class FeatureStore(nn.Module):
@@ -113,7 +143,15 @@ def _remap_rows(
 
 
 class CodebookFeatures(FeatureStore):
-    """``num_rows`` learned ``bits``-bit indices into a codebook of ``2**bits`` vectors of width ``feature_dim``."""
+    """``num_rows`` learned ``bits``-bit indices into a codebook of ``2**bits`` vectors of width ``feature_dim``.
+
+    ``temperature`` (softmax temperature of the relaxation) and ``relaxed`` (soft codewords in the
+    forward pass too, in training mode only) are training-schedule state set by the model; in eval
+    mode lookups always use the hard indices, as a decoded file does.
+    """
+
+    temperature: float = 1.0
+    relaxed: bool = False
 
     def __init__(
         self, num_rows: int, bits: int, feature_dim: int, logit_init_std: float = 0.01, codebook_init_std: float = 0.01
@@ -132,9 +170,10 @@ class CodebookFeatures(FeatureStore):
         return self.logits.shape[0]
 
     def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
-        if not torch.is_grad_enabled():
+        relaxed = self.relaxed and self.training
+        if not torch.is_grad_enabled() and not relaxed:
             return self.codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
-        return straight_through_lookup(rows, self.logits, self.codebook)
+        return straight_through_lookup(rows, self.logits, self.codebook, self.temperature, relaxed)
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores."""
@@ -192,6 +231,7 @@ __all__ = [
     "FeatureStore",
     "CodebookFeatures",
     "FloatFeatures",
+    "soft_codewords",
     "straight_through_codewords",
     "straight_through_lookup",
 ]

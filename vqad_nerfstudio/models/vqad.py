@@ -71,6 +71,12 @@ class VQADModelConfig(ModelConfig):
     """Space is empty where one finest voxel of it would be more transparent than this opacity (sampling, pruning)."""
     prune_steps: Tuple[int, ...] = (500, 1000, 2000)
     """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels."""
+    index_relaxation_steps: int = 0
+    """Soft-to-hard warm-up: steps whose forward pass uses soft indices softmax(C/t) @ codebook
+    (0: straight-through from the first step)."""
+    index_temperature: Tuple[float, float] = (1.0, 1.0)
+    """Softmax temperature t of the indices at the first step and at the end of the warm-up (annealed
+    geometrically); the straight-through steps after it keep the end value."""
     coarse_lod_fraction: float = 0.1
     """Fraction of training rays rendered at a random coarser level of detail, so that every LOD prefix renders."""
     background_color: Literal["random", "last_sample", "black", "white"] = "white"
@@ -85,6 +91,8 @@ class VQADModelConfig(ModelConfig):
             raise ValueError(f"num_levels (L) must be >= 1, got {self.num_levels}")
         if self.base_resolution < 1 or self.feature_dim < 1:
             raise ValueError("base_resolution and feature_dim must be >= 1")
+        if len(self.index_temperature) != 2 or min(self.index_temperature) <= 0:
+            raise ValueError(f"index_temperature must be two positive numbers, got {self.index_temperature}")
 
 
 class VQADModel(Model):
@@ -187,6 +195,7 @@ class VQADModel(Model):
                     _remap_optimizer_state(training_callback_attributes.optimizers.optimizers.values(), remap)
 
         return [
+            TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self._set_index_relaxation),
             TrainingCallback(
                 [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
                 update_occupancy,
@@ -196,6 +205,16 @@ class VQADModel(Model):
                 [TrainingCallbackLocation.AFTER_TRAIN_ITERATION], prune, iters=tuple(self.config.prune_steps)
             ),
         ]
+
+    def _set_index_relaxation(self, step: int) -> None:
+        """Soft-to-hard schedule: soft indices with falling temperature, then straight-through."""
+        warmup = self.config.index_relaxation_steps
+        start, end = self.config.index_temperature
+        progress = min(step / warmup, 1.0) if warmup > 0 else 1.0
+        for level in self.grid.levels:
+            if isinstance(level.features, CodebookFeatures):
+                level.features.temperature = start ** (1.0 - progress) * end**progress
+                level.features.relaxed = step < warmup
 
     @torch.no_grad()
     def _cells_with_density(self, cells: Tensor, resolution: int, batch: int = 1 << 16) -> Tensor:
