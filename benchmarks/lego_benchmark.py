@@ -297,10 +297,6 @@ def _table(results: List[Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main(tyro.cli(BenchmarkConfig))
-
-
 def _compressed_tables(results: List[Dict]) -> str:
     """Compressed files of this package's models: sizes, ratios, decode time, PSNR per level of detail."""
     rows = [r for r in results if "compressed" in r]
@@ -332,3 +328,7 @@ def _compressed_tables(results: List[Dict]) -> str:
                 f"| {r['method']} | {level['lod']} | {_fmt_bytes(level['cumulative_bytes'])} | {level['psnr']:.2f} |"
             )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchmarkConfig))

@@ -71,10 +71,10 @@ class VQADModelConfig(ModelConfig):
     """Space is empty where one finest voxel of it would be more transparent than this opacity (sampling, pruning)."""
     prune_steps: Tuple[int, ...] = (500, 1000, 2000)
     """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels."""
-    index_relaxation_steps: int = 0
+    index_relaxation_steps: int = 1000
     """Soft-to-hard warm-up: steps whose forward pass uses soft indices softmax(C/t) @ codebook
     (0: straight-through from the first step)."""
-    index_temperature: Tuple[float, float] = (1.0, 1.0)
+    index_temperature: Tuple[float, float] = (1.0, 0.05)
     """Softmax temperature t of the indices at the first step and at the end of the warm-up (annealed
     geometrically); the straight-through steps after it keep the end value."""
     coarse_lod_fraction: float = 0.1
