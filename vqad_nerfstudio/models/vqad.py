@@ -72,8 +72,8 @@ class VQADModelConfig(ModelConfig):
     prune_steps: Tuple[int, ...] = (500, 1000, 2000)
     """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels."""
     index_relaxation_steps: int = 1000
-    """Soft-to-hard warm-up: steps whose forward pass uses soft indices softmax(C/t) @ codebook
-    (0: straight-through from the first step)."""
+    """Soft-to-hard warm-up: steps whose forward pass uses soft indices softmax(C/t) @ codebook (0: straight-through
+    from the first step); capped at a third of the run's iterations so that short runs end straight-through."""
     index_temperature: Tuple[float, float] = (1.0, 0.05)
     """Softmax temperature t of the indices at the first step and at the end of the warm-up (annealed
     geometrically); the straight-through steps after it keep the end value."""
@@ -188,6 +188,14 @@ class VQADModel(Model):
         def update_occupancy(step: int) -> None:
             self.occupancy.update(self._density_for_occupancy)
 
+        trainer = training_callback_attributes.trainer
+        warmup = self.config.index_relaxation_steps
+        if trainer is not None:
+            warmup = min(warmup, trainer.config.max_num_iterations // 3)
+
+        def relax_indices(step: int) -> None:
+            self._set_index_relaxation(step, warmup)
+
         def prune(step: int) -> None:
             changed = self.grid.prune(self._cells_with_density)
             if training_callback_attributes.optimizers is not None:
@@ -195,7 +203,7 @@ class VQADModel(Model):
                     _remap_optimizer_state(training_callback_attributes.optimizers.optimizers.values(), remap)
 
         return [
-            TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self._set_index_relaxation),
+            TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], relax_indices),
             TrainingCallback(
                 [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
                 update_occupancy,
@@ -206,9 +214,8 @@ class VQADModel(Model):
             ),
         ]
 
-    def _set_index_relaxation(self, step: int) -> None:
-        """Soft-to-hard schedule: soft indices with falling temperature, then straight-through."""
-        warmup = self.config.index_relaxation_steps
+    def _set_index_relaxation(self, step: int, warmup: int) -> None:
+        """Soft-to-hard schedule: ``warmup`` steps of soft indices with falling temperature, then straight-through."""
         start, end = self.config.index_temperature
         progress = min(step / warmup, 1.0) if warmup > 0 else 1.0
         for level in self.grid.levels:
