@@ -8,8 +8,8 @@ The last thing printed is the tables. Run on one GPU:
 
     python benchmarks/lego_benchmark.py --data ../shared/data/blender-lego-400 --budget-s 120
 
-tensorf builds LPIPS (a download) in its constructor; this script replaces LPIPS by a stub that
-reports NaN, so the comparison runs offline. LPIPS is not part of the table.
+tensorf builds LPIPS (a download) in its constructor; models are built inside
+``vqad_nerfstudio.compat.offline_lpips``, so the comparison runs offline. LPIPS is not part of the table.
 """
 
 from __future__ import annotations
@@ -42,24 +42,11 @@ class BenchmarkConfig:
     """Eval views rendered per method (from the test split)."""
     lod_eval_views: int = 5
     """Eval views rendered per level of detail of each decoded compressed file (0: skip per-LOD evaluation)."""
+    hash_sizes: Tuple[int, ...] = ()
+    """Also run vqad-hash (learned indices) and vqad-hash-random at these sizes of the random twin's table
+    (log2 entries per level), each pair matched in stored bytes; adds a table and hash_comparison.png."""
     overrides: Dict[str, str] = field(default_factory=dict)
     """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.bits=6)."""
-
-
-class _NoLPIPS(torch.nn.Module):
-    """Stand-in for torchmetrics' LPIPS so that models build offline."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__()
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return torch.tensor(float("nan"))
-
-
-def _disable_lpips_download() -> None:
-    import torchmetrics.image.lpip as lpip
-
-    lpip.LearnedPerceptualImagePatchSimilarity = _NoLPIPS  # type: ignore[misc]
 
 
 def _apply_override(config, path: str, value: str) -> None:
@@ -81,7 +68,12 @@ def _trainer_config(method: str, bench: BenchmarkConfig):
     from nerfstudio.configs.method_configs import all_methods
     from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 
-    config = copy.deepcopy(all_methods[method.split("@")[0]])
+    base, _, tag = method.partition("@")
+    config = copy.deepcopy(all_methods[base])
+    if base in ("vqad-hash", "vqad-hash-random") and tag.isdigit():  # a size of the learned-vs-random comparison
+        from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
+
+        config.pipeline.model = hash_model_config("random" if base == "vqad-hash-random" else "learned", int(tag))
     config.pipeline.datamanager.dataparser = BlenderDataParserConfig()
     config.pipeline.datamanager.data = bench.data
     config.output_dir = bench.output_dir
@@ -103,8 +95,11 @@ def _train(method: str, bench: BenchmarkConfig):
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
     config = _trainer_config(method, bench)
+    from vqad_nerfstudio.compat import offline_lpips
+
     trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup()
+    with offline_lpips():
+        trainer.setup()
     start = time.perf_counter()
 
     def stop_when_spent(step: int) -> None:
@@ -176,6 +171,14 @@ def _stored_bytes(pipeline) -> Dict[str, float]:
             "feature_grid_bytes": report.feature_bytes,
             "vertices": sum(model.grid.occupied_vertices()),
         }
+    if hasattr(model, "encoding_bytes"):  # fp16 networks, the encoding as it would be stored
+        encoding = set(model.encoding.parameters())
+        others = sum(p.numel() for p in model.parameters() if p not in encoding)
+        return {
+            "stored_bytes": 2 * others + model.encoding_bytes(),
+            "feature_grid_bytes": model.encoding_bytes(),
+            "vertices": float("nan"),
+        }
     params = sum(p.numel() for p in model.parameters())
     return {"stored_bytes": 4 * params, "feature_grid_bytes": float("nan"), "vertices": float("nan")}
 
@@ -220,12 +223,14 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
 
 
 def main(bench: BenchmarkConfig) -> None:
-    _disable_lpips_download()
     import vqad_nerfstudio.models.vqad  # noqa: F401  (checkpoint-loading shim, model registration)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results: List[Dict[str, float]] = []
-    for method in bench.methods:
+    methods = list(bench.methods)
+    for size in bench.hash_sizes:
+        methods += [f"vqad-hash@{size}", f"vqad-hash-random@{size}"]
+    for method in methods:
         trainer, steps, seconds, peak, checkpoint = _train(method, bench)
         pipeline = trainer.pipeline
         psnr, ssim, rays_per_s = _evaluate(
@@ -259,6 +264,9 @@ def main(bench: BenchmarkConfig) -> None:
     )
     print(_table(results))
     print(_compressed_tables(results))
+    if bench.hash_sizes:
+        _plot_hash_comparison(results, bench.output_dir / "hash_comparison.png", device)
+        print(_hash_table(results, bench.hash_sizes))
 
 
 def _fmt_bytes(value: float) -> str:
@@ -328,6 +336,48 @@ def _compressed_tables(results: List[Dict]) -> str:
                 f"| {r['method']} | {level['lod']} | {_fmt_bytes(level['cumulative_bytes'])} | {level['psnr']:.2f} |"
             )
     return "\n".join(lines)
+
+
+def _hash_pairs(results: List[Dict], sizes: Tuple[int, ...]) -> List[Tuple[int, Dict, Dict]]:
+    by_name = {r["method"]: r for r in results}
+    return [(size, by_name[f"vqad-hash@{size}"], by_name[f"vqad-hash-random@{size}"]) for size in sizes]
+
+
+def _hash_table(results: List[Dict], sizes: Tuple[int, ...]) -> str:
+    """Learned vs random indices, pair by pair at matched encoding bytes."""
+    lines = [
+        "\n| random table | encoding learned / random | PSNR learned | PSNR random | learned - random | "
+        "SSIM learned / random |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, learned, random in _hash_pairs(results, sizes):
+        lines.append(
+            f"| 2^{size} | {_fmt_bytes(learned['feature_grid_bytes'])} / {_fmt_bytes(random['feature_grid_bytes'])} | "
+            f"{learned['psnr']:.2f} | {random['psnr']:.2f} | {learned['psnr'] - random['psnr']:+.2f} dB | "
+            f"{learned['ssim']:.3f} / {random['ssim']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot_hash_comparison(results: List[Dict], path: Path, device: str) -> None:
+    """PSNR against encoding bytes, learned and random indices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for prefix, label in (("vqad-hash@", "learned indices (vqad-hash)"), ("vqad-hash-random@", "random indices")):
+        rows = sorted((r for r in results if r["method"].startswith(prefix)), key=lambda r: r["feature_grid_bytes"])
+        axis.plot([r["feature_grid_bytes"] / 1e3 for r in rows], [r["psnr"] for r in rows], "o-", label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel("encoding size (kB)")
+    axis.set_ylabel("PSNR (dB)")
+    axis.set_title(f"lego, {device}")
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`ns-train vqad` on the demo scene as a user runs it, then `ns-eval` on the result.
+"""`ns-train vqad` (and `vqad-hash`) on the demo scene as a user runs it, then `ns-eval` on the result.
 
 Runs offline (an empty torch hub cache, so LPIPS must be skipped rather than downloaded) and on the
 installed torch, whose ``torch.load`` defaults to ``weights_only=True`` from 2.6 on: ``ns-eval``
@@ -29,6 +29,23 @@ TRAIN_FLAGS = [
     "--pipeline.model.num-levels", "4",
     "--pipeline.model.num-samples", "96",
     "--pipeline.datamanager.train-num-rays-per-batch", "768",
+]  # fmt: skip
+
+
+HASH_STEPS = 200
+HASH_PSNR_THRESHOLD = 11.0  # dB; nerfacto-style training starts slower than vqad's
+HASH_FLAGS = [
+    "--max-num-iterations", str(HASH_STEPS),
+    "--steps-per-save", str(HASH_STEPS),
+    "--vis", "tensorboard",
+    "--machine.device-type", "cpu",
+    "--pipeline.model.num-levels", "8",
+    "--pipeline.model.max-res", "256",
+    "--pipeline.model.log2-codebook-size", "8",
+    "--pipeline.model.index-table-size", "8192",
+    "--pipeline.model.num-proposal-samples-per-ray", "64", "32",
+    "--pipeline.model.num-nerf-samples-per-ray", "24",
+    "--pipeline.datamanager.train-num-rays-per-batch", "512",
 ]  # fmt: skip
 
 
@@ -78,6 +95,45 @@ def test_ns_eval_clears_psnr_threshold(trained_run, tmp_path, offline_env):
     assert metrics["psnr"] > PSNR_THRESHOLD, metrics
     assert "lpips" not in metrics  # skipped offline, not faked
     assert metrics["stored_kib"] > 0
+
+
+@pytest.fixture(scope="module")
+def trained_hash_run(demo_scene, tmp_path_factory, offline_env) -> Path:
+    output = tmp_path_factory.mktemp("hash_runs")
+    result = _run(
+        "ns-train", "vqad-hash", "--data", str(demo_scene), "--output-dir", str(output), *HASH_FLAGS,
+        env=offline_env, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.count("LPIPS is skipped") == 1
+    (config,) = output.glob("*/vqad-hash/*/config.yml")
+    return config
+
+
+def test_vqad_hash_ns_eval_beats_an_untrained_model(trained_hash_run, demo_scene, tmp_path, offline_env):
+    from vqad_nerfstudio.encodings.learned_index_hash import learned_stored_bits, level_layouts
+
+    metrics_path = tmp_path / "eval.json"
+    result = _run(
+        "ns-eval", "--load-config", str(trained_hash_run), "--output-path", str(metrics_path),
+        env=offline_env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(metrics_path.read_text())["results"]
+    assert metrics["psnr"] > HASH_PSNR_THRESHOLD, metrics
+    assert "lpips" not in metrics
+    layouts = level_layouts(8, 16, 256, 8192)
+    assert metrics["encoding_kib"] == pytest.approx(learned_stored_bits(layouts, 8, 2, 3) / 8 / 1024)
+
+    from vqad_nerfstudio.method_configs.vqad_hash import vqad_hash
+
+    config = copy.deepcopy(vqad_hash.config)
+    config.pipeline.datamanager.data = demo_scene
+    config.pipeline.model.num_levels, config.pipeline.model.max_res = 8, 256
+    config.pipeline.model.log2_codebook_size, config.pipeline.model.index_table_size = 8, 8192
+    untrained = config.pipeline.setup(device="cpu", test_mode="test")
+    untrained.eval()
+    assert untrained.get_average_eval_image_metrics()["psnr"] < HASH_PSNR_THRESHOLD - 2
 
 
 def test_untrained_model_fails_the_threshold(demo_scene):

@@ -2,7 +2,9 @@
 
 1. Offline LPIPS. nerfstudio's models build torchmetrics' LPIPS in their constructor, which
    downloads AlexNet weights; offline that crashes. :func:`optional_lpips` builds it only when the
-   weights are already in torch's hub cache and otherwise returns ``None`` with one warning.
+   weights are already in torch's hub cache and otherwise returns ``None`` with one warning. Our
+   subclasses of nerfstudio's models run their constructors inside :func:`offline_lpips`, which
+   gives them a :class:`SkippedLPIPS` in that case.
 
 2. Loading checkpoints on torch >= 2.6. ``torch.load`` now defaults to ``weights_only=True`` and
    nerfstudio 1.1.5 calls it without arguments in ``ns-eval``, ``ns-render``, ``ns-viewer`` and
@@ -16,8 +18,9 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -34,11 +37,43 @@ def lpips_weights_available() -> bool:
 
 def optional_lpips() -> Optional[torch.nn.Module]:
     """torchmetrics' LPIPS if its weights are cached locally, else ``None`` (warns once)."""
-    global _warned_lpips
     if lpips_weights_available():
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
         return LearnedPerceptualImagePatchSimilarity(normalize=True)
+    _warn_lpips_skipped()
+    return None
+
+
+class SkippedLPIPS(torch.nn.Module):
+    """Stands in for LPIPS inside nerfstudio's models when its weights are not cached: returns NaN."""
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return torch.tensor(float("nan"))
+
+
+@contextmanager
+def offline_lpips() -> Iterator[None]:
+    """While nerfstudio's model constructors run, LPIPS is built only from cached weights, else skipped."""
+    import torchmetrics.image.lpip as lpip
+
+    original = lpip.LearnedPerceptualImagePatchSimilarity
+
+    def build(*args, **kwargs) -> torch.nn.Module:
+        if lpips_weights_available():
+            return original(*args, **kwargs)
+        _warn_lpips_skipped()
+        return SkippedLPIPS()
+
+    lpip.LearnedPerceptualImagePatchSimilarity = build  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        lpip.LearnedPerceptualImagePatchSimilarity = original  # type: ignore[misc]
+
+
+def _warn_lpips_skipped() -> None:
+    global _warned_lpips
     if not _warned_lpips:
         warnings.warn(
             f"LPIPS is skipped: its AlexNet weights ({_ALEXNET_WEIGHTS}) are not in {torch.hub.get_dir()}/checkpoints "
@@ -46,7 +81,6 @@ def optional_lpips() -> Optional[torch.nn.Module]:
             stacklevel=2,
         )
         _warned_lpips = True
-    return None
 
 
 def allow_nerfstudio_checkpoints() -> None:

@@ -11,7 +11,8 @@ from vqad_nerfstudio.codec import CodecError
 if TYPE_CHECKING:
     from nerfstudio.engine.trainer import TrainerConfig
 
-_PACKAGE = "vqad_nerfstudio."
+_GRID_METHODS = ("vqad_nerfstudio.method_configs.vqad:", "vqad_nerfstudio.method_configs.vqad_float:")
+"""Entry points of the sparse-grid methods, whose models compressed files hold."""
 
 
 class UnsupportedMethodError(CodecError):
@@ -20,7 +21,7 @@ class UnsupportedMethodError(CodecError):
 
 def _entry_points() -> Dict[str, EntryPoint]:
     points = entry_points(group="nerfstudio.method_configs")
-    return {point.name: point for point in points if point.value.startswith(_PACKAGE)}
+    return {point.name: point for point in points if point.value.startswith(_GRID_METHODS)}
 
 
 def vqad_method_names() -> List[str]:

@@ -44,7 +44,7 @@ from vqad_nerfstudio.codec import (
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.encodings.sparse_grid import GridLevel
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
-from vqad_nerfstudio.export.methods import check_method
+from vqad_nerfstudio.export.methods import UnsupportedMethodError, check_method, vqad_method_names
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.topology import (
     decode_base_cells,
@@ -161,6 +161,13 @@ def encode_model(
     """
     if index_coding not in get_args(IndexCoding):
         raise ValueError(f"index_coding must be 'entropy' or 'raw', got {index_coding!r}")
+    from vqad_nerfstudio.models.vqad import VQADModel
+
+    if not isinstance(model, VQADModel):
+        names = ", ".join(vqad_method_names())
+        raise UnsupportedMethodError(
+            f"{type(model).__name__} cannot be written as a compressed file; runs of {names} can"
+        )
     config = model.config
     method = method or ("vqad" if config.feature_store == "codebook" else "vqad-float")
     check_method(method)

@@ -1,0 +1,254 @@
+"""Multiresolution hash grid whose table entries are reached through learned indices.
+
+A drop-in for nerfstudio's :class:`~nerfstudio.field_components.encodings.HashEncoding`: the same
+Instant-NGP level layout (``num_levels`` resolutions from ``min_res`` to ``max_res``, ``features_per_level``
+features per level, trilinear interpolation, levels concatenated), two ways of finding a vertex's
+feature vector in its level's table:
+
+- ``mode="random"`` (Instant-NGP): the vertex's hash picks the table entry. The table has
+  ``2**log2_codebook_size`` fp16 vectors per level and nothing else is stored. nerfstudio's
+  ``HashEncoding`` does the work (tinycudann's hash grid when it is installed, torch otherwise).
+- ``mode="learned"`` (VQAD's learned indices, with the bucketed probing of compact neural graphics
+  primitives for fine levels): each level stores a small codebook of ``2**log2_codebook_size``
+  vectors and an index table of *b*-bit entries, ``b = index_bits``. A coarse level with at most
+  ``index_table_size`` vertices has one entry per vertex; a finer level hashes vertices into
+  that many buckets. A vertex's candidates are the ``2**b`` consecutive codebook rows starting at a
+  second hash of the vertex, and its entry says which one it uses. Entries are trained as logits
+  with the straight-through estimator VQAD's grid uses
+  (:func:`~vqad_nerfstudio.encodings.vertex_features.straight_through_codewords`).
+
+With ``index_bits == log2_codebook_size`` a dense level is exactly a VQAD level: every vertex holds a
+free index into the whole codebook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Literal, Tuple
+
+import torch
+from jaxtyping import Float, Int
+from nerfstudio.field_components.encodings import Encoding, HashEncoding
+from torch import Tensor, nn
+
+from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS
+from vqad_nerfstudio.encodings.vertex_features import straight_through_codewords
+
+IndexMode = Literal["learned", "random"]
+
+# Instant-NGP's spatial hash primes (row hash), and a second, independent set (candidate base hash).
+_ROW_PRIMES = (1, 2654435761, 805459861)
+_BASE_PRIMES = (73856093, 19349663, 83492791)
+
+
+def spatial_hash(coords: Int[Tensor, "*b 3"], primes: Tuple[int, int, int], size: int) -> Int[Tensor, "*b"]:
+    """XOR of coordinates times primes, modulo ``size`` (Instant-NGP's hash)."""
+    coords = coords.long()
+    mixed = (coords[..., 0] * primes[0]) ^ (coords[..., 1] * primes[1]) ^ (coords[..., 2] * primes[2])
+    return torch.remainder(mixed, size)
+
+
+@dataclass(frozen=True)
+class LevelLayout:
+    """Where one level's vertices find their index entries."""
+
+    resolution: int
+    dense: bool
+    """One index entry per vertex (else: vertices hashed into buckets)."""
+    rows: int
+    """Index entries stored for this level."""
+
+
+def level_resolutions(num_levels: int, min_res: int, max_res: int) -> List[int]:
+    """Instant-NGP's geometric series of resolutions (as nerfstudio's HashEncoding computes them)."""
+    growth = math.exp((math.log(max_res) - math.log(min_res)) / (num_levels - 1)) if num_levels > 1 else 1.0
+    return [int(math.floor(min_res * growth**level)) for level in range(num_levels)]
+
+
+def level_layouts(num_levels: int, min_res: int, max_res: int, index_table_size: int) -> List[LevelLayout]:
+    """Index-table layout of every level of a learned-index encoding."""
+    table = index_table_size
+    return [
+        LevelLayout(res, (res + 1) ** 3 <= table, min((res + 1) ** 3, table))
+        for res in level_resolutions(num_levels, min_res, max_res)
+    ]
+
+
+def learned_stored_bits(layouts: List[LevelLayout], log2_codebook_size: int, features: int, index_bits: int) -> int:
+    """Bits of a learned-index encoding in a file: fp16 codebooks plus b-bit index entries."""
+    return len(layouts) * 2**log2_codebook_size * features * 16 + sum(layout.rows for layout in layouts) * index_bits
+
+
+class LearnedIndexHashEncoding(Encoding):
+    """Instant-NGP-style hash encoding with learned (VQAD) or random (hash) indices into per-level tables.
+
+    Args:
+        num_levels: Number of resolutions.
+        min_res: Resolution of the coarsest level.
+        max_res: Resolution of the finest level.
+        features_per_level: Width of each level's feature vectors.
+        log2_codebook_size: Feature vectors per level (the hash table of ``random`` mode).
+        index_table_size: Index entries per level at most (``learned`` mode).
+        index_bits: Bits per index entry; each vertex chooses among ``2**index_bits`` codebook rows.
+        mode: ``learned`` indices or ``random`` (hashed) ones.
+        init_scale: Feature vectors start uniform in ``[-init_scale, init_scale]``.
+        implementation: ``tcnn`` uses tinycudann for ``random`` mode when it is installed.
+    """
+
+    def __init__(
+        self,
+        num_levels: int = 16,
+        min_res: int = 16,
+        max_res: int = 1024,
+        features_per_level: int = 2,
+        log2_codebook_size: int = 12,
+        index_table_size: int = 2**17,
+        index_bits: int = 3,
+        mode: IndexMode = "learned",
+        init_scale: float = 0.001,
+        implementation: Literal["tcnn", "torch"] = "tcnn",
+    ) -> None:
+        super().__init__(in_dim=3)
+        if mode not in ("learned", "random"):
+            raise ValueError(f"mode must be 'learned' or 'random', got {mode!r}")
+        if num_levels < 1 or min_res < 1 or max_res < min_res:
+            raise ValueError(f"need num_levels >= 1, 1 <= min_res <= max_res; got {num_levels}, {min_res}, {max_res}")
+        if not 1 <= index_bits <= log2_codebook_size:
+            raise ValueError(f"index_bits must be in 1..log2_codebook_size ({log2_codebook_size}), got {index_bits}")
+        self.num_levels = num_levels
+        self.features_per_level = features_per_level
+        self.log2_codebook_size = log2_codebook_size
+        self.index_bits = index_bits
+        self.mode: IndexMode = mode
+        self.resolutions = level_resolutions(num_levels, min_res, max_res)
+        self.temperature = 1.0
+        """Softmax temperature of the straight-through backward pass (training-schedule state)."""
+
+        if mode == "random":
+            self.hash_grid = HashEncoding(
+                num_levels=num_levels,
+                min_res=min_res,
+                max_res=max_res,
+                log2_hashmap_size=log2_codebook_size,
+                features_per_level=features_per_level,
+                hash_init_scale=init_scale,
+                implementation=implementation,
+            )
+            self.layouts: List[LevelLayout] = []
+            return
+        self.layouts = level_layouts(num_levels, min_res, max_res, index_table_size)
+        codebook_size = 2**log2_codebook_size
+        self.codebooks = nn.ParameterList(
+            [nn.Parameter((torch.rand(codebook_size, features_per_level) * 2 - 1) * init_scale) for _ in self.layouts]
+        )
+        self.index_logits = nn.ParameterList(
+            [nn.Parameter(torch.randn(layout.rows, 2**index_bits) * 0.01) for layout in self.layouts]
+        )
+
+    def get_out_dim(self) -> int:
+        return self.num_levels * self.features_per_level
+
+    # ------------------------------------------------------------------------------------ lookup
+    def vertex_rows(self, level: int, vertices: Int[Tensor, "*b 3"]) -> Int[Tensor, "*b"]:
+        """Index-table entry of each vertex of ``level``."""
+        layout = self.layouts[level]
+        if layout.dense:
+            size = layout.resolution + 1
+            return (vertices[..., 0] * size + vertices[..., 1]) * size + vertices[..., 2]
+        return spatial_hash(vertices, _ROW_PRIMES, layout.rows)
+
+    def codebook_rows(self, level: int, vertices: Int[Tensor, "*b 3"], choices: Tensor) -> Tensor:
+        """Codebook rows that ``choices`` (in ``[0, 2**index_bits)``, shape ``[*b]`` or ``[*b, c]``) pick."""
+        del level  # every level hashes alike; kept for symmetry with vertex_rows
+        if self.index_bits == self.log2_codebook_size:  # a free index into the whole codebook
+            return choices
+        base = spatial_hash(vertices, _BASE_PRIMES, 2**self.log2_codebook_size)
+        if choices.dim() > base.dim():
+            base = base[..., None]
+        return torch.remainder(base + choices, 2**self.log2_codebook_size)
+
+    def candidates(self, level: int, vertices: Int[Tensor, "*b 3"]) -> Int[Tensor, "*b c"]:
+        """The ``2**index_bits`` codebook rows each vertex of ``level`` may use."""
+        choices = torch.arange(2**self.index_bits, device=vertices.device)
+        return self.codebook_rows(level, vertices, choices.expand(*vertices.shape[:-1], -1))
+
+    def hard_indices(self, level: int) -> Int[Tensor, "rows"]:
+        """Each index entry's choice, in ``[0, 2**index_bits)``: what a compressed file stores."""
+        return self.index_logits[level].detach().argmax(dim=-1)
+
+    def _level_features(self, level: int, vertices: Int[Tensor, "n 8 3"]) -> Float[Tensor, "n 8 f"]:
+        rows = self.vertex_rows(level, vertices)
+        codebook = self.codebooks[level]
+        if not torch.is_grad_enabled():  # hard lookups only: no per-candidate tensors
+            return codebook[self.codebook_rows(level, vertices, self.hard_indices(level)[rows])]
+        logits = self.index_logits[level][rows]  # [n, 8, c]
+        candidates = self.candidates(level, vertices)  # [n, 8, c]
+        choices = candidates.shape[-1]
+        chosen = straight_through_codewords(
+            logits.reshape(-1, choices), codebook[candidates.reshape(-1, choices)], self.temperature
+        )
+        return chosen.reshape(*vertices.shape[:-1], -1)
+
+    def forward(self, in_tensor: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs out"]:
+        if self.mode == "random":
+            return self.hash_grid(in_tensor)
+        batch_shape = in_tensor.shape[:-1]
+        points = in_tensor.reshape(-1, 3)
+        corners = CORNER_OFFSETS.to(points.device)
+        outputs = []
+        for level, layout in enumerate(self.layouts):
+            scaled = points * layout.resolution
+            base = torch.floor(scaled).clamp(0, layout.resolution - 1)
+            frac = scaled - base
+            vertices = base.long()[:, None, :] + corners[None]  # [n, 8, 3]
+            weights = torch.where(corners[None].bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(dim=-1)
+            features = self._level_features(level, vertices)
+            outputs.append((features * weights[..., None]).sum(dim=1))
+        return torch.cat(outputs, dim=-1).reshape(*batch_shape, -1)
+
+    # ------------------------------------------------------------------------------------ size
+    def stored_bits(self) -> int:
+        """Bits a compressed file needs for this encoding: fp16 tables, plus b-bit entries (learned)."""
+        if self.mode == "random":
+            return sum(p.numel() for p in self.hash_grid.parameters()) * 16
+        return learned_stored_bits(self.layouts, self.log2_codebook_size, self.features_per_level, self.index_bits)
+
+
+def learned_matching_random(
+    random_log2_table: int,
+    num_levels: int = 16,
+    min_res: int = 16,
+    max_res: int = 1024,
+    features_per_level: int = 2,
+    index_bits: int = 3,
+    codebook_share: float = 0.25,
+) -> Tuple[int, int]:
+    """``(log2_codebook_size, index_table_size)`` of the largest learned encoding not larger than the random
+    one with ``2**random_log2_table`` entries per level, whose codebooks take about ``codebook_share`` of it."""
+    budget = num_levels * 2**random_log2_table * features_per_level * 16
+    log2_codebook = max(index_bits, random_log2_table + round(math.log2(codebook_share)))
+
+    def bits(table: int) -> int:
+        layouts = level_layouts(num_levels, min_res, max_res, table)
+        return learned_stored_bits(layouts, log2_codebook, features_per_level, index_bits)
+
+    if bits(1) > budget:
+        raise ValueError(f"no learned encoding fits in {budget // 8} bytes")
+    low, high = 1, 2**31
+    while low < high:  # largest table size within the budget
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if bits(middle) <= budget else (low, middle - 1)
+    return log2_codebook, low
+
+
+__all__ = [
+    "IndexMode",
+    "LearnedIndexHashEncoding",
+    "LevelLayout",
+    "learned_matching_random",
+    "learned_stored_bits",
+    "level_layouts",
+    "level_resolutions",
+    "spatial_hash",
+]
