@@ -17,7 +17,7 @@ RANDOM_LOG2_TABLE = 14
 
 
 def hash_model_config(index_mode: str, random_log2_table: int = RANDOM_LOG2_TABLE) -> "LearnedIndexNerfactoModelConfig":
-    """nerfacto settings for object scenes and real captures, with the encoding sized to ``random_log2_table``.
+    """nerfacto settings for object scenes, with the encoding sized to ``random_log2_table``.
 
     The learned encoding is the largest (b = 3) that stores no more bytes than the random one.
     """
@@ -30,6 +30,7 @@ def hash_model_config(index_mode: str, random_log2_table: int = RANDOM_LOG2_TABL
         index_mode=index_mode,  # type: ignore[arg-type]
         eval_num_rays_per_chunk=1 << 15,
         background_color="white",
+        disable_scene_contraction=True,  # object scenes inside the scene box; real captures: pass False
         use_appearance_embedding=False,
         camera_optimizer=CameraOptimizerConfig(mode="off"),
         proposal_net_args_list=[

@@ -33,7 +33,7 @@ TRAIN_FLAGS = [
 
 
 HASH_STEPS = 200
-HASH_PSNR_THRESHOLD = 11.0  # dB; nerfacto-style training starts slower than vqad's
+HASH_PSNR_THRESHOLD = 14.0  # dB; nerfacto-style training starts slower than vqad's
 HASH_FLAGS = [
     "--max-num-iterations", str(HASH_STEPS),
     "--steps-per-save", str(HASH_STEPS),

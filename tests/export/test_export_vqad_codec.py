@@ -221,3 +221,14 @@ def test_level_statistics(trained):
         assert (level.cells, level.vertices) == (grid_level.cells.numel(), grid_level.num_vertices)
         assert level.raw_index_bytes == (level.vertices * 4 + 7) // 8
         assert level.float_feature_bytes == level.vertices * k * 2
+
+
+def test_models_of_other_methods_are_refused_by_name():
+    from nerfstudio.data.scene_box import SceneBox
+    from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
+
+    config = hash_model_config("learned", 8)
+    config.num_levels, config.max_res = 2, 32
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    with pytest.raises(UnsupportedMethodError, match="LearnedIndexNerfactoModel cannot be written.*vqad, vqad-float"):
+        encode_model(model)
