@@ -187,27 +187,28 @@ def _stored_bytes(pipeline) -> Dict[str, float]:
 def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, object]:
     """File sizes (entropy-coded and raw-packed), decode time to the first frame, PSNR per level of detail."""
     from vqad_nerfstudio.codec import write_container
+    from vqad_nerfstudio.export.formats import encode_any, load_any
     from vqad_nerfstudio.export.size_report import size_report
-    from vqad_nerfstudio.export.vqad_codec import encode_model, load_compressed
 
     base_method = method.split("@")[0]
-    encoded = encode_model(pipeline.model, base_method, index_coding="entropy")
+    encoded = encode_any(pipeline.model, base_method, index_coding="entropy")
     data = write_container(encoded.header, encoded.chunks)
-    raw = encode_model(pipeline.model, base_method, index_coding="raw")
+    raw = encode_any(pipeline.model, base_method, index_coding="raw")
     report = size_report(encoded, data)
     dataset, device = pipeline.datamanager.eval_dataset, pipeline.device
 
     _sync()
     start = time.perf_counter()
-    decoded, _ = load_compressed(data)
+    decoded, _ = load_any(data)
     decoded.to(device).get_outputs_for_camera(dataset.cameras.to(device)[0:1])
     _sync()
     decode_s = time.perf_counter() - start
     decoded_psnr, _, _ = _evaluate(decoded, dataset, device, bench.max_eval_views)
 
     per_lod = []
-    for level in report["levels"] if bench.lod_eval_views > 0 else []:
-        model, _ = load_compressed(data, max_lod=level["lod"])
+    streams = hasattr(pipeline.model, "grid") and bench.lod_eval_views > 0  # levels of detail to evaluate
+    for level in report["levels"] if streams else []:
+        model, _ = load_any(data, max_lod=level["lod"])
         psnr, _, _ = _evaluate(model.to(device), dataset, device, bench.lod_eval_views)
         per_lod.append({"lod": level["lod"], "cumulative_bytes": level["cumulative_bytes"], "psnr": psnr})
     return {
@@ -247,7 +248,7 @@ def main(bench: BenchmarkConfig) -> None:
             "checkpoint_bytes": checkpoint.stat().st_size,
             **_stored_bytes(pipeline),
         }
-        if hasattr(pipeline.model, "grid"):
+        if hasattr(pipeline.model, "grid") or hasattr(pipeline.model, "encoding_bytes"):
             row["compressed"] = _compressed(pipeline, method, bench)
         results.append(row)
         print(json.dumps(row), flush=True)

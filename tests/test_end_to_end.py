@@ -110,20 +110,24 @@ def trained_hash_run(demo_scene, tmp_path_factory, offline_env) -> Path:
     return config
 
 
-def test_vqad_hash_ns_eval_beats_an_untrained_model(trained_hash_run, demo_scene, tmp_path, offline_env):
+def _ns_eval(config: Path, output: Path, env: dict) -> dict:
+    result = _run("ns-eval", "--load-config", str(config), "--output-path", str(output), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(output.read_text())["results"]
+
+
+@pytest.fixture(scope="module")
+def hash_eval(trained_hash_run, offline_env) -> dict:
+    return _ns_eval(trained_hash_run, trained_hash_run.parent / "eval.json", offline_env)
+
+
+def test_vqad_hash_ns_eval_beats_an_untrained_model(hash_eval, demo_scene):
     from vqad_nerfstudio.encodings.learned_index_hash import learned_stored_bits, level_layouts
 
-    metrics_path = tmp_path / "eval.json"
-    result = _run(
-        "ns-eval", "--load-config", str(trained_hash_run), "--output-path", str(metrics_path),
-        env=offline_env, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads(metrics_path.read_text())["results"]
-    assert metrics["psnr"] > HASH_PSNR_THRESHOLD, metrics
-    assert "lpips" not in metrics
+    assert hash_eval["psnr"] > HASH_PSNR_THRESHOLD, hash_eval
+    assert "lpips" not in hash_eval
     layouts = level_layouts(8, 16, 256, 8192)
-    assert metrics["encoding_kib"] == pytest.approx(learned_stored_bits(layouts, 8, 2, 3) / 8 / 1024)
+    assert hash_eval["encoding_kib"] == pytest.approx(learned_stored_bits(layouts, 8, 2, 3) / 8 / 1024)
 
     from vqad_nerfstudio.method_configs.vqad_hash import vqad_hash
 
@@ -134,6 +138,24 @@ def test_vqad_hash_ns_eval_beats_an_untrained_model(trained_hash_run, demo_scene
     untrained = config.pipeline.setup(device="cpu", test_mode="test")
     untrained.eval()
     assert untrained.get_average_eval_image_metrics()["psnr"] < HASH_PSNR_THRESHOLD - 2
+
+
+def test_vqad_hash_compressed_file_decodes_to_the_same_psnr(
+    trained_hash_run, hash_eval, demo_scene, tmp_path, offline_env
+):
+    exported = _run(
+        "ns-export", "vqad-compressed", "--load-config", str(trained_hash_run), "--output-dir", str(tmp_path / "file"),
+        env=offline_env, timeout=600,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    decoded = _run(
+        "vqad-export", "decode", "--file", str(tmp_path / "file" / "model.vqnf"), "--data", str(demo_scene),
+        "--output-dir", str(tmp_path / "decoded"), env=offline_env, timeout=600,
+    )  # fmt: skip
+    assert decoded.returncode == 0, decoded.stderr[-3000:]
+    (config,) = (tmp_path / "decoded").glob("*/vqad-hash/decoded/config.yml")
+    metrics = _ns_eval(config, tmp_path / "decoded-eval.json", offline_env)
+    assert abs(metrics["psnr"] - hash_eval["psnr"]) < 0.05, (metrics["psnr"], hash_eval["psnr"])
 
 
 def test_untrained_model_fails_the_threshold(demo_scene):

@@ -73,6 +73,15 @@ def test_decoded_topology_and_indices_are_exact(trained, encoded):
         assert torch.equal(level.features.codebook, original.features.codebook.detach().half().float())
 
 
+def test_loading_a_prefix_checkpoint_caps_the_lod_slider(encoded):
+    with pytest.warns(IncompleteFileWarning):
+        prefix, _ = load_compressed(encoded[: _level_ends(encoded)[1]])
+    fresh = prefix.config.setup(scene_box=prefix.scene_box, num_train_data=1)  # as nerfstudio's tools build it
+    assert fresh.lod_slider.max == 2
+    fresh.load_state_dict(prefix.state_dict())
+    assert (fresh.lod_slider.max, fresh.lod_slider.value) == (1, 1)
+
+
 def test_every_level_prefix_is_a_coarser_model(trained, encoded):
     full, _ = load_compressed(encoded)
     train_psnr = []
@@ -221,14 +230,3 @@ def test_level_statistics(trained):
         assert (level.cells, level.vertices) == (grid_level.cells.numel(), grid_level.num_vertices)
         assert level.raw_index_bytes == (level.vertices * 4 + 7) // 8
         assert level.float_feature_bytes == level.vertices * k * 2
-
-
-def test_models_of_other_methods_are_refused_by_name():
-    from nerfstudio.data.scene_box import SceneBox
-    from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
-
-    config = hash_model_config("learned", 8)
-    config.num_levels, config.max_res = 2, 32
-    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
-    with pytest.raises(UnsupportedMethodError, match="LearnedIndexNerfactoModel cannot be written.*vqad, vqad-float"):
-        encode_model(model)

@@ -30,8 +30,8 @@ def _fail(command: str, message: str) -> NoReturn:
 
 @dataclass
 class ExportVQADCompressed:
-    """Write a trained vqad or vqad-float run as one compressed, streamable file (model.vqnf), print where
-    its bytes go and save that report as model.size.json."""
+    """Write a trained vqad, vqad-float, vqad-hash or vqad-hash-random run as one compressed, streamable file
+    (model.vqnf), print where its bytes go and save that report as model.size.json."""
 
     load_config: Path
     """Path to the run's config.yml, as written by ns-train."""
@@ -55,13 +55,13 @@ class ExportVQADCompressed:
         from nerfstudio.utils.rich_utils import CONSOLE
 
         from vqad_nerfstudio.codec import write_container_file
+        from vqad_nerfstudio.export.formats import encode_any
         from vqad_nerfstudio.export.methods import UnsupportedMethodError
         from vqad_nerfstudio.export.size_report import print_size_report, size_report
-        from vqad_nerfstudio.export.vqad_codec import encode_model
 
         config, pipeline, checkpoint, _ = eval_setup(self.load_config, test_mode="inference")
         try:
-            encoded = encode_model(pipeline.model, config.method_name, self.index_coding, progress=True)
+            encoded = encode_any(pipeline.model, config.method_name, self.index_coding, progress=True)
         except UnsupportedMethodError as error:
             _fail(command, str(error))
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -108,14 +108,15 @@ class DecodeVQADCompressed:
         from nerfstudio.utils.rich_utils import CONSOLE
 
         from vqad_nerfstudio.codec import CodecError
+        from vqad_nerfstudio.export.formats import load_any
         from vqad_nerfstudio.export.run_dir import decoded_run_config, write_run_dir
-        from vqad_nerfstudio.export.vqad_codec import IncompleteFileWarning, load_compressed
+        from vqad_nerfstudio.export.vqad_codec import IncompleteFileWarning
 
         start = time.perf_counter()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", IncompleteFileWarning)
-                model, info = load_compressed(self.file, max_lod=self.max_lod)
+                model, info = load_any(self.file, max_lod=self.max_lod)
         except (CodecError, OSError, ValueError) as error:
             _fail(command, f"cannot decode {self.file}: {error}")
         seconds = time.perf_counter() - start

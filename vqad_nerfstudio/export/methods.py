@@ -11,8 +11,10 @@ from vqad_nerfstudio.codec import CodecError
 if TYPE_CHECKING:
     from nerfstudio.engine.trainer import TrainerConfig
 
-_GRID_METHODS = ("vqad_nerfstudio.method_configs.vqad:", "vqad_nerfstudio.method_configs.vqad_float:")
-"""Entry points of the sparse-grid methods, whose models compressed files hold."""
+_EXPORTABLE = tuple(
+    f"vqad_nerfstudio.method_configs.{module}:" for module in ("vqad", "vqad_float", "vqad_hash", "vqad_hash_random")
+)
+"""Entry points of the methods whose models compressed files hold."""
 
 
 class UnsupportedMethodError(CodecError):
@@ -21,11 +23,11 @@ class UnsupportedMethodError(CodecError):
 
 def _entry_points() -> Dict[str, EntryPoint]:
     points = entry_points(group="nerfstudio.method_configs")
-    return {point.name: point for point in points if point.value.startswith(_GRID_METHODS)}
+    return {point.name: point for point in points if point.value.startswith(_EXPORTABLE)}
 
 
 def vqad_method_names() -> List[str]:
-    """Names of the methods this package registers with nerfstudio (``vqad``, ``vqad-float``)."""
+    """Names of the methods whose models compressed files hold (``vqad``, ``vqad-float``, ``vqad-hash``, ...)."""
     return sorted(_entry_points())
 
 
@@ -41,12 +43,13 @@ def trainer_config(method: str) -> "TrainerConfig":
     """A fresh copy of the registered trainer configuration of one of :func:`vqad_method_names`."""
     from nerfstudio.plugins.types import MethodSpecification
 
+    from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModelConfig
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
     check_method(method)
     spec = _entry_points()[method].load()
     if not isinstance(spec, MethodSpecification):
         raise UnsupportedMethodError(f"method {method!r} is unavailable: {spec!r}")
-    if not isinstance(spec.config.pipeline.model, VQADModelConfig):
-        raise UnsupportedMethodError(f"method {method!r} does not train a VQAD model")
+    if not isinstance(spec.config.pipeline.model, (VQADModelConfig, LearnedIndexNerfactoModelConfig)):
+        raise UnsupportedMethodError(f"method {method!r} does not train a model compressed files hold")
     return copy.deepcopy(spec.config)

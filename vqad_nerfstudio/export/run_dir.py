@@ -2,8 +2,9 @@
 
 nerfstudio finds a run's checkpoints at ``{output_dir}/{experiment_name}/{method}/{timestamp}/``
 (its viewer also writes its log there), so a decoded run follows the same layout, with the
-timestamp slot naming the finest level of detail it holds (``lod4``). ``ns-eval``, ``ns-render``
-and ``ns-viewer`` then open it with ``--load-config <run>/config.yml``, unchanged.
+timestamp slot naming the finest level of detail it holds (``lod4``; ``decoded`` for methods
+without levels of detail). ``ns-eval``, ``ns-render`` and ``ns-viewer`` then open it with
+``--load-config <run>/config.yml``, unchanged.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def decoded_run_config(
     )
     config.output_dir = Path(output_dir).absolute()
     config.experiment_name = experiment_name
-    config.timestamp = f"lod{model.grid.grown_levels() - 1}"
+    config.timestamp = f"lod{model.grid.grown_levels() - 1}" if hasattr(model, "grid") else "decoded"
     config.load_dir = config.load_checkpoint = config.load_step = None
     return config
 

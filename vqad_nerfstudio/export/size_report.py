@@ -57,9 +57,9 @@ def size_report(encoded: EncodedModel, data: bytes) -> Dict[str, Any]:
         "index_bytes_entropy": _total(levels, "index_bytes_entropy"),
         "grid_bytes": grid_bytes,
         "float_grid_bytes": float_grid_bytes,
-        "grid_ratio": float_grid_bytes / grid_bytes,
+        "grid_ratio": float_grid_bytes / grid_bytes if grid_bytes else None,
         "float_reference_bytes": float_reference_bytes,
-        "file_ratio": float_reference_bytes / file_bytes,
+        "file_ratio": float_reference_bytes / file_bytes if grid_bytes else None,
     }
 
 
@@ -116,6 +116,8 @@ def print_size_report(report: Dict[str, Any], console: Optional[Console] = None)
             f"Indices: {_kib(raw)} KiB bit-packed, {_kib(coded)} KiB range-coded "
             f"({100 * (1 - coded / raw):.1f}% smaller)"
         )
+    if report["grid_ratio"] is None:
+        return
     console.print(
         f"Float reference (fp16 feature per vertex, same topology): grid {_kib(report['float_grid_bytes'])} KiB "
         f"vs {_kib(report['grid_bytes'])} KiB stored ({report['grid_ratio']:.1f}x); whole file "

@@ -44,7 +44,7 @@ from vqad_nerfstudio.codec import (
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.encodings.sparse_grid import GridLevel
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
-from vqad_nerfstudio.export.methods import UnsupportedMethodError, check_method, vqad_method_names
+from vqad_nerfstudio.export.methods import UnsupportedMethodError, check_method
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.topology import (
     decode_base_cells,
@@ -164,10 +164,7 @@ def encode_model(
     from vqad_nerfstudio.models.vqad import VQADModel
 
     if not isinstance(model, VQADModel):
-        names = ", ".join(vqad_method_names())
-        raise UnsupportedMethodError(
-            f"{type(model).__name__} cannot be written as a compressed file; runs of {names} can"
-        )
+        raise UnsupportedMethodError(f"{type(model).__name__} is not a VQAD model (vqad, vqad-float)")
     config = model.config
     method = method or ("vqad" if config.feature_store == "codebook" else "vqad-float")
     check_method(method)
@@ -259,8 +256,7 @@ def load_compressed(
             _decode_level(model, lod, parts[lod])
         else:
             level.set_cells(torch.empty(0, dtype=torch.long), in_place=True)
-    model.lod_slider.max = decoded - 1
-    model.lod_slider.value = decoded - 1
+    model.cap_lod_slider()
     model.eval()
     if not container.complete:
         warnings.warn(

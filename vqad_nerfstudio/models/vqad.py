@@ -150,6 +150,15 @@ class VQADModel(Model):
             cb_hook=lambda _: self._update_lod_text(),
             hint="Render with levels 0..LOD only (what a stream prefix holds)",
         )
+        # A checkpoint of a decoded stream prefix holds fewer levels than the config: the viewer's slider
+        # (created after loading) then offers only those.
+        self.register_load_state_dict_post_hook(lambda module, _: module.cap_lod_slider())
+
+    def cap_lod_slider(self) -> None:
+        """Limit the level-of-detail slider to the levels the grid holds."""
+        finest = max(self.grid.grown_levels() - 1, 0)
+        self.lod_slider.max = finest
+        self.lod_slider.value = min(int(self.lod_slider.value), finest)
 
     def _store_factory(self):
         cfg = self.config

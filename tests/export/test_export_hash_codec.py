@@ -1,0 +1,81 @@
+"""vqad-hash / vqad-hash-random models through the compressed-file container."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from nerfstudio.data.scene_box import SceneBox
+from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
+
+from vqad_nerfstudio.codec import TruncatedError, decode_array, read_container, write_container
+from vqad_nerfstudio.export.formats import encode_any, load_any
+from vqad_nerfstudio.export.methods import UnsupportedMethodError
+
+
+def _model(mode: str):
+    torch.manual_seed(0)
+    config = hash_model_config(mode, 8)
+    config.num_levels, config.max_res = 4, 64
+    if mode == "learned":
+        config.log2_codebook_size, config.index_table_size = 6, 3000
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    with torch.no_grad():  # what a file stores: fp16 values, random (trained-looking) indices
+        for parameter in model.parameters():
+            parameter.normal_().mul_(0.5)
+            parameter.copy_(parameter.half().float())
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("mode", ["learned", "random"])
+def test_round_trip_is_exact(mode):
+    model = _model(mode)
+    encoded = encode_any(model)
+    assert encoded.header["method"] == ("vqad-hash" if mode == "learned" else "vqad-hash-random")
+    decoded, info = load_any(write_container(encoded.header, encoded.chunks))
+    assert info.complete and info.method == encoded.header["method"]
+    points = torch.rand(500, 3)
+    with torch.no_grad():
+        assert torch.equal(decoded.encoding(points), model.encoding(points))
+    original = dict(model.named_parameters())
+    for name, parameter in decoded.named_parameters():
+        if "index_logits" not in name:
+            assert torch.equal(parameter, original[name]), name
+    if mode == "learned":
+        for level in range(len(model.encoding.layouts)):
+            assert torch.equal(decoded.encoding.hard_indices(level), model.encoding.hard_indices(level))
+
+
+@pytest.mark.parametrize("index_coding", ["raw", "entropy"])
+def test_size_accounting_matches_the_exported_encoding_bytes(index_coding):
+    model = _model("learned")
+    encoded = encode_any(model, index_coding=index_coding)
+    tags = {"raw": "IDXR", "entropy": "IDXE"}
+    index_bytes = sum(len(c.payload) for c in encoded.chunks if c.tag in ("IDXR", "IDXE"))
+    codebook_bytes = sum(decode_array(c.payload).nbytes for c in encoded.chunks if c.tag == "CBOK")
+    levels = len(model.encoding.layouts)
+    stored = model.encoding_bytes()
+    if index_coding == "raw":
+        assert {c.tag for c in encoded.chunks if c.lod is not None} == {"CBOK", tags["raw"]}
+        assert 0 <= index_bytes + codebook_bytes - stored < levels  # each level's entries end on a byte boundary
+        packed = sum(math.ceil(layout.rows * model.encoding.index_bits / 8) for layout in model.encoding.layouts)
+        assert index_bytes == packed
+    else:  # random indices do not compress: the coder falls back to packing where that is smaller
+        assert index_bytes + codebook_bytes <= stored + levels + 64 * levels
+
+
+def test_truncated_files_and_levels_of_detail_are_refused():
+    encoded = encode_any(_model("learned"))
+    data = write_container(encoded.header, encoded.chunks)
+    with pytest.raises(TruncatedError, match="need every level"):
+        load_any(data[: len(data) - 40])
+    with pytest.raises(ValueError, match="no levels of detail"):
+        load_any(data, max_lod=1)
+    assert read_container(data).complete
+
+
+def test_foreign_models_are_refused_by_name():
+    with pytest.raises(UnsupportedMethodError, match="Linear cannot be written.*vqad-hash"):
+        encode_any(torch.nn.Linear(2, 2))

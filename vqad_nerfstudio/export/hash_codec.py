@@ -1,0 +1,220 @@
+"""``vqad-hash`` and ``vqad-hash-random`` models <-> VQNF files (method payload in docs/format.md).
+
+Chunks: ``NETS`` (every parameter except the learned encoding's codebooks and index logits, fp16,
+as named arrays: nerfacto's MLPs, its proposal networks and, in random mode, the hash table), then
+per level of the learned encoding its ``CBOK`` (fp16 codebook) and ``IDXE`` or ``IDXR`` (the b-bit
+index entries, range-coded or bit-packed). All levels are needed to render (nerfacto concatenates
+them), so a truncated file is refused rather than decoded to fewer levels.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from vqad_nerfstudio.codec import (
+    Chunk,
+    FormatError,
+    TruncatedError,
+    decode_array,
+    decode_named_arrays,
+    encode_array,
+    encode_categorical,
+    encode_named_arrays,
+    pack_bits,
+    read_container,
+    unpack_bits,
+)
+from vqad_nerfstudio.codec.container import Source
+from vqad_nerfstudio.export.symbols import decode_symbols
+from vqad_nerfstudio.export.vqad_codec import (
+    TAG_CBOK,
+    TAG_IDXE,
+    TAG_IDXR,
+    DecodeInfo,
+    EncodedModel,
+    IndexCoding,
+    LevelStats,
+    _fp16,
+    _parse_aabb,
+)
+
+if TYPE_CHECKING:
+    from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
+
+TAG_NETS = "NETS"
+HASH_METHODS = ("vqad-hash", "vqad-hash-random")
+
+MODEL_KEYS = (
+    "index_mode",
+    "log2_codebook_size",
+    "index_table_size",
+    "index_bits",
+    "num_levels",
+    "base_res",
+    "max_res",
+    "features_per_level",
+    "hidden_dim",
+    "hidden_dim_color",
+    "appearance_embed_dim",
+    "use_appearance_embedding",
+    "background_color",
+    "disable_scene_contraction",
+    "num_proposal_samples_per_ray",
+    "num_nerf_samples_per_ray",
+    "num_proposal_iterations",
+    "proposal_net_args_list",
+    "use_same_proposal_network",
+    "use_single_jitter",
+    "near_plane",
+    "far_plane",
+)
+"""The LearnedIndexNerfactoModelConfig fields a file stores: what shapes the model or its renders."""
+
+
+def _net_parameters(model: "LearnedIndexNerfactoModel") -> Dict[str, torch.Tensor]:
+    """Every parameter (each once, by its first name) except the learned encoding's codebooks and logits, and
+    the training cameras' pose corrections (not part of the radiance field)."""
+    encoding = model.encoding
+    skip = set() if encoding.mode == "random" else {id(p) for p in (*encoding.codebooks, *encoding.index_logits)}
+    skip |= {id(p) for p in model.camera_optimizer.parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) not in skip}
+
+
+def encode_hash_model(
+    model: "LearnedIndexNerfactoModel", method: str, index_coding: IndexCoding = "entropy"
+) -> EncodedModel:
+    """Header, chunks and per-level statistics of a trained vqad-hash or vqad-hash-random model."""
+    if method not in HASH_METHODS:
+        raise ValueError(f"method must be one of {', '.join(HASH_METHODS)}, got {method!r}")
+    config, encoding = model.config, model.encoding
+    header: Dict[str, Any] = {
+        "method": method,
+        "model": {key: _jsonable(getattr(config, key)) for key in MODEL_KEYS},
+        "aabb": model.scene_box.aabb.detach().cpu().to(torch.float32).tolist(),
+        "levels": len(encoding.layouts),
+    }
+    nets = {name: _fp16(p, f"parameter {name}") for name, p in _net_parameters(model).items()}
+    chunks = [Chunk(TAG_NETS, None, encode_named_arrays(nets))]
+    stats = []
+    for level, layout in enumerate(encoding.layouts):
+        indices = encoding.hard_indices(level).cpu().numpy()
+        raw = pack_bits(indices, encoding.index_bits)
+        coded = encode_categorical(indices, 2**encoding.index_bits, context="auto")
+        codebook = encoding.codebooks[level]
+        chunks.append(Chunk(TAG_CBOK, level, encode_array(_fp16(codebook, f"level {level} codebook"))))
+        if index_coding == "entropy" and len(coded) <= len(raw):
+            chunks.append(Chunk(TAG_IDXE, level, coded))
+        else:
+            chunks.append(Chunk(TAG_IDXR, level, raw))
+        stats.append(
+            LevelStats(
+                lod=level,
+                resolution=layout.resolution,
+                cells=0,
+                vertices=layout.rows,
+                raw_index_bytes=len(raw),
+                entropy_index_bytes=len(coded),
+                float_feature_bytes=layout.rows * encoding.features_per_level * 2,
+            )
+        )
+    return EncodedModel(header, chunks, stats)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def load_hash_compressed(source: Source) -> Tuple["LearnedIndexNerfactoModel", DecodeInfo]:
+    """Rebuild a vqad-hash or vqad-hash-random model (CPU, eval mode) from a complete VQNF file."""
+    container = read_container(source, allow_truncated=True)
+    if not container.complete:
+        raise TruncatedError(
+            f"file truncated after {container.bytes_read} bytes; {container.header.get('method')} models need "
+            "every level of their encoding (they have no coarser levels of detail)"
+        )
+    method, config, aabb, levels = _parse_header(container.header)
+    nets, parts = _group_chunks(container.chunks, levels, config.index_mode)
+
+    from nerfstudio.data.scene_box import SceneBox
+
+    model: "LearnedIndexNerfactoModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
+    _load_nets(model, nets)
+    encoding = model.encoding
+    for level, level_parts in enumerate(parts):
+        codebook = encoding.codebooks[level]
+        array = decode_array(level_parts[TAG_CBOK])
+        if array.dtype != np.float16 or array.shape != tuple(codebook.shape):
+            raise FormatError(f"level {level} {TAG_CBOK}: expected float16 {tuple(codebook.shape)}, got {array.shape}")
+        codebook.data = torch.from_numpy(array.astype(np.float32))
+        rows, bits = encoding.layouts[level].rows, encoding.index_bits
+        if TAG_IDXE in level_parts:
+            indices = decode_symbols(level_parts[TAG_IDXE], rows, 2**bits, f"level {level} {TAG_IDXE}")
+        else:
+            indices = unpack_bits(level_parts[TAG_IDXR], bits, rows)
+        logits = torch.zeros(rows, 2**bits)
+        logits[torch.arange(rows), torch.from_numpy(indices.astype(np.int64))] = 1.0
+        encoding.index_logits[level].data = logits
+    model.eval()
+    return model, DecodeInfo(method, levels, levels, True, container.bytes_read)
+
+
+def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, torch.Tensor, int]:
+    from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+
+    from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModelConfig
+
+    method = header.get("method")
+    settings = header.get("model")
+    if method not in HASH_METHODS or not isinstance(settings, dict) or set(settings) != set(MODEL_KEYS):
+        raise FormatError(f"header: not a {' / '.join(HASH_METHODS)} header (method {method!r})")
+    settings = dict(settings)
+    for key in ("num_proposal_samples_per_ray",):
+        settings[key] = tuple(settings[key])
+    try:
+        config = LearnedIndexNerfactoModelConfig(**settings, camera_optimizer=CameraOptimizerConfig(mode="off"))
+    except (TypeError, ValueError) as error:
+        raise FormatError(f"header: invalid model settings: {error}") from None
+    levels = header.get("levels")
+    expected = config.num_levels if config.index_mode == "learned" else 0  # random mode: the table is in NETS
+    if levels != expected:
+        raise FormatError(f"header: levels must be {expected} for index_mode {config.index_mode!r}, got {levels!r}")
+    return method, config, _parse_aabb(header.get("aabb")), levels
+
+
+def _group_chunks(chunks: List[Chunk], levels: int, mode: str) -> Tuple[bytes, List[Dict[str, bytes]]]:
+    nets = [chunk.payload for chunk in chunks if chunk.tag == TAG_NETS]
+    if len(nets) != 1:
+        raise FormatError(f"expected one {TAG_NETS} chunk, found {len(nets)}")
+    parts: List[Dict[str, bytes]] = [{} for _ in range(levels)] if mode == "learned" else []
+    for chunk in chunks:
+        if chunk.tag in (TAG_CBOK, TAG_IDXE, TAG_IDXR):
+            if chunk.lod is None or chunk.lod >= len(parts) or chunk.tag in parts[chunk.lod]:
+                raise FormatError(f"unexpected {chunk.tag!r} chunk for level {chunk.lod}")
+            parts[chunk.lod][chunk.tag] = chunk.payload
+    for level, level_parts in enumerate(parts):
+        if TAG_CBOK not in level_parts or (TAG_IDXE in level_parts) == (TAG_IDXR in level_parts):
+            raise FormatError(f"level {level} needs one {TAG_CBOK} and one {TAG_IDXE} or {TAG_IDXR} chunk")
+    return nets[0], parts
+
+
+def _load_nets(model: "LearnedIndexNerfactoModel", payload: bytes) -> None:
+    arrays = decode_named_arrays(payload)
+    expected = _net_parameters(model)
+    if set(arrays) != set(expected):
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        raise FormatError(f"{TAG_NETS}: parameters do not fit the model (missing {missing[:3]}, extra {extra[:3]})")
+    for name, array in arrays.items():
+        parameter = expected[name]
+        if array.dtype != np.float16 or array.shape != tuple(parameter.shape):
+            raise FormatError(f"{TAG_NETS}: {name}: expected float16 {tuple(parameter.shape)}, got {array.shape}")
+        parameter.data = torch.from_numpy(array.astype(np.float32))
+
+
+__all__ = ["HASH_METHODS", "TAG_NETS", "encode_hash_model", "load_hash_compressed"]
