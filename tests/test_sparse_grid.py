@@ -35,7 +35,11 @@ def test_levels_grow_and_prune_to_occupied_space():
     # every point inside the ball is inside the topology at every level, with a nonzero feature path
     points = center + radius * 0.999 * torch.nn.functional.normalize(torch.randn(2000, 3), dim=-1) * torch.rand(2000, 1)
     for lod in range(3):
-        assert grid.inside(points, lod).all()
+        assert grid.inside(points, torch.full((2000,), lod)).all()
+    # inside() is the occupancy forward() reports, per point at its own level of detail
+    anywhere, lods = torch.rand(3000, 3), torch.randint(0, 3, (3000,))
+    assert torch.equal(grid.inside(anywhere, lods), grid(anywhere, lods)[1])
+    assert not grid.inside(anywhere, torch.full((3000,), 2)).all()
     # the finest level is much smaller than dense
     assert grid.levels[2].num_vertices < 0.5 * 17**3
 

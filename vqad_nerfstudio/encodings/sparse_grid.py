@@ -225,9 +225,14 @@ class SparseFeatureGrid(nn.Module):
             inside = torch.where(lod == index, occupied, inside)
         return features, inside
 
-    def inside(self, unit_positions: Float[Tensor, "n 3"], lod: int) -> Bool[Tensor, "n"]:
-        """Occupancy of points at level ``lod`` only (cheap: no feature lookup)."""
-        return self.levels[lod].locate(unit_positions)[2]
+    def inside(self, unit_positions: Float[Tensor, "n 3"], lod: Int[Tensor, "n"]) -> Bool[Tensor, "n"]:
+        """Occupancy of each point at its own level of detail, as :meth:`forward` reports it (no feature lookups)."""
+        lod = lod.clamp(0, max(self.grown_levels() - 1, 0))
+        inside = torch.zeros(unit_positions.shape[0], dtype=torch.bool, device=unit_positions.device)
+        for index in lod.unique().tolist():
+            selected = lod == index
+            inside[selected] = self.levels[index].locate(unit_positions[selected])[2]
+        return inside
 
     def prune(self, keep: CellFilter) -> List[RowRemap]:
         """Keep the cells ``keep`` accepts and their neighbours, level by level from coarse to fine.

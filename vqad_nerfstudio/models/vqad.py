@@ -1,13 +1,12 @@
 """nerfstudio model for VQAD ("Variable Bitrate Neural Fields", Takikawa et al. 2022).
 
 Rays are sampled uniformly (nerfstudio's samplers), samples outside the sparse grid's occupied
-cells are skipped (and, while training, also samples in voxels the occupancy estimate marks empty),
-the rest go through :class:`VQADField` and nerfstudio's renderers composite them. Until the first
-pruning, training also skips space that the occupancy estimate marks empty; from then on training
-samples exactly what a decoded model samples (the stored topology). Training callbacks update the
-occupancy estimate and prune the grid to the occupied region; each ray is trained at the
-finest level of detail or, for a fraction of rays, at a random coarser one so that every prefix of
-the levels renders.
+cells at the ray's level of detail are skipped (and, until the first pruning, also samples in
+voxels the occupancy estimate marks empty), the rest go through :class:`VQADField` and
+nerfstudio's renderers composite them. From the first pruning on, training samples exactly what a
+decoded model samples (the stored topology). Training callbacks update the occupancy estimate and
+prune the grid to the occupied region; each ray is trained at the finest level of detail or, for a
+fraction of rays, at a random coarser one so that every prefix of the levels renders.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from torch.nn import Parameter
 
 from vqad_nerfstudio.compat import allow_nerfstudio_checkpoints, optional_lpips
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
-from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, RowRemap, SparseFeatureGrid, coords_of
+from vqad_nerfstudio.encodings.sparse_grid import RowRemap, SparseFeatureGrid, cell_vertex_ids, coords_of
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures
 from vqad_nerfstudio.fields.vqad_field import VQADField
 from vqad_nerfstudio.models.size_accounting import model_size_report
@@ -233,15 +232,22 @@ class VQADModel(Model):
                 level.features.relaxed = step < warmup
 
     @torch.no_grad()
-    def _cells_with_density(self, cells: Tensor, resolution: int, batch: int = 1 << 16) -> Tensor:
-        """Cells where the field's density exceeds the pruning threshold at a corner or the centre."""
-        probes = torch.cat([CORNER_OFFSETS.float(), torch.full((1, 3), 0.5)]).to(cells.device)
-        keep = []
-        for chunk in torch.split(cells, batch):
-            points = (coords_of(chunk, resolution)[:, None, :].float() + probes[None]) / resolution
-            density, _, _ = self.field.density_at(points.reshape(-1, 3).clamp(0, 1))
-            keep.append((density.reshape(-1, probes.shape[0]) > self.occupancy.density_threshold).any(dim=-1))
-        return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool, device=cells.device)
+    def _cells_with_density(self, cells: Tensor, resolution: int, batch: int = 1 << 19) -> Tensor:
+        """Cells where the field's density exceeds the pruning threshold at a corner or the centre.
+
+        Neighbouring cells share corners: the density is evaluated once per distinct corner.
+        """
+        corners = cell_vertex_ids(cells, resolution)  # [n, 8] ids in the (resolution + 1)^3 vertex grid
+        vertices, corner_rows = torch.unique(corners, return_inverse=True)
+        points = (
+            torch.cat([coords_of(vertices, resolution + 1).float(), coords_of(cells, resolution).float() + 0.5])
+            / resolution
+        )
+        dense = (
+            torch.cat([self.field.density_at(chunk.clamp(0, 1))[0][:, 0] for chunk in torch.split(points, batch)])
+            > self.occupancy.density_threshold
+        )
+        return dense[corner_rows].any(dim=-1) | dense[vertices.numel() :]
 
     @torch.no_grad()
     def _density_for_occupancy(self, unit_positions: Tensor) -> Tensor:
@@ -267,7 +273,7 @@ class VQADModel(Model):
         positions = self.field.to_unit_cube(ray_samples.frustums.get_positions()).reshape(-1, 3)
         lods = self._ray_lods(num_rays, positions.device).repeat_interleave(num_samples)
 
-        candidate = self.grid.inside(positions, lod=0)
+        candidate = self.grid.inside(positions, lods)  # elsewhere the field has no density at the ray's LOD
         if self.training and not self.grid.pruned:  # warm-up: skip space the estimate marks empty
             candidate &= self.occupancy.occupied_at(positions)
         index = torch.nonzero(candidate).squeeze(-1)
