@@ -58,47 +58,11 @@ def hash_trainer_config(method_name: str, model: "LearnedIndexNerfactoModelConfi
     Runs on CUDA when present (4096 rays per step), else on the CPU (1024 rays per step).
     """
     import torch
-    from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
-    from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
-    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-    from nerfstudio.engine.optimizers import AdamOptimizerConfig
-    from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-    from nerfstudio.engine.trainer import TrainerConfig
 
-    from vqad_nerfstudio.pipeline import CheckedPipelineConfig
+    from vqad_nerfstudio.training import base_trainer_config
 
-    def adam(lr: float, final: float) -> dict:
-        return {
-            "optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15),
-            "scheduler": ExponentialDecaySchedulerConfig(lr_final=final, max_steps=3000),
-        }
-
-    cuda = torch.cuda.is_available()
-    rays = 4096 if cuda else 1024
-    return TrainerConfig(
-        method_name=method_name,
-        steps_per_eval_batch=500,
-        steps_per_eval_image=500,
-        steps_per_save=1000,
-        max_num_iterations=3000,
-        mixed_precision=False,
-        machine=MachineConfig(device_type="cuda" if cuda else "cpu"),
-        pipeline=CheckedPipelineConfig(
-            datamanager=VanillaDataManagerConfig(
-                dataparser=NerfstudioDataParserConfig(),
-                train_num_rays_per_batch=rays,
-                eval_num_rays_per_batch=rays,
-            ),
-            model=model,
-        ),
-        optimizers={
-            "proposal_networks": adam(1e-2, 1e-3),
-            "fields": adam(1e-2, 1e-3),
-            "camera_opt": adam(1e-3, 1e-4),
-        },
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
-        vis="viewer",
-    )
+    learning_rates = {"proposal_networks": (1e-2, 1e-3), "fields": (1e-2, 1e-3), "camera_opt": (1e-3, 1e-4)}
+    return base_trainer_config(method_name, model, 4096 if torch.cuda.is_available() else 1024, learning_rates)
 
 
 def _build() -> "MethodSpecification":
