@@ -47,13 +47,13 @@ def test_vertices_read_their_chosen_codeword():
     vertices = torch.tensor([[0, 0, 0], [1, 2, 3], [4, 4, 4], [3, 0, 2]])
     out = encoding(vertices.float() / 4)[:, :2]  # level 0 (resolution 4): exactly on its vertices
     rows = encoding.vertex_rows(0, vertices)
-    chosen = encoding.candidates(0, vertices).gather(-1, encoding.hard_indices(0)[rows][:, None]).squeeze(-1)
+    chosen = encoding.candidates(vertices).gather(-1, encoding.hard_indices(0)[rows][:, None]).squeeze(-1)
     torch.testing.assert_close(out, encoding.codebooks[0][chosen])
 
 
 def test_full_width_indices_choose_from_the_whole_codebook():
     encoding = learned(log2_codebook_size=3, index_bits=3)
-    candidates = encoding.candidates(1, torch.randint(0, 9, (10, 3)))
+    candidates = encoding.candidates(torch.randint(0, 9, (10, 3)))
     assert torch.equal(candidates, torch.arange(8).expand(10, 8))
 
 

@@ -158,9 +158,9 @@ class LearnedIndexHashEncoding(Encoding):
             return (vertices[..., 0] * size + vertices[..., 1]) * size + vertices[..., 2]
         return spatial_hash(vertices, _ROW_PRIMES, layout.rows)
 
-    def codebook_rows(self, level: int, vertices: Int[Tensor, "*b 3"], choices: Tensor) -> Tensor:
-        """Codebook rows that ``choices`` (in ``[0, 2**index_bits)``, shape ``[*b]`` or ``[*b, c]``) pick."""
-        del level  # every level hashes alike; kept for symmetry with vertex_rows
+    def codebook_rows(self, vertices: Int[Tensor, "*b 3"], choices: Tensor) -> Tensor:
+        """Codebook rows that ``choices`` (in ``[0, 2**index_bits)``, shape ``[*b]`` or ``[*b, c]``) pick
+        for ``vertices`` (every level hashes alike)."""
         if self.index_bits == self.log2_codebook_size:  # a free index into the whole codebook
             return choices
         base = spatial_hash(vertices, _BASE_PRIMES, 2**self.log2_codebook_size)
@@ -168,10 +168,10 @@ class LearnedIndexHashEncoding(Encoding):
             base = base[..., None]
         return torch.remainder(base + choices, 2**self.log2_codebook_size)
 
-    def candidates(self, level: int, vertices: Int[Tensor, "*b 3"]) -> Int[Tensor, "*b c"]:
-        """The ``2**index_bits`` codebook rows each vertex of ``level`` may use."""
+    def candidates(self, vertices: Int[Tensor, "*b 3"]) -> Int[Tensor, "*b c"]:
+        """The ``2**index_bits`` codebook rows each vertex may use (at any level)."""
         choices = torch.arange(2**self.index_bits, device=vertices.device)
-        return self.codebook_rows(level, vertices, choices.expand(*vertices.shape[:-1], -1))
+        return self.codebook_rows(vertices, choices.expand(*vertices.shape[:-1], -1))
 
     def hard_indices(self, level: int) -> Int[Tensor, "rows"]:
         """Each index entry's choice, in ``[0, 2**index_bits)``: what a compressed file stores."""
@@ -181,9 +181,9 @@ class LearnedIndexHashEncoding(Encoding):
         rows = self.vertex_rows(level, vertices)
         codebook = self.codebooks[level]
         if not torch.is_grad_enabled():  # hard lookups only: no per-candidate tensors
-            return codebook[self.codebook_rows(level, vertices, self.hard_indices(level)[rows])]
+            return codebook[self.codebook_rows(vertices, self.hard_indices(level)[rows])]
         logits = self.index_logits[level][rows]  # [n, 8, c]
-        candidates = self.candidates(level, vertices)  # [n, 8, c]
+        candidates = self.candidates(vertices)  # [n, 8, c]
         choices = candidates.shape[-1]
         chosen = straight_through_codewords(
             logits.reshape(-1, choices), codebook[candidates.reshape(-1, choices)], self.temperature

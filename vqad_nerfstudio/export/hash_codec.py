@@ -92,7 +92,7 @@ def encode_hash_model(
     config, encoding = model.config, model.encoding
     header: Dict[str, Any] = {
         "method": method,
-        "model": {key: _jsonable(getattr(config, key)) for key in MODEL_KEYS},
+        "model": {key: getattr(config, key) for key in MODEL_KEYS},  # JSON writes tuples as arrays
         "aabb": model.scene_box.aabb.detach().cpu().to(torch.float32).tolist(),
         "levels": len(encoding.layouts),
     }
@@ -121,14 +121,6 @@ def encode_hash_model(
             )
         )
     return EncodedModel(header, chunks, stats)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def load_hash_compressed(source: Source) -> Tuple["LearnedIndexNerfactoModel", DecodeInfo]:
