@@ -15,6 +15,7 @@ from vqad_nerfstudio.codec import (
     UnsupportedVersionError,
     describe,
     read_container,
+    read_header,
     write_container,
     write_container_file,
 )
@@ -252,3 +253,14 @@ def test_specification_example_bytes():
         "454E4421 FF 00 0000 00000000 BA03BB73"
     )
     assert write_container({"method": "x"}, [Chunk("ABCD", 3, b"xyz")]) == expected
+
+
+def test_read_header_checks_the_preamble_but_not_the_chunks():
+    data = write_container(HEADER, CHUNKS)
+    assert read_header(data) == HEADER
+    damaged_chunk = data[:-20] + bytes([data[-20] ^ 1]) + data[-19:]
+    assert read_header(damaged_chunk) == HEADER  # chunk CRCs are read_container's job
+    with pytest.raises(ChecksumError, match="header"):
+        read_header(data[:20] + bytes([data[20] ^ 1]) + data[21:])
+    with pytest.raises(BadMagicError):
+        read_header(b"NOPE" + data[4:])

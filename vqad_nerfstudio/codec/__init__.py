@@ -16,6 +16,7 @@ from .container import (
     Container,
     describe,
     read_container,
+    read_header,
     write_container,
     write_container_file,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "packed_size",
     "quantize_pmf",
     "read_container",
+    "read_header",
     "rescale_frequencies",
     "tables_from_bytes",
     "tables_to_bytes",

@@ -202,6 +202,11 @@ def _read_preamble(data: bytes) -> tuple[int, int, dict[str, Any], int]:
     return major, minor, header, end
 
 
+def read_header(source: Source) -> dict[str, Any]:
+    """The verified JSON header of a VQNF file (magic, version and header CRC checked; chunks not read)."""
+    return _read_preamble(_load(source))[2]
+
+
 def read_container(source: Source, allow_truncated: bool = False) -> Container:
     """Parse and verify a VQNF file from bytes or a path.
 

@@ -3,9 +3,10 @@ or the header's method (reading) picks the method payload."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Tuple
 
-from vqad_nerfstudio.codec import read_container
+from vqad_nerfstudio.codec import read_header
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.hash_codec import HASH_METHODS, encode_hash_model, load_hash_compressed
 from vqad_nerfstudio.export.methods import UnsupportedMethodError, vqad_method_names
@@ -32,7 +33,9 @@ def encode_any(
 
 def load_any(source: Source, max_lod: Optional[int] = None) -> Tuple[Any, DecodeInfo]:
     """Rebuild the model a VQNF file holds (``max_lod`` only for methods with levels of detail)."""
-    if read_container(source, allow_truncated=True).header.get("method") in HASH_METHODS:
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        source = Path(source).read_bytes()  # read the file once; the header picks the method payload
+    if read_header(source).get("method") in HASH_METHODS:
         if max_lod is not None:
             raise ValueError("vqad-hash files have no levels of detail; decode them without max_lod")
         return load_hash_compressed(source)
