@@ -52,7 +52,7 @@ class LearnedIndexNerfactoModel(NerfactoModel):
         with offline_lpips():
             super().populate_modules()
         cfg = self.config
-        self.encoding = LearnedIndexHashEncoding(
+        encoding = LearnedIndexHashEncoding(
             num_levels=cfg.num_levels,
             min_res=cfg.base_res,
             max_res=cfg.max_res,
@@ -63,8 +63,13 @@ class LearnedIndexNerfactoModel(NerfactoModel):
             mode=cfg.index_mode,
             implementation=cfg.implementation,
         )
-        self.encoding.temperature = cfg.index_temperature
-        replace_base_encoding(self.field, self.encoding, 2, cfg.hidden_dim, cfg.implementation)
+        encoding.temperature = cfg.index_temperature
+        replace_base_encoding(self.field, encoding, 2, cfg.hidden_dim, cfg.implementation)
+
+    @property
+    def encoding(self) -> LearnedIndexHashEncoding:
+        """The field's position encoding (held by the field only, so the state dict names it once)."""
+        return self.field.mlp_base[0]
 
     def encoding_bytes(self) -> float:
         """Bytes of the field's position encoding in a file (fp16 tables, b-bit indices)."""
