@@ -72,41 +72,12 @@ def demo_scene(tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
-def trained_run(demo_scene, tmp_path_factory, offline_env) -> Path:
-    output = tmp_path_factory.mktemp("runs")
-    result = _run(
-        "ns-train", "vqad", "--data", str(demo_scene), "--output-dir", str(output), *TRAIN_FLAGS,
-        env=offline_env, timeout=900,
-    )  # fmt: skip
+def _ns_train(method: str, flags: list, scene: Path, output: Path, env: dict) -> Path:
+    """Train ``method`` on ``scene`` as a user would, offline; return the run's config.yml."""
+    result = _run("ns-train", method, "--data", str(scene), "--output-dir", str(output), *flags, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stderr.count("LPIPS is skipped") == 1  # offline: one warning, no download attempt
-    (config,) = output.glob("*/vqad/*/config.yml")
-    return config
-
-
-def test_ns_eval_clears_psnr_threshold(trained_run, tmp_path, offline_env):
-    metrics_path = tmp_path / "eval.json"
-    result = _run(
-        "ns-eval", "--load-config", str(trained_run), "--output-path", str(metrics_path), env=offline_env, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads(metrics_path.read_text())["results"]
-    assert metrics["psnr"] > PSNR_THRESHOLD, metrics
-    assert "lpips" not in metrics  # skipped offline, not faked
-    assert metrics["stored_kib"] > 0
-
-
-@pytest.fixture(scope="module")
-def trained_hash_run(demo_scene, tmp_path_factory, offline_env) -> Path:
-    output = tmp_path_factory.mktemp("hash_runs")
-    result = _run(
-        "ns-train", "vqad-hash", "--data", str(demo_scene), "--output-dir", str(output), *HASH_FLAGS,
-        env=offline_env, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stderr.count("LPIPS is skipped") == 1
-    (config,) = output.glob("*/vqad-hash/*/config.yml")
+    (config,) = output.glob(f"*/{method}/*/config.yml")
     return config
 
 
@@ -114,6 +85,23 @@ def _ns_eval(config: Path, output: Path, env: dict) -> dict:
     result = _run("ns-eval", "--load-config", str(config), "--output-path", str(output), env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(output.read_text())["results"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_scene, tmp_path_factory, offline_env) -> Path:
+    return _ns_train("vqad", TRAIN_FLAGS, demo_scene, tmp_path_factory.mktemp("runs"), offline_env)
+
+
+def test_ns_eval_clears_psnr_threshold(trained_run, tmp_path, offline_env):
+    metrics = _ns_eval(trained_run, tmp_path / "eval.json", offline_env)
+    assert metrics["psnr"] > PSNR_THRESHOLD, metrics
+    assert "lpips" not in metrics  # skipped offline, not faked
+    assert metrics["stored_kib"] > 0
+
+
+@pytest.fixture(scope="module")
+def trained_hash_run(demo_scene, tmp_path_factory, offline_env) -> Path:
+    return _ns_train("vqad-hash", HASH_FLAGS, demo_scene, tmp_path_factory.mktemp("hash_runs"), offline_env)
 
 
 @pytest.fixture(scope="module")
