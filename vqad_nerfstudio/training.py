@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:
     from nerfstudio.engine.trainer import TrainerConfig
@@ -13,11 +13,16 @@ STEPS = 3000
 
 
 def base_trainer_config(
-    method_name: str, model: "ModelConfig", rays_per_batch: int, learning_rates: Dict[str, Tuple[float, float]]
+    method_name: str,
+    model: "ModelConfig",
+    rays_per_batch: int,
+    learning_rates: Dict[str, Tuple[float, float]],
+    steps: int = STEPS,
+    decay_steps: Optional[Mapping[str, int]] = None,
 ) -> "TrainerConfig":
-    """nerfstudio-format data (any parser through its subcommand), the checked pipeline, Adam per parameter
-    group decaying exponentially from its first to its last learning rate over :data:`STEPS` steps, on CUDA
-    when present, else on the CPU."""
+    """nerfstudio-format data (any parser through its subcommand), the checked pipeline, ``steps`` steps,
+    Adam per parameter group decaying exponentially from its first to its last learning rate over
+    ``decay_steps[group]`` steps (default: ``steps``), on CUDA when present, else on the CPU."""
     import torch
     from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
     from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
@@ -31,7 +36,9 @@ def base_trainer_config(
     optimizers = {
         group: {
             "optimizer": AdamOptimizerConfig(lr=first, eps=1e-15),
-            "scheduler": ExponentialDecaySchedulerConfig(lr_final=last, max_steps=STEPS),
+            "scheduler": ExponentialDecaySchedulerConfig(
+                lr_final=last, max_steps=(decay_steps or {}).get(group, steps)
+            ),
         }
         for group, (first, last) in learning_rates.items()
     }
@@ -40,7 +47,7 @@ def base_trainer_config(
         steps_per_eval_batch=500,
         steps_per_eval_image=500,
         steps_per_save=1000,
-        max_num_iterations=STEPS,
+        max_num_iterations=steps,
         mixed_precision=False,
         machine=MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu"),
         pipeline=CheckedPipelineConfig(

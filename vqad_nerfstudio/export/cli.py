@@ -30,15 +30,16 @@ def _fail(command: str, message: str) -> NoReturn:
 
 @dataclass
 class ExportVQADCompressed:
-    """Write a trained vqad, vqad-float, vqad-hash or vqad-hash-random run as one compressed, streamable file
-    (model.vqnf), print where its bytes go and save that report as model.size.json."""
+    """Write a trained run of this package (vqad, vqad-float, vqad-hash, vqad-hash-random, tensorf-compressed) as
+    one compressed, streamable file (model.vqnf), print where its bytes go and save that report as model.size.json."""
 
     load_config: Path
     """Path to the run's config.yml, as written by ns-train."""
     output_dir: Path
     """Directory to write model.vqnf and model.size.json into (created if missing)."""
     index_coding: Literal["entropy", "raw"] = "entropy"
-    """Codebook indices range-coded (entropy), or bit-packed at b bits each (raw, the reference)."""
+    """Codebook indices range-coded (entropy), or bit-packed at b bits each (raw, the reference); tensorf-compressed
+    latents are always range-coded."""
     overwrite: bool = False
     """Replace an existing model.vqnf."""
 

@@ -10,6 +10,7 @@ from vqad_nerfstudio.codec import read_header
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.hash_codec import HASH_METHODS, encode_hash_model, load_hash_compressed
 from vqad_nerfstudio.export.methods import UnsupportedMethodError, vqad_method_names
+from vqad_nerfstudio.export.planes_codec import PLANE_METHODS, encode_planes_model, load_planes_compressed
 from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, IndexCoding, encode_model, load_compressed
 
 __all__ = ["encode_any", "load_any"]
@@ -19,12 +20,15 @@ def encode_any(
     model: Any, method: Optional[str] = None, index_coding: IndexCoding = "entropy", progress: bool = False
 ) -> EncodedModel:
     """Header, chunks and level statistics of a trained model of any method of this package."""
+    from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel
     from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
     from vqad_nerfstudio.models.vqad import VQADModel
 
     if isinstance(model, LearnedIndexNerfactoModel):
         default = "vqad-hash" if model.config.index_mode == "learned" else "vqad-hash-random"
         return encode_hash_model(model, method or default, index_coding)
+    if isinstance(model, CompressedTensoRFModel):
+        return encode_planes_model(model, method or "tensorf-compressed")
     if isinstance(model, VQADModel):
         return encode_model(model, method, index_coding, progress)
     names = ", ".join(vqad_method_names())
@@ -35,8 +39,9 @@ def load_any(source: Source, max_lod: Optional[int] = None) -> Tuple[Any, Decode
     """Rebuild the model a VQNF file holds (``max_lod`` only for methods with levels of detail)."""
     if not isinstance(source, (bytes, bytearray, memoryview)):
         source = Path(source).read_bytes()  # read the file once; the header picks the method payload
-    if read_header(source).get("method") in HASH_METHODS:
+    method = read_header(source).get("method")
+    if method in HASH_METHODS or method in PLANE_METHODS:
         if max_lod is not None:
-            raise ValueError("vqad-hash files have no levels of detail; decode them without max_lod")
-        return load_hash_compressed(source)
+            raise ValueError(f"{method} files have no levels of detail; decode them without max_lod")
+        return load_hash_compressed(source) if method in HASH_METHODS else load_planes_compressed(source)
     return load_compressed(source, max_lod=max_lod)

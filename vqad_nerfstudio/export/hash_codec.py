@@ -19,15 +19,14 @@ from vqad_nerfstudio.codec import (
     FormatError,
     TruncatedError,
     decode_array,
-    decode_named_arrays,
     encode_array,
     encode_categorical,
-    encode_named_arrays,
     pack_bits,
     read_container,
     unpack_bits,
 )
 from vqad_nerfstudio.codec.container import Source
+from vqad_nerfstudio.export.payloads import encode_parameters, fp16_array, load_parameters, parse_aabb
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.vqad_codec import (
     TAG_CBOK,
@@ -37,8 +36,6 @@ from vqad_nerfstudio.export.vqad_codec import (
     EncodedModel,
     IndexCoding,
     LevelStats,
-    _fp16,
-    _parse_aabb,
 )
 
 if TYPE_CHECKING:
@@ -96,15 +93,14 @@ def encode_hash_model(
         "aabb": model.scene_box.aabb.detach().cpu().to(torch.float32).tolist(),
         "levels": len(encoding.layouts),
     }
-    nets = {name: _fp16(p, f"parameter {name}") for name, p in _net_parameters(model).items()}
-    chunks = [Chunk(TAG_NETS, None, encode_named_arrays(nets))]
+    chunks = [Chunk(TAG_NETS, None, encode_parameters(_net_parameters(model)))]
     stats = []
     for level, layout in enumerate(encoding.layouts):
         indices = encoding.hard_indices(level).cpu().numpy()
         raw = pack_bits(indices, encoding.index_bits)
         coded = encode_categorical(indices, 2**encoding.index_bits, context="auto")
         codebook = encoding.codebooks[level]
-        chunks.append(Chunk(TAG_CBOK, level, encode_array(_fp16(codebook, f"level {level} codebook"))))
+        chunks.append(Chunk(TAG_CBOK, level, encode_array(fp16_array(codebook, f"level {level} codebook"))))
         if index_coding == "entropy" and len(coded) <= len(raw):
             chunks.append(Chunk(TAG_IDXE, level, coded))
         else:
@@ -137,7 +133,7 @@ def load_hash_compressed(source: Source) -> Tuple["LearnedIndexNerfactoModel", D
     from nerfstudio.data.scene_box import SceneBox
 
     model: "LearnedIndexNerfactoModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
-    _load_nets(model, nets)
+    load_parameters(_net_parameters(model), nets, TAG_NETS)
     encoding = model.encoding
     for level, level_parts in enumerate(parts):
         codebook = encoding.codebooks[level]
@@ -177,7 +173,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, torch.Tensor, int]:
     expected = config.num_levels if config.index_mode == "learned" else 0  # random mode: the table is in NETS
     if levels != expected:
         raise FormatError(f"header: levels must be {expected} for index_mode {config.index_mode!r}, got {levels!r}")
-    return method, config, _parse_aabb(header.get("aabb")), levels
+    return method, config, parse_aabb(header.get("aabb")), levels
 
 
 def _group_chunks(chunks: List[Chunk], levels: int, mode: str) -> Tuple[bytes, List[Dict[str, bytes]]]:
@@ -194,19 +190,6 @@ def _group_chunks(chunks: List[Chunk], levels: int, mode: str) -> Tuple[bytes, L
         if TAG_CBOK not in level_parts or (TAG_IDXE in level_parts) == (TAG_IDXR in level_parts):
             raise FormatError(f"level {level} needs one {TAG_CBOK} and one {TAG_IDXE} or {TAG_IDXR} chunk")
     return nets[0], parts
-
-
-def _load_nets(model: "LearnedIndexNerfactoModel", payload: bytes) -> None:
-    arrays = decode_named_arrays(payload)
-    expected = _net_parameters(model)
-    if set(arrays) != set(expected):
-        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
-        raise FormatError(f"{TAG_NETS}: parameters do not fit the model (missing {missing[:3]}, extra {extra[:3]})")
-    for name, array in arrays.items():
-        parameter = expected[name]
-        if array.dtype != np.float16 or array.shape != tuple(parameter.shape):
-            raise FormatError(f"{TAG_NETS}: {name}: expected float16 {tuple(parameter.shape)}, got {array.shape}")
-        parameter.data = torch.from_numpy(array.astype(np.float32))
 
 
 __all__ = ["HASH_METHODS", "TAG_NETS", "encode_hash_model", "load_hash_compressed"]

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from nerfstudio.engine.trainer import TrainerConfig
 
 _EXPORTABLE = tuple(
-    f"vqad_nerfstudio.method_configs.{module}:" for module in ("vqad", "vqad_float", "vqad_hash", "vqad_hash_random")
+    f"vqad_nerfstudio.method_configs.{module}:"
+    for module in ("vqad", "vqad_float", "vqad_hash", "vqad_hash_random", "tensorf_compressed")
 )
 """Entry points of the methods whose models compressed files hold."""
 
@@ -27,7 +28,7 @@ def _entry_points() -> Dict[str, EntryPoint]:
 
 
 def vqad_method_names() -> List[str]:
-    """Names of the methods whose models compressed files hold (``vqad``, ``vqad-float``, ``vqad-hash``, ...)."""
+    """Names of the methods whose models compressed files hold (``vqad``, ``vqad-hash``, ...)."""
     return sorted(_entry_points())
 
 
@@ -43,6 +44,7 @@ def trainer_config(method: str) -> "TrainerConfig":
     """A fresh copy of the registered trainer configuration of one of :func:`vqad_method_names`."""
     from nerfstudio.plugins.types import MethodSpecification
 
+    from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModelConfig
     from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModelConfig
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
@@ -50,6 +52,8 @@ def trainer_config(method: str) -> "TrainerConfig":
     spec = _entry_points()[method].load()
     if not isinstance(spec, MethodSpecification):
         raise UnsupportedMethodError(f"method {method!r} is unavailable: {spec!r}")
-    if not isinstance(spec.config.pipeline.model, (VQADModelConfig, LearnedIndexNerfactoModelConfig)):
+    if not isinstance(
+        spec.config.pipeline.model, (VQADModelConfig, LearnedIndexNerfactoModelConfig, CompressedTensoRFModelConfig)
+    ):
         raise UnsupportedMethodError(f"method {method!r} does not train a model compressed files hold")
     return copy.deepcopy(spec.config)

@@ -17,7 +17,6 @@ tables (66k vertices), row-major order codes to 32,029 bytes, Morton order to 32
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple, get_args, get_origin, get_type_hints
@@ -45,6 +44,7 @@ from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.encodings.sparse_grid import GridLevel
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 from vqad_nerfstudio.export.methods import UnsupportedMethodError, check_method
+from vqad_nerfstudio.export.payloads import fp16_array, parse_aabb
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.topology import (
     decode_base_cells,
@@ -141,13 +141,6 @@ def _decoders(model: "VQADModel") -> nn.ModuleDict:
     return nn.ModuleDict({"density_mlp": model.field.density_mlp, "color_mlp": model.field.color_mlp})
 
 
-def _fp16(tensor: Tensor, what: str) -> np.ndarray:
-    values = tensor.detach().cpu().numpy().astype(np.float16)
-    if not np.isfinite(values).all():
-        raise ValueError(f"{what} has values that are not finite in fp16 (|x| > 65504, inf or nan)")
-    return values
-
-
 # ----------------------------------------------------------------------------------------- encoding
 def encode_model(
     model: "VQADModel", method: Optional[str] = None, index_coding: IndexCoding = "entropy", progress: bool = False
@@ -179,7 +172,7 @@ def encode_model(
         "aabb": aabb.tolist(),
         "levels": levels,
     }
-    decoders = {name: _fp16(p, f"decoder weight {name}") for name, p in _decoders(model).state_dict().items()}
+    decoders = {name: fp16_array(p, f"decoder weight {name}") for name, p in _decoders(model).state_dict().items()}
     chunks = [Chunk(TAG_MLPS, None, encode_named_arrays(decoders))]
     stats = []
     for lod in track(range(levels), description="Encoding levels of detail", disable=not progress):
@@ -203,13 +196,13 @@ def _encode_level(levels: nn.ModuleList, lod: int, index_coding: IndexCoding) ->
         raw = pack_bits(indices, store.bits)
         coded = encode_categorical(indices, 2**store.bits, context="auto")
         raw_bytes, entropy_bytes = len(raw), len(coded)
-        chunks.append(Chunk(TAG_CBOK, lod, encode_array(_fp16(store.codebook, f"level {lod} codebook"))))
+        chunks.append(Chunk(TAG_CBOK, lod, encode_array(fp16_array(store.codebook, f"level {lod} codebook"))))
         if index_coding == "entropy" and len(coded) <= len(raw):
             chunks.append(Chunk(TAG_IDXE, lod, coded))
         else:
             chunks.append(Chunk(TAG_IDXR, lod, raw))
     elif isinstance(store, FloatFeatures):
-        chunks.append(Chunk(TAG_FEAT, lod, encode_array(_fp16(store.features, f"level {lod} features"))))
+        chunks.append(Chunk(TAG_FEAT, lod, encode_array(fp16_array(store.features, f"level {lod} features"))))
     else:
         raise TypeError(f"level {lod}: cannot encode a {type(store).__name__}")
     stats = LevelStats(
@@ -297,20 +290,11 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
         config = VQADModelConfig(**settings, dense_resolution=0)
     except ValueError as error:
         raise FormatError(f"header: invalid model settings: {error}") from None
-    aabb = _parse_aabb(header["aabb"])
+    aabb = parse_aabb(header["aabb"])
     levels = header["levels"]
     if type(levels) is not int or not 1 <= levels <= config.num_levels:
         raise FormatError(f"header: levels must be an integer in 1..{config.num_levels}, got {levels!r}")
     return method, config, aabb, levels
-
-
-def _parse_aabb(aabb: Any) -> Tensor:
-    rows = aabb if isinstance(aabb, list) and len(aabb) == 2 else []
-    numbers = [x for row in rows if isinstance(row, list) and len(row) == 3 for x in row]
-    valid = len(numbers) == 6 and all(type(x) in (int, float) and math.isfinite(x) for x in numbers)
-    if not valid or not all(lo < hi for lo, hi in zip(numbers[:3], numbers[3:])):
-        raise FormatError(f"header: aabb must be [[x0, y0, z0], [x1, y1, z1]] with x0 < x1 etc., got {aabb!r}")
-    return torch.tensor(rows, dtype=torch.float32)
 
 
 def _group_chunks(container: Container, levels: int) -> Tuple[Optional[bytes], List[Dict[str, bytes]]]:

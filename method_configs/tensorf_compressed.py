@@ -1,0 +1,68 @@
+"""``ns-train tensorf-compressed``: nerfstudio's tensorf, then its feature planes compressed (Pham & Mandt 2024).
+
+Presets of the paper: ``tensorf-compressed`` is ECTensoRF-H (192 latent / 96 decoder channels),
+``tensorf-compressed-l`` ECTensoRF-L (384 / 192). Compress an existing tensorf run instead of training
+stage 1 with ``--pipeline.model.tensorf-checkpoint RUN/config.yml``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vqad_nerfstudio.plugin import load_method
+
+if TYPE_CHECKING:
+    from nerfstudio.engine.trainer import TrainerConfig
+    from nerfstudio.plugins.types import MethodSpecification
+
+
+def compressed_tensorf_trainer_config(method_name: str, latent_channels: int, decoder_channels: int) -> "TrainerConfig":
+    """tensorf's settings and learning rates for stage 1; the paper's learning rates for stage 2
+    (latents 0.02, networks 0.001, decaying tenfold over the compression steps)."""
+    import torch
+    from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+
+    from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModelConfig
+    from vqad_nerfstudio.training import base_trainer_config
+
+    model = CompressedTensoRFModelConfig(
+        regularization="tv",
+        camera_optimizer=CameraOptimizerConfig(mode="off"),
+        latent_channels=latent_channels,
+        decoder_channels=decoder_channels,
+        eval_num_rays_per_chunk=1 << 15,
+    )
+    stage1, stage2 = model.compression_start_step, model.compression_steps
+    learning_rates = {
+        "fields": (1e-3, 1e-4),
+        "encodings": (0.02, 0.002),
+        "camera_opt": (1e-4, 1e-5),
+        "latents": (0.02, 0.002),
+        "plane_coder": (1e-3, 1e-4),
+    }
+    decay = {"fields": stage1 + stage2, "encodings": stage1, "latents": stage2, "plane_coder": stage2}
+    rays = 4096 if torch.cuda.is_available() else 1024
+    return base_trainer_config(method_name, model, rays, learning_rates, stage1 + stage2, decay)
+
+
+def _build_h() -> "MethodSpecification":
+    from nerfstudio.plugins.types import MethodSpecification
+
+    return MethodSpecification(
+        config=compressed_tensorf_trainer_config("tensorf-compressed", 192, 96),
+        description="tensorf, then its feature planes coded as entropy-coded masked latents with a tiny decoder "
+        "(Neural NeRF Compression, ECTensoRF-H: 192/96 channels).",
+    )
+
+
+def _build_l() -> "MethodSpecification":
+    from nerfstudio.plugins.types import MethodSpecification
+
+    return MethodSpecification(
+        config=compressed_tensorf_trainer_config("tensorf-compressed-l", 384, 192),
+        description="tensorf-compressed with the paper's low-compression preset ECTensoRF-L (384/192 channels).",
+    )
+
+
+tensorf_compressed = load_method("tensorf-compressed", _build_h)
+tensorf_compressed_l = load_method("tensorf-compressed-l", _build_l)
