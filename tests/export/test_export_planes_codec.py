@@ -45,7 +45,6 @@ def test_latents_masks_and_renders_round_trip(latents):
     assert info.complete and info.method == "tensorf-compressed"
     assert torch.equal(decoded.latent_planes.hard_latents(), model.latent_planes.hard_latents())
     assert torch.equal(decoded.latent_planes.hard_masks(), model.latent_planes.hard_masks())
-    points = torch.rand(400, 3) * 2 - 1
     with torch.no_grad():
         expected = model.latent_planes().planes
         assert torch.equal(decoded.latent_planes().planes, expected)  # same fp16-exact decoder, same integers
