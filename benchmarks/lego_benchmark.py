@@ -1,4 +1,5 @@
-"""Side-by-side benchmark on a Blender scene: nerfstudio's tensorf, vqad and vqad-float.
+"""Side-by-side benchmark on a Blender scene: nerfstudio's tensorf, vqad and vqad-float (and, on request,
+vqad-hash against its random-index twin, and tensorf-compressed at several rate weights).
 
 Every method trains in this one process for the same wall-clock budget (nerfstudio's Trainer,
 stopped by a callback when the budget is spent), then renders the eval split at full resolution.
@@ -7,6 +8,10 @@ evaluated per level of detail; the time from file bytes to the first rendered fr
 The last thing printed is the tables. Run on one GPU:
 
     python benchmarks/lego_benchmark.py --data ../shared/data/blender-lego-400 --budget-s 120
+
+``--plane-lambdas`` compresses the tensorf run just trained (its checkpoint, no retraining) with
+tensorf-compressed once per rate weight, each for ``--plane-steps`` steps, and adds a rate-distortion
+table and plot.
 
 tensorf builds LPIPS (a download) in its constructor; models are built inside
 ``vqad_nerfstudio.compat.offline_lpips``, so the comparison runs offline. LPIPS is not part of the table.
@@ -20,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import tyro
@@ -45,8 +50,14 @@ class BenchmarkConfig:
     hash_sizes: Tuple[int, ...] = ()
     """Also run vqad-hash (learned indices) and vqad-hash-random at these sizes of the random twin's table
     (log2 entries per level), each pair matched in stored bytes; adds a table and hash_comparison.png."""
+    plane_lambdas: Tuple[float, ...] = ()
+    """Also compress the tensorf run (tensorf must be in --methods) with tensorf-compressed at these rate weights;
+    adds a rate-distortion table and planes_rd.png."""
+    plane_steps: int = 2000
+    """Compression steps of each tensorf-compressed run (fixed steps, not the time budget)."""
     overrides: Dict[str, str] = field(default_factory=dict)
-    """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.bits=6)."""
+    """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.bits=6); METHOD may be a
+    tagged name (vqad-hash@12) or a base name for all its tags."""
 
 
 def _apply_override(config, path: str, value: str) -> None:
@@ -64,7 +75,7 @@ def _apply_override(config, path: str, value: str) -> None:
     setattr(target, leaf, parsed)
 
 
-def _trainer_config(method: str, bench: BenchmarkConfig):
+def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Path] = None):
     from nerfstudio.configs.method_configs import all_methods
     from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 
@@ -74,6 +85,10 @@ def _trainer_config(method: str, bench: BenchmarkConfig):
         from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
 
         config.pipeline.model = hash_model_config("random" if base == "vqad-hash-random" else "learned", int(tag))
+    if base == "tensorf-compressed":  # one point of the rate-distortion curve
+        config.pipeline.model.tensorf_checkpoint = tensorf_checkpoint
+        config.pipeline.model.rate_lambda = float(tag)
+        config.pipeline.model.compression_steps = bench.plane_steps
     config.pipeline.datamanager.dataparser = BlenderDataParserConfig()
     config.pipeline.datamanager.data = bench.data
     config.output_dir = bench.output_dir
@@ -85,16 +100,18 @@ def _trainer_config(method: str, bench: BenchmarkConfig):
     config.vis = "tensorboard"
     config.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
     for key, value in bench.overrides.items():
-        name, path = key.split(".", 1)
-        if name == method:
-            _apply_override(config, path, value)
+        for name in (method, base):  # METHOD@TAG.path, or METHOD.path for every tag of METHOD
+            if key.startswith(name + "."):
+                _apply_override(config, key[len(name) + 1 :], value)
+                break
     return config
 
 
-def _train(method: str, bench: BenchmarkConfig):
+def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Path] = None):
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
-    config = _trainer_config(method, bench)
+    config = _trainer_config(method, bench, tensorf_checkpoint)
+    fixed_steps = method.startswith("tensorf-compressed")
     from vqad_nerfstudio.compat import offline_lpips
 
     trainer = config.setup(local_rank=0, world_size=1)
@@ -103,7 +120,7 @@ def _train(method: str, bench: BenchmarkConfig):
     start = time.perf_counter()
 
     def stop_when_spent(step: int) -> None:
-        if time.perf_counter() - start >= bench.budget_s:
+        if not fixed_steps and time.perf_counter() - start >= bench.budget_s:
             trainer.stop_training = True
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], stop_when_spent))
@@ -217,6 +234,8 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
         "index_bytes_entropy": report["index_bytes_entropy"],
         "index_bytes_raw": report["index_bytes_raw"],
         "decoder_bytes": report["decoder_bytes"],
+        "grid_bytes": report["grid_bytes"],
+        "float_grid_bytes": report["float_grid_bytes"],
         "decode_to_first_frame_s": decode_s,
         "decoded_psnr": decoded_psnr,
         "per_lod": per_lod,
@@ -231,8 +250,14 @@ def main(bench: BenchmarkConfig) -> None:
     methods = list(bench.methods)
     for size in bench.hash_sizes:
         methods += [f"vqad-hash@{size}", f"vqad-hash-random@{size}"]
+    if bench.plane_lambdas and "tensorf" not in methods:
+        raise SystemExit("--plane-lambdas compresses the tensorf run: add tensorf to --methods")
+    methods += [f"tensorf-compressed@{rate:g}" for rate in bench.plane_lambdas]
+    tensorf_checkpoint = None
     for method in methods:
-        trainer, steps, seconds, peak, checkpoint = _train(method, bench)
+        trainer, steps, seconds, peak, checkpoint = _train(method, bench, tensorf_checkpoint)
+        if method == "tensorf":
+            tensorf_checkpoint = checkpoint
         pipeline = trainer.pipeline
         psnr, ssim, rays_per_s = _evaluate(
             pipeline.model, pipeline.datamanager.eval_dataset, pipeline.device, bench.max_eval_views
@@ -248,7 +273,7 @@ def main(bench: BenchmarkConfig) -> None:
             "checkpoint_bytes": checkpoint.stat().st_size,
             **_stored_bytes(pipeline),
         }
-        if hasattr(pipeline.model, "grid") or hasattr(pipeline.model, "encoding_bytes"):
+        if any(hasattr(pipeline.model, name) for name in ("grid", "encoding_bytes", "latent_planes")):
             row["compressed"] = _compressed(pipeline, method, bench)
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -268,6 +293,9 @@ def main(bench: BenchmarkConfig) -> None:
     if bench.hash_sizes:
         _plot_hash_comparison(results, bench.output_dir / "hash_comparison.png", device)
         print(_hash_table(results, bench.hash_sizes))
+    if bench.plane_lambdas:
+        _plot_planes(results, bench.output_dir / "planes_rd.png", device)
+        print(_planes_table(results))
 
 
 def _fmt_bytes(value: float) -> str:
@@ -373,6 +401,58 @@ def _plot_hash_comparison(results: List[Dict], path: Path, device: str) -> None:
         axis.plot([r["feature_grid_bytes"] / 1e3 for r in rows], [r["psnr"] for r in rows], "o-", label=label)
     axis.set_xscale("log")
     axis.set_xlabel("encoding size (kB)")
+    axis.set_ylabel("PSNR (dB)")
+    axis.set_title(f"lego, {device}")
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def _plane_rows(results: List[Dict]) -> Tuple[Dict, List[Dict]]:
+    by_name = {r["method"]: r for r in results}
+    rows = [r for r in results if r["method"].startswith("tensorf-compressed@")]
+    return by_name["tensorf"], sorted(rows, key=lambda r: r["compressed"]["file_bytes"])
+
+
+def _planes_table(results: List[Dict]) -> str:
+    """tensorf-compressed against the tensorf run it compressed: plane bytes, file, quality, time."""
+    tensorf, rows = _plane_rows(results)
+    lines = [
+        f"\ntensorf (uncompressed): PSNR {tensorf['psnr']:.2f}, SSIM {tensorf['ssim']:.3f}, "
+        f"{tensorf['steps']} steps, checkpoint {_fmt_bytes(tensorf['checkpoint_bytes'])}",
+        "| lambda | planes before (fp32) | planes after (coded + decoder) | planes x smaller | file | PSNR | "
+        "vs tensorf | SSIM | decoded PSNR | compression wall time | file to first frame |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r["compressed"]
+        lines.append(
+            f"| {r['method'].split('@')[1]} | {_fmt_bytes(c['float_grid_bytes'])} | {_fmt_bytes(c['grid_bytes'])} | "
+            f"{c['float_grid_bytes'] / c['grid_bytes']:.1f} | {_fmt_bytes(c['file_bytes'])} | {r['psnr']:.2f} | "
+            f"{r['psnr'] - tensorf['psnr']:+.2f} dB | {r['ssim']:.3f} | {c['decoded_psnr']:.2f} | "
+            f"{r['steps'] * r['ms_per_step'] / 1000:.0f} s ({r['steps']} steps) | "
+            f"{c['decode_to_first_frame_s']:.2f} s |"
+        )
+    return "\n".join(lines)
+
+
+def _plot_planes(results: List[Dict], path: Path, device: str) -> None:
+    """Rate-distortion curve: PSNR against file bytes, with the uncompressed tensorf as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tensorf, rows = _plane_rows(results)
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot([r["compressed"]["file_bytes"] / 1e6 for r in rows], [r["psnr"] for r in rows], "o-",
+              label="tensorf-compressed (file)")  # fmt: skip
+    for r in rows:
+        axis.annotate(f"λ={r['method'].split('@')[1]}", (r["compressed"]["file_bytes"] / 1e6, r["psnr"]), fontsize=7)
+    axis.axhline(tensorf["psnr"], color="gray", linestyle="--", label="tensorf (uncompressed)")
+    axis.set_xscale("log")
+    axis.set_xlabel("file size (MB)")
     axis.set_ylabel("PSNR (dB)")
     axis.set_title(f"lego, {device}")
     axis.legend()
