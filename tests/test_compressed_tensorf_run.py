@@ -132,9 +132,10 @@ def test_stage_two_alone_compresses_a_nerfstudio_tensorf_run(scene, tmp_path, of
     assert _ns_eval(config, offline_env)["psnr"] > PSNR_THRESHOLD
 
 
-def test_a_tensorf_checkpoint_that_does_not_fit_fails_clearly(scene, tmp_path, offline_env):
+def test_a_missing_tensorf_checkpoint_fails_clearly(scene, tmp_path, offline_env):
+    missing = ["--pipeline.model.tensorf-checkpoint", str(tmp_path / "none")]
     command = [str(Path(sys.executable).with_name("ns-train")), "tensorf-compressed", "--data", str(scene),
-               "--output-dir", str(tmp_path), *SMALL, "--pipeline.model.tensorf-checkpoint", str(tmp_path / "none")]  # fmt: skip
+               "--output-dir", str(tmp_path), *SMALL, *missing]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=offline_env, timeout=600)
     assert result.returncode != 0
     assert "does not exist" in result.stdout + result.stderr

@@ -1,8 +1,9 @@
 """Where the bytes of a compressed file go: per chunk, per level of detail, and against references.
 
 References: the indices bit-packed at b bits (``IDXR``) next to range-coded (``IDXE``), and the
-same model with an fp16 float feature vector per vertex instead of codebook indices (what the
-``vqad-float`` twin stores for the same topology).
+same model with its coded part stored as plain floats: an fp16 feature vector per vertex instead of
+codebook indices for VQAD (what the ``vqad-float`` twin stores for the same topology), per index
+entry for vqad-hash, and the fp32 planes tensorf stores for tensorf-compressed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vqad_nerfstudio.codec import describe, read_container
+from vqad_nerfstudio.export.hash_codec import HASH_METHODS
+from vqad_nerfstudio.export.planes_codec import PLANE_METHODS
 from vqad_nerfstudio.export.vqad_codec import TAG_MLPS, TAG_TOPO, EncodedModel
 
 __all__ = ["size_report", "print_size_report"]
@@ -48,6 +51,7 @@ def size_report(encoded: EncodedModel, data: bytes) -> Dict[str, Any]:
     float_reference_bytes = file_bytes - grid_bytes + float_grid_bytes
     return {
         "method": encoded.header["method"],
+        "reference": _reference(encoded.header["method"]),
         "file_bytes": file_bytes,
         "header_bytes": header_bytes,
         "decoder_bytes": decoder_bytes,
@@ -61,6 +65,15 @@ def size_report(encoded: EncodedModel, data: bytes) -> Dict[str, Any]:
         "float_reference_bytes": float_reference_bytes,
         "file_ratio": float_reference_bytes / file_bytes if grid_bytes else None,
     }
+
+
+def _reference(method: str) -> str:
+    """What the float reference stores in place of the coded part."""
+    if method in PLANE_METHODS:
+        return "the uncompressed planes, fp32 as tensorf stores them"
+    if method in HASH_METHODS:
+        return "an fp16 feature vector per index entry"
+    return "an fp16 feature vector per vertex, same topology"
 
 
 def _total(levels: List[Dict[str, Any]], key: str) -> Optional[int]:
@@ -119,7 +132,7 @@ def print_size_report(report: Dict[str, Any], console: Optional[Console] = None)
     if report["grid_ratio"] is None:
         return
     console.print(
-        f"Float reference (fp16 feature per vertex, same topology): grid {_kib(report['float_grid_bytes'])} KiB "
+        f"Float reference ({report['reference']}): {_kib(report['float_grid_bytes'])} KiB "
         f"vs {_kib(report['grid_bytes'])} KiB stored ({report['grid_ratio']:.1f}x); whole file "
         f"{_kib(report['float_reference_bytes'])} KiB vs {_kib(report['file_bytes'])} KiB ({report['file_ratio']:.1f}x)"
     )
