@@ -80,6 +80,8 @@ class CompressedTensoRFModelConfig(TensoRFModelConfig):
             raise ValueError("compression_steps must be >= 1 and compression_start_step >= 0")
         if self.rate_lambda < 0 or self.plane_loss_weight < 0:
             raise ValueError("rate_lambda and plane_loss_weight must be >= 0")
+        if self.tensorf_checkpoint is not None:
+            resolve_tensorf_checkpoint(self.tensorf_checkpoint)  # fail at the command line, not after data loading
 
     @property
     def start_step(self) -> int:
