@@ -23,9 +23,10 @@ import copy
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import tyro
@@ -179,14 +180,6 @@ def _evaluate(model, dataset, device, max_views: int) -> Tuple[float, float, flo
 
 def _stored_bytes(pipeline) -> Dict[str, float]:
     model = pipeline.model
-    if hasattr(model, "latent_planes"):  # the file: coded planes, decoder, fp16 lines and MLP
-        from vqad_nerfstudio.codec import write_container
-        from vqad_nerfstudio.export.formats import encode_any
-
-        encoded = encode_any(model)
-        planes = sum(len(chunk.payload) for chunk in encoded.chunks if chunk.lod == 0)
-        file_bytes = len(write_container(encoded.header, encoded.chunks))
-        return {"stored_bytes": file_bytes, "feature_grid_bytes": planes, "vertices": float("nan")}
     if hasattr(model, "grid"):
         from vqad_nerfstudio.models.size_accounting import model_size_report
 
@@ -218,8 +211,12 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
     base_method = method.split("@")[0]
     encoded = encode_any(pipeline.model, base_method, index_coding="entropy")
     data = write_container(encoded.header, encoded.chunks)
-    raw = encode_any(pipeline.model, base_method, index_coding="raw")
     report = size_report(encoded, data)
+    if report["index_bytes_raw"] is None:  # no codebook indices: the raw-packed file is the same file
+        raw_bytes = len(data)
+    else:
+        raw = encode_any(pipeline.model, base_method, index_coding="raw")
+        raw_bytes = len(write_container(raw.header, raw.chunks))
     dataset, device = pipeline.datamanager.eval_dataset, pipeline.device
 
     _sync()
@@ -238,7 +235,7 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
         per_lod.append({"lod": level["lod"], "cumulative_bytes": level["cumulative_bytes"], "psnr": psnr})
     return {
         "file_bytes": len(data),
-        "file_bytes_raw": len(write_container(raw.header, raw.chunks)),
+        "file_bytes_raw": raw_bytes,
         "index_bytes_entropy": report["index_bytes_entropy"],
         "index_bytes_raw": report["index_bytes_raw"],
         "decoder_bytes": report["decoder_bytes"],
@@ -283,6 +280,8 @@ def main(bench: BenchmarkConfig) -> None:
         }
         if any(hasattr(pipeline.model, name) for name in ("grid", "encoding_bytes", "latent_planes")):
             row["compressed"] = _compressed(pipeline, method, bench)
+        if hasattr(pipeline.model, "latent_planes"):  # stored: the file (coded planes, decoder, fp16 lines and MLP)
+            row.update(stored_bytes=row["compressed"]["file_bytes"], feature_grid_bytes=row["compressed"]["grid_bytes"])
         results.append(row)
         print(json.dumps(row), flush=True)
         bench.output_dir.mkdir(parents=True, exist_ok=True)
@@ -396,25 +395,32 @@ def _hash_table(results: List[Dict], sizes: Tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
-def _plot_hash_comparison(results: List[Dict], path: Path, device: str) -> None:
-    """PSNR against encoding bytes, learned and random indices."""
+@contextmanager
+def _psnr_plot(path: Path, device: str, xlabel: str) -> Iterator[Any]:
+    """An axis for PSNR against size (log scale), saved to ``path`` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    for prefix, label in (("vqad-hash@", "learned indices (vqad-hash)"), ("vqad-hash-random@", "random indices")):
-        rows = sorted((r for r in results if r["method"].startswith(prefix)), key=lambda r: r["feature_grid_bytes"])
-        axis.plot([r["feature_grid_bytes"] / 1e3 for r in rows], [r["psnr"] for r in rows], "o-", label=label)
+    yield axis
     axis.set_xscale("log")
-    axis.set_xlabel("encoding size (kB)")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel("PSNR (dB)")
     axis.set_title(f"lego, {device}")
     axis.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
+
+
+def _plot_hash_comparison(results: List[Dict], path: Path, device: str) -> None:
+    """PSNR against encoding bytes, learned and random indices."""
+    with _psnr_plot(path, device, "encoding size (kB)") as axis:
+        for prefix, label in (("vqad-hash@", "learned indices (vqad-hash)"), ("vqad-hash-random@", "random indices")):
+            rows = sorted((r for r in results if r["method"].startswith(prefix)), key=lambda r: r["feature_grid_bytes"])
+            axis.plot([r["feature_grid_bytes"] / 1e3 for r in rows], [r["psnr"] for r in rows], "o-", label=label)
 
 
 def _plane_rows(results: List[Dict]) -> Tuple[Dict, List[Dict]]:
@@ -447,26 +453,13 @@ def _planes_table(results: List[Dict]) -> str:
 
 def _plot_planes(results: List[Dict], path: Path, device: str) -> None:
     """Rate-distortion curve: PSNR against file bytes, with the uncompressed tensorf as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tensorf, rows = _plane_rows(results)
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot([r["compressed"]["file_bytes"] / 1e6 for r in rows], [r["psnr"] for r in rows], "o-",
-              label="tensorf-compressed (file)")  # fmt: skip
-    for r in rows:
-        axis.annotate(f"λ={r['method'].split('@')[1]}", (r["compressed"]["file_bytes"] / 1e6, r["psnr"]), fontsize=7)
-    axis.axhline(tensorf["psnr"], color="gray", linestyle="--", label="tensorf (uncompressed)")
-    axis.set_xscale("log")
-    axis.set_xlabel("file size (MB)")
-    axis.set_ylabel("PSNR (dB)")
-    axis.set_title(f"lego, {device}")
-    axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    with _psnr_plot(path, device, "file size (MB)") as axis:
+        sizes = [r["compressed"]["file_bytes"] / 1e6 for r in rows]
+        axis.plot(sizes, [r["psnr"] for r in rows], "o-", label="tensorf-compressed (file)")
+        for size, r in zip(sizes, rows):
+            axis.annotate(f"λ={r['method'].split('@')[1]}", (size, r["psnr"]), fontsize=7)
+        axis.axhline(tensorf["psnr"], color="gray", linestyle="--", label="tensorf (uncompressed)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``ns-train tensorf-compressed``: nerfstudio's tensorf, then its feature planes compressed (Pham & Mandt 2024).
 
-Presets of the paper: ``tensorf-compressed`` is ECTensoRF-H (192 latent / 96 decoder channels),
-``tensorf-compressed-l`` ECTensoRF-L (384 / 192). Compress an existing tensorf run instead of training
+The paper's preset ECTensoRF-H (192 latent / 96 decoder channels); ``tensorf-compressed-l`` is ECTensoRF-L.
+Compress an existing tensorf run instead of training
 stage 1 with ``--pipeline.model.tensorf-checkpoint RUN/config.yml``.
 """
 
@@ -45,7 +45,7 @@ def compressed_tensorf_trainer_config(method_name: str, latent_channels: int, de
     return base_trainer_config(method_name, model, rays, learning_rates, stage1 + stage2, decay)
 
 
-def _build_h() -> "MethodSpecification":
+def _build() -> "MethodSpecification":
     from nerfstudio.plugins.types import MethodSpecification
 
     return MethodSpecification(
@@ -55,14 +55,4 @@ def _build_h() -> "MethodSpecification":
     )
 
 
-def _build_l() -> "MethodSpecification":
-    from nerfstudio.plugins.types import MethodSpecification
-
-    return MethodSpecification(
-        config=compressed_tensorf_trainer_config("tensorf-compressed-l", 384, 192),
-        description="tensorf-compressed with the paper's low-compression preset ECTensoRF-L (384/192 channels).",
-    )
-
-
-tensorf_compressed = load_method("tensorf-compressed", _build_h)
-tensorf_compressed_l = load_method("tensorf-compressed-l", _build_l)
+tensorf_compressed = load_method("tensorf-compressed", _build)

@@ -17,16 +17,20 @@ import torch
 from vqad_nerfstudio.codec import (
     Chunk,
     FormatError,
-    TruncatedError,
     decode_array,
     encode_array,
     encode_categorical,
     pack_bits,
-    read_container,
     unpack_bits,
 )
 from vqad_nerfstudio.codec.container import Source
-from vqad_nerfstudio.export.payloads import encode_parameters, fp16_array, load_parameters, parse_aabb
+from vqad_nerfstudio.export.payloads import (
+    encode_parameters,
+    fp16_array,
+    load_parameters,
+    parse_aabb,
+    read_complete_container,
+)
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.vqad_codec import (
     TAG_CBOK,
@@ -121,12 +125,7 @@ def encode_hash_model(
 
 def load_hash_compressed(source: Source) -> Tuple["LearnedIndexNerfactoModel", DecodeInfo]:
     """Rebuild a vqad-hash or vqad-hash-random model (CPU, eval mode) from a complete VQNF file."""
-    container = read_container(source, allow_truncated=True)
-    if not container.complete:
-        raise TruncatedError(
-            f"file truncated after {container.bytes_read} bytes; {container.header.get('method')} models need "
-            "every level of their encoding (they have no coarser levels of detail)"
-        )
+    container = read_complete_container(source, "every level of their encoding")
     method, config, aabb, levels = _parse_header(container.header)
     nets, parts = _group_chunks(container.chunks, levels, config.index_mode)
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 _EXPORTABLE = tuple(
     f"vqad_nerfstudio.method_configs.{module}:"
-    for module in ("vqad", "vqad_float", "vqad_hash", "vqad_hash_random", "tensorf_compressed")
+    for module in ("vqad", "vqad_float", "vqad_hash", "vqad_hash_random", "tensorf_compressed", "tensorf_compressed_l")
 )
 """Entry points of the methods whose models compressed files hold."""
 

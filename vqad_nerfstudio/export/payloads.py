@@ -9,9 +9,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqad_nerfstudio.codec import FormatError, decode_named_arrays, encode_named_arrays
+from vqad_nerfstudio.codec import (
+    Container,
+    FormatError,
+    TruncatedError,
+    decode_named_arrays,
+    encode_named_arrays,
+    read_container,
+)
+from vqad_nerfstudio.codec.container import Source
 
-__all__ = ["fp16_array", "encode_parameters", "load_parameters", "parse_aabb"]
+__all__ = ["fp16_array", "encode_parameters", "load_parameters", "parse_aabb", "read_complete_container"]
 
 
 def fp16_array(tensor: Tensor, what: str) -> np.ndarray:
@@ -53,3 +61,15 @@ def parse_aabb(aabb: Any) -> Tensor:
     if not valid or not all(lo < hi for lo, hi in zip(numbers[:3], numbers[3:])):
         raise FormatError(f"header: aabb must be [[x0, y0, z0], [x1, y1, z1]] with x0 < x1 etc., got {aabb!r}")
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def read_complete_container(source: Source, needs: str) -> Container:
+    """The container of a file whose method has no levels of detail; ``TruncatedError`` (saying the method
+    ``needs`` ...) if the file is cut short."""
+    container = read_container(source, allow_truncated=True)
+    if not container.complete:
+        raise TruncatedError(
+            f"file truncated after {container.bytes_read} bytes; {container.header.get('method')} models need "
+            f"{needs} (they have no coarser levels of detail)"
+        )
+    return container

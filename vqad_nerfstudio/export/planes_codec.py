@@ -20,17 +20,15 @@ from vqad_nerfstudio.codec import (
     Chunk,
     FormatError,
     FrequencyTable,
-    TruncatedError,
     decode_with_tables,
     encode_categorical,
     encode_with_tables,
     quantize_pmf,
-    read_container,
     tables_from_bytes,
     tables_to_bytes,
 )
 from vqad_nerfstudio.codec.container import Source
-from vqad_nerfstudio.export.payloads import encode_parameters, load_parameters, parse_aabb
+from vqad_nerfstudio.export.payloads import encode_parameters, load_parameters, parse_aabb, read_complete_container
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, LevelStats
 
@@ -118,12 +116,7 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
 
 def load_planes_compressed(source: Source) -> Tuple["CompressedTensoRFModel", DecodeInfo]:
     """Rebuild a tensorf-compressed model (CPU, eval mode) from a complete VQNF file."""
-    container = read_container(source, allow_truncated=True)
-    if not container.complete:
-        raise TruncatedError(
-            f"file truncated after {container.bytes_read} bytes; {container.header.get('method')} models need "
-            "all of their chunks (they have no coarser levels of detail)"
-        )
+    container = read_complete_container(source, "all of their chunks")
     method, config, aabb, resolution = _parse_header(container.header)
     parts = _chunks_by_tag(container.chunks)
 
