@@ -28,7 +28,6 @@ STAGE2 = [
     "--pipeline.model.latent-channels", "16",
     "--pipeline.model.decoder-channels", "16",
     "--pipeline.model.importance-rays", "4096",
-    "--pipeline.model.compression-steps", "100",
 ]  # fmt: skip
 
 TENSORF_STAGE1 = """
@@ -87,7 +86,7 @@ def _ns_eval(config: Path, env: dict) -> dict:
 @pytest.fixture(scope="module")
 def two_stage_run(scene, tmp_path_factory, offline_env) -> Path:
     output = tmp_path_factory.mktemp("runs")
-    start = ["--pipeline.model.compression-start-step", "200"]
+    start = ["--pipeline.model.compression-start-step", "200", "--pipeline.model.compression-steps", "100"]
     _run("ns-train", "tensorf-compressed", "--data", str(scene), "--output-dir", str(output), *SMALL, *STAGE2, *start,
          env=offline_env)  # fmt: skip
     (config,) = output.glob("*/tensorf-compressed/*/config.yml")
@@ -117,19 +116,20 @@ def test_two_stage_run_exports_and_decodes_to_the_same_psnr(two_stage_run, scene
 
 def test_stage_two_alone_compresses_a_nerfstudio_tensorf_run(scene, tmp_path, offline_env):
     stage1 = subprocess.run(
-        [sys.executable, "-c", TENSORF_STAGE1, str(scene), str(tmp_path / "tensorf"), "200"],
+        [sys.executable, "-c", TENSORF_STAGE1, str(scene), str(tmp_path / "tensorf"), "300"],
         capture_output=True, text=True, env=offline_env, timeout=900,
     )  # fmt: skip
     assert stage1.returncode == 0, stage1.stderr[-3000:]
     (tensorf_config,) = (tmp_path / "tensorf").glob("*/tensorf/*/config.yml")
-    flags = ["--pipeline.model.tensorf-checkpoint", str(tensorf_config)]
+    flags = ["--pipeline.model.tensorf-checkpoint", str(tensorf_config), "--pipeline.model.compression-steps", "150"]
     result = _run("ns-train", "tensorf-compressed", "--data", str(scene), "--output-dir", str(tmp_path / "runs"),
                   *SMALL, *STAGE2, *flags, env=offline_env)  # fmt: skip
     assert "Loaded tensorf planes (32^2)" in result.stdout
     (config,) = (tmp_path / "runs").glob("*/tensorf-compressed/*/config.yml")
     (checkpoint,) = (config.parent / "nerfstudio_models").glob("*.ckpt")
-    assert checkpoint.name == "step-000000099.ckpt"  # stage 2 only
-    assert _ns_eval(config, offline_env)["psnr"] > PSNR_THRESHOLD
+    assert checkpoint.name == "step-000000149.ckpt"  # stage 2 only
+    compressed = _ns_eval(config, offline_env)
+    assert compressed["psnr"] > PSNR_THRESHOLD, compressed
 
 
 def test_a_missing_tensorf_checkpoint_fails_clearly(scene, tmp_path, offline_env):

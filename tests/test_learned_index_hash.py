@@ -9,6 +9,8 @@ from vqad_nerfstudio.encodings.learned_index_hash import (
     learned_stored_bits,
     level_layouts,
 )
+from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS
+from vqad_nerfstudio.encodings.vertex_features import candidate_rows
 
 SMALL = dict(num_levels=3, min_res=4, max_res=16, features_per_level=2)
 
@@ -38,6 +40,13 @@ def test_output_shape_and_gradients_reach_indices_and_codebooks():
         assert encoding.codebooks[level].grad.abs().sum() > 0, level
 
 
+def _level0_choice(encoding: LearnedIndexHashEncoding, vertices: torch.Tensor) -> torch.Tensor:
+    """Codebook rows that level 0's index entries choose for ``vertices``."""
+    entries, first = encoding.entries_and_bases(vertices[:, None, None, :].expand(-1, encoding.num_levels, 1, 3))
+    entries, first = entries[:, 0, 0], first[:, 0, 0]
+    return candidate_rows(first, encoding.hard_indices(0)[entries], 2**encoding.log2_codebook_size)
+
+
 def test_vertices_read_their_chosen_codeword():
     torch.manual_seed(1)
     encoding = learned()
@@ -46,15 +55,45 @@ def test_vertices_read_their_chosen_codeword():
             codebook.normal_()
     vertices = torch.tensor([[0, 0, 0], [1, 2, 3], [4, 4, 4], [3, 0, 2]])
     out = encoding(vertices.float() / 4)[:, :2]  # level 0 (resolution 4): exactly on its vertices
-    rows = encoding.vertex_rows(0, vertices)
-    chosen = encoding.candidates(vertices).gather(-1, encoding.hard_indices(0)[rows][:, None]).squeeze(-1)
-    torch.testing.assert_close(out, encoding.codebooks[0][chosen])
+    torch.testing.assert_close(out, encoding.codebooks[0][_level0_choice(encoding, vertices)])
 
 
 def test_full_width_indices_choose_from_the_whole_codebook():
     encoding = learned(log2_codebook_size=3, index_bits=3)
-    candidates = encoding.candidates(torch.randint(0, 9, (10, 3)))
-    assert torch.equal(candidates, torch.arange(8).expand(10, 8))
+    vertices = torch.randint(0, 5, (10, 3))
+    entries = encoding.entries_and_bases(vertices[:, None, None, :].expand(-1, 3, 1, 3))[0][:, 0, 0]
+    assert torch.equal(_level0_choice(encoding, vertices), encoding.hard_indices(0)[entries])
+
+
+@pytest.mark.parametrize("log2_codebook_size,index_bits", [(6, 3), (3, 3), (8, 2)])
+def test_gradients_match_a_per_lookup_softmax_reference(log2_codebook_size, index_bits):
+    """The fused estimator equals ``(one_hot - soft.detach() + soft) @ candidates`` written out per lookup."""
+    torch.manual_seed(3)
+    encoding = learned(log2_codebook_size=log2_codebook_size, index_bits=index_bits, init_scale=1.0).double()
+    encoding.temperature = 0.7
+    points = torch.rand(200, 3, dtype=torch.float64)
+    upstream = torch.randn(200, encoding.get_out_dim(), dtype=torch.float64)
+    (encoding(points) * upstream).sum().backward()
+
+    size, choices = 2**log2_codebook_size, 2**index_bits
+    logits = torch.cat([p.detach() for p in encoding.index_logits]).requires_grad_()
+    codebook = torch.cat([p.detach() for p in encoding.codebooks]).requires_grad_()
+    features = []
+    for level, resolution in enumerate(encoding.resolutions):
+        scaled = points * resolution
+        corner = scaled.floor().clamp(0, resolution - 1)
+        offsets = CORNER_OFFSETS.double()
+        vertices = (corner[:, None, :] + offsets).long()  # [n, 8, 3]
+        weights = torch.where(offsets.bool(), (scaled - corner)[:, None], 1 - (scaled - corner)[:, None]).prod(-1)
+        entries, first = encoding.entries_and_bases(vertices[:, None].expand(-1, 3, 8, 3))
+        entries, first = entries[:, level], first[:, level]
+        soft = torch.softmax(logits[entries] / 0.7, dim=-1)  # [n, 8, c]
+        keys = torch.nn.functional.one_hot(soft.argmax(-1), choices) - soft.detach() + soft
+        candidates = codebook[candidate_rows(first[..., None], torch.arange(choices), size)]  # [n, 8, c, k]
+        features.append(torch.einsum("nc,ncj,ncjk->nk", weights, keys, candidates))
+    (torch.cat(features, dim=-1) * upstream).sum().backward()
+    torch.testing.assert_close(torch.cat([p.grad for p in encoding.index_logits]), logits.grad)
+    torch.testing.assert_close(torch.cat([p.grad for p in encoding.codebooks]), codebook.grad)
 
 
 def test_training_changes_the_learned_indices():

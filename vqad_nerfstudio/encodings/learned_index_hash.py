@@ -15,7 +15,8 @@ feature vector in its level's table:
   that many buckets. A vertex's candidates are the ``2**b`` consecutive codebook rows starting at a
   second hash of the vertex, and its entry says which one it uses. Entries are trained as logits
   with the straight-through estimator VQAD's grid uses
-  (:func:`~vqad_nerfstudio.encodings.vertex_features.straight_through_codewords`).
+  (:func:`~vqad_nerfstudio.encodings.vertex_features.interpolated_codewords`, fused with the trilinear
+  interpolation and computed for all levels at once).
 
 With ``index_bits == log2_codebook_size`` a dense level is exactly a VQAD level: every vertex holds a
 free index into the whole codebook.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Literal, Tuple
+from typing import List, Literal, Tuple, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -33,7 +34,7 @@ from nerfstudio.field_components.encodings import Encoding, HashEncoding
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS
-from vqad_nerfstudio.encodings.vertex_features import straight_through_codewords
+from vqad_nerfstudio.encodings.vertex_features import interpolated_codewords
 
 IndexMode = Literal["learned", "random"]
 
@@ -42,8 +43,10 @@ _ROW_PRIMES = (1, 2654435761, 805459861)
 _BASE_PRIMES = (73856093, 19349663, 83492791)
 
 
-def spatial_hash(coords: Int[Tensor, "*b 3"], primes: Tuple[int, int, int], size: int) -> Int[Tensor, "*b"]:
-    """XOR of coordinates times primes, modulo ``size`` (Instant-NGP's hash)."""
+def spatial_hash(
+    coords: Int[Tensor, "*b 3"], primes: Tuple[int, int, int], size: Union[int, Int[Tensor, "..."]]
+) -> Int[Tensor, "*b"]:
+    """XOR of coordinates times primes, modulo ``size`` (Instant-NGP's hash; ``size`` broadcasts)."""
     coords = coords.long()
     mixed = (coords[..., 0] * primes[0]) ^ (coords[..., 1] * primes[1]) ^ (coords[..., 2] * primes[2])
     return torch.remainder(mixed, size)
@@ -145,67 +148,62 @@ class LearnedIndexHashEncoding(Encoding):
         self.index_logits = nn.ParameterList(
             [nn.Parameter(torch.randn(layout.rows, 2**index_bits) * 0.01) for layout in self.layouts]
         )
+        first_entry = 0
+        geometry = []
+        for layout in self.layouts:
+            geometry.append((layout.resolution + 1, layout.rows, layout.dense, first_entry))
+            first_entry += layout.rows
+        self.level_geometry: Tensor
+        """Per level: vertices per side, index entries, dense (0/1), first entry in the concatenated tables."""
+        self.register_buffer("level_geometry", torch.tensor(geometry, dtype=torch.long), persistent=False)
 
     def get_out_dim(self) -> int:
         return self.num_levels * self.features_per_level
 
     # ------------------------------------------------------------------------------------ lookup
-    def vertex_rows(self, level: int, vertices: Int[Tensor, "*b 3"]) -> Int[Tensor, "*b"]:
-        """Index-table entry of each vertex of ``level``."""
-        layout = self.layouts[level]
-        if layout.dense:
-            size = layout.resolution + 1
-            return (vertices[..., 0] * size + vertices[..., 1]) * size + vertices[..., 2]
-        return spatial_hash(vertices, _ROW_PRIMES, layout.rows)
-
-    def codebook_rows(self, vertices: Int[Tensor, "*b 3"], choices: Tensor) -> Tensor:
-        """Codebook rows that ``choices`` (in ``[0, 2**index_bits)``, shape ``[*b]`` or ``[*b, c]``) pick
-        for ``vertices`` (every level hashes alike)."""
-        if self.index_bits == self.log2_codebook_size:  # a free index into the whole codebook
-            return choices
-        base = spatial_hash(vertices, _BASE_PRIMES, 2**self.log2_codebook_size)
-        if choices.dim() > base.dim():
-            base = base[..., None]
-        return torch.remainder(base + choices, 2**self.log2_codebook_size)
-
-    def candidates(self, vertices: Int[Tensor, "*b 3"]) -> Int[Tensor, "*b c"]:
-        """The ``2**index_bits`` codebook rows each vertex may use (at any level)."""
-        choices = torch.arange(2**self.index_bits, device=vertices.device)
-        return self.codebook_rows(vertices, choices.expand(*vertices.shape[:-1], -1))
-
     def hard_indices(self, level: int) -> Int[Tensor, "rows"]:
         """Each index entry's choice, in ``[0, 2**index_bits)``: what a compressed file stores."""
         return self.index_logits[level].detach().argmax(dim=-1)
 
-    def _level_features(self, level: int, vertices: Int[Tensor, "n 8 3"]) -> Float[Tensor, "n 8 f"]:
-        rows = self.vertex_rows(level, vertices)
-        codebook = self.codebooks[level]
-        if not torch.is_grad_enabled():  # hard lookups only: no per-candidate tensors
-            return codebook[self.codebook_rows(vertices, self.hard_indices(level)[rows])]
-        logits = self.index_logits[level][rows]  # [n, 8, c]
-        candidates = self.candidates(vertices)  # [n, 8, c]
-        choices = candidates.shape[-1]
-        chosen = straight_through_codewords(
-            logits.reshape(-1, choices), codebook[candidates.reshape(-1, choices)], self.temperature
-        )
-        return chosen.reshape(*vertices.shape[:-1], -1)
+    def entries_and_bases(
+        self, vertices: Int[Tensor, "*b levels 8 3"]
+    ) -> Tuple[Int[Tensor, "*b levels 8"], Int[Tensor, "*b levels 8"]]:
+        """Where the vertices of every level look up: their index entries (rows of all levels' index logits
+        concatenated) and their first candidates (rows of all levels' codebooks concatenated; see
+        :func:`~vqad_nerfstudio.encodings.vertex_features.candidate_rows`)."""
+        side, rows, dense, entry_offset = self.level_geometry.unbind(dim=-1)
+        side, rows, entry_offset = side[:, None], rows[:, None], entry_offset[:, None]
+        dense_entry = (vertices[..., 0] * side + vertices[..., 1]) * side + vertices[..., 2]
+        entries = torch.where(dense[:, None].bool(), dense_entry, spatial_hash(vertices, _ROW_PRIMES, rows))
+        codebook_size = 2**self.log2_codebook_size
+        starts = torch.arange(self.num_levels, device=vertices.device)[:, None] * codebook_size
+        if self.index_bits == self.log2_codebook_size:  # a free index into the whole codebook
+            return entries + entry_offset, starts.expand_as(entries)
+        return entries + entry_offset, starts + spatial_hash(vertices, _BASE_PRIMES, codebook_size)
 
     def forward(self, in_tensor: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs out"]:
         if self.mode == "random":
             return self.hash_grid(in_tensor)
         batch_shape = in_tensor.shape[:-1]
-        points = in_tensor.reshape(-1, 3)
-        corners = CORNER_OFFSETS.to(points.device)
-        outputs = []
-        for level, layout in enumerate(self.layouts):
-            scaled = points * layout.resolution
-            base = torch.floor(scaled).clamp(0, layout.resolution - 1)
-            frac = scaled - base
-            vertices = base.long()[:, None, :] + corners[None]  # [n, 8, 3]
-            weights = torch.where(corners[None].bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(dim=-1)
-            features = self._level_features(level, vertices)
-            outputs.append((features * weights[..., None]).sum(dim=1))
-        return torch.cat(outputs, dim=-1).reshape(*batch_shape, -1)
+        points = in_tensor.reshape(-1, 1, 3)
+        resolution = self.level_geometry[:, 0].to(points.dtype) - 1  # [levels]
+        scaled = points * resolution[:, None]  # [n, levels, 3]
+        corner = torch.minimum(torch.floor(scaled).clamp(min=0), resolution[:, None] - 1)
+        frac = scaled - corner
+        offsets = CORNER_OFFSETS.to(points.device)
+        vertices = corner.long()[:, :, None, :] + offsets  # [n, levels, 8, 3]
+        weights = torch.where(offsets.bool(), frac[:, :, None, :], 1 - frac[:, :, None, :]).prod(dim=-1)
+        entries, bases = self.entries_and_bases(vertices)
+        features = interpolated_codewords(
+            torch.cat(list(self.index_logits)),
+            torch.cat(list(self.codebooks)),
+            entries,
+            bases,
+            weights,
+            2**self.log2_codebook_size,
+            self.temperature,
+        )  # [n, levels, features]
+        return features.reshape(*batch_shape, -1)
 
     # ------------------------------------------------------------------------------------ size
     def stored_bits(self) -> int:

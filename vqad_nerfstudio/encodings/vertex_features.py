@@ -19,6 +19,12 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 
+def _relaxed_logit_grad(logits: Tensor, grad_soft: Tensor, temperature: float) -> Tensor:
+    """Gradient of the logits through ``softmax(logits / temperature)``, given the gradient of the softmax."""
+    soft = torch.softmax(logits / temperature, dim=-1)
+    return soft * (grad_soft - (soft * grad_soft).sum(dim=-1, keepdim=True)) / temperature
+
+
 class _StraightThroughCodewords(torch.autograd.Function):
     """Hard codeword per row forward, softmax-relaxed gradient backward.
 
@@ -45,9 +51,8 @@ class _StraightThroughCodewords(torch.autograd.Function):
         shared = codebook.dim() == 2
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0]:
-            soft = torch.softmax(logits / ctx.temperature, dim=-1)
             grad_soft = grad_out @ codebook.t() if shared else torch.einsum("mk,mck->mc", grad_out, codebook)
-            grad_logits = soft * (grad_soft - (soft * grad_soft).sum(dim=-1, keepdim=True)) / ctx.temperature
+            grad_logits = _relaxed_logit_grad(logits, grad_soft, ctx.temperature)
         if ctx.needs_input_grad[1]:
             if shared:
                 grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
@@ -64,6 +69,76 @@ def straight_through_codewords(
     ``codebook[i, argmax(logits[i])]`` (per-row candidates ``[m, c, k]``), with straight-through
     softmax gradients to the logits and the chosen codewords."""
     return _StraightThroughCodewords.apply(logits, codebook, temperature)
+
+
+def candidate_rows(first: Int[Tensor, "*b"], choices: Int[Tensor, "*b"], codebook_size: int) -> Int[Tensor, "*b"]:
+    """Rows of concatenated codebooks (``codebook_size`` rows each) that ``choices`` pick for lookups whose
+    candidates start at row ``first``: candidate ``c`` is the ``c``-th row after ``first``, wrapping around
+    within ``first``'s codebook."""
+    start = first - torch.remainder(first, codebook_size)
+    return start + torch.remainder(first - start + choices, codebook_size)
+
+
+class _InterpolatedCodewords(torch.autograd.Function):
+    """Weighted sum over each sample's cell corners of the codewords their index entries choose.
+
+    The straight-through estimator of :class:`_StraightThroughCodewords` for lookups whose candidates
+    depend on the vertex (hashed buckets), fused with the trilinear interpolation: the forward pass
+    gathers one codeword per corner, and the backward pass accumulates the softmax gradient per index
+    entry before applying the softmax Jacobian once per entry, so nothing of size
+    ``lookups * candidates * width`` is kept between the passes (the backward pass works in chunks).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, codebook, entries, first, weights, codebook_size, temperature):  # type: ignore[override]
+        rows = candidate_rows(first, logits.argmax(dim=-1)[entries], codebook_size)
+        ctx.save_for_backward(logits, codebook, entries, first, weights, rows)
+        ctx.codebook_size, ctx.temperature = codebook_size, temperature
+        return torch.einsum("...ck,...c->...k", codebook[rows], weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        logits, codebook, entries, first, weights, rows = ctx.saved_tensors
+        grad_logits = grad_codebook = grad_weights = None
+        grad_corners = (weights[..., None] * grad_out[..., None, :]).reshape(-1, codebook.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_codebook = torch.zeros_like(codebook).index_add_(0, rows.reshape(-1), grad_corners)
+        if ctx.needs_input_grad[4]:
+            grad_weights = torch.einsum("...ck,...k->...c", codebook[rows], grad_out)
+        if ctx.needs_input_grad[0]:
+            # windows[r] = the candidates of a lookup starting at row r: one gather per lookup, not one per candidate
+            rows_of_codebook = torch.arange(codebook.shape[0], device=codebook.device)[:, None]
+            choices = torch.arange(logits.shape[-1], device=codebook.device)
+            windows = codebook[candidate_rows(rows_of_codebook, choices, ctx.codebook_size)]  # [rows, c, k]
+            grad_soft = torch.zeros_like(logits)
+            chunks = (t.split(_BACKWARD_CHUNK) for t in (first.reshape(-1), entries.reshape(-1), grad_corners))
+            for chunk_first, chunk_entries, chunk_grad in zip(*chunks):
+                per_lookup = torch.einsum("mck,mk->mc", windows.index_select(0, chunk_first), chunk_grad)
+                grad_soft.index_add_(0, chunk_entries, per_lookup)
+            grad_logits = _relaxed_logit_grad(logits, grad_soft, ctx.temperature)
+        return grad_logits, grad_codebook, None, None, grad_weights, None, None
+
+
+_BACKWARD_CHUNK = 1 << 21
+"""Lookups per chunk of the backward pass of :class:`_InterpolatedCodewords` (bounds its memory)."""
+
+
+def interpolated_codewords(
+    logits: Float[Tensor, "entries c"],
+    codebook: Float[Tensor, "rows k"],
+    entries: Int[Tensor, "*b corners"],
+    first: Int[Tensor, "*b corners"],
+    weights: Float[Tensor, "*b corners"],
+    codebook_size: int,
+    temperature: float = 1.0,
+) -> Float[Tensor, "*b k"]:
+    """``sum_corners weights * codebook[candidate_rows(first, argmax(logits[entries]))]``, with straight-through
+    softmax gradients to the logits, gradients to the chosen codewords and to the weights.
+
+    ``codebook`` is one or more codebooks of ``codebook_size`` rows concatenated; each lookup chooses among
+    the ``c`` rows from ``first`` on, with the logits of its index entry.
+    """
+    return _InterpolatedCodewords.apply(logits, codebook, entries, first, weights, codebook_size, temperature)
 
 
 def soft_codewords(
@@ -234,4 +309,6 @@ __all__ = [
     "soft_codewords",
     "straight_through_codewords",
     "straight_through_lookup",
+    "candidate_rows",
+    "interpolated_codewords",
 ]
