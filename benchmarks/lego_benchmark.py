@@ -50,7 +50,10 @@ class BenchmarkConfig:
     """Eval views rendered per level of detail of each decoded compressed file (0: skip per-LOD evaluation)."""
     hash_sizes: Tuple[int, ...] = ()
     """Also run vqad-hash (learned indices) and vqad-hash-random at these sizes of the random twin's table
-    (log2 entries per level), each pair matched in stored bytes; adds a table and hash_comparison.png."""
+    (log2 entries per level), each pair matched in stored bytes; adds a table and hash_comparison.png, and
+    times the two encodings alone (forward and backward on --encoding-points random points)."""
+    encoding_points: int = 200_000
+    """Points per forward/backward pass when timing the encodings of --hash-sizes."""
     plane_lambdas: Tuple[float, ...] = ()
     """Also compress the tensorf run (tensorf must be in --methods) with tensorf-compressed at these rate weights;
     adds a rate-distortion table and planes_rd.png."""
@@ -137,6 +140,49 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     steps = trainer.step + 1
     checkpoint = max(trainer.checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     return trainer, steps, seconds, peak, checkpoint
+
+
+def _time_encodings(size: int, points: int, repeats: int = 5) -> Dict[str, float]:
+    """Milliseconds and peak MiB of one forward and backward pass of vqad-hash's learned and random encodings
+    at the matched size ``size`` (the field's encoding alone, without MLPs or proposal networks)."""
+    from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
+
+    from vqad_nerfstudio.models.learned_index_nerfacto import encoding_of
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    positions = torch.rand(points, 3, device=device)
+    timing: Dict[str, float] = {"size": size}
+    for mode in ("learned", "random"):
+        encoding = encoding_of(hash_model_config(mode, size)).to(device)
+        for _ in range(2):  # warm-up
+            encoding(positions).square().sum().backward()
+        _sync()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            encoding(positions).square().sum().backward()
+        _sync()
+        timing[f"{mode}_ms"] = 1000 * (time.perf_counter() - start) / repeats
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else math.nan
+        timing[f"{mode}_peak_mib"] = peak
+        del encoding
+    return timing
+
+
+def _encoding_timing_table(timings: List[Dict[str, float]], points: int) -> str:
+    lines = [
+        f"\nThe field's encoding alone, one forward and backward pass on {points} points:",
+        "| random table | learned ms | random ms | learned / random | peak MiB learned / random |",
+        "|---|---|---|---|---|",
+    ]
+    for t in timings:
+        learned, random = t["learned_ms"], t["random_ms"]
+        lines.append(
+            f"| 2^{t['size']} | {learned:.1f} | {random:.1f} | {learned / random:.2f} | "
+            f"{t['learned_peak_mib']:.0f} / {t['random_peak_mib']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def _sync() -> None:
@@ -258,6 +304,7 @@ def main(bench: BenchmarkConfig) -> None:
     if bench.plane_lambdas and "tensorf" not in methods:
         raise SystemExit("--plane-lambdas compresses the tensorf run: add tensorf to --methods")
     methods += [f"tensorf-compressed@{rate:g}" for rate in bench.plane_lambdas]
+    encoding_timings = [_time_encodings(size, bench.encoding_points) for size in bench.hash_sizes]
     tensorf_checkpoint = None
     for method in methods:
         trainer, steps, seconds, peak, checkpoint = _train(method, bench, tensorf_checkpoint)
@@ -300,6 +347,7 @@ def main(bench: BenchmarkConfig) -> None:
     if bench.hash_sizes:
         _plot_hash_comparison(results, bench.output_dir / "hash_comparison.png", device)
         print(_hash_table(results, bench.hash_sizes))
+        print(_encoding_timing_table(encoding_timings, bench.encoding_points))
     if bench.plane_lambdas:
         _plot_planes(results, bench.output_dir / "planes_rd.png", device)
         print(_planes_table(results))

@@ -230,3 +230,27 @@ def test_level_statistics(trained):
         assert (level.cells, level.vertices) == (grid_level.cells.numel(), grid_level.num_vertices)
         assert level.raw_index_bytes == (level.vertices * 4 + 7) // 8
         assert level.float_feature_bytes == level.vertices * k * 2
+
+
+def test_8bit_decoders_shrink_the_networks_and_render_nearly_alike(trained, encoded):
+    small = write_container(*_header_and_chunks(encode_model(trained.model, network_bits=8)))
+    sizes, sizes8 = (
+        {row["tag"]: row["payload_bytes"] for row in describe(read_container(f))} for f in (encoded, small)
+    )
+    assert "MLPS" in sizes and "MLP8" not in sizes and "MLP8" in sizes8 and "MLPS" not in sizes8
+    assert sizes8["MLP8"] < 0.6 * sizes["MLPS"]
+    assert len(encoded) - len(small) == sizes["MLPS"] - sizes8["MLP8"]  # nothing else changes
+    decoded, _ = load_compressed(small)
+    full, _ = load_compressed(encoded)
+    assert abs(trained.psnr(decoded) - trained.psnr(full)) < 0.05  # the loss against the ground truth
+    for camera, _ in trained.views():
+        assert trained.image_psnr(trained.render(decoded, camera), trained.render(full, camera)) > 40
+
+
+def _header_and_chunks(encoded_model):
+    return encoded_model.header, encoded_model.chunks
+
+
+def test_network_bits_other_than_16_or_8_are_rejected(trained):
+    with pytest.raises(ValueError, match="network_bits"):
+        encode_model(trained.model, network_bits=4)

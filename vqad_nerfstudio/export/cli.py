@@ -40,6 +40,9 @@ class ExportVQADCompressed:
     index_coding: Literal["entropy", "raw"] = "entropy"
     """Codebook indices range-coded (entropy), or bit-packed at b bits each (raw, the reference); tensorf-compressed
     latents are always range-coded."""
+    network_bits: Literal[16, 8] = 16
+    """Bits per decoder-MLP weight of vqad and vqad-float files: 16 (fp16), or 8 (per-row 8-bit, range-coded:
+    about half the bytes, for the smallest coarse levels of detail)."""
     overwrite: bool = False
     """Replace an existing model.vqnf."""
 
@@ -62,7 +65,7 @@ class ExportVQADCompressed:
 
         config, pipeline, checkpoint, _ = eval_setup(self.load_config, test_mode="inference")
         try:
-            encoded = encode_any(pipeline.model, config.method_name, self.index_coding, progress=True)
+            encoded = encode_any(pipeline.model, config.method_name, self.index_coding, True, self.network_bits)
         except UnsupportedMethodError as error:
             _fail(command, str(error))
         self.output_dir.mkdir(parents=True, exist_ok=True)

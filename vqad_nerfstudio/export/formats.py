@@ -11,26 +11,46 @@ from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.hash_codec import HASH_METHODS, encode_hash_model, load_hash_compressed
 from vqad_nerfstudio.export.methods import UnsupportedMethodError, vqad_method_names
 from vqad_nerfstudio.export.planes_codec import PLANE_METHODS, encode_planes_model, load_planes_compressed
-from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, IndexCoding, encode_model, load_compressed
+from vqad_nerfstudio.export.vqad_codec import (
+    DecodeInfo,
+    EncodedModel,
+    IndexCoding,
+    NetworkBits,
+    encode_model,
+    load_compressed,
+)
 
 __all__ = ["encode_any", "load_any"]
 
 
 def encode_any(
-    model: Any, method: Optional[str] = None, index_coding: IndexCoding = "entropy", progress: bool = False
+    model: Any,
+    method: Optional[str] = None,
+    index_coding: IndexCoding = "entropy",
+    progress: bool = False,
+    network_bits: NetworkBits = 16,
 ) -> EncodedModel:
-    """Header, chunks and level statistics of a trained model of any method of this package."""
+    """Header, chunks and level statistics of a trained model of any method of this package.
+
+    ``network_bits=8`` (8-bit decoder MLPs) is available for VQAD models only; the other methods' files
+    keep their networks in fp16.
+    """
     from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel
     from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
     from vqad_nerfstudio.models.vqad import VQADModel
+
+    if isinstance(model, VQADModel):
+        return encode_model(model, method, index_coding, progress, network_bits)
+    if network_bits != 16:
+        raise UnsupportedMethodError(
+            f"8-bit networks are written for vqad and vqad-float models only, not {type(model).__name__}"
+        )
 
     if isinstance(model, LearnedIndexNerfactoModel):
         default = "vqad-hash" if model.config.index_mode == "learned" else "vqad-hash-random"
         return encode_hash_model(model, method or default, index_coding)
     if isinstance(model, CompressedTensoRFModel):
         return encode_planes_model(model, method or "tensorf-compressed")
-    if isinstance(model, VQADModel):
-        return encode_model(model, method, index_coding, progress)
     names = ", ".join(vqad_method_names())
     raise UnsupportedMethodError(f"{type(model).__name__} cannot be written as a compressed file; runs of {names} can")
 

@@ -1,8 +1,9 @@
-"""Payload pieces every method's codec shares: fp16 arrays, named fp16 parameters, the scene box."""
+"""Payload pieces every method's codec shares: fp16 arrays, named fp16 or 8-bit parameters, the scene box."""
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any, Dict
 
 import numpy as np
@@ -13,13 +14,23 @@ from vqad_nerfstudio.codec import (
     Container,
     FormatError,
     TruncatedError,
+    decode_categorical,
     decode_named_arrays,
+    encode_categorical,
     encode_named_arrays,
     read_container,
 )
 from vqad_nerfstudio.codec.container import Source
 
-__all__ = ["fp16_array", "encode_parameters", "load_parameters", "parse_aabb", "read_complete_container"]
+__all__ = [
+    "fp16_array",
+    "encode_parameters",
+    "load_parameters",
+    "encode_8bit_parameters",
+    "load_8bit_parameters",
+    "parse_aabb",
+    "read_complete_container",
+]
 
 
 def fp16_array(tensor: Tensor, what: str) -> np.ndarray:
@@ -41,16 +52,84 @@ def load_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> 
     The payload must name exactly these parameters, each as float16 of its shape.
     """
     arrays = decode_named_arrays(payload)
-    if set(arrays) != set(parameters):
-        missing, extra = sorted(set(parameters) - set(arrays)), sorted(set(arrays) - set(parameters))
-        raise FormatError(f"{tag}: parameters do not fit the model (missing {missing[:3]}, extra {extra[:3]})")
+    _check_names(parameters, list(arrays), tag)
     for name, array in arrays.items():
         parameter = parameters[name]
-        if array.dtype != np.float16 or array.shape != tuple(parameter.shape):
-            raise FormatError(
-                f"{tag}: {name}: expected float16 {tuple(parameter.shape)}, got {array.dtype} {array.shape}"
-            )
+        array = _checked(array, np.float16, tuple(parameter.shape), f"{tag}: {name}")
         parameter.data = torch.from_numpy(array.astype(np.float32)).to(parameter.device)
+
+
+_QMAX = 127
+"""8-bit parameters are integers in [-127, 127], coded as symbols 0..254."""
+
+
+def encode_8bit_parameters(parameters: Dict[str, Tensor]) -> bytes:
+    """An 8-bit parameters payload: each matrix quantised per output row (symmetric, one fp16 scale per row)
+    to integers in [-127, 127], all of them range-coded as one symbol stream; vectors (biases) in fp16.
+
+    Layout (``docs/format.md``): u32 length of a named-arrays record, the record, then a categorical payload.
+    """
+    record: Dict[str, np.ndarray] = {}
+    symbols = [np.zeros(0, dtype=np.int64)]
+    for name, parameter in parameters.items():
+        if parameter.dim() < 2:
+            record[name] = fp16_array(parameter, f"parameter {name}")
+            continue
+        rows = parameter.detach().cpu().double().reshape(parameter.shape[0], -1).numpy()
+        scale = fp16_array(torch.from_numpy(np.abs(rows).max(axis=1) / _QMAX), f"parameter {name} scales")
+        scale = np.maximum(scale, np.finfo(np.float16).smallest_subnormal)  # an all-zero row stays zero
+        levels = np.clip(np.rint(rows / scale.astype(np.float64)[:, None]), -_QMAX, _QMAX).astype(np.int64)
+        record[f"{name}@scale"] = scale
+        record[f"{name}@shape"] = np.array(parameter.shape, dtype=np.uint32)
+        symbols.append(levels.reshape(-1) + _QMAX)
+    packed = encode_named_arrays(record)
+    return struct.pack("<I", len(packed)) + packed + encode_categorical(np.concatenate(symbols), 2 * _QMAX + 1)
+
+
+def load_8bit_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> None:
+    """Fill ``parameters`` (in place) from a payload of :func:`encode_8bit_parameters`."""
+    if len(payload) < 4 or struct.unpack_from("<I", payload)[0] > len(payload) - 4:
+        raise FormatError(f"{tag}: 8-bit parameters payload ends inside its record")
+    (length,) = struct.unpack_from("<I", payload)
+    record = decode_named_arrays(payload[4 : 4 + length])
+    symbols = decode_categorical(payload[4 + length :])
+    vectors = [name for name in record if "@" not in name]
+    matrices = [name.removesuffix("@scale") for name in record if name.endswith("@scale")]  # in stream order
+    names = vectors + matrices
+    if set(record) != {*vectors, *(f"{name}@{part}" for name in matrices for part in ("scale", "shape"))}:
+        raise FormatError(f"{tag}: each 8-bit matrix needs exactly its @scale and @shape arrays")
+    _check_names(parameters, names, tag)
+    offset = 0
+    for name in names:
+        parameter = parameters[name]
+        if name in record:
+            values = _checked(record[name], np.float16, tuple(parameter.shape), f"{tag}: {name}").astype(np.float32)
+        else:
+            shape = tuple(int(d) for d in _checked(record[f"{name}@shape"], np.uint32, (parameter.dim(),), tag))
+            scale = _checked(record[f"{name}@scale"], np.float16, (parameter.shape[0],), f"{tag}: {name}@scale")
+            if shape != tuple(parameter.shape):
+                raise FormatError(f"{tag}: {name}: expected shape {tuple(parameter.shape)}, got {shape}")
+            count = math.prod(shape)
+            if offset + count > symbols.size:
+                raise FormatError(f"{tag}: the symbol stream ends inside {name}")
+            levels = symbols[offset : offset + count].astype(np.int64).reshape(shape[0], -1) - _QMAX
+            values = (levels * scale.astype(np.float32)[:, None]).reshape(shape).astype(np.float32)
+            offset += count
+        parameter.data = torch.from_numpy(values).to(parameter.device)
+    if offset != symbols.size:
+        raise FormatError(f"{tag}: {symbols.size - offset} symbols left over after the last parameter")
+
+
+def _check_names(parameters: Dict[str, Tensor], names: list, tag: str) -> None:
+    if set(names) != set(parameters) or len(names) != len(parameters):
+        missing, extra = sorted(set(parameters) - set(names)), sorted(set(names) - set(parameters))
+        raise FormatError(f"{tag}: parameters do not fit the model (missing {missing[:3]}, extra {extra[:3]})")
+
+
+def _checked(array: np.ndarray, dtype: Any, shape: tuple, what: str) -> np.ndarray:
+    if array.dtype != dtype or array.shape != shape:
+        raise FormatError(f"{what}: expected {np.dtype(dtype)} {shape}, got {array.dtype} {array.shape}")
+    return array
 
 
 def parse_aabb(aabb: Any) -> Tensor:

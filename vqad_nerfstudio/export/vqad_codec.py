@@ -1,11 +1,11 @@
 """VQAD models as VQNF files: a model's chunks from coarse to fine, and a model rebuilt from them.
 
 The header names the method, the model settings needed to rebuild it, the scene box and the
-number of levels stored. The decoder MLPs come first (``MLPS``), then each level of detail in
-order: its topology (``TOPO``), and either its codebook (``CBOK``) and codebook indices
-(``IDXE`` range-coded, or ``IDXR`` bit-packed) or its float features (``FEAT``). Any prefix of a
-file that ends on a chunk boundary decodes to the complete levels it holds. The byte layout is
-specified in ``docs/format.md``.
+number of levels stored. The decoder MLPs come first (``MLPS`` in fp16, or ``MLP8`` in 8 bits),
+then each level of detail in order: its topology (``TOPO``), and either its codebook (``CBOK``)
+and codebook indices (``IDXE`` range-coded, or ``IDXR`` bit-packed) or its float features
+(``FEAT``). Any prefix of a file that ends on a chunk boundary decodes to the complete levels it
+holds. The byte layout is specified in ``docs/format.md``.
 
 Per-vertex data are stored in the level's row order: ascending vertex ids, i.e. row-major order of
 the vertex coordinates, so consecutive rows are mostly z-neighbours, which the entropy coder's
@@ -32,10 +32,8 @@ from vqad_nerfstudio.codec import (
     FormatError,
     TruncatedError,
     decode_array,
-    decode_named_arrays,
     encode_array,
     encode_categorical,
-    encode_named_arrays,
     pack_bits,
     read_container,
     unpack_bits,
@@ -44,7 +42,14 @@ from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.encodings.sparse_grid import GridLevel
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 from vqad_nerfstudio.export.methods import UnsupportedMethodError, check_method
-from vqad_nerfstudio.export.payloads import fp16_array, parse_aabb
+from vqad_nerfstudio.export.payloads import (
+    encode_8bit_parameters,
+    encode_parameters,
+    fp16_array,
+    load_8bit_parameters,
+    load_parameters,
+    parse_aabb,
+)
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.topology import (
     decode_base_cells,
@@ -58,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IndexCoding",
+    "NetworkBits",
     "LevelStats",
     "EncodedModel",
     "DecodeInfo",
@@ -68,8 +74,12 @@ __all__ = [
 ]
 
 IndexCoding = Literal["entropy", "raw"]
+NetworkBits = Literal[16, 8]
 
 TAG_MLPS = "MLPS"
+TAG_MLP8 = "MLP8"
+DECODER_TAGS = (TAG_MLPS, TAG_MLP8)
+"""The decoder MLPs' chunk: fp16 weights, or 8-bit ones."""
 TAG_TOPO = "TOPO"
 TAG_CBOK = "CBOK"
 TAG_IDXE = "IDXE"
@@ -136,24 +146,32 @@ class DecodeInfo:
 
 
 # ------------------------------------------------------------------------------------------- shared
-def _decoders(model: "VQADModel") -> nn.ModuleDict:
-    """The decoder MLPs, named as in the MLPS chunk."""
-    return nn.ModuleDict({"density_mlp": model.field.density_mlp, "color_mlp": model.field.color_mlp})
+def _decoder_parameters(model: "VQADModel") -> Dict[str, Tensor]:
+    """The decoder MLPs' parameters, named as in the MLPS and MLP8 chunks."""
+    decoders = nn.ModuleDict({"density_mlp": model.field.density_mlp, "color_mlp": model.field.color_mlp})
+    return dict(decoders.named_parameters())
 
 
 # ----------------------------------------------------------------------------------------- encoding
 def encode_model(
-    model: "VQADModel", method: Optional[str] = None, index_coding: IndexCoding = "entropy", progress: bool = False
+    model: "VQADModel",
+    method: Optional[str] = None,
+    index_coding: IndexCoding = "entropy",
+    progress: bool = False,
+    network_bits: NetworkBits = 16,
 ) -> EncodedModel:
     """Header, chunks and per-level statistics of a trained model.
 
     ``method`` is the nerfstudio method name stored in the header (default: ``vqad`` for a codebook
     store, ``vqad-float`` for a float store). ``index_coding="entropy"`` writes IDXE chunks (or
     IDXR where bit packing is strictly shorter, e.g. for a tiny level); ``"raw"`` writes IDXR
-    chunks only. Both sizes are measured either way.
+    chunks only. Both sizes are measured either way. ``network_bits=8`` stores the decoder MLPs' matrices
+    in 8 bits per weight (``MLP8``) instead of fp16 (``MLPS``).
     """
     if index_coding not in get_args(IndexCoding):
         raise ValueError(f"index_coding must be 'entropy' or 'raw', got {index_coding!r}")
+    if network_bits not in get_args(NetworkBits):
+        raise ValueError(f"network_bits must be 16 or 8, got {network_bits!r}")
     from vqad_nerfstudio.models.vqad import VQADModel
 
     if not isinstance(model, VQADModel):
@@ -172,8 +190,11 @@ def encode_model(
         "aabb": aabb.tolist(),
         "levels": levels,
     }
-    decoders = {name: fp16_array(p, f"decoder weight {name}") for name, p in _decoders(model).state_dict().items()}
-    chunks = [Chunk(TAG_MLPS, None, encode_named_arrays(decoders))]
+    decoders = _decoder_parameters(model)
+    if network_bits == 8:
+        chunks = [Chunk(TAG_MLP8, None, encode_8bit_parameters(decoders))]
+    else:
+        chunks = [Chunk(TAG_MLPS, None, encode_parameters(decoders))]
     stats = []
     for lod in track(range(levels), description="Encoding levels of detail", disable=not progress):
         level_chunks, level_stats = _encode_level(grid.levels, lod, index_coding)
@@ -236,7 +257,7 @@ def load_compressed(
     decoders, parts = _group_chunks(container, levels)
     complete_levels = _count_complete_levels(container, parts, config.feature_store)
     if decoders is None or complete_levels == 0:
-        missing = "the decoder weights (MLPS)" if decoders is None else "level of detail 0"
+        missing = "the decoder weights (MLPS or MLP8)" if decoders is None else "level of detail 0"
         raise TruncatedError(f"file truncated after {container.bytes_read} bytes, before {missing} is complete")
     decoded = complete_levels if max_lod is None else min(complete_levels, max_lod + 1)
 
@@ -297,16 +318,16 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
     return method, config, aabb, levels
 
 
-def _group_chunks(container: Container, levels: int) -> Tuple[Optional[bytes], List[Dict[str, bytes]]]:
-    """The MLPS payload and, per level, its payloads by tag. Unknown tags are skipped."""
+def _group_chunks(container: Container, levels: int) -> Tuple[Optional[Chunk], List[Dict[str, bytes]]]:
+    """The decoders' chunk (MLPS or MLP8) and, per level, its payloads by tag. Unknown tags are skipped."""
     decoders = None
     parts: List[Dict[str, bytes]] = [{} for _ in range(levels)]
     for index, chunk in enumerate(container.chunks):
         if chunk.lod is None:
-            if chunk.tag == TAG_MLPS:
+            if chunk.tag in DECODER_TAGS:
                 if decoders is not None:
-                    raise FormatError(f"chunk {index}: a second {TAG_MLPS} chunk")
-                decoders = chunk.payload
+                    raise FormatError(f"chunk {index}: a second decoder chunk ({decoders.tag}, then {chunk.tag})")
+                decoders = chunk
         elif chunk.tag in _LEVEL_TAGS:
             if chunk.lod >= levels:
                 stored = f"levels 0..{levels - 1}"
@@ -344,14 +365,9 @@ def _float_array(payload: bytes, what: str, shape: Tuple[int, ...]) -> Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
-def _load_decoders(model: "VQADModel", payload: bytes) -> None:
-    arrays = decode_named_arrays(payload)
-    if any(array.dtype != np.float16 for array in arrays.values()):
-        raise FormatError(f"{TAG_MLPS}: decoder weights must be float16")
-    try:
-        _decoders(model).load_state_dict({name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()})
-    except RuntimeError as error:
-        raise FormatError(f"{TAG_MLPS}: the weights do not fit the model's decoders: {error}") from None
+def _load_decoders(model: "VQADModel", chunk: Chunk) -> None:
+    load = load_8bit_parameters if chunk.tag == TAG_MLP8 else load_parameters
+    load(_decoder_parameters(model), chunk.payload, chunk.tag)
 
 
 def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes]) -> None:

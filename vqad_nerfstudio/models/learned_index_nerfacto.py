@@ -43,6 +43,23 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
             )
 
 
+def encoding_of(config: LearnedIndexNerfactoModelConfig) -> LearnedIndexHashEncoding:
+    """The position encoding that ``config`` describes."""
+    encoding = LearnedIndexHashEncoding(
+        num_levels=config.num_levels,
+        min_res=config.base_res,
+        max_res=config.max_res,
+        features_per_level=config.features_per_level,
+        log2_codebook_size=config.log2_codebook_size,
+        index_table_size=config.index_table_size,
+        index_bits=config.index_bits,
+        mode=config.index_mode,
+        implementation=config.implementation,
+    )
+    encoding.temperature = config.index_temperature
+    return encoding
+
+
 class LearnedIndexNerfactoModel(NerfactoModel):
     """nerfacto with a :class:`LearnedIndexHashEncoding` in its field."""
 
@@ -52,19 +69,7 @@ class LearnedIndexNerfactoModel(NerfactoModel):
         with offline_lpips():
             super().populate_modules()
         cfg = self.config
-        encoding = LearnedIndexHashEncoding(
-            num_levels=cfg.num_levels,
-            min_res=cfg.base_res,
-            max_res=cfg.max_res,
-            features_per_level=cfg.features_per_level,
-            log2_codebook_size=cfg.log2_codebook_size,
-            index_table_size=cfg.index_table_size,
-            index_bits=cfg.index_bits,
-            mode=cfg.index_mode,
-            implementation=cfg.implementation,
-        )
-        encoding.temperature = cfg.index_temperature
-        replace_base_encoding(self.field, encoding, 2, cfg.hidden_dim, cfg.implementation)
+        replace_base_encoding(self.field, encoding_of(cfg), 2, cfg.hidden_dim, cfg.implementation)
 
     @property
     def encoding(self) -> LearnedIndexHashEncoding:
@@ -85,4 +90,4 @@ class LearnedIndexNerfactoModel(NerfactoModel):
         return metrics, images
 
 
-__all__ = ["LearnedIndexNerfactoModel", "LearnedIndexNerfactoModelConfig"]
+__all__ = ["LearnedIndexNerfactoModel", "LearnedIndexNerfactoModelConfig", "encoding_of"]
