@@ -254,6 +254,17 @@ class CodebookFeatures(FeatureStore):
         """The b-bit index of every row: what a compressed file stores."""
         return self.logits.detach().argmax(dim=-1)
 
+    def index_rate_bits(self) -> Float[Tensor, ""]:
+        """Differentiable estimate of the bits an order-0 entropy coder spends on this store's indices.
+
+        Each row's soft index ``softmax(C / temperature)`` coded with the level's marginal (the mean soft
+        index): ``sum_rows sum_c soft[r, c] * -log2(mean_soft[c])``. For one-hot rows this is the coded size
+        of the hard indices under their own histogram; lowering it concentrates the indices on fewer codewords.
+        """
+        soft = torch.softmax(self.logits / self.temperature, dim=-1)
+        marginal = soft.mean(dim=0)
+        return -(soft.sum(dim=0) * torch.log2(marginal.clamp_min(1e-12))).sum()
+
     def set_hard_indices(self, indices: Int[Tensor, "m"]) -> None:
         """Replace the logits by one-hot logits for ``indices`` (used when decoding a file)."""
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 2**self.bits):

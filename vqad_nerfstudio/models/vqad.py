@@ -76,6 +76,9 @@ class VQADModelConfig(ModelConfig):
     index_temperature: Tuple[float, float] = (1.0, 0.05)
     """Softmax temperature t of the indices at the first step and at the end of the warm-up (annealed
     geometrically); the straight-through steps after it keep the end value."""
+    index_rate_weight: float = 0.0
+    """Weight of the indices' estimated entropy-coded size (mean bits per index, see
+    CodebookFeatures.index_rate_bits) in the loss: > 0 trades PSNR for smaller entropy-coded indices."""
     coarse_lod_fraction: float = 0.1
     """Fraction of training rays rendered at a random coarser level of detail, so that every LOD prefix renders."""
     background_color: Literal["random", "last_sample", "black", "white"] = "white"
@@ -90,6 +93,8 @@ class VQADModelConfig(ModelConfig):
             raise ValueError(f"num_levels (L) must be >= 1, got {self.num_levels}")
         if self.base_resolution < 1 or self.feature_dim < 1:
             raise ValueError("base_resolution and feature_dim must be >= 1")
+        if self.index_rate_weight < 0:
+            raise ValueError(f"index_rate_weight must be >= 0, got {self.index_rate_weight}")
         if len(self.index_temperature) != 2 or min(self.index_temperature) <= 0:
             raise ValueError(f"index_temperature must be two positive numbers, got {self.index_temperature}")
 
@@ -309,6 +314,15 @@ class VQADModel(Model):
             pred_image=outputs["rgb"], pred_accumulation=outputs["accumulation"], gt_image=image
         )
         loss_dict = {"rgb_loss": self.rgb_loss(gt, pred)}
+        stores = [
+            level.features
+            for level in self.grid.levels
+            if isinstance(level.features, CodebookFeatures) and level.features.num_rows > 0
+        ]
+        rows = sum(store.num_rows for store in stores)
+        if self.config.index_rate_weight > 0 and self.training and rows > 0:
+            bits = sum(store.index_rate_bits() for store in stores)
+            loss_dict["index_rate"] = self.config.index_rate_weight * bits / rows
         self.camera_optimizer.get_loss_dict(loss_dict)
         return loss_dict
 

@@ -1,0 +1,89 @@
+"""The indices' rate term: an estimate of their entropy-coded size that training can lower."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from nerfstudio.data.scene_box import SceneBox
+
+from vqad_nerfstudio.codec import encode_categorical
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
+from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+
+def _entropy_bits(indices: torch.Tensor, alphabet: int) -> float:
+    counts = torch.bincount(indices, minlength=alphabet).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(counts[counts > 0] * torch.log2(p)).sum())
+
+
+def test_rate_of_hard_indices_is_their_order0_coded_size():
+    torch.manual_seed(0)
+    store = CodebookFeatures(500, bits=3, feature_dim=2)
+    indices = torch.multinomial(torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0]), 500, replacement=True)
+    store.logits.data = torch.nn.functional.one_hot(indices, 8).float() * 40.0  # one-hot after the softmax
+    assert float(store.index_rate_bits()) == pytest.approx(_entropy_bits(indices, 8), rel=1e-4)
+
+
+def test_rate_gradient_concentrates_the_indices():
+    torch.manual_seed(1)
+    store = CodebookFeatures(2000, bits=4, feature_dim=2, logit_init_std=1.0)
+    before = _entropy_bits(store.hard_indices(), 16)
+    optimizer = torch.optim.Adam([store.logits], lr=0.05)
+    for _ in range(100):
+        optimizer.zero_grad()
+        store.index_rate_bits().backward()
+        optimizer.step()
+    assert _entropy_bits(store.hard_indices(), 16) < 0.5 * before
+
+
+def _fit(rate_weight: float) -> tuple:
+    """Fit noisy targets with a codebook store; return (coded index bytes, mean squared error)."""
+    torch.manual_seed(2)
+    codebook = torch.randn(16, 3)
+    targets = codebook[torch.randint(0, 16, (4000,))] + 0.3 * torch.randn(4000, 3)
+    store = CodebookFeatures(4000, bits=4, feature_dim=3, logit_init_std=0.1)
+    store.codebook.data = codebook.clone()
+    store.temperature = 0.5
+    optimizer = torch.optim.Adam(store.parameters(), lr=0.05)
+    rows = torch.arange(4000)
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = (store(rows) - targets).square().mean() + rate_weight * store.index_rate_bits() / 4000
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        error = float((store(rows) - targets).square().mean())
+    coded = encode_categorical(store.hard_indices().numpy().astype(np.int64), 16)
+    return len(coded), error
+
+
+def test_rate_weight_trades_error_for_smaller_coded_indices():
+    """A rate-distortion curve: each larger weight gives fewer range-coded bytes (real bytes, not the estimate)
+    and a larger error."""
+    points = [_fit(weight) for weight in (0.0, 0.2, 0.5)]
+    sizes, errors = [size for size, _ in points], [error for _, error in points]
+    assert sizes[0] > sizes[1] > sizes[2] and sizes[1] < 0.8 * sizes[0]
+    assert errors[0] < errors[1] < errors[2]
+
+
+def test_model_adds_the_rate_loss_only_when_asked():
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    rays = 64
+    for weight in (0.0, 0.01):
+        config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8, index_rate_weight=weight)
+        model = config.setup(scene_box=box, num_train_data=1)
+        model.train()
+        outputs = {"rgb": torch.rand(rays, 3), "accumulation": torch.ones(rays, 1)}
+        losses = model.get_loss_dict(outputs, {"image": torch.rand(rays, 3)})
+        assert ("index_rate" in losses) == (weight > 0)
+        if weight > 0:
+            losses["index_rate"].backward()
+            assert all(level.features.logits.grad is not None for level in model.grid.levels)
+            assert math.isfinite(float(losses["index_rate"]))
+
+
+def test_negative_rate_weight_is_rejected():
+    with pytest.raises(ValueError, match="index_rate_weight"):
+        VQADModelConfig(index_rate_weight=-1.0)
