@@ -59,6 +59,9 @@ class BenchmarkConfig:
     adds a rate-distortion table and planes_rd.png."""
     plane_steps: int = 2000
     """Compression steps of each tensorf-compressed run (fixed steps, not the time budget)."""
+    network_bits: int = 16
+    """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16 or 8); the other methods'
+    files keep fp16 networks."""
     overrides: Dict[str, str] = field(default_factory=dict)
     """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.bits=6); METHOD may be a
     tagged name (vqad-hash@12) or a base name for all its tags."""
@@ -255,13 +258,14 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
     from vqad_nerfstudio.export.size_report import size_report
 
     base_method = method.split("@")[0]
-    encoded = encode_any(pipeline.model, base_method, index_coding="entropy")
+    network_bits = bench.network_bits if hasattr(pipeline.model, "grid") else 16
+    encoded = encode_any(pipeline.model, base_method, "entropy", network_bits=network_bits)
     data = write_container(encoded.header, encoded.chunks)
     report = size_report(encoded, data)
     if report["index_bytes_raw"] is None:  # no codebook indices: the raw-packed file is the same file
         raw_bytes = len(data)
     else:
-        raw = encode_any(pipeline.model, base_method, index_coding="raw")
+        raw = encode_any(pipeline.model, base_method, "raw", network_bits=network_bits)
         raw_bytes = len(write_container(raw.header, raw.chunks))
     dataset, device = pipeline.datamanager.eval_dataset, pipeline.device
 
