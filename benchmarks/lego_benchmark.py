@@ -60,8 +60,8 @@ class BenchmarkConfig:
     plane_steps: int = 2000
     """Compression steps of each tensorf-compressed run (fixed steps, not the time budget)."""
     network_bits: int = 16
-    """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16 or 8); the other methods'
-    files keep fp16 networks."""
+    """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised); the
+    other methods' files keep fp16 networks."""
     overrides: Dict[str, str] = field(default_factory=dict)
     """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.bits=6); METHOD may be a
     tagged name (vqad-hash@12) or a base name for all its tags."""

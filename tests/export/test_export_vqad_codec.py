@@ -232,25 +232,29 @@ def test_level_statistics(trained):
         assert level.float_feature_bytes == level.vertices * k * 2
 
 
-def test_8bit_decoders_shrink_the_networks_and_render_nearly_alike(trained, encoded):
-    small = write_container(*_header_and_chunks(encode_model(trained.model, network_bits=8)))
-    sizes, sizes8 = (
-        {row["tag"]: row["payload_bytes"] for row in describe(read_container(f))} for f in (encoded, small)
-    )
-    assert "MLPS" in sizes and "MLP8" not in sizes and "MLP8" in sizes8 and "MLPS" not in sizes8
-    assert sizes8["MLP8"] < 0.6 * sizes["MLPS"]
-    assert len(encoded) - len(small) == sizes["MLPS"] - sizes8["MLP8"]  # nothing else changes
-    decoded, _ = load_compressed(small)
+def test_quantised_decoders_shrink_the_networks_and_render_nearly_alike(trained, encoded):
     full, _ = load_compressed(encoded)
-    assert abs(trained.psnr(decoded) - trained.psnr(full)) < 0.05  # the loss against the ground truth
-    for camera, _ in trained.views():
-        assert trained.image_psnr(trained.render(decoded, camera), trained.render(full, camera)) > 40
+    sizes = {row["tag"]: row["payload_bytes"] for row in describe(read_container(encoded))}
+    assert "MLPS" in sizes and "MLPQ" not in sizes
+    previous = sizes["MLPS"]
+    for bits in (8, 6):
+        small = write_container(*_header_and_chunks(encode_model(trained.model, network_bits=bits)))
+        quantised = {row["tag"]: row["payload_bytes"] for row in describe(read_container(small))}
+        assert "MLPQ" in quantised and "MLPS" not in quantised
+        assert quantised["MLPQ"] < (0.6 if bits == 8 else 1.0) * previous
+        assert len(encoded) - len(small) == sizes["MLPS"] - quantised["MLPQ"]  # nothing else changes
+        previous = quantised["MLPQ"]
+        decoded, _ = load_compressed(small)
+        assert abs(trained.psnr(decoded) - trained.psnr(full)) < 0.05  # the loss against the ground truth
+        for camera, _ in trained.views():
+            assert trained.image_psnr(trained.render(decoded, camera), trained.render(full, camera)) > 35
 
 
 def _header_and_chunks(encoded_model):
     return encoded_model.header, encoded_model.chunks
 
 
-def test_network_bits_other_than_16_or_8_are_rejected(trained):
+@pytest.mark.parametrize("bits", [1, 9, 32])
+def test_network_bits_other_than_16_or_2_to_8_are_rejected(trained, bits):
     with pytest.raises(ValueError, match="network_bits"):
-        encode_model(trained.model, network_bits=4)
+        encode_model(trained.model, network_bits=bits)

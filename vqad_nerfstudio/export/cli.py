@@ -40,9 +40,9 @@ class ExportVQADCompressed:
     index_coding: Literal["entropy", "raw"] = "entropy"
     """Codebook indices range-coded (entropy), or bit-packed at b bits each (raw, the reference); tensorf-compressed
     latents are always range-coded."""
-    network_bits: Literal[16, 8] = 16
-    """Bits per decoder-MLP weight of vqad and vqad-float files: 16 (fp16), or 8 (per-row 8-bit, range-coded:
-    about half the bytes, for the smallest coarse levels of detail)."""
+    network_bits: Literal[16, 8, 7, 6, 5, 4] = 16
+    """Bits per decoder-MLP weight of vqad and vqad-float files: 16 (fp16), or 8..4 (quantised per output row and
+    range-coded: 6 takes under half the fp16 bytes, for the smallest coarse levels of detail)."""
     overwrite: bool = False
     """Replace an existing model.vqnf."""
 

@@ -15,7 +15,6 @@ from vqad_nerfstudio.export.vqad_codec import (
     DecodeInfo,
     EncodedModel,
     IndexCoding,
-    NetworkBits,
     encode_model,
     load_compressed,
 )
@@ -28,12 +27,12 @@ def encode_any(
     method: Optional[str] = None,
     index_coding: IndexCoding = "entropy",
     progress: bool = False,
-    network_bits: NetworkBits = 16,
+    network_bits: int = 16,
 ) -> EncodedModel:
     """Header, chunks and level statistics of a trained model of any method of this package.
 
-    ``network_bits=8`` (8-bit decoder MLPs) is available for VQAD models only; the other methods' files
-    keep their networks in fp16.
+    Quantised decoder MLPs (``network_bits`` in 2..8) are available for VQAD models only; the other methods'
+    files keep their networks in fp16.
     """
     from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel
     from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
@@ -43,7 +42,7 @@ def encode_any(
         return encode_model(model, method, index_coding, progress, network_bits)
     if network_bits != 16:
         raise UnsupportedMethodError(
-            f"8-bit networks are written for vqad and vqad-float models only, not {type(model).__name__}"
+            f"quantised networks are written for vqad and vqad-float models only, not {type(model).__name__}"
         )
 
     if isinstance(model, LearnedIndexNerfactoModel):

@@ -1,4 +1,4 @@
-"""Payload pieces every method's codec shares: fp16 arrays, named fp16 or 8-bit parameters, the scene box."""
+"""Payload pieces every method's codec shares: fp16 arrays, named fp16 or quantised parameters, the scene box."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ __all__ = [
     "fp16_array",
     "encode_parameters",
     "load_parameters",
-    "encode_8bit_parameters",
-    "load_8bit_parameters",
+    "QUANTIZED_BITS",
+    "encode_quantized_parameters",
+    "load_quantized_parameters",
     "parse_aabb",
     "read_complete_container",
 ]
@@ -59,16 +60,19 @@ def load_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> 
         parameter.data = torch.from_numpy(array.astype(np.float32)).to(parameter.device)
 
 
-_QMAX = 127
-"""8-bit parameters are integers in [-127, 127], coded as symbols 0..254."""
+QUANTIZED_BITS = range(2, 9)
+"""Bit widths of quantised parameters: a ``bits``-bit weight is an integer in ``[-q, q]``, ``q = 2**(bits-1) - 1``."""
 
 
-def encode_8bit_parameters(parameters: Dict[str, Tensor]) -> bytes:
-    """An 8-bit parameters payload: each matrix quantised per output row (symmetric, one fp16 scale per row)
-    to integers in [-127, 127], all of them range-coded as one symbol stream; vectors (biases) in fp16.
+def encode_quantized_parameters(parameters: Dict[str, Tensor], bits: int) -> bytes:
+    """A quantised parameters payload: each matrix quantised per output row (symmetric, one fp16 scale per row)
+    to ``bits``-bit integers, all of them range-coded as one symbol stream; vectors (biases) in fp16.
 
-    Layout (``docs/format.md``): u32 length of a named-arrays record, the record, then a categorical payload.
+    Layout (``docs/format.md``): u8 bits, u32 length of a named-arrays record, the record, a categorical payload.
     """
+    if bits not in QUANTIZED_BITS:
+        raise ValueError(f"quantised parameters take 2..8 bits, got {bits!r}")
+    top = 2 ** (bits - 1) - 1
     record: Dict[str, np.ndarray] = {}
     symbols = [np.zeros(0, dtype=np.int64)]
     for name, parameter in parameters.items():
@@ -76,31 +80,34 @@ def encode_8bit_parameters(parameters: Dict[str, Tensor]) -> bytes:
             record[name] = fp16_array(parameter, f"parameter {name}")
             continue
         rows = parameter.detach().cpu().double().reshape(parameter.shape[0], -1).numpy()
-        scale = fp16_array(torch.from_numpy(np.abs(rows).max(axis=1) / _QMAX), f"parameter {name} scales")
+        scale = fp16_array(torch.from_numpy(np.abs(rows).max(axis=1) / top), f"parameter {name} scales")
         scale = np.maximum(scale, np.finfo(np.float16).smallest_subnormal)  # an all-zero row stays zero
-        levels = np.clip(np.rint(rows / scale.astype(np.float64)[:, None]), -_QMAX, _QMAX).astype(np.int64)
+        levels = np.clip(np.rint(rows / scale.astype(np.float64)[:, None]), -top, top).astype(np.int64)
         record[f"{name}@scale"] = scale
         record[f"{name}@shape"] = np.array(parameter.shape, dtype=np.uint32)
-        symbols.append(levels.reshape(-1) + _QMAX)
+        symbols.append(levels.reshape(-1) + top)
     packed = encode_named_arrays(record)
-    return struct.pack("<I", len(packed)) + packed + encode_categorical(np.concatenate(symbols), 2 * _QMAX + 1)
+    coded = encode_categorical(np.concatenate(symbols), 2 * top + 1)
+    return struct.pack("<BI", bits, len(packed)) + packed + coded
 
 
-def load_8bit_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> None:
-    """Fill ``parameters`` (in place) from a payload of :func:`encode_8bit_parameters`."""
-    if len(payload) < 4 or struct.unpack_from("<I", payload)[0] > len(payload) - 4:
-        raise FormatError(f"{tag}: 8-bit parameters payload ends inside its record")
-    (length,) = struct.unpack_from("<I", payload)
-    record = decode_named_arrays(payload[4 : 4 + length])
-    symbols = decode_categorical(payload[4 + length :])
+def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> None:
+    """Fill ``parameters`` (in place) from a payload of :func:`encode_quantized_parameters`."""
+    if len(payload) < 5 or struct.unpack_from("<I", payload, 1)[0] > len(payload) - 5:
+        raise FormatError(f"{tag}: quantised parameters payload ends inside its record")
+    bits, length = struct.unpack_from("<BI", payload)
+    if bits not in QUANTIZED_BITS:
+        raise FormatError(f"{tag}: quantised parameters take 2..8 bits, the payload says {bits}")
+    top = 2 ** (bits - 1) - 1
+    record = decode_named_arrays(payload[5 : 5 + length])
+    symbols = decode_categorical(payload[5 + length :])
     vectors = [name for name in record if "@" not in name]
     matrices = [name.removesuffix("@scale") for name in record if name.endswith("@scale")]  # in stream order
-    names = vectors + matrices
     if set(record) != {*vectors, *(f"{name}@{part}" for name in matrices for part in ("scale", "shape"))}:
-        raise FormatError(f"{tag}: each 8-bit matrix needs exactly its @scale and @shape arrays")
-    _check_names(parameters, names, tag)
+        raise FormatError(f"{tag}: each quantised matrix needs exactly its @scale and @shape arrays")
+    _check_names(parameters, vectors + matrices, tag)
     offset = 0
-    for name in names:
+    for name in vectors + matrices:
         parameter = parameters[name]
         if name in record:
             values = _checked(record[name], np.float16, tuple(parameter.shape), f"{tag}: {name}").astype(np.float32)
@@ -112,7 +119,7 @@ def load_8bit_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str
             count = math.prod(shape)
             if offset + count > symbols.size:
                 raise FormatError(f"{tag}: the symbol stream ends inside {name}")
-            levels = symbols[offset : offset + count].astype(np.int64).reshape(shape[0], -1) - _QMAX
+            levels = symbols[offset : offset + count].astype(np.int64).reshape(shape[0], -1) - top
             values = (levels * scale.astype(np.float32)[:, None]).reshape(shape).astype(np.float32)
             offset += count
         parameter.data = torch.from_numpy(values).to(parameter.device)

@@ -1,7 +1,7 @@
 """VQAD models as VQNF files: a model's chunks from coarse to fine, and a model rebuilt from them.
 
 The header names the method, the model settings needed to rebuild it, the scene box and the
-number of levels stored. The decoder MLPs come first (``MLPS`` in fp16, or ``MLP8`` in 8 bits),
+number of levels stored. The decoder MLPs come first (``MLPS`` in fp16, or ``MLPQ`` quantised),
 then each level of detail in order: its topology (``TOPO``), and either its codebook (``CBOK``)
 and codebook indices (``IDXE`` range-coded, or ``IDXR`` bit-packed) or its float features
 (``FEAT``). Any prefix of a file that ends on a chunk boundary decodes to the complete levels it
@@ -43,11 +43,12 @@ from vqad_nerfstudio.encodings.sparse_grid import GridLevel
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 from vqad_nerfstudio.export.methods import UnsupportedMethodError, check_method
 from vqad_nerfstudio.export.payloads import (
-    encode_8bit_parameters,
+    QUANTIZED_BITS,
     encode_parameters,
+    encode_quantized_parameters,
     fp16_array,
-    load_8bit_parameters,
     load_parameters,
+    load_quantized_parameters,
     parse_aabb,
 )
 from vqad_nerfstudio.export.symbols import decode_symbols
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IndexCoding",
-    "NetworkBits",
     "LevelStats",
     "EncodedModel",
     "DecodeInfo",
@@ -74,12 +74,11 @@ __all__ = [
 ]
 
 IndexCoding = Literal["entropy", "raw"]
-NetworkBits = Literal[16, 8]
 
 TAG_MLPS = "MLPS"
-TAG_MLP8 = "MLP8"
-DECODER_TAGS = (TAG_MLPS, TAG_MLP8)
-"""The decoder MLPs' chunk: fp16 weights, or 8-bit ones."""
+TAG_MLPQ = "MLPQ"
+DECODER_TAGS = (TAG_MLPS, TAG_MLPQ)
+"""The decoder MLPs' chunk: fp16 weights, or quantised ones."""
 TAG_TOPO = "TOPO"
 TAG_CBOK = "CBOK"
 TAG_IDXE = "IDXE"
@@ -147,7 +146,7 @@ class DecodeInfo:
 
 # ------------------------------------------------------------------------------------------- shared
 def _decoder_parameters(model: "VQADModel") -> Dict[str, Tensor]:
-    """The decoder MLPs' parameters, named as in the MLPS and MLP8 chunks."""
+    """The decoder MLPs' parameters, named as in the MLPS and MLPQ chunks."""
     decoders = nn.ModuleDict({"density_mlp": model.field.density_mlp, "color_mlp": model.field.color_mlp})
     return dict(decoders.named_parameters())
 
@@ -158,20 +157,20 @@ def encode_model(
     method: Optional[str] = None,
     index_coding: IndexCoding = "entropy",
     progress: bool = False,
-    network_bits: NetworkBits = 16,
+    network_bits: int = 16,
 ) -> EncodedModel:
     """Header, chunks and per-level statistics of a trained model.
 
     ``method`` is the nerfstudio method name stored in the header (default: ``vqad`` for a codebook
     store, ``vqad-float`` for a float store). ``index_coding="entropy"`` writes IDXE chunks (or
     IDXR where bit packing is strictly shorter, e.g. for a tiny level); ``"raw"`` writes IDXR
-    chunks only. Both sizes are measured either way. ``network_bits=8`` stores the decoder MLPs' matrices
-    in 8 bits per weight (``MLP8``) instead of fp16 (``MLPS``).
+    chunks only. Both sizes are measured either way. ``network_bits`` in 2..8 stores the decoder MLPs'
+    matrices quantised to that many bits per weight (``MLPQ``) instead of fp16 (``MLPS``).
     """
     if index_coding not in get_args(IndexCoding):
         raise ValueError(f"index_coding must be 'entropy' or 'raw', got {index_coding!r}")
-    if network_bits not in get_args(NetworkBits):
-        raise ValueError(f"network_bits must be 16 or 8, got {network_bits!r}")
+    if network_bits != 16 and network_bits not in QUANTIZED_BITS:
+        raise ValueError(f"network_bits must be 16 (fp16) or 2..8 (quantised), got {network_bits!r}")
     from vqad_nerfstudio.models.vqad import VQADModel
 
     if not isinstance(model, VQADModel):
@@ -191,8 +190,8 @@ def encode_model(
         "levels": levels,
     }
     decoders = _decoder_parameters(model)
-    if network_bits == 8:
-        chunks = [Chunk(TAG_MLP8, None, encode_8bit_parameters(decoders))]
+    if network_bits != 16:
+        chunks = [Chunk(TAG_MLPQ, None, encode_quantized_parameters(decoders, network_bits))]
     else:
         chunks = [Chunk(TAG_MLPS, None, encode_parameters(decoders))]
     stats = []
@@ -257,7 +256,7 @@ def load_compressed(
     decoders, parts = _group_chunks(container, levels)
     complete_levels = _count_complete_levels(container, parts, config.feature_store)
     if decoders is None or complete_levels == 0:
-        missing = "the decoder weights (MLPS or MLP8)" if decoders is None else "level of detail 0"
+        missing = "the decoder weights (MLPS or MLPQ)" if decoders is None else "level of detail 0"
         raise TruncatedError(f"file truncated after {container.bytes_read} bytes, before {missing} is complete")
     decoded = complete_levels if max_lod is None else min(complete_levels, max_lod + 1)
 
@@ -319,7 +318,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
 
 
 def _group_chunks(container: Container, levels: int) -> Tuple[Optional[Chunk], List[Dict[str, bytes]]]:
-    """The decoders' chunk (MLPS or MLP8) and, per level, its payloads by tag. Unknown tags are skipped."""
+    """The decoders' chunk (MLPS or MLPQ) and, per level, its payloads by tag. Unknown tags are skipped."""
     decoders = None
     parts: List[Dict[str, bytes]] = [{} for _ in range(levels)]
     for index, chunk in enumerate(container.chunks):
@@ -366,7 +365,7 @@ def _float_array(payload: bytes, what: str, shape: Tuple[int, ...]) -> Tensor:
 
 
 def _load_decoders(model: "VQADModel", chunk: Chunk) -> None:
-    load = load_8bit_parameters if chunk.tag == TAG_MLP8 else load_parameters
+    load = load_quantized_parameters if chunk.tag == TAG_MLPQ else load_parameters
     load(_decoder_parameters(model), chunk.payload, chunk.tag)
 
 
