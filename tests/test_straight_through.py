@@ -6,7 +6,6 @@ import torch
 from vqad_nerfstudio.encodings.vertex_features import (
     CodebookFeatures,
     FloatFeatures,
-    straight_through_codewords,
     straight_through_lookup,
 )
 
@@ -37,27 +36,6 @@ def test_forward_is_hard_lookup_and_gradients_match_reference(num_rows, num_look
     torch.testing.assert_close(logits.grad, logits_ref.grad)
     torch.testing.assert_close(codebook.grad, codebook_ref.grad)
     assert logits.grad.abs().sum() > 0 and codebook.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.3])
-def test_per_row_candidates_match_reference(temperature):
-    """Each row choosing among its own candidates (hashed buckets) uses the same estimator."""
-    torch.manual_seed(1)
-    logits = torch.randn(70, 4, dtype=torch.float64, requires_grad=True)
-    candidates = torch.randn(70, 4, 3, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(70, 3, dtype=torch.float64)
-    out = straight_through_codewords(logits, candidates, temperature)
-    assert torch.equal(out, candidates[torch.arange(70), logits.argmax(dim=-1)])
-    (out * upstream).sum().backward()
-
-    logits_ref = logits.detach().clone().requires_grad_()
-    candidates_ref = candidates.detach().clone().requires_grad_()
-    soft = torch.softmax(logits_ref / temperature, dim=-1)
-    hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), 4).to(soft.dtype)
-    keys = hard - soft.detach() + soft
-    (torch.einsum("mc,mck->mk", keys, candidates_ref) * upstream).sum().backward()
-    torch.testing.assert_close(logits.grad, logits_ref.grad)
-    torch.testing.assert_close(candidates.grad, candidates_ref.grad)
 
 
 def test_relaxed_lookup_is_the_soft_mixture_and_approaches_hard_as_temperature_falls():

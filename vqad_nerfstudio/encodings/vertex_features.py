@@ -28,12 +28,10 @@ def _relaxed_logit_grad(logits: Tensor, grad_soft: Tensor, temperature: float) -
 class _StraightThroughCodewords(torch.autograd.Function):
     """Hard codeword per row forward, softmax-relaxed gradient backward.
 
-    Row ``i`` chooses among candidates ``codebook`` (``[c, k]``, shared by all rows) or
-    ``codebook[i]`` (``[m, c, k]``, a candidate set per row). Equivalent to
-    ``keys = hard - soft.detach() + soft; out = keys @ candidates`` with
+    Equivalent to ``keys = hard - soft.detach() + soft; out = keys @ codebook`` with
     ``soft = softmax(C / temperature)``, without keeping ``[m, c]`` activations: the backward pass
-    recomputes the softmax. With a shared codebook, callers gather per-sample rows from the result,
-    so memory never grows with ``N * c * k``.
+    recomputes the softmax. Callers gather per-sample rows from the result, so memory never grows
+    with ``N * c * k``.
     """
 
     @staticmethod
@@ -41,33 +39,24 @@ class _StraightThroughCodewords(torch.autograd.Function):
         hard = logits.argmax(dim=-1)
         ctx.save_for_backward(hard, logits, codebook)
         ctx.temperature = temperature
-        if codebook.dim() == 2:
-            return codebook.index_select(0, hard)
-        return codebook[torch.arange(hard.shape[0], device=hard.device), hard]
+        return codebook.index_select(0, hard)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:  # type: ignore[override]
         hard, logits, codebook = ctx.saved_tensors
-        shared = codebook.dim() == 2
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0]:
-            grad_soft = grad_out @ codebook.t() if shared else torch.einsum("mk,mck->mc", grad_out, codebook)
-            grad_logits = _relaxed_logit_grad(logits, grad_soft, ctx.temperature)
+            grad_logits = _relaxed_logit_grad(logits, grad_out @ codebook.t(), ctx.temperature)
         if ctx.needs_input_grad[1]:
-            if shared:
-                grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
-            else:
-                grad_codebook = torch.zeros_like(codebook)
-                grad_codebook[torch.arange(hard.shape[0], device=hard.device), hard] = grad_out
+            grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
         return grad_logits, grad_codebook, None
 
 
 def straight_through_codewords(
-    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"] | Float[Tensor, "m c k"], temperature: float = 1.0
+    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0
 ) -> Float[Tensor, "m k"]:
-    """Chosen codewords of every row: ``codebook[argmax(logits)]`` (shared ``[c, k]`` codebook) or
-    ``codebook[i, argmax(logits[i])]`` (per-row candidates ``[m, c, k]``), with straight-through
-    softmax gradients to the logits and the chosen codewords."""
+    """Chosen codewords of every row, ``codebook[argmax(logits)]``, with straight-through softmax gradients
+    to the logits and the chosen codewords."""
     return _StraightThroughCodewords.apply(logits, codebook, temperature)
 
 
@@ -83,21 +72,31 @@ class _InterpolatedCodewords(torch.autograd.Function):
     """Weighted sum over each sample's cell corners of the codewords their index entries choose.
 
     The straight-through estimator of :class:`_StraightThroughCodewords` for lookups whose candidates
-    depend on the vertex (hashed buckets), fused with the trilinear interpolation: the forward pass
-    gathers one codeword per corner, and the backward pass accumulates the softmax gradient per index
-    entry before applying the softmax Jacobian once per entry, so nothing of size
-    ``lookups * candidates * width`` is kept between the passes (the backward pass works in chunks).
+    depend on the vertex (hashed buckets: each lookup chooses among the rows from its ``first`` on),
+    fused with the trilinear interpolation: the forward pass gathers one codeword per corner, and the
+    backward pass accumulates the softmax gradient per index entry before applying the softmax
+    Jacobian once per entry, so nothing of size ``lookups * candidates * width`` is kept between the
+    passes (the backward pass works in chunks).
     """
 
     @staticmethod
-    def forward(ctx, logits, codebook, entries, first, weights, codebook_size, temperature):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx,
+        logits: Tensor,
+        codebook: Tensor,
+        entries: Tensor,
+        first: Tensor,
+        weights: Tensor,
+        codebook_size: int,
+        temperature: float,
+    ) -> Tensor:
         rows = candidate_rows(first, logits.argmax(dim=-1)[entries], codebook_size)
         ctx.save_for_backward(logits, codebook, entries, first, weights, rows)
         ctx.codebook_size, ctx.temperature = codebook_size, temperature
         return torch.einsum("...ck,...c->...k", codebook[rows], weights)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         logits, codebook, entries, first, weights, rows = ctx.saved_tensors
         grad_logits = grad_codebook = grad_weights = None
         grad_corners = (weights[..., None] * grad_out[..., None, :]).reshape(-1, codebook.shape[-1])
