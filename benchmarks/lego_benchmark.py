@@ -59,6 +59,9 @@ class BenchmarkConfig:
     adds a rate-distortion table and planes_rd.png."""
     plane_steps: int = 2000
     """Compression steps of each tensorf-compressed run (fixed steps, not the time budget)."""
+    profile: Tuple[str, ...] = ()
+    """Methods (as named in the run, e.g. vqad-hash@14) whose training steps 5..9 run under torch's profiler; the
+    busiest operators are printed and written to METHOD.profile.txt."""
     network_bits: int = 16
     """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised); the
     other methods' files keep fp16 networks."""
@@ -124,13 +127,14 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     trainer = config.setup(local_rank=0, world_size=1)
     with offline_lpips():
         trainer.setup()
-    start = time.perf_counter()
 
     def stop_when_spent(step: int) -> None:
         if not fixed_steps and time.perf_counter() - start >= bench.budget_s:
             trainer.stop_training = True
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], stop_when_spent))
+    if method in bench.profile:
+        trainer.callbacks += _profiled_steps(bench.output_dir / f"{method}.profile.txt")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -186,6 +190,38 @@ def _encoding_timing_table(timings: List[Dict[str, float]], points: int) -> str:
             f"{t['learned_peak_mib']:.0f} / {t['random_peak_mib']:.0f} |"
         )
     return "\n".join(lines)
+
+
+PROFILED_STEPS = range(5, 10)
+"""Training steps that --profile records (after the first steps' one-off costs)."""
+
+
+def _profiled_steps(path: Path) -> List[Any]:
+    """Training callbacks that profile :data:`PROFILED_STEPS` and print and save the busiest operators."""
+    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+
+    def begin(step: int) -> None:
+        if step == PROFILED_STEPS[0]:
+            profiler.start()
+
+    def end(step: int) -> None:
+        if step == PROFILED_STEPS[-1]:
+            _sync()
+            profiler.stop()
+            key = "self_device_time_total" if cuda else "self_cpu_time_total"
+            table = profiler.key_averages().table(sort_by=key, row_limit=25)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(table)
+            print(f"\nSteps {PROFILED_STEPS[0]}..{PROFILED_STEPS[-1]} of {path.stem}:\n{table}", flush=True)
+
+    return [
+        TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], begin),
+        TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], end),
+    ]
 
 
 def _sync() -> None:
