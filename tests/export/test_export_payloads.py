@@ -91,3 +91,11 @@ def test_quantised_payload_with_symbols_left_over_is_a_format_error():
     longer = payload[: 5 + length] + encode_categorical(extra, 255)
     with pytest.raises(FormatError, match="left over"):
         load_quantized_parameters(_empty_like(parameters), longer, "NETQ")
+
+
+def test_symbols_beyond_the_bit_width_are_a_format_error():
+    parameters = _network()
+    payload = bytearray(encode_quantized_parameters(parameters, 8))
+    payload[0] = 4  # now claims 4-bit weights (symbols 0..14) over an 8-bit stream
+    with pytest.raises(FormatError, match="at most 14"):
+        load_quantized_parameters(_empty_like(parameters), bytes(payload), "NETQ")

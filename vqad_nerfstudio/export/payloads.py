@@ -101,6 +101,8 @@ def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag
     top = 2 ** (bits - 1) - 1
     record = decode_named_arrays(payload[5 : 5 + length])
     symbols = decode_categorical(payload[5 + length :])
+    if symbols.size and int(symbols.max()) > 2 * top:
+        raise FormatError(f"{tag}: a symbol of {bits}-bit weights must be at most {2 * top}, got {int(symbols.max())}")
     vectors = [name for name in record if "@" not in name]
     matrices = [name.removesuffix("@scale") for name in record if name.endswith("@scale")]  # in stream order
     if set(record) != {*vectors, *(f"{name}@{part}" for name in matrices for part in ("scale", "shape"))}:
