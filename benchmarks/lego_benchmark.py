@@ -42,6 +42,9 @@ class BenchmarkConfig:
     """nerfstudio method names to compare; METHOD@TAG runs METHOD again under another name (for overrides)."""
     budget_s: float = 120.0
     """Wall-clock training budget per method, in seconds."""
+    max_steps: int = 0
+    """Also stop each method after this many training steps (0: the wall-clock budget alone), e.g. to compare
+    methods of different speed at equal steps."""
     output_dir: Path = Path("outputs/benchmark")
     """Where runs, checkpoints and results.json go."""
     max_eval_views: int = 25
@@ -129,7 +132,8 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
         trainer.setup()
 
     def stop_when_spent(step: int) -> None:
-        if not fixed_steps and time.perf_counter() - start >= bench.budget_s:
+        spent = time.perf_counter() - start >= bench.budget_s or 0 < bench.max_steps <= step + 1
+        if not fixed_steps and spent:
             trainer.stop_training = True
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], stop_when_spent))
@@ -373,13 +377,17 @@ def main(bench: BenchmarkConfig) -> None:
         print(json.dumps(row), flush=True)
         bench.output_dir.mkdir(parents=True, exist_ok=True)
         (bench.output_dir / "results.json").write_text(  # after every method: a cut-short run keeps its rows
-            json.dumps({"device": device, "budget_s": bench.budget_s, "results": results}, indent=2)
+            json.dumps(
+                {"device": device, "budget_s": bench.budget_s, "max_steps": bench.max_steps, "results": results},
+                indent=2,
+            )
         )
         del trainer, pipeline
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     print(
-        f"\nDevice: {device}; training budget {bench.budget_s:.0f} s per method; "
+        f"\nDevice: {device}; training budget {bench.budget_s:.0f} s per method"
+        f"{f' or {bench.max_steps} steps' if bench.max_steps else ''}; "
         f"eval on {bench.max_eval_views} views of {bench.data}"
     )
     print(_table(results))
