@@ -99,18 +99,23 @@ class _InterpolatedCodewords(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         logits, codebook, entries, first, weights, rows = ctx.saved_tensors
         grad_logits = grad_codebook = grad_weights = None
-        grad_corners = (weights[..., None] * grad_out[..., None, :]).reshape(-1, codebook.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_codebook = torch.zeros_like(codebook).index_add_(0, rows.reshape(-1), grad_corners)
         if ctx.needs_input_grad[4]:
             grad_weights = torch.einsum("...ck,...k->...c", codebook[rows], grad_out)
+        grad_corners = (weights[..., None] * grad_out[..., None, :]).reshape(-1, codebook.shape[-1])
+        # Lookups of zero gradient (e.g. samples a field masks out, which all read one vertex) add nothing:
+        # dropping them keeps the scatter-adds below from serialising on that vertex.
+        used = grad_corners.ne(0).any(dim=-1).nonzero().squeeze(-1)
+        grad_corners = grad_corners.index_select(0, used)
+        rows, entries, first = (t.reshape(-1).index_select(0, used) for t in (rows, entries, first))
+        if ctx.needs_input_grad[1]:
+            grad_codebook = torch.zeros_like(codebook).index_add_(0, rows, grad_corners)
         if ctx.needs_input_grad[0]:
             # windows[r] = the candidates of a lookup starting at row r: one gather per lookup, not one per candidate
             rows_of_codebook = torch.arange(codebook.shape[0], device=codebook.device)[:, None]
             choices = torch.arange(logits.shape[-1], device=codebook.device)
             windows = codebook[candidate_rows(rows_of_codebook, choices, ctx.codebook_size)]  # [rows, c, k]
             grad_soft = torch.zeros_like(logits)
-            chunks = (t.split(_BACKWARD_CHUNK) for t in (first.reshape(-1), entries.reshape(-1), grad_corners))
+            chunks = (t.split(_BACKWARD_CHUNK) for t in (first, entries, grad_corners))
             for chunk_first, chunk_entries, chunk_grad in zip(*chunks):
                 per_lookup = torch.einsum("mck,mk->mc", windows.index_select(0, chunk_first), chunk_grad)
                 grad_soft.index_add_(0, chunk_entries, per_lookup)

@@ -8,13 +8,14 @@ checkpoints load on torch >= 2.6.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Tuple, Type
+from typing import Dict, Literal, Tuple, Type
 
 from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from torch import Tensor
 
 from vqad_nerfstudio.compat import SkippedLPIPS, allow_nerfstudio_checkpoints, offline_lpips
 from vqad_nerfstudio.encodings.learned_index_hash import IndexMode, LearnedIndexHashEncoding
+from vqad_nerfstudio.encodings.torch_hash_grid import sparse_backward_hash_grids
 from vqad_nerfstudio.fields.hash_base import replace_base_encoding
 
 allow_nerfstudio_checkpoints()
@@ -35,6 +36,10 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
     """b: bits per index entry; each vertex chooses among 2**b codebook rows ('learned' mode)."""
     index_temperature: float = 1.0
     """Softmax temperature of the straight-through backward pass of the indices."""
+    hash_grid_backward: Literal["nerfstudio", "sparse"] = "nerfstudio"
+    """Backward pass of nerfstudio's torch hash grids (the proposal networks', and the field's in 'random' mode) when
+    tinycudann is absent: 'nerfstudio' keeps theirs; 'sparse' gives the same gradients through a scatter-add that
+    skips zero-gradient lookups on a GPU (experimental: its speed is not yet measured there; ~9% slower on a CPU)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.index_bits <= self.log2_codebook_size:
@@ -70,6 +75,8 @@ class LearnedIndexNerfactoModel(NerfactoModel):
             super().populate_modules()
         cfg = self.config
         replace_base_encoding(self.field, encoding_of(cfg), 2, cfg.hidden_dim, cfg.implementation)
+        if cfg.hash_grid_backward == "sparse":
+            sparse_backward_hash_grids(self)
 
     @property
     def encoding(self) -> LearnedIndexHashEncoding:

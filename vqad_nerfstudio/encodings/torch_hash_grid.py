@@ -1,0 +1,84 @@
+"""nerfstudio's torch hash grid with a backward pass that skips lookups of zero gradient.
+
+nerfstudio's fields zero the positions of samples outside the scene box before the hash grid (and
+zero their density after it), so in object scenes a large share of the samples look up the same
+vertex, ``(0, 0, 0)``, with a gradient of exactly zero. The torch fallback of
+:class:`~nerfstudio.field_components.encodings.HashEncoding` gathers with ``table[indices]``, whose
+backward pass (``index_put_`` with accumulation) sorts the indices and sums each run of equal
+indices in one thread group, so those duplicates serialise. :func:`sparse_backward_hash_grids`
+gives the torch fallbacks in a module the same lookup (nerfstudio's hash function, table and
+trilinear weights) through :func:`gather_rows`, whose backward pass drops zero-gradient lookups and
+adds the rest with ``index_add_``. Outputs and gradients are unchanged; tinycudann grids are left alone.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Tuple
+
+import torch
+from jaxtyping import Float, Int
+from nerfstudio.field_components.encodings import HashEncoding
+from torch import Tensor, nn
+
+
+class _GatherRows(torch.autograd.Function):
+    """``table[indices]`` whose backward pass adds only the rows of nonzero gradient (on a GPU)."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, indices: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(indices)
+        ctx.table_shape = table.shape
+        return table.index_select(0, indices.reshape(-1)).view(*indices.shape, table.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], None]:  # type: ignore[override]
+        (indices,) = ctx.saved_tensors
+        grad, indices = grad_out.reshape(-1, grad_out.shape[-1]), indices.reshape(-1)
+        if grad.is_cuda:  # GPU scatter-adds serialise on repeated rows; the CPU adds in order anyway
+            used = grad.ne(0).any(dim=-1).nonzero().squeeze(-1)
+            grad, indices = grad.index_select(0, used), indices.index_select(0, used)
+        return grad.new_zeros(ctx.table_shape).index_add_(0, indices, grad), None
+
+
+def gather_rows(table: Float[Tensor, "rows f"], indices: Int[Tensor, "*b"]) -> Float[Tensor, "*b f"]:
+    """Rows ``table[indices]``; on a GPU, the gradient of the table skips lookups whose gradient is zero."""
+    return _GatherRows.apply(table, indices)
+
+
+_PRIMES = (1, 2654435761, 805459861)
+"""The coordinate multipliers of ``HashEncoding.hash_fn`` (Instant-NGP's)."""
+
+
+def hash_grid_forward(encoding: HashEncoding, positions: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs out"]:
+    """What ``encoding.pytorch_fwd`` computes (same hash, table and trilinear weights), gathering with
+    :func:`gather_rows`. Each coordinate's hash term and weight is formed once for its lower and upper corner;
+    the 8 corners combine them (corner ``4 bx + 2 by + bz`` takes the upper corner on the axes whose bit is set)."""
+    scaled = positions[..., None, :] * encoding.scalings.view(-1, 1).to(positions.device)  # [..., L, 3]
+    lower = torch.floor(scaled)
+    upper_weight = scaled - lower
+    corners = torch.stack([lower, torch.ceil(scaled)], dim=-1).int().long()  # [..., L, 3, 2]
+    terms = [corners[..., axis, :] * prime for axis, prime in enumerate(_PRIMES)]  # [..., L, 2] each
+    hashed = terms[0][..., :, None, None] ^ terms[1][..., None, :, None] ^ terms[2][..., None, None, :]
+    offsets = encoding.hash_offset.to(positions.device)[:, None]
+    hashed = torch.remainder(hashed.flatten(start_dim=-3), encoding.hash_table_size) + offsets  # [..., L, 8]
+    axis_weights = torch.stack([1 - upper_weight, upper_weight], dim=-1)  # [..., L, 3, 2]
+    weights = (
+        axis_weights[..., 0, :, None, None] * axis_weights[..., 1, None, :, None] * axis_weights[..., 2, None, None, :]
+    ).flatten(start_dim=-3)  # [..., L, 8]
+    features = gather_rows(encoding.hash_table, hashed)  # [..., L, 8, f]
+    return (features * weights[..., None]).sum(dim=-2).flatten(start_dim=-2)
+
+
+def sparse_backward_hash_grids(module: nn.Module) -> int:
+    """Make every torch-fallback :class:`HashEncoding` in ``module`` look up through :func:`hash_grid_forward`;
+    returns how many it changed (tinycudann grids keep their own kernels)."""
+    changed = 0
+    for encoding in module.modules():
+        if isinstance(encoding, HashEncoding) and encoding.tcnn_encoding is None:
+            encoding.pytorch_fwd = partial(hash_grid_forward, encoding)  # type: ignore[method-assign]
+            changed += 1
+    return changed
+
+
+__all__ = ["gather_rows", "hash_grid_forward", "sparse_backward_hash_grids"]
