@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,10 +95,12 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
 
     base, _, tag = method.partition("@")
     config = copy.deepcopy(all_methods[base])
-    if base in ("vqad-hash", "vqad-hash-random") and tag.isdigit():  # a size of the learned-vs-random comparison
+    size = re.match(r"\d+", tag)  # vqad-hash@14, or a variant of that size such as vqad-hash@14s
+    if base in ("vqad-hash", "vqad-hash-random") and size:  # a size of the learned-vs-random comparison
         from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
 
-        config.pipeline.model = hash_model_config("random" if base == "vqad-hash-random" else "learned", int(tag))
+        mode = "random" if base == "vqad-hash-random" else "learned"
+        config.pipeline.model = hash_model_config(mode, int(size.group()))
     if base == "tensorf-compressed":  # one point of the rate-distortion curve
         config.pipeline.model.tensorf_checkpoint = tensorf_checkpoint
         config.pipeline.model.rate_lambda = float(tag)
