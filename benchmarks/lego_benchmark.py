@@ -58,6 +58,8 @@ class BenchmarkConfig:
     times the two encodings alone (forward and backward on --encoding-points random points)."""
     encoding_points: int = 200_000
     """Points per forward/backward pass when timing the encodings of --hash-sizes."""
+    encoding_masked_share: float = 0.5
+    """Share of those points placed at the origin with a zero gradient (samples a field masks out)."""
     plane_lambdas: Tuple[float, ...] = ()
     """Also compress the tensorf run (tensorf must be in --methods) with tensorf-compressed at these rate weights;
     adds a rate-distortion table and planes_rd.png."""
@@ -156,45 +158,57 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     return trainer, steps, seconds, peak, checkpoint
 
 
-def _time_encodings(size: int, points: int, repeats: int = 5) -> Dict[str, float]:
-    """Milliseconds and peak MiB of one forward and backward pass of vqad-hash's learned and random encodings
-    at the matched size ``size`` (the field's encoding alone, without MLPs or proposal networks)."""
+ENCODING_VARIANTS = ("learned", "random", "random-sparse")
+"""Encodings the timing compares: learned indices, nerfstudio's torch random hash grid, and the same grid with the
+sparse backward pass (--pipeline.model.hash-grid-backward sparse)."""
+
+
+def _time_encodings(size: int, points: int, masked_share: float, repeats: int = 5) -> Dict[str, float]:
+    """Milliseconds and peak MiB of one forward and backward pass of vqad-hash's encodings at the matched size
+    ``size`` (the field's encoding alone). As nerfacto's fields do for samples outside the scene box, a
+    ``masked_share`` of the positions is set to the origin and gets a zero gradient."""
     from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
 
+    from vqad_nerfstudio.encodings.torch_hash_grid import sparse_backward_hash_grids
     from vqad_nerfstudio.models.learned_index_nerfacto import encoding_of
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    positions = torch.rand(points, 3, device=device)
+    kept = (torch.rand(points, 1, device=device) >= masked_share).float()
+    positions = torch.rand(points, 3, device=device) * kept
     timing: Dict[str, float] = {"size": size}
-    for mode in ("learned", "random"):
-        encoding = encoding_of(hash_model_config(mode, size)).to(device)
+    for variant in ENCODING_VARIANTS:
+        encoding = encoding_of(hash_model_config(variant.split("-")[0], size)).to(device)
+        if variant.endswith("sparse"):
+            sparse_backward_hash_grids(encoding)
         for _ in range(2):  # warm-up
-            encoding(positions).square().sum().backward()
+            (encoding(positions) * kept).square().sum().backward()
         _sync()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for _ in range(repeats):
-            encoding(positions).square().sum().backward()
+            (encoding(positions) * kept).square().sum().backward()
         _sync()
-        timing[f"{mode}_ms"] = 1000 * (time.perf_counter() - start) / repeats
+        timing[f"{variant}_ms"] = 1000 * (time.perf_counter() - start) / repeats
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else math.nan
-        timing[f"{mode}_peak_mib"] = peak
+        timing[f"{variant}_peak_mib"] = peak
         del encoding
     return timing
 
 
-def _encoding_timing_table(timings: List[Dict[str, float]], points: int) -> str:
+def _encoding_timing_table(timings: List[Dict[str, float]], points: int, masked_share: float) -> str:
     lines = [
-        f"\nThe field's encoding alone, one forward and backward pass on {points} points:",
-        "| random table | learned ms | random ms | learned / random | peak MiB learned / random |",
-        "|---|---|---|---|---|",
+        f"\nThe field's encoding alone, one forward and backward pass on {points} points ({masked_share:.0%} of them "
+        "at the origin with zero gradient, as a field masks samples outside its box):",
+        "| random table | learned ms | random ms | random, sparse backward, ms | learned / random "
+        "| peak MiB learned / random / sparse |",
+        "|---|---|---|---|---|---|",
     ]
     for t in timings:
-        learned, random = t["learned_ms"], t["random_ms"]
+        learned, random, sparse = (t[f"{v}_ms"] for v in ENCODING_VARIANTS)
+        peaks = " / ".join(f"{t[f'{v}_peak_mib']:.0f}" for v in ENCODING_VARIANTS)
         lines.append(
-            f"| 2^{t['size']} | {learned:.1f} | {random:.1f} | {learned / random:.2f} | "
-            f"{t['learned_peak_mib']:.0f} / {t['random_peak_mib']:.0f} |"
+            f"| 2^{t['size']} | {learned:.1f} | {random:.1f} | {sparse:.1f} | {learned / random:.2f} | {peaks} |"
         )
     return "\n".join(lines)
 
@@ -351,7 +365,9 @@ def main(bench: BenchmarkConfig) -> None:
     if bench.plane_lambdas and "tensorf" not in methods:
         raise SystemExit("--plane-lambdas compresses the tensorf run: add tensorf to --methods")
     methods += [f"tensorf-compressed@{rate:g}" for rate in bench.plane_lambdas]
-    encoding_timings = [_time_encodings(size, bench.encoding_points) for size in bench.hash_sizes]
+    encoding_timings = [
+        _time_encodings(size, bench.encoding_points, bench.encoding_masked_share) for size in bench.hash_sizes
+    ]
     tensorf_checkpoint = None
     for method in methods:
         trainer, steps, seconds, peak, checkpoint = _train(method, bench, tensorf_checkpoint)
@@ -398,7 +414,7 @@ def main(bench: BenchmarkConfig) -> None:
     if bench.hash_sizes:
         _plot_hash_comparison(results, bench.output_dir / "hash_comparison.png", device)
         print(_hash_table(results, bench.hash_sizes))
-        print(_encoding_timing_table(encoding_timings, bench.encoding_points))
+        print(_encoding_timing_table(encoding_timings, bench.encoding_points, bench.encoding_masked_share))
     if bench.plane_lambdas:
         _plot_planes(results, bench.output_dir / "planes_rd.png", device)
         print(_planes_table(results))
