@@ -17,7 +17,6 @@ import torch
 from vqad_nerfstudio.codec import (
     Chunk,
     FormatError,
-    decode_array,
     encode_array,
     encode_categorical,
     pack_bits,
@@ -27,6 +26,7 @@ from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.payloads import (
     encode_parameters,
     fp16_array,
+    load_fp16_array,
     load_parameters,
     parse_aabb,
     read_complete_container,
@@ -136,10 +136,7 @@ def load_hash_compressed(source: Source) -> Tuple["LearnedIndexNerfactoModel", D
     encoding = model.encoding
     for level, level_parts in enumerate(parts):
         codebook = encoding.codebooks[level]
-        array = decode_array(level_parts[TAG_CBOK])
-        if array.dtype != np.float16 or array.shape != tuple(codebook.shape):
-            raise FormatError(f"level {level} {TAG_CBOK}: expected float16 {tuple(codebook.shape)}, got {array.shape}")
-        codebook.data = torch.from_numpy(array.astype(np.float32))
+        codebook.data = load_fp16_array(level_parts[TAG_CBOK], tuple(codebook.shape), f"level {level} {TAG_CBOK}")
         rows, bits = encoding.layouts[level].rows, encoding.index_bits
         if TAG_IDXE in level_parts:
             indices = decode_symbols(level_parts[TAG_IDXE], rows, 2**bits, f"level {level} {TAG_IDXE}")

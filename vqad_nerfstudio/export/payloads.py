@@ -14,6 +14,7 @@ from vqad_nerfstudio.codec import (
     Container,
     FormatError,
     TruncatedError,
+    decode_array,
     decode_categorical,
     decode_named_arrays,
     encode_categorical,
@@ -24,6 +25,7 @@ from vqad_nerfstudio.codec.container import Source
 
 __all__ = [
     "fp16_array",
+    "load_fp16_array",
     "encode_parameters",
     "load_parameters",
     "QUANTIZED_BITS",
@@ -40,6 +42,12 @@ def fp16_array(tensor: Tensor, what: str) -> np.ndarray:
     if not np.isfinite(values).all():
         raise ValueError(f"{what} has values that are not finite in fp16 (|x| > 65504, inf or nan)")
     return values
+
+
+def load_fp16_array(payload: bytes, shape: tuple, what: str) -> Tensor:
+    """The float32 tensor of an array record that must hold float16 values of ``shape``; ``FormatError``
+    naming ``what`` otherwise."""
+    return torch.from_numpy(_checked(decode_array(payload), np.float16, shape, what).astype(np.float32))
 
 
 def encode_parameters(parameters: Dict[str, Tensor]) -> bytes:

@@ -31,7 +31,6 @@ from vqad_nerfstudio.codec import (
     Container,
     FormatError,
     TruncatedError,
-    decode_array,
     encode_array,
     encode_categorical,
     pack_bits,
@@ -47,6 +46,7 @@ from vqad_nerfstudio.export.payloads import (
     encode_parameters,
     encode_quantized_parameters,
     fp16_array,
+    load_fp16_array,
     load_parameters,
     load_quantized_parameters,
     parse_aabb,
@@ -357,13 +357,6 @@ def _count_complete_levels(container: Container, parts: List[Dict[str, bytes]], 
     return len(parts)
 
 
-def _float_array(payload: bytes, what: str, shape: Tuple[int, ...]) -> Tensor:
-    array = decode_array(payload)
-    if array.dtype != np.float16 or array.shape != shape:
-        raise FormatError(f"{what}: expected float16 {shape}, got {array.dtype} {array.shape}")
-    return torch.from_numpy(array.astype(np.float32))
-
-
 def _load_decoders(model: "VQADModel", chunk: Chunk) -> None:
     load = load_quantized_parameters if chunk.tag == TAG_MLPQ else load_parameters
     load(_decoder_parameters(model), chunk.payload, chunk.tag)
@@ -379,7 +372,7 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes]) -> None
     level.set_cells(cells, in_place=True)
     store = level.features
     if isinstance(store, CodebookFeatures):
-        store.codebook.data = _float_array(parts[TAG_CBOK], f"lod {lod} {TAG_CBOK}", tuple(store.codebook.shape))
+        store.codebook.data = load_fp16_array(parts[TAG_CBOK], tuple(store.codebook.shape), f"lod {lod} {TAG_CBOK}")
         if TAG_IDXE in parts:
             coded = decode_symbols(parts[TAG_IDXE], level.num_vertices, 2**store.bits, f"lod {lod} {TAG_IDXE}")
         else:
@@ -387,4 +380,4 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes]) -> None
         store.set_hard_indices(torch.from_numpy(coded.astype(np.int64)))
     else:
         shape = (level.num_vertices, store.feature_dim)
-        store.features.data = _float_array(parts[TAG_FEAT], f"lod {lod} {TAG_FEAT}", shape)
+        store.features.data = load_fp16_array(parts[TAG_FEAT], shape, f"lod {lod} {TAG_FEAT}")
