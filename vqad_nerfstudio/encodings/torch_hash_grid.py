@@ -21,6 +21,8 @@ from jaxtyping import Float, Int
 from nerfstudio.field_components.encodings import HashEncoding
 from torch import Tensor, nn
 
+from vqad_nerfstudio.encodings.vertex_features import nonzero_gradient_lookups
+
 
 class _GatherRows(torch.autograd.Function):
     """``table[indices]`` whose backward pass adds only the rows of nonzero gradient (on a GPU)."""
@@ -36,8 +38,7 @@ class _GatherRows(torch.autograd.Function):
         (indices,) = ctx.saved_tensors
         grad, indices = grad_out.reshape(-1, grad_out.shape[-1]), indices.reshape(-1)
         if grad.is_cuda:  # GPU scatter-adds serialise on repeated rows; the CPU adds in order anyway
-            used = grad.ne(0).any(dim=-1).nonzero().squeeze(-1)
-            grad, indices = grad.index_select(0, used), indices.index_select(0, used)
+            grad, indices = nonzero_gradient_lookups(grad, indices)
         return grad.new_zeros(ctx.table_shape).index_add_(0, indices, grad), None
 
 

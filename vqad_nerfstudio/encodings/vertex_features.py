@@ -60,6 +60,14 @@ def straight_through_codewords(
     return _StraightThroughCodewords.apply(logits, codebook, temperature)
 
 
+def nonzero_gradient_lookups(grad: Float[Tensor, "n k"], *indices: Int[Tensor, "n"]) -> Tuple[Tensor, ...]:
+    """``grad`` and each of ``indices`` restricted to the lookups whose gradient row is nonzero. The others add
+    nothing to a scatter-add, and where many of them read one row (samples a field masks out all read one
+    vertex) they would serialise it on a GPU."""
+    used = grad.ne(0).any(dim=-1).nonzero().squeeze(-1)
+    return tuple(t.index_select(0, used) for t in (grad, *indices))
+
+
 def candidate_rows(first: Int[Tensor, "*b"], choices: Int[Tensor, "*b"], codebook_size: int) -> Int[Tensor, "*b"]:
     """Rows of concatenated codebooks (``codebook_size`` rows each) that ``choices`` pick for lookups whose
     candidates start at row ``first``: candidate ``c`` is the ``c``-th row after ``first``, wrapping around
@@ -102,11 +110,9 @@ class _InterpolatedCodewords(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_weights = torch.einsum("...ck,...k->...c", codebook[rows], grad_out)
         grad_corners = (weights[..., None] * grad_out[..., None, :]).reshape(-1, codebook.shape[-1])
-        # Lookups of zero gradient (e.g. samples a field masks out, which all read one vertex) add nothing:
-        # dropping them keeps the scatter-adds below from serialising on that vertex.
-        used = grad_corners.ne(0).any(dim=-1).nonzero().squeeze(-1)
-        grad_corners = grad_corners.index_select(0, used)
-        rows, entries, first = (t.reshape(-1).index_select(0, used) for t in (rows, entries, first))
+        grad_corners, rows, entries, first = nonzero_gradient_lookups(
+            grad_corners, rows.reshape(-1), entries.reshape(-1), first.reshape(-1)
+        )
         if ctx.needs_input_grad[1]:
             grad_codebook = torch.zeros_like(codebook).index_add_(0, rows, grad_corners)
         if ctx.needs_input_grad[0]:
@@ -325,5 +331,6 @@ __all__ = [
     "straight_through_codewords",
     "straight_through_lookup",
     "candidate_rows",
+    "nonzero_gradient_lookups",
     "interpolated_codewords",
 ]
