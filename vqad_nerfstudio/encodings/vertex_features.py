@@ -271,9 +271,8 @@ class CodebookFeatures(FeatureStore):
         index): ``sum_rows sum_c soft[r, c] * -log2(mean_soft[c])``. For one-hot rows this is the coded size
         of the hard indices under their own histogram; lowering it concentrates the indices on fewer codewords.
         """
-        soft = torch.softmax(self.logits / self.temperature, dim=-1)
-        marginal = soft.mean(dim=0)
-        return -(soft.sum(dim=0) * torch.log2(marginal.clamp_min(1e-12))).sum()
+        counts = torch.softmax(self.logits / self.temperature, dim=-1).sum(dim=0)  # soft uses of each codeword
+        return -(counts * torch.log2((counts / self.num_rows).clamp_min(1e-12))).sum()
 
     def set_hard_indices(self, indices: Int[Tensor, "m"]) -> None:
         """Replace the logits by one-hot logits for ``indices`` (used when decoding a file)."""

@@ -314,15 +314,12 @@ class VQADModel(Model):
             pred_image=outputs["rgb"], pred_accumulation=outputs["accumulation"], gt_image=image
         )
         loss_dict = {"rgb_loss": self.rgb_loss(gt, pred)}
-        stores = [
-            level.features
-            for level in self.grid.levels
-            if isinstance(level.features, CodebookFeatures) and level.features.num_rows > 0
-        ]
-        rows = sum(store.num_rows for store in stores)
-        if self.config.index_rate_weight > 0 and self.training and rows > 0:
-            bits = sum(store.index_rate_bits() for store in stores)
-            loss_dict["index_rate"] = self.config.index_rate_weight * bits / rows
+        if self.config.index_rate_weight > 0 and self.training:
+            stores = [level.features for level in self.grid.levels if isinstance(level.features, CodebookFeatures)]
+            stores = [store for store in stores if store.num_rows > 0]
+            if stores:
+                bits = sum(store.index_rate_bits() for store in stores)
+                loss_dict["index_rate"] = self.config.index_rate_weight * bits / sum(s.num_rows for s in stores)
         self.camera_optimizer.get_loss_dict(loss_dict)
         return loss_dict
 
