@@ -2,7 +2,13 @@
 
 import torch
 
-from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid, coords_of, linear_ids
+from vqad_nerfstudio.encodings.sparse_grid import (
+    CORNER_OFFSETS,
+    SparseFeatureGrid,
+    coords_of,
+    linear_ids,
+    trilinear_weights,
+)
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 
 
@@ -87,3 +93,19 @@ def test_bad_grid_arguments():
 
     with pytest.raises(ValueError, match="at least one level"):
         make_grid(levels=0)
+
+
+def test_trilinear_weights_interpolate_corners_and_differentiate():
+    torch.manual_seed(0)
+    frac = torch.rand(50, 4, 3, dtype=torch.float64, requires_grad=True)
+    weights = trilinear_weights(frac)
+    assert weights.shape == (50, 4, 8)
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(50, 4, dtype=torch.float64))
+    # interpolating the corner coordinates gives the point back
+    torch.testing.assert_close(weights @ CORNER_OFFSETS.to(torch.float64), frac)
+    reference = torch.where(CORNER_OFFSETS.bool(), frac[..., None, :], 1 - frac[..., None, :]).prod(dim=-1)
+    torch.testing.assert_close(weights, reference)
+    upstream = torch.randn_like(weights)
+    (grad,) = torch.autograd.grad((weights * upstream).sum(), frac)
+    (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), frac)
+    torch.testing.assert_close(grad, grad_reference)

@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from nerfstudio.field_components.encodings import Encoding, HashEncoding
 from torch import Tensor, nn
 
-from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS
+from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, trilinear_weights
 from vqad_nerfstudio.encodings.vertex_features import interpolated_codewords
 
 IndexMode = Literal["learned", "random"]
@@ -189,17 +189,14 @@ class LearnedIndexHashEncoding(Encoding):
         resolution = self.level_geometry[:, 0].to(points.dtype) - 1  # [levels]
         scaled = points * resolution[:, None]  # [n, levels, 3]
         corner = torch.minimum(torch.floor(scaled).clamp(min=0), resolution[:, None] - 1)
-        frac = scaled - corner
-        offsets = CORNER_OFFSETS.to(points.device)
-        vertices = corner.long()[:, :, None, :] + offsets  # [n, levels, 8, 3]
-        weights = torch.where(offsets.bool(), frac[:, :, None, :], 1 - frac[:, :, None, :]).prod(dim=-1)
+        vertices = corner.long()[:, :, None, :] + CORNER_OFFSETS.to(points.device)  # [n, levels, 8, 3]
         entries, bases = self.entries_and_bases(vertices)
         features = interpolated_codewords(
             torch.cat(list(self.index_logits)),
             torch.cat(list(self.codebooks)),
             entries,
             bases,
-            weights,
+            trilinear_weights(scaled - corner),
             2**self.log2_codebook_size,
             self.temperature,
         )  # [n, levels, features]

@@ -29,6 +29,17 @@ from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwa
 CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
 
 
+def trilinear_weights(frac: Float[Tensor, "*b 3"]) -> Float[Tensor, "*b 8"]:
+    """Trilinear weights of the 8 cell corners (in ``CORNER_OFFSETS`` order) of points at ``frac`` in their cell.
+
+    The product of the three axis factors is written out: the backward pass of ``prod`` runs a cumulative
+    product, which is very slow on a GPU for millions of 3-element rows."""
+    offsets = CORNER_OFFSETS.to(device=frac.device, dtype=frac.dtype)
+    upper = frac[..., None, :]
+    axis = offsets * upper + (1 - offsets) * (1 - upper)  # [*b, 8, 3]
+    return axis[..., 0] * axis[..., 1] * axis[..., 2]
+
+
 def linear_ids(coords: Int[Tensor, "n 3"], size: int) -> Int[Tensor, "n"]:
     """Row-major linear ids of integer coordinates in a ``size**3`` grid."""
     return (coords[..., 0] * size + coords[..., 1]) * size + coords[..., 2]
@@ -146,9 +157,7 @@ class GridLevel(nn.Module):
         cell_id, frac, occupied = self.locate(unit_positions)
         corner_vertices = cell_vertex_ids(cell_id, self.resolution)
         rows = self.vertex_table[corner_vertices].long().clamp_min(0)  # [n, 8]; -1 only where unoccupied
-        offsets = CORNER_OFFSETS.to(frac.device).to(frac.dtype)
-        weights = torch.prod(offsets[None] * frac[:, None] + (1 - offsets[None]) * (1 - frac[:, None]), dim=-1)
-        weights = weights * occupied[:, None].to(weights.dtype)
+        weights = trilinear_weights(frac) * occupied[:, None].to(frac.dtype)
         corner_features = self.features(rows.reshape(-1)).reshape(rows.shape[0], 8, -1)
         return torch.bmm(weights[:, None, :], corner_features)[:, 0], occupied
 

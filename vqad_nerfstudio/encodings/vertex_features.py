@@ -101,14 +101,14 @@ class _InterpolatedCodewords(torch.autograd.Function):
         rows = candidate_rows(first, logits.argmax(dim=-1)[entries], codebook_size)
         ctx.save_for_backward(logits, codebook, entries, first, weights, rows)
         ctx.codebook_size, ctx.temperature = codebook_size, temperature
-        return torch.einsum("...ck,...c->...k", codebook[rows], weights)
+        return (codebook[rows] * weights[..., None]).sum(dim=-2)  # tiny matrices: a batched matmul is far slower
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         logits, codebook, entries, first, weights, rows = ctx.saved_tensors
         grad_logits = grad_codebook = grad_weights = None
         if ctx.needs_input_grad[4]:
-            grad_weights = torch.einsum("...ck,...k->...c", codebook[rows], grad_out)
+            grad_weights = (codebook[rows] * grad_out[..., None, :]).sum(dim=-1)
         grad_corners = (weights[..., None] * grad_out[..., None, :]).reshape(-1, codebook.shape[-1])
         grad_corners, rows, entries, first = nonzero_gradient_lookups(
             grad_corners, rows.reshape(-1), entries.reshape(-1), first.reshape(-1)
@@ -123,7 +123,7 @@ class _InterpolatedCodewords(torch.autograd.Function):
             grad_soft = torch.zeros_like(logits)
             chunks = (t.split(_BACKWARD_CHUNK) for t in (first, entries, grad_corners))
             for chunk_first, chunk_entries, chunk_grad in zip(*chunks):
-                per_lookup = torch.einsum("mck,mk->mc", windows.index_select(0, chunk_first), chunk_grad)
+                per_lookup = (windows.index_select(0, chunk_first) * chunk_grad[:, None, :]).sum(dim=-1)
                 grad_soft.index_add_(0, chunk_entries, per_lookup)
             grad_logits = _relaxed_logit_grad(logits, grad_soft, ctx.temperature)
         return grad_logits, grad_codebook, None, None, grad_weights, None, None

@@ -36,10 +36,11 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
     """b: bits per index entry; each vertex chooses among 2**b codebook rows ('learned' mode)."""
     index_temperature: float = 1.0
     """Softmax temperature of the straight-through backward pass of the indices."""
-    hash_grid_backward: Literal["nerfstudio", "sparse"] = "nerfstudio"
+    hash_grid_backward: Literal["nerfstudio", "sparse"] = "sparse"
     """Backward pass of nerfstudio's torch hash grids (the proposal networks', and the field's in 'random' mode) when
-    tinycudann is absent: 'nerfstudio' keeps theirs; 'sparse' gives the same gradients through a scatter-add that
-    skips zero-gradient lookups on a GPU (experimental: its speed is not yet measured there; ~9% slower on a CPU)."""
+    tinycudann is absent: 'sparse' gives nerfstudio's gradients through a scatter-add that skips zero-gradient
+    lookups on a GPU (samples outside the scene box all read one vertex; nerfstudio's ``index_put_`` serialises
+    them: 38x slower training steps on an H200, see the README); 'nerfstudio' keeps nerfstudio's own."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.index_bits <= self.log2_codebook_size:
