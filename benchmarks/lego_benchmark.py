@@ -67,7 +67,7 @@ class BenchmarkConfig:
     """Compression steps of each tensorf-compressed run (fixed steps, not the time budget)."""
     profile: Tuple[str, ...] = ()
     """Methods (as named in the run, e.g. vqad-hash@14) whose training steps 5..9 run under torch's profiler; the
-    busiest operators are printed and written to METHOD.profile.txt."""
+    busiest operators are printed and written to METHOD.profile.txt (@ written as -)."""
     network_bits: int = 16
     """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised); the
     other methods' files keep fp16 networks."""
@@ -143,7 +143,7 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], stop_when_spent))
     if method in bench.profile:
-        trainer.callbacks += _profiled_steps(bench.output_dir / f"{method}.profile.txt")
+        trainer.callbacks += _profiled_steps(bench.output_dir / f"{method.replace('@', '-')}.profile.txt")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
