@@ -511,16 +511,20 @@ def _hash_table(results: List[Dict], sizes: Tuple[int, ...]) -> str:
 
 
 @contextmanager
-def _psnr_plot(path: Path, device: str, xlabel: str) -> Iterator[Any]:
-    """An axis for PSNR against size (log scale), saved to ``path`` when the block ends."""
+def _psnr_plot(path: Path, device: str, xlabel: str, log_x: bool) -> Iterator[Any]:
+    """An axis for PSNR against size, saved to ``path`` when the block ends."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
+    if log_x:
+        axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log-scale minor labels overlap
     yield axis
-    axis.set_xscale("log")
     axis.set_xlabel(xlabel)
     axis.set_ylabel("PSNR (dB)")
     axis.set_title(f"lego, {device}")
@@ -532,10 +536,12 @@ def _psnr_plot(path: Path, device: str, xlabel: str) -> Iterator[Any]:
 
 def _plot_hash_comparison(results: List[Dict], path: Path, device: str) -> None:
     """PSNR against encoding bytes, learned and random indices."""
-    with _psnr_plot(path, device, "encoding size (kB)") as axis:
+    with _psnr_plot(path, device, "encoding size (kB)", log_x=True) as axis:
         for prefix, label in (("vqad-hash@", "learned indices (vqad-hash)"), ("vqad-hash-random@", "random indices")):
             rows = sorted((r for r in results if r["method"].startswith(prefix)), key=lambda r: r["feature_grid_bytes"])
-            axis.plot([r["feature_grid_bytes"] / 1e3 for r in rows], [r["psnr"] for r in rows], "o-", label=label)
+            sizes = [r["feature_grid_bytes"] / 1e3 for r in rows]
+            axis.plot(sizes, [r["psnr"] for r in rows], "o-", label=label)
+        axis.set_xticks(sizes)  # the matched sizes (both variants have the same)
 
 
 def _plane_rows(results: List[Dict]) -> Tuple[Dict, List[Dict]]:
@@ -569,7 +575,7 @@ def _planes_table(results: List[Dict]) -> str:
 def _plot_planes(results: List[Dict], path: Path, device: str) -> None:
     """Rate-distortion curve: PSNR against file bytes, with the uncompressed tensorf as a line."""
     tensorf, rows = _plane_rows(results)
-    with _psnr_plot(path, device, "file size (MB)") as axis:
+    with _psnr_plot(path, device, "file size (MB)", log_x=False) as axis:
         sizes = [r["compressed"]["file_bytes"] / 1e6 for r in rows]
         axis.plot(sizes, [r["psnr"] for r in rows], "o-", label="tensorf-compressed (file)")
         for size, r in zip(sizes, rows):
