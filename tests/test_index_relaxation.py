@@ -14,7 +14,11 @@ from vqad_nerfstudio.models.vqad import VQADModelConfig
 
 def _model_and_callbacks(max_iterations: int, relaxation_steps: int):
     config = VQADModelConfig(
-        num_levels=2, base_resolution=4, dense_resolution=8, index_relaxation_steps=relaxation_steps
+        num_levels=2,
+        base_resolution=4,
+        dense_resolution=8,
+        index_relaxation_steps=relaxation_steps,
+        index_temperature=(1.0, 0.05),
     )
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
     trainer = SimpleNamespace(config=SimpleNamespace(max_num_iterations=max_iterations))
