@@ -451,7 +451,7 @@ def _table(results: List[Dict[str, float]]) -> str:
         lines.append(
             f"vqad vs tensorf: PSNR {v['psnr'] - t['psnr']:+.2f} dB, "
             f"stored {t['stored_bytes'] / v['stored_bytes']:.0f}x smaller, "
-            f"checkpoint {t['checkpoint_bytes'] / v['checkpoint_bytes']:.1f}x smaller"
+            f"training checkpoint x{v['checkpoint_bytes'] / t['checkpoint_bytes']:.1f} of tensorf's"
         )
     return "\n".join(lines)
 
@@ -473,19 +473,20 @@ def _compressed_tables(results: List[Dict]) -> str:
         c = r["compressed"]
         coded, raw = c["index_bytes_entropy"], c["index_bytes_raw"]
         saving = f"{coded / raw:.3f} ({100 * (1 - coded / raw):.1f}% saved)" if raw else "-"
+        float_ratio = f"{float_grid / c['file_bytes']:.1f}" if float_grid else "-"  # needs vqad-float in the run
+        tensorf_ratio = f"{tensorf_ckpt / c['file_bytes']:.0f}" if tensorf_ckpt else "-"  # needs tensorf
         lines.append(
             f"| {r['method']} | {_fmt_bytes(c['file_bytes'])} | {_fmt_bytes(c['file_bytes_raw'])} | {saving} | "
-            f"{_fmt_bytes(c['decoder_bytes'])} | "
-            f"{float_grid / c['file_bytes'] if float_grid else float('nan'):.1f} | "
-            f"{tensorf_ckpt / c['file_bytes'] if tensorf_ckpt else float('nan'):.0f} | "
+            f"{_fmt_bytes(c['decoder_bytes'])} | {float_ratio} | {tensorf_ratio} | "
             f"{c['decoded_psnr']:.2f} ({r['psnr']:.2f}) | {c['decode_to_first_frame_s']:.2f} s |"
         )
-    lines += ["\n| method | LOD | cumulative bytes | PSNR |", "|---|---|---|---|"]
-    for r in rows:
-        for level in r["compressed"]["per_lod"]:
-            lines.append(
-                f"| {r['method']} | {level['lod']} | {_fmt_bytes(level['cumulative_bytes'])} | {level['psnr']:.2f} |"
-            )
+    levels = [(r["method"], level) for r in rows for level in r["compressed"]["per_lod"]]
+    if levels:
+        lines += ["\n| method | LOD | cumulative bytes | PSNR |", "|---|---|---|---|"]
+        lines += [
+            f"| {method} | {level['lod']} | {_fmt_bytes(level['cumulative_bytes'])} | {level['psnr']:.2f} |"
+            for method, level in levels
+        ]
     return "\n".join(lines)
 
 
