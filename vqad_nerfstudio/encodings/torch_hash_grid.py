@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from nerfstudio.field_components.encodings import HashEncoding
 from torch import Tensor, nn
 
+from vqad_nerfstudio.encodings.sparse_grid import trilinear_weights
 from vqad_nerfstudio.encodings.vertex_features import nonzero_gradient_lookups
 
 
@@ -53,8 +54,9 @@ _PRIMES = (1, 2654435761, 805459861)
 
 def hash_grid_forward(encoding: HashEncoding, positions: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs out"]:
     """What ``encoding.pytorch_fwd`` computes (same hash, table and trilinear weights), gathering with
-    :func:`gather_rows`. Each coordinate's hash term and weight is formed once for its lower and upper corner;
-    the 8 corners combine them (corner ``4 bx + 2 by + bz`` takes the upper corner on the axes whose bit is set)."""
+    :func:`gather_rows`. Each coordinate's hash term is formed once for its lower and upper corner; the 8 corners
+    combine them (corner ``4 bx + 2 by + bz`` takes the upper corner on the axes whose bit is set, the order of
+    :func:`~vqad_nerfstudio.encodings.sparse_grid.trilinear_weights`)."""
     scaled = positions[..., None, :] * encoding.scalings.view(-1, 1).to(positions.device)  # [..., L, 3]
     lower = torch.floor(scaled)
     upper_weight = scaled - lower
@@ -63,12 +65,8 @@ def hash_grid_forward(encoding: HashEncoding, positions: Float[Tensor, "*bs 3"])
     hashed = terms[0][..., :, None, None] ^ terms[1][..., None, :, None] ^ terms[2][..., None, None, :]
     offsets = encoding.hash_offset.to(positions.device)[:, None]
     hashed = torch.remainder(hashed.flatten(start_dim=-3), encoding.hash_table_size) + offsets  # [..., L, 8]
-    axis_weights = torch.stack([1 - upper_weight, upper_weight], dim=-1)  # [..., L, 3, 2]
-    weights = (
-        axis_weights[..., 0, :, None, None] * axis_weights[..., 1, None, :, None] * axis_weights[..., 2, None, None, :]
-    ).flatten(start_dim=-3)  # [..., L, 8]
     features = gather_rows(encoding.hash_table, hashed)  # [..., L, 8, f]
-    return (features * weights[..., None]).sum(dim=-2).flatten(start_dim=-2)
+    return (features * trilinear_weights(upper_weight)[..., None]).sum(dim=-2).flatten(start_dim=-2)
 
 
 def sparse_backward_hash_grids(module: nn.Module) -> int:
