@@ -19,6 +19,7 @@ tensorf builds LPIPS (a download) in its constructor; models are built inside
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import math
@@ -142,6 +143,7 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
             trainer.stop_training = True
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], stop_when_spent))
+    recent_train_psnr = _record_train_psnr(trainer.pipeline)
     if method in bench.profile:
         trainer.callbacks += _profiled_steps(bench.output_dir / f"{method.replace('@', '-')}.profile.txt")
     if torch.cuda.is_available():
@@ -155,7 +157,28 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
     steps = trainer.step + 1
     checkpoint = max(trainer.checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return trainer, steps, seconds, peak, checkpoint
+    train_psnr = float(torch.stack(list(recent_train_psnr)).mean()) if recent_train_psnr else math.nan
+    return trainer, steps, seconds, peak, checkpoint, train_psnr
+
+
+TRAIN_PSNR_STEPS = 100
+"""The train PSNR reported is the mean over the training batches of this many last steps."""
+
+
+def _record_train_psnr(pipeline) -> collections.deque:
+    """Keep the PSNR of the last :data:`TRAIN_PSNR_STEPS` training batches (as tensors: no sync per step).
+    Next to the test PSNR it tells a model that cannot fit the views from one that does not generalise."""
+    recent: collections.deque = collections.deque(maxlen=TRAIN_PSNR_STEPS)
+    get_train_loss_dict = pipeline.get_train_loss_dict
+
+    def recording(step: int):
+        outputs, losses, metrics = get_train_loss_dict(step=step)
+        if "psnr" in metrics:
+            recent.append(metrics["psnr"].detach())
+        return outputs, losses, metrics
+
+    pipeline.get_train_loss_dict = recording
+    return recent
 
 
 ENCODING_VARIANTS = ("learned", "random", "random-sparse")
@@ -370,7 +393,7 @@ def main(bench: BenchmarkConfig) -> None:
     ]
     tensorf_checkpoint = None
     for method in methods:
-        trainer, steps, seconds, peak, checkpoint = _train(method, bench, tensorf_checkpoint)
+        trainer, steps, seconds, peak, checkpoint, train_psnr = _train(method, bench, tensorf_checkpoint)
         if method == "tensorf":
             tensorf_checkpoint = checkpoint
         pipeline = trainer.pipeline
@@ -381,6 +404,7 @@ def main(bench: BenchmarkConfig) -> None:
             "method": method,
             "psnr": psnr,
             "ssim": ssim,
+            "train_psnr": train_psnr,
             "steps": steps,
             "ms_per_step": 1000 * seconds / steps,
             "eval_rays_per_s": rays_per_s,
@@ -428,13 +452,14 @@ def _fmt_bytes(value: float) -> str:
 
 def _table(results: List[Dict[str, float]]) -> str:
     header = (
-        "| method | PSNR | SSIM | steps | ms/step | eval rays/s | peak MiB | stored | feature grid | checkpoint |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "| method | PSNR | SSIM | train PSNR | steps | ms/step | eval rays/s | peak MiB | stored | feature grid "
+        "| checkpoint |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for r in results:
         lines.append(
-            f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['steps']} | {r['ms_per_step']:.1f} | "
+            f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r.get('train_psnr', math.nan):.2f} | "
+            f"{r['steps']} | {r['ms_per_step']:.1f} | "
             f"{r['eval_rays_per_s'] / 1e3:.0f}k | {r['peak_mem_mib']:.0f} | {_fmt_bytes(r['stored_bytes'])} | "
             f"{_fmt_bytes(r['feature_grid_bytes'])} | {_fmt_bytes(r['checkpoint_bytes'])} |"
         )
