@@ -53,3 +53,19 @@ def test_short_runs_cap_the_warm_up_at_a_third():
 def test_bad_temperatures_are_rejected(temperature):
     with pytest.raises(ValueError, match="index_temperature"):
         VQADModelConfig(index_temperature=temperature)
+
+
+def test_float_warm_up_quantises_at_its_end():
+    config = VQADModelConfig(
+        num_levels=2, base_resolution=4, dense_resolution=8, index_relaxation_steps=100, index_warmup="float"
+    )
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    trainer = SimpleNamespace(config=SimpleNamespace(max_num_iterations=3000))
+    attributes = TrainingCallbackAttributes(optimizers=None, grad_scaler=None, pipeline=None, trainer=trainer)
+    callbacks = model.get_training_callbacks(attributes)
+    stores = [level.features for level in model.grid.levels]
+    _state_at(model, callbacks, 99)
+    assert all(store.in_float_warmup for store in stores)
+    assert {name for name, _ in model.get_param_groups().items()} >= {"grid_features", "grid_logits", "codebooks"}
+    assert _state_at(model, callbacks, 100) == {(False, 0.2)}  # straight-through at the end temperature
+    assert not any(store.in_float_warmup for store in stores)

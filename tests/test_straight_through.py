@@ -102,11 +102,11 @@ def test_bits_out_of_range(bits):
 
 
 def test_remap_keeps_surviving_rows():
-    for store in (CodebookFeatures(6, 3, 2), FloatFeatures(6, 2)):
-        (old,) = store.row_parameters()
+    for store, name in ((CodebookFeatures(6, 3, 2), "logits"), (FloatFeatures(6, 2), "features")):
+        old = getattr(store, name)
         source = torch.tensor([5, -1, 0])
         swaps = store.remap(source)
-        (new,) = store.row_parameters()
+        new = getattr(store, name)
         assert swaps == [(old, new)] and new.shape[0] == 3
         assert torch.equal(new.data[0], old.data[5]) and torch.equal(new.data[2], old.data[0])
 

@@ -257,3 +257,14 @@ def _header_and_chunks(encoded_model):
 def test_network_bits_other_than_16_or_2_to_8_are_rejected(trained, bits):
     with pytest.raises(ValueError, match="network_bits"):
         encode_model(trained.model, network_bits=bits)
+
+
+def test_a_model_still_in_its_float_warm_up_is_not_exported():
+    from nerfstudio.data.scene_box import SceneBox
+
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8, index_warmup="float")
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    with pytest.raises(ValueError, match="level 0 is still in its float warm-up"):
+        encode_model(model, "vqad")

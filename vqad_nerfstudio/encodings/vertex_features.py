@@ -6,17 +6,20 @@ either, and a grid can prune rows (``remap``) without knowing which store it hol
 
 - :class:`CodebookFeatures` (VQAD): each row holds logits over ``2**bits`` codewords. The forward
   pass uses the hard codeword (argmax), the backward pass the softmax relaxation
-  (straight-through estimator), so the loss sees exactly what will be stored.
+  (straight-through estimator), so the loss sees exactly what will be stored. It can start from a
+  float warm-up: free float rows that k-means then turns into the codebook and the indices.
 - :class:`FloatFeatures`: each row holds a float vector; the uncompressed reference.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from vqad_nerfstudio.encodings.kmeans import kmeans, squared_distances
 
 
 def _relaxed_logit_grad(logits: Tensor, grad_soft: Tensor, temperature: float) -> Tensor:
@@ -198,8 +201,8 @@ class FeatureStore(nn.Module):
         """
         raise NotImplementedError
 
-    def row_parameters(self) -> Tuple[nn.Parameter, ...]:
-        """Parameters with one entry per row (remapped on pruning, together with optimiser state)."""
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """This store's parameters by optimiser group: ``grid_logits``, ``grid_features``, ``codebooks``."""
         raise NotImplementedError
 
     def stored_bits(self) -> int:
@@ -233,13 +236,23 @@ class CodebookFeatures(FeatureStore):
     ``temperature`` (softmax temperature of the relaxation) and ``relaxed`` (soft codewords in the
     forward pass too, in training mode only) are training-schedule state set by the model; in eval
     mode lookups always use the hard indices, as a decoded file does.
+
+    ``float_warmup=True`` adds a float row table (the float twin's features) that lookups read instead,
+    until :meth:`quantize_float_warmup` turns it into the codebook (k-means) and the indices (nearest
+    codeword) and empties it.
     """
 
     temperature: float = 1.0
     relaxed: bool = False
 
     def __init__(
-        self, num_rows: int, bits: int, feature_dim: int, logit_init_std: float = 0.01, codebook_init_std: float = 0.01
+        self,
+        num_rows: int,
+        bits: int,
+        feature_dim: int,
+        logit_init_std: float = 0.01,
+        codebook_init_std: float = 0.01,
+        float_warmup: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= bits <= 16:
@@ -247,14 +260,24 @@ class CodebookFeatures(FeatureStore):
         self.bits = bits
         self.feature_dim = feature_dim
         self.logit_init_std = logit_init_std
+        self.codebook_init_std = codebook_init_std
         self.logits = nn.Parameter(torch.randn(num_rows, 2**bits) * logit_init_std)
         self.codebook = nn.Parameter(torch.randn(2**bits, feature_dim) * codebook_init_std)
+        warmup_rows = num_rows if float_warmup else 0
+        self.warmup_features = nn.Parameter(torch.randn(warmup_rows, feature_dim) * codebook_init_std)
 
     @property
     def num_rows(self) -> int:
         return self.logits.shape[0]
 
+    @property
+    def in_float_warmup(self) -> bool:
+        """Whether lookups still read the float warm-up rows (see :meth:`quantize_float_warmup`)."""
+        return self.warmup_features.shape[0] > 0
+
     def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
+        if self.in_float_warmup:
+            return self.warmup_features.index_select(0, rows)
         relaxed = self.relaxed and self.training
         if not torch.is_grad_enabled() and not relaxed:
             return self.codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
@@ -283,12 +306,46 @@ class CodebookFeatures(FeatureStore):
         self.logits.data = one_hot
         self.logits.grad = None
 
-    def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
-        fresh = torch.randn(source_rows.shape[0], 2**self.bits, device=self.logits.device) * self.logit_init_std
-        return _remap_rows(self, "logits", source_rows, fresh, in_place)
+    @torch.no_grad()
+    def quantize_float_warmup(
+        self, iterations: int = 25, generator: Optional[torch.Generator] = None
+    ) -> List[ParameterSwap]:
+        """End the float warm-up: the k-means centroids of the warm-up rows become the codebook, and each row's
+        logits minus its squared distances to them over the mean squared quantisation error (the argmax is the
+        nearest codeword; the softmax keeps the next nearest within reach of the straight-through gradient).
+        The warm-up table is replaced by an empty parameter; returns the swap for optimisers."""
+        if not self.in_float_warmup:
+            return []
+        features = self.warmup_features.detach().float()
+        centroids, _ = kmeans(features, 2**self.bits, iterations, generator)
+        distances = torch.cat([squared_distances(chunk, centroids) for chunk in features.split(1 << 18)])
+        scale = distances.min(dim=-1).values.mean().clamp_min(1e-12)
+        self.codebook.data = centroids.to(self.codebook.dtype)
+        self.logits.data = (-distances / scale).to(self.logits.dtype)
+        self.logits.grad = self.codebook.grad = None
+        old = self.warmup_features
+        self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))
+        return [(old, self.warmup_features)]
 
-    def row_parameters(self) -> Tuple[nn.Parameter, ...]:
-        return (self.logits,)
+    def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
+        device, rows = self.logits.device, source_rows.shape[0]
+        swaps = []
+        if self.in_float_warmup:
+            fresh = torch.randn(rows, self.feature_dim, device=device) * self.codebook_init_std
+            swaps += _remap_rows(self, "warmup_features", source_rows, fresh, in_place)
+        fresh = torch.randn(rows, 2**self.bits, device=device) * self.logit_init_std
+        return swaps + _remap_rows(self, "logits", source_rows, fresh, in_place)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # the warm-up table's rows: the saved ones (none after the warm-up, and in checkpoints from before it existed)
+        empty = self.warmup_features.data.new_empty(0, self.feature_dim)
+        saved = state_dict.setdefault(prefix + "warmup_features", empty)
+        if saved.shape != self.warmup_features.shape:
+            self.warmup_features.data = self.warmup_features.data.new_empty(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {"grid_logits": [self.logits], "codebooks": [self.codebook], "grid_features": [self.warmup_features]}
 
     def stored_bits(self) -> int:
         return self.num_rows * self.bits + self.codebook.numel() * 16
@@ -314,8 +371,8 @@ class FloatFeatures(FeatureStore):
         fresh = torch.randn(source_rows.shape[0], self.feature_dim, device=self.features.device) * self.init_std
         return _remap_rows(self, "features", source_rows, fresh, in_place)
 
-    def row_parameters(self) -> Tuple[nn.Parameter, ...]:
-        return (self.features,)
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {"grid_features": [self.features]}
 
     def stored_bits(self) -> int:
         return self.features.numel() * 16

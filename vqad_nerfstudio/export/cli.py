@@ -66,7 +66,7 @@ class ExportVQADCompressed:
         config, pipeline, checkpoint, _ = eval_setup(self.load_config, test_mode="inference")
         try:
             encoded = encode_any(pipeline.model, config.method_name, self.index_coding, True, self.network_bits)
-        except UnsupportedMethodError as error:
+        except (UnsupportedMethodError, ValueError) as error:
             _fail(command, str(error))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         try:

@@ -212,6 +212,11 @@ def _encode_level(levels: nn.ModuleList, lod: int, index_coding: IndexCoding) ->
     store = level.features
     raw_bytes = entropy_bytes = None
     if isinstance(store, CodebookFeatures):
+        if store.in_float_warmup:
+            raise ValueError(
+                f"level {lod} is still in its float warm-up (before step index_relaxation_steps), so it has no "
+                "trained indices yet: export a checkpoint from after the warm-up"
+            )
         indices = store.hard_indices().cpu().numpy()
         raw = pack_bits(indices, store.bits)
         coded = encode_categorical(indices, 2**store.bits, context="auto")

@@ -71,8 +71,12 @@ class VQADModelConfig(ModelConfig):
     prune_steps: Tuple[int, ...] = (500, 1000, 2000)
     """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels."""
     index_relaxation_steps: int = 1000
-    """Soft-to-hard warm-up: steps whose forward pass uses soft indices softmax(C/t) @ codebook (0: straight-through
-    from the first step); capped at a third of the run's iterations so that short runs end straight-through."""
+    """Warm-up steps before straight-through training of the indices (0: straight-through from the first step);
+    capped at a third of the run's iterations so that short runs end straight-through."""
+    index_warmup: Literal["soft", "float"] = "soft"
+    """What the warm-up trains. 'soft': soft indices, the forward pass uses softmax(C/t) @ codebook (the paper).
+    'float': free float features per vertex (as the float twin), which k-means then turns into each level's
+    codebook, each vertex taking its nearest codeword as index."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of the warm-up (annealed
     geometrically); the straight-through steps after it keep the end value. A low end value (0.05) freezes the
@@ -171,7 +175,7 @@ class VQADModel(Model):
         def make(level: int, rows: int) -> FeatureStore:
             if cfg.feature_store == "float":
                 return FloatFeatures(rows, cfg.feature_dim)
-            return CodebookFeatures(rows, cfg.bits, cfg.feature_dim)
+            return CodebookFeatures(rows, cfg.bits, cfg.feature_dim, float_warmup=cfg.index_warmup == "float")
 
         return make
 
@@ -182,17 +186,10 @@ class VQADModel(Model):
 
     # ----------------------------------------------------------------------------------- training
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
-        rows, codebooks = [], []
+        groups = {"fields": list(self.field.density_mlp.parameters()) + list(self.field.color_mlp.parameters())}
         for level in self.grid.levels:
-            rows += list(level.features.row_parameters())
-            codebooks += [p for p in level.features.parameters() if all(p is not r for r in rows)]
-        rows_group = "grid_logits" if self.config.feature_store == "codebook" else "grid_features"
-        groups = {
-            "fields": list(self.field.density_mlp.parameters()) + list(self.field.color_mlp.parameters()),
-            rows_group: rows,
-        }
-        if codebooks:
-            groups["codebooks"] = codebooks
+            for name, parameters in level.features.parameter_groups().items():
+                groups.setdefault(name, []).extend(parameters)
         self.camera_optimizer.get_param_groups(param_groups=groups)
         return groups
 
@@ -207,14 +204,18 @@ class VQADModel(Model):
         if trainer is not None:
             warmup = min(warmup, trainer.config.max_num_iterations // 3)
 
+        def follow(remaps: List[RowRemap]) -> None:
+            if training_callback_attributes.optimizers is not None:
+                for remap in remaps:
+                    _remap_optimizer_state(training_callback_attributes.optimizers.optimizers.values(), remap)
+
         def relax_indices(step: int) -> None:
             self._set_index_relaxation(step, warmup)
+            if step >= warmup:
+                follow(self._quantize_float_warmup())
 
         def prune(step: int) -> None:
-            changed = self.grid.prune(self._cells_with_density)
-            if training_callback_attributes.optimizers is not None:
-                for remap in changed:
-                    _remap_optimizer_state(training_callback_attributes.optimizers.optimizers.values(), remap)
+            follow(self.grid.prune(self._cells_with_density))
 
         return [
             TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], relax_indices),
@@ -229,13 +230,24 @@ class VQADModel(Model):
         ]
 
     def _set_index_relaxation(self, step: int, warmup: int) -> None:
-        """Soft-to-hard schedule: ``warmup`` steps of soft indices with falling temperature, then straight-through."""
+        """Soft-to-hard schedule: ``warmup`` steps of soft indices with falling temperature, then straight-through.
+        (A float warm-up has no soft phase: straight-through at the end temperature once quantised.)"""
         start, end = self.config.index_temperature
         progress = min(step / warmup, 1.0) if warmup > 0 else 1.0
+        soft = self.config.index_warmup == "soft"
         for level in self.grid.levels:
             if isinstance(level.features, CodebookFeatures):
-                level.features.temperature = start ** (1.0 - progress) * end**progress
-                level.features.relaxed = step < warmup
+                level.features.temperature = start ** (1.0 - progress) * end**progress if soft else end
+                level.features.relaxed = soft and step < warmup
+
+    def _quantize_float_warmup(self) -> List[RowRemap]:
+        """End a float warm-up: k-means turns each level's float rows into its codebook and indices."""
+        remaps = []
+        for level in self.grid.levels:
+            if isinstance(level.features, CodebookFeatures) and level.features.in_float_warmup:
+                swaps = level.features.quantize_float_warmup()
+                remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
+        return remaps
 
     @torch.no_grad()
     def _cells_with_density(self, cells: Tensor, resolution: int, batch: int = 1 << 19) -> Tensor:
@@ -317,7 +329,7 @@ class VQADModel(Model):
         loss_dict = {"rgb_loss": self.rgb_loss(gt, pred)}
         if self.config.index_rate_weight > 0 and self.training:
             stores = [level.features for level in self.grid.levels if isinstance(level.features, CodebookFeatures)]
-            stores = [store for store in stores if store.num_rows > 0]
+            stores = [store for store in stores if store.num_rows > 0 and not store.in_float_warmup]
             if stores:
                 bits = sum(store.index_rate_bits() for store in stores)
                 loss_dict["index_rate"] = self.config.index_rate_weight * bits / sum(s.num_rows for s in stores)

@@ -1,0 +1,97 @@
+"""The float warm-up of the learned indices: float rows first, then k-means into codebook and indices."""
+
+import pytest
+import torch
+
+from vqad_nerfstudio.encodings.kmeans import kmeans
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
+
+
+def test_kmeans_finds_separated_clusters():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    labels = torch.randint(3, (600,), generator=generator)
+    points = centres[labels] + 0.1 * torch.randn(600, 2, generator=generator)
+    centroids, assignment = kmeans(points, 3, generator=generator)
+    # every centre has one centroid next to it, and the points of a centre share its centroid
+    nearest = torch.cdist(centres, centroids).argmin(dim=-1)
+    assert sorted(nearest.tolist()) == [0, 1, 2]
+    assert torch.allclose(centroids[nearest], centres, atol=0.05)
+    assert torch.equal(assignment, nearest[labels])
+
+
+def test_kmeans_with_more_clusters_than_distinct_points():
+    points = torch.tensor([[1.0, 2.0]] * 5 + [[3.0, 4.0]] * 5)
+    centroids, assignment = kmeans(points, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(centroids[assignment], points)
+
+
+@pytest.mark.parametrize("points, clusters", [(torch.zeros(0, 3), 2), (torch.zeros(5), 2), (torch.zeros(5, 3), 0)])
+def test_kmeans_rejects_bad_input(points, clusters):
+    with pytest.raises(ValueError, match="k-means"):
+        kmeans(points, clusters)
+
+
+def _warm_store(rows: int = 200, bits: int = 3, dim: int = 4) -> CodebookFeatures:
+    torch.manual_seed(0)
+    store = CodebookFeatures(rows, bits, dim, float_warmup=True)
+    store.warmup_features.data = torch.randn(rows, dim)
+    return store
+
+
+def test_lookups_read_the_float_rows_until_quantised():
+    store = _warm_store()
+    rows = torch.tensor([3, 0, 3, 7])
+    assert store.in_float_warmup
+    assert torch.equal(store(rows), store.warmup_features[rows])
+    store.eval()  # the viewer and eval during the warm-up see the float rows too
+    assert torch.equal(store(rows), store.warmup_features[rows])
+
+
+def test_quantising_takes_the_nearest_codeword_and_empties_the_float_rows():
+    store = _warm_store()
+    features = store.warmup_features.detach().clone()
+    old = store.warmup_features
+    swaps = store.quantize_float_warmup(generator=torch.Generator().manual_seed(0))
+    assert swaps == [(old, store.warmup_features)] and not store.in_float_warmup
+    assert store.warmup_features.shape == (0, 4)
+    nearest = torch.cdist(features, store.codebook.detach()).argmin(dim=-1)
+    assert torch.equal(store.hard_indices(), nearest)
+    # k-means beats any single codeword: the quantisation error is below the features' variance
+    error = (store.codebook[nearest] - features).square().sum(dim=-1).mean()
+    assert error < 0.5 * features.var(dim=0).sum()
+    assert store.quantize_float_warmup() == []  # once only
+
+
+def test_straight_through_training_after_quantising():
+    store = _warm_store()
+    store.quantize_float_warmup(generator=torch.Generator().manual_seed(0))
+    store.temperature = 0.2
+    rows = torch.arange(50)
+    store(rows).square().sum().backward()
+    assert store.logits.grad is not None and store.logits.grad.abs().sum() > 0
+    assert store.codebook.grad is not None and store.codebook.grad.abs().sum() > 0
+
+
+def test_pruning_during_the_warm_up_keeps_surviving_float_rows():
+    store = _warm_store(rows=6)
+    old = store.warmup_features.detach().clone()
+    store.remap(torch.tensor([5, -1, 0]))
+    assert store.warmup_features.shape == (3, 4) and store.logits.shape == (3, 8)
+    assert torch.equal(store.warmup_features[0], old[5]) and torch.equal(store.warmup_features[2], old[0])
+
+
+def test_checkpoints_load_before_and_after_the_warm_up():
+    during = _warm_store(rows=10)
+    fresh = CodebookFeatures(10, 3, 4)  # built without a warm-up: takes the saved float rows
+    fresh.load_state_dict(during.state_dict())
+    assert fresh.in_float_warmup and torch.equal(fresh.warmup_features, during.warmup_features)
+
+    during.quantize_float_warmup()
+    resumed = CodebookFeatures(10, 3, 4, float_warmup=True)  # built with one: the saved store has ended it
+    resumed.load_state_dict(during.state_dict())
+    assert not resumed.in_float_warmup and torch.equal(resumed.hard_indices(), during.hard_indices())
+
+    older = {k: v for k, v in during.state_dict().items() if k != "warmup_features"}  # saved before the table existed
+    resumed.load_state_dict(older)
+    assert not resumed.in_float_warmup
