@@ -19,6 +19,7 @@ def _model_and_callbacks(max_iterations: int, relaxation_steps: int):
         dense_resolution=8,
         index_relaxation_steps=relaxation_steps,
         index_temperature=(1.0, 0.05),
+        index_warmup="soft",
     )
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
     trainer = SimpleNamespace(config=SimpleNamespace(max_num_iterations=max_iterations))
