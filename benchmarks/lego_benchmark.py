@@ -444,6 +444,10 @@ def main(bench: BenchmarkConfig) -> None:
         print(_planes_table(results))
 
 
+def _fmt_db(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"  # nerfstudio's tensorf reports no training PSNR
+
+
 def _fmt_bytes(value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -458,7 +462,7 @@ def _table(results: List[Dict[str, float]]) -> str:
     lines = [header]
     for r in results:
         lines.append(
-            f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r.get('train_psnr', math.nan):.2f} | "
+            f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt_db(r.get('train_psnr', math.nan))} | "
             f"{r['steps']} | {r['ms_per_step']:.1f} | "
             f"{r['eval_rays_per_s'] / 1e3:.0f}k | {r['peak_mem_mib']:.0f} | {_fmt_bytes(r['stored_bytes'])} | "
             f"{_fmt_bytes(r['feature_grid_bytes'])} | {_fmt_bytes(r['checkpoint_bytes'])} |"
