@@ -68,15 +68,19 @@ def test_rate_weight_trades_error_for_smaller_coded_indices():
     assert errors[0] < errors[1] < errors[2]
 
 
-def test_model_adds_the_rate_loss_only_when_asked():
+def test_model_adds_the_rate_loss_only_when_asked_and_after_the_float_warm_up():
     box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
     rays = 64
+    outputs = {"rgb": torch.rand(rays, 3), "accumulation": torch.ones(rays, 1)}
+    batch = {"image": torch.rand(rays, 3)}
     for weight in (0.0, 0.01):
         config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8, index_rate_weight=weight)
         model = config.setup(scene_box=box, num_train_data=1)
         model.train()
-        outputs = {"rgb": torch.rand(rays, 3), "accumulation": torch.ones(rays, 1)}
-        losses = model.get_loss_dict(outputs, {"image": torch.rand(rays, 3)})
+        assert "index_rate" not in model.get_loss_dict(outputs, batch)  # the float warm-up has no indices yet
+        for level in model.grid.levels:
+            level.features.quantize_float_warmup()
+        losses = model.get_loss_dict(outputs, batch)
         assert ("index_rate" in losses) == (weight > 0)
         if weight > 0:
             losses["index_rate"].backward()
