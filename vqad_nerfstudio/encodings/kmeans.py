@@ -12,16 +12,21 @@ _CHUNK = 1 << 18
 """Points per chunk of a distance computation (bounds memory at chunk * clusters floats)."""
 
 
-def squared_distances(points: Float[Tensor, "n k"], centroids: Float[Tensor, "c k"]) -> Float[Tensor, "n c"]:
-    """Squared Euclidean distance of every point to every centroid (clamped at 0 against rounding)."""
+def _pairwise(points: Tensor, centroids: Tensor) -> Tensor:
+    """Squared Euclidean distances, ``[n, c]``, clamped at 0 against rounding."""
     return (
         points.square().sum(dim=-1, keepdim=True) - 2 * points @ centroids.t() + centroids.square().sum(dim=-1)
     ).clamp_min(0)
 
 
+def squared_distances(points: Float[Tensor, "n k"], centroids: Float[Tensor, "c k"]) -> Float[Tensor, "n c"]:
+    """Squared Euclidean distance of every point to every centroid (computed in chunks of points)."""
+    return torch.cat([_pairwise(chunk, centroids) for chunk in points.split(_CHUNK)])
+
+
 def _nearest(points: Tensor, centroids: Tensor) -> Tuple[Tensor, Tensor]:
-    """Index of and squared distance to the nearest centroid, per point (in chunks)."""
-    best = [squared_distances(chunk, centroids).min(dim=-1) for chunk in points.split(_CHUNK)]
+    """Index of and squared distance to the nearest centroid, per point (never all distances at once)."""
+    best = [_pairwise(chunk, centroids).min(dim=-1) for chunk in points.split(_CHUNK)]
     return torch.cat([b.indices for b in best]), torch.cat([b.values for b in best])
 
 

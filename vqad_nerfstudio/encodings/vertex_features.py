@@ -318,7 +318,7 @@ class CodebookFeatures(FeatureStore):
             return []
         features = self.warmup_features.detach().float()
         centroids, _ = kmeans(features, 2**self.bits, iterations, generator)
-        distances = torch.cat([squared_distances(chunk, centroids) for chunk in features.split(1 << 18)])
+        distances = squared_distances(features, centroids)
         scale = distances.min(dim=-1).values.mean().clamp_min(1e-12)
         self.codebook.data = centroids.to(self.codebook.dtype)
         self.logits.data = (-distances / scale).to(self.logits.dtype)
