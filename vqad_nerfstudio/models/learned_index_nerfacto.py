@@ -40,7 +40,7 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
     """Backward pass of nerfstudio's torch hash grids (the proposal networks', and the field's in 'random' mode) when
     tinycudann is absent: 'sparse' gives nerfstudio's gradients through a scatter-add that skips zero-gradient
     lookups on a GPU (samples outside the scene box all read one vertex, and nerfstudio's ``index_put_`` serialises
-    them: its training steps ran 38x slower on an H200, see the README); 'nerfstudio' keeps nerfstudio's own."""
+    them); 'nerfstudio' keeps nerfstudio's own."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.index_bits <= self.log2_codebook_size:

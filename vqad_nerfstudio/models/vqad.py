@@ -75,12 +75,12 @@ class VQADModelConfig(ModelConfig):
     capped at a third of the run's iterations so that short runs end straight-through."""
     index_warmup: Literal["float", "soft"] = "float"
     """What the warm-up trains. 'float': free float features per vertex (as the float twin), which k-means then
-    turns into each level's codebook, each vertex taking its nearest codeword as index (lego: +0.76 dB over 'soft').
+    turns into each level's codebook, each vertex taking its nearest codeword as index.
     'soft': soft indices, the forward pass uses softmax(C/t) @ codebook (the paper)."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
-    indices: the softmax gradient vanishes as it turns one-hot (lego: 0.2 scored 1.85 dB above 0.05)."""
+    indices: the softmax gradient vanishes as it turns one-hot."""
     index_rate_weight: float = 0.0
     """Weight of the indices' estimated entropy-coded size (mean bits per index, see
     CodebookFeatures.index_rate_bits) in the loss: > 0 trades PSNR for smaller entropy-coded indices."""
