@@ -336,13 +336,33 @@ class CodebookFeatures(FeatureStore):
         fresh = torch.randn(rows, 2**self.bits, device=device) * self.logit_init_std
         return swaps + _remap_rows(self, "logits", source_rows, fresh, in_place)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
-        # the warm-up table's rows: the saved ones (none after the warm-up, and in checkpoints from before it existed)
-        empty = self.warmup_features.data.new_empty(0, self.feature_dim)
-        saved = state_dict.setdefault(prefix + "warmup_features", empty)
-        if saved.shape != self.warmup_features.shape:
-            self.warmup_features.data = self.warmup_features.data.new_empty(saved.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(  # type: ignore[override]
+        self,
+        state_dict: Dict[str, Tensor],
+        prefix: str,
+        local_metadata: Dict,
+        strict: bool,
+        missing_keys: List[str],
+        unexpected_keys: List[str],
+        error_msgs: List[str],
+    ) -> None:
+        """Size the warm-up table like the saved one (empty after the warm-up), without changing ``state_dict``.
+
+        A checkpoint from before the table existed has this store's logits but no table: its store was past any
+        warm-up, so the table is emptied and not reported missing. A state dict without this store's keys (nerfstudio's
+        pipeline loads a second time, without the ``_model.`` prefix) leaves the store as it is.
+        """
+        key = prefix + "warmup_features"
+        saved = state_dict.get(key)
+        predates_table = saved is None and prefix + "logits" in state_dict
+        shape = (0, self.feature_dim) if predates_table else None if saved is None else saved.shape
+        if shape is not None and shape != self.warmup_features.shape:
+            self.warmup_features.data = self.warmup_features.data.new_empty(shape)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if predates_table and key in missing_keys:
+            missing_keys.remove(key)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
         return {"grid_logits": [self.logits], "codebooks": [self.codebook], "grid_features": [self.warmup_features]}
