@@ -3,8 +3,12 @@
 Layout (little-endian; full specification in ``docs/format.md``)::
 
     "VQNF" | major u8 | minor u8 | header length u32 | header CRC32 u32 | header (UTF-8 JSON)
+    first chunk (since 1.1): tag "SIZE", lod 255, payload: the complete file's size, u64
     chunk*: tag 4s | lod u8 | flags u8 | reserved u16 | payload length u32 | CRC32 u32 | payload
     final chunk: tag "END!", lod 255, empty payload
+
+The SIZE chunk tells a file cut short (truncated: fewer bytes than it records) from a damaged one (a chunk
+length that runs past the recorded end).
 
 Producers write chunks coarse to fine, so every prefix that ends on a chunk
 boundary holds a complete coarser model; :func:`read_container` with
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import re
 import secrets
 import struct
 import zlib
@@ -28,7 +33,11 @@ __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
     "END_TAG",
+    "SIZE_TAG",
     "NO_LOD",
+    "MAX_FILE_BYTES",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_DEPTH",
     "Chunk",
     "Container",
     "write_container",
@@ -38,12 +47,22 @@ __all__ = [
 ]
 
 MAGIC = b"VQNF"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 END_TAG = "END!"
+SIZE_TAG = "SIZE"
+_CONTAINER_TAGS = (END_TAG, SIZE_TAG)
 NO_LOD = 255
+MAX_FILE_BYTES = 1 << 31
+"""Largest file the reader loads (2 GiB)."""
+MAX_HEADER_BYTES = 1 << 16
+"""Largest header (64 KiB)."""
+MAX_HEADER_DEPTH = 16
+"""Deepest nesting of arrays and objects in a header."""
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _PREAMBLE = struct.Struct("<4sBBII")  # magic, major, minor, header length, header CRC32
 _CHUNK_HEAD = struct.Struct("<4sBBHI")  # tag, lod, flags, reserved, payload length (CRC32 follows)
 _CRC = struct.Struct("<I")
+_SIZE = struct.Struct("<Q")
 CHUNK_OVERHEAD = _CHUNK_HEAD.size + _CRC.size
 
 Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
@@ -80,20 +99,37 @@ class Chunk:
 
 @dataclass
 class Container:
-    """A parsed file. ``chunks`` excludes the END! marker; ``complete`` tells whether it was present."""
+    """A parsed file. ``chunks`` excludes the SIZE and END! chunks; ``complete`` tells whether END! was present;
+    ``file_bytes`` is the complete file's size its SIZE chunk records (None in a 1.0 file)."""
 
     version: tuple[int, int]
     header: dict[str, Any]
     chunks: list[Chunk]
     complete: bool
     bytes_read: int
+    file_bytes: int | None = None
 
 
 def _header_bytes(header: Mapping[str, Any]) -> bytes:
     if not isinstance(header, Mapping):
         raise ValueError(f"header must be a mapping, got {type(header).__name__}")
     text = json.dumps(dict(header), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.encode("utf-8")
+    data = text.encode("utf-8")
+    if len(data) > MAX_HEADER_BYTES or _nesting_depth(data) > MAX_HEADER_DEPTH:
+        raise ValueError(f"header must be at most {MAX_HEADER_BYTES} bytes nested at most {MAX_HEADER_DEPTH} deep")
+    return data
+
+
+def _nesting_depth(text: bytes) -> int:
+    """Deepest nesting of JSON arrays and objects in ``text`` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for char in _JSON_STRING.sub(b'""', text):
+        if char in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in b"]}":
+            depth -= 1
+    return deepest
 
 
 def _header_crc(major: int, minor: int, header: bytes) -> int:
@@ -121,8 +157,8 @@ def write_container(header: Mapping[str, Any], chunks: Iterable[Chunk]) -> bytes
     for index, chunk in enumerate(chunks):
         if not isinstance(chunk, Chunk):
             raise ValueError(f"chunk {index}: expected a Chunk, got {type(chunk).__name__}")
-        if chunk.tag == END_TAG:
-            raise ValueError(f"chunk {index}: tag {END_TAG!r} is reserved for the end marker")
+        if chunk.tag in _CONTAINER_TAGS:
+            raise ValueError(f"chunk {index}: tag {chunk.tag!r} is reserved for the container's own chunks")
         if chunk.lod is not None:
             if last_lod is not None and chunk.lod < last_lod:
                 raise ValueError(
@@ -134,6 +170,9 @@ def write_container(header: Mapping[str, Any], chunks: Iterable[Chunk]) -> bytes
             raise ValueError(f"chunk {index} {chunk.tag!r}: payload of {len(chunk.payload)} bytes exceeds 2**32 - 1")
         parts.append(_chunk_bytes(chunk.tag, NO_LOD if chunk.lod is None else chunk.lod, chunk.payload))
     parts.append(_chunk_bytes(END_TAG, NO_LOD, b""))
+    size_chunk_bytes = CHUNK_OVERHEAD + _SIZE.size
+    file_bytes = sum(len(part) for part in parts) + size_chunk_bytes
+    parts.insert(2, _chunk_bytes(SIZE_TAG, NO_LOD, _SIZE.pack(file_bytes)))
     return b"".join(parts)
 
 
@@ -168,11 +207,15 @@ def write_container_file(
 
 def _load(source: Source) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    if isinstance(source, (str, os.PathLike)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
-            return f.read()
-    raise TypeError(f"expected bytes or a path, got {type(source).__name__}")
+            data = f.read(MAX_FILE_BYTES + 1)
+    else:
+        raise TypeError(f"expected bytes or a path, got {type(source).__name__}")
+    if len(data) > MAX_FILE_BYTES:
+        raise FormatError(f"file larger than {MAX_FILE_BYTES} bytes; VQNF readers load at most that")
+    return data
 
 
 def _read_preamble(data: bytes) -> tuple[int, int, dict[str, Any], int]:
@@ -186,6 +229,8 @@ def _read_preamble(data: bytes) -> tuple[int, int, dict[str, Any], int]:
         raise UnsupportedVersionError(
             f"format version {major}.{minor} is not supported (this reader handles {FORMAT_VERSION[0]}.x)"
         )
+    if header_length > MAX_HEADER_BYTES:
+        raise FormatError(f"header length {header_length} exceeds the limit of {MAX_HEADER_BYTES} bytes")
     end = _PREAMBLE.size + header_length
     if len(data) < end:
         raise TruncatedError(f"file truncated inside the header ({len(data)} of {end} bytes)")
@@ -193,6 +238,8 @@ def _read_preamble(data: bytes) -> tuple[int, int, dict[str, Any], int]:
     computed = _header_crc(major, minor, header_bytes)
     if computed != stored:
         raise ChecksumError(f"header: CRC32 mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})")
+    if _nesting_depth(header_bytes) > MAX_HEADER_DEPTH:
+        raise FormatError(f"header nests arrays and objects more than {MAX_HEADER_DEPTH} deep")
     try:
         header = json.loads(header_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -214,27 +261,36 @@ def read_container(source: Source, allow_truncated: bool = False) -> Container:
     ChecksumError, FormatError, or TruncatedError when the data stops before the
     END! chunk. With ``allow_truncated=True`` a file cut after its header yields
     the complete chunks only, with ``complete=False``; a truncated preamble or
-    header always raises.
+    header always raises. A chunk that runs past the end its file's SIZE chunk
+    records is damaged, not truncated: FormatError.
     """
     data = _load(source)
     major, minor, header, offset = _read_preamble(data)
     chunks: list[Chunk] = []
+    file_bytes: int | None = None
     complete = False
     problem = "it has no END! chunk"
+    index = 0
     while offset < len(data):
-        index = len(chunks)
+        if file_bytes is not None and offset + CHUNK_OVERHEAD > file_bytes:
+            raise FormatError(f"chunk {index} starts at byte {offset}, past the file's end ({file_bytes} bytes)")
         if len(data) - offset < CHUNK_OVERHEAD:
             problem = f"it ends inside the header of chunk {index}"
             break
         raw_tag, lod, _flags, _reserved, length = _CHUNK_HEAD.unpack_from(data, offset)
         (stored,) = _CRC.unpack_from(data, offset + _CHUNK_HEAD.size)
         start, end = offset + CHUNK_OVERHEAD, offset + CHUNK_OVERHEAD + length
+        tag = raw_tag.decode("latin-1")
+        if file_bytes is not None and end > file_bytes:
+            raise FormatError(
+                f"chunk {index} {tag!r} lod {lod}: its length ({length} bytes) runs past the file's end "
+                f"({file_bytes} bytes, as its SIZE chunk records); the chunk header is damaged"
+            )
         if end > len(data):
             problem = f"it ends inside chunk {index} ({len(data) - start} of {length} payload bytes)"
             break
         payload = data[start:end]
         computed = zlib.crc32(payload, zlib.crc32(data[offset : offset + _CHUNK_HEAD.size]))
-        tag = raw_tag.decode("latin-1")
         if computed != stored:
             raise ChecksumError(
                 f"chunk {index} {tag!r} lod {lod}: CRC32 mismatch (stored 0x{stored:08x}, computed 0x{computed:08x})"
@@ -243,28 +299,54 @@ def read_container(source: Source, allow_truncated: bool = False) -> Container:
             _check_tag(tag)
         except ValueError as exc:
             raise FormatError(f"chunk {index}: {exc}") from None
-        offset = end
+        if index == 0 and minor >= 1:
+            file_bytes = _size_chunk(tag, lod, payload, end)
+        elif tag == SIZE_TAG:
+            raise FormatError(f"chunk {index}: a {SIZE_TAG} chunk is only valid first, in a 1.1 or later file")
+        offset, index = end, index + 1
         if tag == END_TAG:
-            if length or offset != len(data):
+            if length or offset != len(data) or (file_bytes is not None and offset != file_bytes):
                 raise FormatError(
-                    f"chunk {index} END!: payload of {length} bytes and {len(data) - offset} bytes after it; "
-                    "both must be 0"
+                    f"chunk {index - 1} END!: payload of {length} bytes and {len(data) - offset} bytes after it, "
+                    f"ending at byte {offset} of a file of {file_bytes or len(data)} bytes; it must be empty and last"
                 )
             complete = True
             break
-        chunks.append(Chunk(tag, None if lod == NO_LOD else lod, payload))
+        if tag != SIZE_TAG:
+            chunks.append(Chunk(tag, None if lod == NO_LOD else lod, payload))
+    if not complete and file_bytes is not None and len(data) >= file_bytes:
+        raise FormatError(f"the file holds all its {file_bytes} bytes but no END! chunk where they end")
     if not complete and not allow_truncated:
-        raise TruncatedError(f"file truncated: {problem}; {len(chunks)} complete chunks read ({offset} bytes)")
-    return Container((major, minor), header, chunks, complete, offset)
+        size = "" if file_bytes is None else f" of the {file_bytes} its SIZE chunk records"
+        raise TruncatedError(
+            f"file truncated: {problem}; {len(chunks)} complete chunks read ({offset} bytes{size})"
+        )
+    return Container((major, minor), header, chunks, complete, offset, file_bytes)
+
+
+def _size_chunk(tag: str, lod: int, payload: bytes, end: int) -> int:
+    """The complete file size a SIZE chunk (ending at byte ``end``) records; FormatError if it is not one."""
+    if tag != SIZE_TAG or lod != NO_LOD or len(payload) != _SIZE.size:
+        raise FormatError(
+            f"chunk 0 is {tag!r} lod {lod} ({len(payload)} bytes); the first chunk of a 1.1 or later file is its "
+            f"{SIZE_TAG} chunk (lod {NO_LOD}, {_SIZE.size} bytes)"
+        )
+    (file_bytes,) = _SIZE.unpack(payload)
+    if file_bytes < end + CHUNK_OVERHEAD:
+        raise FormatError(f"the {SIZE_TAG} chunk records {file_bytes} bytes, less than the file's first chunks")
+    return file_bytes
 
 
 def describe(container: Container) -> list[dict[str, Any]]:
     """Per-chunk size table: tag, lod, payload bytes, chunk bytes and cumulative file bytes at its end.
 
-    The first chunk's ``end`` includes the preamble and header; a complete
-    container gets a final END! row whose ``end`` equals the file size.
+    The first chunk's ``end`` includes the preamble and header; a 1.1 file's
+    first row is its SIZE chunk; a complete container gets a final END! row
+    whose ``end`` equals the file size.
     """
     rows = [(c.tag, c.lod, len(c.payload)) for c in container.chunks]
+    if container.file_bytes is not None:
+        rows.insert(0, (SIZE_TAG, None, _SIZE.size))
     if container.complete:
         rows.append((END_TAG, None, 0))
     position = container.bytes_read - sum(CHUNK_OVERHEAD + size for _, _, size in rows)
