@@ -270,8 +270,12 @@ def _index_pairs(keys: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.ndarra
     return distinct, index.ravel(), counts
 
 
-def decode_categorical(data: bytes) -> np.ndarray:
-    """Decode a payload of :func:`encode_categorical`; returns a 1-D ``uint16`` array."""
+def decode_categorical(data: bytes, count: int | None = None) -> np.ndarray:
+    """Decode a payload of :func:`encode_categorical`; returns a 1-D ``uint16`` array.
+
+    ``count``, when given, is the number of symbols the caller needs: a payload that claims another
+    number is rejected before anything is decoded (its symbol count then costs no memory or time).
+    """
     data = bytes(data)
     if not data:
         raise FormatError("categorical payload is empty")
@@ -284,6 +288,8 @@ def decode_categorical(data: bytes) -> np.ndarray:
         raise FormatError(f"categorical payload: alphabet size {alphabet_size} outside 1..{MAX_ALPHABET}")
     if n > MAX_SYMBOLS:
         raise FormatError(f"categorical payload: symbol count {n} exceeds {MAX_SYMBOLS}")
+    if count is not None and n != count:
+        raise FormatError(f"categorical payload: {n} symbols where {count} are expected")
     if mode == _MODE_PACKED:
         symbols = unpack_bits(data[offset:], _packed_bits(alphabet_size), n)
         if n and symbols.max() >= alphabet_size:

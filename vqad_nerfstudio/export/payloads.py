@@ -15,13 +15,13 @@ from vqad_nerfstudio.codec import (
     FormatError,
     TruncatedError,
     decode_array,
-    decode_categorical,
     decode_named_arrays,
     encode_categorical,
     encode_named_arrays,
     read_container,
 )
 from vqad_nerfstudio.codec.container import Source
+from vqad_nerfstudio.export.symbols import decode_symbols
 
 __all__ = [
     "fp16_array",
@@ -100,7 +100,11 @@ def encode_quantized_parameters(parameters: Dict[str, Tensor], bits: int) -> byt
 
 
 def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> None:
-    """Fill ``parameters`` (in place) from a payload of :func:`encode_quantized_parameters`."""
+    """Fill ``parameters`` (in place) from a payload of :func:`encode_quantized_parameters`.
+
+    Every matrix's shape is checked against its parameter before the symbol stream is decoded, whose length must
+    then be their total element count.
+    """
     if len(payload) < 5 or struct.unpack_from("<I", payload, 1)[0] > len(payload) - 5:
         raise FormatError(f"{tag}: quantised parameters payload ends inside its record")
     bits, length = struct.unpack_from("<BI", payload)
@@ -108,33 +112,28 @@ def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag
         raise FormatError(f"{tag}: quantised parameters take 2..8 bits, the payload says {bits}")
     top = 2 ** (bits - 1) - 1
     record = decode_named_arrays(payload[5 : 5 + length])
-    symbols = decode_categorical(payload[5 + length :])
-    if symbols.size and int(symbols.max()) > 2 * top:
-        raise FormatError(f"{tag}: a symbol of {bits}-bit weights must be at most {2 * top}, got {int(symbols.max())}")
     vectors = [name for name in record if "@" not in name]
     matrices = [name.removesuffix("@scale") for name in record if name.endswith("@scale")]  # in stream order
     if set(record) != {*vectors, *(f"{name}@{part}" for name in matrices for part in ("scale", "shape"))}:
         raise FormatError(f"{tag}: each quantised matrix needs exactly its @scale and @shape arrays")
     _check_names(parameters, vectors + matrices, tag)
-    offset = 0
-    for name in vectors + matrices:
+    for name in matrices:
+        shape = tuple(int(d) for d in _checked(record[f"{name}@shape"], np.uint32, (parameters[name].dim(),), tag))
+        if shape != tuple(parameters[name].shape):
+            raise FormatError(f"{tag}: {name}: expected shape {tuple(parameters[name].shape)}, got {shape}")
+    counts = [parameters[name].numel() for name in matrices]
+    symbols = decode_symbols(payload[5 + length :], sum(counts), 2 * top + 1, f"{tag}: {bits}-bit weights")
+    for name in vectors:
         parameter = parameters[name]
-        if name in record:
-            values = _checked(record[name], np.float16, tuple(parameter.shape), f"{tag}: {name}").astype(np.float32)
-        else:
-            shape = tuple(int(d) for d in _checked(record[f"{name}@shape"], np.uint32, (parameter.dim(),), tag))
-            scale = _checked(record[f"{name}@scale"], np.float16, (parameter.shape[0],), f"{tag}: {name}@scale")
-            if shape != tuple(parameter.shape):
-                raise FormatError(f"{tag}: {name}: expected shape {tuple(parameter.shape)}, got {shape}")
-            count = math.prod(shape)
-            if offset + count > symbols.size:
-                raise FormatError(f"{tag}: the symbol stream ends inside {name}")
-            levels = symbols[offset : offset + count].astype(np.int64).reshape(shape[0], -1) - top
-            values = (levels * scale.astype(np.float32)[:, None]).reshape(shape).astype(np.float32)
-            offset += count
+        values = _checked(record[name], np.float16, tuple(parameter.shape), f"{tag}: {name}").astype(np.float32)
         parameter.data = torch.from_numpy(values).to(parameter.device)
-    if offset != symbols.size:
-        raise FormatError(f"{tag}: {symbols.size - offset} symbols left over after the last parameter")
+    starts = np.cumsum([0] + counts)
+    for name, start, count in zip(matrices, starts, counts):
+        parameter = parameters[name]
+        scale = _checked(record[f"{name}@scale"], np.float16, (parameter.shape[0],), f"{tag}: {name}@scale")
+        levels = symbols[start : start + count].astype(np.int64).reshape(parameter.shape[0], -1) - top
+        values = (levels * scale.astype(np.float32)[:, None]).reshape(parameter.shape).astype(np.float32)
+        parameter.data = torch.from_numpy(values).to(parameter.device)
 
 
 def _check_names(parameters: Dict[str, Tensor], names: list, tag: str) -> None:
@@ -144,8 +143,11 @@ def _check_names(parameters: Dict[str, Tensor], names: list, tag: str) -> None:
 
 
 def _checked(array: np.ndarray, dtype: Any, shape: tuple, what: str) -> np.ndarray:
+    """``array`` if it has ``dtype`` and ``shape`` and (floats) only finite values, as writers store them."""
     if array.dtype != dtype or array.shape != shape:
         raise FormatError(f"{what}: expected {np.dtype(dtype)} {shape}, got {array.dtype} {array.shape}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise FormatError(f"{what}: holds values that are not finite (inf or nan)")
     return array
 
 

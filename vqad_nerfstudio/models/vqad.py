@@ -34,6 +34,15 @@ from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import RowRemap, SparseFeatureGrid, cell_vertex_ids, coords_of
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures
 from vqad_nerfstudio.fields.vqad_field import VQADField
+from vqad_nerfstudio.models.limits import (
+    MAX_FEATURE_DIM,
+    MAX_HIDDEN_DIM,
+    MAX_NUM_LEVELS,
+    MAX_NUM_SAMPLES,
+    MAX_RESOLUTION,
+    check_int,
+    check_real,
+)
 from vqad_nerfstudio.models.size_accounting import model_size_report
 
 allow_nerfstudio_checkpoints()
@@ -92,16 +101,31 @@ class VQADModelConfig(ModelConfig):
     """Camera pose refinement (off for scenes with known poses)."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.bits <= 16:
-            raise ValueError(f"bits (b) must be in 1..16, got {self.bits}")
-        if self.num_levels < 1:
-            raise ValueError(f"num_levels (L) must be >= 1, got {self.num_levels}")
-        if self.base_resolution < 1 or self.feature_dim < 1:
-            raise ValueError("base_resolution and feature_dim must be >= 1")
-        if self.index_rate_weight < 0:
-            raise ValueError(f"index_rate_weight must be >= 0, got {self.index_rate_weight}")
-        if len(self.index_temperature) != 2 or min(self.index_temperature) <= 0:
+        check_int("bits (b)", self.bits, 1, 16)
+        check_int("num_levels (L)", self.num_levels, 1, MAX_NUM_LEVELS)
+        check_int("base_resolution", self.base_resolution, 1, MAX_RESOLUTION)
+        finest = self.base_resolution * 2 ** (self.num_levels - 1)
+        if finest > MAX_RESOLUTION:
+            raise ValueError(
+                f"the finest level's resolution, base_resolution * 2**(num_levels - 1) = {finest}, must be at most "
+                f"{MAX_RESOLUTION}"
+            )
+        check_int("feature_dim (k)", self.feature_dim, 1, MAX_FEATURE_DIM)
+        check_int("dense_resolution", self.dense_resolution, 0)
+        check_int("hidden_dim", self.hidden_dim, 1, MAX_HIDDEN_DIM)
+        check_int("num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
+        check_int("occupancy_resolution", self.occupancy_resolution, 1, MAX_RESOLUTION)
+        check_int("occupancy_update_every", self.occupancy_update_every, 1)
+        check_real("occupancy_alpha_threshold", self.occupancy_alpha_threshold, 0, 1, open_low=True, open_high=True)
+        for step in self.prune_steps:
+            check_int("each of prune_steps", step, 0)
+        check_int("index_relaxation_steps", self.index_relaxation_steps, 0)
+        if len(self.index_temperature) != 2:
             raise ValueError(f"index_temperature must be two positive numbers, got {self.index_temperature}")
+        for temperature in self.index_temperature:
+            check_real("each index_temperature", temperature, 0.0, open_low=True)
+        check_real("index_rate_weight", self.index_rate_weight, 0.0)
+        check_real("coarse_lod_fraction", self.coarse_lod_fraction, 0.0, 1.0)
 
 
 class VQADModel(Model):

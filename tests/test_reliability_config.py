@@ -1,0 +1,37 @@
+"""Every VQAD setting is checked where it is defined: the config dataclass (the command line and decoded files both
+build one)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"num_levels": 9}, r"num_levels \(L\) must be an integer in 1..8"),
+        ({"num_levels": 8, "base_resolution": 32}, "finest level's resolution.* = 4096, must be at most 2048"),
+        ({"hidden_dim": -1}, "hidden_dim"),
+        ({"hidden_dim": 0}, "hidden_dim"),
+        ({"hidden_dim": 300000}, "hidden_dim"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"feature_dim": 0}, "feature_dim"),
+        ({"coarse_lod_fraction": 5.0}, "coarse_lod_fraction"),
+        ({"coarse_lod_fraction": float("nan")}, "coarse_lod_fraction"),
+        ({"index_relaxation_steps": -5}, "index_relaxation_steps"),
+        ({"occupancy_alpha_threshold": 1.0}, "occupancy_alpha_threshold"),
+        ({"occupancy_update_every": 0}, "occupancy_update_every"),
+        ({"prune_steps": (500, -1)}, "prune_steps"),
+        ({"index_temperature": (1.0, 0.0)}, "index_temperature"),
+        ({"dense_resolution": -1}, "dense_resolution"),
+    ],
+)
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        VQADModelConfig(**settings)
+
+
+def test_the_largest_settings_are_accepted():
+    VQADModelConfig(num_levels=8, base_resolution=16, hidden_dim=1024, feature_dim=256, num_samples=4096)

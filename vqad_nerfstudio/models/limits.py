@@ -1,0 +1,51 @@
+"""Bounds of model settings, shared by the model configs (checked in ``__post_init__``) and the file decoders
+(which build those configs from a header, so a file is held to the same rules as the command line).
+
+The upper bounds keep what a setting can make a model allocate sane: a VQNF file's header cannot ask for more
+than a model of these sizes (``docs/format.md`` lists them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = [
+    "MAX_NUM_LEVELS",
+    "MAX_RESOLUTION",
+    "MAX_FEATURE_DIM",
+    "MAX_HIDDEN_DIM",
+    "MAX_NUM_SAMPLES",
+    "check_int",
+    "check_real",
+]
+
+MAX_NUM_LEVELS = 8
+"""Levels of detail of a VQAD model."""
+MAX_RESOLUTION = 2048
+"""Cells per side of a VQAD model's finest level (``base_resolution * 2**(num_levels - 1)``)."""
+MAX_FEATURE_DIM = 256
+"""Width of a feature vector (a codebook row or a float row)."""
+MAX_HIDDEN_DIM = 1024
+"""Width of a decoder MLP."""
+MAX_NUM_SAMPLES = 4096
+"""Samples per ray."""
+
+
+def check_int(name: str, value: object, low: int, high: Optional[int] = None) -> None:
+    """``ValueError`` unless ``value`` is an integer (not a bool) in ``low..high`` (no upper bound if None)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
+def check_real(
+    name: str, value: object, low: float, high: float = math.inf, open_low: bool = False, open_high: bool = False
+) -> None:
+    """``ValueError`` unless ``value`` is a finite number from ``low`` to ``high`` (excluded where open)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or not (low < value if open_low else low <= value) or not (  # type: ignore[operator]
+        value < high if open_high else value <= high  # type: ignore[operator]
+    ):
+        upper = "" if high == math.inf else f" and {'<' if open_high else '<='} {high}"
+        raise ValueError(f"{name} must be a finite number {'>' if open_low else '>='} {low}{upper}, got {value!r}")
