@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap
+from vqad_nerfstudio.kernels import grid_interpolation
 
 # Offsets of a cell's 8 corners, in (x, y, z) order; corner c has offsets of its bits (x = bit 2).
 CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
@@ -79,13 +80,24 @@ def neighbourhood(cells: Int[Tensor, "n"], resolution: int) -> Int[Tensor, "n27"
     return torch.unique(linear_ids(around, resolution))
 
 
+def sorted_positions(sorted_ids: Int[Tensor, "m"], ids: Int[Tensor, "n"]) -> Int[Tensor, "n"]:
+    """Position of each of ``ids`` in the sorted, unique ``sorted_ids``, or -1 where it is absent."""
+    if sorted_ids.numel() == 0:
+        return torch.full_like(ids, -1)
+    position = torch.searchsorted(sorted_ids, ids).clamp_max(sorted_ids.numel() - 1)
+    return torch.where(sorted_ids[position] == ids, position, torch.full_like(position, -1))
+
+
 class GridLevel(nn.Module):
-    """One level of detail: occupied cells, their vertices and the vertices' feature rows."""
+    """One level of detail: occupied cells, their vertices and the vertices' feature rows.
+
+    Lookups are sparse: a point's cell is found by binary search in the sorted occupied cells, and each
+    occupied cell lists the feature rows of its 8 corners, so memory grows with the occupied cells, not with
+    the level's resolution."""
 
     cells: Tensor
     vertex_ids: Tensor
-    vertex_table: Tensor
-    cell_table: Tensor
+    corner_rows: Tensor
 
     def __init__(self, resolution: int, features: FeatureStore, cells: Optional[Tensor] = None) -> None:
         super().__init__()
@@ -95,8 +107,7 @@ class GridLevel(nn.Module):
             cells = torch.arange(resolution**3)
         self.register_buffer("cells", torch.empty(0, dtype=torch.long))
         self.register_buffer("vertex_ids", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("vertex_table", torch.empty(0, dtype=torch.int32), persistent=False)
-        self.register_buffer("cell_table", torch.empty(0, dtype=torch.bool), persistent=False)
+        self.register_buffer("corner_rows", torch.empty(0, 8, dtype=torch.int32), persistent=False)
         self.set_cells(cells)
 
     @property
@@ -113,53 +124,43 @@ class GridLevel(nn.Module):
         cells = cells.to(device=device, dtype=torch.long)
         if cells.numel() and (int(cells.min()) < 0 or int(cells.max()) >= self.resolution**3):
             raise ValueError(f"cell ids out of range for resolution {self.resolution}")
-        new_vertex_ids = torch.unique(cell_vertex_ids(cells, self.resolution))
-        if self.vertex_table.numel():
-            source_rows = self.vertex_table[new_vertex_ids].long()
-        else:
-            source_rows = torch.full_like(new_vertex_ids, -1)
+        corners = cell_vertex_ids(cells, self.resolution)
+        new_vertex_ids = torch.unique(corners)
+        source_rows = sorted_positions(self.vertex_ids, new_vertex_ids)
         swaps: List[ParameterSwap] = []
-        if self.features.num_rows != new_vertex_ids.numel() or self.vertex_table.numel():
+        if self.features.num_rows != new_vertex_ids.numel() or self.vertex_ids.numel():
             swaps = self.features.remap(source_rows, in_place=in_place)
         self.cells = cells
         self.vertex_ids = new_vertex_ids
-        vertex_table = torch.full(((self.resolution + 1) ** 3,), -1, dtype=torch.int32, device=device)
-        vertex_table[new_vertex_ids] = torch.arange(new_vertex_ids.numel(), dtype=torch.int32, device=device)
-        self.vertex_table = vertex_table
-        cell_table = torch.zeros(self.resolution**3, dtype=torch.bool, device=device)
-        cell_table[cells] = True
-        self.cell_table = cell_table
+        self.corner_rows = torch.searchsorted(new_vertex_ids, corners).to(torch.int32)
         return RowRemap(source_rows, swaps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         cells = state_dict.get(prefix + "cells")
         if cells is not None and not torch.equal(cells.to(self.cells.device), self.cells):
-            self.vertex_table = torch.empty(0, dtype=torch.int32, device=self.cells.device)
+            self.vertex_ids = torch.empty(0, dtype=torch.long, device=self.cells.device)  # rows load from the state
             self.set_cells(cells, in_place=True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def occupied(self, cell_ids: Int[Tensor, "n"]) -> Bool[Tensor, "n"]:
-        """Whether each cell (by linear id at this level) is occupied."""
-        return self.cell_table[cell_ids]
-
-    def locate(
-        self, unit_positions: Float[Tensor, "n 3"]
-    ) -> Tuple[Int[Tensor, "n"], Float[Tensor, "n 3"], Bool[Tensor, "n"]]:
-        """Cell id, position inside the cell in [0, 1]^3, and occupancy of each point."""
-        scaled = unit_positions * self.resolution
-        cell = scaled.floor().long().clamp(0, self.resolution - 1)
+    def cell_index(self, unit_positions: Float[Tensor, "n 3"]) -> Int[Tensor, "n"]:
+        """Index (into :attr:`cells`) of the occupied cell holding each point, -1 where there is none."""
+        cell = (unit_positions * self.resolution).floor().long().clamp(0, self.resolution - 1)
         inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
-        cell_id = linear_ids(cell, self.resolution)
-        return cell_id, scaled - cell, self.occupied(cell_id) & inside_box
+        index = sorted_positions(self.cells, linear_ids(cell, self.resolution))
+        return torch.where(inside_box, index, torch.full_like(index, -1))
 
     def forward(self, unit_positions: Float[Tensor, "n 3"]) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
         """Interpolated features (zero outside occupied cells) and the occupancy of each point."""
-        cell_id, frac, occupied = self.locate(unit_positions)
-        corner_vertices = cell_vertex_ids(cell_id, self.resolution)
-        rows = self.vertex_table[corner_vertices].long().clamp_min(0)  # [n, 8]; -1 only where unoccupied
+        index = self.cell_index(unit_positions)
+        occupied = index >= 0
+        if self.cells.numel() == 0:
+            return unit_positions.new_zeros(unit_positions.shape[0], self.features.feature_dim), occupied
+        scaled = unit_positions * self.resolution
+        frac = scaled - scaled.floor().clamp(0, self.resolution - 1)
         weights = trilinear_weights(frac) * occupied[:, None].to(frac.dtype)
+        rows = self.corner_rows[index.clamp_min(0)].long()  # [n, 8]; any row where unoccupied (weight 0)
         corner_features = self.features(rows.reshape(-1)).reshape(rows.shape[0], 8, -1)
-        return torch.bmm(weights[:, None, :], corner_features)[:, 0], occupied
+        return (corner_features * weights[..., None]).sum(dim=1), occupied
 
 
 StoreFactory = Callable[[int, int], FeatureStore]
@@ -189,6 +190,8 @@ class SparseFeatureGrid(nn.Module):
             levels.append(GridLevel(resolution, store_factory(level, num_vertices), cells))
         self.levels = nn.ModuleList(levels)
         self.register_buffer("pruned_flag", torch.zeros((), dtype=torch.bool))
+        self.fused = True
+        """Interpolate with the fused GPU kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
 
     @property
     def pruned(self) -> bool:
@@ -225,6 +228,8 @@ class SparseFeatureGrid(nn.Module):
         if lod is None:
             lod = torch.full(unit_positions.shape[:1], max_level, dtype=torch.long, device=unit_positions.device)
         lod = lod.clamp(0, max_level)
+        if self.fused and grid_interpolation.available(unit_positions):
+            return self._fused_forward(unit_positions, lod, max_level)
         features = torch.zeros(unit_positions.shape[0], self.feature_dim, device=unit_positions.device)
         inside = torch.zeros(unit_positions.shape[0], dtype=torch.bool, device=unit_positions.device)
         for index in range(int(lod.max()) + 1 if lod.numel() else 0):
@@ -234,13 +239,32 @@ class SparseFeatureGrid(nn.Module):
             inside = torch.where(lod == index, occupied, inside)
         return features, inside
 
+    def _fused_forward(
+        self, unit_positions: Float[Tensor, "n 3"], lod: Int[Tensor, "n"], max_level: int
+    ) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
+        """:meth:`forward` with one fused kernel over the levels (the levels' tables concatenated)."""
+        cell_index, corner_rows, tables = [], [], []
+        cells_before = rows_before = 0
+        for level in self.levels[: max_level + 1]:
+            index = level.cell_index(unit_positions)
+            cell_index.append(torch.where(index >= 0, index + cells_before, index))
+            corner_rows.append(level.corner_rows + rows_before)
+            tables.append(level.features.table())
+            cells_before += level.cells.numel()
+            rows_before += level.features.num_rows
+        cell_index_all = torch.stack(cell_index)
+        features = grid_interpolation.fused_interpolation(
+            torch.cat(tables), unit_positions, lod, cell_index_all, torch.cat(corner_rows), self.resolutions[0]
+        )
+        return features, cell_index_all.gather(0, lod[None]).squeeze(0) >= 0
+
     def inside(self, unit_positions: Float[Tensor, "n 3"], lod: Int[Tensor, "n"]) -> Bool[Tensor, "n"]:
         """Occupancy of each point at its own level of detail, as :meth:`forward` reports it (no feature lookups)."""
         lod = lod.clamp(0, max(self.grown_levels() - 1, 0))
         inside = torch.zeros(unit_positions.shape[0], dtype=torch.bool, device=unit_positions.device)
         for index in lod.unique().tolist():
             selected = lod == index
-            inside[selected] = self.levels[index].locate(unit_positions[selected])[2]
+            inside[selected] = self.levels[index].cell_index(unit_positions[selected]) >= 0
         return inside
 
     def prune(self, keep: CellFilter) -> List[RowRemap]:

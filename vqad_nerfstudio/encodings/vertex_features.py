@@ -191,6 +191,11 @@ class FeatureStore(nn.Module):
     def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
         raise NotImplementedError
 
+    def table(self) -> Float[Tensor, "m k"]:
+        """The feature of every row, as :meth:`forward` gives it (and with its gradients): for kernels that
+        gather rows themselves."""
+        raise NotImplementedError
+
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         """Rebuild the rows: new row i copies old row ``source_rows[i]``, or is freshly initialised where -1.
 
@@ -282,6 +287,15 @@ class CodebookFeatures(FeatureStore):
         if not torch.is_grad_enabled() and not relaxed:
             return self.codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
         return straight_through_lookup(rows, self.logits, self.codebook, self.temperature, relaxed)
+
+    def table(self) -> Float[Tensor, "m k"]:
+        if self.in_float_warmup:
+            return self.warmup_features
+        if self.relaxed and self.training:
+            return soft_codewords(self.logits, self.codebook, self.temperature)
+        if not torch.is_grad_enabled():
+            return self.codebook.index_select(0, self.logits.argmax(dim=-1))
+        return straight_through_codewords(self.logits, self.codebook, self.temperature)
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores."""
@@ -386,6 +400,9 @@ class FloatFeatures(FeatureStore):
 
     def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
         return self.features.index_select(0, rows)
+
+    def table(self) -> Float[Tensor, "m k"]:
+        return self.features
 
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         fresh = torch.randn(source_rows.shape[0], self.feature_dim, device=self.features.device) * self.init_std

@@ -17,7 +17,7 @@ from typing import Dict, List, Literal, Tuple, Type
 import torch
 from jaxtyping import Int
 from nerfstudio.cameras.camera_optimizers import CameraOptimizer, CameraOptimizerConfig
-from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.model_components.losses import MSELoss
 from nerfstudio.model_components.ray_samplers import UniformLinDispPiecewiseSampler, UniformSampler
@@ -44,6 +44,7 @@ from vqad_nerfstudio.models.limits import (
     check_real,
 )
 from vqad_nerfstudio.models.size_accounting import model_size_report
+from vqad_nerfstudio.rendering import packed
 
 allow_nerfstudio_checkpoints()
 
@@ -68,7 +69,18 @@ class VQADModelConfig(ModelConfig):
     hidden_dim: int = 64
     """Width of the density and colour MLPs."""
     num_samples: int = 512
-    """Uniform samples per ray before empty-space skipping."""
+    """Candidate samples per ray (uniform between the ray's entry and exit of the scene box; about one finest
+    voxel apart at the default) before empty-space skipping and early termination."""
+    sampling: Literal["packed", "dense"] = "packed"
+    """'packed': only candidates in occupied cells are kept, packed ray by ray with ray indices; a density pass
+    without gradients stops each ray where its transmittance falls below early_stop_eps, and only the samples
+    before that are evaluated. 'dense': the reference path, every occupied candidate evaluated and composited in a
+    [rays, num_samples] layout (same image up to the early-termination tolerance)."""
+    early_stop_eps: float = 1e-4
+    """Packed sampling ends a ray once its transmittance falls below this (0: never)."""
+    fused_kernels: bool = True
+    """On CUDA, interpolate the grid with the fused Triton kernel when Triton is installed; False: the PyTorch
+    reference path everywhere."""
     unbounded: bool = False
     """Contract space (as nerfacto does) for unbounded real captures; off for object scenes inside the scene box."""
     occupancy_resolution: int = 64
@@ -78,7 +90,10 @@ class VQADModelConfig(ModelConfig):
     occupancy_alpha_threshold: float = 0.01
     """Space is empty where one finest voxel of it would be more transparent than this opacity (sampling, pruning)."""
     prune_steps: Tuple[int, ...] = (500, 1000, 2000)
-    """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels."""
+    """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels.
+    A run shorter than prune_steps_reference_run steps prunes at proportionally earlier steps."""
+    prune_steps_reference_run: int = 3000
+    """Run length (steps) for which prune_steps are written; shorter runs scale them down, longer runs keep them."""
     index_relaxation_steps: int = 1000
     """Warm-up steps before straight-through training of the indices (0: straight-through from the first step);
     capped at a third of the run's iterations so that short runs end straight-through."""
@@ -140,6 +155,7 @@ class VQADModel(Model):
         self.grid = SparseFeatureGrid(
             cfg.base_resolution, cfg.num_levels, self._store_factory(), dense_resolution=cfg.dense_resolution
         )
+        self.grid.fused = cfg.fused_kernels
         self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=cfg.unbounded, hidden_dim=cfg.hidden_dim)
 
         if cfg.unbounded:
@@ -225,8 +241,12 @@ class VQADModel(Model):
 
         trainer = training_callback_attributes.trainer
         warmup = self.config.index_relaxation_steps
+        prune_steps = tuple(self.config.prune_steps)
         if trainer is not None:
-            warmup = min(warmup, trainer.config.max_num_iterations // 3)
+            run = trainer.config.max_num_iterations
+            warmup = min(warmup, run // 3)
+            scale = min(1.0, run / self.config.prune_steps_reference_run)
+            prune_steps = tuple(sorted({int(step * scale) for step in prune_steps}))
 
         def follow(remaps: List[RowRemap]) -> None:
             if training_callback_attributes.optimizers is not None:
@@ -249,7 +269,7 @@ class VQADModel(Model):
                 update_every_num_iters=self.config.occupancy_update_every,
             ),
             TrainingCallback(
-                [TrainingCallbackLocation.AFTER_TRAIN_ITERATION], prune, iters=tuple(self.config.prune_steps)
+                [TrainingCallbackLocation.AFTER_TRAIN_ITERATION], prune, iters=prune_steps
             ),
         ]
 
@@ -318,8 +338,48 @@ class VQADModel(Model):
         candidate = self.grid.inside(positions, lods)  # elsewhere the field has no density at the ray's LOD
         if self.training and not self.grid.pruned:  # warm-up: skip space the estimate marks empty
             candidate &= self.occupancy.occupied_at(positions)
-        index = torch.nonzero(candidate).squeeze(-1)
+        if self.config.sampling == "dense":
+            return self._render_dense(ray_samples, positions, lods, candidate)
+        samples = packed.pack(
+            ray_samples.frustums.starts[..., 0], ray_samples.frustums.ends[..., 0], candidate.reshape(num_rays, -1)
+        )
+        directions = ray_bundle.directions.reshape(-1, 3)
+        return self._render_packed(samples, positions, lods, directions)
 
+    def _render_packed(
+        self, samples: packed.PackedSamples, positions: Tensor, lods: Tensor, directions: Tensor
+    ) -> Dict[str, Tensor]:
+        """Composite packed samples: a density pass without gradients ends each ray early, then the samples in
+        front of that point are evaluated (with gradients when training) and composited."""
+        with torch.no_grad():
+            density, geo, _ = self.field.density_at(positions[samples.candidate_ids], lods[samples.candidate_ids])
+            keep = packed.visible(density[:, 0], samples, self.config.early_stop_eps)
+        samples = samples[keep]
+        if torch.is_grad_enabled():
+            ids = samples.candidate_ids
+            density, geo, _ = self.field.density_at(positions[ids], lods[ids])
+        else:
+            density, geo = density[keep], geo[keep]
+        rgb = self.field.rgb_at(geo, directions[samples.ray_indices])
+        weights = packed.render_weights(density[:, 0], samples)[:, None]
+        num_rays, ray_indices = samples.num_rays, samples.ray_indices
+        accumulation = packed.accumulate(weights, ray_indices, num_rays)
+        midpoints = (samples.starts + samples.ends)[:, None] / 2
+        depth = packed.accumulate(weights * midpoints, ray_indices, num_rays) / accumulation.clamp_min(1e-10)
+        counts = torch.bincount(ray_indices, minlength=num_rays)[:, None].float()
+        return {
+            "rgb": self.renderer_rgb(rgb=rgb, weights=weights, ray_indices=ray_indices, num_rays=num_rays),
+            "accumulation": accumulation,
+            "depth": depth,
+            "samples_per_ray": counts,
+        }
+
+    def _render_dense(
+        self, ray_samples: RaySamples, positions: Tensor, lods: Tensor, candidate: Tensor
+    ) -> Dict[str, Tensor]:
+        """The reference path: every occupied candidate evaluated, composited in a [rays, samples] layout."""
+        num_rays, num_samples = ray_samples.shape[:2]
+        index = torch.nonzero(candidate).squeeze(-1)
         density, geo, _ = self.field.density_at(positions[index], lods[index])
         directions = ray_samples.frustums.directions.reshape(-1, 3)[index]
         rgb = self.field.rgb_at(geo, directions)
@@ -332,7 +392,7 @@ class VQADModel(Model):
             "rgb": self.renderer_rgb(rgb=rgb_all.reshape(num_rays, num_samples, 3), weights=weights),
             "accumulation": self.renderer_accumulation(weights=weights),
             "depth": self.renderer_depth(weights=weights, ray_samples=ray_samples),
-            "samples_evaluated": candidate.reshape(num_rays, num_samples).sum(dim=-1, keepdim=True).float(),
+            "samples_per_ray": candidate.reshape(num_rays, num_samples).sum(dim=-1, keepdim=True).float(),
         }
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
@@ -340,7 +400,7 @@ class VQADModel(Model):
         image = self.renderer_rgb.blend_background(image)
         metrics = {
             "psnr": psnr(outputs["rgb"], image),
-            "samples_per_ray": outputs["samples_evaluated"].mean(),
+            "samples_per_ray": outputs["samples_per_ray"].mean(),
         }
         self.camera_optimizer.get_metrics_dict(metrics)
         return metrics

@@ -1,0 +1,200 @@
+"""Fused multi-level sparse-grid interpolation on the GPU (Triton), forward and backward.
+
+One kernel computes, per point, the sum over the levels up to the point's level of detail of the
+trilinear interpolation of its cell's 8 corner rows, reading the rows straight from the feature
+tables: nothing of size ``points x 8 x width`` is materialised. The backward pass scatters the
+output gradient into the tables with atomic adds (the gradient of the rows; the stores turn it into
+codebook, logit or float-row gradients). Positions get no gradient.
+
+:class:`~vqad_nerfstudio.encodings.sparse_grid.SparseFeatureGrid` uses it on CUDA tensors when Triton
+imports; its PyTorch path is the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path is used
+    triton = None
+
+
+def available(tensor: Tensor) -> bool:
+    """Whether the fused kernel can run on ``tensor``'s device."""
+    return triton is not None and tensor.is_cuda
+
+
+if triton is not None:
+
+    @triton.jit
+    def _corner_weight(fx, fy, fz, CORNER: tl.constexpr):
+        bx: tl.constexpr = (CORNER >> 2) & 1
+        by: tl.constexpr = (CORNER >> 1) & 1
+        bz: tl.constexpr = CORNER & 1
+        return (fx * bx + (1.0 - fx) * (1 - bx)) * (fy * by + (1.0 - fy) * (1 - by)) * (fz * bz + (1.0 - fz) * (1 - bz))
+
+    @triton.jit
+    def _cell_frac(p, RES: tl.constexpr):
+        scaled = p * RES
+        return scaled - tl.minimum(tl.maximum(tl.floor(scaled), 0.0), RES - 1.0)
+
+    @triton.jit
+    def _interpolate_forward(
+        positions,
+        lods,
+        cell_index,
+        corner_rows,
+        tables,
+        out,
+        n_points,
+        BASE_RESOLUTION: tl.constexpr,
+        LEVELS: tl.constexpr,
+        WIDTH: tl.constexpr,
+        WIDTH_POW2: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        point = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        in_range = point < n_points
+        channel = tl.arange(0, WIDTH_POW2)
+        channel_ok = channel < WIDTH
+        x = tl.load(positions + point * 3, mask=in_range, other=0.0)
+        y = tl.load(positions + point * 3 + 1, mask=in_range, other=0.0)
+        z = tl.load(positions + point * 3 + 2, mask=in_range, other=0.0)
+        lod = tl.load(lods + point, mask=in_range, other=-1)
+        acc = tl.zeros((BLOCK, WIDTH_POW2), dtype=tl.float32)
+        for level in tl.static_range(LEVELS):
+            resolution = BASE_RESOLUTION * (1 << level)
+            cell = tl.load(cell_index + level * n_points + point, mask=in_range, other=-1).to(tl.int64)
+            valid = in_range & (cell >= 0) & (lod >= level)
+            fx = _cell_frac(x, resolution)
+            fy = _cell_frac(y, resolution)
+            fz = _cell_frac(z, resolution)
+            for corner in tl.static_range(8):
+                row = tl.load(corner_rows + cell * 8 + corner, mask=valid, other=0).to(tl.int64)
+                weight = _corner_weight(fx, fy, fz, corner)
+                feature = tl.load(
+                    tables + row[:, None] * WIDTH + channel[None, :],
+                    mask=valid[:, None] & channel_ok[None, :],
+                    other=0.0,
+                )
+                acc += weight[:, None] * feature
+        tl.store(out + point[:, None] * WIDTH + channel[None, :], acc, mask=in_range[:, None] & channel_ok[None, :])
+
+    @triton.jit
+    def _interpolate_backward(
+        positions,
+        lods,
+        cell_index,
+        corner_rows,
+        grad_out,
+        grad_tables,
+        n_points,
+        BASE_RESOLUTION: tl.constexpr,
+        LEVELS: tl.constexpr,
+        WIDTH: tl.constexpr,
+        WIDTH_POW2: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        point = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        in_range = point < n_points
+        channel = tl.arange(0, WIDTH_POW2)
+        channel_ok = channel < WIDTH
+        x = tl.load(positions + point * 3, mask=in_range, other=0.0)
+        y = tl.load(positions + point * 3 + 1, mask=in_range, other=0.0)
+        z = tl.load(positions + point * 3 + 2, mask=in_range, other=0.0)
+        lod = tl.load(lods + point, mask=in_range, other=-1)
+        grad = tl.load(
+            grad_out + point[:, None] * WIDTH + channel[None, :], mask=in_range[:, None] & channel_ok[None, :], other=0.0
+        )
+        has_grad = tl.max(tl.abs(grad), axis=1) > 0  # zero rows add nothing: skip their atomics
+        for level in tl.static_range(LEVELS):
+            resolution = BASE_RESOLUTION * (1 << level)
+            cell = tl.load(cell_index + level * n_points + point, mask=in_range, other=-1).to(tl.int64)
+            valid = in_range & (cell >= 0) & (lod >= level) & has_grad
+            fx = _cell_frac(x, resolution)
+            fy = _cell_frac(y, resolution)
+            fz = _cell_frac(z, resolution)
+            for corner in tl.static_range(8):
+                row = tl.load(corner_rows + cell * 8 + corner, mask=valid, other=0).to(tl.int64)
+                weight = _corner_weight(fx, fy, fz, corner)
+                tl.atomic_add(
+                    grad_tables + row[:, None] * WIDTH + channel[None, :],
+                    weight[:, None] * grad,
+                    mask=valid[:, None] & channel_ok[None, :],
+                    sem="relaxed",
+                )
+
+
+_BLOCK = 128
+
+
+def _launch_config(n_points: int, width: int) -> Tuple[Tuple[int], int]:
+    return (triton.cdiv(max(n_points, 1), _BLOCK),), triton.next_power_of_2(width)
+
+
+class _FusedInterpolation(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, tables: Tensor, positions: Tensor, lods: Tensor, cell_index: Tensor, corner_rows: Tensor, base: int
+    ) -> Tensor:
+        n_points, width = positions.shape[0], tables.shape[1]
+        out = torch.empty(n_points, width, device=positions.device, dtype=torch.float32)
+        if n_points:
+            grid, width_pow2 = _launch_config(n_points, width)
+            _interpolate_forward[grid](
+                positions, lods, cell_index, corner_rows, tables, out, n_points,
+                BASE_RESOLUTION=base, LEVELS=cell_index.shape[0], WIDTH=width, WIDTH_POW2=width_pow2, BLOCK=_BLOCK,
+            )  # fmt: skip
+        ctx.save_for_backward(positions, lods, cell_index, corner_rows)
+        ctx.table_shape, ctx.base = tables.shape, base
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Optional[Tensor]):  # type: ignore[override]
+        if grad_out is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        positions, lods, cell_index, corner_rows = ctx.saved_tensors
+        grad_tables = torch.zeros(ctx.table_shape, device=grad_out.device, dtype=torch.float32)
+        n_points, width = positions.shape[0], ctx.table_shape[1]
+        if n_points:
+            grid, width_pow2 = _launch_config(n_points, width)
+            _interpolate_backward[grid](
+                positions, lods, cell_index, corner_rows, grad_out.contiguous().float(), grad_tables, n_points,
+                BASE_RESOLUTION=ctx.base, LEVELS=cell_index.shape[0], WIDTH=width, WIDTH_POW2=width_pow2,
+                BLOCK=_BLOCK,
+            )  # fmt: skip
+        return grad_tables, None, None, None, None, None
+
+
+def fused_interpolation(
+    tables: Float[Tensor, "rows k"],
+    positions: Float[Tensor, "n 3"],
+    lods: Int[Tensor, "n"],
+    cell_index: Int[Tensor, "levels n"],
+    corner_rows: Int[Tensor, "cells 8"],
+    base_resolution: int,
+) -> Float[Tensor, "n k"]:
+    """Sum over levels ``l <= lods[i]`` of the trilinear interpolation at ``positions[i]`` of level ``l``.
+
+    Levels are concatenated: ``cell_index[l, i]`` is the row of ``corner_rows`` of point i's cell at level ``l``
+    (-1: unoccupied, no contribution), and ``corner_rows`` holds rows of ``tables``. Level ``l`` has
+    ``base_resolution * 2**l`` cells per side. Differentiable in ``tables``.
+    """
+    return _FusedInterpolation.apply(
+        tables.contiguous().float(),
+        positions.contiguous().float(),
+        lods.contiguous().to(torch.int32),
+        cell_index.contiguous().to(torch.int32),
+        corner_rows.contiguous().to(torch.int32),
+        base_resolution,
+    )
+
+
+__all__ = ["available", "fused_interpolation"]

@@ -1,0 +1,95 @@
+"""Volume rendering over packed samples: the samples of many rays one after another, ray by ray.
+
+As in nerfacc and nerfstudio's instant-ngp model, a batch holds only the samples that matter, each
+with the index of its ray, instead of a ``[rays, samples]`` tensor: a sampler proposes candidates,
+empty space is dropped (:func:`pack`), a density pass without gradients finds where each ray's
+transmittance falls below ``early_stop_eps`` (:func:`visible`), and only the samples before that
+point are evaluated and composited (:func:`render_weights`, :func:`accumulate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+
+@dataclass
+class PackedSamples:
+    """Samples of ``num_rays`` rays, sorted by ray."""
+
+    candidate_ids: Int[Tensor, "n"]
+    """Flat index of each sample in the candidates' ``[rays * candidates_per_ray]`` layout."""
+    ray_indices: Int[Tensor, "n"]
+    """The ray each sample belongs to (non-decreasing)."""
+    starts: Float[Tensor, "n"]
+    """Distance along the ray where the sample's interval starts."""
+    ends: Float[Tensor, "n"]
+    """Distance along the ray where it ends."""
+    num_rays: int
+
+    @property
+    def deltas(self) -> Float[Tensor, "n"]:
+        return self.ends - self.starts
+
+    def __getitem__(self, keep: Bool[Tensor, "n"]) -> "PackedSamples":
+        """The samples where ``keep`` is true (order kept)."""
+        index = torch.nonzero(keep).squeeze(-1)
+        return PackedSamples(
+            self.candidate_ids[index], self.ray_indices[index], self.starts[index], self.ends[index], self.num_rays
+        )
+
+
+def pack(
+    starts: Float[Tensor, "r s"], ends: Float[Tensor, "r s"], keep: Bool[Tensor, "r s"]
+) -> PackedSamples:
+    """The candidates (intervals ``starts..ends`` of each ray) where ``keep`` is true, packed ray by ray."""
+    candidate_ids = torch.nonzero(keep.reshape(-1)).squeeze(-1)
+    per_ray = keep.shape[1]
+    return PackedSamples(
+        candidate_ids,
+        torch.div(candidate_ids, per_ray, rounding_mode="floor"),
+        starts.reshape(-1)[candidate_ids],
+        ends.reshape(-1)[candidate_ids],
+        keep.shape[0],
+    )
+
+
+def transmittance(
+    optical_depth: Float[Tensor, "n"], ray_indices: Int[Tensor, "n"], num_rays: int
+) -> Float[Tensor, "n"]:
+    """Transmittance in front of each sample: ``exp(-sum of optical_depth over the ray's earlier samples)``.
+
+    The running sum is taken over the whole batch in float64 and each ray's offset subtracted, so that a
+    ray's value does not depend on how much optical depth the rays before it hold."""
+    running = torch.cumsum(optical_depth.double(), dim=0)
+    before = running - optical_depth.double()  # exclusive running sum
+    counts = torch.bincount(ray_indices, minlength=num_rays)
+    first = torch.cumsum(counts, dim=0) - counts  # index of each ray's first sample
+    ray_offset = before.index_select(0, first.index_select(0, ray_indices)) if before.numel() else before
+    return torch.exp(-(before - ray_offset)).to(optical_depth.dtype)
+
+
+def visible(
+    density: Float[Tensor, "n"], samples: PackedSamples, early_stop_eps: float
+) -> Bool[Tensor, "n"]:
+    """Samples in front of the point where their ray's transmittance falls below ``early_stop_eps``."""
+    return transmittance(density * samples.deltas, samples.ray_indices, samples.num_rays) > early_stop_eps
+
+
+def render_weights(density: Float[Tensor, "n"], samples: PackedSamples) -> Float[Tensor, "n"]:
+    """Volume-rendering weights ``T_i (1 - exp(-sigma_i delta_i))`` of the samples (differentiable in density)."""
+    optical_depth = density * samples.deltas
+    return transmittance(optical_depth, samples.ray_indices, samples.num_rays) * -torch.expm1(-optical_depth)
+
+
+def accumulate(
+    values: Float[Tensor, "n c"], ray_indices: Int[Tensor, "n"], num_rays: int
+) -> Float[Tensor, "num_rays c"]:
+    """Per-ray sums of the samples' values."""
+    return values.new_zeros(num_rays, values.shape[-1]).index_add_(0, ray_indices, values)
+
+
+__all__ = ["PackedSamples", "pack", "transmittance", "visible", "render_weights", "accumulate"]
