@@ -310,3 +310,23 @@ def test_read_header_checks_the_preamble_but_not_the_chunks():
         read_header(data[:20] + bytes([data[20] ^ 1]) + data[21:])
     with pytest.raises(BadMagicError):
         read_header(b"NOPE" + data[4:])
+
+
+def _file_with_raw_header(raw: bytes) -> bytes:
+    preamble = b"VQNF" + struct.pack("<BBI", 1, 0, len(raw))
+    crc = zlib.crc32(raw, zlib.crc32(preamble[4:]))
+    end = b"END!" + bytes([255, 0, 0, 0]) + bytes(4)
+    return preamble + struct.pack("<I", crc) + raw + end + struct.pack("<I", zlib.crc32(end))
+
+
+def test_header_size_and_nesting_are_bounded_before_parsing():
+    deep = b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(FormatError, match="header length 400006 exceeds"):
+        read_container(_file_with_raw_header(deep))
+    nested = b'{"a":' + b"[" * 17 + b"]" * 17 + b', "b": "[[[[[[[[[[[[[[[[[[[[\\"[["}'
+    with pytest.raises(FormatError, match="more than 16 deep"):
+        read_container(_file_with_raw_header(nested))
+    fine = b'{"a":' + b"[" * 15 + b"]" * 15 + b', "b": "[[[[[[[[[[[[[[[[[[[[\\"[["}'
+    assert read_container(_file_with_raw_header(fine)).header["b"] == '[[[[[[[[[[[[[[[[[[[["[['
+    with pytest.raises(ValueError, match="nested at most 16"):
+        write_container({"a": json.loads(b"[" * 17 + b"]" * 17)}, [])

@@ -171,7 +171,8 @@ def test_complete_file_missing_a_chunk_is_a_format_error(encoded):
 def test_entropy_coded_indices_are_no_larger_than_packed(trained, encoded):
     raw = encode_model(trained.model, index_coding="raw")
     raw_file = write_container(raw.header, raw.chunks)
-    assert {row["tag"] for row in describe(read_container(raw_file))} == {"SIZE", "MLPS", "TOPO", "CBOK", "IDXR", "END!"}
+    tags = {row["tag"] for row in describe(read_container(raw_file))}
+    assert tags == {"SIZE", "MLPS", "TOPO", "CBOK", "IDXR", "END!"}
     stored = {row["lod"]: row for row in describe(read_container(encoded)) if row["tag"] in ("IDXE", "IDXR")}
     for level in raw.levels:
         assert stored[level.lod]["payload_bytes"] <= level.raw_index_bytes

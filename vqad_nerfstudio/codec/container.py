@@ -43,6 +43,7 @@ __all__ = [
     "write_container",
     "write_container_file",
     "read_container",
+    "load_source",
     "describe",
 ]
 
@@ -205,7 +206,8 @@ def write_container_file(
     return len(data)
 
 
-def _load(source: Source) -> bytes:
+def load_source(source: Source) -> bytes:
+    """The bytes of ``source`` (bytes, or a file's path); FormatError if over :data:`MAX_FILE_BYTES`."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
@@ -251,7 +253,7 @@ def _read_preamble(data: bytes) -> tuple[int, int, dict[str, Any], int]:
 
 def read_header(source: Source) -> dict[str, Any]:
     """The verified JSON header of a VQNF file (magic, version and header CRC checked; chunks not read)."""
-    return _read_preamble(_load(source))[2]
+    return _read_preamble(load_source(source))[2]
 
 
 def read_container(source: Source, allow_truncated: bool = False) -> Container:
@@ -264,7 +266,7 @@ def read_container(source: Source, allow_truncated: bool = False) -> Container:
     header always raises. A chunk that runs past the end its file's SIZE chunk
     records is damaged, not truncated: FormatError.
     """
-    data = _load(source)
+    data = load_source(source)
     major, minor, header, offset = _read_preamble(data)
     chunks: list[Chunk] = []
     file_bytes: int | None = None

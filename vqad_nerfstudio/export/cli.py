@@ -10,6 +10,7 @@ its own, which keeps working when nerfstudio's ``ns-export`` script is installed
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -54,28 +55,40 @@ class ExportVQADCompressed:
             _fail(command, f"{path} already exists; pass --overwrite to replace it")
         if not self.load_config.is_file():
             _fail(command, f"{self.load_config} is not a file; pass the config.yml of an ns-train run")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            _fail(command, f"{self.output_dir} is not a directory")
 
         from nerfstudio.utils.eval_utils import eval_setup
         from nerfstudio.utils.rich_utils import CONSOLE
 
         from vqad_nerfstudio.codec import write_container_file
         from vqad_nerfstudio.export.formats import encode_any
-        from vqad_nerfstudio.export.methods import UnsupportedMethodError
+        from vqad_nerfstudio.export.methods import UnsupportedMethodError, vqad_method_names
+        from vqad_nerfstudio.export.run_dir import load_run_config
         from vqad_nerfstudio.export.size_report import print_size_report, size_report
 
+        try:
+            method = load_run_config(self.load_config).method_name
+        except ValueError as error:
+            _fail(command, str(error))
+        if method not in vqad_method_names():
+            names = ", ".join(vqad_method_names())
+            _fail(command, f"{self.load_config} is a {method} run; vqad-compressed writes runs of {names}")
         config, pipeline, checkpoint, _ = eval_setup(self.load_config, test_mode="inference")
         try:
             encoded = encode_any(pipeline.model, config.method_name, self.index_coding, True, self.network_bits)
         except (UnsupportedMethodError, ValueError) as error:
             _fail(command, str(error))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
             write_container_file(path, encoded.header, encoded.chunks, overwrite=self.overwrite)
+            report = {"file": str(path), "checkpoint": str(checkpoint), **size_report(encoded, path.read_bytes())}
+            (self.output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         except FileExistsError:
             _fail(command, f"{path} already exists; pass --overwrite to replace it")
-        report = {"file": str(path), "checkpoint": str(checkpoint), **size_report(encoded, path.read_bytes())}
+        except OSError as error:
+            _fail(command, f"cannot write into {self.output_dir}: {error.strerror or error}")
         print_size_report(report, CONSOLE)
-        (self.output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         CONSOLE.print(f"Wrote {path} and {self.output_dir / REPORT_NAME}")
 
 
@@ -96,7 +109,8 @@ class DecodeVQADCompressed:
     max_lod: Optional[int] = None
     """Keep only levels of detail 0..MAX_LOD; None keeps every level the file holds."""
     experiment_name: Optional[str] = None
-    """Experiment name of the decoded run; None uses the file name without its extension."""
+    """Experiment name of the decoded run (one directory name); None uses the file name without its extension and
+    leading dots ('decoded' if nothing is left)."""
     overwrite: bool = False
     """Replace the files of an existing decoded run."""
 
@@ -124,22 +138,26 @@ class DecodeVQADCompressed:
         except (CodecError, OSError, ValueError) as error:
             _fail(command, f"cannot decode {self.file}: {error}")
         seconds = time.perf_counter() - start
-        name = self.experiment_name or self.file.stem
+        name = self.experiment_name or self.file.stem.lstrip(".") or "decoded"
         try:
             config = decoded_run_config(model, info.method, self.output_dir, name, self.data, self.load_config)
             config_path = write_run_dir(config, model, overwrite=self.overwrite)
         except (FileExistsError, ValueError) as error:
             _fail(command, str(error))
+        except OSError as error:
+            _fail(command, f"cannot write the run into {self.output_dir}: {error.strerror or error}")
         state = "complete file" if info.complete else f"truncated file, {info.bytes_read:,} bytes of complete chunks"
         CONSOLE.print(
             f"Decoded levels of detail 0..{info.levels_decoded - 1} of {info.levels_stored} ({state}) "
             f"in {seconds:.2f} s into {config_path.parent}"
         )
         CONSOLE.print("Open it with nerfstudio's tools, e.g.:")
+        paths = (config_path, config_path.parent / "eval.json", config_path.parent / "renders")
+        run, eval_json, renders = (shlex.quote(str(path)) for path in paths)
         for command_line in (
-            f"ns-viewer --load-config {config_path}",
-            f"ns-eval --load-config {config_path} --output-path {config_path.parent / 'eval.json'}",
-            f"ns-render dataset --load-config {config_path} --output-path {config_path.parent / 'renders'}",
+            f"ns-viewer --load-config {run}",
+            f"ns-eval --load-config {run} --output-path {eval_json}",
+            f"ns-render dataset --load-config {run} --output-path {renders}",
         ):
             CONSOLE.print(f"  {command_line}", soft_wrap=True, highlight=False)
 

@@ -3,11 +3,10 @@ or the header's method (reading) picks the method payload."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from vqad_nerfstudio.codec import read_header
-from vqad_nerfstudio.codec.container import Source
+from vqad_nerfstudio.codec.container import Source, load_source
 from vqad_nerfstudio.export.hash_codec import HASH_METHODS, encode_hash_model, load_hash_compressed
 from vqad_nerfstudio.export.methods import UnsupportedMethodError, vqad_method_names
 from vqad_nerfstudio.export.planes_codec import PLANE_METHODS, encode_planes_model, load_planes_compressed
@@ -56,8 +55,7 @@ def encode_any(
 
 def load_any(source: Source, max_lod: Optional[int] = None) -> Tuple[Any, DecodeInfo]:
     """Rebuild the model a VQNF file holds (``max_lod`` only for methods with levels of detail)."""
-    if not isinstance(source, (bytes, bytearray, memoryview)):
-        source = Path(source).read_bytes()  # read the file once; the header picks the method payload
+    source = load_source(source)  # read the file once; the header picks the method payload
     method = read_header(source).get("method")
     if method in HASH_METHODS or method in PLANE_METHODS:
         if max_lod is not None:

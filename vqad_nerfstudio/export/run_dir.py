@@ -23,9 +23,29 @@ if TYPE_CHECKING:
 
     from vqad_nerfstudio.models.vqad import VQADModel
 
-__all__ = ["decoded_run_config", "write_run_dir"]
+__all__ = ["check_experiment_name", "load_run_config", "decoded_run_config", "write_run_dir"]
 
 CHECKPOINT_NAME = "step-000000000.ckpt"
+
+
+def check_experiment_name(name: str) -> str:
+    """``name`` if it names one directory inside the output directory; ``ValueError`` otherwise."""
+    if name in ("", ".", "..") or any(char in name for char in "/\\\0"):
+        raise ValueError(f"experiment name {name!r} must be one directory name (no '/' or '\\', not '.' or '..')")
+    return name
+
+
+def load_run_config(path: Path) -> "TrainerConfig":
+    """The trainer config of an ns-train run's config.yml; ``ValueError`` (one line) if ``path`` is not one."""
+    from nerfstudio.engine.trainer import TrainerConfig
+
+    try:
+        config = yaml.load(Path(path).read_text(), Loader=yaml.Loader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError, ImportError) as error:
+        raise ValueError(f"{path} is not a readable nerfstudio run config ({type(error).__name__})") from None
+    if not isinstance(config, TrainerConfig):
+        raise ValueError(f"{path} is not a nerfstudio run config (the config.yml that ns-train writes)")
+    return config
 
 
 def decoded_run_config(
@@ -42,14 +62,10 @@ def decoded_run_config(
     config.yml) keeps that run's data and dataparser settings instead. Paths are made absolute,
     so the run opens from any working directory.
     """
-    from nerfstudio.engine.trainer import TrainerConfig
-
     if (data is None) == (load_config is None):
         raise ValueError("give exactly one of data (a nerfstudio-format scene) or load_config (the original run)")
     if load_config is not None:
-        config = yaml.load(Path(load_config).read_text(), Loader=yaml.Loader)
-        if not isinstance(config, TrainerConfig):
-            raise ValueError(f"{load_config} is not a nerfstudio run config")
+        config = load_run_config(load_config)
     else:
         config = trainer_config(method)
         config.pipeline.datamanager.data = data
@@ -61,7 +77,7 @@ def decoded_run_config(
         model.config, eval_num_rays_per_chunk=config.pipeline.model.eval_num_rays_per_chunk
     )
     config.output_dir = Path(output_dir).absolute()
-    config.experiment_name = experiment_name
+    config.experiment_name = check_experiment_name(experiment_name)
     config.timestamp = f"lod{model.grid.grown_levels() - 1}" if hasattr(model, "grid") else "decoded"
     config.load_dir = config.load_checkpoint = config.load_step = None
     return config
