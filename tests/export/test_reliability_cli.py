@@ -30,8 +30,8 @@ def test_a_file_named_dots_decodes_inside_the_output_directory(encoded, trained,
     file.parent.mkdir()
     file.write_bytes(encoded)
     output = tmp_path / "out"
-    config = str(trained.config_path)
-    assert _run(vqad_export_main, "decode", "--file", str(file), "--output-dir", str(output), "--load-config", config) == 0
+    args = ("--file", str(file), "--output-dir", str(output), "--load-config", str(trained.config_path))
+    assert _run(vqad_export_main, "decode", *args) == 0
     assert (output / "decoded" / "vqad" / "lod2" / "config.yml").is_file()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in", "out"]
 

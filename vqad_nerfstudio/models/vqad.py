@@ -43,7 +43,7 @@ from vqad_nerfstudio.models.limits import (
     check_int,
     check_real,
 )
-from vqad_nerfstudio.models.size_accounting import model_size_report
+from vqad_nerfstudio.models.size_accounting import stored_kib
 from vqad_nerfstudio.rendering import packed
 
 allow_nerfstudio_checkpoints()
@@ -221,8 +221,7 @@ class VQADModel(Model):
 
     def _update_lod_text(self) -> None:
         lod = int(self.lod_slider.value)
-        report = model_size_report(self)
-        self.lod_size_text.value = f"{report.cumulative_bytes(lod) / 1024:.1f} KiB (levels 0..{lod})"
+        self.lod_size_text.value = f"{stored_kib(self, lod):.1f} KiB (levels 0..{lod})"
 
     # ----------------------------------------------------------------------------------- training
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
@@ -432,7 +431,7 @@ class VQADModel(Model):
         metrics = {
             "psnr": float(psnr(rgb_nchw, gt_nchw)),
             "ssim": float(structural_similarity_index_measure(rgb_nchw, gt_nchw)),  # type: ignore[arg-type]
-            "stored_kib": model_size_report(self).total_bytes / 1024,
+            "stored_kib": stored_kib(self),
         }
         if self.lpips is not None:
             metrics["lpips"] = float(self.lpips(gt_nchw, rgb_nchw).item())
