@@ -9,6 +9,10 @@ every model knob that sets a resolution or a sample count is shrunk so that one 
 from __future__ import annotations
 
 import copy
+import re
+import shlex
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -81,7 +85,7 @@ def reduced_config(name: str, data: Path, output_dir: Path):
 
 
 @pytest.mark.parametrize("name", OURS)
-def test_method_trains_two_iterations_on_cpu(name, tiny_scene, tmp_path, monkeypatch):
+def test_method_trains_two_iterations_on_cpu(name, tiny_scene, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no cached weights: nothing to load
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = reduced_config(name, tiny_scene, tmp_path / "outputs")
@@ -94,3 +98,29 @@ def test_method_trains_two_iterations_on_cpu(name, tiny_scene, tmp_path, monkeyp
     assert trainer.step == 1  # steps 0 and 1
     (checkpoint,) = (tmp_path / "outputs").glob(f"*/{name}/*/nerfstudio_models/step-*.ckpt")
     assert checkpoint.stat().st_size > 0
+
+    # the run ends by printing its compressed size and the command that writes the file
+    out = capsys.readouterr().out
+    assert re.search(r"Compressed file: [0-9.]+ KiB \(([0-9,]+) bytes\)", out), out[-2000:]
+    config_path = next((tmp_path / "outputs").glob(f"*/{name}/*/config.yml"))
+    assert f"ns-export vqad-compressed --load-config {shlex.quote(str(config_path))} --output-dir" in out
+
+
+def test_printed_export_command_writes_the_printed_size(tiny_scene, tmp_path, monkeypatch, capsys):
+    """The hint is exact: running the printed command writes a file of the printed size."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    config = reduced_config("vqad", tiny_scene, tmp_path / "outputs")
+    config.set_timestamp()
+    config.save_config()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    trainer.train()
+    out = capsys.readouterr().out
+    size = int(re.search(r"Compressed file: [0-9.]+ KiB \(([0-9,]+) bytes\)", out).group(1).replace(",", ""))
+    (command,) = [line.strip() for line in out.splitlines() if line.strip().startswith("ns-export vqad-compressed")]
+    args = shlex.split(command)
+    args[0] = str(Path(sys.executable).with_name(args[0]))
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (vqnf,) = (config.get_base_dir() / "export").glob("*.vqnf")
+    assert vqnf.stat().st_size == size

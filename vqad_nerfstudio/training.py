@@ -1,15 +1,75 @@
-"""The nerfstudio trainer settings every method of this package shares."""
+"""The nerfstudio trainer settings every method of this package shares, and its trainer: nerfstudio's, which
+also prints, when training ends, the size of the compressed file the run exports to and the command that writes it.
+
+Imported only when a method of this package is built (nerfstudio is loaded by then).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple, Type
+
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils import comms
+from nerfstudio.utils.rich_utils import CONSOLE
 
 if TYPE_CHECKING:
-    from nerfstudio.engine.trainer import TrainerConfig
     from nerfstudio.models.base_model import ModelConfig
 
 STEPS = 3000
 """Training steps of every method (the learning rates decay over them)."""
+
+
+def export_command(config_path: Path) -> str:
+    """The command that writes the compressed file of the run whose config is ``config_path``."""
+    output_dir = shlex.quote(str(config_path.parent / "export"))
+    return f"ns-export vqad-compressed --load-config {shlex.quote(str(config_path))} --output-dir {output_dir}"
+
+
+def compressed_size_line(model) -> str:
+    """The size of the file ``model`` exports to by default (entropy-coded indices, fp16 networks), and of its
+    coarsest level of detail where it has levels."""
+    from vqad_nerfstudio.codec import describe, read_container, write_container
+    from vqad_nerfstudio.export.formats import encode_any
+
+    encoded = encode_any(model)
+    data = write_container(encoded.header, encoded.chunks)
+    line = f"Compressed file: {len(data) / 1024:.1f} KiB ({len(data):,} bytes)"
+    rows = describe(read_container(data))
+    lods = sorted({row["lod"] for row in rows if row["lod"] is not None})
+    if len(lods) > 1:
+        finer = sum(row["chunk_bytes"] for row in rows if row["lod"] is not None and row["lod"] > lods[0])
+        line += f"; levels 0..{lods[0]} alone: {(len(data) - finer) / 1024:.1f} KiB"
+    return line
+
+
+class VQADTrainer(Trainer):
+    """nerfstudio's trainer; when training ends it prints the compressed size and the export command."""
+
+    def setup(self, test_mode="val") -> None:
+        super().setup(test_mode=test_mode)
+        self.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self.print_export_hint))
+
+    def print_export_hint(self, step: int) -> None:
+        if not comms.is_main_process():
+            return
+        try:
+            size = compressed_size_line(self.pipeline.model)
+        except Exception as error:  # training succeeded: a model that cannot be written yet only loses the hint
+            size = f"Compressed file: not available yet ({error})"
+        CONSOLE.print(size)
+        CONSOLE.print("Export it with:")
+        CONSOLE.print(f"  {export_command(self.config.get_base_dir() / 'config.yml')}", soft_wrap=True, markup=False)
+
+
+@dataclass
+class VQADTrainerConfig(TrainerConfig):
+    """nerfstudio's TrainerConfig, training with :class:`VQADTrainer`."""
+
+    _target: Type = field(default_factory=lambda: VQADTrainer)
 
 
 def base_trainer_config(
@@ -29,7 +89,6 @@ def base_trainer_config(
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
     from nerfstudio.engine.optimizers import AdamOptimizerConfig
     from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-    from nerfstudio.engine.trainer import TrainerConfig
 
     from vqad_nerfstudio.pipeline import CheckedPipelineConfig
 
@@ -42,7 +101,7 @@ def base_trainer_config(
         }
         for group, (first, last) in learning_rates.items()
     }
-    return TrainerConfig(
+    return VQADTrainerConfig(
         method_name=method_name,
         steps_per_eval_batch=500,
         steps_per_eval_image=500,
