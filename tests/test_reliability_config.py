@@ -33,5 +33,42 @@ def test_bad_settings_are_refused(settings, message):
         VQADModelConfig(**settings)
 
 
+PROPOSAL_NETWORK = {"hidden_dim": 16, "log2_hashmap_size": 13, "num_levels": 5, "max_res": 64}
+
+
 def test_the_largest_settings_are_accepted():
     VQADModelConfig(num_levels=8, base_resolution=16, hidden_dim=1024, feature_dim=256, num_samples=4096)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"log2_codebook_size": 40}, "log2_codebook_size"),
+        ({"index_table_size": 0}, "index_table_size"),
+        ({"num_levels": 1000}, "num_levels"),
+        ({"hidden_dim": 300000}, "hidden_dim"),
+        ({"num_nerf_samples_per_ray": 0}, "num_nerf_samples_per_ray"),
+        ({"num_proposal_samples_per_ray": (64,)}, "one count per proposal iteration"),
+        ({"proposal_net_args_list": [{**PROPOSAL_NETWORK, "log2_hashmap_size": 40}] * 2}, "log2_hashmap_size"),
+    ],
+)
+def test_bad_hash_settings_are_refused(settings, message):
+    from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModelConfig
+
+    with pytest.raises(ValueError, match=message):
+        LearnedIndexNerfactoModelConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"num_den_components": 100000}, "num_den_components"),
+        ({"latent_channels": 0}, "latent_channels"),
+        ({"num_samples": 0}, "num_samples"),
+    ],
+)
+def test_bad_plane_settings_are_refused(settings, message):
+    from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModelConfig
+
+    with pytest.raises(ValueError, match=message):
+        CompressedTensoRFModelConfig(**settings)

@@ -31,6 +31,7 @@ from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.payloads import encode_parameters, load_parameters, parse_aabb, read_complete_container
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, LevelStats
+from vqad_nerfstudio.models.limits import MAX_PLANE_RESOLUTION
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel
@@ -158,8 +159,9 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, Tensor, int]:
     except (TypeError, ValueError) as error:
         raise FormatError(f"header: invalid model settings: {error}") from None
     resolution = header.get("plane_resolution")
-    if type(resolution) is not int or not 1 <= resolution <= 1 << 14:
-        raise FormatError(f"header: plane_resolution must be an integer in 1..16384, got {resolution!r}")
+    if type(resolution) is not int or not 1 <= resolution <= MAX_PLANE_RESOLUTION:
+        bounds = f"1..{MAX_PLANE_RESOLUTION}"
+        raise FormatError(f"header: plane_resolution must be an integer in {bounds}, got {resolution!r}")
     return method, config, parse_aabb(header.get("aabb")), resolution
 
 

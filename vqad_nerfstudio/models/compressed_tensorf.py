@@ -38,6 +38,7 @@ from vqad_nerfstudio.compat import SkippedLPIPS, allow_nerfstudio_checkpoints, o
 from vqad_nerfstudio.encodings.masked_latent_planes import MaskedLatentPlanes
 from vqad_nerfstudio.encodings.plane_importance import importance_weights, splat_importance, weighted_plane_error
 from vqad_nerfstudio.encodings.vm_planes import DecodableVMEncoding
+from vqad_nerfstudio.models.limits import MAX_COMPONENTS, MAX_HIDDEN_DIM, MAX_NUM_SAMPLES, check_int
 
 allow_nerfstudio_checkpoints()
 
@@ -80,6 +81,13 @@ class CompressedTensoRFModelConfig(TensoRFModelConfig):
             raise ValueError("compression_steps must be >= 1 and compression_start_step >= 0")
         if self.rate_lambda < 0 or self.plane_loss_weight < 0:
             raise ValueError("rate_lambda and plane_loss_weight must be >= 0")
+        check_int("num_den_components", self.num_den_components, 1, MAX_COMPONENTS)
+        check_int("num_color_components", self.num_color_components, 1, MAX_COMPONENTS)
+        check_int("appearance_dim", self.appearance_dim, 1, MAX_HIDDEN_DIM)
+        check_int("latent_channels", self.latent_channels, 1, MAX_HIDDEN_DIM)
+        check_int("decoder_channels", self.decoder_channels, 1, MAX_HIDDEN_DIM)
+        check_int("num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
+        check_int("num_uniform_samples", self.num_uniform_samples, 1, MAX_NUM_SAMPLES)
         if self.tensorf_checkpoint is not None:
             resolve_tensorf_checkpoint(self.tensorf_checkpoint)  # fail at the command line, not after data loading
 

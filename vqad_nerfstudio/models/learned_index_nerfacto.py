@@ -17,6 +17,15 @@ from vqad_nerfstudio.compat import SkippedLPIPS, allow_nerfstudio_checkpoints, o
 from vqad_nerfstudio.encodings.learned_index_hash import IndexMode, LearnedIndexHashEncoding
 from vqad_nerfstudio.encodings.torch_hash_grid import sparse_backward_hash_grids
 from vqad_nerfstudio.fields.hash_base import replace_base_encoding
+from vqad_nerfstudio.models.limits import (
+    MAX_HASH_LEVELS,
+    MAX_HASH_RESOLUTION,
+    MAX_HIDDEN_DIM,
+    MAX_LOG2_TABLE,
+    MAX_NUM_SAMPLES,
+    check_int,
+    check_real,
+)
 
 allow_nerfstudio_checkpoints()
 
@@ -43,10 +52,33 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
     them); 'nerfstudio' keeps nerfstudio's own."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.index_bits <= self.log2_codebook_size:
-            raise ValueError(
-                f"index_bits must be in 1..log2_codebook_size ({self.log2_codebook_size}), got {self.index_bits}"
-            )
+        check_int("log2_codebook_size", self.log2_codebook_size, 1, MAX_LOG2_TABLE)
+        check_int("index_bits", self.index_bits, 1, min(16, self.log2_codebook_size))
+        check_int("index_table_size", self.index_table_size, 1, 1 << MAX_LOG2_TABLE)
+        check_real("index_temperature", self.index_temperature, 0, open_low=True)
+        check_int("num_levels", self.num_levels, 1, MAX_HASH_LEVELS)
+        check_int("max_res", self.max_res, 1, MAX_HASH_RESOLUTION)
+        check_int("base_res", self.base_res, 1, self.max_res)
+        check_int("features_per_level", self.features_per_level, 1, 8)
+        check_int("hidden_dim", self.hidden_dim, 1, MAX_HIDDEN_DIM)
+        check_int("hidden_dim_color", self.hidden_dim_color, 1, MAX_HIDDEN_DIM)
+        check_int("appearance_embed_dim", self.appearance_embed_dim, 0, MAX_HIDDEN_DIM)
+        check_int("num_nerf_samples_per_ray", self.num_nerf_samples_per_ray, 1, MAX_NUM_SAMPLES)
+        check_int("num_proposal_iterations", self.num_proposal_iterations, 1, 8)
+        if len(self.num_proposal_samples_per_ray) != self.num_proposal_iterations:
+            raise ValueError("num_proposal_samples_per_ray needs one count per proposal iteration")
+        for samples in self.num_proposal_samples_per_ray:
+            check_int("each of num_proposal_samples_per_ray", samples, 1, MAX_NUM_SAMPLES)
+        networks = 1 if self.use_same_proposal_network else self.num_proposal_iterations
+        if len(self.proposal_net_args_list) < networks:
+            raise ValueError(f"proposal_net_args_list needs {networks} entries, got {len(self.proposal_net_args_list)}")
+        for args in self.proposal_net_args_list:
+            if not isinstance(args, dict):
+                raise ValueError(f"each of proposal_net_args_list must be a dict, got {args!r}")
+            check_int("a proposal network's hidden_dim", args.get("hidden_dim"), 1, MAX_HIDDEN_DIM)
+            check_int("a proposal network's log2_hashmap_size", args.get("log2_hashmap_size"), 1, MAX_LOG2_TABLE)
+            check_int("a proposal network's num_levels", args.get("num_levels"), 1, MAX_HASH_LEVELS)
+            check_int("a proposal network's max_res", args.get("max_res"), 1, MAX_HASH_RESOLUTION)
 
 
 def encoding_of(config: LearnedIndexNerfactoModelConfig) -> LearnedIndexHashEncoding:

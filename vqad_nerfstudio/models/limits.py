@@ -16,6 +16,11 @@ __all__ = [
     "MAX_FEATURE_DIM",
     "MAX_HIDDEN_DIM",
     "MAX_NUM_SAMPLES",
+    "MAX_HASH_LEVELS",
+    "MAX_LOG2_TABLE",
+    "MAX_HASH_RESOLUTION",
+    "MAX_PLANE_RESOLUTION",
+    "MAX_COMPONENTS",
     "check_int",
     "check_real",
 ]
@@ -30,6 +35,16 @@ MAX_HIDDEN_DIM = 1024
 """Width of a decoder MLP."""
 MAX_NUM_SAMPLES = 4096
 """Samples per ray."""
+MAX_HASH_LEVELS = 24
+"""Levels of a hash-grid encoding."""
+MAX_LOG2_TABLE = 22
+"""log2 of the rows of a hash grid's table or codebook per level."""
+MAX_HASH_RESOLUTION = 1 << 16
+"""Finest resolution of a hash-grid encoding."""
+MAX_PLANE_RESOLUTION = 2048
+"""Side of a tensorf feature plane."""
+MAX_COMPONENTS = 128
+"""Density or colour components of a tensorf encoding."""
 
 
 def check_int(name: str, value: object, low: int, high: Optional[int] = None) -> None:
