@@ -67,8 +67,11 @@ class BenchmarkConfig:
     plane_steps: int = 2000
     """Compression steps of each tensorf-compressed run (fixed steps, not the time budget)."""
     profile: Tuple[str, ...] = ()
-    """Methods (as named in the run, e.g. vqad-hash@14) whose training steps 5..9 run under torch's profiler; the
-    busiest operators are printed and written to METHOD.profile.txt (@ written as -)."""
+    """Methods (as named in the run, e.g. vqad-hash@14) whose training steps --profile-from .. +4 run under torch's
+    profiler and Python's cProfile; the busiest operators (by GPU and by CPU time) and Python functions are printed
+    and written to METHOD.profile.txt (@ written as -)."""
+    profile_from: int = 5
+    """First profiled training step (after the first steps' one-off costs; later steps see the pruned grid)."""
     network_bits: int = 16
     """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised); the
     other methods' files keep fp16 networks."""
@@ -145,7 +148,8 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], stop_when_spent))
     recent_train_psnr = _record_train_psnr(trainer.pipeline)
     if method in bench.profile:
-        trainer.callbacks += _profiled_steps(bench.output_dir / f"{method.replace('@', '-')}.profile.txt")
+        path = bench.output_dir / f"{method.replace('@', '-')}.profile.txt"
+        trainer.callbacks += _profiled_steps(path, range(bench.profile_from, bench.profile_from + 5))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -236,31 +240,41 @@ def _encoding_timing_table(timings: List[Dict[str, float]], points: int, masked_
     return "\n".join(lines)
 
 
-PROFILED_STEPS = range(5, 10)
-"""Training steps that --profile records (after the first steps' one-off costs)."""
+def _profiled_steps(path: Path, steps: range) -> List[Any]:
+    """Training callbacks that profile ``steps`` (torch's profiler and cProfile) and print and save the busiest
+    operators and Python functions."""
+    import cProfile
+    import io
+    import pstats
 
-
-def _profiled_steps(path: Path) -> List[Any]:
-    """Training callbacks that profile :data:`PROFILED_STEPS` and print and save the busiest operators."""
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    python_profiler = cProfile.Profile()
 
     def begin(step: int) -> None:
-        if step == PROFILED_STEPS[0]:
+        if step == steps[0]:
+            _sync()
             profiler.start()
+            python_profiler.enable()
 
     def end(step: int) -> None:
-        if step == PROFILED_STEPS[-1]:
+        if step == steps[-1]:
             _sync()
+            python_profiler.disable()
             profiler.stop()
-            key = "self_device_time_total" if cuda else "self_cpu_time_total"
-            table = profiler.key_averages().table(sort_by=key, row_limit=25)
+            averages = profiler.key_averages()
+            tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+            if cuda:
+                tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=25))
+            python = io.StringIO()
+            pstats.Stats(python_profiler, stream=python).sort_stats("cumulative").print_stats(45)
+            text = "\n".join(tables) + "\n" + python.getvalue()
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(table)
-            print(f"\nSteps {PROFILED_STEPS[0]}..{PROFILED_STEPS[-1]} of {path.stem}:\n{table}", flush=True)
+            path.write_text(text)
+            print(f"\nSteps {steps[0]}..{steps[-1]} of {path.stem}:\n{text}", flush=True)
 
     return [
         TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], begin),
@@ -407,6 +421,7 @@ def main(bench: BenchmarkConfig) -> None:
             "train_psnr": train_psnr,
             "steps": steps,
             "ms_per_step": 1000 * seconds / steps,
+            "train_rays_per_s": trainer.pipeline.datamanager.config.train_num_rays_per_batch * steps / seconds,
             "eval_rays_per_s": rays_per_s,
             "peak_mem_mib": peak,
             "checkpoint_bytes": checkpoint.stat().st_size,
@@ -456,14 +471,14 @@ def _fmt_bytes(value: float) -> str:
 
 def _table(results: List[Dict[str, float]]) -> str:
     header = (
-        "| method | PSNR | SSIM | train PSNR | steps | ms/step | eval rays/s | peak MiB | stored | feature grid "
-        "| checkpoint |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| method | PSNR | SSIM | train PSNR | steps | ms/step | train rays/s | eval rays/s | peak MiB | stored "
+        "| feature grid | checkpoint |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for r in results:
         lines.append(
             f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt_db(r.get('train_psnr', math.nan))} | "
-            f"{r['steps']} | {r['ms_per_step']:.1f} | "
+            f"{r['steps']} | {r['ms_per_step']:.1f} | {r.get('train_rays_per_s', math.nan) / 1e3:.0f}k | "
             f"{r['eval_rays_per_s'] / 1e3:.0f}k | {r['peak_mem_mib']:.0f} | {_fmt_bytes(r['stored_bytes'])} | "
             f"{_fmt_bytes(r['feature_grid_bytes'])} | {_fmt_bytes(r['checkpoint_bytes'])} |"
         )
@@ -482,6 +497,15 @@ def _table(results: List[Dict[str, float]]) -> str:
             f"stored {t['stored_bytes'] / v['stored_bytes']:.0f}x smaller, "
             f"training checkpoint x{v['checkpoint_bytes'] / t['checkpoint_bytes']:.1f} of tensorf's"
         )
+    for name, fast in by_name.items():  # METHOD against METHOD@ref (the reference path, run in the same call)
+        ref = by_name.get(f"{name}@ref")
+        if ref is not None:
+            lines.append(
+                f"{name} vs {name}@ref: eval rays/s x{fast['eval_rays_per_s'] / ref['eval_rays_per_s']:.2f}, "
+                f"training rays/s x{fast['train_rays_per_s'] / ref['train_rays_per_s']:.2f}, "
+                f"ms/step x{fast['ms_per_step'] / ref['ms_per_step']:.2f}, PSNR {fast['psnr'] - ref['psnr']:+.2f} dB, "
+                f"peak memory x{fast['peak_mem_mib'] / ref['peak_mem_mib']:.2f}"
+            )
     return "\n".join(lines)
 
 

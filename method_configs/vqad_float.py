@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vqad_nerfstudio.method_configs.vqad import vqad_trainer_config
+from vqad_nerfstudio.method_configs.vqad import CPU_CHANGES, vqad_trainer_config
 
 from vqad_nerfstudio.plugin import load_method
 
@@ -19,10 +19,10 @@ def _build() -> "MethodSpecification":
 
     return MethodSpecification(
         config=vqad_trainer_config(
-            "vqad-float", VQADModelConfig(feature_store="float", eval_num_rays_per_chunk=1 << 14)
+            "vqad-float", VQADModelConfig(feature_store="float")
         ),
         description="VQAD's float twin: the same sparse grid and decoders with a float feature vector per vertex "
-        "(the uncompressed reference for size ratios).",
+        "(the uncompressed reference for size ratios). Defaults " + CPU_CHANGES + ".",
     )
 
 

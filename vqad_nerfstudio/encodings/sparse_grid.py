@@ -17,7 +17,7 @@ saved in checkpoints; vertex lookup tables are derived from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -258,9 +258,16 @@ class SparseFeatureGrid(nn.Module):
         )
         return features, cell_index_all.gather(0, lod[None]).squeeze(0) >= 0
 
-    def inside(self, unit_positions: Float[Tensor, "n 3"], lod: Int[Tensor, "n"]) -> Bool[Tensor, "n"]:
-        """Occupancy of each point at its own level of detail, as :meth:`forward` reports it (no feature lookups)."""
-        lod = lod.clamp(0, max(self.grown_levels() - 1, 0))
+    def inside(self, unit_positions: Float[Tensor, "n 3"], lod: Union[int, Int[Tensor, "n"]]) -> Bool[Tensor, "n"]:
+        """Occupancy of each point at its own level of detail (or at ``lod`` for all), as :meth:`forward` reports it
+        (no feature lookups)."""
+        finest = max(self.grown_levels() - 1, 0)
+        if isinstance(lod, int):
+            return self.levels[min(max(lod, 0), finest)].cell_index(unit_positions) >= 0
+        lod = lod.clamp(0, finest)
+        if unit_positions.is_cuda:  # every level for every point, then pick: no host synchronisation
+            index = torch.stack([level.cell_index(unit_positions) for level in self.levels[: finest + 1]])
+            return index.gather(0, lod[None]).squeeze(0) >= 0
         inside = torch.zeros(unit_positions.shape[0], dtype=torch.bool, device=unit_positions.device)
         for index in lod.unique().tolist():
             selected = lod == index

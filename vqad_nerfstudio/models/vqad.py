@@ -81,6 +81,9 @@ class VQADModelConfig(ModelConfig):
     fused_kernels: bool = True
     """On CUDA, interpolate the grid with the fused Triton kernel when Triton is installed; False: the PyTorch
     reference path everywhere."""
+    tf32: bool = True
+    """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
+    set_float32_matmul_precision("high"), which applies to the whole process."""
     unbounded: bool = False
     """Contract space (as nerfacto does) for unbounded real captures; off for object scenes inside the scene box."""
     occupancy_resolution: int = 64
@@ -156,6 +159,8 @@ class VQADModel(Model):
             cfg.base_resolution, cfg.num_levels, self._store_factory(), dense_resolution=cfg.dense_resolution
         )
         self.grid.fused = cfg.fused_kernels
+        if cfg.tf32 and torch.cuda.is_available():
+            torch.set_float32_matmul_precision("high")
         self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=cfg.unbounded, hidden_dim=cfg.hidden_dim)
 
         if cfg.unbounded:
@@ -323,7 +328,7 @@ class VQADModel(Model):
         lods = torch.full((num_rays,), finest, dtype=torch.long, device=device)
         if finest > 0 and self.config.coarse_lod_fraction > 0:
             coarse = torch.rand(num_rays, device=device) < self.config.coarse_lod_fraction
-            lods[coarse] = torch.randint(0, finest, (int(coarse.sum()),), device=device)
+            lods = torch.where(coarse, torch.randint(0, finest, (num_rays,), device=device), lods)
         return lods
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
@@ -334,7 +339,8 @@ class VQADModel(Model):
         positions = self.field.to_unit_cube(ray_samples.frustums.get_positions()).reshape(-1, 3)
         lods = self._ray_lods(num_rays, positions.device).repeat_interleave(num_samples)
 
-        candidate = self.grid.inside(positions, lods)  # elsewhere the field has no density at the ray's LOD
+        # elsewhere the field has no density at the ray's LOD (all rays share one LOD outside training)
+        candidate = self.grid.inside(positions, lods if self.training else int(self.lod_slider.value))
         if self.training and not self.grid.pruned:  # warm-up: skip space the estimate marks empty
             candidate &= self.occupancy.occupied_at(positions)
         if self.config.sampling == "dense":
