@@ -321,9 +321,12 @@ def _evaluate(model, dataset, device, max_views: int) -> Tuple[float, float, flo
     return sum(psnrs) / len(psnrs), sum(ssims) / len(ssims), rays / seconds
 
 
-def _stored_bytes(pipeline) -> Dict[str, float]:
+def _stored_bytes(pipeline, method: str) -> Dict[str, float]:
+    from vqad_nerfstudio.export.formats import METHOD_FORMATS
+
     model = pipeline.model
-    if hasattr(model, "grid"):
+    entry = METHOD_FORMATS.get(method.split("@")[0])
+    if entry is not None and entry.levels_of_detail:  # the file, level by level
         from vqad_nerfstudio.models.size_accounting import model_size_report
 
         report = model_size_report(model)
@@ -348,11 +351,12 @@ def _stored_bytes(pipeline) -> Dict[str, float]:
 def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, object]:
     """File sizes (entropy-coded and raw-packed), decode time to the first frame, PSNR per level of detail."""
     from vqad_nerfstudio.codec import write_container
-    from vqad_nerfstudio.export.formats import encode_any, load_any
+    from vqad_nerfstudio.export.formats import encode_any, load_any, method_format
     from vqad_nerfstudio.export.size_report import size_report
 
     base_method = method.split("@")[0]
-    network_bits = bench.network_bits if hasattr(pipeline.model, "grid") else 16
+    entry = method_format(base_method)
+    network_bits = bench.network_bits if entry.quantised_networks else 16
     encoded = encode_any(pipeline.model, base_method, "entropy", network_bits=network_bits)
     data = write_container(encoded.header, encoded.chunks)
     report = size_report(encoded, data)
@@ -372,7 +376,7 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
     decoded_psnr, _, _ = _evaluate(decoded, dataset, device, bench.max_eval_views)
 
     per_lod = []
-    streams = hasattr(pipeline.model, "grid") and bench.lod_eval_views > 0  # levels of detail to evaluate
+    streams = entry.levels_of_detail and bench.lod_eval_views > 0  # levels of detail to evaluate
     for level in report["levels"] if streams else []:
         model, _ = load_any(data, max_lod=level["lod"])
         psnr, _, _ = _evaluate(model.to(device), dataset, device, bench.lod_eval_views)
@@ -392,7 +396,7 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
 
 
 def main(bench: BenchmarkConfig) -> None:
-    import vqad_nerfstudio.models.vqad  # noqa: F401  (checkpoint-loading shim, model registration)
+    from vqad_nerfstudio.export.formats import METHOD_FORMATS  # also the checkpoint-loading shim of the models
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results: List[Dict[str, float]] = []
@@ -425,9 +429,9 @@ def main(bench: BenchmarkConfig) -> None:
             "eval_rays_per_s": rays_per_s,
             "peak_mem_mib": peak,
             "checkpoint_bytes": checkpoint.stat().st_size,
-            **_stored_bytes(pipeline),
+            **_stored_bytes(pipeline, method),
         }
-        if any(hasattr(pipeline.model, name) for name in ("grid", "encoding_bytes", "latent_planes")):
+        if method.split("@")[0] in METHOD_FORMATS:
             row["compressed"] = _compressed(pipeline, method, bench)
         if hasattr(pipeline.model, "latent_planes"):  # stored: the file (coded planes, decoder, fp16 lines and MLP)
             row.update(stored_bytes=row["compressed"]["file_bytes"], feature_grid_bytes=row["compressed"]["grid_bytes"])

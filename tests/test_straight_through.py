@@ -86,13 +86,17 @@ def test_no_grad_lookup_equals_training_lookup():
     assert torch.equal(inference, store(rows).detach())
 
 
-def test_set_hard_indices_roundtrip_and_validation():
+def test_load_codewords_roundtrip_and_validation():
     store = CodebookFeatures(num_rows=10, bits=2, feature_dim=3)
     indices = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0, 1])
-    store.set_hard_indices(indices)
-    assert torch.equal(store.hard_indices(), indices)
+    codebook = torch.randn(4, 3)
+    store.load_codewords(codebook, indices)
+    assert torch.equal(store.hard_indices(), indices) and torch.equal(store.codebook, codebook)
+    assert torch.equal(store.eval()(torch.arange(10)), codebook[indices])
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        store.set_hard_indices(torch.tensor([4]))
+        store.load_codewords(codebook, torch.full((10,), 4))
+    with pytest.raises(ValueError, match="10 indices"):
+        store.load_codewords(codebook, indices[:9])
 
 
 @pytest.mark.parametrize("bits", [0, 17])

@@ -39,6 +39,7 @@ from .errors import (
     CodecError,
     FormatError,
     TruncatedError,
+    UnsupportedMethodError,
     UnsupportedVersionError,
 )
 from .varint import decode_svarint, decode_uvarint, decode_uvarints, encode_svarint, encode_uvarint, encode_uvarints
@@ -57,6 +58,7 @@ __all__ = [
     "MAGIC",
     "NO_LOD",
     "TruncatedError",
+    "UnsupportedMethodError",
     "UnsupportedVersionError",
     "decode_array",
     "decode_categorical",

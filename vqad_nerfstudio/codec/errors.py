@@ -13,6 +13,7 @@ __all__ = [
     "ChecksumError",
     "TruncatedError",
     "FormatError",
+    "UnsupportedMethodError",
 ]
 
 
@@ -38,3 +39,7 @@ class TruncatedError(CodecError):
 
 class FormatError(CodecError):
     """A structure is malformed (impossible field values, inconsistent lengths, ...)."""
+
+
+class UnsupportedMethodError(CodecError):
+    """A file or run names a method whose models this package cannot encode or decode."""

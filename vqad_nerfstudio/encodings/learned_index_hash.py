@@ -165,6 +165,23 @@ class LearnedIndexHashEncoding(Encoding):
         """Each index entry's choice, in ``[0, 2**index_bits)``: what a compressed file stores."""
         return self.index_logits[level].detach().argmax(dim=-1)
 
+    @torch.no_grad()
+    def load_codewords(self, level: int, codebook: Float[Tensor, "c k"], indices: Int[Tensor, "rows"]) -> None:
+        """Make ``codebook`` level ``level``'s codebook and ``indices`` its index entries (what decoding a file
+        does)."""
+        rows, choices = self.layouts[level].rows, 2**self.index_bits
+        if codebook.shape != self.codebooks[level].shape or indices.shape != (rows,):
+            raise ValueError(
+                f"level {level}: expected a codebook {tuple(self.codebooks[level].shape)} and {rows} indices, "
+                f"got {tuple(codebook.shape)} and {tuple(indices.shape)}"
+            )
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= choices):
+            raise ValueError(f"level {level}: indices must lie in [0, {choices})")
+        self.codebooks[level].copy_(codebook)
+        logits = torch.zeros_like(self.index_logits[level])
+        logits[torch.arange(rows, device=logits.device), indices.to(logits.device).long()] = 1.0
+        self.index_logits[level].copy_(logits)
+
     def entries_and_bases(
         self, vertices: Int[Tensor, "*b levels 8 3"]
     ) -> Tuple[Int[Tensor, "*b levels 8"], Int[Tensor, "*b levels 8"]]:

@@ -210,10 +210,6 @@ class FeatureStore(nn.Module):
         """This store's parameters by optimiser group: ``grid_logits``, ``grid_features``, ``codebooks``."""
         raise NotImplementedError
 
-    def stored_bits(self) -> int:
-        """Bits this store needs in a compressed file without entropy coding (fp16 floats)."""
-        raise NotImplementedError
-
 
 ParameterSwap = Tuple[nn.Parameter, nn.Parameter]
 """(old, new) parameter after a row remap."""
@@ -311,14 +307,20 @@ class CodebookFeatures(FeatureStore):
         counts = torch.softmax(self.logits / self.temperature, dim=-1).sum(dim=0)  # soft uses of each codeword
         return -(counts * torch.log2((counts / self.num_rows).clamp_min(1e-12))).sum()
 
-    def set_hard_indices(self, indices: Int[Tensor, "m"]) -> None:
-        """Replace the logits by one-hot logits for ``indices`` (used when decoding a file)."""
+    @torch.no_grad()
+    def load_codewords(self, codebook: Float[Tensor, "c k"], indices: Int[Tensor, "m"]) -> None:
+        """Make ``codebook`` the codebook and ``indices`` every row's index (what decoding a file does)."""
+        if codebook.shape != self.codebook.shape or indices.shape != (self.num_rows,):
+            raise ValueError(
+                f"expected a codebook {tuple(self.codebook.shape)} and {self.num_rows} indices, "
+                f"got {tuple(codebook.shape)} and {tuple(indices.shape)}"
+            )
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 2**self.bits):
             raise ValueError(f"indices must lie in [0, {2**self.bits})")
-        one_hot = torch.zeros(indices.shape[0], 2**self.bits, device=self.logits.device)
-        one_hot[torch.arange(indices.shape[0], device=one_hot.device), indices.to(one_hot.device).long()] = 1.0
-        self.logits.data = one_hot
-        self.logits.grad = None
+        self.codebook.copy_(codebook)
+        one_hot = torch.zeros_like(self.logits)
+        one_hot[torch.arange(self.num_rows, device=one_hot.device), indices.to(one_hot.device).long()] = 1.0
+        self.logits.copy_(one_hot)
 
     @torch.no_grad()
     def quantize_float_warmup(
@@ -381,9 +383,6 @@ class CodebookFeatures(FeatureStore):
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
         return {"grid_logits": [self.logits], "codebooks": [self.codebook], "grid_features": [self.warmup_features]}
 
-    def stored_bits(self) -> int:
-        return self.num_rows * self.bits + self.codebook.numel() * 16
-
 
 class FloatFeatures(FeatureStore):
     """``num_rows`` free float feature vectors: the uncompressed twin of :class:`CodebookFeatures`."""
@@ -411,8 +410,12 @@ class FloatFeatures(FeatureStore):
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
         return {"grid_features": [self.features]}
 
-    def stored_bits(self) -> int:
-        return self.features.numel() * 16
+    @torch.no_grad()
+    def load_features(self, features: Float[Tensor, "m k"]) -> None:
+        """Make ``features`` every row's feature vector (what decoding a file does)."""
+        if features.shape != self.features.shape:
+            raise ValueError(f"expected features {tuple(self.features.shape)}, got {tuple(features.shape)}")
+        self.features.copy_(features)
 
 
 __all__ = [

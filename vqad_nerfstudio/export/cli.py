@@ -76,7 +76,7 @@ class ExportVQADCompressed:
             _fail(command, f"{self.load_config} is a {method} run; vqad-compressed writes runs of {names}")
         config, pipeline, checkpoint, _ = eval_setup(self.load_config, test_mode="inference")
         try:
-            encoded = encode_any(pipeline.model, config.method_name, self.index_coding, True, self.network_bits)
+            encoded = encode_any(pipeline.model, config.method_name, self.index_coding, self.network_bits)
         except (UnsupportedMethodError, ValueError) as error:
             _fail(command, str(error))
         try:
@@ -140,7 +140,7 @@ class DecodeVQADCompressed:
         seconds = time.perf_counter() - start
         name = self.experiment_name or self.file.stem.lstrip(".") or "decoded"
         try:
-            config = decoded_run_config(model, info.method, self.output_dir, name, self.data, self.load_config)
+            config = decoded_run_config(model, info, self.output_dir, name, self.data, self.load_config)
             config_path = write_run_dir(config, model, overwrite=self.overwrite)
         except (FileExistsError, ValueError) as error:
             _fail(command, str(error))

@@ -1,64 +1,127 @@
-"""One entry point per direction for every method a compressed file holds: the model's type (writing)
-or the header's method (reading) picks the method payload."""
+"""The registry of this package's methods and their compressed files: per method, how its models are encoded and
+decoded, whether its files stream levels of detail, and what the float reference of its size reports stores.
+
+Everything that depends on a model's method (``ns-export``, ``decode``, size reports, decoded runs, the benchmark)
+asks this registry; :func:`encode_any` and :func:`load_any` are its two entry points.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
-from vqad_nerfstudio.codec import read_header
+from nerfstudio.models.base_model import Model, ModelConfig
+
+from vqad_nerfstudio.codec import UnsupportedMethodError, read_header
 from vqad_nerfstudio.codec.container import Source, load_source
-from vqad_nerfstudio.export.hash_codec import HASH_METHODS, encode_hash_model, load_hash_compressed
-from vqad_nerfstudio.export.methods import UnsupportedMethodError, vqad_method_names
-from vqad_nerfstudio.export.planes_codec import PLANE_METHODS, encode_planes_model, load_planes_compressed
-from vqad_nerfstudio.export.vqad_codec import (
-    DecodeInfo,
-    EncodedModel,
-    IndexCoding,
-    encode_model,
-    load_compressed,
+from vqad_nerfstudio.export.hash_codec import encode_hash_model, load_hash_compressed
+from vqad_nerfstudio.export.planes_codec import encode_planes_model, load_planes_compressed
+from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, IndexCoding, encode_model, load_compressed
+from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel
+from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
+from vqad_nerfstudio.models.vqad import VQADModel
+
+__all__ = ["MethodFormat", "METHOD_FORMATS", "method_format", "model_method", "encode_any", "load_any"]
+
+Encoder = Callable[[Any, str, IndexCoding, int], EncodedModel]
+"""(model, method, index coding, network bits) -> the file's header, chunks and level statistics."""
+Decoder = Callable[[Source, Optional[int]], Tuple[Any, DecodeInfo]]
+"""(file, finest level of detail to keep or None) -> the model (CPU, eval mode) and what the file held."""
+
+
+@dataclass(frozen=True)
+class MethodFormat:
+    """How the models of one method become a compressed file, and back."""
+
+    model_type: Type[Model]
+    """The model class the method trains."""
+    default_for: Callable[[ModelConfig], bool]
+    """Whether a model of this config is written as this method when no method is named."""
+    encode: Encoder
+    decode: Decoder
+    levels_of_detail: bool
+    """Whether a prefix of a file decodes to a coarser model (``max_lod`` and per-level reports)."""
+    quantised_networks: bool
+    """Whether files can store the decoder networks quantised (``network_bits`` other than 16)."""
+    float_reference: str
+    """What the float reference of a size report stores in place of the coded part (per-level
+    ``float_grid_bytes``)."""
+
+
+_VQAD = dict(
+    model_type=VQADModel,
+    encode=encode_model,
+    decode=lambda source, max_lod: load_compressed(source, max_lod=max_lod),
+    levels_of_detail=True,
+    quantised_networks=True,
+    float_reference="an fp16 feature vector per vertex, same topology",
+)
+_HASH = dict(
+    model_type=LearnedIndexNerfactoModel,
+    encode=lambda model, method, index_coding, _network_bits: encode_hash_model(model, method, index_coding),
+    decode=lambda source, _max_lod: load_hash_compressed(source),
+    levels_of_detail=False,
+    quantised_networks=False,
+    float_reference="an fp16 feature vector per index entry",
+)
+_PLANES = dict(
+    model_type=CompressedTensoRFModel,
+    encode=lambda model, method, _index_coding, _network_bits: encode_planes_model(model, method),
+    decode=lambda source, _max_lod: load_planes_compressed(source),
+    levels_of_detail=False,
+    quantised_networks=False,
+    float_reference="the uncompressed planes, fp32 as tensorf stores them",
 )
 
-__all__ = ["encode_any", "load_any"]
+METHOD_FORMATS: Dict[str, MethodFormat] = {
+    "vqad": MethodFormat(default_for=lambda config: config.feature_store == "codebook", **_VQAD),
+    "vqad-float": MethodFormat(default_for=lambda config: config.feature_store == "float", **_VQAD),
+    "vqad-hash": MethodFormat(default_for=lambda config: config.index_mode == "learned", **_HASH),
+    "vqad-hash-random": MethodFormat(default_for=lambda config: config.index_mode == "random", **_HASH),
+    "tensorf-compressed": MethodFormat(default_for=lambda config: True, **_PLANES),
+    "tensorf-compressed-l": MethodFormat(default_for=lambda config: False, **_PLANES),
+}
+"""Every method whose models compressed files hold, by nerfstudio method name."""
+
+
+def method_format(method: str) -> MethodFormat:
+    """The format of ``method``; :class:`UnsupportedMethodError` (naming the methods there are) if it has none."""
+    if method not in METHOD_FORMATS:
+        names = ", ".join(sorted(METHOD_FORMATS))
+        raise UnsupportedMethodError(f"unknown method {method!r}; compressed files hold the methods: {names}")
+    return METHOD_FORMATS[method]
+
+
+def model_method(model: Any) -> str:
+    """The method a model is written as when none is named; :class:`UnsupportedMethodError` for foreign models."""
+    for method, entry in METHOD_FORMATS.items():
+        if isinstance(model, entry.model_type) and entry.default_for(model.config):
+            return method
+    names = ", ".join(sorted(METHOD_FORMATS))
+    raise UnsupportedMethodError(f"{type(model).__name__} cannot be written as a compressed file; runs of {names} can")
 
 
 def encode_any(
-    model: Any,
-    method: Optional[str] = None,
-    index_coding: IndexCoding = "entropy",
-    progress: bool = False,
-    network_bits: int = 16,
+    model: Any, method: Optional[str] = None, index_coding: IndexCoding = "entropy", network_bits: int = 16
 ) -> EncodedModel:
-    """Header, chunks and level statistics of a trained model of any method of this package.
-
-    Quantised decoder MLPs (``network_bits`` in 2..8) are available for VQAD models only; the other methods'
-    files keep their networks in fp16.
-    """
-    from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel
-    from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
-    from vqad_nerfstudio.models.vqad import VQADModel
-
-    if isinstance(model, VQADModel):
-        return encode_model(model, method, index_coding, progress, network_bits)
-    if network_bits != 16:
-        raise UnsupportedMethodError(
-            f"quantised networks are written for vqad and vqad-float models only, not {type(model).__name__}"
-        )
-
-    if isinstance(model, LearnedIndexNerfactoModel):
-        default = "vqad-hash" if model.config.index_mode == "learned" else "vqad-hash-random"
-        return encode_hash_model(model, method or default, index_coding)
-    if isinstance(model, CompressedTensoRFModel):
-        return encode_planes_model(model, method or "tensorf-compressed")
-    names = ", ".join(vqad_method_names())
-    raise UnsupportedMethodError(f"{type(model).__name__} cannot be written as a compressed file; runs of {names} can")
+    """Header, chunks and level statistics of a trained model of any method of this package, written as ``method``
+    (default: :func:`model_method`). Quantised decoder networks (``network_bits`` in 2..8) only where the method's
+    format has them."""
+    method = method or model_method(model)
+    entry = method_format(method)
+    if not isinstance(model, entry.model_type):
+        raise UnsupportedMethodError(f"{type(model).__name__} is not a {method} model")
+    if network_bits != 16 and not entry.quantised_networks:
+        names = ", ".join(name for name, other in METHOD_FORMATS.items() if other.quantised_networks)
+        raise UnsupportedMethodError(f"quantised networks are written for {names} models only, not {method}")
+    return entry.encode(model, method, index_coding, network_bits)
 
 
 def load_any(source: Source, max_lod: Optional[int] = None) -> Tuple[Any, DecodeInfo]:
     """Rebuild the model a VQNF file holds (``max_lod`` only for methods with levels of detail)."""
-    source = load_source(source)  # read the file once; the header picks the method payload
+    source = load_source(source)  # read the file once; the header picks the method
     method = read_header(source).get("method")
-    if method in HASH_METHODS or method in PLANE_METHODS:
-        if max_lod is not None:
-            raise ValueError(f"{method} files have no levels of detail; decode them without max_lod")
-        return load_hash_compressed(source) if method in HASH_METHODS else load_planes_compressed(source)
-    return load_compressed(source, max_lod=max_lod)
+    entry = method_format(method if isinstance(method, str) else repr(method))
+    if max_lod is not None and not entry.levels_of_detail:
+        raise ValueError(f"{method} files have no levels of detail; decode them without max_lod")
+    return entry.decode(source, max_lod)

@@ -135,16 +135,14 @@ def load_hash_compressed(source: Source) -> Tuple["LearnedIndexNerfactoModel", D
     load_parameters(_net_parameters(model), nets, TAG_NETS)
     encoding = model.encoding
     for level, level_parts in enumerate(parts):
-        codebook = encoding.codebooks[level]
-        codebook.data = load_fp16_array(level_parts[TAG_CBOK], tuple(codebook.shape), f"level {level} {TAG_CBOK}")
+        shape = tuple(encoding.codebooks[level].shape)
+        codebook = load_fp16_array(level_parts[TAG_CBOK], shape, f"level {level} {TAG_CBOK}")
         rows, bits = encoding.layouts[level].rows, encoding.index_bits
         if TAG_IDXE in level_parts:
             indices = decode_symbols(level_parts[TAG_IDXE], rows, 2**bits, f"level {level} {TAG_IDXE}")
         else:
             indices = unpack_bits(level_parts[TAG_IDXR], bits, rows)
-        logits = torch.zeros(rows, 2**bits)
-        logits[torch.arange(rows), torch.from_numpy(indices.astype(np.int64))] = 1.0
-        encoding.index_logits[level].data = logits
+        encoding.load_codewords(level, codebook, torch.from_numpy(indices.astype(np.int64)))
     model.eval()
     return model, DecodeInfo(method, levels, levels, True, container.bytes_read)
 

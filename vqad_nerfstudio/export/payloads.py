@@ -56,7 +56,7 @@ def encode_parameters(parameters: Dict[str, Tensor]) -> bytes:
 
 
 def load_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> None:
-    """Fill ``parameters`` (in place, any shape they had is replaced) from a payload of :func:`encode_parameters`.
+    """Fill ``parameters`` (in place) from a payload of :func:`encode_parameters`.
 
     The payload must name exactly these parameters, each as float16 of its shape.
     """
@@ -65,7 +65,7 @@ def load_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> 
     for name, array in arrays.items():
         parameter = parameters[name]
         array = _checked(array, np.float16, tuple(parameter.shape), f"{tag}: {name}")
-        parameter.data = torch.from_numpy(array.astype(np.float32)).to(parameter.device)
+        _fill(parameter, array.astype(np.float32))
 
 
 QUANTIZED_BITS = range(2, 9)
@@ -125,15 +125,19 @@ def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag
     symbols = decode_symbols(payload[5 + length :], sum(counts), 2 * top + 1, f"{tag}: {bits}-bit weights")
     for name in vectors:
         parameter = parameters[name]
-        values = _checked(record[name], np.float16, tuple(parameter.shape), f"{tag}: {name}").astype(np.float32)
-        parameter.data = torch.from_numpy(values).to(parameter.device)
+        _fill(parameter, _checked(record[name], np.float16, tuple(parameter.shape), f"{tag}: {name}").astype(np.float32))
     starts = np.cumsum([0] + counts)
     for name, start, count in zip(matrices, starts, counts):
         parameter = parameters[name]
         scale = _checked(record[f"{name}@scale"], np.float16, (parameter.shape[0],), f"{tag}: {name}@scale")
         levels = symbols[start : start + count].astype(np.int64).reshape(parameter.shape[0], -1) - top
-        values = (levels * scale.astype(np.float32)[:, None]).reshape(parameter.shape).astype(np.float32)
-        parameter.data = torch.from_numpy(values).to(parameter.device)
+        _fill(parameter, (levels * scale.astype(np.float32)[:, None]).reshape(parameter.shape).astype(np.float32))
+
+
+@torch.no_grad()
+def _fill(parameter: Tensor, values: np.ndarray) -> None:
+    """Copy ``values`` (of the parameter's shape) into ``parameter``."""
+    parameter.copy_(torch.from_numpy(values))
 
 
 def _check_names(parameters: Dict[str, Tensor], names: list, tag: str) -> None:

@@ -140,8 +140,7 @@ def load_planes_compressed(source: Source) -> Tuple["CompressedTensoRFModel", De
     coded = decode_with_tables(parts[TAG_LATS], table_ids, tables)
     latents = np.zeros((channels, *shape), dtype=np.int64)
     latents[:, masks] = coded
-    model.latent_planes.load_hard(torch.from_numpy(latents.transpose(1, 0, 2, 3).copy()), torch.from_numpy(masks))
-    model.compressing.fill_(True)
+    model.load_coded_planes(torch.from_numpy(latents.transpose(1, 0, 2, 3).copy()), torch.from_numpy(masks))
     model.eval()
     return model, DecodeInfo(method, 1, 1, True, container.bytes_read)
 

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import yaml
 
+from vqad_nerfstudio.export.formats import method_format
 from vqad_nerfstudio.export.methods import trainer_config
+from vqad_nerfstudio.export.vqad_codec import DecodeInfo
 
 if TYPE_CHECKING:
     from nerfstudio.engine.trainer import TrainerConfig
-
-    from vqad_nerfstudio.models.vqad import VQADModel
+    from nerfstudio.models.base_model import Model
 
 __all__ = ["check_experiment_name", "load_run_config", "decoded_run_config", "write_run_dir"]
 
@@ -49,14 +50,15 @@ def load_run_config(path: Path) -> "TrainerConfig":
 
 
 def decoded_run_config(
-    model: "VQADModel",
-    method: str,
+    model: "Model",
+    info: DecodeInfo,
     output_dir: Path,
     experiment_name: str,
     data: Optional[Path] = None,
     load_config: Optional[Path] = None,
 ) -> "TrainerConfig":
-    """The trainer config of a decoded run: its model's config, and the data of ``data`` or of ``load_config``.
+    """The trainer config of a decoded run (``model``, and ``info`` of its file): the model's config, and the data of
+    ``data`` or of ``load_config``.
 
     ``data`` is a scene in nerfstudio's data format; ``load_config`` (the original run's
     config.yml) keeps that run's data and dataparser settings instead. Paths are made absolute,
@@ -67,23 +69,23 @@ def decoded_run_config(
     if load_config is not None:
         config = load_run_config(load_config)
     else:
-        config = trainer_config(method)
+        config = trainer_config(info.method)
         config.pipeline.datamanager.data = data
     if config.pipeline.datamanager.data is not None:
         config.pipeline.datamanager.data = Path(config.pipeline.datamanager.data).absolute()
-    config.method_name = method
+    config.method_name = info.method
     # The run's (or method's) render chunk size: a speed setting that files do not store.
     config.pipeline.model = dataclasses.replace(
         model.config, eval_num_rays_per_chunk=config.pipeline.model.eval_num_rays_per_chunk
     )
     config.output_dir = Path(output_dir).absolute()
     config.experiment_name = check_experiment_name(experiment_name)
-    config.timestamp = f"lod{model.grid.grown_levels() - 1}" if hasattr(model, "grid") else "decoded"
+    config.timestamp = f"lod{info.levels_decoded - 1}" if method_format(info.method).levels_of_detail else "decoded"
     config.load_dir = config.load_checkpoint = config.load_step = None
     return config
 
 
-def write_run_dir(config: "TrainerConfig", model: "VQADModel", overwrite: bool = False) -> Path:
+def write_run_dir(config: "TrainerConfig", model: "Model", overwrite: bool = False) -> Path:
     """Write ``config.yml`` and the model's checkpoint into ``config``'s run directory; return the config path.
 
     Raises ``FileExistsError`` if the run directory exists (unless ``overwrite``), or if it holds

@@ -14,8 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vqad_nerfstudio.codec import describe, read_container
-from vqad_nerfstudio.export.hash_codec import HASH_METHODS
-from vqad_nerfstudio.export.planes_codec import PLANE_METHODS
+from vqad_nerfstudio.export.formats import method_format
 from vqad_nerfstudio.export.vqad_codec import DECODER_TAGS, TAG_TOPO, EncodedModel
 
 __all__ = ["size_report", "print_size_report"]
@@ -51,7 +50,7 @@ def size_report(encoded: EncodedModel, data: bytes) -> Dict[str, Any]:
     float_reference_bytes = file_bytes - grid_bytes + float_grid_bytes
     return {
         "method": encoded.header["method"],
-        "reference": _reference(encoded.header["method"]),
+        "reference": method_format(encoded.header["method"]).float_reference,
         "file_bytes": file_bytes,
         "header_bytes": header_bytes,
         "decoder_bytes": decoder_bytes,
@@ -65,15 +64,6 @@ def size_report(encoded: EncodedModel, data: bytes) -> Dict[str, Any]:
         "float_reference_bytes": float_reference_bytes,
         "file_ratio": float_reference_bytes / file_bytes if grid_bytes else None,
     }
-
-
-def _reference(method: str) -> str:
-    """What the float reference stores in place of the coded part."""
-    if method in PLANE_METHODS:
-        return "the uncompressed planes, fp32 as tensorf stores them"
-    if method in HASH_METHODS:
-        return "an fp16 feature vector per index entry"
-    return "an fp16 feature vector per vertex, same topology"
 
 
 def _total(levels: List[Dict[str, Any]], key: str) -> Optional[int]:

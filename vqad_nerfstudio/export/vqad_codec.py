@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple, get
 
 import numpy as np
 import torch
-from rich.progress import track
 from torch import Tensor, nn
 
 from vqad_nerfstudio.codec import (
@@ -31,6 +30,7 @@ from vqad_nerfstudio.codec import (
     Container,
     FormatError,
     TruncatedError,
+    UnsupportedMethodError,
     encode_array,
     encode_categorical,
     pack_bits,
@@ -40,7 +40,6 @@ from vqad_nerfstudio.codec import (
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.encodings.sparse_grid import GridLevel
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
-from vqad_nerfstudio.export.methods import UnsupportedMethodError, check_method
 from vqad_nerfstudio.export.payloads import (
     QUANTIZED_BITS,
     encode_parameters,
@@ -58,12 +57,14 @@ from vqad_nerfstudio.export.topology import (
     encode_base_cells,
     encode_child_masks,
 )
+from vqad_nerfstudio.progress import track
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.models.vqad import VQADModel, VQADModelConfig
 
 __all__ = [
     "IndexCoding",
+    "VQAD_METHODS",
     "LevelStats",
     "EncodedModel",
     "DecodeInfo",
@@ -74,6 +75,8 @@ __all__ = [
 ]
 
 IndexCoding = Literal["entropy", "raw"]
+
+VQAD_METHODS = ("vqad", "vqad-float")
 
 TAG_MLPS = "MLPS"
 TAG_MLPQ = "MLPQ"
@@ -151,12 +154,17 @@ def _decoder_parameters(model: "VQADModel") -> Dict[str, Tensor]:
     return dict(decoders.named_parameters())
 
 
+def _check_method(method: str) -> None:
+    if method not in VQAD_METHODS:
+        names = ", ".join(VQAD_METHODS)
+        raise UnsupportedMethodError(f"unknown method {method!r}; VQAD files hold the methods {names}")
+
+
 # ----------------------------------------------------------------------------------------- encoding
 def encode_model(
     model: "VQADModel",
     method: Optional[str] = None,
     index_coding: IndexCoding = "entropy",
-    progress: bool = False,
     network_bits: int = 16,
 ) -> EncodedModel:
     """Header, chunks and per-level statistics of a trained model.
@@ -177,7 +185,7 @@ def encode_model(
         raise UnsupportedMethodError(f"{type(model).__name__} is not a VQAD model (vqad, vqad-float)")
     config = model.config
     method = method or ("vqad" if config.feature_store == "codebook" else "vqad-float")
-    check_method(method)
+    _check_method(method)
     grid = model.grid
     levels = grid.grown_levels()
     if levels == 0:
@@ -195,7 +203,7 @@ def encode_model(
     else:
         chunks = [Chunk(TAG_MLPS, None, encode_parameters(decoders))]
     stats = []
-    for lod in track(range(levels), description="Encoding levels of detail", disable=not progress):
+    for lod in track(range(levels), "Encoding levels of detail"):
         level_chunks, level_stats = _encode_level(grid.levels, lod, index_coding)
         chunks += level_chunks
         stats.append(level_stats)
@@ -296,7 +304,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
     method = header["method"]
     if not isinstance(method, str):
         raise FormatError(f"header: method must be a string, got {method!r}")
-    check_method(method)
+    _check_method(method)
     stored = header["model"]
     if not isinstance(stored, dict):
         raise FormatError(f"header: model must be an object, got {stored!r}")
@@ -377,12 +385,12 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes]) -> None
     level.set_cells(cells, in_place=True)
     store = level.features
     if isinstance(store, CodebookFeatures):
-        store.codebook.data = load_fp16_array(parts[TAG_CBOK], tuple(store.codebook.shape), f"lod {lod} {TAG_CBOK}")
+        codebook = load_fp16_array(parts[TAG_CBOK], tuple(store.codebook.shape), f"lod {lod} {TAG_CBOK}")
         if TAG_IDXE in parts:
             coded = decode_symbols(parts[TAG_IDXE], level.num_vertices, 2**store.bits, f"lod {lod} {TAG_IDXE}")
         else:
             coded = unpack_bits(parts[TAG_IDXR], store.bits, level.num_vertices)
-        store.set_hard_indices(torch.from_numpy(coded.astype(np.int64)))
+        store.load_codewords(codebook, torch.from_numpy(coded.astype(np.int64)))
     else:
         shape = (level.num_vertices, store.feature_dim)
-        store.features.data = load_fp16_array(parts[TAG_FEAT], shape, f"lod {lod} {TAG_FEAT}")
+        store.load_features(load_fp16_array(parts[TAG_FEAT], shape, f"lod {lod} {TAG_FEAT}"))

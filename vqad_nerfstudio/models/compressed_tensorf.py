@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Type
 
 import torch
+from jaxtyping import Bool, Int
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
@@ -165,6 +166,14 @@ class CompressedTensoRFModel(TensoRFModel):
             encoding.resize(resolution)
         self.latent_planes.reset(resolution)
         self.plane_weights = self.plane_weights.new_zeros(3, resolution, resolution)
+
+    def load_coded_planes(
+        self, latents: Int[Tensor, "planes channels side side"], masks: Bool[Tensor, "planes side side"]
+    ) -> None:
+        """Set the latents and masks to a file's integer values; the model then renders its decoded planes."""
+        self.latent_planes.load_hard(latents, masks)
+        self.compressing.fill_(True)
+        self._decoded_cache = None
 
     def _resize_to_state(self, state_dict: Dict[str, Tensor], prefix: str, *args) -> None:
         """Before loading: give planes, latents and masks the shapes the state holds."""
