@@ -46,6 +46,13 @@ def test_round_trip_is_exact(mode):
     if mode == "learned":
         for level in range(len(model.encoding.layouts)):
             assert torch.equal(decoded.encoding.hard_indices(level), model.encoding.hard_indices(level))
+        # one int32 per index entry, no logits; the checkpoint loads into a model built from the config, bit-exactly
+        assert len(decoded.encoding.index_logits) == 0 and decoded.encoding.indices.dtype == torch.int32
+        assert decoded.encoding.indices.numel() == sum(layout.rows for layout in model.encoding.layouts)
+        fresh = decoded.config.setup(scene_box=decoded.scene_box, num_train_data=1)
+        fresh.load_state_dict(decoded.state_dict())
+        again = encode_any(fresh.eval())
+        assert write_container(again.header, again.chunks) == write_container(encoded.header, encoded.chunks)
 
 
 @pytest.mark.parametrize("index_coding", ["raw", "entropy"])

@@ -73,6 +73,28 @@ def test_decoded_topology_and_indices_are_exact(trained, encoded):
         assert torch.equal(level.features.codebook, original.features.codebook.detach().half().float())
 
 
+def test_decoded_models_hold_an_integer_index_per_vertex(encoded):
+    decoded, _ = load_compressed(encoded)
+    for level in decoded.grid.levels:
+        store = level.features
+        assert store.logits is None and store.indices.dtype == torch.int32
+        assert store.indices.shape == (level.num_vertices,) and store.warmup_features.numel() == 0
+    vertices = sum(decoded.grid.occupied_vertices())
+    floats = sum(t.numel() for t in decoded.state_dict().values() if t.is_floating_point())
+    assert floats < 2**decoded.config.bits * vertices / 4  # networks and codebooks only, no logits per vertex
+
+
+def test_a_decoded_checkpoint_loads_renders_and_exports_as_the_file(trained, encoded):
+    decoded, _ = load_compressed(encoded)
+    fresh = decoded.config.setup(scene_box=decoded.scene_box, num_train_data=1)  # as nerfstudio's tools build it
+    fresh.load_state_dict(decoded.state_dict())
+    fresh.eval()
+    camera, _ = trained.views()[0]
+    assert torch.equal(trained.render(fresh, camera), trained.render(decoded, camera))
+    again = encode_model(fresh)
+    assert write_container(again.header, again.chunks) == encoded
+
+
 def test_loading_a_prefix_checkpoint_caps_the_lod_slider(encoded):
     with pytest.warns(IncompleteFileWarning):
         prefix, _ = load_compressed(encoded[: _level_ends(encoded)[1]])

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Literal, Tuple, Union
+from typing import List, Literal, Optional, Tuple, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -34,7 +34,7 @@ from nerfstudio.field_components.encodings import Encoding, HashEncoding
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, trilinear_weights
-from vqad_nerfstudio.encodings.vertex_features import interpolated_codewords
+from vqad_nerfstudio.encodings.vertex_features import candidate_rows, interpolated_codewords
 
 IndexMode = Literal["learned", "random"]
 
@@ -97,6 +97,8 @@ class LearnedIndexHashEncoding(Encoding):
         mode: ``learned`` indices or ``random`` (hashed) ones.
         init_scale: Feature vectors start uniform in ``[-init_scale, init_scale]``.
         implementation: ``tcnn`` uses tinycudann for ``random`` mode when it is installed.
+        frozen_indices: Hold each index entry as an integer (the ``indices`` buffer, all levels concatenated)
+            instead of ``2**index_bits`` trainable logits (``learned`` mode): what a decoded file holds.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class LearnedIndexHashEncoding(Encoding):
         mode: IndexMode = "learned",
         init_scale: float = 0.001,
         implementation: Literal["tcnn", "torch"] = "tcnn",
+        frozen_indices: bool = False,
     ) -> None:
         super().__init__(in_dim=3)
         if mode not in ("learned", "random"):
@@ -145,9 +148,16 @@ class LearnedIndexHashEncoding(Encoding):
         self.codebooks = nn.ParameterList(
             [nn.Parameter((torch.rand(codebook_size, features_per_level) * 2 - 1) * init_scale) for _ in self.layouts]
         )
-        self.index_logits = nn.ParameterList(
-            [nn.Parameter(torch.randn(layout.rows, 2**index_bits) * 0.01) for layout in self.layouts]
-        )
+        self.frozen_indices = frozen_indices
+        self.indices: Optional[Tensor]
+        if frozen_indices:
+            self.index_logits = nn.ParameterList()
+            self.register_buffer("indices", torch.zeros(sum(layout.rows for layout in self.layouts), dtype=torch.int32))
+        else:
+            self.index_logits = nn.ParameterList(
+                [nn.Parameter(torch.randn(layout.rows, 2**index_bits) * 0.01) for layout in self.layouts]
+            )
+            self.register_buffer("indices", None)
         first_entry = 0
         geometry = []
         for layout in self.layouts:
@@ -163,7 +173,12 @@ class LearnedIndexHashEncoding(Encoding):
     # ------------------------------------------------------------------------------------ lookup
     def hard_indices(self, level: int) -> Int[Tensor, "rows"]:
         """Each index entry's choice, in ``[0, 2**index_bits)``: what a compressed file stores."""
+        if self.frozen_indices:
+            return self.indices.narrow(0, self._first_entry(level), self.layouts[level].rows).long()
         return self.index_logits[level].detach().argmax(dim=-1)
+
+    def _first_entry(self, level: int) -> int:
+        return sum(layout.rows for layout in self.layouts[:level])
 
     @torch.no_grad()
     def load_codewords(self, level: int, codebook: Float[Tensor, "c k"], indices: Int[Tensor, "rows"]) -> None:
@@ -178,6 +193,9 @@ class LearnedIndexHashEncoding(Encoding):
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= choices):
             raise ValueError(f"level {level}: indices must lie in [0, {choices})")
         self.codebooks[level].copy_(codebook)
+        if self.frozen_indices:
+            self.indices.narrow(0, self._first_entry(level), rows).copy_(indices)
+            return
         logits = torch.zeros_like(self.index_logits[level])
         logits[torch.arange(rows, device=logits.device), indices.to(logits.device).long()] = 1.0
         self.index_logits[level].copy_(logits)
@@ -208,13 +226,19 @@ class LearnedIndexHashEncoding(Encoding):
         corner = torch.minimum(torch.floor(scaled).clamp(min=0), resolution[:, None] - 1)
         vertices = corner.long()[:, :, None, :] + CORNER_OFFSETS.to(points.device)  # [n, levels, 8, 3]
         entries, bases = self.entries_and_bases(vertices)
+        weights = trilinear_weights(scaled - corner)
+        codebook_size = 2**self.log2_codebook_size
+        if self.frozen_indices:
+            rows = candidate_rows(bases, self.indices[entries].long(), codebook_size)
+            features = (torch.cat(list(self.codebooks))[rows] * weights[..., None]).sum(dim=-2)
+            return features.reshape(*batch_shape, -1)
         features = interpolated_codewords(
             torch.cat(list(self.index_logits)),
             torch.cat(list(self.codebooks)),
             entries,
             bases,
-            trilinear_weights(scaled - corner),
-            2**self.log2_codebook_size,
+            weights,
+            codebook_size,
             self.temperature,
         )  # [n, levels, features]
         return features.reshape(*batch_shape, -1)

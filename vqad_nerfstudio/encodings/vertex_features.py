@@ -7,7 +7,8 @@ either, and a grid can prune rows (``remap``) without knowing which store it hol
 - :class:`CodebookFeatures` (VQAD): each row holds logits over ``2**bits`` codewords. The forward
   pass uses the hard codeword (argmax), the backward pass the softmax relaxation
   (straight-through estimator), so the loss sees exactly what will be stored. It can start from a
-  float warm-up: free float rows that k-means then turns into the codebook and the indices.
+  float warm-up: free float rows that k-means then turns into the codebook and the indices. A frozen
+  store (a decoded file) holds each row's index as an integer instead of its logits.
 - :class:`FloatFeatures`: each row holds a float vector; the uncompressed reference.
 """
 
@@ -241,6 +242,10 @@ class CodebookFeatures(FeatureStore):
     ``float_warmup=True`` adds a float row table (the float twin's features) that lookups read instead,
     until :meth:`quantize_float_warmup` turns it into the codebook (k-means) and the indices (nearest
     codeword) and empties it.
+
+    ``frozen=True`` holds every row's index as an int32 (the ``indices`` buffer) instead of ``2**bits`` float logits
+    (``logits`` is None): what a decoded file holds, in memory in proportion to the file. The codebook can still
+    train; the indices cannot, and there is no warm-up.
     """
 
     temperature: float = 1.0
@@ -254,6 +259,7 @@ class CodebookFeatures(FeatureStore):
         logit_init_std: float = 0.01,
         codebook_init_std: float = 0.01,
         float_warmup: bool = False,
+        frozen: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= bits <= 16:
@@ -262,14 +268,22 @@ class CodebookFeatures(FeatureStore):
         self.feature_dim = feature_dim
         self.logit_init_std = logit_init_std
         self.codebook_init_std = codebook_init_std
-        self.logits = nn.Parameter(torch.randn(num_rows, 2**bits) * logit_init_std)
+        self.frozen = frozen
+        self.logits: Optional[nn.Parameter]
+        self.indices: Optional[Tensor]
+        if frozen:
+            self.register_parameter("logits", None)
+            self.register_buffer("indices", torch.zeros(num_rows, dtype=torch.int32))
+        else:
+            self.logits = nn.Parameter(torch.randn(num_rows, 2**bits) * logit_init_std)
+            self.register_buffer("indices", None)
         self.codebook = nn.Parameter(torch.randn(2**bits, feature_dim) * codebook_init_std)
-        warmup_rows = num_rows if float_warmup else 0
+        warmup_rows = num_rows if float_warmup and not frozen else 0
         self.warmup_features = nn.Parameter(torch.randn(warmup_rows, feature_dim) * codebook_init_std)
 
     @property
     def num_rows(self) -> int:
-        return self.logits.shape[0]
+        return self.indices.shape[0] if self.frozen else self.logits.shape[0]
 
     @property
     def in_float_warmup(self) -> bool:
@@ -279,6 +293,8 @@ class CodebookFeatures(FeatureStore):
     def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
         if self.in_float_warmup:
             return self.warmup_features.index_select(0, rows)
+        if self.frozen:
+            return self.codebook.index_select(0, self.indices.index_select(0, rows))
         relaxed = self.relaxed and self.training
         if not torch.is_grad_enabled() and not relaxed:
             return self.codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
@@ -287,6 +303,8 @@ class CodebookFeatures(FeatureStore):
     def table(self) -> Float[Tensor, "m k"]:
         if self.in_float_warmup:
             return self.warmup_features
+        if self.frozen:
+            return self.codebook.index_select(0, self.indices)
         if self.relaxed and self.training:
             return soft_codewords(self.logits, self.codebook, self.temperature)
         if not torch.is_grad_enabled():
@@ -295,7 +313,7 @@ class CodebookFeatures(FeatureStore):
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores."""
-        return self.logits.detach().argmax(dim=-1)
+        return self.indices.long() if self.frozen else self.logits.detach().argmax(dim=-1)
 
     def index_rate_bits(self) -> Float[Tensor, ""]:
         """Differentiable estimate of the bits an order-0 entropy coder spends on this store's indices.
@@ -303,7 +321,10 @@ class CodebookFeatures(FeatureStore):
         Each row's soft index ``softmax(C / temperature)`` coded with the level's marginal (the mean soft
         index): ``sum_rows sum_c soft[r, c] * -log2(mean_soft[c])``. For one-hot rows this is the coded size
         of the hard indices under their own histogram; lowering it concentrates the indices on fewer codewords.
+        Frozen indices have no such estimate (``RuntimeError``).
         """
+        if self.frozen:
+            raise RuntimeError("frozen indices cannot be trained, so they have no rate estimate")
         counts = torch.softmax(self.logits / self.temperature, dim=-1).sum(dim=0)  # soft uses of each codeword
         return -(counts * torch.log2((counts / self.num_rows).clamp_min(1e-12))).sum()
 
@@ -318,6 +339,9 @@ class CodebookFeatures(FeatureStore):
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 2**self.bits):
             raise ValueError(f"indices must lie in [0, {2**self.bits})")
         self.codebook.copy_(codebook)
+        if self.frozen:
+            self.indices.copy_(indices)
+            return
         one_hot = torch.zeros_like(self.logits)
         one_hot[torch.arange(self.num_rows, device=one_hot.device), indices.to(one_hot.device).long()] = 1.0
         self.logits.copy_(one_hot)
@@ -344,7 +368,13 @@ class CodebookFeatures(FeatureStore):
         return [(old, self.warmup_features)]
 
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
-        device, rows = self.logits.device, source_rows.shape[0]
+        device, rows = self.codebook.device, source_rows.shape[0]
+        if self.frozen:
+            keep = source_rows >= 0
+            indices = torch.zeros(rows, dtype=self.indices.dtype, device=device)
+            indices[keep] = self.indices[source_rows[keep]]
+            self.indices = indices
+            return []
         swaps = []
         if self.in_float_warmup:
             fresh = torch.randn(rows, self.feature_dim, device=device) * self.codebook_init_std
@@ -381,7 +411,8 @@ class CodebookFeatures(FeatureStore):
             missing_keys.remove(key)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
-        return {"grid_logits": [self.logits], "codebooks": [self.codebook], "grid_features": [self.warmup_features]}
+        logits = [] if self.frozen else [self.logits]
+        return {"grid_logits": logits, "codebooks": [self.codebook], "grid_features": [self.warmup_features]}
 
 
 class FloatFeatures(FeatureStore):

@@ -160,7 +160,9 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, torch.Tensor, int]:
     for key in ("num_proposal_samples_per_ray",):
         settings[key] = tuple(settings[key])
     try:
-        config = LearnedIndexNerfactoModelConfig(**settings, camera_optimizer=CameraOptimizerConfig(mode="off"))
+        config = LearnedIndexNerfactoModelConfig(
+            **settings, camera_optimizer=CameraOptimizerConfig(mode="off"), frozen_indices=True
+        )
     except (TypeError, ValueError) as error:
         raise FormatError(f"header: invalid model settings: {error}") from None
     levels = header.get("levels")

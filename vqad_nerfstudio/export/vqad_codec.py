@@ -295,7 +295,8 @@ def load_compressed(
 
 
 def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tensor, int]:
-    """Method, model config (other settings at their defaults, no dense initial levels), scene box, level count."""
+    """Method, model config (other settings at their defaults, no dense initial levels, frozen indices), scene box,
+    level count."""
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
     missing = [key for key in ("method", "model", "aabb", "levels") if key not in header]
@@ -319,8 +320,9 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
             raise FormatError(f"header: model.{key} = {value!r} is not a valid {hint}")
         settings[key] = value
     try:
-        # Decoded levels get their cells from the file; dense initial levels would only cost time.
-        config = VQADModelConfig(**settings, dense_resolution=0)
+        # Decoded levels get their cells from the file (dense initial levels would only cost time), and hold their
+        # indices as integers.
+        config = VQADModelConfig(**settings, dense_resolution=0, frozen_indices=True)
     except ValueError as error:
         raise FormatError(f"header: invalid model settings: {error}") from None
     aabb = parse_aabb(header["aabb"])

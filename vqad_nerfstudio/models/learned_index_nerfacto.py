@@ -43,6 +43,9 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
     """Index entries per level at most ('learned' mode); coarser levels with fewer vertices get one per vertex."""
     index_bits: int = 3
     """b: bits per index entry; each vertex chooses among 2**b codebook rows ('learned' mode)."""
+    frozen_indices: bool = False
+    """Hold each index entry as an integer instead of 2**b trainable logits ('learned' mode): what decoding a file
+    builds (memory in proportion to the file). Such indices render and export, but do not train."""
     index_temperature: float = 1.0
     """Softmax temperature of the straight-through backward pass of the indices."""
     hash_grid_backward: Literal["nerfstudio", "sparse"] = "sparse"
@@ -93,6 +96,7 @@ def encoding_of(config: LearnedIndexNerfactoModelConfig) -> LearnedIndexHashEnco
         index_bits=config.index_bits,
         mode=config.index_mode,
         implementation=config.implementation,
+        frozen_indices=config.frozen_indices,
     )
     encoding.temperature = config.index_temperature
     return encoding

@@ -94,9 +94,9 @@ class VQADModelConfig(ModelConfig):
     """Space is empty where one finest voxel of it would be more transparent than this opacity (sampling, pruning)."""
     prune_steps: Tuple[int, ...] = (500, 1000, 2000)
     """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels.
-    A run shorter than prune_steps_reference_run steps prunes at proportionally earlier steps."""
+    A run that would end before the last of them prunes at steps scaled by its length / prune_steps_reference_run."""
     prune_steps_reference_run: int = 3000
-    """Run length (steps) for which prune_steps are written; shorter runs scale them down, longer runs keep them."""
+    """Run length (steps) for which prune_steps are written (see prune_steps)."""
     index_relaxation_steps: int = 1000
     """Warm-up steps before straight-through training of the indices (0: straight-through from the first step);
     capped at a third of the run's iterations so that short runs end straight-through."""
@@ -108,6 +108,9 @@ class VQADModelConfig(ModelConfig):
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
     indices: the softmax gradient vanishes as it turns one-hot."""
+    frozen_indices: bool = False
+    """Hold each vertex's index as an integer instead of 2**b trainable logits: what decoding a file builds (memory
+    in proportion to the file). Such indices render and export, but do not train."""
     index_rate_weight: float = 0.0
     """Weight of the indices' estimated entropy-coded size (mean bits per index, see
     CodebookFeatures.index_rate_bits) in the loss: > 0 trades PSNR for smaller entropy-coded indices."""
@@ -137,6 +140,8 @@ class VQADModelConfig(ModelConfig):
         check_real("occupancy_alpha_threshold", self.occupancy_alpha_threshold, 0, 1, open_low=True, open_high=True)
         for step in self.prune_steps:
             check_int("each of prune_steps", step, 0)
+        check_int("prune_steps_reference_run", self.prune_steps_reference_run, 1)
+        check_real("early_stop_eps", self.early_stop_eps, 0.0, 1.0, open_high=True)
         check_int("index_relaxation_steps", self.index_relaxation_steps, 0)
         if len(self.index_temperature) != 2:
             raise ValueError(f"index_temperature must be two positive numbers, got {self.index_temperature}")
@@ -220,7 +225,9 @@ class VQADModel(Model):
         def make(level: int, rows: int) -> FeatureStore:
             if cfg.feature_store == "float":
                 return FloatFeatures(rows, cfg.feature_dim)
-            return CodebookFeatures(rows, cfg.bits, cfg.feature_dim, float_warmup=cfg.index_warmup == "float")
+            return CodebookFeatures(
+                rows, cfg.bits, cfg.feature_dim, float_warmup=cfg.index_warmup == "float", frozen=cfg.frozen_indices
+            )
 
         return make
 
@@ -249,8 +256,9 @@ class VQADModel(Model):
         if trainer is not None:
             run = trainer.config.max_num_iterations
             warmup = min(warmup, run // 3)
-            scale = min(1.0, run / self.config.prune_steps_reference_run)
-            prune_steps = tuple(sorted({int(step * scale) for step in prune_steps}))
+            if prune_steps and max(prune_steps) >= run:  # the run would end before the last pruning
+                scale = run / self.config.prune_steps_reference_run
+                prune_steps = tuple(sorted({int(step * scale) for step in prune_steps}))
 
         def follow(remaps: List[RowRemap]) -> None:
             if training_callback_attributes.optimizers is not None:
@@ -418,7 +426,7 @@ class VQADModel(Model):
         loss_dict = {"rgb_loss": self.rgb_loss(gt, pred)}
         if self.config.index_rate_weight > 0 and self.training:
             stores = [level.features for level in self.grid.levels if isinstance(level.features, CodebookFeatures)]
-            stores = [store for store in stores if store.num_rows > 0 and not store.in_float_warmup]
+            stores = [s for s in stores if s.num_rows > 0 and not s.in_float_warmup and not s.frozen]
             if stores:
                 bits = sum(store.index_rate_bits() for store in stores)
                 loss_dict["index_rate"] = self.config.index_rate_weight * bits / sum(s.num_rows for s in stores)
