@@ -76,7 +76,7 @@ class BenchmarkConfig:
     """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised); the
     other methods' files keep fp16 networks."""
     overrides: Dict[str, str] = field(default_factory=dict)
-    """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.bits=6); METHOD may be a
+    """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.index_bits=6); METHOD may be a
     tagged name (vqad-hash@12) or a base name for all its tags."""
 
 

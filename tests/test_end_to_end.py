@@ -181,8 +181,8 @@ def test_missing_data_fails_in_one_line(make_dir, message, tmp_path, offline_env
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--pipeline.model.bits", "17"], "bits (b) must be in"),
-        (["--pipeline.model.bits", "0"], "bits (b) must be in"),
+        (["--pipeline.model.index-bits", "17"], "index_bits (b) must be in"),
+        (["--pipeline.model.index-bits", "0"], "index_bits (b) must be in"),
         (["--pipeline.model.num-levels", "0"], "num_levels (L) must be >= 1"),
     ],
 )

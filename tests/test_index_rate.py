@@ -20,7 +20,7 @@ def _entropy_bits(indices: torch.Tensor, alphabet: int) -> float:
 
 def test_rate_of_hard_indices_is_their_order0_coded_size():
     torch.manual_seed(0)
-    store = CodebookFeatures(500, bits=3, feature_dim=2)
+    store = CodebookFeatures(500, index_bits=3, feature_dim=2)
     indices = torch.multinomial(torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0]), 500, replacement=True)
     store.logits.data = torch.nn.functional.one_hot(indices, 8).float() * 40.0  # one-hot after the softmax
     assert float(store.index_rate_bits()) == pytest.approx(_entropy_bits(indices, 8), rel=1e-4)
@@ -28,7 +28,7 @@ def test_rate_of_hard_indices_is_their_order0_coded_size():
 
 def test_rate_gradient_concentrates_the_indices():
     torch.manual_seed(1)
-    store = CodebookFeatures(2000, bits=4, feature_dim=2, logit_init_std=1.0)
+    store = CodebookFeatures(2000, index_bits=4, feature_dim=2, logit_init_std=1.0)
     before = _entropy_bits(store.hard_indices(), 16)
     optimizer = torch.optim.Adam([store.logits], lr=0.05)
     for _ in range(100):
@@ -43,7 +43,7 @@ def _fit(rate_weight: float) -> tuple:
     torch.manual_seed(2)
     codebook = torch.randn(16, 3)
     targets = codebook[torch.randint(0, 16, (4000,))] + 0.3 * torch.randn(4000, 3)
-    store = CodebookFeatures(4000, bits=4, feature_dim=3, logit_init_std=0.1)
+    store = CodebookFeatures(4000, index_bits=4, feature_dim=3, logit_init_std=0.1)
     store.codebook.data = codebook.clone()
     store.temperature = 0.5
     optimizer = torch.optim.Adam(store.parameters(), lr=0.05)

@@ -17,7 +17,7 @@ def _model_and_callbacks(max_iterations: int, relaxation_steps: int):
         num_levels=2,
         base_resolution=4,
         dense_resolution=8,
-        index_relaxation_steps=relaxation_steps,
+        index_warmup_steps=relaxation_steps,
         index_temperature=(1.0, 0.05),
         index_warmup="soft",
     )
@@ -58,7 +58,7 @@ def test_bad_temperatures_are_rejected(temperature):
 
 def test_float_warm_up_quantises_at_its_end():
     config = VQADModelConfig(
-        num_levels=2, base_resolution=4, dense_resolution=8, index_relaxation_steps=100, index_warmup="float"
+        num_levels=2, base_resolution=4, dense_resolution=8, index_warmup_steps=100, index_warmup="float"
     )
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
     trainer = SimpleNamespace(config=SimpleNamespace(max_num_iterations=3000))

@@ -20,7 +20,7 @@ from vqad_nerfstudio.models.vqad import VQADModelConfig
         ({"feature_dim": 0}, "feature_dim"),
         ({"coarse_lod_fraction": 5.0}, "coarse_lod_fraction"),
         ({"coarse_lod_fraction": float("nan")}, "coarse_lod_fraction"),
-        ({"index_relaxation_steps": -5}, "index_relaxation_steps"),
+        ({"index_warmup_steps": -5}, "index_warmup_steps"),
         ({"occupancy_alpha_threshold": 1.0}, "occupancy_alpha_threshold"),
         ({"occupancy_update_every": 0}, "occupancy_update_every"),
         ({"prune_steps": (500, -1)}, "prune_steps"),
@@ -72,3 +72,14 @@ def test_bad_plane_settings_are_refused(settings, message):
 
     with pytest.raises(ValueError, match=message):
         CompressedTensoRFModelConfig(**settings)
+
+
+def test_a_config_yml_with_the_former_field_names_loads():
+    """Runs written before ``bits`` and ``index_relaxation_steps`` became ``index_bits`` and ``index_warmup_steps``."""
+    import yaml
+
+    text = yaml.dump(VQADModelConfig(index_bits=6, index_warmup_steps=123))
+    legacy = text.replace("index_bits:", "bits:").replace("index_warmup_steps:", "index_relaxation_steps:")
+    assert "index_bits" not in legacy and "index_relaxation_steps" in legacy
+    config = yaml.load(legacy, Loader=yaml.Loader)  # how nerfstudio reads a run's config.yml
+    assert (config.index_bits, config.index_warmup_steps) == (6, 123) and not hasattr(config, "bits")

@@ -57,7 +57,7 @@ def test_relaxed_lookup_is_the_soft_mixture_and_approaches_hard_as_temperature_f
 
 def test_gradients_reach_logits_codebook_and_mlp():
     torch.manual_seed(0)
-    store = CodebookFeatures(num_rows=64, bits=4, feature_dim=8)
+    store = CodebookFeatures(num_rows=64, index_bits=4, feature_dim=8)
     mlp = torch.nn.Linear(8, 1)
     loss = mlp(store(torch.randint(0, 64, (256,)))).pow(2).mean()
     loss.backward()
@@ -67,7 +67,7 @@ def test_gradients_reach_logits_codebook_and_mlp():
 
 def test_training_changes_indices():
     torch.manual_seed(0)
-    store = CodebookFeatures(num_rows=32, bits=3, feature_dim=4)
+    store = CodebookFeatures(num_rows=32, index_bits=3, feature_dim=4)
     target = torch.randn(32, 4)
     before = store.hard_indices().clone()
     optimizer = torch.optim.Adam(store.parameters(), lr=0.1)
@@ -79,7 +79,7 @@ def test_training_changes_indices():
 
 
 def test_no_grad_lookup_equals_training_lookup():
-    store = CodebookFeatures(num_rows=100, bits=5, feature_dim=3)
+    store = CodebookFeatures(num_rows=100, index_bits=5, feature_dim=3)
     rows = torch.randint(0, 100, (1000,))
     with torch.no_grad():
         inference = store(rows)
@@ -87,7 +87,7 @@ def test_no_grad_lookup_equals_training_lookup():
 
 
 def test_load_codewords_roundtrip_and_validation():
-    store = CodebookFeatures(num_rows=10, bits=2, feature_dim=3)
+    store = CodebookFeatures(num_rows=10, index_bits=2, feature_dim=3)
     indices = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0, 1])
     codebook = torch.randn(4, 3)
     store.load_codewords(codebook, indices)
@@ -101,8 +101,8 @@ def test_load_codewords_roundtrip_and_validation():
 
 @pytest.mark.parametrize("bits", [0, 17])
 def test_bits_out_of_range(bits):
-    with pytest.raises(ValueError, match="1..16"):
-        CodebookFeatures(num_rows=4, bits=bits, feature_dim=2)
+    with pytest.raises(ValueError, match="index_bits must be in 1..16"):
+        CodebookFeatures(num_rows=4, index_bits=bits, feature_dim=2)
 
 
 def test_remap_keeps_surviving_rows():
@@ -117,7 +117,7 @@ def test_remap_keeps_surviving_rows():
 
 def test_relaxed_store_is_soft_in_training_mode_only():
     torch.manual_seed(0)
-    store = CodebookFeatures(num_rows=20, bits=3, feature_dim=4, codebook_init_std=1.0)
+    store = CodebookFeatures(num_rows=20, index_bits=3, feature_dim=4, codebook_init_std=1.0)
     store.relaxed = True
     rows = torch.arange(20)
     hard = store.codebook[store.hard_indices()]

@@ -87,7 +87,7 @@ def _train(scene: Path, output_dir: Path) -> TrainedRun:
     model = config.pipeline.model
     model.num_levels, model.base_resolution, model.dense_resolution = NUM_LEVELS, 8, 16
     model.num_samples, model.prune_steps, model.coarse_lod_fraction = 32, (STEPS // 4,), 0.5
-    model.index_relaxation_steps = STEPS // 3  # what ns-train's cap gives a run this short
+    model.index_warmup_steps = STEPS // 3  # what ns-train's cap gives a run this short
     model.occupancy_update_every = STEPS + 1  # once, at step 0: the occupancy estimate only speeds training up
     for group in config.optimizers.values():
         group["scheduler"].max_steps = STEPS

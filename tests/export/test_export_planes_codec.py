@@ -92,8 +92,8 @@ def test_size_statistics_compare_against_fp32_planes():
     model = _model()
     encoded = encode_any(model)
     (level,) = encoded.levels
-    assert level.float_feature_bytes == 3 * (4 + 6) * 22 * 22 * 4
+    assert level.float_grid_bytes == 3 * (4 + 6) * 22 * 22 * 4
     assert level.vertices == int(model.latent_planes.hard_masks().sum())
     tags = [(chunk.tag, chunk.lod) for chunk in read_container(write_container(encoded.header, encoded.chunks)).chunks]
     assert tags == [("NETS", None), ("PDEC", 0), ("MASK", 0), ("LTAB", 0), ("LATS", 0)]
-    assert np.isfinite(level.float_feature_bytes)
+    assert np.isfinite(level.float_grid_bytes)

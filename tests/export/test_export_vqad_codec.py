@@ -81,7 +81,7 @@ def test_decoded_models_hold_an_integer_index_per_vertex(encoded):
         assert store.indices.shape == (level.num_vertices,) and store.warmup_features.numel() == 0
     vertices = sum(decoded.grid.occupied_vertices())
     floats = sum(t.numel() for t in decoded.state_dict().values() if t.is_floating_point())
-    assert floats < 2**decoded.config.bits * vertices / 4  # networks and codebooks only, no logits per vertex
+    assert floats < 2**decoded.config.index_bits * vertices / 4  # networks and codebooks only, no logits per vertex
 
 
 def test_a_decoded_checkpoint_loads_renders_and_exports_as_the_file(trained, encoded):
@@ -168,7 +168,7 @@ def test_unknown_method_is_a_clear_error(encoded):
     [
         ({"levels": 4}, "levels must be an integer in 1..3"),
         ({"aabb": [[1, 1, 1], [-1, -1, -1]]}, "aabb must be"),
-        ({"model": {"bits": 4}}, "model lacks 'num_levels'"),
+        ({"model": {"index_bits": 4}}, "model lacks 'num_levels'"),
     ],
 )
 def test_malformed_header_is_a_format_error(encoded, changes, message):
@@ -176,9 +176,17 @@ def test_malformed_header_is_a_format_error(encoded, changes, message):
         load_compressed(_with_header(encoded, **changes))
 
 
+def test_files_that_name_index_bits_bits_still_decode(encoded):
+    header = read_container(encoded).header
+    legacy = {("bits" if key == "index_bits" else key): value for key, value in header["model"].items()}
+    decoded, _ = load_compressed(_with_header(encoded, model=legacy))
+    again = encode_model(decoded)
+    assert again.header["model"] == header["model"] and write_container(again.header, again.chunks) == encoded
+
+
 def test_bad_model_settings_are_a_format_error(encoded):
     header = read_container(encoded).header
-    for key, value in (("bits", "4"), ("feature_store", "hash"), ("num_levels", 0)):
+    for key, value in (("index_bits", "4"), ("feature_store", "hash"), ("num_levels", 0)):
         with pytest.raises(FormatError, match=key):
             load_compressed(_with_header(encoded, model={**header["model"], key: value}))
 
@@ -252,7 +260,7 @@ def test_level_statistics(trained):
     for level, grid_level in zip(stats, trained.model.grid.levels):
         assert (level.cells, level.vertices) == (grid_level.cells.numel(), grid_level.num_vertices)
         assert level.raw_index_bytes == (level.vertices * 4 + 7) // 8
-        assert level.float_feature_bytes == level.vertices * k * 2
+        assert level.float_grid_bytes == level.vertices * k * 2
 
 
 def test_quantised_decoders_shrink_the_networks_and_render_nearly_alike(trained, encoded):

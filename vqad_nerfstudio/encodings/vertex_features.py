@@ -4,7 +4,7 @@ A store holds one feature vector per row (a grid vertex or a hash-table slot) an
 ``store(rows) -> features``. Two stores share that interface so that a grid can be built with
 either, and a grid can prune rows (``remap``) without knowing which store it holds:
 
-- :class:`CodebookFeatures` (VQAD): each row holds logits over ``2**bits`` codewords. The forward
+- :class:`CodebookFeatures` (VQAD): each row holds logits over ``2**index_bits`` codewords. The forward
   pass uses the hard codeword (argmax), the backward pass the softmax relaxation
   (straight-through estimator), so the loss sees exactly what will be stored. It can start from a
   float warm-up: free float rows that k-means then turns into the codebook and the indices. A frozen
@@ -233,7 +233,8 @@ def _remap_rows(
 
 
 class CodebookFeatures(FeatureStore):
-    """``num_rows`` learned ``bits``-bit indices into a codebook of ``2**bits`` vectors of width ``feature_dim``.
+    """``num_rows`` learned ``index_bits``-bit indices into a codebook of ``2**index_bits`` vectors of width
+    ``feature_dim``.
 
     ``temperature`` (softmax temperature of the relaxation) and ``relaxed`` (soft codewords in the
     forward pass too, in training mode only) are training-schedule state set by the model; in eval
@@ -243,7 +244,7 @@ class CodebookFeatures(FeatureStore):
     until :meth:`quantize_float_warmup` turns it into the codebook (k-means) and the indices (nearest
     codeword) and empties it.
 
-    ``frozen=True`` holds every row's index as an int32 (the ``indices`` buffer) instead of ``2**bits`` float logits
+    ``frozen=True`` holds every row's index as an int32 (the ``indices`` buffer) instead of ``2**index_bits`` float logits
     (``logits`` is None): what a decoded file holds, in memory in proportion to the file. The codebook can still
     train; the indices cannot, and there is no warm-up.
     """
@@ -254,7 +255,7 @@ class CodebookFeatures(FeatureStore):
     def __init__(
         self,
         num_rows: int,
-        bits: int,
+        index_bits: int,
         feature_dim: int,
         logit_init_std: float = 0.01,
         codebook_init_std: float = 0.01,
@@ -262,9 +263,9 @@ class CodebookFeatures(FeatureStore):
         frozen: bool = False,
     ) -> None:
         super().__init__()
-        if not 1 <= bits <= 16:
-            raise ValueError(f"index bit width must be in 1..16, got {bits}")
-        self.bits = bits
+        if not 1 <= index_bits <= 16:
+            raise ValueError(f"index_bits must be in 1..16, got {index_bits}")
+        self.index_bits = index_bits
         self.feature_dim = feature_dim
         self.logit_init_std = logit_init_std
         self.codebook_init_std = codebook_init_std
@@ -275,9 +276,9 @@ class CodebookFeatures(FeatureStore):
             self.register_parameter("logits", None)
             self.register_buffer("indices", torch.zeros(num_rows, dtype=torch.int32))
         else:
-            self.logits = nn.Parameter(torch.randn(num_rows, 2**bits) * logit_init_std)
+            self.logits = nn.Parameter(torch.randn(num_rows, 2**index_bits) * logit_init_std)
             self.register_buffer("indices", None)
-        self.codebook = nn.Parameter(torch.randn(2**bits, feature_dim) * codebook_init_std)
+        self.codebook = nn.Parameter(torch.randn(2**index_bits, feature_dim) * codebook_init_std)
         warmup_rows = num_rows if float_warmup and not frozen else 0
         self.warmup_features = nn.Parameter(torch.randn(warmup_rows, feature_dim) * codebook_init_std)
 
@@ -336,8 +337,8 @@ class CodebookFeatures(FeatureStore):
                 f"expected a codebook {tuple(self.codebook.shape)} and {self.num_rows} indices, "
                 f"got {tuple(codebook.shape)} and {tuple(indices.shape)}"
             )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 2**self.bits):
-            raise ValueError(f"indices must lie in [0, {2**self.bits})")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 2**self.index_bits):
+            raise ValueError(f"indices must lie in [0, {2**self.index_bits})")
         self.codebook.copy_(codebook)
         if self.frozen:
             self.indices.copy_(indices)
@@ -357,7 +358,7 @@ class CodebookFeatures(FeatureStore):
         if not self.in_float_warmup:
             return []
         features = self.warmup_features.detach().float()
-        centroids, _ = kmeans(features, 2**self.bits, iterations, generator)
+        centroids, _ = kmeans(features, 2**self.index_bits, iterations, generator)
         distances = squared_distances(features, centroids)
         scale = distances.min(dim=-1).values.mean().clamp_min(1e-12)
         self.codebook.data = centroids.to(self.codebook.dtype)
@@ -379,7 +380,7 @@ class CodebookFeatures(FeatureStore):
         if self.in_float_warmup:
             fresh = torch.randn(rows, self.feature_dim, device=device) * self.codebook_init_std
             swaps += _remap_rows(self, "warmup_features", source_rows, fresh, in_place)
-        fresh = torch.randn(rows, 2**self.bits, device=device) * self.logit_init_std
+        fresh = torch.randn(rows, 2**self.index_bits, device=device) * self.logit_init_std
         return swaps + _remap_rows(self, "logits", source_rows, fresh, in_place)
 
     def _load_from_state_dict(  # type: ignore[override]

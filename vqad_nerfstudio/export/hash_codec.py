@@ -117,7 +117,7 @@ def encode_hash_model(
                 vertices=layout.rows,
                 raw_index_bytes=len(raw),
                 entropy_index_bytes=len(coded),
-                float_feature_bytes=layout.rows * encoding.features_per_level * 2,
+                float_grid_bytes=layout.rows * encoding.features_per_level * 2,
             )
         )
     return EncodedModel(header, chunks, stats)

@@ -110,7 +110,7 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
         vertices=int(masks.sum()),
         raw_index_bytes=None,
         entropy_index_bytes=None,
-        float_feature_bytes=3 * components * planes.plane_resolution**2 * 4,  # fp32, as tensorf stores them
+        float_grid_bytes=3 * components * planes.plane_resolution**2 * 4,  # fp32, as tensorf stores them
     )
     return EncodedModel(header, chunks, [stats])
 

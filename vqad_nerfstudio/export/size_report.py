@@ -39,14 +39,14 @@ def size_report(encoded: EncodedModel, data: bytes) -> Dict[str, Any]:
                 "grid_bytes": sum(row["payload_bytes"] for row in grid_rows),
                 "index_bytes_raw": stats.raw_index_bytes,
                 "index_bytes_entropy": stats.entropy_index_bytes,
-                "float_feature_bytes": stats.float_feature_bytes,
+                "float_grid_bytes": stats.float_grid_bytes,
                 "level_bytes": sum(row["chunk_bytes"] for row in rows),
                 "cumulative_bytes": rows[-1]["end"],
             }
         )
     file_bytes = len(data)
     grid_bytes = sum(level["grid_bytes"] for level in levels)
-    float_grid_bytes = sum(level["float_feature_bytes"] for level in levels)
+    float_grid_bytes = sum(level["float_grid_bytes"] for level in levels)
     float_reference_bytes = file_bytes - grid_bytes + float_grid_bytes
     return {
         "method": encoded.header["method"],

@@ -90,7 +90,7 @@ TAG_FEAT = "FEAT"
 _LEVEL_TAGS = (TAG_TOPO, TAG_CBOK, TAG_IDXE, TAG_IDXR, TAG_FEAT)
 
 MODEL_KEYS = (
-    "bits",
+    "index_bits",
     "num_levels",
     "base_resolution",
     "feature_dim",
@@ -101,6 +101,8 @@ MODEL_KEYS = (
     "background_color",
 )
 """The VQADModelConfig fields a file stores: everything that shapes the model or its renders."""
+LEGACY_BITS_KEY = "bits"
+"""What files written before the rename call ``index_bits`` (docs/format.md); readers accept either."""
 
 
 class IncompleteFileWarning(UserWarning):
@@ -119,8 +121,9 @@ class LevelStats:
     """Indices bit-packed at b bits each (None for a float store)."""
     entropy_index_bytes: Optional[int]
     """Indices range-coded (None for a float store)."""
-    float_feature_bytes: int
-    """The same vertices with an fp16 float feature vector each (the uncompressed reference)."""
+    float_grid_bytes: int
+    """The coded part stored as plain floats instead, as the method's float reference does (for VQAD: an fp16
+    feature vector per vertex)."""
 
 
 @dataclass(frozen=True)
@@ -222,12 +225,12 @@ def _encode_level(levels: nn.ModuleList, lod: int, index_coding: IndexCoding) ->
     if isinstance(store, CodebookFeatures):
         if store.in_float_warmup:
             raise ValueError(
-                f"level {lod} is still in its float warm-up (before step index_relaxation_steps), so it has no "
+                f"level {lod} is still in its float warm-up (before step index_warmup_steps), so it has no "
                 "trained indices yet: export a checkpoint from after the warm-up"
             )
         indices = store.hard_indices().cpu().numpy()
-        raw = pack_bits(indices, store.bits)
-        coded = encode_categorical(indices, 2**store.bits, context="auto")
+        raw = pack_bits(indices, store.index_bits)
+        coded = encode_categorical(indices, 2**store.index_bits, context="auto")
         raw_bytes, entropy_bytes = len(raw), len(coded)
         chunks.append(Chunk(TAG_CBOK, lod, encode_array(fp16_array(store.codebook, f"level {lod} codebook"))))
         if index_coding == "entropy" and len(coded) <= len(raw):
@@ -245,7 +248,7 @@ def _encode_level(levels: nn.ModuleList, lod: int, index_coding: IndexCoding) ->
         vertices=level.num_vertices,
         raw_index_bytes=raw_bytes,
         entropy_index_bytes=entropy_bytes,
-        float_feature_bytes=level.num_vertices * store.feature_dim * 2,
+        float_grid_bytes=level.num_vertices * store.feature_dim * 2,
     )
     return chunks, stats
 
@@ -310,6 +313,8 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
     if not isinstance(stored, dict):
         raise FormatError(f"header: model must be an object, got {stored!r}")
     hints = get_type_hints(VQADModelConfig)
+    if LEGACY_BITS_KEY in stored and "index_bits" not in stored:  # files written before the rename
+        stored = {("index_bits" if key == LEGACY_BITS_KEY else key): value for key, value in stored.items()}
     settings = {}
     for key in MODEL_KEYS:
         if key not in stored:
@@ -389,9 +394,9 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes]) -> None
     if isinstance(store, CodebookFeatures):
         codebook = load_fp16_array(parts[TAG_CBOK], tuple(store.codebook.shape), f"lod {lod} {TAG_CBOK}")
         if TAG_IDXE in parts:
-            coded = decode_symbols(parts[TAG_IDXE], level.num_vertices, 2**store.bits, f"lod {lod} {TAG_IDXE}")
+            coded = decode_symbols(parts[TAG_IDXE], level.num_vertices, 2**store.index_bits, f"lod {lod} {TAG_IDXE}")
         else:
-            coded = unpack_bits(parts[TAG_IDXR], store.bits, level.num_vertices)
+            coded = unpack_bits(parts[TAG_IDXR], store.index_bits, level.num_vertices)
         store.load_codewords(codebook, torch.from_numpy(coded.astype(np.int64)))
     else:
         shape = (level.num_vertices, store.feature_dim)

@@ -12,7 +12,7 @@ fraction of rays, at a random coarser one so that every prefix of the levels ren
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Tuple, Type
+from typing import Any, Dict, List, Literal, Tuple, Type
 
 import torch
 from jaxtyping import Int
@@ -49,12 +49,16 @@ from vqad_nerfstudio.rendering import packed
 allow_nerfstudio_checkpoints()
 
 
+_RENAMED_FIELDS = {"bits": "index_bits", "index_relaxation_steps": "index_warmup_steps"}
+"""Former names of VQADModelConfig fields."""
+
+
 @dataclass
 class VQADModelConfig(ModelConfig):
     """VQAD model: a sparse multi-resolution grid of learned b-bit indices into per-level codebooks."""
 
     _target: Type = field(default_factory=lambda: VQADModel)
-    bits: int = 4
+    index_bits: int = 4
     """b: bit width of each vertex index; each level's codebook has 2**b vectors (1..16)."""
     num_levels: int = 5
     """L: number of levels of detail, coarse to fine (>= 1)."""
@@ -97,7 +101,7 @@ class VQADModelConfig(ModelConfig):
     A run that would end before the last of them prunes at steps scaled by its length / prune_steps_reference_run."""
     prune_steps_reference_run: int = 3000
     """Run length (steps) for which prune_steps are written (see prune_steps)."""
-    index_relaxation_steps: int = 1000
+    index_warmup_steps: int = 1000
     """Warm-up steps before straight-through training of the indices (0: straight-through from the first step);
     capped at a third of the run's iterations so that short runs end straight-through."""
     index_warmup: Literal["float", "soft"] = "float"
@@ -121,8 +125,16 @@ class VQADModelConfig(ModelConfig):
     camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="off"))
     """Camera pose refinement (off for scenes with known poses)."""
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Restore a pickled or YAML-loaded config (a run's config.yml), with the names runs written before the
+        renames used."""
+        for old, new in _RENAMED_FIELDS.items():
+            if old in state:
+                state[new] = state.pop(old)
+        self.__dict__.update(state)
+
     def __post_init__(self) -> None:
-        check_int("bits (b)", self.bits, 1, 16)
+        check_int("index_bits (b)", self.index_bits, 1, 16)
         check_int("num_levels (L)", self.num_levels, 1, MAX_NUM_LEVELS)
         check_int("base_resolution", self.base_resolution, 1, MAX_RESOLUTION)
         finest = self.base_resolution * 2 ** (self.num_levels - 1)
@@ -142,7 +154,7 @@ class VQADModelConfig(ModelConfig):
             check_int("each of prune_steps", step, 0)
         check_int("prune_steps_reference_run", self.prune_steps_reference_run, 1)
         check_real("early_stop_eps", self.early_stop_eps, 0.0, 1.0, open_high=True)
-        check_int("index_relaxation_steps", self.index_relaxation_steps, 0)
+        check_int("index_warmup_steps", self.index_warmup_steps, 0)
         if len(self.index_temperature) != 2:
             raise ValueError(f"index_temperature must be two positive numbers, got {self.index_temperature}")
         for temperature in self.index_temperature:
@@ -226,7 +238,11 @@ class VQADModel(Model):
             if cfg.feature_store == "float":
                 return FloatFeatures(rows, cfg.feature_dim)
             return CodebookFeatures(
-                rows, cfg.bits, cfg.feature_dim, float_warmup=cfg.index_warmup == "float", frozen=cfg.frozen_indices
+                rows,
+                cfg.index_bits,
+                cfg.feature_dim,
+                float_warmup=cfg.index_warmup == "float",
+                frozen=cfg.frozen_indices,
             )
 
         return make
@@ -251,7 +267,7 @@ class VQADModel(Model):
             self.occupancy.update(self._density_for_occupancy)
 
         trainer = training_callback_attributes.trainer
-        warmup = self.config.index_relaxation_steps
+        warmup = self.config.index_warmup_steps
         prune_steps = tuple(self.config.prune_steps)
         if trainer is not None:
             run = trainer.config.max_num_iterations
