@@ -14,6 +14,7 @@ from vqad_nerfstudio.export.topology import (
     encode_base_cells,
     encode_child_masks,
 )
+from vqad_nerfstudio.models.limits import MAX_DECODED_CELLS as CAP
 
 
 def _random_octree(seed: int):
@@ -27,8 +28,8 @@ def _random_octree(seed: int):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_topology_round_trip(seed):
     base, fine = _random_octree(seed)
-    assert torch.equal(decode_base_cells(encode_base_cells(base, 4), 4), base)
-    assert torch.equal(decode_child_masks(encode_child_masks(fine, 8, base), 8, base), fine)
+    assert torch.equal(decode_base_cells(encode_base_cells(base, 4), 4, CAP), base)
+    assert torch.equal(decode_child_masks(encode_child_masks(fine, 8, base), 8, base, CAP), fine)
 
 
 def test_child_masks_are_one_symbol_per_parent():
@@ -37,7 +38,7 @@ def test_child_masks_are_one_symbol_per_parent():
     masks = encode_child_masks(fine, 8, base)
     assert masks == encode_categorical(np.array([0b11, 0b10]), 256, context="auto")
     empty = torch.empty(0, dtype=torch.long)
-    assert torch.equal(decode_child_masks(encode_child_masks(empty, 8, base), 8, base), empty)
+    assert torch.equal(decode_child_masks(encode_child_masks(empty, 8, base), 8, base, CAP), empty)
 
 
 def test_cells_without_a_parent_cannot_be_encoded():
@@ -50,8 +51,20 @@ def test_cells_without_a_parent_cannot_be_encoded():
 def test_topology_payloads_must_fit_their_level():
     base, fine = _random_octree(0)
     with pytest.raises(FormatError):
-        decode_child_masks(encode_child_masks(fine, 8, base), 8, base[:-1])  # one parent fewer
+        decode_child_masks(encode_child_masks(fine, 8, base), 8, base[:-1], CAP)  # one parent fewer
     with pytest.raises(FormatError):
-        decode_base_cells(encode_base_cells(base, 4), 5)
+        decode_base_cells(encode_base_cells(base, 4), 5, CAP)
     with pytest.raises(FormatError):
-        decode_base_cells(encode_categorical(np.full(64, 2), 3), 4)  # symbols other than 0 and 1
+        decode_base_cells(encode_categorical(np.full(64, 2), 3), 4, CAP)  # symbols other than 0 and 1
+
+
+def test_decoded_cells_are_capped_before_they_are_built():
+    base, fine = _random_octree(0)
+    masks = encode_child_masks(fine, 8, base)
+    assert torch.equal(decode_child_masks(masks, 8, base, fine.numel()), fine)
+    with pytest.raises(FormatError, match=f"{fine.numel()} cells, more than the {fine.numel() - 1} a decoded file"):
+        decode_child_masks(masks, 8, base, fine.numel() - 1)
+    with pytest.raises(FormatError, match="level 0's 4\\^3 grid has more cells than the 63"):
+        decode_base_cells(encode_base_cells(base, 4), 4, 63)
+    with pytest.raises(FormatError, match="level 0's 1024\\^3 grid has more cells than the 134,217,728"):
+        decode_base_cells(b"", 1024, CAP)  # the finest resolution a model may have: refused before decoding

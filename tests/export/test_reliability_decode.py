@@ -31,9 +31,9 @@ def _replace(encoded: bytes, header_changes: dict | None = None, **chunks: bytes
     return write_container(header, replaced)
 
 
-def _single_symbol_payload(count: int, alphabet_size: int) -> bytes:
-    """A categorical payload (order 0) of ``count`` zeros: a handful of bytes for any count."""
-    return bytes([0]) + encode_uvarints(np.array([count, alphabet_size, 1, 0, count], dtype=np.uint64))
+def _single_symbol_payload(count: int, alphabet_size: int, symbol: int = 0) -> bytes:
+    """A categorical payload (order 0) of ``count`` copies of ``symbol``: a handful of bytes for any count."""
+    return bytes([0]) + encode_uvarints(np.array([count, alphabet_size, 1, symbol, count], dtype=np.uint64))
 
 
 @pytest.mark.parametrize(
@@ -59,6 +59,22 @@ def test_a_symbol_count_is_checked_before_decoding(encoded, count):
     with pytest.raises(FormatError, match=f"{count} symbols where 512 are expected"):
         load_compressed(_replace(encoded, TOPO_0=_single_symbol_payload(count, 2)))
     assert time.perf_counter() - start < 5
+
+
+def test_a_topology_that_claims_too_many_cells_is_refused_before_allocation(encoded, monkeypatch):
+    from vqad_nerfstudio.export import vqad_codec
+
+    # level 0 counts its whole grid (8^3 cells here), from the header's resolution, before its occupancy is decoded
+    monkeypatch.setattr(vqad_codec, "MAX_DECODED_CELLS", 511)
+    with pytest.raises(FormatError, match=r"lod 0 TOPO: level 0's 8\^3 grid has more cells than the 511 a decoded"):
+        load_compressed(encoded)
+    # every child of every parent occupied, a few bytes of payload: counted from the masks, before cells are built
+    monkeypatch.undo()
+    parents = len(load_compressed(encoded)[0].grid.levels[0].cells)
+    full = _single_symbol_payload(parents, 256, symbol=255)
+    monkeypatch.setattr(vqad_codec, "MAX_DECODED_CELLS", 512 + 8 * parents - 1)
+    with pytest.raises(FormatError, match=f"lod 1 TOPO: {8 * parents:,} cells, more than the {8 * parents - 1:,}"):
+        load_compressed(_replace(encoded, TOPO_1=full))
 
 
 def test_decode_categorical_checks_the_count_first():

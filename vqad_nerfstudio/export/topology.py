@@ -13,13 +13,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vqad_nerfstudio.codec import encode_categorical
+from vqad_nerfstudio.codec import FormatError, encode_categorical
 from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, coords_of, linear_ids
 from vqad_nerfstudio.export.symbols import decode_symbols
 
 __all__ = ["encode_base_cells", "decode_base_cells", "encode_child_masks", "decode_child_masks"]
 
 _CORNER_WEIGHTS = torch.tensor([4, 2, 1])
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
+"""Set bits of every byte value: the children a child mask names."""
 
 
 def encode_base_cells(cells: Tensor, resolution: int) -> bytes:
@@ -29,8 +31,11 @@ def encode_base_cells(cells: Tensor, resolution: int) -> bytes:
     return encode_categorical(occupancy, 2, context="auto")
 
 
-def decode_base_cells(payload: bytes, resolution: int) -> Tensor:
-    """Sorted occupied cell ids from :func:`encode_base_cells` bytes."""
+def decode_base_cells(payload: bytes, resolution: int, max_cells: int) -> Tensor:
+    """Sorted occupied cell ids from :func:`encode_base_cells` bytes; ``FormatError`` before decoding if the grid has
+    more than ``max_cells`` cells."""
+    if resolution**3 > max_cells:
+        raise FormatError(f"level 0's {resolution}^3 grid has more cells than the {max_cells:,} a decoded file may hold")
     occupancy = decode_symbols(payload, resolution**3, 2, "base occupancy")
     return torch.from_numpy(np.flatnonzero(occupancy)).long()
 
@@ -48,9 +53,13 @@ def encode_child_masks(cells: Tensor, resolution: int, parent_cells: Tensor) -> 
     return encode_categorical(masks.numpy(), 256, context="auto")
 
 
-def decode_child_masks(payload: bytes, resolution: int, parent_cells: Tensor) -> Tensor:
-    """Sorted cell ids at ``resolution`` from the child masks of ``parent_cells`` (at ``resolution // 2``)."""
+def decode_child_masks(payload: bytes, resolution: int, parent_cells: Tensor, max_cells: int) -> Tensor:
+    """Sorted cell ids at ``resolution`` from the child masks of ``parent_cells`` (at ``resolution // 2``);
+    ``FormatError`` before they are built if the masks name more than ``max_cells`` cells."""
     masks = decode_symbols(payload, parent_cells.numel(), 256, "child masks").astype(np.uint8)
+    cells = int(_POPCOUNT[masks].sum())
+    if cells > max_cells:
+        raise FormatError(f"{cells:,} cells, more than the {max_cells:,} a decoded file may still hold")
     bits = torch.from_numpy(np.unpackbits(masks[:, None], axis=1, bitorder="little"))
     parent_slot, corner = torch.nonzero(bits, as_tuple=True)
     coords = coords_of(parent_cells.cpu()[parent_slot], resolution // 2) * 2 + CORNER_OFFSETS[corner]

@@ -57,6 +57,7 @@ from vqad_nerfstudio.export.topology import (
     encode_base_cells,
     encode_child_masks,
 )
+from vqad_nerfstudio.models.limits import MAX_DECODED_CELLS
 from vqad_nerfstudio.progress import track
 
 if TYPE_CHECKING:
@@ -280,9 +281,10 @@ def load_compressed(
 
     model: "VQADModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
     _load_decoders(model, decoders)
+    cells_left = MAX_DECODED_CELLS
     for lod, level in enumerate(model.grid.levels):
         if lod < decoded:
-            _decode_level(model, lod, parts[lod])
+            cells_left -= _decode_level(model, lod, parts[lod], cells_left)
         else:
             level.set_cells(torch.empty(0, dtype=torch.long), in_place=True)
     model.cap_lod_slider()
@@ -382,13 +384,18 @@ def _load_decoders(model: "VQADModel", chunk: Chunk) -> None:
     load(_decoder_parameters(model), chunk.payload, chunk.tag)
 
 
-def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes]) -> None:
+def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes], max_cells: int) -> int:
+    """Decode level ``lod`` into ``model``, refusing more than ``max_cells`` cells; return the cells it counts
+    against :data:`MAX_DECODED_CELLS` (level 0: its whole grid)."""
     grid = model.grid
     level: GridLevel = grid.levels[lod]
-    if lod == 0:
-        cells = decode_base_cells(parts[TAG_TOPO], level.resolution)
-    else:
-        cells = decode_child_masks(parts[TAG_TOPO], level.resolution, grid.levels[lod - 1].cells)
+    try:
+        if lod == 0:
+            cells = decode_base_cells(parts[TAG_TOPO], level.resolution, max_cells)
+        else:
+            cells = decode_child_masks(parts[TAG_TOPO], level.resolution, grid.levels[lod - 1].cells, max_cells)
+    except FormatError as error:
+        raise FormatError(f"lod {lod} {TAG_TOPO}: {error}") from None
     level.set_cells(cells, in_place=True)
     store = level.features
     if isinstance(store, CodebookFeatures):
@@ -401,3 +408,4 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes]) -> None
     else:
         shape = (level.num_vertices, store.feature_dim)
         store.load_features(load_fp16_array(parts[TAG_FEAT], shape, f"lod {lod} {TAG_FEAT}"))
+    return level.resolution**3 if lod == 0 else int(cells.numel())

@@ -21,6 +21,7 @@ __all__ = [
     "MAX_HASH_RESOLUTION",
     "MAX_PLANE_RESOLUTION",
     "MAX_COMPONENTS",
+    "MAX_DECODED_CELLS",
     "check_int",
     "check_real",
 ]
@@ -45,6 +46,10 @@ MAX_PLANE_RESOLUTION = 2048
 """Side of a tensorf feature plane."""
 MAX_COMPONENTS = 128
 """Density or colour components of a tensorf encoding."""
+MAX_DECODED_CELLS = 1 << 27
+"""Cells a decoded VQAD file may hold over all its levels, level 0 counted as its whole ``R_0**3`` grid (its occupancy
+bitmap): a few bytes of entropy-coded topology can claim a full level, so the reader checks the count before
+allocating (a level's vertices are at most 8 per cell)."""
 
 
 def check_int(name: str, value: object, low: int, high: Optional[int] = None) -> None:
