@@ -12,7 +12,9 @@ fetches a browser or a driver.
 
 Settings: ``VQAD_VIEWER_TEST_CONFIG`` opens an existing run's config.yml instead of training one (the README's
 screenshots come from the quick start's run); ``VQAD_VIEWER_TEST_FULL_RES=1`` keeps the viewer's default 512 px
-render resolution (the test lowers it to 64 px, which a CPU renders in a fraction of a second).
+render resolution (the test lowers it to 64 px, which a CPU renders in a fraction of a second), and
+``VQAD_VIEWER_TEST_SETTLE_S`` how long a frame must stay unchanged to count as rendered (default 2 s; a CPU takes
+longer than that to render 512 px, so raise it with full resolution).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ pytestmark = [
 TRAIN_STEPS = 30
 VIEWER_START_TIMEOUT_S = 180
 FRAME_TIMEOUT_S = 90
+SETTLE_S = float(os.environ.get("VQAD_VIEWER_TEST_SETTLE_S", 2.0))
 SIZE_TEXT = re.compile(r"([0-9.]+) KiB \(levels 0\.\.(\d+)\)")
 
 
@@ -205,7 +208,8 @@ class Viewport:
         return np.asarray(Image.open(io.BytesIO(png)).convert("RGB").crop(self.box), dtype=np.float32)
 
     def settled_frame(self, different_from: np.ndarray | None = None, timeout: float = FRAME_TIMEOUT_S):
-        """A screenshot whose render is non-uniform (and differs from ``different_from``) and unchanged for 2 s."""
+        """A screenshot whose render is non-uniform (and differs from ``different_from``) and unchanged for
+        SETTLE_S."""
         state = {"last": None, "since": 0.0}
 
         def settled():
@@ -218,9 +222,9 @@ class Viewport:
             if state["last"] is None or _difference(image, state["last"]) > 0.2:
                 state["last"], state["since"] = image, now
                 return None
-            return (png, image) if now - state["since"] >= 2.0 else None
+            return (png, image) if now - state["since"] >= SETTLE_S else None
 
-        return _wait(settled, timeout, "a settled rendered frame", poll=0.5)
+        return _wait(settled, timeout + SETTLE_S, "a settled rendered frame", poll=0.5)
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -229,12 +233,18 @@ def _difference(a: np.ndarray, b: np.ndarray) -> float:
 
 def _size_text(driver, lod: int) -> float:
     text_input = _labelled(driver, "Stored size at LOD", ".//input")
+    seen = []
 
     def shows_lod():
-        match = SIZE_TEXT.search(text_input.get_attribute("value") or "")
+        seen.append(text_input.get_attribute("value") or "")
+        match = SIZE_TEXT.search(seen[-1])
         return match if match and int(match.group(2)) == lod else None
 
-    return float(_wait(shows_lod, 30, f"'Stored size at LOD' for levels 0..{lod}").group(1))
+    what = f"'Stored size at LOD' for levels 0..{lod}"
+    try:
+        return float(_wait(shows_lod, FRAME_TIMEOUT_S, what).group(1))
+    except AssertionError as error:
+        raise AssertionError(f"{error}; it shows {seen[-1]!r}") from None
 
 
 def test_lod_slider_changes_render_and_stored_size(viewer_url, browser, artifacts):
