@@ -301,10 +301,12 @@ def _evaluate(model, dataset, device, max_views: int) -> Tuple[float, float, flo
     """Mean PSNR, mean SSIM and rays per second of ``model`` over the first eval views of ``dataset``."""
     from torchmetrics.functional import structural_similarity_index_measure
 
+    from vqad_nerfstudio.progress import track
+
     model.eval()
     cameras = dataset.cameras.to(device)
     psnrs, ssims, rays, seconds = [], [], 0, 0.0
-    for index in range(min(max_views, len(dataset))):
+    for index in track(range(min(max_views, len(dataset))), "Rendering eval views"):
         camera = cameras[index : index + 1]
         image = _eval_image(dataset, index, device)
         _sync()

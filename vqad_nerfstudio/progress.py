@@ -3,12 +3,13 @@ console is a terminal (quiet in tests, logs and pipes)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, TypeVar
+from contextlib import nullcontext
+from typing import ContextManager, Iterable, Optional, TypeVar
 
 from nerfstudio.utils.rich_utils import CONSOLE
 from rich.progress import track as rich_track
 
-__all__ = ["track"]
+__all__ = ["track", "status"]
 
 T = TypeVar("T")
 
@@ -23,3 +24,8 @@ def track(sequence: Iterable[T], description: str, total: Optional[float] = None
         transient=True,
         disable=not CONSOLE.is_terminal,
     )
+
+
+def status(description: str) -> ContextManager:
+    """A spinner with ``description`` while the block runs, for work without steps to count."""
+    return CONSOLE.status(description, spinner="circle") if CONSOLE.is_terminal else nullcontext()

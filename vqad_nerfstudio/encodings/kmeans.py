@@ -8,6 +8,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from vqad_nerfstudio.progress import track
+
 _CHUNK = 1 << 18
 """Points per chunk of a distance computation (bounds memory at chunk * clusters floats)."""
 
@@ -62,7 +64,7 @@ def kmeans(
         nearest_sq = torch.minimum(nearest_sq, squared_distances(points, points[pick])[:, 0])
 
     assignment, distance = _nearest(points, centroids)
-    for _ in range(iterations):
+    for _ in track(range(iterations), f"k-means: {points.shape[0]:,} points into {clusters} centroids"):
         sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
         counts = torch.zeros(clusters, device=points.device).index_add_(0, assignment, torch.ones_like(distance))
         centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)

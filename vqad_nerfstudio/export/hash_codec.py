@@ -41,6 +41,7 @@ from vqad_nerfstudio.export.vqad_codec import (
     IndexCoding,
     LevelStats,
 )
+from vqad_nerfstudio.progress import track
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
@@ -99,7 +100,7 @@ def encode_hash_model(
     }
     chunks = [Chunk(TAG_NETS, None, encode_parameters(_net_parameters(model)))]
     stats = []
-    for level, layout in enumerate(encoding.layouts):
+    for level, layout in enumerate(track(encoding.layouts, "Encoding hash levels")):
         indices = encoding.hard_indices(level).cpu().numpy()
         raw = pack_bits(indices, encoding.index_bits)
         coded = encode_categorical(indices, 2**encoding.index_bits, context="auto")
@@ -134,7 +135,7 @@ def load_hash_compressed(source: Source) -> Tuple["LearnedIndexNerfactoModel", D
     model: "LearnedIndexNerfactoModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
     load_parameters(_net_parameters(model), nets, TAG_NETS)
     encoding = model.encoding
-    for level, level_parts in enumerate(parts):
+    for level, level_parts in enumerate(track(parts, "Decoding hash levels")):
         shape = tuple(encoding.codebooks[level].shape)
         codebook = load_fp16_array(level_parts[TAG_CBOK], shape, f"level {level} {TAG_CBOK}")
         rows, bits = encoding.layouts[level].rows, encoding.index_bits

@@ -32,6 +32,7 @@ from vqad_nerfstudio.export.payloads import encode_parameters, load_parameters, 
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, LevelStats
 from vqad_nerfstudio.models.limits import MAX_PLANE_RESOLUTION
+from vqad_nerfstudio.progress import status
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel
@@ -95,13 +96,14 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
     coded = latents.transpose(1, 0, 2, 3)[:, masks]  # [channels, unmasked positions], plane-major
     tables = _channel_tables(model, coded)
     table_ids = np.broadcast_to(np.arange(coded.shape[0])[:, None], coded.shape)
-    chunks = [
-        Chunk(TAG_NETS, None, encode_parameters(_net_parameters(model))),
-        Chunk(TAG_PDEC, 0, encode_parameters(_decoder_parameters(model))),
-        Chunk(TAG_MASK, 0, encode_categorical(masks.reshape(-1).astype(np.uint8), 2, context="auto")),
-        Chunk(TAG_LTAB, 0, tables_to_bytes(tables)),
-        Chunk(TAG_LATS, 0, encode_with_tables(coded, table_ids, tables)),
-    ]
+    with status(f"Range-coding {coded.size:,} plane latents"):
+        chunks = [
+            Chunk(TAG_NETS, None, encode_parameters(_net_parameters(model))),
+            Chunk(TAG_PDEC, 0, encode_parameters(_decoder_parameters(model))),
+            Chunk(TAG_MASK, 0, encode_categorical(masks.reshape(-1).astype(np.uint8), 2, context="auto")),
+            Chunk(TAG_LTAB, 0, tables_to_bytes(tables)),
+            Chunk(TAG_LATS, 0, encode_with_tables(coded, table_ids, tables)),
+        ]
     components = config.num_den_components + config.num_color_components
     stats = LevelStats(
         lod=0,
@@ -137,7 +139,8 @@ def load_planes_compressed(source: Source) -> Tuple["CompressedTensoRFModel", De
     if len(tables) != channels:
         raise FormatError(f"{TAG_LTAB}: expected {channels} tables (one per latent channel), got {len(tables)}")
     table_ids = np.broadcast_to(np.arange(channels)[:, None], (channels, int(masks.sum())))
-    coded = decode_with_tables(parts[TAG_LATS], table_ids, tables)
+    with status(f"Decoding {table_ids.size:,} plane latents"):
+        coded = decode_with_tables(parts[TAG_LATS], table_ids, tables)
     latents = np.zeros((channels, *shape), dtype=np.int64)
     latents[:, masks] = coded
     model.load_coded_planes(torch.from_numpy(latents.transpose(1, 0, 2, 3).copy()), torch.from_numpy(masks))

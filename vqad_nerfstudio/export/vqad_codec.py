@@ -282,7 +282,7 @@ def load_compressed(
     model: "VQADModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
     _load_decoders(model, decoders)
     cells_left = MAX_DECODED_CELLS
-    for lod, level in enumerate(model.grid.levels):
+    for lod, level in enumerate(track(model.grid.levels, "Decoding levels of detail")):
         if lod < decoded:
             cells_left -= _decode_level(model, lod, parts[lod], cells_left)
         else:

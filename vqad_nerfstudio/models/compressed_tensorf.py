@@ -31,7 +31,6 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.models.tensorf import TensoRFModel, TensoRFModelConfig
 from nerfstudio.utils.rich_utils import CONSOLE
-from rich.progress import track
 from torch import Tensor
 from torch.nn import Parameter
 
@@ -40,6 +39,7 @@ from vqad_nerfstudio.encodings.masked_latent_planes import MaskedLatentPlanes
 from vqad_nerfstudio.encodings.plane_importance import importance_weights, splat_importance, weighted_plane_error
 from vqad_nerfstudio.encodings.vm_planes import DecodableVMEncoding
 from vqad_nerfstudio.models.limits import MAX_COMPONENTS, MAX_HIDDEN_DIM, MAX_NUM_SAMPLES, check_int
+from vqad_nerfstudio.progress import track
 
 allow_nerfstudio_checkpoints()
 
@@ -288,7 +288,7 @@ class CompressedTensoRFModel(TensoRFModel):
         resolution = self.field.density_encoding.resolution
         importance = torch.zeros(3, resolution, resolution, device=self.device)
         batches = max(1, math.ceil(self.config.importance_rays / datamanager.config.train_num_rays_per_batch))
-        for _ in track(range(batches), description="Importance maps", transient=True):
+        for _ in track(range(batches), "Importance maps"):
             ray_bundle, _ = datamanager.next_train(step)
             ray_bundle = ray_bundle.to(self.device)
             if self.collider is not None:
