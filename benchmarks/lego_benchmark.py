@@ -1,5 +1,7 @@
 """Side-by-side benchmark on a Blender scene: nerfstudio's tensorf, vqad and vqad-float (and, on request,
-vqad-hash against its random-index twin, and tensorf-compressed at several rate weights).
+vqad-hash against its random-index twin, and tensorf-compressed at several rate weights). A scene in
+nerfstudio's own format (a transforms.json, e.g. ``vqad-demo-scene DIR --background textured`` for an
+unbounded scene) is read with nerfstudio's parser instead.
 
 Every method trains in this one process for the same wall-clock budget (nerfstudio's Trainer,
 stopped by a callback when the budget is spent), then renders the eval split at full resolution.
@@ -39,7 +41,7 @@ class BenchmarkConfig:
     """Options of the benchmark."""
 
     data: Path
-    """Blender-format scene (transforms_{train,val,test}.json)."""
+    """Blender-format scene (transforms_{train,val,test}.json), or a nerfstudio-format one (transforms.json)."""
     methods: Tuple[str, ...] = ("tensorf", "vqad", "vqad-float")
     """nerfstudio method names to compare; METHOD@TAG runs METHOD again under another name (for overrides)."""
     budget_s: float = 120.0
@@ -98,6 +100,7 @@ def _apply_override(config, path: str, value: str) -> None:
 def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Path] = None):
     from nerfstudio.configs.method_configs import all_methods
     from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
     base, _, tag = method.partition("@")
     config = copy.deepcopy(all_methods[base])
@@ -111,7 +114,9 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
         config.pipeline.model.tensorf_checkpoint = tensorf_checkpoint
         config.pipeline.model.rate_lambda = float(tag)
         config.pipeline.model.compression_steps = bench.plane_steps
-    config.pipeline.datamanager.dataparser = BlenderDataParserConfig()
+    nerfstudio_format = (bench.data / "transforms.json").exists()
+    parser = NerfstudioDataParserConfig() if nerfstudio_format else BlenderDataParserConfig()
+    config.pipeline.datamanager.dataparser = parser
     config.pipeline.datamanager.data = bench.data
     config.output_dir = bench.output_dir
     config.experiment_name = "bench"

@@ -205,6 +205,18 @@ def test_eval_views_are_new_and_train_views_reproduce(small_scene: Path) -> None
         np.testing.assert_array_equal(to_uint8(rendered), train[name])
 
 
+def test_textured_background_surrounds_the_solids_with_detail() -> None:
+    """The textured dome replaces the white background and varies across the image; the solids stay the same."""
+    pose = demo_camera_poses(SMALL)[0][0]
+    white = render_demo_view(pose, supersample=1, **SMALL.intrinsics())
+    textured = render_demo_view(pose, supersample=1, background="textured", **SMALL.intrinsics())
+    background = (white == 1.0).all(axis=-1)
+    assert 0.2 < background.mean() < 0.95
+    assert np.array_equal(white[~background], textured[~background])
+    assert textured[background].std(axis=0).min() > 0.05  # not one flat colour
+    assert not (textured[background] == 1.0).all(axis=-1).any()
+
+
 def test_solids_lie_inside_the_scene_radius() -> None:
     for primitive in PRIMITIVES:
         assert primitive.bounding_radius() <= SCENE_RADIUS, primitive.name
@@ -262,6 +274,8 @@ def test_empty_existing_directory_is_fine(tmp_path: Path) -> None:
         ({"supersample": 0}, "supersample must be at least 1"),
         ({"camera_radius": 0.5}, "camera_radius must be a number greater than"),
         ({"fov_degrees": 0.0}, "fov_degrees must be a number between"),
+        ({"background": "grey"}, "background must be 'white' or 'textured'"),
+        ({"background": "textured", "camera_radius": 15.0}, "camera_radius must stay below"),
     ],
 )
 def test_bad_config_values_raise(tmp_path: Path, changes: dict, message: str) -> None:

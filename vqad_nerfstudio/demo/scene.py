@@ -3,7 +3,9 @@
 The scene is a handful of coloured solids (a plinth, two spheres, a cube and a column) inside a
 sphere of radius :data:`SCENE_RADIUS` around the origin, world ``+Z`` up. Images are rendered by
 exact ray-primitive intersection in numpy with Lambertian + ambient shading, hard shadows from one
-directional light and a soft specular highlight, composited over a white background.
+directional light and a soft specular highlight, composited over a white background or, for unbounded
+models (``--background textured``), inside a textured dome of radius :data:`DOME_RADIUS` (a real capture's
+far background, in miniature).
 
 The output directory looks like a scene produced by ``ns-process-data``::
 
@@ -30,7 +32,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Literal, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -39,6 +41,9 @@ SCENE_RADIUS = 0.6
 
 BACKGROUND = (1.0, 1.0, 1.0)
 """Background colour the images are composited over (white, nerfstudio's default for our model)."""
+
+DOME_RADIUS = 20.0
+"""Radius of the textured dome around the origin that ``background="textured"`` renders behind the solids."""
 
 FORMAT_NAME = "vqad-demo-scene"
 FORMAT_VERSION = 1
@@ -78,6 +83,9 @@ class DemoSceneConfig:
     """Full field of view of the square pinhole camera in degrees; the default fits the scene to the frame."""
     supersample: int = 2
     """Anti-aliasing: each pixel averages supersample x supersample rays (1 disables it)."""
+    background: Literal["white", "textured"] = "white"
+    """What rays that miss the solids see: 'white' (an object scene: train with the default settings) or a
+    'textured' dome far around them (an unbounded scene: train with --pipeline.model.unbounded True)."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a one-line explanation if a setting is out of range.
@@ -96,6 +104,10 @@ class DemoSceneConfig:
             )
         if not _is_real(self.fov_degrees) or not 1.0 <= self.fov_degrees <= 150.0:
             raise ValueError(f"fov_degrees must be a number between 1 and 150, got {self.fov_degrees!r}")
+        if self.background not in ("white", "textured"):
+            raise ValueError(f"background must be 'white' or 'textured', got {self.background!r}")
+        if self.background == "textured" and not self.camera_radius < DOME_RADIUS / 2:
+            raise ValueError(f"camera_radius must stay below {DOME_RADIUS / 2:g} inside the textured dome")
 
     @property
     def focal_length(self) -> float:
@@ -289,7 +301,7 @@ def scene_description(config: DemoSceneConfig) -> Dict[str, object]:
         "version": FORMAT_VERSION,
         "world_up": [0.0, 0.0, 1.0],
         "scene_radius": SCENE_RADIUS,
-        "background": list(BACKGROUND),
+        "background": list(BACKGROUND) if config.background == "white" else {"dome_radius": DOME_RADIUS},
         "primitives": [_primitive_to_json(p) for p in PRIMITIVES],
         "shading": {
             "model": "ambient + lambert * shadow + blinn_phong_specular * shadow",
@@ -336,9 +348,25 @@ def _reaches_sphere(origins: np.ndarray, dirs: np.ndarray, center: np.ndarray, r
     return (b * b - c >= 0.0) & ((b < 0.0) | (c < 0.0))
 
 
-def _shade_rays(origins: np.ndarray, dirs: np.ndarray) -> np.ndarray:
-    """Colour of each ray, (N, 3) in [0, 1], composited over the background."""
-    colors = np.broadcast_to(np.asarray(BACKGROUND), origins.shape).copy()
+def _dome_colours(origins: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """Colour where each ray (starting inside it) meets the textured dome: soft bands of hue over azimuth and
+    elevation, with a brighter sky above the horizon, so that the background has detail at every distance."""
+    b = np.einsum("ij,ij->i", origins, dirs)
+    c = np.einsum("ij,ij->i", origins, origins) - DOME_RADIUS**2
+    points = origins + (-b + np.sqrt(b * b - c))[:, None] * dirs
+    azimuth = np.arctan2(points[:, 1], points[:, 0])
+    elevation = np.arcsin(np.clip(points[:, 2] / DOME_RADIUS, -1.0, 1.0))
+    phase = np.stack([azimuth * 3.0, azimuth * 5.0 + elevation * 4.0, elevation * 7.0], axis=-1)
+    sky = 0.55 + 0.25 * np.tanh(4.0 * elevation)[:, None]
+    return np.clip(sky + 0.2 * np.sin(phase + np.array([0.0, 2.1, 4.2])), 0.0, 1.0)
+
+
+def _shade_rays(origins: np.ndarray, dirs: np.ndarray, background: str = "white") -> np.ndarray:
+    """Colour of each ray, (N, 3) in [0, 1], composited over the background (white or the textured dome)."""
+    if background == "textured":
+        colors = _dome_colours(origins, dirs)
+    else:
+        colors = np.broadcast_to(np.asarray(BACKGROUND), origins.shape).copy()
     # Rays that miss the sphere enclosing every solid see the background (cheap early out).
     near_scene = np.flatnonzero(_reaches_sphere(origins, dirs, np.zeros(3), SCENE_RADIUS))
     if len(near_scene) == 0:
@@ -375,6 +403,7 @@ def render_demo_view(
     w: int,
     h: int,
     supersample: int = 2,
+    background: str = "white",
 ) -> np.ndarray:
     """Render the demo scene from an arbitrary pinhole camera.
 
@@ -384,9 +413,10 @@ def render_demo_view(
         fl_x, fl_y, cx, cy, w, h: pinhole intrinsics in pixels, as in ``transforms.json``. Pixel
             ``(row, col)`` is centred at image coordinates ``(col + 0.5, row + 0.5)``, as in nerfstudio.
         supersample: each pixel averages ``supersample**2`` rays on a regular sub-pixel grid.
+        background: ``"white"`` or ``"textured"`` (see :attr:`DemoSceneConfig.background`).
 
     Returns:
-        ``(h, w, 3)`` float64 RGB image in [0, 1], composited over a white background.
+        ``(h, w, 3)`` float64 RGB image in [0, 1], composited over the background.
     """
     c2w = np.asarray(camera_to_world, dtype=np.float64)
     if c2w.shape not in ((3, 4), (4, 4)):
@@ -410,7 +440,7 @@ def render_demo_view(
         dirs = cam_dirs @ rotation.T
         dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
         origins = np.broadcast_to(origin, dirs.shape).copy()
-        colors = _shade_rays(origins, dirs)
+        colors = _shade_rays(origins, dirs, background)
         colors = colors.reshape(len(rows), supersample, w, supersample, 3).mean(axis=(1, 3))
         image[rows] = colors
     return image
@@ -562,7 +592,7 @@ def write_demo_scene(
     ) as progress:
         task = progress.add_task("render", total=len(views))
         for name, c2w in views:
-            image = render_demo_view(c2w, supersample=config.supersample, **intrinsics)
+            image = render_demo_view(c2w, supersample=config.supersample, background=config.background, **intrinsics)
             Image.fromarray(to_uint8(image)).save(output_dir / name)
             frames.append({"file_path": name, "transform_matrix": c2w.tolist()})
             progress.advance(task)
