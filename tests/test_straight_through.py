@@ -87,7 +87,9 @@ def test_no_grad_lookup_equals_training_lookup():
 
 
 def test_load_codewords_roundtrip_and_validation():
-    store = CodebookFeatures(num_rows=10, index_bits=2, feature_dim=3)
+    with pytest.raises(ValueError, match="frozen indices only"):
+        CodebookFeatures(num_rows=10, index_bits=2, feature_dim=3).load_codewords(torch.zeros(4, 3), torch.zeros(10))
+    store = CodebookFeatures(num_rows=10, index_bits=2, feature_dim=3, frozen=True)
     indices = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0, 1])
     codebook = torch.randn(4, 3)
     store.load_codewords(codebook, indices)

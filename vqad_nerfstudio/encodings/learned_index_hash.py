@@ -34,7 +34,7 @@ from nerfstudio.field_components.encodings import Encoding, HashEncoding
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, trilinear_weights
-from vqad_nerfstudio.encodings.vertex_features import candidate_rows, interpolated_codewords
+from vqad_nerfstudio.encodings.vertex_features import candidate_rows, check_codewords, interpolated_codewords
 
 IndexMode = Literal["learned", "random"]
 
@@ -182,23 +182,12 @@ class LearnedIndexHashEncoding(Encoding):
 
     @torch.no_grad()
     def load_codewords(self, level: int, codebook: Float[Tensor, "c k"], indices: Int[Tensor, "rows"]) -> None:
-        """Make ``codebook`` level ``level``'s codebook and ``indices`` its index entries (what decoding a file
-        does)."""
-        rows, choices = self.layouts[level].rows, 2**self.index_bits
-        if codebook.shape != self.codebooks[level].shape or indices.shape != (rows,):
-            raise ValueError(
-                f"level {level}: expected a codebook {tuple(self.codebooks[level].shape)} and {rows} indices, "
-                f"got {tuple(codebook.shape)} and {tuple(indices.shape)}"
-            )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= choices):
-            raise ValueError(f"level {level}: indices must lie in [0, {choices})")
-        self.codebooks[level].copy_(codebook)
-        if self.frozen_indices:
-            self.indices.narrow(0, self._first_entry(level), rows).copy_(indices)
-            return
-        logits = torch.zeros_like(self.index_logits[level])
-        logits[torch.arange(rows, device=logits.device), indices.to(logits.device).long()] = 1.0
-        self.index_logits[level].copy_(logits)
+        """Make ``codebook`` level ``level``'s codebook and ``indices`` its index entries: what decoding a file does,
+        into frozen indices."""
+        rows, like = self.layouts[level].rows, self.codebooks[level]
+        check_codewords(codebook, indices, like, rows, 2**self.index_bits, self.frozen_indices, f"level {level}")
+        like.copy_(codebook)
+        self.indices.narrow(0, self._first_entry(level), rows).copy_(indices)
 
     def entries_and_bases(
         self, vertices: Int[Tensor, "*b levels 8 3"]

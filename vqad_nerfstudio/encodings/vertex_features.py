@@ -216,6 +216,22 @@ ParameterSwap = Tuple[nn.Parameter, nn.Parameter]
 """(old, new) parameter after a row remap."""
 
 
+def check_codewords(
+    codebook: Tensor, indices: Tensor, like: Tensor, rows: int, choices: int, frozen: bool, what: str
+) -> None:
+    """``ValueError`` naming ``what`` unless it is frozen, ``codebook`` is shaped ``like`` its codebook and ``indices``
+    are ``rows`` indices in ``[0, choices)``."""
+    if not frozen:
+        raise ValueError(f"{what}: decoded codewords load into frozen indices only (frozen_indices), not into logits")
+    if codebook.shape != like.shape or indices.shape != (rows,):
+        raise ValueError(
+            f"{what}: expected a codebook {tuple(like.shape)} and {rows} indices, "
+            f"got {tuple(codebook.shape)} and {tuple(indices.shape)}"
+        )
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= choices):
+        raise ValueError(f"{what}: indices must lie in [0, {choices})")
+
+
 def _remap_rows(
     module: nn.Module, name: str, source_rows: Tensor, fresh: Tensor, in_place: bool
 ) -> List[ParameterSwap]:
@@ -331,21 +347,11 @@ class CodebookFeatures(FeatureStore):
 
     @torch.no_grad()
     def load_codewords(self, codebook: Float[Tensor, "c k"], indices: Int[Tensor, "m"]) -> None:
-        """Make ``codebook`` the codebook and ``indices`` every row's index (what decoding a file does)."""
-        if codebook.shape != self.codebook.shape or indices.shape != (self.num_rows,):
-            raise ValueError(
-                f"expected a codebook {tuple(self.codebook.shape)} and {self.num_rows} indices, "
-                f"got {tuple(codebook.shape)} and {tuple(indices.shape)}"
-            )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= 2**self.index_bits):
-            raise ValueError(f"indices must lie in [0, {2**self.index_bits})")
+        """Make ``codebook`` the codebook and ``indices`` every row's index: what decoding a file does, into a frozen
+        store."""
+        check_codewords(codebook, indices, self.codebook, self.num_rows, 2**self.index_bits, self.frozen, "store")
         self.codebook.copy_(codebook)
-        if self.frozen:
-            self.indices.copy_(indices)
-            return
-        one_hot = torch.zeros_like(self.logits)
-        one_hot[torch.arange(self.num_rows, device=one_hot.device), indices.to(one_hot.device).long()] = 1.0
-        self.logits.copy_(one_hot)
+        self.indices.copy_(indices)
 
     @torch.no_grad()
     def quantize_float_warmup(
@@ -452,6 +458,7 @@ class FloatFeatures(FeatureStore):
 
 __all__ = [
     "ParameterSwap",
+    "check_codewords",
     "FeatureStore",
     "CodebookFeatures",
     "FloatFeatures",

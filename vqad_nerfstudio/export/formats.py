@@ -38,7 +38,9 @@ class MethodFormat:
     default_for: Callable[[ModelConfig], bool]
     """Whether a model of this config is written as this method when no method is named."""
     encode: Encoder
+    """Writes a model of ``model_type`` (see :data:`Encoder`)."""
     decode: Decoder
+    """Rebuilds the model a file of this method holds (see :data:`Decoder`)."""
     levels_of_detail: bool
     """Whether a prefix of a file decodes to a coarser model (``max_lod`` and per-level reports)."""
     quantised_networks: bool
