@@ -33,10 +33,11 @@ def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfi
         "codebooks": (1e-2, 1e-3),
         "camera_opt": (1e-3, 1e-4),
     }
-    return base_trainer_config(method_name, model, 1 << 15 if cuda else 1024, learning_rates)
+    note = "" if cuda else f"{method_name} runs on the CPU with its CPU defaults: {CPU_CHANGES}."
+    return base_trainer_config(method_name, model, 1 << 15 if cuda else 1024, learning_rates, device_note=note)
 
 
-CPU_CHANGES = "without CUDA: 1024 rays per step (GPU: 32768), at most 192 samples per ray, eval chunks of 16384 rays"
+CPU_CHANGES = "1024 rays per step (GPU: 32768), at most 192 samples per ray, eval chunks of 16384 rays"
 """What the sparse-grid methods' defaults change on a machine without CUDA (shown in ``ns-train --help``)."""
 
 
@@ -48,7 +49,7 @@ def _build() -> "MethodSpecification":
     return MethodSpecification(
         config=vqad_trainer_config("vqad", VQADModelConfig()),
         description="VQAD: sparse multi-resolution grid of learned b-bit indices into per-level codebooks "
-        "(Variable Bitrate Neural Fields); streamable levels of detail. Defaults " + CPU_CHANGES + ".",
+        "(Variable Bitrate Neural Fields); streamable levels of detail. Without CUDA: " + CPU_CHANGES + ".",
     )
 
 

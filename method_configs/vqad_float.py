@@ -22,7 +22,7 @@ def _build() -> "MethodSpecification":
             "vqad-float", VQADModelConfig(feature_store="float")
         ),
         description="VQAD's float twin: the same sparse grid and decoders with a float feature vector per vertex "
-        "(the uncompressed reference for size ratios). Defaults " + CPU_CHANGES + ".",
+        "(the uncompressed reference for size ratios). Without CUDA: " + CPU_CHANGES + ".",
     )
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple, Type
 
+import tyro
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import comms
@@ -47,9 +48,16 @@ def compressed_size_line(model) -> str:
 
 
 class VQADTrainer(Trainer):
-    """nerfstudio's trainer; when training ends it prints the compressed size and the export command."""
+    """nerfstudio's trainer. A run shorter than its learning-rate schedules decays them over its own length, and
+    the defaults a CPU run changes are printed; when training ends it prints the compressed size and the export
+    command."""
+
+    config: "VQADTrainerConfig"
 
     def setup(self, test_mode="val") -> None:
+        shorten_schedules(self.config)
+        if comms.is_main_process() and self.config.device_note and self.config.machine.device_type == "cpu":
+            CONSOLE.print(self.config.device_note, soft_wrap=True, markup=False)
         super().setup(test_mode=test_mode)
         self.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self.print_export_hint))
 
@@ -70,6 +78,17 @@ class VQADTrainerConfig(TrainerConfig):
     """nerfstudio's TrainerConfig, training with :class:`VQADTrainer`."""
 
     _target: Type = field(default_factory=lambda: VQADTrainer)
+    device_note: tyro.conf.Suppress[str] = ""
+    """Printed when a run starts on the CPU: the defaults the method changed for a machine without CUDA."""
+
+
+def shorten_schedules(config: TrainerConfig) -> None:
+    """Make every learning-rate schedule longer than the run decay over the run's steps instead (longer runs keep
+    theirs and train on at the final rate)."""
+    for group in config.optimizers.values():
+        scheduler = group.get("scheduler")
+        if scheduler is not None and getattr(scheduler, "max_steps", 0) > config.max_num_iterations:
+            scheduler.max_steps = config.max_num_iterations
 
 
 def base_trainer_config(
@@ -79,6 +98,7 @@ def base_trainer_config(
     learning_rates: Dict[str, Tuple[float, float]],
     steps: int = STEPS,
     decay_steps: Optional[Mapping[str, int]] = None,
+    device_note: str = "",
 ) -> "TrainerConfig":
     """nerfstudio-format data (any parser through its subcommand), the checked pipeline, ``steps`` steps,
     Adam per parameter group decaying exponentially from its first to its last learning rate over
@@ -120,4 +140,5 @@ def base_trainer_config(
         optimizers=optimizers,
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
         vis="viewer",
+        device_note=device_note,
     )

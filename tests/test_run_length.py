@@ -1,0 +1,53 @@
+"""Schedules follow the run's length: short runs prune and decay their learning rates within the run."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.engine.callbacks import TrainingCallbackAttributes
+
+from vqad_nerfstudio.method_configs.vqad import vqad
+from vqad_nerfstudio.models.vqad import VQADModelConfig
+from vqad_nerfstudio.training import shorten_schedules
+
+
+def _prune_steps(run: int, prune_steps) -> tuple:
+    config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8, prune_steps=prune_steps)
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=2)
+    trainer = SimpleNamespace(config=SimpleNamespace(max_num_iterations=run))
+    attributes = TrainingCallbackAttributes(optimizers=None, grad_scaler=None, pipeline=None, trainer=trainer)
+    (prune,) = [c for c in model.get_training_callbacks(attributes) if c.func.__name__ == "prune"]
+    return prune.iters
+
+
+@pytest.mark.parametrize(
+    "run, prune_steps, expected",
+    [
+        (400, (500, 1000, 2000), (66, 133, 266)),  # ends before the last pruning: scaled by 400 / 3000
+        (5000, (500, 1000, 2000), (500, 1000, 2000)),
+        (250, (200,), (200,)),  # the user's steps fit the run: kept
+    ],
+)
+def test_prune_steps_fit_the_run(run: int, prune_steps, expected) -> None:
+    assert _prune_steps(run, prune_steps) == expected
+
+
+def test_learning_rates_decay_within_a_short_run() -> None:
+    config = copy.deepcopy(vqad.config)
+    config.max_num_iterations = 600
+    shorten_schedules(config)
+    assert {group["scheduler"].max_steps for group in config.optimizers.values()} == {600}
+    longer = copy.deepcopy(vqad.config)
+    longer.max_num_iterations = 9000  # longer runs keep the schedule and train on at the final rate
+    shorten_schedules(longer)
+    assert {group["scheduler"].max_steps for group in longer.optimizers.values()} == {3000}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the note is for runs without CUDA")
+def test_a_cpu_run_is_told_what_its_defaults_change() -> None:
+    assert "1024 rays per step" in vqad.config.device_note
+    assert "192 samples per ray" in vqad.config.device_note
