@@ -260,9 +260,9 @@ class CodebookFeatures(FeatureStore):
     until :meth:`quantize_float_warmup` turns it into the codebook (k-means) and the indices (nearest
     codeword) and empties it.
 
-    ``frozen=True`` holds every row's index as an int32 (the ``indices`` buffer) instead of ``2**index_bits`` float logits
-    (``logits`` is None): what a decoded file holds, in memory in proportion to the file. The codebook can still
-    train; the indices cannot, and there is no warm-up.
+    ``frozen=True`` holds every row's index as an int32 (the ``indices`` buffer) instead of ``2**index_bits`` float
+    logits (``logits`` is None): what a decoded file holds, in memory in proportion to the file. The codebook can
+    still train; the indices cannot, and there is no warm-up.
     """
 
     temperature: float = 1.0

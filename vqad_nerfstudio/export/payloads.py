@@ -125,7 +125,8 @@ def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag
     symbols = decode_symbols(payload[5 + length :], sum(counts), 2 * top + 1, f"{tag}: {bits}-bit weights")
     for name in vectors:
         parameter = parameters[name]
-        _fill(parameter, _checked(record[name], np.float16, tuple(parameter.shape), f"{tag}: {name}").astype(np.float32))
+        values = _checked(record[name], np.float16, tuple(parameter.shape), f"{tag}: {name}")
+        _fill(parameter, values.astype(np.float32))
     starts = np.cumsum([0] + counts)
     for name, start, count in zip(matrices, starts, counts):
         parameter = parameters[name]

@@ -35,7 +35,8 @@ def decode_base_cells(payload: bytes, resolution: int, max_cells: int) -> Tensor
     """Sorted occupied cell ids from :func:`encode_base_cells` bytes; ``FormatError`` before decoding if the grid has
     more than ``max_cells`` cells."""
     if resolution**3 > max_cells:
-        raise FormatError(f"level 0's {resolution}^3 grid has more cells than the {max_cells:,} a decoded file may hold")
+        cap = f"the {max_cells:,} a decoded file may hold"
+        raise FormatError(f"level 0's {resolution}^3 grid has more cells than {cap}")
     occupancy = decode_symbols(payload, resolution**3, 2, "base occupancy")
     return torch.from_numpy(np.flatnonzero(occupancy)).long()
 
