@@ -181,9 +181,9 @@ def test_missing_data_fails_in_one_line(make_dir, message, tmp_path, offline_env
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--pipeline.model.index-bits", "17"], "index_bits (b) must be in"),
-        (["--pipeline.model.index-bits", "0"], "index_bits (b) must be in"),
-        (["--pipeline.model.num-levels", "0"], "num_levels (L) must be >= 1"),
+        (["--pipeline.model.index-bits", "17"], "index_bits (b) must be an integer in 1..16, got 17"),
+        (["--pipeline.model.index-bits", "0"], "index_bits (b) must be an integer in 1..16, got 0"),
+        (["--pipeline.model.num-levels", "0"], "num_levels (L) must be an integer in 1..8, got 0"),
     ],
 )
 def test_bad_model_flags_fail_clearly(flags, message, demo_scene, tmp_path, offline_env):
