@@ -228,7 +228,7 @@ class SparseFeatureGrid(nn.Module):
         if lod is None:
             lod = torch.full(unit_positions.shape[:1], max_level, dtype=torch.long, device=unit_positions.device)
         lod = lod.clamp(0, max_level)
-        if self.fused and grid_interpolation.available(unit_positions):
+        if self.fused and grid_interpolation.available(unit_positions, self.feature_dim, max_level + 1):
             return self._fused_forward(unit_positions, lod, max_level)
         features = torch.zeros(unit_positions.shape[0], self.feature_dim, device=unit_positions.device)
         inside = torch.zeros(unit_positions.shape[0], dtype=torch.bool, device=unit_positions.device)

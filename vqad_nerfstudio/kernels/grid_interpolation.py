@@ -25,9 +25,9 @@ except ImportError:  # CPU-only installs: the PyTorch path is used
     triton = None
 
 
-def available(tensor: Tensor) -> bool:
-    """Whether the fused kernel can run on ``tensor``'s device."""
-    return triton is not None and tensor.is_cuda
+def available(positions: Tensor, width: int, levels: int) -> bool:
+    """Whether the fused kernel can interpolate ``positions`` (on their device, with 32-bit per-point offsets)."""
+    return triton is not None and positions.is_cuda and positions.shape[0] * max(width, levels, 3) < 2**31
 
 
 if triton is not None:
