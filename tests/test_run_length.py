@@ -1,4 +1,4 @@
-"""Schedules follow the run's length: short runs grow their fine levels and decay their learning rates within it."""
+"""Schedules follow the run's length: short runs prune and decay their learning rates within the run."""
 
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ def _prune_steps(run: int, prune_steps) -> tuple:
 @pytest.mark.parametrize(
     "run, prune_steps, expected",
     [
-        (400, (500, 1000, 2000), (66, 133, 266)),  # ends before the fine levels grow: scaled by 400 / 3000
-        (600, (500, 1000, 2000), (500, 1000, 2000)),
+        (400, (500, 1000, 2000), (66, 133, 266)),  # ends before the last pruning: scaled by 400 / 3000
         (5000, (500, 1000, 2000), (500, 1000, 2000)),
         (250, (200,), (200,)),  # the user's steps fit the run: kept
     ],

@@ -100,7 +100,7 @@ class VQADModelConfig(ModelConfig):
     """Space is empty where one finest voxel of it would be more transparent than this opacity (sampling, pruning)."""
     prune_steps: Tuple[int, ...] = (500, 1000, 2000)
     """Steps at which cells with no density above the threshold are pruned; the first one grows the fine levels.
-    A run that would end before the first of them prunes at steps scaled by its length / prune_steps_reference_run."""
+    A run that would end before the last of them prunes at steps scaled by its length / prune_steps_reference_run."""
     prune_steps_reference_run: int = 3000
     """Run length (steps) for which prune_steps are written (see prune_steps)."""
     index_warmup_steps: int = 1000
@@ -274,7 +274,7 @@ class VQADModel(Model):
         if trainer is not None:
             run = trainer.config.max_num_iterations
             warmup = min(warmup, run // 3)
-            if prune_steps and min(prune_steps) >= run:  # the run would end before its fine levels grow
+            if prune_steps and max(prune_steps) >= run:  # the run would end before the last pruning
                 scale = run / self.config.prune_steps_reference_run
                 prune_steps = tuple(sorted({int(step * scale) for step in prune_steps}))
 
