@@ -11,7 +11,8 @@ levels up to the requested level of detail. Points in unoccupied cells get no fe
 level and are reported as outside (the field gives them zero density).
 
 The topology (sorted linear ids of occupied cells, per level) is part of the module state and is
-saved in checkpoints; vertex lookup tables are derived from it.
+saved in checkpoints; the sparse lookup tables (each cell's 8 corner rows) are derived from it. On CUDA
+the levels are interpolated by one fused kernel (:mod:`vqad_nerfstudio.kernels.grid_interpolation`).
 """
 
 from __future__ import annotations
