@@ -37,7 +37,8 @@ def test_weights_and_transmittance_match_the_dense_formula() -> None:
     samples = packed.pack(starts, ends, keep)
     dense_transmittance, dense_weights = _dense_weights(starts, ends, keep, density)
     tau = density[keep] * samples.deltas
-    torch.testing.assert_close(packed.transmittance(tau, samples.ray_indices, samples.num_rays), dense_transmittance[keep])
+    transmittance = packed.transmittance(tau, samples.ray_indices, samples.num_rays)
+    torch.testing.assert_close(transmittance, dense_transmittance[keep])
     torch.testing.assert_close(packed.render_weights(density[keep], samples), dense_weights[keep])
 
 

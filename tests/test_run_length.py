@@ -9,8 +9,8 @@ import pytest
 import torch
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.engine.callbacks import TrainingCallbackAttributes
-
 from vqad_nerfstudio.method_configs.vqad import vqad
+
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 from vqad_nerfstudio.training import shorten_schedules
 

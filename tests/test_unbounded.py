@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 from nerfstudio.engine.optimizers import Optimizers
+from vqad_nerfstudio.method_configs.vqad import vqad
 
 from vqad_nerfstudio.demo.scene import DemoSceneConfig, write_demo_scene
-from vqad_nerfstudio.method_configs.vqad import vqad
 
 
 @pytest.fixture(autouse=True)

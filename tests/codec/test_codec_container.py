@@ -9,7 +9,6 @@ from vqad_nerfstudio.codec import (
     BadMagicError,
     ChecksumError,
     Chunk,
-    CodecError,
     FormatError,
     TruncatedError,
     UnsupportedVersionError,

@@ -109,9 +109,8 @@ if triton is not None:
         y = tl.load(positions + point * 3 + 1, mask=in_range, other=0.0)
         z = tl.load(positions + point * 3 + 2, mask=in_range, other=0.0)
         lod = tl.load(lods + point, mask=in_range, other=-1)
-        grad = tl.load(
-            grad_out + point[:, None] * WIDTH + channel[None, :], mask=in_range[:, None] & channel_ok[None, :], other=0.0
-        )
+        grad_mask = in_range[:, None] & channel_ok[None, :]
+        grad = tl.load(grad_out + point[:, None] * WIDTH + channel[None, :], mask=grad_mask, other=0.0)
         has_grad = tl.max(tl.abs(grad), axis=1) > 0  # zero rows add nothing: skip their atomics
         for level in tl.static_range(LEVELS):
             resolution = BASE_RESOLUTION * (1 << level)

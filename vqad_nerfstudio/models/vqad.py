@@ -5,10 +5,11 @@ sparse grid's occupied cells at the ray's level of detail are dropped (and, unti
 also those in voxels the occupancy estimate marks empty). The rest are packed ray by ray
 (:mod:`vqad_nerfstudio.rendering.packed`): a density pass without gradients ends each ray once its
 transmittance is negligible, and only the samples in front of that go through :class:`VQADField`
-and are composited (``sampling="dense"`` keeps the reference [rays, samples] path). From the first pruning on, training samples exactly what a
-decoded model samples (the stored topology). Training callbacks update the occupancy estimate and
-prune the grid to the occupied region; each ray is trained at the finest level of detail or, for a
-fraction of rays, at a random coarser one so that every prefix of the levels renders.
+and are composited (``sampling="dense"`` keeps the reference [rays, samples] path). From the first
+pruning on, training samples exactly what a decoded model samples (the stored topology). Training
+callbacks update the occupancy estimate and prune the grid to the occupied region; each ray is
+trained at the finest level of detail or, for a fraction of rays, at a random coarser one so that
+every prefix of the levels renders.
 """
 
 from __future__ import annotations
