@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vqad_nerfstudio.encodings.kmeans import kmeans
+from vqad_nerfstudio.encodings.kmeans import entropy_constrained, kmeans, squared_distances
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
 
 
@@ -95,3 +95,86 @@ def test_checkpoints_load_before_and_after_the_warm_up():
     older = {k: v for k, v in during.state_dict().items() if k != "warmup_features"}  # saved before the table existed
     resumed.load_state_dict(older)
     assert not resumed.in_float_warmup
+
+
+def test_weighted_kmeans_pulls_centroids_towards_important_points():
+    points = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    weights = torch.tensor([1.0, 1.0, 1.0, 97.0])
+    centroids, assignment = kmeans(points, 1, weights=weights)
+    assert torch.allclose(centroids, torch.tensor([[(0 + 1 + 2 + 3 * 97) / 100]]))
+    assert assignment.tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("weights", [torch.ones(3), torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([1.0, 1, 1, 1e400])])
+def test_kmeans_rejects_bad_weights(weights):
+    with pytest.raises(ValueError, match="weights"):
+        kmeans(torch.zeros(4, 2), 2, weights=weights)
+
+
+def _gaussian_rows(rows: int = 3000, dim: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _entropy_bits(assignment: torch.Tensor) -> float:
+    shares = torch.bincount(assignment).float() / assignment.numel()
+    shares = shares[shares > 0]
+    return float(-(shares * torch.log2(shares)).sum())
+
+
+def test_entropy_constrained_quantisation_trades_error_for_bits():
+    points = _gaussian_rows()
+    weights = torch.ones(points.shape[0])
+    start, _ = kmeans(points, 16, generator=torch.Generator().manual_seed(0))
+    entropies, errors = [], []
+    for rate in (0.0, 0.2, 1.0, 5.0):
+        centroids, assignment, bits = entropy_constrained(points, start, weights, rate)
+        entropies.append(_entropy_bits(assignment))
+        errors.append(float((points - centroids[assignment]).square().sum(dim=-1).mean()))
+        # the assignment is the least-cost choice under the centroids and code lengths returned
+        cost = squared_distances(points, centroids) + rate * bits
+        assert torch.equal(cost.gather(1, assignment[:, None]), cost.min(dim=-1, keepdim=True).values)
+    assert entropies == sorted(entropies, reverse=True) and entropies[-1] < entropies[0] - 1.0
+    assert errors == sorted(errors)
+
+
+def test_quantising_with_a_rate_shrinks_the_coded_indices_and_spares_important_rows():
+    from vqad_nerfstudio.codec import encode_categorical
+
+    features = _gaussian_rows(rows=4000)
+    importance = torch.full((4000,), 1e-3)
+    importance[:200] = 100.0  # a few rows matter (the surface), most hardly (empty or hidden space)
+    sizes = {}
+    for rate in (0.0, 2.0):
+        torch.manual_seed(0)
+        store = CodebookFeatures(4000, 6, 4, float_warmup=True)
+        store.warmup_features.data = features.clone()
+        store.quantize_float_warmup(generator=torch.Generator().manual_seed(0), importance=importance, rate=rate)
+        indices = store.hard_indices()
+        sizes[rate] = len(encode_categorical(indices.numpy(), 64))
+        nearest = squared_distances(features, store.codebook.detach()).argmin(dim=-1) == indices
+        assert nearest[:200].float().mean() > 0.9  # the important rows (nearly all) keep their nearest codeword
+        if rate > 0:
+            assert nearest[200:].float().mean() < 0.5  # the others mostly give theirs up for a frequent one
+    assert sizes[2.0] < 0.5 * sizes[0.0]
+
+
+def test_quantising_without_importance_or_rate_is_plain_kmeans():
+    store, twin = _warm_store(), _warm_store()
+    store.quantize_float_warmup(generator=torch.Generator().manual_seed(0))
+    twin.quantize_float_warmup(generator=torch.Generator().manual_seed(0), importance=torch.zeros(200))
+    assert torch.equal(store.codebook, twin.codebook) and torch.equal(store.logits, twin.logits)
+
+
+def test_fisher_importance_reads_adams_second_moments():
+    from types import SimpleNamespace
+
+    from vqad_nerfstudio.models.vqad import fisher_importance
+
+    rows = torch.nn.Parameter(torch.zeros(3, 2))
+    adam = torch.optim.Adam([rows])
+    optimizers = SimpleNamespace(optimizers={"grid_features": adam})
+    assert fisher_importance(optimizers, rows) is None and fisher_importance(None, rows) is None  # no state yet
+    rows.grad = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]])
+    adam.step()
+    importance = fisher_importance(optimizers, rows)
+    assert importance is not None and torch.allclose(importance, 0.001 * torch.tensor([5.0, 0.0, 9.0]))

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from vqad_nerfstudio.encodings.kmeans import kmeans, squared_distances
+from vqad_nerfstudio.encodings.kmeans import entropy_constrained, kmeans, squared_distances
 
 
 def _relaxed_logit_grad(logits: Tensor, grad_soft: Tensor, temperature: float) -> Tensor:
@@ -215,6 +215,10 @@ class FeatureStore(nn.Module):
 ParameterSwap = Tuple[nn.Parameter, nn.Parameter]
 """(old, new) parameter after a row remap."""
 
+MIN_RELATIVE_IMPORTANCE = 1e-3
+"""Floor of a row's importance relative to its level's mean when quantising (rows no ray saw still get a codeword
+that is near, among those of similar cost)."""
+
 
 def check_codewords(
     codebook: Tensor, indices: Tensor, like: Tensor, rows: int, choices: int, frozen: bool, what: str
@@ -355,20 +359,38 @@ class CodebookFeatures(FeatureStore):
 
     @torch.no_grad()
     def quantize_float_warmup(
-        self, iterations: int = 25, generator: Optional[torch.Generator] = None
+        self,
+        iterations: int = 25,
+        generator: Optional[torch.Generator] = None,
+        importance: Optional[Float[Tensor, "m"]] = None,
+        rate: float = 0.0,
     ) -> List[ParameterSwap]:
-        """End the float warm-up: the k-means centroids of the warm-up rows become the codebook, and each row's
-        logits minus its squared distances to them over the mean squared quantisation error (the argmax is the
-        nearest codeword; the softmax keeps the next nearest within reach of the straight-through gradient).
+        """End the float warm-up: turn the warm-up rows into the codebook and every row's index logits.
+
+        The codebook is the k-means of the rows weighted by ``importance`` (how much each row's error costs,
+        e.g. the Fisher information of its features; uniform when None). With ``rate > 0`` the assignment is then
+        refined by entropy-constrained quantisation (:func:`entropy_constrained`), each bit of a row's index
+        worth ``rate`` times the level's mean weighted quantisation error: rows that matter little share a few
+        frequent codewords, which an entropy coder stores in few bits. Each row's logits are minus its squared
+        distances to the codewords plus the rate term over its importance, in units of that mean error: the argmax
+        is the chosen codeword, and the softmax keeps the next best within reach of the straight-through gradient.
         The warm-up table is replaced by an empty parameter; returns the swap for optimisers."""
         if not self.in_float_warmup:
             return []
         features = self.warmup_features.detach().float()
-        centroids, _ = kmeans(features, 2**self.index_bits, iterations, generator)
+        clusters = 2**self.index_bits
+        weights = torch.ones(features.shape[0], device=features.device)
+        if importance is not None and features.shape[0] and bool(importance.sum() > 0):
+            weights = (importance.float() / importance.float().mean()).clamp_min(MIN_RELATIVE_IMPORTANCE)
+        centroids, assignment = kmeans(features, clusters, iterations, generator, weights)
         distances = squared_distances(features, centroids)
-        scale = distances.min(dim=-1).values.mean().clamp_min(1e-12)
+        unit = (weights * distances.gather(1, assignment[:, None])[:, 0]).mean().clamp_min(1e-12)
+        costs = distances
+        if rate > 0:
+            centroids, _, bits = entropy_constrained(features, centroids, weights, rate * float(unit))
+            costs = squared_distances(features, centroids) + rate * float(unit) * bits / weights[:, None]
         self.codebook.data = centroids.to(self.codebook.dtype)
-        self.logits.data = (-distances / scale).to(self.logits.dtype)
+        self.logits.data = (-costs / unit).to(self.logits.dtype)
         self.logits.grad = self.codebook.grad = None
         old = self.warmup_features
         self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))

@@ -15,13 +15,14 @@ every prefix of the levels renders.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Tuple, Type
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from nerfstudio.cameras.camera_optimizers import CameraOptimizer, CameraOptimizerConfig
 from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.model_components.losses import MSELoss
 from nerfstudio.model_components.ray_samplers import UniformLinDispPiecewiseSampler, UniformSampler
 from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
@@ -111,6 +112,15 @@ class VQADModelConfig(ModelConfig):
     """What the warm-up trains. 'float': free float features per vertex (as the float twin), which k-means then
     turns into each level's codebook, each vertex taking its nearest codeword as index.
     'soft': soft indices, the forward pass uses softmax(C/t) @ codebook (the paper)."""
+    quantization_rate: float = 0.0
+    """Rate weight of the quantisation that ends a float warm-up: each bit of a vertex's entropy-coded index is
+    worth this many times its level's mean quantisation error, so vertices that matter little share a few frequent
+    codewords (entropy-constrained k-means). 0: every vertex takes its nearest codeword. Worth raising with more
+    index_bits: a larger codebook for the vertices that matter, few bits for the rest."""
+    quantization_importance: Literal["fisher", "uniform"] = "fisher"
+    """How the quantisation weighs each vertex's error. 'fisher': by the optimiser's running mean of the squared
+    gradient of the vertex's float features (the diagonal Fisher information: how much the loss feels a change of
+    that vertex; 0 for vertices no ray reaches). 'uniform': all alike."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
@@ -163,6 +173,7 @@ class VQADModelConfig(ModelConfig):
         for temperature in self.index_temperature:
             check_real("each index_temperature", temperature, 0.0, open_low=True)
         check_real("index_rate_weight", self.index_rate_weight, 0.0)
+        check_real("quantization_rate", self.quantization_rate, 0.0)
         check_real("coarse_lod_fraction", self.coarse_lod_fraction, 0.0, 1.0)
 
 
@@ -287,7 +298,7 @@ class VQADModel(Model):
         def relax_indices(step: int) -> None:
             self._set_index_relaxation(step, warmup)
             if step >= warmup:
-                follow(self._quantize_float_warmup())
+                follow(self._quantize_float_warmup(training_callback_attributes.optimizers))
 
         def prune(step: int) -> None:
             follow(self.grid.prune(self._cells_with_density))
@@ -315,12 +326,17 @@ class VQADModel(Model):
                 level.features.temperature = start ** (1.0 - progress) * end**progress if soft else end
                 level.features.relaxed = soft and step < warmup
 
-    def _quantize_float_warmup(self) -> List[RowRemap]:
-        """End a float warm-up: k-means turns each level's float rows into its codebook and indices."""
+    def _quantize_float_warmup(self, optimizers: Optional[Optimizers] = None) -> List[RowRemap]:
+        """End a float warm-up: each level's float rows become its codebook and indices (importance-weighted,
+        entropy-constrained k-means; the importance from ``optimizers``' state where the config asks for it)."""
         remaps = []
         for level in self.grid.levels:
-            if isinstance(level.features, CodebookFeatures) and level.features.in_float_warmup:
-                swaps = level.features.quantize_float_warmup()
+            store = level.features
+            if isinstance(store, CodebookFeatures) and store.in_float_warmup:
+                importance = None
+                if self.config.quantization_importance == "fisher":
+                    importance = fisher_importance(optimizers, store.warmup_features)
+                swaps = store.quantize_float_warmup(importance=importance, rate=self.config.quantization_rate)
                 remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
         return remaps
 
@@ -481,6 +497,16 @@ def psnr(prediction: Tensor, target: Tensor) -> Tensor:
     return -10.0 * torch.log10(torch.mean((prediction - target) ** 2))
 
 
+def fisher_importance(optimizers: Optional[Optimizers], rows: Parameter) -> Optional[Float[Tensor, "m"]]:
+    """Per row of ``rows``, Adam's running mean of the squared gradient summed over the row's columns: the diagonal
+    Fisher information of the row, i.e. how much the loss feels a change of it. None without such state."""
+    for optimizer in [] if optimizers is None else optimizers.optimizers.values():
+        state = optimizer.state.get(rows, {})
+        if torch.is_tensor(state.get("exp_avg_sq")) and state["exp_avg_sq"].shape == rows.shape:
+            return state["exp_avg_sq"].float().sum(dim=-1)
+    return None
+
+
 def _remap_optimizer_state(optimizers, remap: RowRemap) -> None:
     """Point optimisers at the replaced row parameters; carry moments of surviving rows over."""
     keep = remap.source_rows >= 0
@@ -499,4 +525,4 @@ def _remap_optimizer_state(optimizers, remap: RowRemap) -> None:
             optimizer.state[new] = state
 
 
-__all__ = ["VQADModel", "VQADModelConfig"]
+__all__ = ["VQADModel", "VQADModelConfig", "fisher_importance"]
