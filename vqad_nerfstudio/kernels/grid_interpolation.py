@@ -45,6 +45,35 @@ if triton is not None:
         return scaled - tl.minimum(tl.maximum(tl.floor(scaled), 0.0), RES - 1.0)
 
     @triton.jit
+    def _block_points(positions, lods, n_points, WIDTH: tl.constexpr, WIDTH_POW2: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's points (ids, which exist, coordinates, levels of detail) and the feature channels."""
+        point = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        in_range = point < n_points
+        channel = tl.arange(0, WIDTH_POW2)
+        channel_ok = channel < WIDTH
+        x = tl.load(positions + point * 3, mask=in_range, other=0.0)
+        y = tl.load(positions + point * 3 + 1, mask=in_range, other=0.0)
+        z = tl.load(positions + point * 3 + 2, mask=in_range, other=0.0)
+        lod = tl.load(lods + point, mask=in_range, other=-1)
+        return point, in_range, channel, channel_ok, x, y, z, lod
+
+    @triton.jit
+    def _level_cell(
+        cell_index, n_points, point, in_range, lod, x, y, z, LEVEL: tl.constexpr, BASE_RESOLUTION: tl.constexpr
+    ):
+        """The points' cells at ``LEVEL`` (rows of ``corner_rows``), which contribute, and the points' place in them."""
+        resolution: tl.constexpr = BASE_RESOLUTION * (1 << LEVEL)
+        cell = tl.load(cell_index + LEVEL * n_points + point, mask=in_range, other=-1).to(tl.int64)
+        valid = in_range & (cell >= 0) & (lod >= LEVEL)
+        return cell, valid, _cell_frac(x, resolution), _cell_frac(y, resolution), _cell_frac(z, resolution)
+
+    @triton.jit
+    def _corner(corner_rows, cell, valid, fx, fy, fz, CORNER: tl.constexpr):
+        """The table row (int64) and trilinear weight of each cell's corner ``CORNER``."""
+        row = tl.load(corner_rows + cell * 8 + CORNER, mask=valid, other=0).to(tl.int64)
+        return row, _corner_weight(fx, fy, fz, CORNER)
+
+    @triton.jit
     def _interpolate_forward(
         positions,
         lods,
@@ -59,25 +88,16 @@ if triton is not None:
         WIDTH_POW2: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        point = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        in_range = point < n_points
-        channel = tl.arange(0, WIDTH_POW2)
-        channel_ok = channel < WIDTH
-        x = tl.load(positions + point * 3, mask=in_range, other=0.0)
-        y = tl.load(positions + point * 3 + 1, mask=in_range, other=0.0)
-        z = tl.load(positions + point * 3 + 2, mask=in_range, other=0.0)
-        lod = tl.load(lods + point, mask=in_range, other=-1)
+        point, in_range, channel, channel_ok, x, y, z, lod = _block_points(
+            positions, lods, n_points, WIDTH, WIDTH_POW2, BLOCK
+        )
         acc = tl.zeros((BLOCK, WIDTH_POW2), dtype=tl.float32)
         for level in tl.static_range(LEVELS):
-            resolution = BASE_RESOLUTION * (1 << level)
-            cell = tl.load(cell_index + level * n_points + point, mask=in_range, other=-1).to(tl.int64)
-            valid = in_range & (cell >= 0) & (lod >= level)
-            fx = _cell_frac(x, resolution)
-            fy = _cell_frac(y, resolution)
-            fz = _cell_frac(z, resolution)
+            cell, valid, fx, fy, fz = _level_cell(
+                cell_index, n_points, point, in_range, lod, x, y, z, level, BASE_RESOLUTION
+            )
             for corner in tl.static_range(8):
-                row = tl.load(corner_rows + cell * 8 + corner, mask=valid, other=0).to(tl.int64)
-                weight = _corner_weight(fx, fy, fz, corner)
+                row, weight = _corner(corner_rows, cell, valid, fx, fy, fz, corner)
                 feature = tl.load(
                     tables + row[:, None] * WIDTH + channel[None, :],
                     mask=valid[:, None] & channel_ok[None, :],
@@ -101,27 +121,19 @@ if triton is not None:
         WIDTH_POW2: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        point = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        in_range = point < n_points
-        channel = tl.arange(0, WIDTH_POW2)
-        channel_ok = channel < WIDTH
-        x = tl.load(positions + point * 3, mask=in_range, other=0.0)
-        y = tl.load(positions + point * 3 + 1, mask=in_range, other=0.0)
-        z = tl.load(positions + point * 3 + 2, mask=in_range, other=0.0)
-        lod = tl.load(lods + point, mask=in_range, other=-1)
+        point, in_range, channel, channel_ok, x, y, z, lod = _block_points(
+            positions, lods, n_points, WIDTH, WIDTH_POW2, BLOCK
+        )
         grad_mask = in_range[:, None] & channel_ok[None, :]
         grad = tl.load(grad_out + point[:, None] * WIDTH + channel[None, :], mask=grad_mask, other=0.0)
         has_grad = tl.max(tl.abs(grad), axis=1) > 0  # zero rows add nothing: skip their atomics
         for level in tl.static_range(LEVELS):
-            resolution = BASE_RESOLUTION * (1 << level)
-            cell = tl.load(cell_index + level * n_points + point, mask=in_range, other=-1).to(tl.int64)
-            valid = in_range & (cell >= 0) & (lod >= level) & has_grad
-            fx = _cell_frac(x, resolution)
-            fy = _cell_frac(y, resolution)
-            fz = _cell_frac(z, resolution)
+            cell, valid, fx, fy, fz = _level_cell(
+                cell_index, n_points, point, in_range, lod, x, y, z, level, BASE_RESOLUTION
+            )
+            valid = valid & has_grad
             for corner in tl.static_range(8):
-                row = tl.load(corner_rows + cell * 8 + corner, mask=valid, other=0).to(tl.int64)
-                weight = _corner_weight(fx, fy, fz, corner)
+                row, weight = _corner(corner_rows, cell, valid, fx, fy, fz, corner)
                 tl.atomic_add(
                     grad_tables + row[:, None] * WIDTH + channel[None, :],
                     weight[:, None] * grad,
