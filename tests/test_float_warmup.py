@@ -178,3 +178,44 @@ def test_fisher_importance_reads_adams_second_moments():
     adam.step()
     importance = fisher_importance(optimizers, rows)
     assert importance is not None and torch.allclose(importance, 0.001 * torch.tensor([5.0, 0.0, 9.0]))
+
+
+def test_training_callback_quantises_with_the_optimisers_fisher_information():
+    """The warm-up ends inside ns-train's callback: the importance comes from the optimisers' state, the rate
+    shrinks the coded indices, and the optimisers follow the replaced parameters."""
+    import copy
+
+    from nerfstudio.data.scene_box import SceneBox
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
+    from nerfstudio.engine.optimizers import Optimizers
+
+    from vqad_nerfstudio.codec import encode_categorical
+    from vqad_nerfstudio.method_configs.vqad import vqad
+
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    coded = {}
+    for rate in (0.0, 4.0):
+        torch.manual_seed(0)
+        config = copy.deepcopy(vqad.config)
+        model_config = config.pipeline.model
+        model_config.num_levels, model_config.base_resolution, model_config.dense_resolution = 1, 16, 16
+        model_config.index_bits, model_config.index_warmup_steps, model_config.quantization_rate = 6, 1, rate
+        model = model_config.setup(scene_box=box, num_train_data=1)
+        optimizers = Optimizers(config.optimizers, model.get_param_groups())
+        store = model.grid.levels[0].features
+        seen = torch.arange(0, store.num_rows, 7)  # the rows rays reach get gradients, the others none
+        store(seen).square().sum().backward()
+        optimizers.optimizer_step_all()
+        callbacks = model.get_training_callbacks(TrainingCallbackAttributes(optimizers, None, None, None))
+        for callback in callbacks:
+            callback.run_callback_at_location(1, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        assert not store.in_float_warmup
+        grouped = {id(p) for group in optimizers.optimizers["grid_features"].param_groups for p in group["params"]}
+        assert id(store.warmup_features) in grouped
+        indices = store.hard_indices()
+        coded[rate] = len(encode_categorical(indices.numpy(), 64))
+        if rate > 0:  # the unseen rows (no Fisher information) share one codeword
+            unseen = torch.ones(store.num_rows, dtype=torch.bool)
+            unseen[seen] = False
+            assert torch.bincount(indices[unseen]).max() > 0.9 * int(unseen.sum())
+    assert coded[4.0] < 0.5 * coded[0.0]
