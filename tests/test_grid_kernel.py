@@ -30,10 +30,10 @@ def _grid(store: str, generator: torch.Generator) -> SparseFeatureGrid:
     return grid.cuda()
 
 
-def _forward_backward(grid: SparseFeatureGrid, fused: bool, points, lods, grad_out):
+def _forward_backward(grid: SparseFeatureGrid, fused: bool, points, lods, grad_out, located=None):
     grid.fused = fused
     grid.zero_grad(set_to_none=True)
-    features, inside = grid(points, lods)
+    features, inside = grid(points, lods, located)
     (features * grad_out).sum().backward()
     grads = {name: p.grad.clone() for name, p in grid.named_parameters() if p.grad is not None}
     return features.detach(), inside, grads
@@ -63,5 +63,45 @@ def test_fused_interpolation_of_an_empty_batch() -> None:
     grid = _grid("float", torch.Generator().manual_seed(1))
     points = torch.zeros(0, 3, device="cuda")
     features, inside = grid(points, torch.zeros(0, dtype=torch.long, device="cuda"))
+    assert features.shape == (0, 16) and inside.shape == (0,)
+    features.sum().backward()
+
+
+def _compare(grid: SparseFeatureGrid, points, lods, grad_out, located) -> None:
+    reference = _forward_backward(grid, False, points, lods, grad_out, located)
+    fused = _forward_backward(grid, True, points, lods, grad_out, located)
+    assert torch.equal(fused[1], reference[1])
+    torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-5)
+    assert fused[2].keys() == reference[2].keys() and fused[2]
+    for name in reference[2]:
+        torch.testing.assert_close(fused[2][name], reference[2][name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("store", ["float", "codebook"])
+def test_fused_interpolation_of_located_cells_matches_reference(store: str) -> None:
+    """Cells located once for all candidates, then gathered for a subset of them (the packed samples), at all grown
+    levels (training) and at levels 0..1 only (rendering at level of detail 1)."""
+    generator = torch.Generator().manual_seed(2)
+    grid = _grid(store, generator)
+    candidates = (torch.rand(30000, 3, generator=generator) * 1.2 - 0.1).cuda()
+    located = grid.locate(candidates)
+    assert located.shape == (candidates.shape[0], grid.num_levels) and located.dtype == torch.int32
+    assert torch.equal(located.cpu(), grid.cpu().locate(candidates.cpu()))  # the same cells on either device
+    grid.cuda()
+    subset = torch.randperm(candidates.shape[0], generator=generator)[:20000].cuda()
+    points, lods = candidates[subset], torch.randint(0, grid.num_levels, (subset.shape[0],), generator=generator)
+    grad_out = torch.randn(subset.shape[0], 16, generator=generator).cuda()
+    lods = lods.cuda()
+    assert torch.equal(grid(points, lods, located[subset])[1], grid(points, lods)[1])
+    _compare(grid, points, lods, grad_out, located[subset])
+    _compare(grid, points, lods.clamp_max(1), grad_out, grid.locate(candidates, 2)[subset])
+
+
+def test_fused_interpolation_of_an_empty_batch_of_located_cells() -> None:
+    grid = _grid("codebook", torch.Generator().manual_seed(3))
+    points = torch.zeros(0, 3, device="cuda")
+    located = grid.locate(points)
+    assert located.shape == (0, grid.num_levels)
+    features, inside = grid(points, torch.zeros(0, dtype=torch.long, device="cuda"), located)
     assert features.shape == (0, 16) and inside.shape == (0,)
     features.sum().backward()

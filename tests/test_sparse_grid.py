@@ -109,3 +109,118 @@ def test_trilinear_weights_interpolate_corners_and_differentiate():
     (grad,) = torch.autograd.grad((weights * upstream).sum(), frac)
     (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), frac)
     torch.testing.assert_close(grad, grad_reference)
+
+
+def _search_each_level(grid, points):
+    """Each point's cell per grown level by its own binary search (the lookup ``locate`` replaces), as rows of the
+    levels' cells concatenated coarse to fine."""
+    columns, cells_before = [], 0
+    for level in grid.levels[: grid.grown_levels()]:
+        coords = (points * level.resolution).floor().long().clamp(0, level.resolution - 1)
+        ids = linear_ids(coords, level.resolution)
+        position = torch.searchsorted(level.cells, ids).clamp_max(level.cells.numel() - 1)
+        found = (level.cells[position] == ids) & ((points >= 0) & (points <= 1)).all(dim=-1)
+        columns.append(torch.where(found, position + cells_before, -1))
+        cells_before += level.cells.numel()
+    return torch.stack(columns, dim=-1)
+
+
+def _probe_points(generator, count=4000):
+    """Random points around the unit cube, some outside, and points on cell faces and the cube's faces."""
+    points = torch.rand(count, 3, generator=generator) * 1.4 - 0.2
+    on_faces = torch.randint(0, 17, (500, 3), generator=generator).float() / 16
+    return torch.cat([points, on_faces, torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.5, 1e-7]])])
+
+
+def test_locate_finds_each_levels_cell_once_for_all_levels():
+    generator = torch.Generator().manual_seed(3)
+    grid = make_grid(store="float", levels=4)
+    points = _probe_points(generator)
+    # before pruning: two dense levels grown, the finer ones empty
+    located = grid.locate(points)
+    assert located.shape == (points.shape[0], 2) and located.dtype == torch.int32
+    assert torch.equal(located.long(), _search_each_level(grid, points))
+
+    grid.prune(keep_ball(torch.tensor([0.4, 0.55, 0.5]), 0.3))
+    assert grid.grown_levels() == 4 and grid.levels[3].num_vertices < 0.5 * 33**3
+    reference = _search_each_level(grid, points)
+    located = grid.locate(points)
+    assert torch.equal(located.long(), reference)
+    for level in range(4):  # every level holds occupied and unoccupied points
+        assert 0 < int((located[:, level] >= 0).sum()) < points.shape[0]
+    for num_levels in (1, 2, 3, 4, 9):
+        assert torch.equal(grid.locate(points, num_levels).long(), reference[:, :num_levels])
+    assert grid.locate(points[:0]).shape == (0, 4)
+
+
+def test_inside_at_each_lod_is_the_located_cell_at_that_lod():
+    generator = torch.Generator().manual_seed(4)
+    grid = make_grid(store="float")
+    grid.prune(keep_ball(torch.tensor([0.5, 0.45, 0.5]), 0.25))
+    points = _probe_points(generator)
+    reference = _search_each_level(grid, points) >= 0
+    located = grid.locate(points)
+    for lod in range(grid.num_levels):
+        lods = torch.full((points.shape[0],), lod)
+        assert torch.equal(grid.inside(points, lod), reference[:, lod])
+        assert torch.equal(grid.inside(points, lods), reference[:, lod])
+        assert torch.equal(SparseFeatureGrid.occupied(located, lods), reference[:, lod])
+    lods = torch.randint(0, grid.num_levels, (points.shape[0],), generator=generator)
+    expected = reference.gather(1, lods[:, None]).squeeze(1)
+    assert torch.equal(grid(points, lods)[1], expected)
+    assert torch.equal(grid(points, lods, located)[1], expected)
+    # per ray: an expanded view of each ray's level of detail, as the model passes it
+    ray_lods = torch.randint(0, grid.num_levels, (points.shape[0] // 7,), generator=generator)
+    rays = located[: ray_lods.shape[0] * 7].view(-1, 7, grid.num_levels)
+    per_candidate = SparseFeatureGrid.occupied(rays, ray_lods[:, None].expand(-1, 7))
+    candidate_lods = ray_lods.repeat_interleave(7)
+    expected = reference[: candidate_lods.shape[0]].gather(1, candidate_lods[:, None]).squeeze(1)
+    assert torch.equal(per_candidate.reshape(-1), expected)
+    assert SparseFeatureGrid.occupied(located[:0], lods[:0]).shape == (0,)
+
+
+def test_forward_with_located_cells_equals_forward_that_locates():
+    """Features, occupancy and gradients are the same whether the cells are found by forward or passed in, also
+    for a subset of the located points (the packed samples) and for cells located at fewer levels."""
+    generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    grid = make_grid(store="codebook")
+    grid.prune(keep_ball(torch.tensor([0.45, 0.5, 0.55]), 0.3))
+    points = _probe_points(generator)
+    located = grid.locate(points)
+    subset = torch.randperm(points.shape[0], generator=generator)[:1500]
+    lods = torch.randint(0, grid.num_levels, (subset.shape[0],), generator=generator)
+    upstream = torch.randn(subset.shape[0], grid.feature_dim, generator=generator)
+
+    def run(*args):
+        grid.zero_grad(set_to_none=True)
+        features, inside = grid(points[subset], *args)
+        (features * upstream).sum().backward()
+        return features.detach(), inside, {n: p.grad.clone() for n, p in grid.named_parameters() if p.grad is not None}
+
+    for given, found in [
+        (run(lods, located[subset]), run(lods)),
+        (run(lods, located[subset][:, :2]), run(lods.clamp_max(1))),
+    ]:
+        assert torch.equal(given[0], found[0]) and torch.equal(given[1], found[1])
+        assert given[2].keys() == found[2].keys() and given[2]
+        for name in found[2]:
+            assert torch.equal(given[2][name], found[2][name]), name
+    features, inside = grid(points[:0], lods[:0], located[:0])
+    assert features.shape == (0, grid.feature_dim) and inside.shape == (0,)
+
+
+def test_located_cells_interpolate_each_levels_own_vertices():
+    """With each vertex holding its own position, every level interpolates a point back to itself: a point inside
+    at level of detail ``l`` gets ``(l + 1) * position`` (wrong cells or rows would give other vertices)."""
+    generator = torch.Generator().manual_seed(6)
+    grid = SparseFeatureGrid(4, 3, lambda level, rows: FloatFeatures(rows, 3), dense_resolution=8)
+    grid.prune(keep_ball(torch.tensor([0.5, 0.4, 0.5]), 0.3))
+    for level in grid.levels:
+        level.features.load_features(coords_of(level.vertex_ids, level.resolution + 1).float() / level.resolution)
+    points = _probe_points(generator)
+    located = grid.locate(points)
+    lods = torch.randint(0, grid.num_levels, (points.shape[0],), generator=generator)
+    features, inside = grid(points, lods, located)
+    assert 0.05 < inside.float().mean() < 0.5
+    torch.testing.assert_close(features[inside], (lods[inside, None] + 1) * points[inside])

@@ -11,8 +11,10 @@ levels up to the requested level of detail. Points in unoccupied cells get no fe
 level and are reported as outside (the field gives them zero density).
 
 The topology (sorted linear ids of occupied cells, per level) is part of the module state and is
-saved in checkpoints; the sparse lookup tables (each cell's 8 corner rows) are derived from it. On CUDA
-the levels are interpolated by one fused kernel (:mod:`vqad_nerfstudio.kernels.grid_interpolation`).
+saved in checkpoints; the sparse lookup tables (each cell's 8 corner rows) are derived from it. A point's
+cells at every level are found once (:meth:`SparseFeatureGrid.locate`) and can be passed to each lookup of
+the same points. On CUDA the levels are interpolated by one fused kernel
+(:mod:`vqad_nerfstudio.kernels.grid_interpolation`).
 """
 
 from __future__ import annotations
@@ -92,9 +94,9 @@ def sorted_positions(sorted_ids: Int[Tensor, "m"], ids: Int[Tensor, "n"]) -> Int
 class GridLevel(nn.Module):
     """One level of detail: occupied cells, their vertices and the vertices' feature rows.
 
-    Lookups are sparse: a point's cell is found by binary search in the sorted occupied cells, and each
-    occupied cell lists the feature rows of its 8 corners, so memory grows with the occupied cells, not with
-    the level's resolution."""
+    Lookups are sparse: a point's cell is found by binary search in the sorted occupied cells
+    (:meth:`SparseFeatureGrid.locate`), and each occupied cell lists the feature rows of its 8 corners, so memory
+    grows with the occupied cells, not with the level's resolution."""
 
     cells: Tensor
     vertex_ids: Tensor
@@ -143,25 +145,16 @@ class GridLevel(nn.Module):
             self.set_cells(cells, in_place=True)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def cell_index(self, unit_positions: Float[Tensor, "n 3"]) -> Int[Tensor, "n"]:
-        """Index (into :attr:`cells`) of the occupied cell holding each point, -1 where there is none."""
-        cell = (unit_positions * self.resolution).floor().long().clamp(0, self.resolution - 1)
-        inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
-        index = sorted_positions(self.cells, linear_ids(cell, self.resolution))
-        return torch.where(inside_box, index, torch.full_like(index, -1))
-
-    def forward(self, unit_positions: Float[Tensor, "n 3"]) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
-        """Interpolated features (zero outside occupied cells) and the occupancy of each point."""
-        index = self.cell_index(unit_positions)
-        occupied = index >= 0
+    def forward(self, unit_positions: Float[Tensor, "n 3"], cell_index: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
+        """Interpolated features of points in the cells ``cell_index`` (rows of :attr:`cells`; -1: unoccupied, zero)."""
         if self.cells.numel() == 0:
-            return unit_positions.new_zeros(unit_positions.shape[0], self.features.feature_dim), occupied
+            return unit_positions.new_zeros(unit_positions.shape[0], self.features.feature_dim)
         scaled = unit_positions * self.resolution
         frac = scaled - scaled.floor().clamp(0, self.resolution - 1)
-        weights = trilinear_weights(frac) * occupied[:, None].to(frac.dtype)
-        rows = self.corner_rows[index.clamp_min(0)].long()  # [n, 8]; any row where unoccupied (weight 0)
+        weights = trilinear_weights(frac) * (cell_index >= 0)[:, None].to(frac.dtype)
+        rows = self.corner_rows[cell_index.clamp_min(0)].long()  # [n, 8]; any row where unoccupied (weight 0)
         corner_features = self.features(rows.reshape(-1)).reshape(rows.shape[0], 8, -1)
-        return (corner_features * weights[..., None]).sum(dim=1), occupied
+        return (corner_features * weights[..., None]).sum(dim=1)
 
 
 StoreFactory = Callable[[int, int], FeatureStore]
@@ -191,6 +184,10 @@ class SparseFeatureGrid(nn.Module):
             levels.append(GridLevel(resolution, store_factory(level, num_vertices), cells))
         self.levels = nn.ModuleList(levels)
         self.register_buffer("pruned_flag", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("level_resolutions", torch.tensor(self.resolutions), persistent=False)
+        grid_cells = torch.tensor([0] + [resolution**3 for resolution in self.resolutions[:-1]])
+        self.register_buffer("level_key_offsets", torch.cumsum(grid_cells, dim=0), persistent=False)
+        """Added to a level's linear cell ids, these make the levels' sorted cells, concatenated, sorted keys."""
         self.fused = True
         """Interpolate with the fused GPU kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
 
@@ -216,64 +213,81 @@ class SparseFeatureGrid(nn.Module):
             count += 1
         return count
 
-    def forward(
-        self, unit_positions: Float[Tensor, "n 3"], lod: Optional[Int[Tensor, "n"]] = None
-    ) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
-        """Features summed over levels ``<= lod`` (per point; default: all grown levels) and occupancy.
+    def locate(self, unit_positions: Float[Tensor, "n 3"], num_levels: Optional[int] = None) -> Int[Tensor, "n l"]:
+        """Each point's occupied cell at levels ``0..num_levels-1`` (default and at most: the grown levels), as an
+        int32 row of the levels' cells concatenated coarse to fine (-1: unoccupied, or outside the unit cube).
 
-        A point is inside when its cell is occupied at its finest used level.
-        """
-        max_level = self.grown_levels() - 1
-        if max_level < 0:
+        One binary search over all levels: each level's linear cell ids are offset by the sizes of the coarser
+        levels' grids (:attr:`level_key_offsets`), which makes the concatenated cells one sorted list."""
+        grown = self.grown_levels()
+        if grown == 0:
             raise RuntimeError("the sparse grid has no occupied cells at its coarsest level")
+        count = grown if num_levels is None else min(num_levels, grown)
+        resolutions, key_offsets = self.level_resolutions[:count], self.level_key_offsets[:count]
+        scaled = unit_positions[:, None, :] * resolutions[:, None].to(unit_positions.dtype)  # [n, l, 3]
+        coords = torch.minimum(scaled.floor().long().clamp_min(0), resolutions[:, None] - 1)
+        cell_keys = torch.cat([level.cells + offset for level, offset in zip(self.levels[:count], key_offsets)])
+        located = sorted_positions(cell_keys, linear_ids(coords, resolutions) + key_offsets)
+        inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1, keepdim=True)
+        return torch.where(inside_box, located, -1).to(torch.int32)
+
+    @staticmethod
+    def occupied(located: Int[Tensor, "*b l"], lod: Int[Tensor, "*b"]) -> Bool[Tensor, "*b"]:
+        """Whether each point's cell at its level of detail is occupied, given its cells from :meth:`locate`
+        (``lod`` may be an expanded view)."""
+        return located.gather(-1, lod[..., None]).squeeze(-1) >= 0
+
+    def forward(
+        self,
+        unit_positions: Float[Tensor, "n 3"],
+        lod: Optional[Int[Tensor, "n"]] = None,
+        located: Optional[Int[Tensor, "n l"]] = None,
+    ) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
+        """Features summed over levels ``<= lod`` (per point; default: the finest located level) and occupancy.
+
+        ``located``: the points' cells from :meth:`locate` (found here if not given); ``lod`` is clamped to its
+        levels. A point is inside when its cell is occupied at its finest used level.
+        """
+        if located is None:
+            located = self.locate(unit_positions)
+        max_level = located.shape[1] - 1
         if lod is None:
             lod = torch.full(unit_positions.shape[:1], max_level, dtype=torch.long, device=unit_positions.device)
         lod = lod.clamp(0, max_level)
+        inside = self.occupied(located, lod)
         if self.fused and grid_interpolation.available(unit_positions, self.feature_dim, max_level + 1):
-            return self._fused_forward(unit_positions, lod, max_level)
+            return self._fused_forward(unit_positions, lod, located), inside
         features = torch.zeros(unit_positions.shape[0], self.feature_dim, device=unit_positions.device)
-        inside = torch.zeros(unit_positions.shape[0], dtype=torch.bool, device=unit_positions.device)
+        cells_before = 0
         for index in range(int(lod.max()) + 1 if lod.numel() else 0):
-            level_features, occupied = self.levels[index](unit_positions)
-            used = lod >= index
-            features = features + level_features * used[:, None].to(level_features.dtype)
-            inside = torch.where(lod == index, occupied, inside)
+            level, cell = self.levels[index], located[:, index]
+            level_features = level(unit_positions, torch.where(cell >= 0, cell - cells_before, cell))
+            features = features + level_features * (lod >= index)[:, None].to(level_features.dtype)
+            cells_before += level.cells.numel()
         return features, inside
 
     def _fused_forward(
-        self, unit_positions: Float[Tensor, "n 3"], lod: Int[Tensor, "n"], max_level: int
-    ) -> Tuple[Float[Tensor, "n k"], Bool[Tensor, "n"]]:
-        """:meth:`forward` with one fused kernel over the levels (the levels' tables concatenated)."""
-        cell_index, corner_rows, tables = [], [], []
-        cells_before = rows_before = 0
-        for level in self.levels[: max_level + 1]:
-            index = level.cell_index(unit_positions)
-            cell_index.append(torch.where(index >= 0, index + cells_before, index))
+        self, unit_positions: Float[Tensor, "n 3"], lod: Int[Tensor, "n"], located: Int[Tensor, "n l"]
+    ) -> Float[Tensor, "n k"]:
+        """:meth:`forward`'s features by one fused kernel over the located levels (their tables concatenated)."""
+        corner_rows, tables = [], []
+        rows_before = 0
+        for level in self.levels[: located.shape[1]]:
             corner_rows.append(level.corner_rows + rows_before)
             tables.append(level.features.table())
-            cells_before += level.cells.numel()
             rows_before += level.features.num_rows
-        cell_index_all = torch.stack(cell_index)
-        features = grid_interpolation.fused_interpolation(
-            torch.cat(tables), unit_positions, lod, cell_index_all, torch.cat(corner_rows), self.resolutions[0]
+        return grid_interpolation.fused_interpolation(
+            torch.cat(tables), unit_positions, lod, located, torch.cat(corner_rows), self.resolutions[0]
         )
-        return features, cell_index_all.gather(0, lod[None]).squeeze(0) >= 0
 
     def inside(self, unit_positions: Float[Tensor, "n 3"], lod: Union[int, Int[Tensor, "n"]]) -> Bool[Tensor, "n"]:
         """Occupancy of each point at its own level of detail (or at ``lod`` for all), as :meth:`forward` reports it
         (no feature lookups)."""
-        finest = max(self.grown_levels() - 1, 0)
         if isinstance(lod, int):
-            return self.levels[min(max(lod, 0), finest)].cell_index(unit_positions) >= 0
-        lod = lod.clamp(0, finest)
-        if unit_positions.is_cuda:  # every level for every point, then pick: no host synchronisation
-            index = torch.stack([level.cell_index(unit_positions) for level in self.levels[: finest + 1]])
-            return index.gather(0, lod[None]).squeeze(0) >= 0
-        inside = torch.zeros(unit_positions.shape[0], dtype=torch.bool, device=unit_positions.device)
-        for index in lod.unique().tolist():
-            selected = lod == index
-            inside[selected] = self.levels[index].cell_index(unit_positions[selected]) >= 0
-        return inside
+            lod = min(max(lod, 0), self.grown_levels() - 1)
+            return self.locate(unit_positions, lod + 1)[:, lod] >= 0
+        located = self.locate(unit_positions)
+        return self.occupied(located, lod.clamp(0, located.shape[1] - 1))
 
     def prune(self, keep: CellFilter) -> List[RowRemap]:
         """Keep the cells ``keep`` accepts and their neighbours, level by level from coarse to fine.

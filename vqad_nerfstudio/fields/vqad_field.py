@@ -67,10 +67,15 @@ class VQADField(Field):
         return SceneBox.get_normalized_positions(positions, self.aabb)
 
     def density_at(
-        self, unit_positions: Float[Tensor, "n 3"], lod: Optional[Int[Tensor, "n"]] = None
+        self,
+        unit_positions: Float[Tensor, "n 3"],
+        lod: Optional[Int[Tensor, "n"]] = None,
+        located: Optional[Int[Tensor, "n l"]] = None,
     ) -> Tuple[Float[Tensor, "n 1"], Float[Tensor, "n g"], Bool[Tensor, "n"]]:
-        """Density (zero outside occupied space), geometry features and occupancy at unit-cube points."""
-        features, inside = self.grid(unit_positions, lod)
+        """Density (zero outside occupied space), geometry features and occupancy at unit-cube points, at levels of
+        detail ``lod`` (default: the finest); ``located``: the points' cells if already found
+        (:meth:`SparseFeatureGrid.locate`)."""
+        features, inside = self.grid(unit_positions, lod, located)
         hidden = self.density_mlp(features)
         density = trunc_exp(hidden[:, :1] - 1.0) * inside[:, None].to(hidden.dtype)
         return density, hidden[:, 1:], inside

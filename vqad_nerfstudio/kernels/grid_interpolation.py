@@ -59,11 +59,20 @@ if triton is not None:
 
     @triton.jit
     def _level_cell(
-        cell_index, n_points, point, in_range, lod, x, y, z, LEVEL: tl.constexpr, BASE_RESOLUTION: tl.constexpr
+        cell_index,
+        point,
+        in_range,
+        lod,
+        x,
+        y,
+        z,
+        LEVEL: tl.constexpr,
+        LEVELS: tl.constexpr,
+        BASE_RESOLUTION: tl.constexpr,
     ):
         """The points' cells at ``LEVEL`` (rows of ``corner_rows``), which contribute, and the points' place in them."""
         resolution: tl.constexpr = BASE_RESOLUTION * (1 << LEVEL)
-        cell = tl.load(cell_index + LEVEL * n_points + point, mask=in_range, other=-1).to(tl.int64)
+        cell = tl.load(cell_index + point * LEVELS + LEVEL, mask=in_range, other=-1).to(tl.int64)
         valid = in_range & (cell >= 0) & (lod >= LEVEL)
         return cell, valid, _cell_frac(x, resolution), _cell_frac(y, resolution), _cell_frac(z, resolution)
 
@@ -94,7 +103,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK, WIDTH_POW2), dtype=tl.float32)
         for level in tl.static_range(LEVELS):
             cell, valid, fx, fy, fz = _level_cell(
-                cell_index, n_points, point, in_range, lod, x, y, z, level, BASE_RESOLUTION
+                cell_index, point, in_range, lod, x, y, z, level, LEVELS, BASE_RESOLUTION
             )
             for corner in tl.static_range(8):
                 row, weight = _corner(corner_rows, cell, valid, fx, fy, fz, corner)
@@ -129,7 +138,7 @@ if triton is not None:
         has_grad = tl.max(tl.abs(grad), axis=1) > 0  # zero rows add nothing: skip their atomics
         for level in tl.static_range(LEVELS):
             cell, valid, fx, fy, fz = _level_cell(
-                cell_index, n_points, point, in_range, lod, x, y, z, level, BASE_RESOLUTION
+                cell_index, point, in_range, lod, x, y, z, level, LEVELS, BASE_RESOLUTION
             )
             valid = valid & has_grad
             for corner in tl.static_range(8):
@@ -160,7 +169,7 @@ class _FusedInterpolation(torch.autograd.Function):
             grid, width_pow2 = _launch_config(n_points, width)
             _interpolate_forward[grid](
                 positions, lods, cell_index, corner_rows, tables, out, n_points,
-                BASE_RESOLUTION=base, LEVELS=cell_index.shape[0], WIDTH=width, WIDTH_POW2=width_pow2, BLOCK=_BLOCK,
+                BASE_RESOLUTION=base, LEVELS=cell_index.shape[1], WIDTH=width, WIDTH_POW2=width_pow2, BLOCK=_BLOCK,
             )  # fmt: skip
         ctx.save_for_backward(positions, lods, cell_index, corner_rows)
         ctx.table_shape, ctx.base = tables.shape, base
@@ -178,7 +187,7 @@ class _FusedInterpolation(torch.autograd.Function):
             grid, width_pow2 = _launch_config(n_points, width)
             _interpolate_backward[grid](
                 positions, lods, cell_index, corner_rows, grad_out.contiguous().float(), grad_tables, n_points,
-                BASE_RESOLUTION=ctx.base, LEVELS=cell_index.shape[0], WIDTH=width, WIDTH_POW2=width_pow2,
+                BASE_RESOLUTION=ctx.base, LEVELS=cell_index.shape[1], WIDTH=width, WIDTH_POW2=width_pow2,
                 BLOCK=_BLOCK,
             )  # fmt: skip
         return grad_tables, None, None, None, None, None
@@ -188,15 +197,15 @@ def fused_interpolation(
     tables: Float[Tensor, "rows k"],
     positions: Float[Tensor, "n 3"],
     lods: Int[Tensor, "n"],
-    cell_index: Int[Tensor, "levels n"],
+    cell_index: Int[Tensor, "n levels"],
     corner_rows: Int[Tensor, "cells 8"],
     base_resolution: int,
 ) -> Float[Tensor, "n k"]:
     """Sum over levels ``l <= lods[i]`` of the trilinear interpolation at ``positions[i]`` of level ``l``.
 
-    Levels are concatenated: ``cell_index[l, i]`` is the row of ``corner_rows`` of point i's cell at level ``l``
-    (-1: unoccupied, no contribution), and ``corner_rows`` holds rows of ``tables``. Level ``l`` has
-    ``base_resolution * 2**l`` cells per side. Differentiable in ``tables``.
+    Levels are concatenated: ``cell_index[i, l]`` is the row of ``corner_rows`` of point i's cell at level ``l``
+    (-1: unoccupied, no contribution; what ``SparseFeatureGrid.locate`` returns), and ``corner_rows`` holds rows of
+    ``tables``. Level ``l`` has ``base_resolution * 2**l`` cells per side. Differentiable in ``tables``.
     """
     return _FusedInterpolation.apply(
         tables.contiguous().float(),

@@ -364,15 +364,17 @@ class VQADModel(Model):
         return density[:, 0]
 
     # ---------------------------------------------------------------------------------- rendering
-    def _ray_lods(self, num_rays: int, device: torch.device) -> Int[Tensor, "r"]:
+    def _ray_lods(self, num_rays: int, device: torch.device) -> Tuple[Int[Tensor, "r"], int]:
+        """Each ray's level of detail, and the finest level any ray may use."""
         finest = self.grid.grown_levels() - 1
         if not self.training:
-            return torch.full((num_rays,), min(int(self.lod_slider.value), finest), dtype=torch.long, device=device)
+            lod = min(int(self.lod_slider.value), finest)
+            return torch.full((num_rays,), lod, dtype=torch.long, device=device), lod
         lods = torch.full((num_rays,), finest, dtype=torch.long, device=device)
         if finest > 0 and self.config.coarse_lod_fraction > 0:
             coarse = torch.rand(num_rays, device=device) < self.config.coarse_lod_fraction
             lods = torch.where(coarse, torch.randint(0, finest, (num_rays,), device=device), lods)
-        return lods
+        return lods, finest
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
         if self.training:
@@ -380,32 +382,45 @@ class VQADModel(Model):
         ray_samples = self.sampler(ray_bundle)
         num_rays, num_samples = ray_samples.shape[:2]
         positions = self.field.to_unit_cube(ray_samples.frustums.get_positions()).reshape(-1, 3)
-        lods = self._ray_lods(num_rays, positions.device).repeat_interleave(num_samples)
+        ray_lods, finest_lod = self._ray_lods(num_rays, positions.device)
+        located = self.grid.locate(positions, finest_lod + 1)  # each candidate's cells, for every density pass
 
-        # elsewhere the field has no density at the ray's LOD (all rays share one LOD outside training)
-        candidate = self.grid.inside(positions, lods if self.training else int(self.lod_slider.value))
+        # elsewhere the field has no density at the ray's LOD
+        ray_lod_per_candidate = ray_lods[:, None].expand(num_rays, num_samples)
+        candidate = self.grid.occupied(located.view(num_rays, num_samples, -1), ray_lod_per_candidate).reshape(-1)
         if self.training and not self.grid.pruned:  # warm-up: skip space the estimate marks empty
             candidate &= self.occupancy.occupied_at(positions)
         if self.config.sampling == "dense":
-            return self._render_dense(ray_samples, positions, lods, candidate)
+            return self._render_dense(ray_samples, positions, located, ray_lods, candidate)
         samples = packed.pack(
             ray_samples.frustums.starts[..., 0], ray_samples.frustums.ends[..., 0], candidate.reshape(num_rays, -1)
         )
         directions = ray_bundle.directions.reshape(-1, 3)
-        return self._render_packed(samples, positions, lods, directions)
+        return self._render_packed(samples, positions, located, ray_lods, directions)
 
     def _render_packed(
-        self, samples: packed.PackedSamples, positions: Tensor, lods: Tensor, directions: Tensor
+        self,
+        samples: packed.PackedSamples,
+        positions: Tensor,
+        located: Int[Tensor, "c l"],
+        ray_lods: Int[Tensor, "r"],
+        directions: Tensor,
     ) -> Dict[str, Tensor]:
         """Composite packed samples: a density pass without gradients ends each ray early, then the samples in
-        front of that point are evaluated (with gradients when training) and composited."""
+        front of that point are evaluated (with gradients when training) and composited. ``positions`` and
+        ``located`` (their cells) are per candidate, ``ray_lods`` and ``directions`` per ray."""
+
+        def density_of(samples: packed.PackedSamples) -> Tuple[Tensor, Tensor]:
+            ids = samples.candidate_ids
+            density, geo, _ = self.field.density_at(positions[ids], ray_lods[samples.ray_indices], located[ids])
+            return density, geo
+
         with torch.no_grad():
-            density, geo, _ = self.field.density_at(positions[samples.candidate_ids], lods[samples.candidate_ids])
+            density, geo = density_of(samples)
             keep = packed.visible(density[:, 0], samples, self.config.early_stop_eps)
         samples = samples[keep]
         if torch.is_grad_enabled():
-            ids = samples.candidate_ids
-            density, geo, _ = self.field.density_at(positions[ids], lods[ids])
+            density, geo = density_of(samples)
         else:
             density, geo = density[keep], geo[keep]
         rgb = self.field.rgb_at(geo, directions[samples.ray_indices])
@@ -423,12 +438,17 @@ class VQADModel(Model):
         }
 
     def _render_dense(
-        self, ray_samples: RaySamples, positions: Tensor, lods: Tensor, candidate: Tensor
+        self,
+        ray_samples: RaySamples,
+        positions: Tensor,
+        located: Int[Tensor, "c l"],
+        ray_lods: Int[Tensor, "r"],
+        candidate: Tensor,
     ) -> Dict[str, Tensor]:
         """The reference path: every occupied candidate evaluated, composited in a [rays, samples] layout."""
         num_rays, num_samples = ray_samples.shape[:2]
         index = torch.nonzero(candidate).squeeze(-1)
-        density, geo, _ = self.field.density_at(positions[index], lods[index])
+        density, geo, _ = self.field.density_at(positions[index], ray_lods[index // num_samples], located[index])
         directions = ray_samples.frustums.directions.reshape(-1, 3)[index]
         rgb = self.field.rgb_at(geo, directions)
 
