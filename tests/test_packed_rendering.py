@@ -54,13 +54,30 @@ def test_transmittance_of_a_ray_ignores_the_rays_before_it() -> None:
 def test_visible_keeps_a_prefix_of_each_ray() -> None:
     starts, ends, keep, density = _random_packed(torch.Generator().manual_seed(2), num_rays=50, per_ray=40)
     samples = packed.pack(starts, ends, keep)
-    visible = packed.visible(density[keep], samples, early_stop_eps=1e-2)
+    visible, in_front = packed.visible(density[keep], samples, early_stop_eps=1e-2)
     assert 0 < int(visible.sum()) < visible.numel()
     for ray in range(samples.num_rays):
         mine = visible[samples.ray_indices == ray]
         assert not bool((mine[1:] & ~mine[:-1]).any())  # once dropped, the rest of the ray is dropped
     dense_transmittance, _ = _dense_weights(starts, ends, keep, density)
     assert torch.equal(visible, dense_transmittance[keep] > 1e-2)
+    torch.testing.assert_close(in_front, dense_transmittance[keep])
+
+
+def test_weights_of_the_visible_samples_reuse_their_transmittance() -> None:
+    """Visible samples are a prefix of each ray: weights from the transmittance ``visible`` returns are the weights
+    recomputed on the kept samples alone (the rendering path without gradients relies on it)."""
+    starts, ends, keep, density = _random_packed(torch.Generator().manual_seed(5), num_rays=50, per_ray=40)
+    samples = packed.pack(starts, ends, keep)
+    visible, in_front = packed.visible(density[keep], samples, early_stop_eps=1e-2)
+    kept = torch.nonzero(visible).squeeze(-1)
+    front = samples[kept]
+    assert torch.equal(front.ray_indices, samples.ray_indices[visible])
+    assert torch.equal(front.candidate_ids, samples.candidate_ids[visible])
+    recomputed = packed.render_weights(density[keep][kept], front)
+    torch.testing.assert_close(packed.render_weights(density[keep][kept], front, in_front[kept]), recomputed)
+    _, dense_weights = _dense_weights(starts, ends, keep, density)
+    torch.testing.assert_close(recomputed, dense_weights[keep][kept])
 
 
 def test_gradients_reach_every_sample_before_termination() -> None:
@@ -77,4 +94,7 @@ def test_an_empty_batch_renders_nothing() -> None:
     samples = packed.pack(torch.zeros(3, 0), torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool))
     weights = packed.render_weights(torch.zeros(0), samples)
     assert weights.shape == (0,)
+    visible, in_front = packed.visible(torch.zeros(0), samples, early_stop_eps=1e-4)
+    assert visible.shape == in_front.shape == (0,)
+    assert packed.render_weights(torch.zeros(0), samples[torch.nonzero(visible).squeeze(-1)], in_front).shape == (0,)
     assert torch.equal(packed.accumulate(weights[:, None], samples.ray_indices, 3), torch.zeros(3, 1))

@@ -37,3 +37,37 @@ def test_packed_training_step_reaches_every_grown_level(trained) -> None:
     for level in model.grid.levels[: model.grid.grown_levels()]:
         grads = [p.grad for p in level.features.parameters() if p.numel()]
         assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads[:1])
+
+
+def test_packed_equals_dense_at_every_level_of_detail(trained) -> None:
+    """A coarser level of detail locates the candidates' cells at fewer levels; packed and dense agree at each."""
+    model = copy.deepcopy(trained.model)
+    model.config.early_stop_eps = 0.0
+    camera, _ = trained.views()[0]
+    bundle = camera.generate_rays(camera_indices=0).flatten()[::3]
+    for lod in range(model.grid.grown_levels()):
+        model.lod_slider.value = lod
+        with torch.no_grad():
+            model.config.sampling = "dense"
+            dense = model(bundle)
+            model.config.sampling = "packed"
+            packed = model(bundle)
+        assert float(packed["samples_per_ray"].mean()) > 1
+        for key in ("rgb", "accumulation"):
+            torch.testing.assert_close(packed[key], dense[key], rtol=0, atol=1e-5, msg=f"{key} at LOD {lod}")
+
+
+def test_weights_without_gradients_equal_the_recomputed_weights(trained) -> None:
+    """Without gradients the kept samples' transmittance comes from the early-termination pass; with gradients it
+    is recomputed from the second pass's densities: the renders agree."""
+    model = copy.deepcopy(trained.model)
+    model.config.sampling, model.config.early_stop_eps = "packed", 1e-3
+    camera, _ = trained.views()[0]
+    bundle = camera.generate_rays(camera_indices=0).flatten()[::3]
+    with torch.no_grad():
+        reused = model(bundle)
+    with torch.enable_grad():
+        recomputed = model(bundle)
+    assert recomputed["rgb"].requires_grad and not reused["rgb"].requires_grad
+    for key in ("rgb", "accumulation", "depth", "samples_per_ray"):
+        torch.testing.assert_close(reused[key], recomputed[key].detach(), rtol=1e-5, atol=1e-6, msg=key)

@@ -225,7 +225,7 @@ class SparseFeatureGrid(nn.Module):
         count = grown if num_levels is None else min(num_levels, grown)
         resolutions, key_offsets = self.level_resolutions[:count], self.level_key_offsets[:count]
         scaled = unit_positions[:, None, :] * resolutions[:, None].to(unit_positions.dtype)  # [n, l, 3]
-        coords = torch.minimum(scaled.floor().long().clamp_min(0), resolutions[:, None] - 1)
+        coords = torch.minimum(scaled.floor().long().clamp_min_(0), resolutions[:, None] - 1)
         cell_keys = torch.cat([level.cells + offset for level, offset in zip(self.levels[:count], key_offsets)])
         located = sorted_positions(cell_keys, linear_ids(coords, resolutions) + key_offsets)
         inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1, keepdim=True)

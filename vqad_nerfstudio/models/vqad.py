@@ -417,14 +417,16 @@ class VQADModel(Model):
 
         with torch.no_grad():
             density, geo = density_of(samples)
-            keep = packed.visible(density[:, 0], samples, self.config.early_stop_eps)
-        samples = samples[keep]
+            keep, in_front = packed.visible(density[:, 0], samples, self.config.early_stop_eps)
+        kept = torch.nonzero(keep).squeeze(-1)
+        samples = samples[kept]
         if torch.is_grad_enabled():
             density, geo = density_of(samples)
-        else:
-            density, geo = density[keep], geo[keep]
+            weights = packed.render_weights(density[:, 0], samples)[:, None]
+        else:  # the kept samples are a prefix of each ray: the first pass's transmittance is theirs
+            density, geo = density[kept], geo[kept]
+            weights = packed.render_weights(density[:, 0], samples, in_front[kept])[:, None]
         rgb = self.field.rgb_at(geo, directions[samples.ray_indices])
-        weights = packed.render_weights(density[:, 0], samples)[:, None]
         num_rays, ray_indices = samples.num_rays, samples.ray_indices
         accumulation = packed.accumulate(weights, ray_indices, num_rays)
         midpoints = (samples.starts + samples.ends)[:, None] / 2

@@ -4,12 +4,14 @@ As in nerfacc and nerfstudio's instant-ngp model, a batch holds only the samples
 with the index of its ray, instead of a ``[rays, samples]`` tensor: a sampler proposes candidates,
 empty space is dropped (:func:`pack`), a density pass without gradients finds where each ray's
 transmittance falls below ``early_stop_eps`` (:func:`visible`), and only the samples before that
-point are evaluated and composited (:func:`render_weights`, :func:`accumulate`).
+point are evaluated and composited (:func:`render_weights`, :func:`accumulate`). Those samples are a prefix
+of each ray, so the transmittance of the first pass is theirs too: without gradients it is not recomputed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -34,9 +36,8 @@ class PackedSamples:
     def deltas(self) -> Float[Tensor, "n"]:
         return self.ends - self.starts
 
-    def __getitem__(self, keep: Bool[Tensor, "n"]) -> "PackedSamples":
-        """The samples where ``keep`` is true (order kept)."""
-        index = torch.nonzero(keep).squeeze(-1)
+    def __getitem__(self, index: Int[Tensor, "m"]) -> "PackedSamples":
+        """The samples at ``index`` (increasing, to keep them sorted by ray)."""
         return PackedSamples(
             self.candidate_ids[index], self.ray_indices[index], self.starts[index], self.ends[index], self.num_rays
         )
@@ -74,15 +75,24 @@ def transmittance(
 
 def visible(
     density: Float[Tensor, "n"], samples: PackedSamples, early_stop_eps: float
-) -> Bool[Tensor, "n"]:
-    """Samples in front of the point where their ray's transmittance falls below ``early_stop_eps``."""
-    return transmittance(density * samples.deltas, samples.ray_indices, samples.num_rays) > early_stop_eps
+) -> Tuple[Bool[Tensor, "n"], Float[Tensor, "n"]]:
+    """Samples in front of the point where their ray's transmittance falls below ``early_stop_eps``, and the
+    transmittance in front of every sample."""
+    in_front = transmittance(density * samples.deltas, samples.ray_indices, samples.num_rays)
+    return in_front > early_stop_eps, in_front
 
 
-def render_weights(density: Float[Tensor, "n"], samples: PackedSamples) -> Float[Tensor, "n"]:
-    """Volume-rendering weights ``T_i (1 - exp(-sigma_i delta_i))`` of the samples (differentiable in density)."""
+def render_weights(
+    density: Float[Tensor, "n"], samples: PackedSamples, in_front: Optional[Float[Tensor, "n"]] = None
+) -> Float[Tensor, "n"]:
+    """Volume-rendering weights ``T_i (1 - exp(-sigma_i delta_i))`` of the samples (differentiable in density).
+
+    ``in_front``: the transmittance ``T_i`` if known (:func:`visible`'s, for samples that are a prefix of each of
+    its rays); computed from ``density`` otherwise."""
     optical_depth = density * samples.deltas
-    return transmittance(optical_depth, samples.ray_indices, samples.num_rays) * -torch.expm1(-optical_depth)
+    if in_front is None:
+        in_front = transmittance(optical_depth, samples.ray_indices, samples.num_rays)
+    return in_front * -torch.expm1(-optical_depth)
 
 
 def accumulate(
