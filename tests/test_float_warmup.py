@@ -105,7 +105,9 @@ def test_weighted_kmeans_pulls_centroids_towards_important_points():
     assert assignment.tolist() == [0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("weights", [torch.ones(3), torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([1.0, 1, 1, 1e400])])
+@pytest.mark.parametrize(
+    "weights", [torch.ones(3), torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([1.0, 1, 1, float("inf")])]
+)
 def test_kmeans_rejects_bad_weights(weights):
     with pytest.raises(ValueError, match="weights"):
         kmeans(torch.zeros(4, 2), 2, weights=weights)
@@ -188,9 +190,9 @@ def test_training_callback_quantises_with_the_optimisers_fisher_information():
     from nerfstudio.data.scene_box import SceneBox
     from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
     from nerfstudio.engine.optimizers import Optimizers
+    from vqad_nerfstudio.method_configs.vqad import vqad
 
     from vqad_nerfstudio.codec import encode_categorical
-    from vqad_nerfstudio.method_configs.vqad import vqad
 
     box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
     coded = {}

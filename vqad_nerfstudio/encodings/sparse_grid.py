@@ -213,23 +213,31 @@ class SparseFeatureGrid(nn.Module):
             count += 1
         return count
 
-    def locate(self, unit_positions: Float[Tensor, "n 3"], num_levels: Optional[int] = None) -> Int[Tensor, "n l"]:
-        """Each point's occupied cell at levels ``0..num_levels-1`` (default and at most: the grown levels), as an
-        int32 row of the levels' cells concatenated coarse to fine (-1: unoccupied, or outside the unit cube).
+    def _find(self, unit_positions: Float[Tensor, "*b 3"], levels: Int[Tensor, "*b"]) -> Int[Tensor, "*b"]:
+        """Row of each point's cell at ``levels`` (broadcast against the points) among the levels' cells concatenated
+        coarse to fine, as int32 (-1: unoccupied, or outside the unit cube).
 
-        One binary search over all levels: each level's linear cell ids are offset by the sizes of the coarser
-        levels' grids (:attr:`level_key_offsets`), which makes the concatenated cells one sorted list."""
+        One binary search for all: each level's linear cell ids are offset by the sizes of the coarser levels'
+        grids (:attr:`level_key_offsets`), which makes the concatenated cells one sorted list."""
         grown = self.grown_levels()
         if grown == 0:
             raise RuntimeError("the sparse grid has no occupied cells at its coarsest level")
+        resolutions = self.level_resolutions[levels]
+        scaled = unit_positions * resolutions[..., None].to(unit_positions.dtype)
+        coords = torch.minimum(scaled.floor().long().clamp_min_(0), resolutions[..., None] - 1)
+        offsets = self.level_key_offsets
+        cell_keys = torch.cat([level.cells + offset for level, offset in zip(self.levels[:grown], offsets)])
+        found = sorted_positions(cell_keys, linear_ids(coords, resolutions) + self.level_key_offsets[levels])
+        inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
+        return torch.where(inside_box, found, -1).to(torch.int32)
+
+    def locate(self, unit_positions: Float[Tensor, "n 3"], num_levels: Optional[int] = None) -> Int[Tensor, "n l"]:
+        """Each point's occupied cell at levels ``0..num_levels-1`` (default and at most: the grown levels), as an
+        int32 row of the levels' cells concatenated coarse to fine (-1: unoccupied, or outside the unit cube)."""
+        grown = self.grown_levels()
         count = grown if num_levels is None else min(num_levels, grown)
-        resolutions, key_offsets = self.level_resolutions[:count], self.level_key_offsets[:count]
-        scaled = unit_positions[:, None, :] * resolutions[:, None].to(unit_positions.dtype)  # [n, l, 3]
-        coords = torch.minimum(scaled.floor().long().clamp_min_(0), resolutions[:, None] - 1)
-        cell_keys = torch.cat([level.cells + offset for level, offset in zip(self.levels[:count], key_offsets)])
-        located = sorted_positions(cell_keys, linear_ids(coords, resolutions) + key_offsets)
-        inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1, keepdim=True)
-        return torch.where(inside_box, located, -1).to(torch.int32)
+        levels = torch.arange(max(count, 1), device=unit_positions.device)[None, :]
+        return self._find(unit_positions[:, None, :], levels)[:, :count]
 
     @staticmethod
     def occupied(located: Int[Tensor, "*b l"], lod: Int[Tensor, "*b"]) -> Bool[Tensor, "*b"]:
@@ -281,13 +289,12 @@ class SparseFeatureGrid(nn.Module):
         )
 
     def inside(self, unit_positions: Float[Tensor, "n 3"], lod: Union[int, Int[Tensor, "n"]]) -> Bool[Tensor, "n"]:
-        """Occupancy of each point at its own level of detail (or at ``lod`` for all), as :meth:`forward` reports it
-        (no feature lookups)."""
+        """Occupancy of each point at its own level of detail (or at ``lod`` for all), as :meth:`forward` reports it:
+        one search per point, at its level only (no feature lookups)."""
+        finest = self.grown_levels() - 1
         if isinstance(lod, int):
-            lod = min(max(lod, 0), self.grown_levels() - 1)
-            return self.locate(unit_positions, lod + 1)[:, lod] >= 0
-        located = self.locate(unit_positions)
-        return self.occupied(located, lod.clamp(0, located.shape[1] - 1))
+            lod = torch.full(unit_positions.shape[:1], lod, dtype=torch.long, device=unit_positions.device)
+        return self._find(unit_positions, lod.clamp(0, max(finest, 0))) >= 0
 
     def prune(self, keep: CellFilter) -> List[RowRemap]:
         """Keep the cells ``keep`` accepts and their neighbours, level by level from coarse to fine.

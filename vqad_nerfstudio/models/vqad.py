@@ -383,18 +383,18 @@ class VQADModel(Model):
         num_rays, num_samples = ray_samples.shape[:2]
         positions = self.field.to_unit_cube(ray_samples.frustums.get_positions()).reshape(-1, 3)
         ray_lods, finest_lod = self._ray_lods(num_rays, positions.device)
-        located = self.grid.locate(positions, finest_lod + 1)  # each candidate's cells, for every density pass
 
-        # elsewhere the field has no density at the ray's LOD
-        ray_lod_per_candidate = ray_lods[:, None].expand(num_rays, num_samples)
-        candidate = self.grid.occupied(located.view(num_rays, num_samples, -1), ray_lod_per_candidate).reshape(-1)
+        # elsewhere the field has no density at the ray's LOD: one search per candidate, at that level only
+        candidate = self.grid.inside(positions, ray_lods[:, None].expand(num_rays, num_samples).reshape(-1))
         if self.training and not self.grid.pruned:  # warm-up: skip space the estimate marks empty
             candidate &= self.occupancy.occupied_at(positions)
         if self.config.sampling == "dense":
-            return self._render_dense(ray_samples, positions, located, ray_lods, candidate)
+            return self._render_dense(ray_samples, positions, ray_lods, candidate, finest_lod)
         samples = packed.pack(
             ray_samples.frustums.starts[..., 0], ray_samples.frustums.ends[..., 0], candidate.reshape(num_rays, -1)
         )
+        positions = positions[samples.candidate_ids]
+        located = self.grid.locate(positions, finest_lod + 1)  # the samples' cells, for every density pass
         directions = ray_bundle.directions.reshape(-1, 3)
         return self._render_packed(samples, positions, located, ray_lods, directions)
 
@@ -408,20 +408,14 @@ class VQADModel(Model):
     ) -> Dict[str, Tensor]:
         """Composite packed samples: a density pass without gradients ends each ray early, then the samples in
         front of that point are evaluated (with gradients when training) and composited. ``positions`` and
-        ``located`` (their cells) are per candidate, ``ray_lods`` and ``directions`` per ray."""
-
-        def density_of(samples: packed.PackedSamples) -> Tuple[Tensor, Tensor]:
-            ids = samples.candidate_ids
-            density, geo, _ = self.field.density_at(positions[ids], ray_lods[samples.ray_indices], located[ids])
-            return density, geo
-
+        ``located`` (their cells) are per packed sample, ``ray_lods`` and ``directions`` per ray."""
         with torch.no_grad():
-            density, geo = density_of(samples)
+            density, geo, _ = self.field.density_at(positions, ray_lods[samples.ray_indices], located)
             keep, in_front = packed.visible(density[:, 0], samples, self.config.early_stop_eps)
         kept = torch.nonzero(keep).squeeze(-1)
         samples = samples[kept]
         if torch.is_grad_enabled():
-            density, geo = density_of(samples)
+            density, geo, _ = self.field.density_at(positions[kept], ray_lods[samples.ray_indices], located[kept])
             weights = packed.render_weights(density[:, 0], samples)[:, None]
         else:  # the kept samples are a prefix of each ray: the first pass's transmittance is theirs
             density, geo = density[kept], geo[kept]
@@ -443,14 +437,15 @@ class VQADModel(Model):
         self,
         ray_samples: RaySamples,
         positions: Tensor,
-        located: Int[Tensor, "c l"],
         ray_lods: Int[Tensor, "r"],
         candidate: Tensor,
+        finest_lod: int,
     ) -> Dict[str, Tensor]:
         """The reference path: every occupied candidate evaluated, composited in a [rays, samples] layout."""
         num_rays, num_samples = ray_samples.shape[:2]
         index = torch.nonzero(candidate).squeeze(-1)
-        density, geo, _ = self.field.density_at(positions[index], ray_lods[index // num_samples], located[index])
+        located = self.grid.locate(positions[index], finest_lod + 1)
+        density, geo, _ = self.field.density_at(positions[index], ray_lods[index // num_samples], located)
         directions = ray_samples.frustums.directions.reshape(-1, 3)[index]
         rgb = self.field.rgb_at(geo, directions)
 
