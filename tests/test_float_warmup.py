@@ -221,3 +221,77 @@ def test_training_callback_quantises_with_the_optimisers_fisher_information():
             unseen[seen] = False
             assert torch.bincount(indices[unseen]).max() > 0.9 * int(unseen.sum())
     assert coded[4.0] < 0.5 * coded[0.0]
+
+
+def test_freezing_keeps_the_hard_indices_and_drops_the_logits():
+    store = _warm_store()
+    with pytest.raises(RuntimeError, match="quantise"):
+        store.freeze_indices()
+    store.quantize_float_warmup(generator=torch.Generator().manual_seed(0))
+    indices, rows = store.hard_indices(), torch.arange(200)
+    before = store(rows).detach()
+    old = store.logits
+    assert store.freeze_indices() == [(old, store.logits)] and store.freeze_indices() == []
+    assert store.frozen and store.logits.shape == (0, 8) and torch.equal(store.hard_indices(), indices)
+    store.train()
+    features = store(rows)
+    assert torch.equal(features.detach(), before)
+    features.square().sum().backward()
+    assert store.codebook.grad is not None and store.codebook.grad.abs().sum() > 0  # the codebook trains on
+
+    resumed = CodebookFeatures(200, 3, 4, float_warmup=True)  # built as training builds it: logits and warm-up
+    logits = resumed.logits
+    resumed.load_state_dict(store.state_dict())
+    assert resumed.frozen and resumed.logits is logits and logits.shape == (0, 8)  # resized in place
+    assert torch.equal(resumed.hard_indices(), indices) and torch.equal(resumed(rows), before)
+
+
+def test_fixed_index_training_freezes_at_the_warm_up_end_and_resumes_with_its_optimisers(tmp_path):
+    import copy
+
+    from nerfstudio.data.scene_box import SceneBox
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
+    from nerfstudio.engine.optimizers import Optimizers
+
+    from vqad_nerfstudio.method_configs.vqad import vqad
+
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    config = copy.deepcopy(vqad.config)
+    model_config = config.pipeline.model
+    model_config.num_levels, model_config.base_resolution, model_config.dense_resolution = 2, 4, 8
+    model_config.index_warmup_steps, model_config.index_training, model_config.quantization_rate = 1, "fixed", 1.0
+
+    def build():
+        torch.manual_seed(0)
+        model = model_config.setup(scene_box=box, num_train_data=1)
+        return model, Optimizers(config.optimizers, model.get_param_groups())
+
+    def step(model, optimizers):
+        optimizers.zero_grad_all()
+        points = torch.rand(500, 3)
+        model.grid(points)[0].square().sum().backward()
+        optimizers.optimizer_step_all()
+
+    model, optimizers = build()
+    step(model, optimizers)
+    for callback in model.get_training_callbacks(TrainingCallbackAttributes(optimizers, None, None, None)):
+        callback.run_callback_at_location(1, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    stores = [level.features for level in model.grid.levels]
+    assert all(store.frozen and store.logits.shape[0] == 0 for store in stores)
+    grouped = [p for group in optimizers.optimizers["grid_logits"].param_groups for p in group["params"]]
+    assert [id(p) for p in grouped] == [id(store.logits) for store in stores]
+    codebooks = [store.codebook.detach().clone() for store in stores]
+    step(model, optimizers)
+    assert any(not torch.equal(store.codebook, before) for store, before in zip(stores, codebooks))
+
+    # a checkpoint of it resumes as nerfstudio resumes: a model and optimisers built from the config, then loaded
+    saved = {"model": model.state_dict(), "optimizers": optimizers.optimizers}
+    saved = {"model": saved["model"], "optimizers": {k: v.state_dict() for k, v in saved["optimizers"].items()}}
+    torch.save(saved, tmp_path / "step.ckpt")
+    loaded = torch.load(tmp_path / "step.ckpt", weights_only=False)
+    resumed, resumed_optimizers = build()
+    resumed.load_state_dict(loaded["model"])
+    resumed_optimizers.load_optimizers(loaded["optimizers"])
+    for store, twin in zip(stores, (level.features for level in resumed.grid.levels)):
+        assert twin.frozen and torch.equal(twin.hard_indices(), store.hard_indices())
+    step(resumed, resumed_optimizers)

@@ -396,6 +396,21 @@ class CodebookFeatures(FeatureStore):
         self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))
         return [(old, self.warmup_features)]
 
+    @torch.no_grad()
+    def freeze_indices(self) -> List[ParameterSwap]:
+        """Keep every row's current hard index for good: each row's logits become one int32 index (what a decoded
+        file holds) and only the codebook trains on. The logits are replaced by an empty parameter (so that
+        optimisers keep their groups, and checkpoints lose the logits); returns the swap for optimisers."""
+        if self.frozen:
+            return []
+        if self.in_float_warmup:
+            raise RuntimeError("the float warm-up has no indices to freeze yet: quantise it first")
+        old = self.logits
+        self.indices = old.detach().argmax(dim=-1).to(torch.int32)
+        self.logits = nn.Parameter(old.data.new_empty(0, old.shape[1]))
+        self.frozen = True
+        return [(old, self.logits)]
+
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         device, rows = self.codebook.device, source_rows.shape[0]
         if self.frozen:
@@ -424,9 +439,15 @@ class CodebookFeatures(FeatureStore):
         """Size the warm-up table like the saved one (empty after the warm-up), without changing ``state_dict``.
 
         A checkpoint from before the table existed has this store's logits but no table: its store was past any
-        warm-up, so the table is emptied and not reported missing. A state dict without this store's keys (nerfstudio's
-        pipeline loads a second time, without the ``_model.`` prefix) leaves the store as it is.
+        warm-up, so the table is emptied and not reported missing. One saved after :meth:`freeze_indices` turns this
+        store frozen. A state dict without this store's keys (nerfstudio's pipeline loads a second time, without the
+        ``_model.`` prefix) leaves the store as it is.
         """
+        saved_indices = state_dict.get(prefix + "indices")
+        if saved_indices is not None and not self.frozen:  # saved after freeze_indices: resized in place
+            self.indices = torch.zeros_like(saved_indices, device=self.codebook.device)
+            self.logits.data = self.logits.data.new_empty(0, self.logits.shape[1])
+            self.frozen = True
         key = prefix + "warmup_features"
         saved = state_dict.get(key)
         predates_table = saved is None and prefix + "logits" in state_dict
@@ -440,7 +461,7 @@ class CodebookFeatures(FeatureStore):
             missing_keys.remove(key)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
-        logits = [] if self.frozen else [self.logits]
+        logits = [] if self.logits is None else [self.logits]  # frozen in training: an empty parameter
         return {"grid_logits": logits, "codebooks": [self.codebook], "grid_features": [self.warmup_features]}
 
 

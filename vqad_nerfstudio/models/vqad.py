@@ -121,6 +121,11 @@ class VQADModelConfig(ModelConfig):
     """How the quantisation weighs each vertex's error. 'fisher': by the optimiser's running mean of the squared
     gradient of the vertex's float features (the diagonal Fisher information: how much the loss feels a change of
     that vertex; 0 for vertices no ray reaches). 'uniform': all alike."""
+    index_training: Literal["straight-through", "fixed"] = "straight-through"
+    """What trains once the warm-up ends. 'straight-through': the indices (2**index_bits logits per vertex, hard
+    forward, softmax gradient backward) and the codebooks. 'fixed': the codebooks only, every vertex keeping the
+    index the warm-up's end chose (as VQRF fine-tunes): no logits in memory or checkpoints, and the entropy-coded
+    size the quantisation chose (quantization_rate) is the file's."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
@@ -299,6 +304,8 @@ class VQADModel(Model):
             self._set_index_relaxation(step, warmup)
             if step >= warmup:
                 follow(self._quantize_float_warmup(training_callback_attributes.optimizers))
+                if self.config.index_training == "fixed":
+                    follow(self._freeze_indices())
 
         def prune(step: int) -> None:
             follow(self.grid.prune(self._cells_with_density))
@@ -337,6 +344,15 @@ class VQADModel(Model):
                 if self.config.quantization_importance == "fisher":
                     importance = fisher_importance(optimizers, store.warmup_features)
                 swaps = store.quantize_float_warmup(importance=importance, rate=self.config.quantization_rate)
+                remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
+        return remaps
+
+    def _freeze_indices(self) -> List[RowRemap]:
+        """Every level keeps its current hard indices for good (index_training 'fixed')."""
+        remaps = []
+        for level in self.grid.levels:
+            if isinstance(level.features, CodebookFeatures) and not level.features.frozen:
+                swaps = level.features.freeze_indices()
                 remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
         return remaps
 
