@@ -252,7 +252,6 @@ def test_fixed_index_training_freezes_at_the_warm_up_end_and_resumes_with_its_op
     from nerfstudio.data.scene_box import SceneBox
     from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
     from nerfstudio.engine.optimizers import Optimizers
-
     from vqad_nerfstudio.method_configs.vqad import vqad
 
     box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
