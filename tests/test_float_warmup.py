@@ -294,3 +294,46 @@ def test_fixed_index_training_freezes_at_the_warm_up_end_and_resumes_with_its_op
     for store, twin in zip(stores, (level.features for level in resumed.grid.levels)):
         assert twin.frozen and torch.equal(twin.hard_indices(), store.hard_indices())
     step(resumed, resumed_optimizers)
+
+
+def test_post_training_quantisation_of_a_float_model_renders_like_it_and_exports_smaller():
+    from nerfstudio.cameras.rays import RayBundle
+    from nerfstudio.data.scene_box import SceneBox
+
+    from vqad_nerfstudio.codec import write_container
+    from vqad_nerfstudio.export.formats import encode_any, load_any
+    from vqad_nerfstudio.models.post_training_quantization import fisher_from_optimizer_state, quantize_float_model
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    torch.manual_seed(0)
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    config = VQADModelConfig(feature_store="float", num_levels=2, base_resolution=4, dense_resolution=8)
+    model = config.setup(scene_box=box, num_train_data=1).eval()
+    for level in model.grid.levels:
+        level.features.features.data = torch.randn_like(level.features.features) * 0.3
+    rows = model.grid.levels[1].features.num_rows
+    state = {"grid_features": {"state": {1: {"exp_avg_sq": torch.rand(rows, 16)}}}}
+    importance = fisher_from_optimizer_state(model, state)
+    assert importance[0] is None and importance[1].shape == (rows,)
+
+    bundle = RayBundle(
+        origins=torch.tensor([[0.0, 0.0, -3.0]]).repeat(64, 1),
+        directions=torch.nn.functional.normalize(torch.randn(64, 3) * 0.1 + torch.tensor([0.0, 0.0, 1.0]), dim=-1),
+        pixel_area=torch.ones(64, 1),
+        camera_indices=torch.zeros(64, 1, dtype=torch.long),
+    )
+    reference = model(bundle)["rgb"]
+    errors, sizes = [], []
+    for bits, rate in ((2, 0.0), (8, 0.0), (8, 4.0)):
+        quantised = quantize_float_model(model, bits, rate, importance, torch.Generator().manual_seed(0))
+        assert all(level.features.frozen for level in quantised.grid.levels)
+        errors.append(float((quantised(bundle)["rgb"] - reference).square().mean()))
+        encoded = encode_any(quantised)
+        data = write_container(encoded.header, encoded.chunks)
+        sizes.append(len(data))
+        decoded, info = load_any(data)
+        assert info.method == "vqad" and torch.allclose(decoded(bundle)["rgb"], quantised(bundle)["rgb"], atol=1e-3)
+    assert errors[1] < errors[0]  # more codewords, closer to the float model
+    assert sizes[2] < sizes[1]  # the rate shrinks the file
+    with pytest.raises(ValueError, match="vqad-float"):
+        quantize_float_model(quantised)

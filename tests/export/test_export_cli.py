@@ -116,3 +116,62 @@ def test_decode_errors_are_one_line(exported, trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _decode("--file", str(damaged), "--output-dir", str(tmp_path), "--load-config", str(trained.config_path))
     assert "decode: error: cannot decode" in capsys.readouterr().err
+
+
+def _float_run(trained, root: Path) -> Path:
+    """A vqad-float run beside ``trained`` (same scene): its config.yml and a checkpoint with Adam's state of the
+    float rows, as ns-train writes them."""
+    import yaml
+
+    config = yaml.load(trained.config_path.read_text(), Loader=yaml.Loader)
+    config.method_name = "vqad-float"
+    config.pipeline.model.feature_store = "float"
+    config.output_dir, config.timestamp = root, "float"
+    torch.manual_seed(0)
+    pipeline = config.pipeline.setup(device="cpu", test_mode="inference")
+    levels = pipeline.model.grid.levels
+    for level in levels:
+        level.features.features.data = torch.randn_like(level.features.features) * 0.2
+    state = {lod: {"exp_avg_sq": torch.rand_like(level.features.features)} for lod, level in enumerate(levels)}
+    config.save_config()
+    checkpoint_dir = config.get_checkpoint_dir()
+    checkpoint_dir.mkdir(parents=True)
+    saved = {"step": 1, "pipeline": pipeline.state_dict(), "optimizers": {"grid_features": {"state": state}}}
+    torch.save(saved, checkpoint_dir / "step-000000001.ckpt")
+    return config.get_base_dir() / "config.yml"
+
+
+def test_export_quantizes_a_float_run_after_training(trained, tmp_path, capsys):
+    float_config = _float_run(trained, tmp_path / "runs")
+    sizes = {}
+    for rate in ("0", "4"):
+        output_dir = tmp_path / f"rate{rate}"
+        main_args = ["--load-config", str(float_config), "--output-dir", str(output_dir), "--quantize-bits", "8"]
+        vqad_export_main(["vqad-compressed", *main_args, "--quantization-rate", rate])
+        data = (output_dir / "model.vqnf").read_bytes()
+        model, info = load_compressed(data)
+        assert info.method == "vqad" and model.config.index_bits == 8
+        assert all(level.features.frozen for level in model.grid.levels)
+        sizes[rate] = len(data)
+    assert sizes["4"] < sizes["0"]
+
+    for args, message in (
+        ((str(trained.config_path), "8", "0"), "--quantize-bits quantises a vqad-float run"),
+        ((str(float_config), "17", "0"), "--quantize-bits must be in 1..16"),
+        ((str(float_config), "8", "nan"), "--quantization-rate a finite number"),
+    ):
+        with pytest.raises(SystemExit):
+            vqad_export_main(
+                [
+                    "vqad-compressed",
+                    "--load-config",
+                    args[0],
+                    "--output-dir",
+                    str(tmp_path / "bad"),
+                    "--quantize-bits",
+                    args[1],
+                    "--quantization-rate",
+                    args[2],
+                ]
+            )
+        assert message in capsys.readouterr().err

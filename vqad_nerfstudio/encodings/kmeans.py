@@ -147,4 +147,48 @@ def entropy_constrained(
     return centroids, assignment, bits
 
 
-__all__ = ["MAX_CODE_BITS", "code_lengths", "entropy_constrained", "kmeans", "squared_distances"]
+MIN_RELATIVE_IMPORTANCE = 1e-3
+"""Floor of a row's importance relative to the mean when quantising (rows no ray saw still get a codeword that is
+near, among those of similar cost)."""
+
+
+@torch.no_grad()
+def vector_quantize(
+    features: Float[Tensor, "n k"],
+    clusters: int,
+    importance: Optional[Float[Tensor, "n"]] = None,
+    rate: float = 0.0,
+    iterations: int = 25,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Float[Tensor, "c k"], Float[Tensor, "n c"]]:
+    """A codebook of ``clusters`` codewords for ``features`` and each row's cost of each codeword.
+
+    The codebook is the k-means of the rows weighted by ``importance`` (how much each row's error costs, e.g. the
+    Fisher information of its features; uniform when None or all zero). With ``rate > 0`` the assignment is then
+    refined by entropy-constrained quantisation (:func:`entropy_constrained`), each bit of a row's index worth
+    ``rate`` times the mean weighted quantisation error: rows that matter little share a few frequent codewords,
+    which an entropy coder stores in few bits. A row's cost of a codeword is its squared distance plus the rate
+    term over its importance, in units of that mean error: the argmin is the row's codeword.
+    """
+    features = features.float()
+    weights = torch.ones(features.shape[0], device=features.device)
+    if importance is not None and features.shape[0] and bool(importance.sum() > 0):
+        weights = (importance.float() / importance.float().mean()).clamp_min(MIN_RELATIVE_IMPORTANCE)
+    centroids, assignment = kmeans(features, clusters, iterations, generator, weights)
+    costs = squared_distances(features, centroids)
+    unit = (weights * costs.gather(1, assignment[:, None])[:, 0]).mean().clamp_min(1e-12)
+    if rate > 0:
+        centroids, _, bits = entropy_constrained(features, centroids, weights, rate * float(unit))
+        costs = squared_distances(features, centroids) + rate * float(unit) * bits / weights[:, None]
+    return centroids, costs / unit
+
+
+__all__ = [
+    "MAX_CODE_BITS",
+    "MIN_RELATIVE_IMPORTANCE",
+    "code_lengths",
+    "entropy_constrained",
+    "kmeans",
+    "squared_distances",
+    "vector_quantize",
+]

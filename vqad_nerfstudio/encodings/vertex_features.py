@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from vqad_nerfstudio.encodings.kmeans import entropy_constrained, kmeans, squared_distances
+from vqad_nerfstudio.encodings.kmeans import vector_quantize
 
 
 def _relaxed_logit_grad(logits: Tensor, grad_soft: Tensor, temperature: float) -> Tensor:
@@ -215,10 +215,6 @@ class FeatureStore(nn.Module):
 ParameterSwap = Tuple[nn.Parameter, nn.Parameter]
 """(old, new) parameter after a row remap."""
 
-MIN_RELATIVE_IMPORTANCE = 1e-3
-"""Floor of a row's importance relative to its level's mean when quantising (rows no ray saw still get a codeword
-that is near, among those of similar cost)."""
-
 
 def check_codewords(
     codebook: Tensor, indices: Tensor, like: Tensor, rows: int, choices: int, frozen: bool, what: str
@@ -365,32 +361,19 @@ class CodebookFeatures(FeatureStore):
         importance: Optional[Float[Tensor, "m"]] = None,
         rate: float = 0.0,
     ) -> List[ParameterSwap]:
-        """End the float warm-up: turn the warm-up rows into the codebook and every row's index logits.
+        """End the float warm-up: the warm-up rows become the codebook and every row's index logits.
 
-        The codebook is the k-means of the rows weighted by ``importance`` (how much each row's error costs,
-        e.g. the Fisher information of its features; uniform when None). With ``rate > 0`` the assignment is then
-        refined by entropy-constrained quantisation (:func:`entropy_constrained`), each bit of a row's index
-        worth ``rate`` times the level's mean weighted quantisation error: rows that matter little share a few
-        frequent codewords, which an entropy coder stores in few bits. Each row's logits are minus its squared
-        distances to the codewords plus the rate term over its importance, in units of that mean error: the argmax
-        is the chosen codeword, and the softmax keeps the next best within reach of the straight-through gradient.
-        The warm-up table is replaced by an empty parameter; returns the swap for optimisers."""
+        :func:`vector_quantize` (importance-weighted k-means, entropy-constrained with ``rate > 0``) picks the
+        codebook; each row's logits are minus its costs of the codewords, so the argmax is its codeword and the
+        softmax keeps the next best within reach of the straight-through gradient. The warm-up table is replaced by
+        an empty parameter; returns the swap for optimisers."""
         if not self.in_float_warmup:
             return []
-        features = self.warmup_features.detach().float()
-        clusters = 2**self.index_bits
-        weights = torch.ones(features.shape[0], device=features.device)
-        if importance is not None and features.shape[0] and bool(importance.sum() > 0):
-            weights = (importance.float() / importance.float().mean()).clamp_min(MIN_RELATIVE_IMPORTANCE)
-        centroids, assignment = kmeans(features, clusters, iterations, generator, weights)
-        distances = squared_distances(features, centroids)
-        unit = (weights * distances.gather(1, assignment[:, None])[:, 0]).mean().clamp_min(1e-12)
-        costs = distances
-        if rate > 0:
-            centroids, _, bits = entropy_constrained(features, centroids, weights, rate * float(unit))
-            costs = squared_distances(features, centroids) + rate * float(unit) * bits / weights[:, None]
+        centroids, costs = vector_quantize(
+            self.warmup_features.detach(), 2**self.index_bits, importance, rate, iterations, generator
+        )
         self.codebook.data = centroids.to(self.codebook.dtype)
-        self.logits.data = (-costs / unit).to(self.logits.dtype)
+        self.logits.data = (-costs).to(self.logits.dtype)
         self.logits.grad = self.codebook.grad = None
         old = self.warmup_features
         self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))
