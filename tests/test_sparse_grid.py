@@ -224,3 +224,11 @@ def test_located_cells_interpolate_each_levels_own_vertices():
     features, inside = grid(points, lods, located)
     assert 0.05 < inside.float().mean() < 0.5
     torch.testing.assert_close(features[inside], (lods[inside, None] + 1) * points[inside])
+
+
+def test_pruning_that_would_empty_the_grid_leaves_it_as_it_is():
+    grid = SparseFeatureGrid(2, 2, lambda level, rows: FloatFeatures(rows, 2), dense_resolution=2)
+    cells = [level.cells.clone() for level in grid.levels]
+    assert grid.prune(lambda candidates, resolution: torch.zeros_like(candidates, dtype=torch.bool)) == []
+    assert all(torch.equal(level.cells, before) for level, before in zip(grid.levels, cells))
+    assert not grid.pruned

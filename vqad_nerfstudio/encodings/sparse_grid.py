@@ -300,7 +300,9 @@ class SparseFeatureGrid(nn.Module):
         """Keep the cells ``keep`` accepts and their neighbours, level by level from coarse to fine.
 
         Levels that hold no cells yet are grown: their candidates are the children of the parent
-        level's kept cells. Returns the row remaps of the levels that changed, for the optimisers.
+        level's kept cells. Returns the row remaps of the levels that changed, for the optimisers. Where ``keep``
+        accepts no cell of the coarsest level (a field with no density yet), the grid stays as it is: an empty grid
+        would render nothing and could not train back.
         """
         changed = []
         parent: Optional[Tensor] = None
@@ -312,6 +314,8 @@ class SparseFeatureGrid(nn.Module):
             else:
                 break
             kept = candidates[keep(candidates, level.resolution)]
+            if parent is None and kept.numel() == 0:
+                return changed
             new_cells = candidates[torch.isin(candidates, neighbourhood(kept, level.resolution))]
             if parent is not None:  # keep the octree nested
                 parents_of_new = linear_ids(coords_of(new_cells, level.resolution) // 2, level.resolution // 2)
