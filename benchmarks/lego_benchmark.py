@@ -77,11 +77,6 @@ class BenchmarkConfig:
     network_bits: int = 16
     """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised); the
     other methods' files keep fp16 networks."""
-    post_quantize_rates: Tuple[float, ...] = ()
-    """Also quantise each vqad-float run after training (ns-export vqad-compressed --quantize-bits) once per rate
-    (--quantization-rate), with the optimiser's Fisher information; adds rows METHOD>vq@bBITSrRATE."""
-    post_quantize_bits: int = 8
-    """Codebook bits per level of --post-quantize-rates."""
     overrides: Dict[str, str] = field(default_factory=dict)
     """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.index_bits=6); METHOD may be a
     tagged name (vqad-hash@12) or a base name for all its tags."""
@@ -359,40 +354,6 @@ def _stored_bytes(pipeline, method: str) -> Dict[str, float]:
     return {"stored_bytes": 4 * params, "feature_grid_bytes": float("nan"), "vertices": float("nan")}
 
 
-def _post_quantized_rows(trainer, row: Dict, bench: BenchmarkConfig) -> List[Dict]:
-    """Rows of ``row``'s vqad-float model quantised after training at each of ``bench.post_quantize_rates``."""
-    from vqad_nerfstudio.models.post_training_quantization import quantize_float_model
-    from vqad_nerfstudio.models.vqad import fisher_importance
-
-    pipeline = trainer.pipeline
-    float_model, dataset, device = pipeline.model, pipeline.datamanager.eval_dataset, pipeline.device
-    importance = [fisher_importance(trainer.optimizers, level.features.features) for level in float_model.grid.levels]
-    rows = []
-    for rate in bench.post_quantize_rates:
-        _sync()
-        start = time.perf_counter()
-        model = quantize_float_model(float_model, bench.post_quantize_bits, rate, importance)
-        _sync()
-        seconds = time.perf_counter() - start
-        psnr, ssim, rays_per_s = _evaluate(model, dataset, device, bench.max_eval_views)
-        compressed = _compressed(model, dataset, device, "vqad", bench)
-        rows.append(
-            {
-                **row,
-                "method": f"{row['method']}>vq@b{bench.post_quantize_bits}r{rate:g}",
-                "psnr": psnr,
-                "ssim": ssim,
-                "eval_rays_per_s": rays_per_s,
-                "quantize_s": seconds,
-                "stored_bytes": compressed["file_bytes"],
-                "feature_grid_bytes": compressed["grid_bytes"],
-                "compressed": compressed,
-            }
-        )
-        del model
-    return rows
-
-
 @torch.no_grad()
 def _compressed(model, dataset, device, method: str, bench: BenchmarkConfig) -> Dict[str, object]:
     """File sizes (entropy-coded and raw-packed), decode time to the first frame, PSNR per level of detail."""
@@ -483,10 +444,6 @@ def main(bench: BenchmarkConfig) -> None:
             row.update(stored_bytes=row["compressed"]["file_bytes"], feature_grid_bytes=row["compressed"]["grid_bytes"])
         results.append(row)
         print(json.dumps(row), flush=True)
-        if method.split("@")[0] == "vqad-float" and bench.post_quantize_rates:
-            for quantized in _post_quantized_rows(trainer, row, bench):
-                results.append(quantized)
-                print(json.dumps(quantized), flush=True)
         bench.output_dir.mkdir(parents=True, exist_ok=True)
         (bench.output_dir / "results.json").write_text(  # after every method: a cut-short run keeps its rows
             json.dumps(

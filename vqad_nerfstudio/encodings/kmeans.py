@@ -1,5 +1,5 @@
 """Vector quantisation of float vertex features into a codebook: importance-weighted k-means (k-means++ seeding,
-Lloyd iterations, dead-codeword revival) and entropy-constrained refinement of its assignment (ECVQ)."""
+Lloyd iterations, dead-codeword revival)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,6 @@ from vqad_nerfstudio.progress import track
 _CHUNK = 1 << 18
 """Points per chunk of a distance computation (bounds memory at chunk * clusters floats)."""
 
-MAX_CODE_BITS = 32.0
-"""Code length given to a codeword no point uses (finite, so that costs and logits stay finite)."""
-
-
 def _pairwise(points: Tensor, centroids: Tensor) -> Tensor:
     """Squared Euclidean distances, ``[n, c]``, clamped at 0 against rounding."""
     return (
@@ -30,26 +26,10 @@ def squared_distances(points: Float[Tensor, "n k"], centroids: Float[Tensor, "c 
     return torch.cat([_pairwise(chunk, centroids) for chunk in points.split(_CHUNK)])
 
 
-def _cheapest(
-    points: Tensor, centroids: Tensor, weights: Tensor, code_bits: Optional[Tensor], rate: float
-) -> Tuple[Tensor, Tensor]:
-    """Per point, the centroid of least cost ``weight * distance + rate * code_bits`` and the squared distance to it
-    (in chunks, never all distances at once)."""
-    chosen, distance = [], []
-    for chunk, chunk_weights in zip(points.split(_CHUNK), weights.split(_CHUNK)):
-        squared = _pairwise(chunk, centroids)
-        cost = squared if code_bits is None else chunk_weights[:, None] * squared + rate * code_bits
-        best = cost.argmin(dim=-1)
-        chosen.append(best)
-        distance.append(squared.gather(1, best[:, None])[:, 0])
-    return torch.cat(chosen), torch.cat(distance)
-
-
-def code_lengths(assignment: Int[Tensor, "n"], clusters: int) -> Float[Tensor, "c"]:
-    """Bits an order-0 entropy coder spends on each codeword, ``-log2(share of the points assigned to it)``
-    (:data:`MAX_CODE_BITS` for unused codewords)."""
-    counts = torch.bincount(assignment, minlength=clusters).float()
-    return (-torch.log2(counts / assignment.numel())).clamp_max(MAX_CODE_BITS)
+def _nearest(points: Tensor, centroids: Tensor) -> Tuple[Tensor, Tensor]:
+    """Index of and squared distance to the nearest centroid, per point (never all distances at once)."""
+    best = [_pairwise(chunk, centroids).min(dim=-1) for chunk in points.split(_CHUNK)]
+    return torch.cat([b.indices for b in best]), torch.cat([b.values for b in best])
 
 
 def _weighted_means(points: Tensor, weights: Tensor, assignment: Tensor, centroids: Tensor) -> Tuple[Tensor, Tensor]:
@@ -105,7 +85,7 @@ def kmeans(
         centroids = torch.cat([centroids, points[pick]])
         nearest_sq = torch.minimum(nearest_sq, squared_distances(points, points[pick])[:, 0])
 
-    assignment, distance = _cheapest(points, centroids, weights, None, 0.0)
+    assignment, distance = _nearest(points, centroids)
     for _ in track(range(iterations), f"k-means: {points.shape[0]:,} points into {clusters} centroids"):
         centroids, counts = _weighted_means(points, weights, assignment, centroids)
         error = weights * distance
@@ -113,38 +93,8 @@ def kmeans(
             worst = int(error.argmax())
             centroids[empty] = points[worst]
             error[worst] = 0
-        assignment, distance = _cheapest(points, centroids, weights, None, 0.0)
+        assignment, distance = _nearest(points, centroids)
     return centroids, assignment
-
-
-@torch.no_grad()
-def entropy_constrained(
-    points: Float[Tensor, "n k"],
-    centroids: Float[Tensor, "c k"],
-    weights: Float[Tensor, "n"],
-    rate: float,
-    iterations: int = 10,
-) -> Tuple[Float[Tensor, "c k"], Int[Tensor, "n"], Float[Tensor, "c"]]:
-    """Entropy-constrained vector quantisation (Chou, Lookabaugh and Gray 1989), started from ``centroids``.
-
-    Alternates: codewords move to the weighted means of their points and take code lengths in bits from their
-    shares of the points, then each point takes the codeword of least ``weight * squared distance + rate * code
-    length``. ``rate`` is the weighted squared error one bit is worth: the larger, the fewer codewords carry most
-    points and the fewer bits an entropy coder spends on the indices. Codewords that lose all their points stay
-    unused (:data:`MAX_CODE_BITS`). Returns the centroids, the assignment and the code lengths; the assignment is
-    the least-cost choice under exactly these centroids and code lengths.
-    """
-    weights = _check(points, centroids.shape[0], weights)
-    if rate < 0:
-        raise ValueError(f"the rate of entropy-constrained quantisation must be >= 0, got {rate}")
-    points, clusters = points.float(), centroids.shape[0]
-    assignment, _ = _cheapest(points, centroids, weights, None, 0.0)
-    bits = code_lengths(assignment, clusters)
-    for _ in track(range(iterations), f"entropy-constrained quantisation of {points.shape[0]:,} points"):
-        centroids, _ = _weighted_means(points, weights, assignment, centroids)
-        bits = code_lengths(assignment, clusters)
-        assignment, _ = _cheapest(points, centroids, weights, bits, rate)
-    return centroids, assignment, bits
 
 
 MIN_RELATIVE_IMPORTANCE = 1e-3
@@ -157,38 +107,23 @@ def vector_quantize(
     features: Float[Tensor, "n k"],
     clusters: int,
     importance: Optional[Float[Tensor, "n"]] = None,
-    rate: float = 0.0,
     iterations: int = 25,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Float[Tensor, "c k"], Float[Tensor, "n c"]]:
-    """A codebook of ``clusters`` codewords for ``features`` and each row's cost of each codeword.
+    """A codebook of ``clusters`` codewords for ``features``, and each row's squared distance to each codeword in
+    units of the mean weighted quantisation error (the argmin is the row's codeword).
 
     The codebook is the k-means of the rows weighted by ``importance`` (how much each row's error costs, e.g. the
-    Fisher information of its features; uniform when None or all zero). With ``rate > 0`` the assignment is then
-    refined by entropy-constrained quantisation (:func:`entropy_constrained`), each bit of a row's index worth
-    ``rate`` times the mean weighted quantisation error: rows that matter little share a few frequent codewords,
-    which an entropy coder stores in few bits. A row's cost of a codeword is its squared distance plus the rate
-    term over its importance, in units of that mean error: the argmin is the row's codeword.
+    Fisher information of its features; uniform when None or all zero), as VQRF weights its voxels.
     """
     features = features.float()
     weights = torch.ones(features.shape[0], device=features.device)
     if importance is not None and features.shape[0] and bool(importance.sum() > 0):
         weights = (importance.float() / importance.float().mean()).clamp_min(MIN_RELATIVE_IMPORTANCE)
     centroids, assignment = kmeans(features, clusters, iterations, generator, weights)
-    costs = squared_distances(features, centroids)
-    unit = (weights * costs.gather(1, assignment[:, None])[:, 0]).mean().clamp_min(1e-12)
-    if rate > 0:
-        centroids, _, bits = entropy_constrained(features, centroids, weights, rate * float(unit))
-        costs = squared_distances(features, centroids) + rate * float(unit) * bits / weights[:, None]
-    return centroids, costs / unit
+    distances = squared_distances(features, centroids)
+    unit = (weights * distances.gather(1, assignment[:, None])[:, 0]).mean().clamp_min(1e-12)
+    return centroids, distances / unit
 
 
-__all__ = [
-    "MAX_CODE_BITS",
-    "MIN_RELATIVE_IMPORTANCE",
-    "code_lengths",
-    "entropy_constrained",
-    "kmeans",
-    "squared_distances",
-    "vector_quantize",
-]
+__all__ = ["MIN_RELATIVE_IMPORTANCE", "kmeans", "squared_distances", "vector_quantize"]

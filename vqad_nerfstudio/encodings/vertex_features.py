@@ -359,18 +359,18 @@ class CodebookFeatures(FeatureStore):
         iterations: int = 25,
         generator: Optional[torch.Generator] = None,
         importance: Optional[Float[Tensor, "m"]] = None,
-        rate: float = 0.0,
     ) -> List[ParameterSwap]:
         """End the float warm-up: the warm-up rows become the codebook and every row's index logits.
 
-        :func:`vector_quantize` (importance-weighted k-means, entropy-constrained with ``rate > 0``) picks the
-        codebook; each row's logits are minus its costs of the codewords, so the argmax is its codeword and the
-        softmax keeps the next best within reach of the straight-through gradient. The warm-up table is replaced by
-        an empty parameter; returns the swap for optimisers."""
+        :func:`vector_quantize` picks the codebook (k-means of the rows weighted by ``importance``, how much each
+        row's error costs; uniform when None); each row's logits are minus its squared distances to the codewords
+        over the mean weighted quantisation error, so the argmax is the nearest codeword and the softmax keeps the
+        next nearest within reach of the straight-through gradient. The warm-up table is replaced by an empty
+        parameter; returns the swap for optimisers."""
         if not self.in_float_warmup:
             return []
         centroids, costs = vector_quantize(
-            self.warmup_features.detach(), 2**self.index_bits, importance, rate, iterations, generator
+            self.warmup_features.detach(), 2**self.index_bits, importance, iterations, generator
         )
         self.codebook.data = centroids.to(self.codebook.dtype)
         self.logits.data = (-costs).to(self.logits.dtype)
@@ -378,21 +378,6 @@ class CodebookFeatures(FeatureStore):
         old = self.warmup_features
         self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))
         return [(old, self.warmup_features)]
-
-    @torch.no_grad()
-    def freeze_indices(self) -> List[ParameterSwap]:
-        """Keep every row's current hard index for good: each row's logits become one int32 index (what a decoded
-        file holds) and only the codebook trains on. The logits are replaced by an empty parameter (so that
-        optimisers keep their groups, and checkpoints lose the logits); returns the swap for optimisers."""
-        if self.frozen:
-            return []
-        if self.in_float_warmup:
-            raise RuntimeError("the float warm-up has no indices to freeze yet: quantise it first")
-        old = self.logits
-        self.indices = old.detach().argmax(dim=-1).to(torch.int32)
-        self.logits = nn.Parameter(old.data.new_empty(0, old.shape[1]))
-        self.frozen = True
-        return [(old, self.logits)]
 
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         device, rows = self.codebook.device, source_rows.shape[0]
@@ -422,15 +407,9 @@ class CodebookFeatures(FeatureStore):
         """Size the warm-up table like the saved one (empty after the warm-up), without changing ``state_dict``.
 
         A checkpoint from before the table existed has this store's logits but no table: its store was past any
-        warm-up, so the table is emptied and not reported missing. One saved after :meth:`freeze_indices` turns this
-        store frozen. A state dict without this store's keys (nerfstudio's pipeline loads a second time, without the
-        ``_model.`` prefix) leaves the store as it is.
+        warm-up, so the table is emptied and not reported missing. A state dict without this store's keys (nerfstudio's
+        pipeline loads a second time, without the ``_model.`` prefix) leaves the store as it is.
         """
-        saved_indices = state_dict.get(prefix + "indices")
-        if saved_indices is not None and not self.frozen:  # saved after freeze_indices: resized in place
-            self.indices = torch.zeros_like(saved_indices, device=self.codebook.device)
-            self.logits.data = self.logits.data.new_empty(0, self.logits.shape[1])
-            self.frozen = True
         key = prefix + "warmup_features"
         saved = state_dict.get(key)
         predates_table = saved is None and prefix + "logits" in state_dict
@@ -444,7 +423,7 @@ class CodebookFeatures(FeatureStore):
             missing_keys.remove(key)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
-        logits = [] if self.logits is None else [self.logits]  # frozen in training: an empty parameter
+        logits = [] if self.frozen else [self.logits]
         return {"grid_logits": logits, "codebooks": [self.codebook], "grid_features": [self.warmup_features]}
 
 

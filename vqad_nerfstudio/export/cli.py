@@ -44,13 +44,6 @@ class ExportVQADCompressed:
     network_bits: Literal[16, 8, 7, 6, 5, 4] = 16
     """Bits per decoder-MLP weight of vqad and vqad-float files: 16 (fp16), or 8..4 (quantised per output row and
     range-coded: 6 takes under half the fp16 bytes, for the smallest coarse levels of detail)."""
-    quantize_bits: Optional[int] = None
-    """For a vqad-float run: write a vqad file instead, its float vertex features vector-quantised after training
-    into codebooks of 2**QUANTIZE_BITS codewords per level (1..16; no fine-tuning), each vertex weighted by its
-    Fisher information from the checkpoint's optimiser state."""
-    quantization_rate: float = 0.0
-    """With --quantize-bits: each bit of a vertex's entropy-coded index is worth this many times its level's mean
-    quantisation error (entropy-constrained k-means: larger, smaller file); 0: nearest codeword."""
     overwrite: bool = False
     """Replace an existing model.vqnf."""
 
@@ -81,27 +74,9 @@ class ExportVQADCompressed:
         if method not in vqad_method_names():
             names = ", ".join(vqad_method_names())
             _fail(command, f"{self.load_config} is a {method} run; vqad-compressed writes runs of {names}")
-        if self.quantize_bits is not None:
-            if method != "vqad-float":
-                _fail(command, f"--quantize-bits quantises a vqad-float run; {self.load_config} is a {method} run")
-            if not 1 <= self.quantize_bits <= 16 or not 0 <= self.quantization_rate < float("inf"):
-                _fail(command, "--quantize-bits must be in 1..16 and --quantization-rate a finite number >= 0")
         config, pipeline, checkpoint, _ = eval_setup(self.load_config, test_mode="inference")
-        model, method = pipeline.model, config.method_name
-        if self.quantize_bits is not None:
-            import torch
-
-            from vqad_nerfstudio.models.post_training_quantization import (
-                fisher_from_optimizer_state,
-                quantize_float_model,
-            )
-
-            optimizers = torch.load(checkpoint, map_location="cpu").get("optimizers", {})
-            importance = fisher_from_optimizer_state(model, optimizers)
-            model = quantize_float_model(model, self.quantize_bits, self.quantization_rate, importance)
-            method = "vqad"
         try:
-            encoded = encode_any(model, method, self.index_coding, self.network_bits)
+            encoded = encode_any(pipeline.model, config.method_name, self.index_coding, self.network_bits)
         except (UnsupportedMethodError, ValueError) as error:
             _fail(command, str(error))
         try:

@@ -112,20 +112,10 @@ class VQADModelConfig(ModelConfig):
     """What the warm-up trains. 'float': free float features per vertex (as the float twin), which k-means then
     turns into each level's codebook, each vertex taking its nearest codeword as index.
     'soft': soft indices, the forward pass uses softmax(C/t) @ codebook (the paper)."""
-    quantization_rate: float = 0.0
-    """Rate weight of the quantisation that ends a float warm-up: each bit of a vertex's entropy-coded index is
-    worth this many times its level's mean quantisation error, so vertices that matter little share a few frequent
-    codewords (entropy-constrained k-means). 0: every vertex takes its nearest codeword. Worth raising with more
-    index_bits: a larger codebook for the vertices that matter, few bits for the rest."""
     quantization_importance: Literal["fisher", "uniform"] = "fisher"
     """How the quantisation weighs each vertex's error. 'fisher': by the optimiser's running mean of the squared
     gradient of the vertex's float features (the diagonal Fisher information: how much the loss feels a change of
     that vertex; 0 for vertices no ray reaches). 'uniform': all alike."""
-    index_training: Literal["straight-through", "fixed"] = "straight-through"
-    """What trains once the warm-up ends. 'straight-through': the indices (2**index_bits logits per vertex, hard
-    forward, softmax gradient backward) and the codebooks. 'fixed': the codebooks only, every vertex keeping the
-    index the warm-up's end chose (as VQRF fine-tunes): no logits in memory or checkpoints, and the entropy-coded
-    size the quantisation chose (quantization_rate) is the file's."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
@@ -178,7 +168,6 @@ class VQADModelConfig(ModelConfig):
         for temperature in self.index_temperature:
             check_real("each index_temperature", temperature, 0.0, open_low=True)
         check_real("index_rate_weight", self.index_rate_weight, 0.0)
-        check_real("quantization_rate", self.quantization_rate, 0.0)
         check_real("coarse_lod_fraction", self.coarse_lod_fraction, 0.0, 1.0)
 
 
@@ -304,8 +293,6 @@ class VQADModel(Model):
             self._set_index_relaxation(step, warmup)
             if step >= warmup:
                 follow(self._quantize_float_warmup(training_callback_attributes.optimizers))
-                if self.config.index_training == "fixed":
-                    follow(self._freeze_indices())
 
         def prune(step: int) -> None:
             follow(self.grid.prune(self._cells_with_density))
@@ -334,8 +321,8 @@ class VQADModel(Model):
                 level.features.relaxed = soft and step < warmup
 
     def _quantize_float_warmup(self, optimizers: Optional[Optimizers] = None) -> List[RowRemap]:
-        """End a float warm-up: each level's float rows become its codebook and indices (importance-weighted,
-        entropy-constrained k-means; the importance from ``optimizers``' state where the config asks for it)."""
+        """End a float warm-up: each level's float rows become its codebook and indices (importance-weighted k-means;
+        the importance from ``optimizers``' state where the config asks for it)."""
         remaps = []
         for level in self.grid.levels:
             store = level.features
@@ -343,16 +330,7 @@ class VQADModel(Model):
                 importance = None
                 if self.config.quantization_importance == "fisher":
                     importance = fisher_importance(optimizers, store.warmup_features)
-                swaps = store.quantize_float_warmup(importance=importance, rate=self.config.quantization_rate)
-                remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
-        return remaps
-
-    def _freeze_indices(self) -> List[RowRemap]:
-        """Every level keeps its current hard indices for good (index_training 'fixed')."""
-        remaps = []
-        for level in self.grid.levels:
-            if isinstance(level.features, CodebookFeatures) and not level.features.frozen:
-                swaps = level.features.freeze_indices()
+                swaps = store.quantize_float_warmup(importance=importance)
                 remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
         return remaps
 
