@@ -98,8 +98,8 @@ def kmeans(
 
 
 MIN_RELATIVE_IMPORTANCE = 1e-3
-"""Floor of a row's importance relative to the mean when quantising (rows no ray saw still get a codeword that is
-near, among those of similar cost)."""
+"""Floor of a row's importance relative to the mean when quantising: rows no ray saw still pull the codebook a
+little (and never make the weights zero, which k-means refuses)."""
 
 
 @torch.no_grad()
