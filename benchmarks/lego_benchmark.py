@@ -355,7 +355,7 @@ def _stored_bytes(pipeline, method: str) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def _compressed(model, dataset, device, method: str, bench: BenchmarkConfig) -> Dict[str, object]:
+def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, object]:
     """File sizes (entropy-coded and raw-packed), decode time to the first frame, PSNR per level of detail."""
     from vqad_nerfstudio.codec import write_container
     from vqad_nerfstudio.export.formats import encode_any, load_any, method_format
@@ -364,14 +364,15 @@ def _compressed(model, dataset, device, method: str, bench: BenchmarkConfig) -> 
     base_method = method.split("@")[0]
     entry = method_format(base_method)
     network_bits = bench.network_bits if entry.quantised_networks else 16
-    encoded = encode_any(model, base_method, "entropy", network_bits=network_bits)
+    encoded = encode_any(pipeline.model, base_method, "entropy", network_bits=network_bits)
     data = write_container(encoded.header, encoded.chunks)
     report = size_report(encoded, data)
     if report["index_bytes_raw"] is None:  # no codebook indices: the raw-packed file is the same file
         raw_bytes = len(data)
     else:
-        raw = encode_any(model, base_method, "raw", network_bits=network_bits)
+        raw = encode_any(pipeline.model, base_method, "raw", network_bits=network_bits)
         raw_bytes = len(write_container(raw.header, raw.chunks))
+    dataset, device = pipeline.datamanager.eval_dataset, pipeline.device
 
     _sync()
     start = time.perf_counter()
@@ -438,8 +439,7 @@ def main(bench: BenchmarkConfig) -> None:
             **_stored_bytes(pipeline, method),
         }
         if method.split("@")[0] in METHOD_FORMATS:
-            eval_dataset = pipeline.datamanager.eval_dataset
-            row["compressed"] = _compressed(pipeline.model, eval_dataset, pipeline.device, method, bench)
+            row["compressed"] = _compressed(pipeline, method, bench)
         if hasattr(pipeline.model, "latent_planes"):  # stored: the file (coded planes, decoder, fp16 lines and MLP)
             row.update(stored_bytes=row["compressed"]["file_bytes"], feature_grid_bytes=row["compressed"]["grid_bytes"])
         results.append(row)

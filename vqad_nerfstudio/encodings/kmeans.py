@@ -14,6 +14,7 @@ from vqad_nerfstudio.progress import track
 _CHUNK = 1 << 18
 """Points per chunk of a distance computation (bounds memory at chunk * clusters floats)."""
 
+
 def _pairwise(points: Tensor, centroids: Tensor) -> Tensor:
     """Squared Euclidean distances, ``[n, c]``, clamped at 0 against rounding."""
     return (

@@ -227,7 +227,7 @@ class SparseFeatureGrid(nn.Module):
         coords = torch.minimum(scaled.floor().long().clamp_min_(0), resolutions[..., None] - 1)
         offsets = self.level_key_offsets
         cell_keys = torch.cat([level.cells + offset for level, offset in zip(self.levels[:grown], offsets)])
-        found = sorted_positions(cell_keys, linear_ids(coords, resolutions) + self.level_key_offsets[levels])
+        found = sorted_positions(cell_keys, linear_ids(coords, resolutions) + offsets[levels])
         inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
         return torch.where(inside_box, found, -1).to(torch.int32)
 
