@@ -20,6 +20,10 @@ feature vector in its level's table:
 
 With ``index_bits == log2_codebook_size`` a dense level is exactly a VQAD level: every vertex holds a
 free index into the whole codebook.
+
+On CUDA tensors the learned mode's lookups run as one fused kernel
+(:mod:`vqad_nerfstudio.kernels.learned_hash`) when Triton imports and the positions need no gradient; the
+PyTorch path is the CPU path and the reference.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, trilinear_weights
 from vqad_nerfstudio.encodings.vertex_features import candidate_rows, check_codewords, interpolated_codewords
+from vqad_nerfstudio.kernels import learned_hash
 
 IndexMode = Literal["learned", "random"]
 
@@ -130,6 +135,8 @@ class LearnedIndexHashEncoding(Encoding):
         self.resolutions = level_resolutions(num_levels, min_res, max_res)
         self.temperature = 1.0
         """Softmax temperature of the straight-through backward pass (training-schedule state)."""
+        self.fused = True
+        """Look up with the fused kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
 
         if mode == "random":
             self.hash_grid = HashEncoding(
@@ -209,6 +216,8 @@ class LearnedIndexHashEncoding(Encoding):
         if self.mode == "random":
             return self.hash_grid(in_tensor)
         batch_shape = in_tensor.shape[:-1]
+        if self._fusable(in_tensor):
+            return self._fused_forward(in_tensor.reshape(-1, 3)).reshape(*batch_shape, self.get_out_dim())
         points = in_tensor.reshape(-1, 1, 3)
         resolution = self.level_geometry[:, 0].to(points.dtype) - 1  # [levels]
         scaled = points * resolution[:, None]  # [n, levels, 3]
@@ -220,7 +229,7 @@ class LearnedIndexHashEncoding(Encoding):
         if self.frozen_indices:
             rows = candidate_rows(bases, self.indices[entries].long(), codebook_size)
             features = (torch.cat(list(self.codebooks))[rows] * weights[..., None]).sum(dim=-2)
-            return features.reshape(*batch_shape, -1)
+            return features.reshape(*batch_shape, self.get_out_dim())
         features = interpolated_codewords(
             torch.cat(list(self.index_logits)),
             torch.cat(list(self.codebooks)),
@@ -230,7 +239,32 @@ class LearnedIndexHashEncoding(Encoding):
             codebook_size,
             self.temperature,
         )  # [n, levels, features]
-        return features.reshape(*batch_shape, -1)
+        return features.reshape(*batch_shape, self.get_out_dim())
+
+    def _fusable(self, in_tensor: Float[Tensor, "*bs 3"]) -> bool:
+        """Whether :meth:`forward` can use the fused kernel: float32 tables and positions on its device, and no
+        gradient for the positions (the PyTorch path gives them one, through the trilinear weights)."""
+        return (
+            self.fused
+            and not (in_tensor.requires_grad and torch.is_grad_enabled())
+            and self.codebooks[0].dtype == torch.float32
+            and learned_hash.available(in_tensor.reshape(-1, 3), self.get_out_dim())
+        )
+
+    def _fused_forward(self, points: Float[Tensor, "n 3"]) -> Float[Tensor, "n out"]:
+        """:meth:`forward`'s features by the fused kernel; the entries' choices and the straight-through softmax stay
+        in PyTorch."""
+        codebooks = torch.cat(list(self.codebooks))
+        size, full_index = 2**self.log2_codebook_size, self.index_bits == self.log2_codebook_size
+        logits: Optional[Tensor] = None
+        if self.frozen_indices:
+            choices = self.indices
+        else:
+            logits = torch.cat(list(self.index_logits))
+            choices = logits.detach().argmax(dim=-1)
+        return learned_hash.fused_lookup(
+            codebooks, logits, choices, points, self.level_geometry, size, full_index, self.temperature
+        )
 
     # ------------------------------------------------------------------------------------ size
     def stored_bits(self) -> int:

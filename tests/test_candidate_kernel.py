@@ -1,0 +1,149 @@
+"""Candidate occupancy: the occupancy-bits lookup against the located cells, the fused candidate kernel against the
+PyTorch composition it replaces, and camera rays made on the camera's device against nerfstudio's.
+
+The kernel tests run where CUDA and Triton are present, or on the CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``); the others run everywhere."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.field_components.spatial_distortions import SceneContraction
+from nerfstudio.models.base_model import Model
+
+from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
+from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
+from vqad_nerfstudio.encodings.vertex_features import FloatFeatures
+from vqad_nerfstudio.kernels import candidates
+from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(
+    candidates.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs Triton with CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
+)
+
+
+def _grid(generator: torch.Generator) -> SparseFeatureGrid:
+    """Four levels (4^3 .. 32^3), the two finest grown into a random part of the children as pruning does."""
+    grid = SparseFeatureGrid(4, 4, lambda level, rows: FloatFeatures(rows, 2), dense_resolution=8)
+    grid.prune(lambda cells, resolution: torch.rand(cells.shape, generator=generator) < 0.4)
+    return grid
+
+
+def _points(generator: torch.Generator, count: int) -> torch.Tensor:
+    """Points in and around the unit cube, a share of them on cell faces of every level and on the cube's faces."""
+    points = torch.rand(count, 3, generator=generator) * 1.2 - 0.1
+    on_faces = torch.randint(0, 33, (count // 4, 3), generator=generator) / 32.0
+    return torch.cat([points, on_faces])
+
+
+def test_occupancy_bits_agree_with_the_located_cells() -> None:
+    generator = torch.Generator().manual_seed(0)
+    grid = _grid(generator)
+    points = _points(generator, 4000)
+    lods = torch.randint(0, 4, (points.shape[0],), generator=generator)
+    expected = SparseFeatureGrid.occupied(grid.locate(points), lods)
+    assert 0 < int(expected.sum()) < expected.numel()
+    assert torch.equal(grid.inside(points, lods), expected)
+    for lod in range(4):
+        assert torch.equal(grid.inside(points, lod), SparseFeatureGrid.occupied(grid.locate(points), lods * 0 + lod))
+
+
+def test_occupancy_bits_follow_the_topology() -> None:
+    generator = torch.Generator().manual_seed(1)
+    grid = _grid(generator)
+    before = grid.occupancy_bits().clone()
+    grid.prune(lambda cells, resolution: torch.rand(cells.shape, generator=generator) < 0.2)
+    after = grid.occupancy_bits()
+    assert not torch.equal(before, after)
+    points = _points(generator, 2000)
+    finest = torch.full((points.shape[0],), 3)
+    assert torch.equal(grid.inside(points, 3), SparseFeatureGrid.occupied(grid.locate(points), finest))
+
+
+def test_an_empty_grid_is_refused() -> None:
+    grid = SparseFeatureGrid(4, 2, lambda level, rows: FloatFeatures(rows, 2), dense_resolution=0)
+    with pytest.raises(RuntimeError, match="no occupied cells"):
+        grid.inside(torch.rand(3, 3), 0)
+
+
+def _rays(generator: torch.Generator, num_rays: int, per_ray: int, far: float):
+    origins = torch.randn(num_rays, 3, generator=generator) * 2
+    directions = torch.nn.functional.normalize(torch.randn(num_rays, 3, generator=generator), dim=-1)
+    bins = torch.sort(torch.rand(num_rays, per_ray + 1, generator=generator), dim=-1).values * far
+    return origins, directions, bins[:, :-1].contiguous(), bins[:, 1:].contiguous()
+
+
+def _reference(grid, origins, directions, starts, ends, lods, box, occupancy):
+    """What the model computes without the kernel: nerfstudio's frustum midpoints, its scene box normalisation or
+    contraction, then the grid's (and the estimate's) occupancy."""
+    world = origins[:, None, :] + directions[:, None, :] * (starts + ends)[..., None] / 2
+    if box is None:
+        unit = (SceneContraction(order=float("inf"))(world) + 2.0) / 4.0
+    else:
+        unit = SceneBox.get_normalized_positions(world, box)
+    unit = unit.reshape(-1, 3)
+    keep = grid.inside(unit, lods[:, None].expand(starts.shape).reshape(-1))
+    if occupancy is not None:
+        keep &= occupancy.occupied_at(unit)
+    return keep.reshape(starts.shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bounded", [True, False])
+@pytest.mark.parametrize("with_estimate", [False, True])
+def test_the_kernel_keeps_what_the_reference_keeps(bounded: bool, with_estimate: bool) -> None:
+    generator = torch.Generator().manual_seed(2)
+    grid = _grid(generator).to(KERNEL_DEVICE)
+    origins, directions, starts, ends = _rays(generator, 300, 64, far=6.0 if bounded else 40.0)
+    lods = torch.randint(0, 4, (300,), generator=generator)
+    box = torch.tensor([[-1.5, -1.0, -2.0], [1.5, 2.0, 1.0]]) if bounded else None
+    occupancy = None
+    if with_estimate:
+        occupancy = OccupancyEstimator(8, density_threshold=0.5)
+        occupancy.binary = torch.rand(8**3, generator=generator) < 0.7
+    tensors = [t.to(KERNEL_DEVICE) for t in (origins, directions, starts, ends, lods)]
+    kept = candidates.occupied_candidates(
+        *tensors,
+        grid.occupancy_bits(),
+        grid.resolutions[-1],
+        None if box is None else box.to(KERNEL_DEVICE),
+        None if occupancy is None else occupancy.binary.to(KERNEL_DEVICE),
+        0 if occupancy is None else occupancy.resolution,
+    )
+    grid_cpu = grid.cpu()
+    expected = _reference(grid_cpu, origins, directions, starts, ends, lods, box, occupancy)
+    assert 0 < int(expected.sum()) < expected.numel()
+    assert torch.equal(kept.cpu(), expected)
+
+
+@needs_kernel
+def test_the_kernel_takes_an_empty_batch() -> None:
+    grid = _grid(torch.Generator().manual_seed(3)).to(KERNEL_DEVICE)
+    empty = torch.zeros(0, 3, device=KERNEL_DEVICE)
+    nothing = torch.zeros(0, 16, device=KERNEL_DEVICE)
+    lods = torch.zeros(0, dtype=torch.long, device=KERNEL_DEVICE)
+    kept = candidates.occupied_candidates(
+        empty, empty, nothing, nothing, lods, grid.occupancy_bits(), grid.resolutions[-1], None
+    )
+    assert kept.shape == (0, 16) and kept.dtype == torch.bool
+
+
+def test_camera_rays_are_nerfstudios() -> None:
+    """The model makes a view's pixel grid on the camera's device; the rays and the rendering are nerfstudio's."""
+    torch.manual_seed(0)
+    config = VQADModelConfig(num_levels=2, base_resolution=2, dense_resolution=4, num_samples=8, hidden_dim=8)
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    model.eval()
+    pose = torch.tensor([[[1.0, 0.0, 0.0, 0.1], [0.0, 1.0, 0.0, -0.2], [0.0, 0.0, 1.0, 3.0]]])
+    camera = Cameras(camera_to_worlds=pose, fx=20.0, fy=21.0, cx=9.5, cy=6.0, width=19, height=13)
+    ours = model.get_outputs_for_camera(camera)
+    theirs = Model.get_outputs_for_camera(model, camera)
+    assert ours["rgb"].shape == (13, 19, 3)
+    for name, value in theirs.items():
+        assert torch.equal(ours[name], value), name

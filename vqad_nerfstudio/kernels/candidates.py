@@ -1,0 +1,157 @@
+"""Which candidate samples lie in occupied space, in one GPU pass (Triton).
+
+A sampler proposes ``rays x candidates`` intervals; before packing, each candidate is tested against
+the sparse grid at its ray's level of detail (and, during the warm-up, against the occupancy
+estimate). In PyTorch that test materialises the candidates' world and unit-cube positions and a
+dozen temporaries of the same size; here one kernel reads each ray's origin and direction and each
+candidate's interval, places the midpoint in the unit cube (scene box, or the L-infinity scene
+contraction for unbounded scenes), and reads one byte of the grid's occupancy bits
+(:meth:`~vqad_nerfstudio.encodings.sparse_grid.SparseFeatureGrid.occupancy_bits`): bit ``l`` of a
+finest-level voxel says whether its cell at level ``l`` is occupied. Only a boolean per candidate is
+written. The PyTorch composition in :meth:`~vqad_nerfstudio.models.vqad.VQADModel` is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from jaxtyping import Bool, Float, Int, UInt8
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path is used
+    triton = None
+
+
+def available(starts: Tensor) -> bool:
+    """Whether the kernel can test candidates on ``starts``' device (CUDA; CPU tensors under Triton's
+    interpreter, ``TRITON_INTERPRET=1``, which the tests use) with 32-bit candidate offsets."""
+    runs_here = starts.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton is not None and runs_here and starts.numel() < 2**31
+
+
+if triton is not None:
+
+    @triton.jit
+    def _voxel(u, RES: tl.constexpr):
+        """Voxel coordinate of unit-cube coordinate ``u`` at ``RES`` voxels per side (clamped into the grid)."""
+        return tl.minimum(tl.maximum(tl.floor(u * RES), 0.0), RES - 1.0).to(tl.int64)
+
+    @triton.jit
+    def _along(origins, directions, ray, AXIS: tl.constexpr, distance, mask):
+        """Coordinate ``AXIS`` of the point at ``distance`` along each ray (as nerfstudio's Frustums compute it)."""
+        origin = tl.load(origins + ray * 3 + AXIS, mask=mask, other=0.0)
+        return origin + tl.load(directions + ray * 3 + AXIS, mask=mask, other=0.0) * distance
+
+    @triton.jit
+    def _contract(x, y, z):
+        """nerfstudio's SceneContraction with the L-infinity norm, then its [-2, 2] cube mapped to [0, 1]."""
+        magnitude = tl.maximum(tl.maximum(tl.abs(x), tl.abs(y)), tl.abs(z))
+        outside = magnitude >= 1.0
+        safe = tl.where(outside, magnitude, 1.0)
+        scale = 2.0 - tl.div_rn(1.0, safe)
+        x = tl.where(outside, scale * tl.div_rn(x, safe), x)
+        y = tl.where(outside, scale * tl.div_rn(y, safe), y)
+        z = tl.where(outside, scale * tl.div_rn(z, safe), z)
+        return tl.div_rn(x + 2.0, 4.0), tl.div_rn(y + 2.0, 4.0), tl.div_rn(z + 2.0, 4.0)
+
+    @triton.jit
+    def _occupied_candidates(
+        origins,
+        directions,
+        starts,
+        ends,
+        lods,
+        bits,
+        occupancy,
+        box,
+        out,
+        n_candidates,
+        PER_RAY: tl.constexpr,
+        RESOLUTION: tl.constexpr,
+        OCCUPANCY_RESOLUTION: tl.constexpr,
+        CONTRACT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        candidate = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        in_range = candidate < n_candidates
+        ray = candidate // PER_RAY
+        start = tl.load(starts + candidate, mask=in_range, other=0.0)
+        middle = (start + tl.load(ends + candidate, mask=in_range, other=0.0)) / 2.0
+        x = _along(origins, directions, ray, 0, middle, in_range)
+        y = _along(origins, directions, ray, 1, middle, in_range)
+        z = _along(origins, directions, ray, 2, middle, in_range)
+        if CONTRACT:
+            x, y, z = _contract(x, y, z)
+        else:  # the scene box: box holds its minimum corner and its size
+            x = tl.div_rn(x - tl.load(box), tl.load(box + 3))
+            y = tl.div_rn(y - tl.load(box + 1), tl.load(box + 4))
+            z = tl.div_rn(z - tl.load(box + 2), tl.load(box + 5))
+        inside = in_range & (x >= 0.0) & (x <= 1.0) & (y >= 0.0) & (y <= 1.0) & (z >= 0.0) & (z <= 1.0)
+        voxel = (_voxel(x, RESOLUTION) * RESOLUTION + _voxel(y, RESOLUTION)) * RESOLUTION + _voxel(z, RESOLUTION)
+        level_bits = tl.load(bits + voxel, mask=inside, other=0).to(tl.int32)
+        lod = tl.load(lods + ray, mask=in_range, other=0).to(tl.int32)
+        keep = inside & (((level_bits >> lod) & 1) != 0)
+        if OCCUPANCY_RESOLUTION > 0:
+            cell = (
+                _voxel(x, OCCUPANCY_RESOLUTION) * OCCUPANCY_RESOLUTION + _voxel(y, OCCUPANCY_RESOLUTION)
+            ) * OCCUPANCY_RESOLUTION + _voxel(z, OCCUPANCY_RESOLUTION)
+            keep = keep & (tl.load(occupancy + cell, mask=keep, other=0) != 0)
+        tl.store(out + candidate, keep.to(tl.uint8), mask=in_range)
+
+
+def occupied_candidates(
+    origins: Float[Tensor, "r 3"],
+    directions: Float[Tensor, "r 3"],
+    starts: Float[Tensor, "r s"],
+    ends: Float[Tensor, "r s"],
+    lods: Int[Tensor, "r"],
+    bits: UInt8[Tensor, "v"],
+    resolution: int,
+    box: Optional[Float[Tensor, "2 3"]],
+    occupancy: Optional[Bool[Tensor, "w"]] = None,
+    occupancy_resolution: int = 0,
+) -> Bool[Tensor, "r s"]:
+    """Whether the midpoint of each candidate interval ``starts..ends`` along its ray lies in an occupied cell at
+    its ray's level of detail ``lods`` (per ray, at most the finest level set in ``bits``).
+
+    ``bits``: per voxel of a ``resolution**3`` grid over the unit cube (row-major), bit ``l`` set where level ``l``
+    holds the voxel's cell. ``box``: the scene box (min and max corners) that maps to the unit cube; None contracts
+    space instead (unbounded scenes). ``occupancy``: optionally, a ``occupancy_resolution**3`` boolean grid the
+    candidates must also fall into (the occupancy estimate during the warm-up)."""
+    num_rays, per_ray = starts.shape
+    out = torch.empty(num_rays, per_ray, dtype=torch.bool, device=starts.device)
+    if out.numel() == 0:
+        return out
+    if box is None:
+        box_rows = torch.zeros(6, device=starts.device)
+    else:
+        box_rows = torch.cat([box[0], box[1] - box[0]]).to(device=starts.device, dtype=torch.float32)
+    if occupancy is None:
+        occupancy, occupancy_resolution = bits, 0  # not read
+    block = 1024
+    _occupied_candidates[(triton.cdiv(out.numel(), block),)](
+        origins.float().contiguous(),
+        directions.float().contiguous(),
+        starts.float().contiguous(),
+        ends.float().contiguous(),
+        lods.contiguous(),
+        bits,
+        occupancy.contiguous().view(torch.uint8),
+        box_rows,
+        out.view(torch.uint8),
+        out.numel(),
+        PER_RAY=per_ray,
+        RESOLUTION=resolution,
+        OCCUPANCY_RESOLUTION=occupancy_resolution,
+        CONTRACT=box is None,
+        BLOCK=block,
+    )
+    return out
+
+
+__all__ = ["available", "occupied_candidates"]
