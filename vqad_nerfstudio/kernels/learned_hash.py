@@ -135,6 +135,7 @@ if triton is not None:
         WIDTH_POW2: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        """``out[point, level * WIDTH + k]``: the trilinear sum of the chosen rows of the point's cell at each level."""
         point, in_range, x, y, z = _block_points(positions, n_points, BLOCK)
         channel = tl.arange(0, WIDTH_POW2)
         mask = in_range[:, None] & (channel < WIDTH)[None, :]
@@ -169,6 +170,8 @@ if triton is not None:
         NEED_CODEBOOKS: tl.constexpr,
         NEED_SOFT: tl.constexpr,
     ):
+        """Scatter the weighted output gradient into the chosen rows' gradient and, per lookup, its dot product with
+        every candidate row into its entry's soft-index gradient."""
         point, in_range, x, y, z = _block_points(positions, n_points, BLOCK)
         channel = tl.arange(0, WIDTH_POW2)
         channel_ok = channel < WIDTH
@@ -205,10 +208,13 @@ _BACKWARD_TILE = 4096
 
 
 def _launch(n_points: int, block: int, width: int) -> Tuple[Tuple[int], int]:
+    """The launch grid for ``n_points`` in blocks of ``block``, and the channel tile for ``width``."""
     return (triton.cdiv(max(n_points, 1), block),), triton.next_power_of_2(width)
 
 
 class _FusedLookup(torch.autograd.Function):
+    """:func:`fused_lookup`: the kernel forward, the scatter kernel and the softmax Jacobian backward."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
