@@ -71,7 +71,8 @@ class BenchmarkConfig:
     profile: Tuple[str, ...] = ()
     """Methods (as named in the run, e.g. vqad-hash@14) whose training steps --profile-from .. +4 run under torch's
     profiler and Python's cProfile; the busiest operators (by GPU and by CPU time) and Python functions are printed
-    and written to METHOD.profile.txt (@ written as -)."""
+    and written to METHOD.profile.txt (@ written as -); one eval view is rendered again under the profilers into
+    METHOD.eval-profile.txt."""
     profile_from: int = 5
     """First profiled training step (after the first steps' one-off costs; later steps see the pruned grid)."""
     network_bits: int = 16
@@ -145,8 +146,11 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     with offline_lpips():
         trainer.setup()
 
+    step_ends: List[float] = []
+
     def stop_when_spent(step: int) -> None:
-        spent = time.perf_counter() - start >= bench.budget_s or 0 < bench.max_steps <= step + 1
+        step_ends.append(time.perf_counter())
+        spent = step_ends[-1] - start >= bench.budget_s or 0 < bench.max_steps <= step + 1
         if not fixed_steps and spent:
             trainer.stop_training = True
 
@@ -167,7 +171,20 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     steps = trainer.step + 1
     checkpoint = max(trainer.checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     train_psnr = float(torch.stack(list(recent_train_psnr)).mean()) if recent_train_psnr else math.nan
-    return trainer, steps, seconds, peak, checkpoint, train_psnr
+    return trainer, steps, seconds, peak, checkpoint, train_psnr, _late_ms_per_step(step_ends)
+
+
+LATE_SHARE = 0.25
+"""The late step time is the mean over this last share of a run's steps (its warm-up and prunings are behind it)."""
+
+
+def _late_ms_per_step(step_ends: List[float]) -> float:
+    """Mean wall-clock milliseconds per step over the last :data:`LATE_SHARE` of the steps (``step_ends``: when
+    each step's callbacks ran)."""
+    first = int(len(step_ends) * (1 - LATE_SHARE))
+    if len(step_ends) - first < 2:
+        return math.nan
+    return 1000 * (step_ends[-1] - step_ends[first]) / (len(step_ends) - 1 - first)
 
 
 TRAIN_PSNR_STEPS = 100
@@ -245,41 +262,59 @@ def _encoding_timing_table(timings: List[Dict[str, float]], points: int, masked_
     return "\n".join(lines)
 
 
+class _Profiler:
+    """torch's profiler and Python's cProfile over a stretch of work; :meth:`stop` prints and saves the busiest
+    operators (by GPU and by CPU time) and Python functions."""
+
+    def __init__(self, path: Path, title: str) -> None:
+        import cProfile
+
+        from torch.profiler import ProfilerActivity, profile
+
+        self.path, self.title = path, title
+        self.cuda = torch.cuda.is_available()
+        self.torch_profiler = profile(
+            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        )
+        self.python_profiler = cProfile.Profile()
+
+    def start(self) -> None:
+        _sync()
+        self.torch_profiler.start()
+        self.python_profiler.enable()
+
+    def stop(self) -> None:
+        import io
+        import pstats
+
+        _sync()
+        self.python_profiler.disable()
+        self.torch_profiler.stop()
+        averages = self.torch_profiler.key_averages()
+        tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+        if self.cuda:
+            tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=25))
+        python = io.StringIO()
+        pstats.Stats(self.python_profiler, stream=python).sort_stats("cumulative").print_stats(45)
+        text = "\n".join(tables) + "\n" + python.getvalue()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(text)
+        print(f"\n{self.title}:\n{text}", flush=True)
+
+
 def _profiled_steps(path: Path, steps: range) -> List[Any]:
-    """Training callbacks that profile ``steps`` (torch's profiler and cProfile) and print and save the busiest
-    operators and Python functions."""
-    import cProfile
-    import io
-    import pstats
-
+    """Training callbacks that profile ``steps`` (see :class:`_Profiler`)."""
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
-    from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available()
-    profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
-    python_profiler = cProfile.Profile()
+    profiler = _Profiler(path, f"Steps {steps[0]}..{steps[-1]} of {path.stem}")
 
     def begin(step: int) -> None:
         if step == steps[0]:
-            _sync()
             profiler.start()
-            python_profiler.enable()
 
     def end(step: int) -> None:
         if step == steps[-1]:
-            _sync()
-            python_profiler.disable()
             profiler.stop()
-            averages = profiler.key_averages()
-            tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
-            if cuda:
-                tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=25))
-            python = io.StringIO()
-            pstats.Stats(python_profiler, stream=python).sort_stats("cumulative").print_stats(45)
-            text = "\n".join(tables) + "\n" + python.getvalue()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"\nSteps {steps[0]}..{steps[-1]} of {path.stem}:\n{text}", flush=True)
 
     return [
         TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], begin),
@@ -302,8 +337,11 @@ def _eval_image(dataset, index: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _evaluate(model, dataset, device, max_views: int) -> Tuple[float, float, float]:
-    """Mean PSNR, mean SSIM and rays per second of ``model`` over the first eval views of ``dataset``."""
+def _evaluate(
+    model, dataset, device, max_views: int, profile_path: Optional[Path] = None
+) -> Tuple[float, float, float]:
+    """Mean PSNR, mean SSIM and rays per second of ``model`` over the first eval views of ``dataset``; the first
+    view is rendered once more, untimed, under :class:`_Profiler` into ``profile_path`` if given."""
     from torchmetrics.functional import structural_similarity_index_measure
 
     from vqad_nerfstudio.progress import track
@@ -325,6 +363,11 @@ def _evaluate(model, dataset, device, max_views: int) -> Tuple[float, float, flo
         ssims.append(
             float(structural_similarity_index_measure(rgb.permute(2, 0, 1)[None], image.permute(2, 0, 1)[None]))
         )
+    if profile_path is not None:
+        profiler = _Profiler(profile_path, f"Eval view 0 of {profile_path.stem.split('.')[0]}")
+        profiler.start()
+        model.get_outputs_for_camera(cameras[0:1])
+        profiler.stop()
     return sum(psnrs) / len(psnrs), sum(ssims) / len(ssims), rays / seconds
 
 
@@ -418,12 +461,17 @@ def main(bench: BenchmarkConfig) -> None:
     ]
     tensorf_checkpoint = None
     for method in methods:
-        trainer, steps, seconds, peak, checkpoint, train_psnr = _train(method, bench, tensorf_checkpoint)
+        trainer, steps, seconds, peak, checkpoint, train_psnr, late_ms = _train(method, bench, tensorf_checkpoint)
         if method == "tensorf":
             tensorf_checkpoint = checkpoint
         pipeline = trainer.pipeline
+        eval_profile = bench.output_dir / f"{method.replace('@', '-')}.eval-profile.txt"
         psnr, ssim, rays_per_s = _evaluate(
-            pipeline.model, pipeline.datamanager.eval_dataset, pipeline.device, bench.max_eval_views
+            pipeline.model,
+            pipeline.datamanager.eval_dataset,
+            pipeline.device,
+            bench.max_eval_views,
+            eval_profile if method in bench.profile else None,
         )
         row = {
             "method": method,
@@ -432,6 +480,7 @@ def main(bench: BenchmarkConfig) -> None:
             "train_psnr": train_psnr,
             "steps": steps,
             "ms_per_step": 1000 * seconds / steps,
+            "late_ms_per_step": late_ms,
             "train_rays_per_s": trainer.pipeline.datamanager.config.train_num_rays_per_batch * steps / seconds,
             "eval_rays_per_s": rays_per_s,
             "peak_mem_mib": peak,
@@ -482,14 +531,15 @@ def _fmt_bytes(value: float) -> str:
 
 def _table(results: List[Dict[str, float]]) -> str:
     header = (
-        "| method | PSNR | SSIM | train PSNR | steps | ms/step | train rays/s | eval rays/s | peak MiB | stored "
-        "| feature grid | checkpoint |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| method | PSNR | SSIM | train PSNR | steps | ms/step | late ms/step | train rays/s | eval rays/s | peak MiB "
+        "| stored | feature grid | checkpoint |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for r in results:
         lines.append(
             f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt_db(r.get('train_psnr', math.nan))} | "
-            f"{r['steps']} | {r['ms_per_step']:.1f} | {r.get('train_rays_per_s', math.nan) / 1e3:.0f}k | "
+            f"{r['steps']} | {r['ms_per_step']:.1f} | {r.get('late_ms_per_step', math.nan):.1f} | "
+            f"{r.get('train_rays_per_s', math.nan) / 1e3:.0f}k | "
             f"{r['eval_rays_per_s'] / 1e3:.0f}k | {r['peak_mem_mib']:.0f} | {_fmt_bytes(r['stored_bytes'])} | "
             f"{_fmt_bytes(r['feature_grid_bytes'])} | {_fmt_bytes(r['checkpoint_bytes'])} |"
         )
@@ -498,7 +548,8 @@ def _table(results: List[Dict[str, float]]) -> str:
         v, f = by_name["vqad"], by_name["vqad-float"]
         lines.append(
             f"\nvqad vs vqad-float: feature grid {f['feature_grid_bytes'] / v['feature_grid_bytes']:.1f}x smaller, "
-            f"PSNR {v['psnr'] - f['psnr']:+.2f} dB, time/step x{v['ms_per_step'] / f['ms_per_step']:.2f}, "
+            f"PSNR {v['psnr'] - f['psnr']:+.2f} dB, time/step x{v['ms_per_step'] / f['ms_per_step']:.2f} "
+            f"(late steps x{v.get('late_ms_per_step', math.nan) / f.get('late_ms_per_step', math.nan):.2f}), "
             f"peak memory x{v['peak_mem_mib'] / f['peak_mem_mib']:.2f}"
         )
     if "vqad" in by_name and "tensorf" in by_name:
@@ -514,7 +565,9 @@ def _table(results: List[Dict[str, float]]) -> str:
             lines.append(
                 f"{name} vs {name}@ref: eval rays/s x{fast['eval_rays_per_s'] / ref['eval_rays_per_s']:.2f}, "
                 f"training rays/s x{fast['train_rays_per_s'] / ref['train_rays_per_s']:.2f}, "
-                f"ms/step x{fast['ms_per_step'] / ref['ms_per_step']:.2f}, PSNR {fast['psnr'] - ref['psnr']:+.2f} dB, "
+                f"ms/step x{fast['ms_per_step'] / ref['ms_per_step']:.2f} (late steps "
+                f"x{fast.get('late_ms_per_step', math.nan) / ref.get('late_ms_per_step', math.nan):.2f}), "
+                f"PSNR {fast['psnr'] - ref['psnr']:+.2f} dB, "
                 f"peak memory x{fast['peak_mem_mib'] / ref['peak_mem_mib']:.2f}"
             )
     return "\n".join(lines)

@@ -137,7 +137,9 @@ def test_the_kernel_takes_an_empty_batch() -> None:
 def test_camera_rays_are_nerfstudios() -> None:
     """The model makes a view's pixel grid on the camera's device; the rays and the rendering are nerfstudio's."""
     torch.manual_seed(0)
-    config = VQADModelConfig(num_levels=2, base_resolution=2, dense_resolution=4, num_samples=8, hidden_dim=8)
+    config = VQADModelConfig(
+        num_levels=2, base_resolution=2, dense_resolution=4, num_samples=8, hidden_dim=8, tf32=False
+    )
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
     model.eval()
     pose = torch.tensor([[[1.0, 0.0, 0.0, 0.1], [0.0, 1.0, 0.0, -0.2], [0.0, 0.0, 1.0, 3.0]]])

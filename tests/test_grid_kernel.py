@@ -16,6 +16,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def full_precision_matmul():
+    """The reference path's soft indices multiply matrices: compare in full float32, whatever another test (a model
+    built with tf32=True) set for the process."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 def _grid(store: str, generator: torch.Generator) -> SparseFeatureGrid:
     def make(level: int, rows: int):
         if store == "float":

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap
@@ -111,6 +111,8 @@ class GridLevel(nn.Module):
         self.register_buffer("cells", torch.empty(0, dtype=torch.long))
         self.register_buffer("vertex_ids", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("corner_rows", torch.empty(0, 8, dtype=torch.int32), persistent=False)
+        self.topology_version = 0
+        """Counts the changes of :attr:`cells` (tables derived from the topology are cached against it)."""
         self.set_cells(cells)
 
     @property
@@ -134,6 +136,7 @@ class GridLevel(nn.Module):
         if self.features.num_rows != new_vertex_ids.numel() or self.vertex_ids.numel():
             swaps = self.features.remap(source_rows, in_place=in_place)
         self.cells = cells
+        self.topology_version += 1
         self.vertex_ids = new_vertex_ids
         self.corner_rows = torch.searchsorted(new_vertex_ids, corners).to(torch.int32)
         return RowRemap(source_rows, swaps)
@@ -190,6 +193,7 @@ class SparseFeatureGrid(nn.Module):
         """Added to a level's linear cell ids, these make the levels' sorted cells, concatenated, sorted keys."""
         self.fused = True
         """Interpolate with the fused GPU kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
+        self._occupancy_bits: Optional[Tuple[Tuple, Tensor]] = None
 
     @property
     def pruned(self) -> bool:
@@ -288,13 +292,40 @@ class SparseFeatureGrid(nn.Module):
             torch.cat(tables), unit_positions, lod, located, torch.cat(corner_rows), self.resolutions[0]
         )
 
+    def occupancy_bits(self) -> UInt8[Tensor, "v"]:
+        """Per voxel of the finest level (row-major linear ids), bit ``l`` set where level ``l`` holds the voxel's
+        cell: one read answers :meth:`inside` at any level of detail. Derived from the topology and cached until it
+        changes (the finest level's resolution cubed bytes, 16 MiB at 256)."""
+        device = self.levels[0].cells.device
+        key = (device, *(level.topology_version for level in self.levels))
+        if self._occupancy_bits is None or self._occupancy_bits[0] != key:
+            finest = self.resolutions[-1]
+            bits = torch.zeros(finest, finest, finest, dtype=torch.uint8, device=device)
+            for index, level in enumerate(self.levels):
+                if level.cells.numel() == 0:
+                    continue
+                resolution, repeat = level.resolution, finest // level.resolution
+                occupied = torch.zeros(resolution**3, dtype=torch.uint8, device=device)
+                occupied[level.cells] = 1 << index
+                occupied = occupied.reshape(resolution, 1, resolution, 1, resolution, 1)
+                bits |= occupied.expand(-1, repeat, -1, repeat, -1, repeat).reshape(finest, finest, finest)
+            self._occupancy_bits = (key, bits.reshape(-1))
+        return self._occupancy_bits[1]
+
     def inside(self, unit_positions: Float[Tensor, "n 3"], lod: Union[int, Int[Tensor, "n"]]) -> Bool[Tensor, "n"]:
-        """Occupancy of each point at its own level of detail (or at ``lod`` for all), as :meth:`forward` reports it:
-        one search per point, at its level only (no feature lookups)."""
-        finest = self.grown_levels() - 1
-        if isinstance(lod, int):
-            lod = torch.full(unit_positions.shape[:1], lod, dtype=torch.long, device=unit_positions.device)
-        return self._find(unit_positions, lod.clamp(0, max(finest, 0))) >= 0
+        """Occupancy of each point at its own level of detail (or at ``lod`` for all, clamped to the grown levels),
+        as :meth:`forward` reports it: one read of :meth:`occupancy_bits` per point (no feature lookups).
+
+        The finest voxel holding a point lies in the point's cell at every coarser level: the resolutions differ by
+        powers of two, so ``floor(p * R * 2**k) >> k == floor(p * R)`` exactly in floating point."""
+        if self.grown_levels() == 0:
+            raise RuntimeError("the sparse grid has no occupied cells at its coarsest level")
+        finest = self.resolutions[-1]
+        voxel = (unit_positions * finest).floor().long().clamp_(0, finest - 1)
+        bits = self.occupancy_bits()[linear_ids(voxel, finest)].long()
+        lod = torch.as_tensor(lod, device=unit_positions.device).clamp(0, self.grown_levels() - 1)
+        inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
+        return inside_box & ((bits >> lod) & 1).bool()
 
     def prune(self, keep: CellFilter) -> List[RowRemap]:
         """Keep the cells ``keep`` accepts and their neighbours, level by level from coarse to fine.

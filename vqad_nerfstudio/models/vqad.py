@@ -20,7 +20,9 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Type
 import torch
 from jaxtyping import Float, Int
 from nerfstudio.cameras.camera_optimizers import CameraOptimizer, CameraOptimizerConfig
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle, RaySamples
+from nerfstudio.data.scene_box import OrientedBox
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.model_components.losses import MSELoss
@@ -38,6 +40,7 @@ from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import RowRemap, SparseFeatureGrid, cell_vertex_ids, coords_of
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures
 from vqad_nerfstudio.fields.vqad_field import VQADField
+from vqad_nerfstudio.kernels import candidates
 from vqad_nerfstudio.models.limits import (
     MAX_FEATURE_DIM,
     MAX_HIDDEN_DIM,
@@ -304,9 +307,7 @@ class VQADModel(Model):
                 update_occupancy,
                 update_every_num_iters=self.config.occupancy_update_every,
             ),
-            TrainingCallback(
-                [TrainingCallbackLocation.AFTER_TRAIN_ITERATION], prune, iters=prune_steps
-            ),
+            TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], prune, iters=prune_steps),
         ]
 
     def _set_index_relaxation(self, step: int, warmup: int) -> None:
@@ -370,24 +371,52 @@ class VQADModel(Model):
             lods = torch.where(coarse, torch.randint(0, finest, (num_rays,), device=device), lods)
         return lods, finest
 
+    @torch.no_grad()
+    def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[OrientedBox] = None) -> Dict[str, Tensor]:
+        """nerfstudio's, with the pixel grid made on the camera's device: nerfstudio builds it on the CPU and copies
+        it over, which takes a GPU render of a 400 x 400 view longer than its ray marching."""
+        height, width = int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0])
+        rows = torch.arange(height, device=camera.device, dtype=torch.float32)
+        columns = torch.arange(width, device=camera.device, dtype=torch.float32)
+        coords = torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1) + 0.5  # (y, x), as nerfstudio's
+        rays = camera.generate_rays(camera_indices=0, coords=coords, keep_shape=True, obb_box=obb_box)
+        return self.get_outputs_for_camera_ray_bundle(rays)
+
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
         if self.training:
             self.camera_optimizer.apply_to_raybundle(ray_bundle)
         ray_samples = self.sampler(ray_bundle)
         num_rays, num_samples = ray_samples.shape[:2]
-        positions = self.field.to_unit_cube(ray_samples.frustums.get_positions()).reshape(-1, 3)
-        ray_lods, finest_lod = self._ray_lods(num_rays, positions.device)
-
-        # elsewhere the field has no density at the ray's LOD: one search per candidate, at that level only
-        candidate = self.grid.inside(positions, ray_lods[:, None].expand(num_rays, num_samples).reshape(-1))
-        if self.training and not self.grid.pruned:  # warm-up: skip space the estimate marks empty
-            candidate &= self.occupancy.occupied_at(positions)
-        if self.config.sampling == "dense":
-            return self._render_dense(ray_samples, positions, ray_lods, candidate, finest_lod)
-        samples = packed.pack(
-            ray_samples.frustums.starts[..., 0], ray_samples.frustums.ends[..., 0], candidate.reshape(num_rays, -1)
-        )
-        positions = positions[samples.candidate_ids]
+        starts, ends = ray_samples.frustums.starts[..., 0], ray_samples.frustums.ends[..., 0]
+        ray_lods, finest_lod = self._ray_lods(num_rays, starts.device)
+        # warm-up: also skip space the occupancy estimate marks empty
+        estimate = self.occupancy if self.training and not self.grid.pruned else None
+        if self.config.sampling == "packed" and self.grid.fused and candidates.available(starts):
+            keep = candidates.occupied_candidates(
+                ray_bundle.origins.reshape(-1, 3),
+                ray_bundle.directions.reshape(-1, 3),
+                starts,
+                ends,
+                ray_lods,
+                self.grid.occupancy_bits(),
+                self.grid.resolutions[-1],
+                None if self.config.unbounded else self.field.aabb,
+                None if estimate is None else estimate.binary,
+                0 if estimate is None else estimate.resolution,
+            )
+            samples = packed.pack(starts, ends, keep)
+            origins = ray_bundle.origins.reshape(-1, 3)[samples.ray_indices]
+            directions = ray_bundle.directions.reshape(-1, 3)[samples.ray_indices]
+            positions = self.field.to_unit_cube(origins + directions * ((samples.starts + samples.ends) / 2)[:, None])
+        else:  # the PyTorch reference: every candidate's position, then its occupancy at the ray's level of detail
+            positions = self.field.to_unit_cube(ray_samples.frustums.get_positions()).reshape(-1, 3)
+            keep = self.grid.inside(positions, ray_lods[:, None].expand(num_rays, num_samples).reshape(-1))
+            if estimate is not None:
+                keep &= estimate.occupied_at(positions)
+            if self.config.sampling == "dense":
+                return self._render_dense(ray_samples, positions, ray_lods, keep, finest_lod)
+            samples = packed.pack(starts, ends, keep.reshape(num_rays, -1))
+            positions = positions[samples.candidate_ids]
         located = self.grid.locate(positions, finest_lod + 1)  # the samples' cells, for every density pass
         directions = ray_bundle.directions.reshape(-1, 3)
         return self._render_packed(samples, positions, located, ray_lods, directions)
