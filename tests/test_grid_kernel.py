@@ -1,6 +1,6 @@
 """The fused grid-interpolation kernel against the PyTorch reference path (outputs and gradients).
 
-These run only where CUDA and Triton are present; CPU runs test the reference path elsewhere."""
+These run where CUDA and Triton are present, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
-from vqad_nerfstudio.kernels import grid_interpolation
+from vqad_nerfstudio.kernels import runs_on
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and grid_interpolation.triton is not None), reason="needs CUDA and Triton"
+    not runs_on(torch.empty(0, device=DEVICE)), reason="needs Triton with CUDA, or Triton's interpreter"
 )
 
 
@@ -37,7 +38,7 @@ def _grid(store: str, generator: torch.Generator) -> SparseFeatureGrid:
     grid = SparseFeatureGrid(4, 4, make, dense_resolution=8)
     # grow the two finest levels into a random half of the children, as pruning does
     grid.prune(lambda cells, resolution: torch.rand(cells.shape, generator=generator) < 0.5)
-    return grid.cuda()
+    return grid.to(DEVICE)
 
 
 def _forward_backward(grid: SparseFeatureGrid, fused: bool, points, lods, grad_out, located=None):
@@ -56,7 +57,7 @@ def test_fused_interpolation_matches_reference(store: str) -> None:
     points = torch.rand(20000, 3, generator=generator) * 1.2 - 0.1  # some outside the unit cube
     lods = torch.randint(0, grid.num_levels, (points.shape[0],), generator=generator)
     grad_out = torch.randn(points.shape[0], 16, generator=generator)
-    points, lods, grad_out = points.cuda(), lods.cuda(), grad_out.cuda()
+    points, lods, grad_out = points.to(DEVICE), lods.to(DEVICE), grad_out.to(DEVICE)
 
     reference = _forward_backward(grid, False, points, lods, grad_out)
     fused = _forward_backward(grid, True, points, lods, grad_out)
@@ -71,8 +72,8 @@ def test_fused_interpolation_matches_reference(store: str) -> None:
 
 def test_fused_interpolation_of_an_empty_batch() -> None:
     grid = _grid("float", torch.Generator().manual_seed(1))
-    points = torch.zeros(0, 3, device="cuda")
-    features, inside = grid(points, torch.zeros(0, dtype=torch.long, device="cuda"))
+    points = torch.zeros(0, 3, device=DEVICE)
+    features, inside = grid(points, torch.zeros(0, dtype=torch.long, device=DEVICE))
     assert features.shape == (0, 16) and inside.shape == (0,)
     features.sum().backward()
 
@@ -93,15 +94,15 @@ def test_fused_interpolation_of_located_cells_matches_reference(store: str) -> N
     levels (training) and at levels 0..1 only (rendering at level of detail 1)."""
     generator = torch.Generator().manual_seed(2)
     grid = _grid(store, generator)
-    candidates = (torch.rand(30000, 3, generator=generator) * 1.2 - 0.1).cuda()
+    candidates = (torch.rand(30000, 3, generator=generator) * 1.2 - 0.1).to(DEVICE)
     located = grid.locate(candidates)
     assert located.shape == (candidates.shape[0], grid.num_levels) and located.dtype == torch.int32
     assert torch.equal(located.cpu(), grid.cpu().locate(candidates.cpu()))  # the same cells on either device
-    grid.cuda()
-    subset = torch.randperm(candidates.shape[0], generator=generator)[:20000].cuda()
+    grid.to(DEVICE)
+    subset = torch.randperm(candidates.shape[0], generator=generator)[:20000].to(DEVICE)
     points, lods = candidates[subset], torch.randint(0, grid.num_levels, (subset.shape[0],), generator=generator)
-    grad_out = torch.randn(subset.shape[0], 16, generator=generator).cuda()
-    lods = lods.cuda()
+    grad_out = torch.randn(subset.shape[0], 16, generator=generator).to(DEVICE)
+    lods = lods.to(DEVICE)
     assert torch.equal(grid(points, lods, located[subset])[1], grid(points, lods)[1])
     _compare(grid, points, lods, grad_out, located[subset])
     _compare(grid, points, lods.clamp_max(1), grad_out, grid.locate(candidates, 2)[subset])
@@ -109,9 +110,9 @@ def test_fused_interpolation_of_located_cells_matches_reference(store: str) -> N
 
 def test_fused_interpolation_of_an_empty_batch_of_located_cells() -> None:
     grid = _grid("codebook", torch.Generator().manual_seed(3))
-    points = torch.zeros(0, 3, device="cuda")
+    points = torch.zeros(0, 3, device=DEVICE)
     located = grid.locate(points)
     assert located.shape == (0, grid.num_levels)
-    features, inside = grid(points, torch.zeros(0, dtype=torch.long, device="cuda"), located)
+    features, inside = grid(points, torch.zeros(0, dtype=torch.long, device=DEVICE), located)
     assert features.shape == (0, 16) and inside.shape == (0,)
     features.sum().backward()

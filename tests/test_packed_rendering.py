@@ -37,7 +37,7 @@ def test_weights_and_transmittance_match_the_dense_formula() -> None:
     samples = packed.pack(starts, ends, keep)
     dense_transmittance, dense_weights = _dense_weights(starts, ends, keep, density)
     tau = density[keep] * samples.deltas
-    transmittance = packed.transmittance(tau, samples.ray_indices, samples.num_rays)
+    transmittance = packed.transmittance(tau, samples.ray_indices)
     torch.testing.assert_close(transmittance, dense_transmittance[keep])
     torch.testing.assert_close(packed.render_weights(density[keep], samples), dense_weights[keep])
 
@@ -47,7 +47,7 @@ def test_transmittance_of_a_ray_ignores_the_rays_before_it() -> None:
     ray_indices = torch.arange(2001).repeat_interleave(4)
     tau = torch.full((ray_indices.shape[0],), 30.0)
     tau[-4:] = torch.tensor([0.01, 0.02, 0.03, 0.04])
-    result = packed.transmittance(tau, ray_indices, 2001)[-4:]
+    result = packed.transmittance(tau, ray_indices)[-4:]
     torch.testing.assert_close(result, torch.exp(-torch.tensor([0.0, 0.01, 0.03, 0.06])))
 
 
@@ -90,6 +90,12 @@ def test_gradients_reach_every_sample_before_termination() -> None:
     assert sigma.grad is not None and bool((sigma.grad != 0).all())
 
 
+def test_samples_per_ray_counts_each_rays_samples() -> None:
+    starts, ends, keep, _ = _random_packed(torch.Generator().manual_seed(6))
+    samples = packed.pack(starts, ends, keep)
+    assert torch.equal(packed.samples_per_ray(samples.ray_indices, samples.num_rays), keep.sum(dim=-1))
+
+
 def test_an_empty_batch_renders_nothing() -> None:
     samples = packed.pack(torch.zeros(3, 0), torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool))
     weights = packed.render_weights(torch.zeros(0), samples)
@@ -98,3 +104,4 @@ def test_an_empty_batch_renders_nothing() -> None:
     assert visible.shape == in_front.shape == (0,)
     assert packed.render_weights(torch.zeros(0), samples[torch.nonzero(visible).squeeze(-1)], in_front).shape == (0,)
     assert torch.equal(packed.accumulate(weights[:, None], samples.ray_indices, 3), torch.zeros(3, 1))
+    assert torch.equal(packed.samples_per_ray(samples.ray_indices, 3), torch.zeros(3, dtype=torch.long))

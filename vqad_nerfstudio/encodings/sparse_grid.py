@@ -20,7 +20,7 @@ the same points. On CUDA the levels are interpolated by one fused kernel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Bool, Float, Int, UInt8
@@ -187,18 +187,20 @@ class SparseFeatureGrid(nn.Module):
             levels.append(GridLevel(resolution, store_factory(level, num_vertices), cells))
         self.levels = nn.ModuleList(levels)
         self.register_buffer("pruned_flag", torch.zeros((), dtype=torch.bool))
+        self._pruned = False  # pruned_flag on the host: reading a CUDA buffer every step would wait for the GPU
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_pruned", bool(module.pruned_flag)))
         self.register_buffer("level_resolutions", torch.tensor(self.resolutions), persistent=False)
         grid_cells = torch.tensor([0] + [resolution**3 for resolution in self.resolutions[:-1]])
         self.register_buffer("level_key_offsets", torch.cumsum(grid_cells, dim=0), persistent=False)
         """Added to a level's linear cell ids, these make the levels' sorted cells, concatenated, sorted keys."""
         self.fused = True
         """Interpolate with the fused GPU kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
-        self._occupancy_bits: Optional[Tuple[Tuple, Tensor]] = None
+        self._topology_cache: Dict[str, Tuple[Tuple, Tensor]] = {}
 
     @property
     def pruned(self) -> bool:
         """Whether :meth:`prune` has run (the topology then reflects the scene, not the initial box)."""
-        return bool(self.pruned_flag)
+        return self._pruned
 
     @property
     def num_levels(self) -> int:
@@ -230,7 +232,10 @@ class SparseFeatureGrid(nn.Module):
         scaled = unit_positions * resolutions[..., None].to(unit_positions.dtype)
         coords = torch.minimum(scaled.floor().long().clamp_min_(0), resolutions[..., None] - 1)
         offsets = self.level_key_offsets
-        cell_keys = torch.cat([level.cells + offset for level, offset in zip(self.levels[:grown], offsets)])
+        cell_keys = self._topology_cached(
+            "cell_keys",
+            lambda: torch.cat([level.cells + offset for level, offset in zip(self.levels[:grown], offsets)]),
+        )
         found = sorted_positions(cell_keys, linear_ids(coords, resolutions) + offsets[levels])
         inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
         return torch.where(inside_box, found, -1).to(torch.int32)
@@ -282,35 +287,54 @@ class SparseFeatureGrid(nn.Module):
         self, unit_positions: Float[Tensor, "n 3"], lod: Int[Tensor, "n"], located: Int[Tensor, "n l"]
     ) -> Float[Tensor, "n k"]:
         """:meth:`forward`'s features by one fused kernel over the located levels (their tables concatenated)."""
-        corner_rows, tables = [], []
-        rows_before = 0
-        for level in self.levels[: located.shape[1]]:
-            corner_rows.append(level.corner_rows + rows_before)
-            tables.append(level.features.table())
-            rows_before += level.features.num_rows
+        levels = self.levels[: located.shape[1]]
+        corner_rows = self._topology_cached(f"corner_rows{len(levels)}", lambda: self._concatenated_corner_rows(levels))
+        tables = torch.cat([level.features.table() for level in levels])
         return grid_interpolation.fused_interpolation(
-            torch.cat(tables), unit_positions, lod, located, torch.cat(corner_rows), self.resolutions[0]
+            tables, unit_positions, lod, located, corner_rows, self.resolutions[0]
         )
+
+    @staticmethod
+    def _concatenated_corner_rows(levels: Sequence[GridLevel]) -> Int[Tensor, "c 8"]:
+        """The levels' corner rows, each level's offset by the rows of the levels before it (rows of the levels'
+        feature tables concatenated)."""
+        corner_rows, rows_before = [], 0
+        for level in levels:
+            corner_rows.append(level.corner_rows + rows_before)
+            rows_before += level.features.num_rows
+        return torch.cat(corner_rows)
+
+    def _topology_cached(self, name: str, build: Callable[[], Tensor]) -> Tensor:
+        """``build()``, kept until the topology, the levels' row counts or the device change (tables derived from the
+        topology, built once instead of at every lookup)."""
+        key = (
+            self.levels[0].cells.device,
+            *(level.topology_version for level in self.levels),
+            *(level.features.num_rows for level in self.levels),
+        )
+        cached = self._topology_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._topology_cache[name] = (key, build())
+        return cached[1]
 
     def occupancy_bits(self) -> UInt8[Tensor, "v"]:
         """Per voxel of the finest level (row-major linear ids), bit ``l`` set where level ``l`` holds the voxel's
         cell: one read answers :meth:`inside` at any level of detail. Derived from the topology and cached until it
         changes (the finest level's resolution cubed bytes, 16 MiB at 256)."""
-        device = self.levels[0].cells.device
-        key = (device, *(level.topology_version for level in self.levels))
-        if self._occupancy_bits is None or self._occupancy_bits[0] != key:
-            finest = self.resolutions[-1]
-            bits = torch.zeros(finest, finest, finest, dtype=torch.uint8, device=device)
-            for index, level in enumerate(self.levels):
-                if level.cells.numel() == 0:
-                    continue
-                resolution, repeat = level.resolution, finest // level.resolution
-                occupied = torch.zeros(resolution**3, dtype=torch.uint8, device=device)
-                occupied[level.cells] = 1 << index
-                occupied = occupied.reshape(resolution, 1, resolution, 1, resolution, 1)
-                bits |= occupied.expand(-1, repeat, -1, repeat, -1, repeat).reshape(finest, finest, finest)
-            self._occupancy_bits = (key, bits.reshape(-1))
-        return self._occupancy_bits[1]
+        return self._topology_cached("occupancy_bits", self._build_occupancy_bits)
+
+    def _build_occupancy_bits(self) -> UInt8[Tensor, "v"]:
+        finest = self.resolutions[-1]
+        bits = torch.zeros(finest, finest, finest, dtype=torch.uint8, device=self.levels[0].cells.device)
+        for index, level in enumerate(self.levels):
+            if level.cells.numel() == 0:
+                continue
+            resolution, repeat = level.resolution, finest // level.resolution
+            occupied = torch.zeros(resolution**3, dtype=torch.uint8, device=bits.device)
+            occupied[level.cells] = 1 << index
+            occupied = occupied.reshape(resolution, 1, resolution, 1, resolution, 1)
+            bits |= occupied.expand(-1, repeat, -1, repeat, -1, repeat).reshape(finest, finest, finest)
+        return bits.reshape(-1)
 
     def inside(self, unit_positions: Float[Tensor, "n 3"], lod: Union[int, Int[Tensor, "n"]]) -> Bool[Tensor, "n"]:
         """Occupancy of each point at its own level of detail (or at ``lod`` for all, clamped to the grown levels),
@@ -355,6 +379,7 @@ class SparseFeatureGrid(nn.Module):
                 changed.append(level.set_cells(new_cells))
             parent = new_cells
         self.pruned_flag.fill_(True)
+        self._pruned = True
         return changed
 
     def occupied_vertices(self) -> Sequence[int]:

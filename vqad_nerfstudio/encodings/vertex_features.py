@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
 
 
-def _relaxed_logit_grad(logits: Tensor, grad_soft: Tensor, temperature: float) -> Tensor:
+def relaxed_logit_grad(logits: Tensor, grad_soft: Tensor, temperature: float) -> Tensor:
     """Gradient of the logits through ``softmax(logits / temperature)``, given the gradient of the softmax."""
     soft = torch.softmax(logits / temperature, dim=-1)
     return soft * (grad_soft - (soft * grad_soft).sum(dim=-1, keepdim=True)) / temperature
@@ -50,7 +50,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
         hard, logits, codebook = ctx.saved_tensors
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0]:
-            grad_logits = _relaxed_logit_grad(logits, grad_out @ codebook.t(), ctx.temperature)
+            grad_logits = relaxed_logit_grad(logits, grad_out @ codebook.t(), ctx.temperature)
         if ctx.needs_input_grad[1]:
             grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
         return grad_logits, grad_codebook, None
@@ -129,7 +129,7 @@ class _InterpolatedCodewords(torch.autograd.Function):
             for chunk_first, chunk_entries, chunk_grad in zip(*chunks):
                 per_lookup = (windows.index_select(0, chunk_first) * chunk_grad[:, None, :]).sum(dim=-1)
                 grad_soft.index_add_(0, chunk_entries, per_lookup)
-            grad_logits = _relaxed_logit_grad(logits, grad_soft, ctx.temperature)
+            grad_logits = relaxed_logit_grad(logits, grad_soft, ctx.temperature)
         return grad_logits, grad_codebook, None, None, grad_weights, None, None
 
 

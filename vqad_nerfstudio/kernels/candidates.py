@@ -13,12 +13,13 @@ written. The PyTorch composition in :meth:`~vqad_nerfstudio.models.vqad.VQADMode
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor
+
+from vqad_nerfstudio.kernels import runs_on
 
 try:
     import triton
@@ -28,10 +29,9 @@ except ImportError:  # CPU-only installs: the PyTorch path is used
 
 
 def available(starts: Tensor) -> bool:
-    """Whether the kernel can test candidates on ``starts``' device (CUDA; CPU tensors under Triton's
-    interpreter, ``TRITON_INTERPRET=1``, which the tests use) with 32-bit candidate offsets."""
-    runs_here = starts.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return triton is not None and runs_here and starts.numel() < 2**31
+    """Whether the kernel can test candidates on ``starts``' device (see :func:`runs_on`) with 32-bit candidate
+    offsets."""
+    return runs_on(starts) and starts.numel() < 2**31
 
 
 if triton is not None:

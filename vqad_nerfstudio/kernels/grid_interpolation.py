@@ -18,6 +18,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from vqad_nerfstudio.kernels import runs_on
+
 try:
     import triton
     import triton.language as tl
@@ -26,14 +28,15 @@ except ImportError:  # CPU-only installs: the PyTorch path is used
 
 
 def available(positions: Tensor, width: int, levels: int) -> bool:
-    """Whether the fused kernel can interpolate ``positions`` (on their device, with 32-bit per-point offsets)."""
-    return triton is not None and positions.is_cuda and positions.shape[0] * max(width, levels, 3) < 2**31
+    """Whether the fused kernel can interpolate ``positions`` (on their device, see :func:`runs_on`, with 32-bit
+    per-point offsets)."""
+    return runs_on(positions) and positions.shape[0] * max(width, levels, 3) < 2**31
 
 
 if triton is not None:
 
     @triton.jit
-    def _corner_weight(fx, fy, fz, CORNER: tl.constexpr):
+    def corner_weight(fx, fy, fz, CORNER: tl.constexpr):
         bx: tl.constexpr = (CORNER >> 2) & 1
         by: tl.constexpr = (CORNER >> 1) & 1
         bz: tl.constexpr = CORNER & 1
@@ -80,7 +83,7 @@ if triton is not None:
     def _corner(corner_rows, cell, valid, fx, fy, fz, CORNER: tl.constexpr):
         """The table row (int64) and trilinear weight of each cell's corner ``CORNER``."""
         row = tl.load(corner_rows + cell * 8 + CORNER, mask=valid, other=0).to(tl.int64)
-        return row, _corner_weight(fx, fy, fz, CORNER)
+        return row, corner_weight(fx, fy, fz, CORNER)
 
     @triton.jit
     def _interpolate_forward(

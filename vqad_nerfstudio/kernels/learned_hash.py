@@ -21,35 +21,28 @@ need one.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vqad_nerfstudio.encodings.vertex_features import _relaxed_logit_grad
+from vqad_nerfstudio.encodings.vertex_features import relaxed_logit_grad
+from vqad_nerfstudio.kernels import runs_on
 
 try:
     import triton
     import triton.language as tl
 
-    from vqad_nerfstudio.kernels.grid_interpolation import _corner_weight
+    from vqad_nerfstudio.kernels.grid_interpolation import corner_weight
 except ImportError:  # CPU-only installs: the PyTorch path is used
     triton = None
 
 
 def available(positions: Tensor, out_width: int) -> bool:
-    """Whether the fused kernel can encode ``positions`` (float32, on their device, with 32-bit per-point offsets).
-
-    CUDA tensors need Triton; CPU tensors run in Triton's interpreter when ``TRITON_INTERPRET=1`` (tests)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and positions.device.type == "cpu"
-    return (
-        triton is not None
-        and (positions.is_cuda or interpreted)
-        and positions.dtype == torch.float32
-        and positions.shape[0] * max(out_width, 3) < 2**31
-    )
+    """Whether the fused kernel can encode ``positions`` (float32, on their device, see :func:`runs_on`, with 32-bit
+    per-point offsets)."""
+    return runs_on(positions) and positions.dtype == torch.float32 and positions.shape[0] * max(out_width, 3) < 2**31
 
 
 if triton is not None:
@@ -147,7 +140,7 @@ if triton is not None:
                     choices, side, rows, dense, first_entry, cx, cy, cz, in_range, level, corner, CODEBOOK, FULL_INDEX
                 )
                 feature = tl.load(codebooks + row[:, None] * WIDTH + channel[None, :], mask=mask, other=0.0)
-                acc += _corner_weight(fx, fy, fz, corner)[:, None] * feature
+                acc += corner_weight(fx, fy, fz, corner)[:, None] * feature
             tl.store(out + point[:, None] * (LEVELS * WIDTH) + level * WIDTH + channel[None, :], acc, mask=mask)
 
     @triton.jit
@@ -185,7 +178,7 @@ if triton is not None:
                 entry, first, row = _corner_lookup(
                     choices, side, rows, dense, first_entry, cx, cy, cz, valid, level, corner, CODEBOOK, FULL_INDEX
                 )
-                weighted = _corner_weight(fx, fy, fz, corner)[:, None] * grad
+                weighted = corner_weight(fx, fy, fz, corner)[:, None] * grad
                 if NEED_CODEBOOKS:
                     grad_rows = grad_codebooks + row[:, None] * WIDTH + channel[None, :]
                     tl.atomic_add(grad_rows, weighted, mask=mask, sem="relaxed")
@@ -261,7 +254,7 @@ class _FusedLookup(torch.autograd.Function):
                 CANDIDATES=candidates, WIDTH=width, WIDTH_POW2=width_pow2, BLOCK=block,
                 NEED_CODEBOOKS=need_codebooks, NEED_SOFT=need_logits,
             )  # fmt: skip
-        grad_logits = _relaxed_logit_grad(logits, grad_soft, ctx.temperature) if need_logits else None
+        grad_logits = relaxed_logit_grad(logits, grad_soft, ctx.temperature) if need_logits else None
         return grad_codebooks, grad_logits, None, None, None, None, None, None
 
 

@@ -448,7 +448,7 @@ class VQADModel(Model):
         accumulation = packed.accumulate(weights, ray_indices, num_rays)
         midpoints = (samples.starts + samples.ends)[:, None] / 2
         depth = packed.accumulate(weights * midpoints, ray_indices, num_rays) / accumulation.clamp_min(1e-10)
-        counts = torch.bincount(ray_indices, minlength=num_rays)[:, None].float()
+        counts = packed.samples_per_ray(ray_indices, num_rays)[:, None].float()
         return {
             "rgb": self.renderer_rgb(rgb=rgb, weights=weights, ray_indices=ray_indices, num_rays=num_rays),
             "accumulation": accumulation,

@@ -43,9 +43,7 @@ class PackedSamples:
         )
 
 
-def pack(
-    starts: Float[Tensor, "r s"], ends: Float[Tensor, "r s"], keep: Bool[Tensor, "r s"]
-) -> PackedSamples:
+def pack(starts: Float[Tensor, "r s"], ends: Float[Tensor, "r s"], keep: Bool[Tensor, "r s"]) -> PackedSamples:
     """The candidates (intervals ``starts..ends`` of each ray) where ``keep`` is true, packed ray by ray."""
     candidate_ids = torch.nonzero(keep.reshape(-1)).squeeze(-1)
     per_ray = keep.shape[1]
@@ -58,19 +56,23 @@ def pack(
     )
 
 
-def transmittance(
-    optical_depth: Float[Tensor, "n"], ray_indices: Int[Tensor, "n"], num_rays: int
-) -> Float[Tensor, "n"]:
+def transmittance(optical_depth: Float[Tensor, "n"], ray_indices: Int[Tensor, "n"]) -> Float[Tensor, "n"]:
     """Transmittance in front of each sample: ``exp(-sum of optical_depth over the ray's earlier samples)``.
 
     The running sum is taken over the whole batch in float64 and each ray's offset subtracted, so that a
-    ray's value does not depend on how much optical depth the rays before it hold."""
+    ray's value does not depend on how much optical depth the rays before it hold. Each ray's first sample is found
+    by a binary search in the sorted ray indices: nothing waits for the GPU (a histogram of the rays would)."""
     running = torch.cumsum(optical_depth.double(), dim=0)
     before = running - optical_depth.double()  # exclusive running sum
-    counts = torch.bincount(ray_indices, minlength=num_rays)
-    first = torch.cumsum(counts, dim=0) - counts  # index of each ray's first sample
-    ray_offset = before.index_select(0, first.index_select(0, ray_indices)) if before.numel() else before
-    return torch.exp(-(before - ray_offset)).to(optical_depth.dtype)
+    first = torch.searchsorted(ray_indices, ray_indices)  # index of each sample's ray's first sample
+    return torch.exp(-(before - before.index_select(0, first))).to(optical_depth.dtype)
+
+
+def samples_per_ray(ray_indices: Int[Tensor, "n"], num_rays: int) -> Int[Tensor, "num_rays"]:
+    """Number of samples of each ray (without waiting for the GPU, as ``torch.bincount`` does)."""
+    return torch.zeros(num_rays, dtype=torch.long, device=ray_indices.device).index_add_(
+        0, ray_indices, torch.ones_like(ray_indices)
+    )
 
 
 def visible(
@@ -78,7 +80,7 @@ def visible(
 ) -> Tuple[Bool[Tensor, "n"], Float[Tensor, "n"]]:
     """Samples in front of the point where their ray's transmittance falls below ``early_stop_eps``, and the
     transmittance in front of every sample."""
-    in_front = transmittance(density * samples.deltas, samples.ray_indices, samples.num_rays)
+    in_front = transmittance(density * samples.deltas, samples.ray_indices)
     return in_front > early_stop_eps, in_front
 
 
@@ -91,7 +93,7 @@ def render_weights(
     its rays); computed from ``density`` otherwise."""
     optical_depth = density * samples.deltas
     if in_front is None:
-        in_front = transmittance(optical_depth, samples.ray_indices, samples.num_rays)
+        in_front = transmittance(optical_depth, samples.ray_indices)
     return in_front * -torch.expm1(-optical_depth)
 
 
@@ -102,4 +104,4 @@ def accumulate(
     return values.new_zeros(num_rays, values.shape[-1]).index_add_(0, ray_indices, values)
 
 
-__all__ = ["PackedSamples", "pack", "transmittance", "visible", "render_weights", "accumulate"]
+__all__ = ["PackedSamples", "pack", "transmittance", "samples_per_ray", "visible", "render_weights", "accumulate"]
