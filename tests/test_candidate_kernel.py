@@ -149,3 +149,51 @@ def test_camera_rays_are_nerfstudios() -> None:
     assert ours["rgb"].shape == (13, 19, 3)
     for name, value in theirs.items():
         assert torch.equal(ours[name], value), name
+
+
+def _model(unbounded: bool, pruned: bool):
+    torch.manual_seed(0)
+    config = VQADModelConfig(
+        num_levels=3, base_resolution=4, dense_resolution=8, num_samples=48, hidden_dim=8, tf32=False,
+        unbounded=unbounded,
+    )  # fmt: skip
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    generator = torch.Generator().manual_seed(4)
+    if pruned:  # the finest level grown into part of the space
+        model.grid.prune(lambda cells, resolution: torch.rand(cells.shape, generator=generator) < 0.5)
+    # before the first pruning, the occupancy estimate also gates the candidates of training rays
+    model.occupancy.binary = torch.rand(model.occupancy.binary.shape, generator=generator) < 0.8
+    return model.to(KERNEL_DEVICE)
+
+
+@needs_kernel
+@pytest.mark.parametrize("unbounded", [False, True])
+@pytest.mark.parametrize("training,pruned", [(True, False), (True, True), (False, True)])
+def test_the_model_renders_the_same_with_and_without_kernels(unbounded: bool, training: bool, pruned: bool) -> None:
+    """The model's kernel path (candidates and interpolation in Triton, positions made for the packed samples only)
+    renders what its PyTorch path renders: in training (random coarser LODs; before the first pruning, the occupancy
+    estimate) and in eval."""
+    from nerfstudio.cameras.rays import RayBundle
+
+    model = _model(unbounded, pruned)
+    model.train(training)
+    generator = torch.Generator().manual_seed(5)
+    origins = torch.randn(200, 3, generator=generator) * (3.0 if unbounded else 0.5)
+    directions = torch.nn.functional.normalize(torch.randn(200, 3, generator=generator), dim=-1)
+    outputs = []
+    for fused in (False, True):
+        model.grid.fused = fused
+        torch.manual_seed(6)  # the same coarser LODs and jitter for both paths
+        rays = RayBundle(
+            origins=origins.to(KERNEL_DEVICE),
+            directions=directions.to(KERNEL_DEVICE),
+            pixel_area=torch.ones(200, 1, device=KERNEL_DEVICE),
+            camera_indices=torch.zeros(200, 1, dtype=torch.long, device=KERNEL_DEVICE),
+        )
+        with torch.no_grad():
+            outputs.append(model(rays))
+    reference, fused_outputs = outputs
+    assert float(reference["samples_per_ray"].mean()) > 1
+    assert torch.equal(fused_outputs["samples_per_ray"], reference["samples_per_ray"])
+    for name in ("rgb", "accumulation", "depth"):
+        torch.testing.assert_close(fused_outputs[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
