@@ -82,6 +82,10 @@ class VQADModelConfig(ModelConfig):
     num_samples: int = 512
     """Candidate samples per ray (uniform between the ray's entry and exit of the scene box; about one finest
     voxel apart at the default) before empty-space skipping and early termination."""
+    warmup_sample_spacing: Literal["grown", "finest"] = "grown"
+    """Candidate spacing of training rays before the first pruning, while the finest levels are not grown yet.
+    'grown': about one voxel of the finest grown level (num_samples halved for each missing level: the detail they
+    would hold does not exist yet). 'finest': num_samples from the first step. Renders always use num_samples."""
     sampling: Literal["packed", "dense"] = "packed"
     """'packed': only candidates in occupied cells are kept, packed ray by ray with ray indices; a density pass
     without gradients stops each ray where its transmittance falls below early_stop_eps, and only the samples
@@ -359,6 +363,15 @@ class VQADModel(Model):
         return density[:, 0]
 
     # ---------------------------------------------------------------------------------- rendering
+    def candidates_per_ray(self) -> int:
+        """Candidates the sampler proposes per ray: num_samples, or fewer for training rays before the first pruning
+        (see warmup_sample_spacing)."""
+        missing = self.grid.num_levels - max(self.grid.grown_levels(), 1)
+        warmup = self.training and not self.grid.pruned
+        if self.config.warmup_sample_spacing == "finest" or not warmup or missing == 0:
+            return self.config.num_samples
+        return max(1, -(-self.config.num_samples // 2**missing))
+
     def _ray_lods(self, num_rays: int, device: torch.device) -> Tuple[Int[Tensor, "r"], int]:
         """Each ray's level of detail, and the finest level any ray may use."""
         finest = self.grid.grown_levels() - 1
@@ -385,7 +398,7 @@ class VQADModel(Model):
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
         if self.training:
             self.camera_optimizer.apply_to_raybundle(ray_bundle)
-        ray_samples = self.sampler(ray_bundle)
+        ray_samples = self.sampler(ray_bundle, num_samples=self.candidates_per_ray())
         num_rays, num_samples = ray_samples.shape[:2]
         starts, ends = ray_samples.frustums.starts[..., 0], ray_samples.frustums.ends[..., 0]
         ray_lods, finest_lod = self._ray_lods(num_rays, starts.device)
