@@ -197,3 +197,20 @@ def test_the_model_renders_the_same_with_and_without_kernels(unbounded: bool, tr
     assert torch.equal(fused_outputs["samples_per_ray"], reference["samples_per_ray"])
     for name in ("rgb", "accumulation", "depth"):
         torch.testing.assert_close(fused_outputs[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("spacing", ["grown", "finest"])
+def test_training_rays_take_fewer_candidates_until_the_fine_levels_grow(spacing: str) -> None:
+    config = VQADModelConfig(
+        num_levels=4, base_resolution=4, dense_resolution=8, num_samples=64, hidden_dim=8, tf32=False,
+        warmup_sample_spacing=spacing,
+    )  # fmt: skip
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    assert model.grid.grown_levels() == 2  # 4^3 and 8^3 start dense, 16^3 and 32^3 grow at the first pruning
+    model.train()
+    assert model.candidates_per_ray() == (16 if spacing == "grown" else 64)
+    model.eval()
+    assert model.candidates_per_ray() == 64  # renders always take num_samples
+    model.train()
+    model.grid.prune(lambda cells, resolution: torch.ones(cells.shape, dtype=torch.bool))
+    assert model.grid.grown_levels() == 4 and model.candidates_per_ray() == 64
