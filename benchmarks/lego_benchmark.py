@@ -43,7 +43,8 @@ class BenchmarkConfig:
     data: Path
     """Blender-format scene (transforms_{train,val,test}.json), or a nerfstudio-format one (transforms.json)."""
     methods: Tuple[str, ...] = ("tensorf", "vqad", "vqad-float")
-    """nerfstudio method names to compare; METHOD@TAG runs METHOD again under another name (for overrides)."""
+    """nerfstudio method names to compare; METHOD@TAG runs METHOD again under another name (for overrides);
+    METHOD@ref runs vqad or vqad-float on the PyTorch reference path (see REFERENCE_PATH) and adds ratio lines."""
     budget_s: float = 120.0
     """Wall-clock training budget per method, in seconds."""
     max_steps: int = 0
@@ -81,6 +82,17 @@ class BenchmarkConfig:
     overrides: Dict[str, str] = field(default_factory=dict)
     """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.index_bits=6); METHOD may be a
     tagged name (vqad-hash@12) or a base name for all its tags."""
+
+
+REFERENCE_PATH = {
+    "pipeline.model.sampling": "dense",
+    "pipeline.model.fused_kernels": "False",
+    "pipeline.model.tf32": "False",
+    "pipeline.datamanager.train_num_rays_per_batch": "8192",
+    "pipeline.model.eval_num_rays_per_chunk": "16384",
+}
+"""What a ``METHOD@ref`` row changes (before any --overrides): the plain-PyTorch reference path of vqad and
+vqad-float, at the batch and chunk sizes it used before the fast path."""
 
 
 def _apply_override(config, path: str, value: str) -> None:
@@ -127,6 +139,11 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     config.steps_per_save = 10**9
     config.vis = "tensorboard"
     config.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if tag == "ref":
+        if not hasattr(config.pipeline.model, "sampling"):
+            raise SystemExit(f"{method}: only vqad and vqad-float have a reference path (@ref)")
+        for path, value in REFERENCE_PATH.items():
+            _apply_override(config, path, value)
     for key, value in bench.overrides.items():
         for name in (method, base):  # METHOD@TAG.path, or METHOD.path for every tag of METHOD
             if key.startswith(name + "."):
