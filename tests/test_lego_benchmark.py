@@ -1,0 +1,52 @@
+"""benchmarks/lego_benchmark.py: the reference rows' settings, overrides, the late step time and the ratio lines."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lego_benchmark.py"
+_spec = importlib.util.spec_from_file_location("lego_benchmark", SCRIPT)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["lego_benchmark"] = bench  # dataclasses look their module up by name
+_spec.loader.exec_module(bench)
+
+
+def _config(method: str, **overrides: str):
+    options = bench.BenchmarkConfig(data=Path("scene"), overrides=overrides)
+    return bench._trainer_config(method, options)
+
+
+def test_a_reference_row_runs_the_pytorch_path_and_overrides_still_apply() -> None:
+    reference = _config("vqad@ref", **{"vqad@ref.pipeline.model.num_samples": "64"})
+    model = reference.pipeline.model
+    assert (model.sampling, model.fused_kernels, model.tf32) == ("dense", False, False)
+    assert reference.pipeline.datamanager.train_num_rays_per_batch == 8192
+    assert model.eval_num_rays_per_chunk == 16384 and model.num_samples == 64
+    fast = _config("vqad").pipeline.model
+    assert (fast.sampling, fast.fused_kernels) == ("packed", True)
+
+
+def test_a_reference_row_of_a_method_without_one_is_refused() -> None:
+    with pytest.raises(SystemExit, match="only vqad and vqad-float have a reference path"):
+        _config("tensorf@ref")
+
+
+def test_the_late_step_time_is_the_last_quarters_mean() -> None:
+    ends = [0.0, 1.0, 2.0, 3.0, 4.0, 4.5, 5.0, 5.5]  # the last quarter: steps 6 and 7, half a second each
+    assert bench._late_ms_per_step(ends) == pytest.approx(500.0)
+    assert math.isnan(bench._late_ms_per_step([0.0, 1.0]))
+
+
+def test_the_table_compares_fast_rows_with_their_reference() -> None:
+    def row(method: str, ms: float, late: float, eval_rays: float) -> dict:
+        return {
+            "method": method, "psnr": 30.0, "ssim": 0.9, "steps": 100, "ms_per_step": ms, "late_ms_per_step": late,
+            "train_rays_per_s": 1e6 / ms, "eval_rays_per_s": eval_rays, "peak_mem_mib": 1000.0,
+            "stored_bytes": 5e5, "feature_grid_bytes": 4e5, "checkpoint_bytes": 1e8,
+        }  # fmt: skip
+
+    table = bench._table([row("vqad@ref", 30.0, 28.0, 5e5), row("vqad", 30.0, 14.0, 5e6)])
+    assert "vqad vs vqad@ref: eval rays/s x10.00, training rays/s x1.00, ms/step x1.00 (late steps x0.50)" in table
