@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from vqad_nerfstudio.training import STEPS
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lego_benchmark.py"
 _spec = importlib.util.spec_from_file_location("lego_benchmark", SCRIPT)
 bench = importlib.util.module_from_spec(_spec)
@@ -14,8 +16,8 @@ sys.modules["lego_benchmark"] = bench  # dataclasses look their module up by nam
 _spec.loader.exec_module(bench)
 
 
-def _config(method: str, **overrides: str):
-    options = bench.BenchmarkConfig(data=Path("scene"), overrides=overrides)
+def _config(method: str, schedule_steps: int = 0, **overrides: str):
+    options = bench.BenchmarkConfig(data=Path("scene"), schedule_steps=schedule_steps, overrides=overrides)
     return bench._trainer_config(method, options)
 
 
@@ -32,6 +34,13 @@ def test_a_reference_row_runs_the_pytorch_path_and_overrides_still_apply() -> No
 def test_a_reference_row_of_a_method_without_one_is_refused() -> None:
     with pytest.raises(SystemExit, match="only vqad and vqad-float have a reference path"):
         _config("tensorf@ref")
+
+
+def test_schedules_stretch_with_the_methods_run_length() -> None:
+    default = _config("vqad")
+    stretched = _config("vqad", schedule_steps=4 * STEPS)  # vqad runs STEPS steps
+    for name, group in default.optimizers.items():
+        assert stretched.optimizers[name]["scheduler"].max_steps == 4 * group["scheduler"].max_steps, name
 
 
 def test_the_late_step_time_is_the_last_quarters_mean() -> None:
