@@ -28,9 +28,9 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-def _grid(generator: torch.Generator) -> SparseFeatureGrid:
+def _grid(generator: torch.Generator, shell_lod=None) -> SparseFeatureGrid:
     """Four levels (4^3 .. 32^3), the two finest grown into a random part of the children as pruning does."""
-    grid = SparseFeatureGrid(4, 4, lambda level, rows: FloatFeatures(rows, 2), dense_resolution=8)
+    grid = SparseFeatureGrid(4, 4, lambda level, rows: FloatFeatures(rows, 2), dense_resolution=8, shell_lod=shell_lod)
     grid.prune(lambda cells, resolution: torch.rand(cells.shape, generator=generator) < 0.4)
     return grid
 
@@ -95,11 +95,11 @@ def _reference(grid, origins, directions, starts, ends, lods, box, occupancy):
 
 
 @needs_kernel
-@pytest.mark.parametrize("bounded", [True, False])
+@pytest.mark.parametrize("bounded,shell_lod", [(True, None), (False, None), (False, 0), (False, 2)])
 @pytest.mark.parametrize("with_estimate", [False, True])
-def test_the_kernel_keeps_what_the_reference_keeps(bounded: bool, with_estimate: bool) -> None:
+def test_the_kernel_keeps_what_the_reference_keeps(bounded: bool, shell_lod, with_estimate: bool) -> None:
     generator = torch.Generator().manual_seed(2)
-    grid = _grid(generator).to(KERNEL_DEVICE)
+    grid = _grid(generator, shell_lod).to(KERNEL_DEVICE)
     origins, directions, starts, ends = _rays(generator, 300, 64, far=6.0 if bounded else 40.0)
     lods = torch.randint(0, 4, (300,), generator=generator)
     box = torch.tensor([[-1.5, -1.0, -2.0], [1.5, 2.0, 1.0]]) if bounded else None
@@ -115,6 +115,7 @@ def test_the_kernel_keeps_what_the_reference_keeps(bounded: bool, with_estimate:
         None if box is None else box.to(KERNEL_DEVICE),
         None if occupancy is None else occupancy.binary.to(KERNEL_DEVICE),
         0 if occupancy is None else occupancy.resolution,
+        shell_lod,
     )
     grid_cpu = grid.cpu()
     expected = _reference(grid_cpu, origins, directions, starts, ends, lods, box, occupancy)

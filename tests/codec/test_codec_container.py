@@ -138,8 +138,8 @@ def test_bad_magic():
 
 def test_versions():
     data = write_container(HEADER, CHUNKS)
-    with pytest.raises(UnsupportedVersionError, match="version 2.1"):
-        read_container(data[:4] + b"\x02" + data[5:])
+    with pytest.raises(UnsupportedVersionError, match="version 3.1"):
+        read_container(data[:4] + b"\x03" + data[5:])
     with pytest.raises(UnsupportedVersionError, match="version 0.1"):
         read_container(data[:4] + b"\x00" + data[5:])
     newer_minor = with_header_crc(data[:5] + b"\x07" + data[6:])

@@ -149,7 +149,7 @@ def test_wrong_magic_and_unknown_version(encoded):
     with pytest.raises(BadMagicError):
         load_compressed(b"PK\x03\x04" + encoded[4:])
     with pytest.raises(UnsupportedVersionError):
-        load_compressed(encoded[:4] + bytes([2]) + encoded[5:])
+        load_compressed(encoded[:4] + bytes([3]) + encoded[5:])
 
 
 def _with_header(encoded: bytes, **changes) -> bytes:

@@ -32,6 +32,7 @@ from .errors import BadMagicError, ChecksumError, FormatError, TruncatedError, U
 __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
+    "REQUIRING_VERSION",
     "END_TAG",
     "SIZE_TAG",
     "NO_LOD",
@@ -45,10 +46,16 @@ __all__ = [
     "read_container",
     "load_source",
     "describe",
+    "check_requirements",
 ]
 
 MAGIC = b"VQNF"
 FORMAT_VERSION = (1, 1)
+"""The version of files whose header lists no requirements: every 1.x reader reads them."""
+REQUIRING_VERSION = (2, 0)
+"""The version of files whose header lists ``requires``, features a reader must implement to decode the file (1.x
+readers refuse them by their major version; see :func:`check_requirements`)."""
+SUPPORTED_MAJORS = (1, 2)
 END_TAG = "END!"
 SIZE_TAG = "SIZE"
 _CONTAINER_TAGS = (END_TAG, SIZE_TAG)
@@ -149,7 +156,7 @@ def write_container(header: Mapping[str, Any], chunks: Iterable[Chunk]) -> bytes
     equal bytes. LOD-tagged chunks must come in non-decreasing ``lod`` order.
     """
     header_bytes = _header_bytes(header)
-    major, minor = FORMAT_VERSION
+    major, minor = REQUIRING_VERSION if header.get("requires") else FORMAT_VERSION
     parts = [
         _PREAMBLE.pack(MAGIC, major, minor, len(header_bytes), _header_crc(major, minor, header_bytes)),
         header_bytes,
@@ -227,9 +234,10 @@ def _read_preamble(data: bytes) -> tuple[int, int, dict[str, Any], int]:
     if len(data) < _PREAMBLE.size:
         raise TruncatedError(f"file truncated inside the {_PREAMBLE.size}-byte preamble ({len(data)} bytes)")
     _, major, minor, header_length, stored = _PREAMBLE.unpack_from(data)
-    if major != FORMAT_VERSION[0]:
+    if major not in SUPPORTED_MAJORS:
+        handled = " and ".join(f"{supported}.x" for supported in SUPPORTED_MAJORS)
         raise UnsupportedVersionError(
-            f"format version {major}.{minor} is not supported (this reader handles {FORMAT_VERSION[0]}.x)"
+            f"format version {major}.{minor} is not supported (this reader handles {handled})"
         )
     if header_length > MAX_HEADER_BYTES:
         raise FormatError(f"header length {header_length} exceeds the limit of {MAX_HEADER_BYTES} bytes")
@@ -256,10 +264,21 @@ def read_header(source: Source) -> dict[str, Any]:
     return _read_preamble(load_source(source))[2]
 
 
+def check_requirements(header: Mapping[str, Any], known: Iterable[str]) -> None:
+    """``UnsupportedVersionError`` unless every feature the header ``requires`` is among ``known`` (the features the
+    caller's decoder implements); ``FormatError`` if ``requires`` is not a list of strings."""
+    required = header.get("requires", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        raise FormatError(f"header: requires must be a list of feature names, got {required!r}")
+    missing = sorted(set(required) - set(known))
+    if missing:
+        raise UnsupportedVersionError(f"the file requires {', '.join(missing)}, which this reader does not implement")
+
+
 def read_container(source: Source, allow_truncated: bool = False) -> Container:
     """Parse and verify a VQNF file from bytes or a path.
 
-    Raises BadMagicError, UnsupportedVersionError (major version != 1),
+    Raises BadMagicError, UnsupportedVersionError (a major version other than 1 and 2),
     ChecksumError, FormatError, or TruncatedError when the data stops before the
     END! chunk. With ``allow_truncated=True`` a file cut after its header yields
     the complete chunks only, with ``complete=False``; a truncated preamble or
@@ -301,7 +320,7 @@ def read_container(source: Source, allow_truncated: bool = False) -> Container:
             _check_tag(tag)
         except ValueError as exc:
             raise FormatError(f"chunk {index}: {exc}") from None
-        if index == 0 and minor >= 1:
+        if index == 0 and (major, minor) >= (1, 1):
             file_bytes = _size_chunk(tag, lod, payload, end)
         elif tag == SIZE_TAG:
             raise FormatError(f"chunk {index}: a {SIZE_TAG} chunk is only valid first, in a 1.1 or later file")
@@ -320,9 +339,7 @@ def read_container(source: Source, allow_truncated: bool = False) -> Container:
         raise FormatError(f"the file holds all its {file_bytes} bytes but no END! chunk where they end")
     if not complete and not allow_truncated:
         size = "" if file_bytes is None else f" of the {file_bytes} its SIZE chunk records"
-        raise TruncatedError(
-            f"file truncated: {problem}; {len(chunks)} complete chunks read ({offset} bytes{size})"
-        )
+        raise TruncatedError(f"file truncated: {problem}; {len(chunks)} complete chunks read ({offset} bytes{size})")
     return Container((major, minor), header, chunks, complete, offset, file_bytes)
 
 

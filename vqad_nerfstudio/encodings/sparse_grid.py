@@ -8,7 +8,9 @@ prefix of the levels is a complete model.
 
 A point's feature is the trilinear interpolation of its cell's 8 vertex rows, summed over the
 levels up to the requested level of detail. Points in unoccupied cells get no feature from that
-level and are reported as outside (the field gives them zero density).
+level and are reported as outside (the field gives them zero density). With ``shell_lod`` (unbounded
+scenes), levels finer than it exist only in the inner cube, the contracted scene box, and points outside it
+are looked up at most at that level: the background stays coarse.
 
 The topology (sorted linear ids of occupied cells, per level) is part of the module state and is
 saved in checkpoints; the sparse lookup tables (each cell's 8 corner rows) are derived from it. A point's
@@ -81,6 +83,16 @@ def neighbourhood(cells: Int[Tensor, "n"], resolution: int) -> Int[Tensor, "n27"
     around = around.reshape(-1, 3)
     around = around[((around >= 0) & (around < resolution)).all(dim=-1)]
     return torch.unique(linear_ids(around, resolution))
+
+
+INNER_CUBE = (0.25, 0.75)
+"""Per axis, the unit-cube interval of the inner cube (in contracted space: |x|∞ <= 1, the scene box)."""
+
+
+def in_inner_cube(unit_positions: Float[Tensor, "*b 3"]) -> Bool[Tensor, "*b"]:
+    """Whether points lie in :data:`INNER_CUBE` (half-open per axis, as cells are)."""
+    low, high = INNER_CUBE
+    return ((unit_positions >= low) & (unit_positions < high)).all(dim=-1)
 
 
 def sorted_positions(sorted_ids: Int[Tensor, "m"], ids: Int[Tensor, "n"]) -> Int[Tensor, "n"]:
@@ -171,18 +183,31 @@ class SparseFeatureGrid(nn.Module):
     """Levels of detail ``0..L-1`` at resolutions ``base_resolution * 2**l``, features summed over levels."""
 
     def __init__(
-        self, base_resolution: int, num_levels: int, store_factory: StoreFactory, dense_resolution: int
+        self,
+        base_resolution: int,
+        num_levels: int,
+        store_factory: StoreFactory,
+        dense_resolution: int,
+        shell_lod: Optional[int] = None,
     ) -> None:
-        """Levels up to ``dense_resolution`` start dense; finer levels start empty until :meth:`prune` grows them."""
+        """Levels up to ``dense_resolution`` start dense; finer levels start empty until :meth:`prune` grows them.
+
+        ``shell_lod``: levels finer than it hold cells only in the inner cube :data:`INNER_CUBE` (in contracted
+        space, the scene box), and points outside it are looked up at most at that level (:meth:`lod_at`); None:
+        every level everywhere."""
         super().__init__()
         if num_levels < 1:
             raise ValueError(f"the grid needs at least one level of detail, got num_levels={num_levels}")
         if base_resolution < 1:
             raise ValueError(f"base_resolution must be >= 1, got {base_resolution}")
+        if shell_lod is not None and not 0 <= shell_lod < num_levels:
+            raise ValueError(f"shell_lod must be a level of detail in 0..{num_levels - 1}, got {shell_lod}")
+        self.shell_lod = shell_lod
         self.resolutions: List[int] = [base_resolution * 2**level for level in range(num_levels)]
         levels = []
         for level, resolution in enumerate(self.resolutions):
             cells = torch.arange(resolution**3) if resolution <= dense_resolution else torch.empty(0, dtype=torch.long)
+            cells = cells[self._allowed(cells, level)]
             num_vertices = int(torch.unique(cell_vertex_ids(cells, resolution)).numel()) if cells.numel() else 0
             levels.append(GridLevel(resolution, store_factory(level, num_vertices), cells))
         self.levels = nn.ModuleList(levels)
@@ -270,7 +295,7 @@ class SparseFeatureGrid(nn.Module):
         max_level = located.shape[1] - 1
         if lod is None:
             lod = torch.full(unit_positions.shape[:1], max_level, dtype=torch.long, device=unit_positions.device)
-        lod = lod.clamp(0, max_level)
+        lod = self.lod_at(unit_positions, lod).clamp(0, max_level)
         inside = self.occupied(located, lod)
         if self.fused and grid_interpolation.available(unit_positions, self.feature_dim, max_level + 1):
             return self._fused_forward(unit_positions, lod, located), inside
@@ -347,9 +372,25 @@ class SparseFeatureGrid(nn.Module):
         finest = self.resolutions[-1]
         voxel = (unit_positions * finest).floor().long().clamp_(0, finest - 1)
         bits = self.occupancy_bits()[linear_ids(voxel, finest)].long()
-        lod = torch.as_tensor(lod, device=unit_positions.device).clamp(0, self.grown_levels() - 1)
+        lod = torch.as_tensor(lod, device=unit_positions.device)
+        lod = self.lod_at(unit_positions, lod).clamp(0, self.grown_levels() - 1)
         inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
         return inside_box & ((bits >> lod) & 1).bool()
+
+    def _allowed(self, cells: Int[Tensor, "n"], level: int) -> Bool[Tensor, "n"]:
+        """Which ``cells`` (linear ids at ``level``) the level may hold: all, or above ``shell_lod`` those whose centre
+        lies in the inner cube."""
+        if self.shell_lod is None or level <= self.shell_lod:
+            return torch.ones_like(cells, dtype=torch.bool)
+        resolution = self.resolutions[level]
+        return in_inner_cube((coords_of(cells, resolution).float() + 0.5) / resolution)
+
+    def lod_at(self, unit_positions: Float[Tensor, "n 3"], lod: Int[Tensor, "*n"]) -> Int[Tensor, "n"]:
+        """Each point's level of detail under ``shell_lod``: ``lod`` inside the inner cube, at most ``shell_lod``
+        outside it."""
+        if self.shell_lod is None:
+            return lod
+        return torch.where(in_inner_cube(unit_positions), lod, torch.clamp(lod, max=self.shell_lod))
 
     def prune(self, keep: CellFilter) -> List[RowRemap]:
         """Keep the cells ``keep`` accepts and their neighbours, level by level from coarse to fine.
@@ -361,7 +402,7 @@ class SparseFeatureGrid(nn.Module):
         """
         changed = []
         parent: Optional[Tensor] = None
-        for level in self.levels:
+        for index, level in enumerate(self.levels):
             if level.cells.numel():
                 candidates = level.cells
             elif parent is not None:
@@ -375,6 +416,7 @@ class SparseFeatureGrid(nn.Module):
             if parent is not None:  # keep the octree nested
                 parents_of_new = linear_ids(coords_of(new_cells, level.resolution) // 2, level.resolution // 2)
                 new_cells = new_cells[torch.isin(parents_of_new, parent)]
+            new_cells = new_cells[self._allowed(new_cells, index)]
             if not torch.equal(new_cells, level.cells):
                 changed.append(level.set_cells(new_cells))
             parent = new_cells

@@ -17,6 +17,7 @@ import torch
 from vqad_nerfstudio.codec import (
     Chunk,
     FormatError,
+    check_requirements,
     encode_array,
     encode_categorical,
     pack_bits,
@@ -153,6 +154,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, torch.Tensor, int]:
 
     from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModelConfig
 
+    check_requirements(header, ())
     method = header.get("method")
     settings = header.get("model")
     if method not in HASH_METHODS or not isinstance(settings, dict) or set(settings) != set(MODEL_KEYS):

@@ -20,6 +20,7 @@ from vqad_nerfstudio.codec import (
     Chunk,
     FormatError,
     FrequencyTable,
+    check_requirements,
     decode_with_tables,
     encode_categorical,
     encode_with_tables,
@@ -153,6 +154,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, Tensor, int]:
 
     from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModelConfig
 
+    check_requirements(header, ())
     method, settings = header.get("method"), header.get("model")
     if method not in PLANE_METHODS or not isinstance(settings, dict) or set(settings) != set(MODEL_KEYS):
         raise FormatError(f"header: not a {' / '.join(PLANE_METHODS)} header (method {method!r})")

@@ -31,6 +31,7 @@ from vqad_nerfstudio.codec import (
     FormatError,
     TruncatedError,
     UnsupportedMethodError,
+    check_requirements,
     encode_array,
     encode_categorical,
     pack_bits,
@@ -102,6 +103,9 @@ MODEL_KEYS = (
     "background_color",
 )
 """The VQADModelConfig fields a file stores: everything that shapes the model or its renders."""
+SHELL_LOD_KEY = "shell_lod"
+"""The optional model key (and the requirement it comes with) of a file whose background is capped at a level of
+detail (VQADModelConfig.shell_lod): files with it are version 2.0."""
 LEGACY_BITS_KEY = "bits"
 """What files written before the rename call ``index_bits`` (docs/format.md); readers accept either."""
 
@@ -201,6 +205,9 @@ def encode_model(
         "aabb": aabb.tolist(),
         "levels": levels,
     }
+    if config.shell_lod >= 0:  # a reader must cap the background's level of detail: version 2.0
+        header["model"][SHELL_LOD_KEY] = config.shell_lod
+        header["requires"] = [SHELL_LOD_KEY]
     decoders = _decoder_parameters(model)
     if network_bits != 16:
         chunks = [Chunk(TAG_MLPQ, None, encode_quantized_parameters(decoders, network_bits))]
@@ -304,6 +311,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
     level count."""
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
+    check_requirements(header, (SHELL_LOD_KEY,))
     missing = [key for key in ("method", "model", "aabb", "levels") if key not in header]
     if missing:
         raise FormatError(f"header lacks {', '.join(missing)}")
@@ -326,6 +334,10 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
         if not valid:
             raise FormatError(f"header: model.{key} = {value!r} is not a valid {hint}")
         settings[key] = value
+    if SHELL_LOD_KEY in stored:
+        if SHELL_LOD_KEY not in header.get("requires", []):
+            raise FormatError(f"header: model.{SHELL_LOD_KEY} is set but not required")
+        settings[SHELL_LOD_KEY] = stored[SHELL_LOD_KEY]
     try:
         # Decoded levels get their cells from the file (dense initial levels would only cost time), and hold their
         # indices as integers.

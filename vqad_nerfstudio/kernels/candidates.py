@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor
 
+from vqad_nerfstudio.encodings.sparse_grid import INNER_CUBE
 from vqad_nerfstudio.kernels import runs_on
 
 try:
@@ -75,6 +76,9 @@ if triton is not None:
         RESOLUTION: tl.constexpr,
         OCCUPANCY_RESOLUTION: tl.constexpr,
         CONTRACT: tl.constexpr,
+        SHELL_LOD: tl.constexpr,
+        INNER_LOW: tl.constexpr,
+        INNER_HIGH: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         candidate = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -95,6 +99,10 @@ if triton is not None:
         voxel = (_voxel(x, RESOLUTION) * RESOLUTION + _voxel(y, RESOLUTION)) * RESOLUTION + _voxel(z, RESOLUTION)
         level_bits = tl.load(bits + voxel, mask=inside, other=0).to(tl.int32)
         lod = tl.load(lods + ray, mask=in_range, other=0).to(tl.int32)
+        if SHELL_LOD >= 0:  # outside the inner cube, at most SHELL_LOD
+            inner = (x >= INNER_LOW) & (x < INNER_HIGH) & (y >= INNER_LOW) & (y < INNER_HIGH)
+            inner = inner & (z >= INNER_LOW) & (z < INNER_HIGH)
+            lod = tl.where(inner, lod, tl.minimum(lod, SHELL_LOD))
         keep = inside & (((level_bits >> lod) & 1) != 0)
         if OCCUPANCY_RESOLUTION > 0:
             cell = (
@@ -115,6 +123,7 @@ def occupied_candidates(
     box: Optional[Float[Tensor, "2 3"]],
     occupancy: Optional[Bool[Tensor, "w"]] = None,
     occupancy_resolution: int = 0,
+    shell_lod: Optional[int] = None,
 ) -> Bool[Tensor, "r s"]:
     """Whether the midpoint of each candidate interval ``starts..ends`` along its ray lies in an occupied cell at
     its ray's level of detail ``lods`` (per ray, at most the finest level set in ``bits``).
@@ -122,7 +131,8 @@ def occupied_candidates(
     ``bits``: per voxel of a ``resolution**3`` grid over the unit cube (row-major), bit ``l`` set where level ``l``
     holds the voxel's cell. ``box``: the scene box (min and max corners) that maps to the unit cube; None contracts
     space instead (unbounded scenes). ``occupancy``: optionally, a ``occupancy_resolution**3`` boolean grid the
-    candidates must also fall into (the occupancy estimate during the warm-up)."""
+    candidates must also fall into (the occupancy estimate during the warm-up). ``shell_lod``: outside the inner cube
+    (``SparseFeatureGrid.lod_at``) a candidate's level of detail is at most this."""
     num_rays, per_ray = starts.shape
     out = torch.empty(num_rays, per_ray, dtype=torch.bool, device=starts.device)
     if out.numel() == 0:
@@ -149,6 +159,9 @@ def occupied_candidates(
         RESOLUTION=resolution,
         OCCUPANCY_RESOLUTION=occupancy_resolution,
         CONTRACT=box is None,
+        SHELL_LOD=-1 if shell_lod is None else shell_lod,
+        INNER_LOW=INNER_CUBE[0],
+        INNER_HIGH=INNER_CUBE[1],
         BLOCK=block,
     )
     return out

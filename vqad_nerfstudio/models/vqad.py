@@ -101,6 +101,9 @@ class VQADModelConfig(ModelConfig):
     set_float32_matmul_precision("high"), which applies to the whole process."""
     unbounded: bool = False
     """Contract space (as nerfacto does) for unbounded real captures; off for object scenes inside the scene box."""
+    shell_lod: int = -1
+    """Unbounded scenes: the finest level of detail of the background, the contracted space outside the scene box
+    (finer levels hold cells only inside the box); -1: every level everywhere. Coarser backgrounds, smaller files."""
     occupancy_resolution: int = 64
     """Voxels per side of the occupancy estimate (capped at the finest level's resolution)."""
     occupancy_update_every: int = 16
@@ -176,6 +179,9 @@ class VQADModelConfig(ModelConfig):
             check_real("each index_temperature", temperature, 0.0, open_low=True)
         check_real("index_rate_weight", self.index_rate_weight, 0.0)
         check_real("coarse_lod_fraction", self.coarse_lod_fraction, 0.0, 1.0)
+        check_int("shell_lod", self.shell_lod, -1, self.num_levels - 1)
+        if self.shell_lod >= 0 and not self.unbounded:
+            raise ValueError("shell_lod caps the background of unbounded scenes: it needs unbounded=True")
 
 
 class VQADModel(Model):
@@ -188,7 +194,11 @@ class VQADModel(Model):
         super().populate_modules()
         cfg = self.config
         self.grid = SparseFeatureGrid(
-            cfg.base_resolution, cfg.num_levels, self._store_factory(), dense_resolution=cfg.dense_resolution
+            cfg.base_resolution,
+            cfg.num_levels,
+            self._store_factory(),
+            dense_resolution=cfg.dense_resolution,
+            shell_lod=cfg.shell_lod if cfg.shell_lod >= 0 else None,
         )
         self.grid.fused = cfg.fused_kernels
         if cfg.tf32 and torch.cuda.is_available():
@@ -416,6 +426,7 @@ class VQADModel(Model):
                 None if self.config.unbounded else self.field.aabb,
                 None if estimate is None else estimate.binary,
                 0 if estimate is None else estimate.resolution,
+                self.grid.shell_lod,
             )
             samples = packed.pack(starts, ends, keep)
             origins = ray_bundle.origins.reshape(-1, 3)[samples.ray_indices]
