@@ -296,8 +296,11 @@ def test_cli_writes_scene_and_prints_next_command(tmp_path: Path, capsys: pytest
     out = tmp_path / "cli"
     cli.main([str(out), "--resolution", "16", "--num-train", "3", "--num-eval", "1", "--supersample", "1"])
     stdout = capsys.readouterr().out
-    assert f"ns-train vqad --data {out}" in stdout
+    assert f"ns-train vqad --data {out}\n" in stdout
     assert len(_meta(out)["train_filenames"]) == 3
+    dome = tmp_path / "dome"
+    cli.main([str(dome), "--resolution", "16", "--num-train", "1", "--num-eval", "1", "--background", "textured"])
+    assert f"ns-train vqad --data {dome} --pipeline.model.unbounded True\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,8 @@ def main(args: Optional[Sequence[str]] = None) -> None:
         f"{config.resolution}x{config.resolution} px) to {output_dir.resolve()} in {elapsed:.1f} s."
     )
     print("Next, train on it with:")
-    print(f"  ns-train vqad --data {shlex.quote(str(output_dir))}")
+    unbounded = " --pipeline.model.unbounded True" if config.background == "textured" else ""
+    print(f"  ns-train vqad --data {shlex.quote(str(output_dir))}{unbounded}")
 
 
 if __name__ == "__main__":
