@@ -90,10 +90,11 @@ def test_gradients_reach_every_sample_before_termination() -> None:
     assert sigma.grad is not None and bool((sigma.grad != 0).all())
 
 
-def test_samples_per_ray_counts_each_rays_samples() -> None:
+def test_accumulated_ones_count_each_rays_samples() -> None:
     starts, ends, keep, _ = _random_packed(torch.Generator().manual_seed(6))
     samples = packed.pack(starts, ends, keep)
-    assert torch.equal(packed.samples_per_ray(samples.ray_indices, samples.num_rays), keep.sum(dim=-1))
+    ones = torch.ones(samples.ray_indices.shape[0], 1)
+    assert torch.equal(packed.accumulate(ones, samples.ray_indices, samples.num_rays)[:, 0], keep.sum(dim=-1).float())
 
 
 def test_an_empty_batch_renders_nothing() -> None:
@@ -104,4 +105,3 @@ def test_an_empty_batch_renders_nothing() -> None:
     assert visible.shape == in_front.shape == (0,)
     assert packed.render_weights(torch.zeros(0), samples[torch.nonzero(visible).squeeze(-1)], in_front).shape == (0,)
     assert torch.equal(packed.accumulate(weights[:, None], samples.ray_indices, 3), torch.zeros(3, 1))
-    assert torch.equal(packed.samples_per_ray(samples.ray_indices, 3), torch.zeros(3, dtype=torch.long))

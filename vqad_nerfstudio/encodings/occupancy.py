@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from vqad_nerfstudio.encodings.sparse_grid import coords_of, linear_ids
+from vqad_nerfstudio.encodings.sparse_grid import coords_of, in_unit_cube, voxel_ids
 
 DensityFn = Callable[[Float[Tensor, "n 3"]], Float[Tensor, "n"]]
 """Density (in world units) at points given in unit-cube coordinates."""
@@ -72,6 +72,4 @@ class OccupancyEstimator(nn.Module):
 
     def occupied_at(self, unit_positions: Float[Tensor, "n 3"]) -> Bool[Tensor, "n"]:
         """Occupancy of the voxel holding each point (points outside the cube are empty)."""
-        voxel = (unit_positions * self.resolution).floor().long().clamp(0, self.resolution - 1)
-        inside = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
-        return inside & self.binary[linear_ids(voxel, self.resolution)]
+        return in_unit_cube(unit_positions) & self.binary[voxel_ids(unit_positions, self.resolution)]

@@ -85,6 +85,18 @@ def neighbourhood(cells: Int[Tensor, "n"], resolution: int) -> Int[Tensor, "n27"
     return torch.unique(linear_ids(around, resolution))
 
 
+def in_unit_cube(unit_positions: Float[Tensor, "*b 3"]) -> Bool[Tensor, "*b"]:
+    """Whether points lie in the closed unit cube (where the grid, and any dense grid over it, has cells)."""
+    return ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
+
+
+def voxel_ids(unit_positions: Float[Tensor, "n 3"], resolution: int) -> Int[Tensor, "n"]:
+    """Row-major linear id of the voxel of a dense ``resolution**3`` grid over the unit cube holding each point
+    (points outside the cube are clamped onto its border voxels: combine with :func:`in_unit_cube`)."""
+    voxel = (unit_positions * resolution).floor().long().clamp_(0, resolution - 1)
+    return linear_ids(voxel, resolution)
+
+
 INNER_CUBE = (0.25, 0.75)
 """Per axis, the unit-cube interval of the inner cube (in contracted space: |x|∞ <= 1, the scene box)."""
 
@@ -262,8 +274,7 @@ class SparseFeatureGrid(nn.Module):
             lambda: torch.cat([level.cells + offset for level, offset in zip(self.levels[:grown], offsets)]),
         )
         found = sorted_positions(cell_keys, linear_ids(coords, resolutions) + offsets[levels])
-        inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
-        return torch.where(inside_box, found, -1).to(torch.int32)
+        return torch.where(in_unit_cube(unit_positions), found, -1).to(torch.int32)
 
     def locate(self, unit_positions: Float[Tensor, "n 3"], num_levels: Optional[int] = None) -> Int[Tensor, "n l"]:
         """Each point's occupied cell at levels ``0..num_levels-1`` (default and at most: the grown levels), as an
@@ -367,15 +378,12 @@ class SparseFeatureGrid(nn.Module):
 
         The finest voxel holding a point lies in the point's cell at every coarser level: the resolutions differ by
         powers of two, so ``floor(p * R * 2**k) >> k == floor(p * R)`` exactly in floating point."""
-        if self.grown_levels() == 0:
+        grown = self.grown_levels()
+        if grown == 0:
             raise RuntimeError("the sparse grid has no occupied cells at its coarsest level")
-        finest = self.resolutions[-1]
-        voxel = (unit_positions * finest).floor().long().clamp_(0, finest - 1)
-        bits = self.occupancy_bits()[linear_ids(voxel, finest)].long()
-        lod = torch.as_tensor(lod, device=unit_positions.device)
-        lod = self.lod_at(unit_positions, lod).clamp(0, self.grown_levels() - 1)
-        inside_box = ((unit_positions >= 0) & (unit_positions <= 1)).all(dim=-1)
-        return inside_box & ((bits >> lod) & 1).bool()
+        bits = self.occupancy_bits()[voxel_ids(unit_positions, self.resolutions[-1])].long()
+        lod = self.lod_at(unit_positions, torch.as_tensor(lod, device=unit_positions.device)).clamp(0, grown - 1)
+        return in_unit_cube(unit_positions) & ((bits >> lod) & 1).bool()
 
     def _allowed(self, cells: Int[Tensor, "n"], level: int) -> Bool[Tensor, "n"]:
         """Which ``cells`` (linear ids at ``level``) the level may hold: all, or above ``shell_lod`` those whose centre

@@ -414,10 +414,11 @@ class VQADModel(Model):
         ray_lods, finest_lod = self._ray_lods(num_rays, starts.device)
         # warm-up: also skip space the occupancy estimate marks empty
         estimate = self.occupancy if self.training and not self.grid.pruned else None
+        origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
         if self.config.sampling == "packed" and self.grid.fused and candidates.available(starts):
             keep = candidates.occupied_candidates(
-                ray_bundle.origins.reshape(-1, 3),
-                ray_bundle.directions.reshape(-1, 3),
+                origins,
+                directions,
                 starts,
                 ends,
                 ray_lods,
@@ -429,9 +430,9 @@ class VQADModel(Model):
                 self.grid.shell_lod,
             )
             samples = packed.pack(starts, ends, keep)
-            origins = ray_bundle.origins.reshape(-1, 3)[samples.ray_indices]
-            directions = ray_bundle.directions.reshape(-1, 3)[samples.ray_indices]
-            positions = self.field.to_unit_cube(origins + directions * ((samples.starts + samples.ends) / 2)[:, None])
+            midpoints = ((samples.starts + samples.ends) / 2)[:, None]
+            rays = samples.ray_indices
+            positions = self.field.to_unit_cube(origins[rays] + directions[rays] * midpoints)
         else:  # the PyTorch reference: every candidate's position, then its occupancy at the ray's level of detail
             positions = self.field.to_unit_cube(ray_samples.frustums.get_positions()).reshape(-1, 3)
             keep = self.grid.inside(positions, ray_lods[:, None].expand(num_rays, num_samples).reshape(-1))
@@ -442,7 +443,6 @@ class VQADModel(Model):
             samples = packed.pack(starts, ends, keep.reshape(num_rays, -1))
             positions = positions[samples.candidate_ids]
         located = self.grid.locate(positions, finest_lod + 1)  # the samples' cells, for every density pass
-        directions = ray_bundle.directions.reshape(-1, 3)
         return self._render_packed(samples, positions, located, ray_lods, directions)
 
     def _render_packed(
@@ -472,7 +472,7 @@ class VQADModel(Model):
         accumulation = packed.accumulate(weights, ray_indices, num_rays)
         midpoints = (samples.starts + samples.ends)[:, None] / 2
         depth = packed.accumulate(weights * midpoints, ray_indices, num_rays) / accumulation.clamp_min(1e-10)
-        counts = packed.samples_per_ray(ray_indices, num_rays)[:, None].float()
+        counts = packed.accumulate(torch.ones_like(weights), ray_indices, num_rays)  # no sync, as bincount has
         return {
             "rgb": self.renderer_rgb(rgb=rgb, weights=weights, ray_indices=ray_indices, num_rays=num_rays),
             "accumulation": accumulation,

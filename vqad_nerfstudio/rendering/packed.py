@@ -68,13 +68,6 @@ def transmittance(optical_depth: Float[Tensor, "n"], ray_indices: Int[Tensor, "n
     return torch.exp(-(before - before.index_select(0, first))).to(optical_depth.dtype)
 
 
-def samples_per_ray(ray_indices: Int[Tensor, "n"], num_rays: int) -> Int[Tensor, "num_rays"]:
-    """Number of samples of each ray (without waiting for the GPU, as ``torch.bincount`` does)."""
-    return torch.zeros(num_rays, dtype=torch.long, device=ray_indices.device).index_add_(
-        0, ray_indices, torch.ones_like(ray_indices)
-    )
-
-
 def visible(
     density: Float[Tensor, "n"], samples: PackedSamples, early_stop_eps: float
 ) -> Tuple[Bool[Tensor, "n"], Float[Tensor, "n"]]:
@@ -104,4 +97,4 @@ def accumulate(
     return values.new_zeros(num_rays, values.shape[-1]).index_add_(0, ray_indices, values)
 
 
-__all__ = ["PackedSamples", "pack", "transmittance", "samples_per_ray", "visible", "render_weights", "accumulate"]
+__all__ = ["PackedSamples", "pack", "transmittance", "visible", "render_weights", "accumulate"]
