@@ -43,9 +43,11 @@ if triton is not None:
         return (fx * bx + (1.0 - fx) * (1 - bx)) * (fy * by + (1.0 - fy) * (1 - by)) * (fz * bz + (1.0 - fz) * (1 - bz))
 
     @triton.jit
-    def _cell_frac(p, RES: tl.constexpr):
-        scaled = p * RES
-        return scaled - tl.minimum(tl.maximum(tl.floor(scaled), 0.0), RES - 1.0)
+    def axis_cell(p, resolution):
+        """The cell coordinate (int64) of ``p`` along one axis at ``resolution`` and ``p``'s place in it."""
+        scaled = p * resolution
+        corner = tl.minimum(tl.maximum(tl.floor(scaled), 0.0), resolution - 1.0)
+        return corner.to(tl.int64), scaled - corner
 
     @triton.jit
     def _block_points(positions, lods, n_points, WIDTH: tl.constexpr, WIDTH_POW2: tl.constexpr, BLOCK: tl.constexpr):
@@ -77,7 +79,10 @@ if triton is not None:
         resolution: tl.constexpr = BASE_RESOLUTION * (1 << LEVEL)
         cell = tl.load(cell_index + point * LEVELS + LEVEL, mask=in_range, other=-1).to(tl.int64)
         valid = in_range & (cell >= 0) & (lod >= LEVEL)
-        return cell, valid, _cell_frac(x, resolution), _cell_frac(y, resolution), _cell_frac(z, resolution)
+        _, fx = axis_cell(x, resolution)
+        _, fy = axis_cell(y, resolution)
+        _, fz = axis_cell(z, resolution)
+        return cell, valid, fx, fy, fz
 
     @triton.jit
     def _corner(corner_rows, cell, valid, fx, fy, fz, CORNER: tl.constexpr):
@@ -157,8 +162,9 @@ if triton is not None:
 _BLOCK = 128
 
 
-def _launch_config(n_points: int, width: int) -> Tuple[Tuple[int], int]:
-    return (triton.cdiv(max(n_points, 1), _BLOCK),), triton.next_power_of_2(width)
+def launch_config(n_points: int, block: int, width: int) -> Tuple[Tuple[int], int]:
+    """The launch grid for ``n_points`` in blocks of ``block``, and the channel tile for ``width``."""
+    return (triton.cdiv(max(n_points, 1), block),), triton.next_power_of_2(width)
 
 
 class _FusedInterpolation(torch.autograd.Function):
@@ -169,7 +175,7 @@ class _FusedInterpolation(torch.autograd.Function):
         n_points, width = positions.shape[0], tables.shape[1]
         out = torch.empty(n_points, width, device=positions.device, dtype=torch.float32)
         if n_points:
-            grid, width_pow2 = _launch_config(n_points, width)
+            grid, width_pow2 = launch_config(n_points, _BLOCK, width)
             _interpolate_forward[grid](
                 positions, lods, cell_index, corner_rows, tables, out, n_points,
                 BASE_RESOLUTION=base, LEVELS=cell_index.shape[1], WIDTH=width, WIDTH_POW2=width_pow2, BLOCK=_BLOCK,
@@ -187,7 +193,7 @@ class _FusedInterpolation(torch.autograd.Function):
         grad_tables = torch.zeros(ctx.table_shape, device=grad_out.device, dtype=torch.float32)
         n_points, width = positions.shape[0], ctx.table_shape[1]
         if n_points:
-            grid, width_pow2 = _launch_config(n_points, width)
+            grid, width_pow2 = launch_config(n_points, _BLOCK, width)
             _interpolate_backward[grid](
                 positions, lods, cell_index, corner_rows, grad_out.contiguous().float(), grad_tables, n_points,
                 BASE_RESOLUTION=ctx.base, LEVELS=cell_index.shape[1], WIDTH=width, WIDTH_POW2=width_pow2,

@@ -21,7 +21,7 @@ need one.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -34,7 +34,7 @@ try:
     import triton
     import triton.language as tl
 
-    from vqad_nerfstudio.kernels.grid_interpolation import corner_weight
+    from vqad_nerfstudio.kernels.grid_interpolation import axis_cell, corner_weight, launch_config
 except ImportError:  # CPU-only installs: the PyTorch path is used
     triton = None
 
@@ -63,13 +63,6 @@ if triton is not None:
         return point, in_range, x, y, z
 
     @triton.jit
-    def _axis_cell(p, resolution):
-        """The cell coordinate (int64) of ``p`` along one axis at ``resolution`` and ``p``'s place in it."""
-        scaled = p * resolution
-        corner = tl.minimum(tl.maximum(tl.floor(scaled), 0.0), resolution - 1.0)
-        return corner.to(tl.int64), scaled - corner
-
-    @triton.jit
     def _level_cells(geometry, x, y, z, LEVEL: tl.constexpr):
         """Level ``LEVEL``'s geometry (vertices per side, entries, dense, first entry) and the points' cells."""
         side = tl.load(geometry + LEVEL * 4)
@@ -77,9 +70,9 @@ if triton is not None:
         dense = tl.load(geometry + LEVEL * 4 + 2)
         first_entry = tl.load(geometry + LEVEL * 4 + 3)
         resolution = (side - 1).to(tl.float32)
-        cx, fx = _axis_cell(x, resolution)
-        cy, fy = _axis_cell(y, resolution)
-        cz, fz = _axis_cell(z, resolution)
+        cx, fx = axis_cell(x, resolution)
+        cy, fy = axis_cell(y, resolution)
+        cz, fz = axis_cell(z, resolution)
         return side, rows, dense, first_entry, cx, cy, cz, fx, fy, fz
 
     @triton.jit
@@ -200,11 +193,6 @@ _BACKWARD_TILE = 4096
 """Lookups times candidates per program of the logit gradient (the backward block shrinks for many candidates)."""
 
 
-def _launch(n_points: int, block: int, width: int) -> Tuple[Tuple[int], int]:
-    """The launch grid for ``n_points`` in blocks of ``block``, and the channel tile for ``width``."""
-    return (triton.cdiv(max(n_points, 1), block),), triton.next_power_of_2(width)
-
-
 class _FusedLookup(torch.autograd.Function):
     """:func:`fused_lookup`: the kernel forward, the scatter kernel and the softmax Jacobian backward."""
 
@@ -223,7 +211,7 @@ class _FusedLookup(torch.autograd.Function):
         n_points, width, levels = positions.shape[0], codebooks.shape[1], geometry.shape[0]
         out = torch.empty(n_points, levels * width, device=positions.device, dtype=torch.float32)
         if n_points:
-            grid, width_pow2 = _launch(n_points, _BLOCK, width)
+            grid, width_pow2 = launch_config(n_points, _BLOCK, width)
             _lookup_forward[grid](
                 positions, geometry, choices, codebooks, out, n_points,
                 LEVELS=levels, CODEBOOK=codebook_size, FULL_INDEX=full_index, WIDTH=width, WIDTH_POW2=width_pow2,
@@ -246,7 +234,7 @@ class _FusedLookup(torch.autograd.Function):
         n_points, width = positions.shape[0], codebooks.shape[1]
         if n_points:
             block = max(16, min(_BLOCK, _BACKWARD_TILE // candidates))
-            grid, width_pow2 = _launch(n_points, block, width)
+            grid, width_pow2 = launch_config(n_points, block, width)
             _lookup_backward[grid](
                 positions, geometry, choices, codebooks, grad_out.contiguous().float(),
                 codebooks if grad_codebooks is None else grad_codebooks, codebooks if grad_soft is None else grad_soft,
