@@ -94,9 +94,11 @@ REFERENCE_PATH = {
     "pipeline.model.tf32": "False",
     "pipeline.datamanager.train_num_rays_per_batch": "8192",
     "pipeline.model.eval_num_rays_per_chunk": "16384",
+    "pipeline.datamanager.images_on_device": "False",
 }
 """What a ``METHOD@ref`` row changes (before any --overrides): the plain-PyTorch reference path of vqad and
-vqad-float, at the batch and chunk sizes it used before the fast path."""
+vqad-float, at the batch and chunk sizes it used before the fast path, with nerfstudio's pixel sampling and ray
+generation on the CPU (and Adam not fused: see ``_trainer_config``)."""
 
 
 def _apply_override(config, path: str, value: str) -> None:
@@ -154,6 +156,9 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
             raise SystemExit(f"{method}: only vqad and vqad-float have a reference path (@ref)")
         for path, value in REFERENCE_PATH.items():
             _apply_override(config, path, value)
+        for group in config.optimizers.values():
+            if hasattr(group["optimizer"], "fused"):
+                group["optimizer"].fused = False
     for key, value in bench.overrides.items():
         for name in (method, base):  # METHOD@TAG.path, or METHOD.path for every tag of METHOD
             if key.startswith(name + "."):

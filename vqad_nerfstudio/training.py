@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple, Type
 
 import tyro
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import comms
 from nerfstudio.utils.rich_utils import CONSOLE
@@ -82,6 +83,15 @@ class VQADTrainerConfig(TrainerConfig):
     """Printed when a run starts on the CPU: the defaults the method changed for a machine without CUDA."""
 
 
+@dataclass
+class FusedAdamOptimizerConfig(AdamOptimizerConfig):
+    """nerfstudio's Adam config with torch's fused implementation as an option."""
+
+    fused: bool = False
+    """Update all of the group's parameters in one kernel (torch.optim.Adam(fused=True); CUDA): fewer launches
+    per step than the default multi-tensor Adam, same update."""
+
+
 def shorten_schedules(config: TrainerConfig) -> None:
     """Make every learning-rate schedule longer than the run decay over the run's steps instead (longer runs keep
     theirs and train on at the final rate)."""
@@ -100,21 +110,21 @@ def base_trainer_config(
     decay_steps: Optional[Mapping[str, int]] = None,
     device_note: str = "",
 ) -> "TrainerConfig":
-    """nerfstudio-format data (any parser through its subcommand), the checked pipeline, ``steps`` steps,
-    Adam per parameter group decaying exponentially from its first to its last learning rate over
-    ``decay_steps[group]`` steps (default: ``steps``), on CUDA when present, else on the CPU."""
+    """nerfstudio-format data (any parser through its subcommand) drawn on the device where it fits, the checked
+    pipeline, ``steps`` steps, Adam (fused on CUDA) per parameter group decaying exponentially from its first to its
+    last learning rate over ``decay_steps[group]`` steps (default: ``steps``), on CUDA when present, else on the CPU."""
     import torch
     from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
-    from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-    from nerfstudio.engine.optimizers import AdamOptimizerConfig
     from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 
+    from vqad_nerfstudio.data.device_batches import DeviceDataManagerConfig
     from vqad_nerfstudio.pipeline import CheckedPipelineConfig
 
+    cuda = torch.cuda.is_available()
     optimizers = {
         group: {
-            "optimizer": AdamOptimizerConfig(lr=first, eps=1e-15),
+            "optimizer": FusedAdamOptimizerConfig(lr=first, eps=1e-15, fused=cuda),
             "scheduler": ExponentialDecaySchedulerConfig(
                 lr_final=last, max_steps=(decay_steps or {}).get(group, steps)
             ),
@@ -128,9 +138,9 @@ def base_trainer_config(
         steps_per_save=1000,
         max_num_iterations=steps,
         mixed_precision=False,
-        machine=MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu"),
+        machine=MachineConfig(device_type="cuda" if cuda else "cpu"),
         pipeline=CheckedPipelineConfig(
-            datamanager=VanillaDataManagerConfig(
+            datamanager=DeviceDataManagerConfig(
                 dataparser=NerfstudioDataParserConfig(),
                 train_num_rays_per_batch=rays_per_batch,
                 eval_num_rays_per_batch=rays_per_batch,

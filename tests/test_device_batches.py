@@ -1,0 +1,103 @@
+"""Training batches drawn on the device: the same rays and pixels as nerfstudio's sampler and ray generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from nerfstudio.model_components.ray_generators import RayGenerator
+
+from vqad_nerfstudio.data.device_batches import DeviceDataManagerConfig, pinhole_rays, unsupported_cameras
+from vqad_nerfstudio.demo.scene import DemoSceneConfig, write_demo_scene
+
+
+def _cameras(num: int = 4, **kwargs) -> Cameras:
+    generator = torch.Generator().manual_seed(0)
+    rotation, _ = torch.linalg.qr(torch.randn(num, 3, 3, generator=generator))
+    c2w = torch.cat([rotation, torch.randn(num, 3, 1, generator=generator)], dim=-1)
+    return Cameras(
+        camera_to_worlds=c2w,
+        fx=300.0 + 50 * torch.rand(num, 1, generator=generator),
+        fy=280.0 + 50 * torch.rand(num, 1, generator=generator),
+        cx=40.0 + torch.rand(num, 1, generator=generator),
+        cy=30.0 + torch.rand(num, 1, generator=generator),
+        width=80,
+        height=60,
+        **kwargs,
+    )
+
+
+def _assert_same_rays(ours, theirs) -> None:
+    for name in ("origins", "directions", "pixel_area"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours.camera_indices, theirs.camera_indices)
+    torch.testing.assert_close(ours.metadata["directions_norm"], theirs.metadata["directions_norm"])
+
+
+def test_pinhole_rays_are_nerfstudios_rays():
+    cameras = _cameras()
+    generator = torch.Generator().manual_seed(1)
+    indices = torch.stack(
+        [torch.randint(0, high, (500,), generator=generator) for high in (4, 60, 80)], dim=-1
+    )
+    theirs = RayGenerator(cameras)(indices)
+    ours = pinhole_rays(cameras, indices[:, 0], indices[:, 1], indices[:, 2])
+    _assert_same_rays(ours, theirs)
+
+
+def test_pinhole_rays_of_an_empty_batch():
+    empty = torch.zeros(0, dtype=torch.long)
+    rays = pinhole_rays(_cameras(), empty, empty, empty)
+    assert rays.origins.shape == rays.directions.shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({}, None),
+        ({"distortion_params": torch.zeros(4, 6)}, None),
+        ({"distortion_params": torch.tensor([[0.1, 0, 0, 0, 0, 0]]).expand(4, 6)}, "lens distortion"),
+        ({"camera_type": CameraType.FISHEYE}, "not perspective"),
+        ({"times": torch.zeros(4, 1)}, "times"),
+    ],
+)
+def test_only_undistorted_perspective_cameras_take_the_device_path(kwargs, reason):
+    problem = unsupported_cameras(_cameras(**kwargs))
+    assert problem is None if reason is None else reason in problem
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    config = DemoSceneConfig(resolution=24, num_train=3, num_eval=1, supersample=1)
+    return write_demo_scene(tmp_path_factory.mktemp("scene") / "demo", config, show_progress=False)
+
+
+def _datamanager(scene: Path, **kwargs):
+    config = DeviceDataManagerConfig(
+        dataparser=NerfstudioDataParserConfig(), data=scene, train_num_rays_per_batch=256, **kwargs
+    )
+    return config.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+
+
+def test_device_batches_are_pixels_and_rays_of_the_images(scene):
+    datamanager = _datamanager(scene)
+    torch.manual_seed(0)
+    rays, batch = datamanager.next_train(0)
+    assert datamanager._device_images is not None  # the scene takes the device path
+    images = torch.stack([datamanager.train_dataset[i]["image"] for i in range(len(datamanager.train_dataset))])
+    camera, row, column = batch["indices"].unbind(-1)
+    assert batch["image"].shape == (256, images.shape[-1])
+    assert torch.equal(batch["image"], images[camera, row, column])  # image ids are camera ids in one dataset
+    assert len(set(camera.tolist())) > 1 and row.max() > row.min()  # pixels drawn across images and rows
+    _assert_same_rays(rays, datamanager.train_ray_generator(batch["indices"]))
+    assert datamanager.train_count == 1
+
+
+def test_device_batches_can_be_turned_off(scene):
+    datamanager = _datamanager(scene, images_on_device=False)
+    rays, batch = datamanager.next_train(0)
+    assert datamanager._device_images is None
+    assert rays.shape == (256,) and batch["image"].shape[0] == 256

@@ -1,0 +1,1 @@
+"""Data handling on top of nerfstudio's data managers."""
