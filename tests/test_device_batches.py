@@ -20,7 +20,7 @@ def _cameras(num: int = 4, **kwargs) -> Cameras:
     c2w = torch.cat([rotation, torch.randn(num, 3, 1, generator=generator)], dim=-1)
     return Cameras(
         camera_to_worlds=c2w,
-        fx=300.0 + 50 * torch.rand(num, 1, generator=generator),
+        fx=300.0 + 50 * torch.rand(num, 1, generator=generator, dtype=torch.float64),  # as the Blender parser's
         fy=280.0 + 50 * torch.rand(num, 1, generator=generator),
         cx=40.0 + torch.rand(num, 1, generator=generator),
         cy=30.0 + torch.rand(num, 1, generator=generator),
@@ -31,7 +31,7 @@ def _cameras(num: int = 4, **kwargs) -> Cameras:
 
 
 def _assert_same_rays(ours, theirs) -> None:
-    for name in ("origins", "directions", "pixel_area"):
+    for name in ("origins", "directions", "pixel_area"):  # assert_close also compares the dtypes
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-6)
     assert torch.equal(ours.camera_indices, theirs.camera_indices)
     torch.testing.assert_close(ours.metadata["directions_norm"], theirs.metadata["directions_norm"])

@@ -50,7 +50,7 @@ def pinhole_rays(
     # the pixel and its neighbours one pixel right and one down (for the pixel area), camera axes (x right, y up, -z)
     coords = torch.stack(
         [torch.stack([u, -v], -1), torch.stack([(x - cx + 1) / fx, -v], -1), torch.stack([u, -(y - cy + 1) / fy], -1)]
-    )
+    ).float()  # nerfstudio's too, whatever the intrinsics' precision (the Blender parser's focal lengths are float64)
     directions = torch.cat([coords, torch.full_like(coords[..., :1], -1.0)], dim=-1)  # [3, n, 3]
     c2w = cameras.camera_to_worlds[camera_indices]
     directions = torch.sum(directions[..., None, :] * c2w[..., :3, :3], dim=-1)
