@@ -80,9 +80,9 @@ class BenchmarkConfig:
     """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised); the
     other methods' files keep fp16 networks."""
     schedule_steps: int = 0
-    """Stretch (or shrink) every method's learning-rate schedules to this many steps, in proportion to its
-    max_num_iterations (0: the methods' own, e.g. 3000 steps for vqad): for budgets longer than the default run,
-    such as 5 minutes of vqad on a GPU."""
+    """Stretch (or shrink) every method's learning-rate schedules so that its longest one decays over this many steps
+    (the others in proportion; 0: the methods' own, e.g. 10000 steps for vqad on a GPU): to fit the schedules to
+    budgets shorter or longer than a default run, e.g. 3000 for 100 s of vqad."""
     overrides: Dict[str, str] = field(default_factory=dict)
     """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.index_bits=6); METHOD may be a
     tagged name (vqad-hash@12) or a base name for all its tags."""
@@ -137,12 +137,12 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     parser = NerfstudioDataParserConfig() if nerfstudio_format else BlenderDataParserConfig()
     config.pipeline.datamanager.dataparser = parser
     config.pipeline.datamanager.data = bench.data
-    if bench.schedule_steps:
-        scale = bench.schedule_steps / config.max_num_iterations
-        for group in config.optimizers.values():
-            scheduler = group.get("scheduler")
-            if scheduler is not None and hasattr(scheduler, "max_steps"):
-                scheduler.max_steps = max(1, round(scheduler.max_steps * scale))
+    schedulers = [group.get("scheduler") for group in config.optimizers.values()]
+    schedulers = [scheduler for scheduler in schedulers if hasattr(scheduler, "max_steps")]
+    if bench.schedule_steps and schedulers:
+        scale = bench.schedule_steps / max(scheduler.max_steps for scheduler in schedulers)
+        for scheduler in schedulers:
+            scheduler.max_steps = max(1, round(scheduler.max_steps * scale))
     config.output_dir = bench.output_dir
     config.experiment_name = "bench"
     config.timestamp = method.replace("@", "-")

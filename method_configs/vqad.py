@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfig":
     """Trainer for sparse-grid methods: nerfstudio-format data, Adam, exponential decay.
 
-    Runs on CUDA when present (32768 rays per step, 65536 rays per eval chunk), else on the CPU (1024 rays per
-    step, 16384 per eval chunk, at most 192 samples per ray): see :data:`CPU_CHANGES`.
+    Runs on CUDA when present (GPU_STEPS steps of 32768 rays, learning rates decaying over GPU_DECAY_STEPS, 65536
+    rays per eval chunk: about 5 minutes of lego on one H200), else on the CPU (STEPS steps of 1024 rays, 16384 per
+    eval chunk, at most 192 samples per ray): see :func:`cpu_changes`.
     """
     import torch
 
@@ -33,12 +34,28 @@ def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfi
         "codebooks": (1e-2, 1e-3),
         "camera_opt": (1e-3, 1e-4),
     }
-    note = "" if cuda else f"{method_name} runs on the CPU with its CPU defaults: {CPU_CHANGES}."
-    return base_trainer_config(method_name, model, 1 << 15 if cuda else 1024, learning_rates, device_note=note)
+    note = "" if cuda else f"{method_name} runs on the CPU with its CPU defaults: {cpu_changes()}."
+    if not cuda:
+        return base_trainer_config(method_name, model, 1024, learning_rates, device_note=note)
+    decay = {group: GPU_DECAY_STEPS for group in learning_rates}
+    return base_trainer_config(method_name, model, 1 << 15, learning_rates, GPU_STEPS, decay)
 
 
-CPU_CHANGES = "1024 rays per step (GPU: 32768), at most 192 samples per ray, eval chunks of 16384 rays"
-"""What the sparse-grid methods' defaults change on a machine without CUDA (shown in ``ns-train --help``)."""
+GPU_STEPS = 20000
+"""Training steps on CUDA: about 5 minutes of vqad or vqad-float on lego on one H200 (docs/benchmarks.md)."""
+GPU_DECAY_STEPS = 10000
+"""Steps over which the learning rates decay on CUDA; the rest of the run trains at the final rates."""
+
+
+
+def cpu_changes() -> str:
+    """What the sparse-grid methods' defaults change on a machine without CUDA (shown in ``ns-train --help``)."""
+    from vqad_nerfstudio.training import STEPS
+
+    return (
+        f"{STEPS} steps of 1024 rays (GPU: {GPU_STEPS} of 32768, learning rates decaying over the first "
+        f"{GPU_DECAY_STEPS}), at most 192 samples per ray, eval chunks of 16384 rays"
+    )
 
 
 def _build() -> "MethodSpecification":
@@ -49,7 +66,7 @@ def _build() -> "MethodSpecification":
     return MethodSpecification(
         config=vqad_trainer_config("vqad", VQADModelConfig()),
         description="VQAD: sparse multi-resolution grid of learned b-bit indices into per-level codebooks "
-        "(Variable Bitrate Neural Fields); streamable levels of detail. Without CUDA: " + CPU_CHANGES + ".",
+        "(Variable Bitrate Neural Fields); streamable levels of detail. Without CUDA: " + cpu_changes() + ".",
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vqad_nerfstudio.method_configs.vqad import CPU_CHANGES, vqad_trainer_config
+from vqad_nerfstudio.method_configs.vqad import cpu_changes, vqad_trainer_config
 
 from vqad_nerfstudio.plugin import load_method
 
@@ -22,7 +22,7 @@ def _build() -> "MethodSpecification":
             "vqad-float", VQADModelConfig(feature_store="float")
         ),
         description="VQAD's float twin: the same sparse grid and decoders with a float feature vector per vertex "
-        "(the uncompressed reference for size ratios). Without CUDA: " + CPU_CHANGES + ".",
+        "(the uncompressed reference for size ratios). Without CUDA: " + cpu_changes() + ".",
     )
 
 

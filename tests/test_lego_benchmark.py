@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from vqad_nerfstudio.training import STEPS
-
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lego_benchmark.py"
 _spec = importlib.util.spec_from_file_location("lego_benchmark", SCRIPT)
 bench = importlib.util.module_from_spec(_spec)
@@ -39,11 +37,13 @@ def test_a_reference_row_of_a_method_without_one_is_refused() -> None:
         _config("tensorf@ref")
 
 
-def test_schedules_stretch_with_the_methods_run_length() -> None:
-    default = _config("vqad")
-    stretched = _config("vqad", schedule_steps=4 * STEPS)  # vqad runs STEPS steps
-    for name, group in default.optimizers.items():
-        assert stretched.optimizers[name]["scheduler"].max_steps == 4 * group["scheduler"].max_steps, name
+@pytest.mark.parametrize("method", ["vqad", "tensorf-compressed@0.01"])  # one decay length, and two stages' decays
+def test_schedules_stretch_so_that_the_longest_decays_over_the_given_steps(method: str) -> None:
+    default = {name: group["scheduler"].max_steps for name, group in _config(method).optimizers.items()}
+    stretched = {name: group["scheduler"].max_steps for name, group in _config(method, 4000).optimizers.items()}
+    assert max(stretched.values()) == 4000
+    scale = 4000 / max(default.values())
+    assert stretched == {name: max(1, round(steps * scale)) for name, steps in default.items()}
 
 
 def test_the_late_step_time_is_the_last_quarters_mean() -> None:

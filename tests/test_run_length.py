@@ -9,7 +9,7 @@ import pytest
 import torch
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.engine.callbacks import TrainingCallbackAttributes
-from vqad_nerfstudio.method_configs.vqad import vqad
+from vqad_nerfstudio.method_configs.vqad import GPU_DECAY_STEPS, GPU_STEPS, vqad, vqad_trainer_config
 
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 from vqad_nerfstudio.training import shorten_schedules
@@ -49,5 +49,15 @@ def test_learning_rates_decay_within_a_short_run() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the note is for runs without CUDA")
 def test_a_cpu_run_is_told_what_its_defaults_change() -> None:
-    assert "1024 rays per step" in vqad.config.device_note
+    assert "3000 steps of 1024 rays (GPU: 20000 of 32768" in vqad.config.device_note
     assert "192 samples per ray" in vqad.config.device_note
+
+
+def test_a_gpu_run_is_longer_with_larger_batches_and_fused_adam(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = vqad_trainer_config("vqad", VQADModelConfig())
+    assert config.machine.device_type == "cuda" and config.device_note == ""
+    assert (config.max_num_iterations, config.pipeline.datamanager.train_num_rays_per_batch) == (GPU_STEPS, 1 << 15)
+    assert {group["scheduler"].max_steps for group in config.optimizers.values()} == {GPU_DECAY_STEPS}
+    assert all(group["optimizer"].fused for group in config.optimizers.values())
+    assert config.pipeline.model.num_samples == VQADModelConfig().num_samples

@@ -82,7 +82,7 @@ class VQADModelConfig(ModelConfig):
     num_samples: int = 512
     """Candidate samples per ray (uniform between the ray's entry and exit of the scene box; about one finest
     voxel apart at the default) before empty-space skipping and early termination."""
-    warmup_sample_spacing: Literal["grown", "finest"] = "finest"
+    warmup_sample_spacing: Literal["grown", "finest"] = "grown"
     """Candidate spacing of training rays before the first pruning, while the finest levels are not grown yet.
     'grown': about one voxel of the finest grown level (num_samples halved for each missing level: the detail they
     would hold does not exist yet). 'finest': num_samples from the first step. Renders always use num_samples."""
