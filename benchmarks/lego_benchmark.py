@@ -94,7 +94,7 @@ REFERENCE_PATH = {
     "pipeline.model.tf32": "False",
     "pipeline.datamanager.train_num_rays_per_batch": "8192",
     "pipeline.model.eval_num_rays_per_chunk": "16384",
-    "pipeline.datamanager.images_on_device": "False",
+    "pipeline.datamanager.device_batches": "False",
 }
 """What a ``METHOD@ref`` row changes (before any --overrides): the plain-PyTorch reference path of vqad and
 vqad-float, at the batch and chunk sizes it used before the fast path, with nerfstudio's pixel sampling and ray

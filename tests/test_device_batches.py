@@ -97,7 +97,7 @@ def test_device_batches_are_pixels_and_rays_of_the_images(scene):
 
 
 def test_device_batches_can_be_turned_off(scene):
-    datamanager = _datamanager(scene, images_on_device=False)
+    datamanager = _datamanager(scene, device_batches=False)
     rays, batch = datamanager.next_train(0)
     assert datamanager._device_images is None
     assert rays.shape == (256,) and batch["image"].shape[0] == 256

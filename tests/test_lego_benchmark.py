@@ -25,11 +25,11 @@ def test_a_reference_row_runs_the_pytorch_path_and_overrides_still_apply() -> No
     assert (model.sampling, model.fused_kernels, model.tf32) == ("dense", False, False)
     assert reference.pipeline.datamanager.train_num_rays_per_batch == 8192
     assert model.eval_num_rays_per_chunk == 16384 and model.num_samples == 64
-    assert not reference.pipeline.datamanager.images_on_device
+    assert not reference.pipeline.datamanager.device_batches
     assert not any(group["optimizer"].fused for group in reference.optimizers.values())
     fast = _config("vqad")
     assert (fast.pipeline.model.sampling, fast.pipeline.model.fused_kernels) == ("packed", True)
-    assert fast.pipeline.datamanager.images_on_device
+    assert fast.pipeline.datamanager.device_batches
 
 
 def test_a_reference_row_of_a_method_without_one_is_refused() -> None:

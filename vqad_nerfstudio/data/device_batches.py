@@ -31,10 +31,11 @@ class DeviceDataManagerConfig(VanillaDataManagerConfig):
     """nerfstudio's VanillaDataManager config; training batches are drawn on the model's device where they can be."""
 
     _target: Type = field(default_factory=lambda: DeviceDataManager)
-    images_on_device: bool = True
-    """Keep the training images on the model's device and draw each step's pixels and rays there (perspective
+    device_batches: bool = True
+    """Draw each step's pixels and make their rays on the model's device, the training images kept there (perspective
     cameras without distortion or masks, all images cached, at most a quarter of the device's memory); False, or
-    any other scene: nerfstudio's pixel sampler and ray generator."""
+    any other scene: nerfstudio's pixel sampler and ray generator on the CPU (nerfstudio's images_on_gpu only moves
+    the images)."""
 
 
 def pinhole_rays(
@@ -94,7 +95,7 @@ class DeviceDataManager(VanillaDataManager):
         self._device_checked = True
         reason = self._why_not_on_device(image_batch)
         if reason is not None:
-            if self.config.images_on_device:
+            if self.config.device_batches:
                 CONSOLE.print(f"Training pixels are sampled on the CPU: {reason}.", soft_wrap=True, markup=False)
             return
         images = image_batch["image"]
@@ -102,8 +103,8 @@ class DeviceDataManager(VanillaDataManager):
         self._device_images = (images.to(self.device), image_batch["image_idx"].to(self.device), shape)
 
     def _why_not_on_device(self, image_batch: Dict) -> Optional[str]:
-        if not self.config.images_on_device:
-            return "images_on_device is off"
+        if not self.config.device_batches:
+            return "device_batches is off"
         if self.config.train_num_images_to_sample_from != -1:
             return "only a subset of the images is cached at a time"
         if self.config.patch_size > 1:
