@@ -101,3 +101,20 @@ def test_device_batches_can_be_turned_off(scene):
     rays, batch = datamanager.next_train(0)
     assert datamanager._device_images is None
     assert rays.shape == (256,) and batch["image"].shape[0] == 256
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"train_num_images_to_sample_from": 2}, "subset of the images"),
+        ({"patch_size": 4}, "patches"),
+    ],
+)
+def test_scenes_the_device_path_does_not_cover_take_nerfstudios_path(scene, change, reason):
+    datamanager = _datamanager(scene, **change)
+    image_batch = next(datamanager.iter_train_image_dataloader)
+    assert reason in datamanager._why_not_on_device(image_batch)
+    masked = dict(image_batch, mask=torch.ones_like(image_batch["image"][..., :1]))
+    assert "mask" in _datamanager(scene)._why_not_on_device(masked)
+    rays, batch = datamanager.next_train(0)  # nerfstudio's sampler and ray generator
+    assert datamanager._device_images is None and rays.shape[0] == batch["image"].shape[0]
