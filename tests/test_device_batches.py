@@ -10,7 +10,12 @@ from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.model_components.ray_generators import RayGenerator
 
-from vqad_nerfstudio.data.device_batches import DeviceDataManagerConfig, pinhole_rays, unsupported_cameras
+from vqad_nerfstudio.data.device_batches import (
+    DeviceDataManagerConfig,
+    has_lens_distortion,
+    perspective_rays,
+    unsupported_cameras,
+)
 from vqad_nerfstudio.demo.scene import DemoSceneConfig, write_demo_scene
 
 
@@ -37,20 +42,29 @@ def _assert_same_rays(ours, theirs) -> None:
     torch.testing.assert_close(ours.metadata["directions_norm"], theirs.metadata["directions_norm"])
 
 
-def test_pinhole_rays_are_nerfstudios_rays():
-    cameras = _cameras()
+DISTORTIONS = {
+    "none": None,
+    "zero": torch.zeros(4, 6),
+    "opencv": torch.tensor([[-0.1, 0.02, 0.0, 0.0, 0.001, -0.002]]).expand(4, 6),  # k1 k2 k3 k4 p1 p2
+    "one camera": torch.cat([torch.zeros(3, 6), torch.tensor([[0.2, 0.0, 0.0, 0.0, 0.0, 0.0]])]),
+}
+
+
+@pytest.mark.parametrize("distortion", DISTORTIONS)
+def test_perspective_rays_are_nerfstudios_rays(distortion):
+    cameras = _cameras(distortion_params=DISTORTIONS[distortion])
     generator = torch.Generator().manual_seed(1)
-    indices = torch.stack(
-        [torch.randint(0, high, (500,), generator=generator) for high in (4, 60, 80)], dim=-1
-    )
+    indices = torch.stack([torch.randint(0, high, (500,), generator=generator) for high in (4, 60, 80)], dim=-1)
     theirs = RayGenerator(cameras)(indices)
-    ours = pinhole_rays(cameras, indices[:, 0], indices[:, 1], indices[:, 2])
+    lens_distortion = has_lens_distortion(cameras)
+    assert lens_distortion == (distortion in ("opencv", "one camera"))
+    ours = perspective_rays(cameras, indices[:, 0], indices[:, 1], indices[:, 2], lens_distortion)
     _assert_same_rays(ours, theirs)
 
 
-def test_pinhole_rays_of_an_empty_batch():
+def test_perspective_rays_of_an_empty_batch():
     empty = torch.zeros(0, dtype=torch.long)
-    rays = pinhole_rays(_cameras(), empty, empty, empty)
+    rays = perspective_rays(_cameras(), empty, empty, empty)
     assert rays.origins.shape == rays.directions.shape == (0, 3)
 
 
@@ -58,13 +72,12 @@ def test_pinhole_rays_of_an_empty_batch():
     "kwargs, reason",
     [
         ({}, None),
-        ({"distortion_params": torch.zeros(4, 6)}, None),
-        ({"distortion_params": torch.tensor([[0.1, 0, 0, 0, 0, 0]]).expand(4, 6)}, "lens distortion"),
+        ({"distortion_params": DISTORTIONS["opencv"]}, None),
         ({"camera_type": CameraType.FISHEYE}, "not perspective"),
         ({"times": torch.zeros(4, 1)}, "times"),
     ],
 )
-def test_only_undistorted_perspective_cameras_take_the_device_path(kwargs, reason):
+def test_only_perspective_cameras_take_the_device_path(kwargs, reason):
     problem = unsupported_cameras(_cameras(**kwargs))
     assert problem is None if reason is None else reason in problem
 

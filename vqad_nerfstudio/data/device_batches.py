@@ -2,9 +2,9 @@
 
 nerfstudio samples training pixels on the CPU and makes their rays with its general camera model
 (every camera type, distortion, stereo): some hundred small operations and several waits for the
-GPU per step, a fifth of a fast training step. For what most scenes are (perspective cameras without
-distortion, times or per-camera metadata, no masks, every image cached) :class:`DeviceDataManager`
-keeps the training images on the model's device, samples pixels there exactly as nerfstudio's
+GPU per step, a fifth of a fast training step. For what most scenes are (perspective cameras, with
+or without OpenCV lens distortion, no per-camera times or metadata, no masks, every image cached),
+:class:`DeviceDataManager` keeps the training images on the model's device, samples pixels there exactly as nerfstudio's
 pixel sampler does, and makes the same rays (tested against nerfstudio's ray generator) in a few
 tensor operations. Anything else, and evaluation batches, take nerfstudio's path unchanged.
 """
@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple, Type
 
 import torch
 from jaxtyping import Float, Int
+from nerfstudio.cameras.camera_utils import radial_and_tangential_undistort
 from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
@@ -33,25 +34,34 @@ class DeviceDataManagerConfig(VanillaDataManagerConfig):
     _target: Type = field(default_factory=lambda: DeviceDataManager)
     device_batches: bool = True
     """Draw each step's pixels and make their rays on the model's device, the training images kept there (perspective
-    cameras without distortion or masks, all images cached, at most a quarter of the device's memory); False, or
+    cameras without masks, all images cached, at most a quarter of the device's memory); False, or
     any other scene: nerfstudio's pixel sampler and ray generator on the CPU (nerfstudio's images_on_gpu only moves
     the images)."""
 
 
-def pinhole_rays(
-    cameras: Cameras, camera_indices: Int[Tensor, "n"], rows: Int[Tensor, "n"], columns: Int[Tensor, "n"]
+def perspective_rays(
+    cameras: Cameras,
+    camera_indices: Int[Tensor, "n"],
+    rows: Int[Tensor, "n"],
+    columns: Int[Tensor, "n"],
+    lens_distortion: bool = False,
 ) -> RayBundle:
-    """The rays through the centres of pixels (``rows``, ``columns``) of undistorted perspective cameras: what
-    nerfstudio's ``RayGenerator`` makes for them (directions, origins, pixel areas, camera indices and the
-    directions' norms), in a few tensor operations."""
+    """The rays through the centres of pixels (``rows``, ``columns``) of perspective cameras: what nerfstudio's
+    ``RayGenerator`` makes for them (directions, origins, pixel areas, camera indices and the directions' norms), in
+    a few tensor operations. ``lens_distortion``: undistort with the cameras' OpenCV radial and tangential parameters
+    (nerfstudio's own function; a camera whose parameters are zero keeps its coordinates exactly)."""
     y, x = rows.float() + 0.5, columns.float() + 0.5  # nerfstudio's image coordinates: pixel centres
     fx, fy = cameras.fx[camera_indices, 0], cameras.fy[camera_indices, 0]
     cx, cy = cameras.cx[camera_indices, 0], cameras.cy[camera_indices, 0]
     u, v = (x - cx) / fx, (y - cy) / fy
-    # the pixel and its neighbours one pixel right and one down (for the pixel area), camera axes (x right, y up, -z)
+    # the pixel and its neighbours one pixel right and one down (for the pixel area)
     coords = torch.stack(
-        [torch.stack([u, -v], -1), torch.stack([(x - cx + 1) / fx, -v], -1), torch.stack([u, -(y - cy + 1) / fy], -1)]
-    ).float()  # nerfstudio's too, whatever the intrinsics' precision (the Blender parser's focal lengths are float64)
+        [torch.stack([u, v], -1), torch.stack([(x - cx + 1) / fx, v], -1), torch.stack([u, (y - cy + 1) / fy], -1)]
+    )
+    if lens_distortion:
+        coords = radial_and_tangential_undistort(coords, cameras.distortion_params[camera_indices])
+    # camera axes: x right, y up, looking down -z; float32 whatever the intrinsics' precision, as nerfstudio's
+    coords = coords.float() * torch.tensor([1.0, -1.0], device=coords.device)
     directions = torch.cat([coords, torch.full_like(coords[..., :1], -1.0)], dim=-1)  # [3, n, 3]
     c2w = cameras.camera_to_worlds[camera_indices]
     directions = torch.sum(directions[..., None, :] * c2w[..., :3, :3], dim=-1)
@@ -69,16 +79,19 @@ def pinhole_rays(
 
 
 def unsupported_cameras(cameras: Cameras) -> Optional[str]:
-    """Why :func:`pinhole_rays` would not make ``cameras``' rays as nerfstudio does, or None when it would."""
+    """Why :func:`perspective_rays` would not make ``cameras``' rays as nerfstudio does, or None when it would."""
     if cameras.ndim != 1:
         return "cameras in more than one batch dimension"
     if bool((cameras.camera_type != CameraType.PERSPECTIVE.value).any()):
         return "cameras that are not perspective"
-    if cameras.distortion_params is not None and bool((cameras.distortion_params != 0).any()):
-        return "lens distortion"
     if cameras.times is not None or cameras.metadata:
         return "per-camera times or metadata"
     return None
+
+
+def has_lens_distortion(cameras: Cameras) -> bool:
+    """Whether any of ``cameras`` has nonzero distortion parameters (nerfstudio then undistorts every ray)."""
+    return cameras.distortion_params is not None and bool((cameras.distortion_params != 0).any())
 
 
 class DeviceDataManager(VanillaDataManager):
@@ -89,6 +102,8 @@ class DeviceDataManager(VanillaDataManager):
     _device_images: Optional[Tuple[Float[Tensor, "i h w c"], Int[Tensor, "i"], Int[Tensor, "3"]]] = None
     """The training images on the device, their image ids and (images, height, width); None: nerfstudio's path."""
     _device_checked = False
+    _lens_distortion = False
+    """Whether the training cameras have lens distortion (checked once, with the images)."""
 
     def _prepare_device_images(self, image_batch: Dict) -> None:
         """Move the cached training images to the device once, or say why the batches stay on nerfstudio's path."""
@@ -101,6 +116,7 @@ class DeviceDataManager(VanillaDataManager):
         images = image_batch["image"]
         shape = torch.tensor(images.shape[:3], device=self.device)
         self._device_images = (images.to(self.device), image_batch["image_idx"].to(self.device), shape)
+        self._lens_distortion = has_lens_distortion(self.train_dataset.cameras)
 
     def _why_not_on_device(self, image_batch: Dict) -> Optional[str]:
         if not self.config.device_batches:
@@ -139,8 +155,15 @@ class DeviceDataManager(VanillaDataManager):
         pixels = images[image, rows, columns]
         cameras = image_ids[image]
         indices[:, 0] = cameras
-        rays = pinhole_rays(self.train_ray_generator.cameras, cameras, rows, columns)  # cameras on the device
+        device_cameras = self.train_ray_generator.cameras
+        rays = perspective_rays(device_cameras, cameras, rows, columns, self._lens_distortion)
         return rays, {"image": pixels, "indices": indices}
 
 
-__all__ = ["DeviceDataManager", "DeviceDataManagerConfig", "pinhole_rays", "unsupported_cameras"]
+__all__ = [
+    "DeviceDataManager",
+    "DeviceDataManagerConfig",
+    "has_lens_distortion",
+    "perspective_rays",
+    "unsupported_cameras",
+]
