@@ -131,3 +131,10 @@ def test_scenes_the_device_path_does_not_cover_take_nerfstudios_path(scene, chan
     assert "mask" in _datamanager(scene)._why_not_on_device(masked)
     rays, batch = datamanager.next_train(0)  # nerfstudio's sampler and ray generator
     assert datamanager._device_images is None and rays.shape[0] == batch["image"].shape[0]
+
+
+def test_device_batches_follow_the_samplers_batch_size(scene):
+    datamanager = _datamanager(scene)
+    datamanager.train_pixel_sampler.set_num_rays_per_batch(100)  # as a model changing its batch size would
+    rays, batch = datamanager.next_train(0)
+    assert datamanager._device_images is not None and rays.shape == (100,) and batch["image"].shape[0] == 100

@@ -148,7 +148,7 @@ class DeviceDataManager(VanillaDataManager):
             return super().next_train(step)
         self.train_count += 1
         images, image_ids, shape = self._device_images
-        num_rays = self.config.train_num_rays_per_batch
+        num_rays = self.train_pixel_sampler.num_rays_per_batch  # the batch size nerfstudio's sampler would draw
         # as nerfstudio's PixelSampler.sample_method: uniform image, row and column per ray
         indices = (torch.rand((num_rays, 3), device=images.device) * shape).long()
         image, rows, columns = indices.unbind(-1)
