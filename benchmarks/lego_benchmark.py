@@ -44,7 +44,8 @@ class BenchmarkConfig:
     """Blender-format scene (transforms_{train,val,test}.json), or a nerfstudio-format one (transforms.json)."""
     methods: Tuple[str, ...] = ("tensorf", "vqad", "vqad-float")
     """nerfstudio method names to compare; METHOD@TAG runs METHOD again under another name (for overrides);
-    METHOD@ref runs vqad or vqad-float on the PyTorch reference path (see REFERENCE_PATH) and adds ratio lines."""
+    METHOD@ref runs vqad or vqad-float on the PyTorch reference path (see REFERENCE_PATH) and adds ratio lines;
+    nerfacto runs with nerfstudio's object-scene settings on Blender scenes (see OBJECT_SCENE_SETTINGS)."""
     budget_s: float = 120.0
     """Wall-clock training budget per method, in seconds."""
     max_steps: int = 0
@@ -101,6 +102,23 @@ vqad-float, at the batch and chunk sizes it used before the fast path, with nerf
 generation on the CPU (and Adam not fused: see ``_trainer_config``)."""
 
 
+OBJECT_SCENE_SETTINGS = {
+    "nerfacto": {
+        "pipeline.model.background_color": "white",
+        "pipeline.model.disable_scene_contraction": "True",
+        "pipeline.model.proposal_initial_sampler": "uniform",
+        "pipeline.model.near_plane": "2.0",
+        "pipeline.model.far_plane": "6.0",
+        "pipeline.model.use_average_appearance_embedding": "False",
+        "pipeline.model.distortion_loss_mult": "0.0",
+        "pipeline.model.camera_optimizer.mode": "off",
+    },
+}
+"""Settings a nerfstudio method gets on a Blender scene (before any --overrides): nerfacto as nerfstudio's
+documentation runs it on the NeRF-synthetic scenes, the speed and quality anchor of the comparison (with tinycudann's
+hash grid and MLPs when it is installed, nerfstudio's PyTorch ones otherwise)."""
+
+
 def _apply_override(config, path: str, value: str) -> None:
     target = config
     *parents, leaf = path.split(".")
@@ -151,6 +169,9 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     config.steps_per_save = 10**9
     config.vis = "tensorboard"
     config.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if not nerfstudio_format:
+        for path, value in OBJECT_SCENE_SETTINGS.get(base, {}).items():
+            _apply_override(config, path, value)
     if tag == "ref":
         if not hasattr(config.pipeline.model, "sampling"):
             raise SystemExit(f"{method}: only vqad and vqad-float have a reference path (@ref)")

@@ -32,6 +32,16 @@ def test_a_reference_row_runs_the_pytorch_path_and_overrides_still_apply() -> No
     assert fast.pipeline.datamanager.device_batches
 
 
+def test_nerfacto_runs_with_the_object_scene_settings_on_a_blender_scene() -> None:
+    model = _config("nerfacto@anchor", **{"nerfacto.pipeline.model.far_plane": "7.0"}).pipeline.model
+    assert (model.background_color, model.disable_scene_contraction, model.camera_optimizer.mode) == (
+        "white",
+        True,
+        "off",
+    )
+    assert (model.near_plane, model.far_plane, model.distortion_loss_mult) == (2.0, 7.0, 0.0)  # overrides still apply
+
+
 def test_a_reference_row_of_a_method_without_one_is_refused() -> None:
     with pytest.raises(SystemExit, match="only vqad and vqad-float have a reference path"):
         _config("tensorf@ref")
