@@ -45,7 +45,9 @@ class BenchmarkConfig:
     methods: Tuple[str, ...] = ("tensorf", "vqad", "vqad-float")
     """nerfstudio method names to compare; METHOD@TAG runs METHOD again under another name (for overrides);
     METHOD@ref runs vqad or vqad-float on the PyTorch reference path (see REFERENCE_PATH) and adds ratio lines;
-    nerfacto runs with nerfstudio's object-scene settings on Blender scenes (see OBJECT_SCENE_SETTINGS)."""
+    nerfacto runs with nerfstudio's object-scene settings on Blender scenes (see OBJECT_SCENE_SETTINGS);
+    instant-ngp-bounded (nerfacc) runs with nerfacc's CUDA extension patched for CUDA 13 in this process only
+    (benchmarks/patched_nerfacc.py)."""
     budget_s: float = 120.0
     """Wall-clock training budget per method, in seconds."""
     max_steps: int = 0
@@ -113,10 +115,11 @@ OBJECT_SCENE_SETTINGS = {
         "pipeline.model.distortion_loss_mult": "0.0",
         "pipeline.model.camera_optimizer.mode": "off",
     },
+    "instant-ngp-bounded": {"pipeline.model.background_color": "white"},  # Blender views are composited on white
 }
-"""Settings a nerfstudio method gets on a Blender scene (before any --overrides): nerfacto as nerfstudio's
-documentation runs it on the NeRF-synthetic scenes, the speed and quality anchor of the comparison (with tinycudann's
-hash grid and MLPs when it is installed, nerfstudio's PyTorch ones otherwise)."""
+"""Settings nerfstudio's methods get on a Blender scene (before any --overrides): nerfacto as nerfstudio's
+documentation runs it on the NeRF-synthetic scenes (with tinycudann's hash grid and MLPs when it is installed,
+nerfstudio's PyTorch ones otherwise) and instant-ngp-bounded on white: the speed and quality anchors."""
 
 
 def _apply_override(config, path: str, value: str) -> None:
@@ -499,6 +502,10 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
 
 
 def main(bench: BenchmarkConfig) -> None:
+    if torch.cuda.is_available() and any(method.startswith("instant-ngp") for method in bench.methods):
+        from patched_nerfacc import use_patched_nerfacc  # nerfacc's CUDA extension, patched for CUDA 13
+
+        use_patched_nerfacc(bench.output_dir / "patched-nerfacc")
     from vqad_nerfstudio.export.formats import METHOD_FORMATS  # also the checkpoint-loading shim of the models
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
