@@ -34,8 +34,8 @@ def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfi
         "codebooks": (1e-2, 1e-3),
         "camera_opt": (1e-3, 1e-4),
     }
-    note = "" if cuda else f"{method_name} runs on the CPU with its CPU defaults: {cpu_changes()}."
     if not cuda:
+        note = f"{method_name} runs on the CPU with its CPU defaults: {cpu_changes()}."
         return base_trainer_config(method_name, model, 1024, learning_rates, device_note=note)
     decay = {group: GPU_DECAY_STEPS for group in learning_rates}
     return base_trainer_config(method_name, model, 1 << 15, learning_rates, GPU_STEPS, decay)
@@ -45,7 +45,6 @@ GPU_STEPS = 20000
 """Training steps on CUDA: about 5 minutes of vqad or vqad-float on lego on one H200 (docs/benchmarks.md)."""
 GPU_DECAY_STEPS = 10000
 """Steps over which the learning rates decay on CUDA; the rest of the run trains at the final rates."""
-
 
 
 def cpu_changes() -> str:

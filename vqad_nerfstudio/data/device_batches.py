@@ -4,9 +4,9 @@ nerfstudio samples training pixels on the CPU and makes their rays with its gene
 (every camera type, distortion, stereo): some hundred small operations and several waits for the
 GPU per step, a fifth of a fast training step. For what most scenes are (perspective cameras, with
 or without OpenCV lens distortion, no per-camera times or metadata, no masks, every image cached),
-:class:`DeviceDataManager` keeps the training images on the model's device, samples pixels there exactly as nerfstudio's
-pixel sampler does, and makes the same rays (tested against nerfstudio's ray generator) in a few
-tensor operations. Anything else, and evaluation batches, take nerfstudio's path unchanged.
+:class:`DeviceDataManager` keeps the training images on the model's device, samples pixels there
+exactly as nerfstudio's pixel sampler does, and makes the same rays (tested against nerfstudio's ray
+generator) in a few tensor operations. Anything else, and evaluation batches, take nerfstudio's path unchanged.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def perspective_rays(
     if lens_distortion:
         coords = radial_and_tangential_undistort(coords, cameras.distortion_params[camera_indices])
     # camera axes: x right, y up, looking down -z; float32 whatever the intrinsics' precision, as nerfstudio's
-    coords = coords.float() * torch.tensor([1.0, -1.0], device=coords.device)
-    directions = torch.cat([coords, torch.full_like(coords[..., :1], -1.0)], dim=-1)  # [3, n, 3]
+    coords = coords.float()
+    directions = torch.stack([coords[..., 0], -coords[..., 1], torch.full_like(coords[..., 0], -1.0)], -1)  # [3, n, 3]
     c2w = cameras.camera_to_worlds[camera_indices]
     directions = torch.sum(directions[..., None, :] * c2w[..., :3, :3], dim=-1)
     norms = torch.linalg.vector_norm(directions, dim=-1, keepdim=True)
