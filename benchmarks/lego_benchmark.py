@@ -30,6 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -427,6 +428,14 @@ def _evaluate(
     return sum(psnrs) / len(psnrs), sum(ssims) / len(ssims), rays / seconds
 
 
+def _in_float_warmup(model) -> bool:
+    """Whether a vqad run stopped before its indices exist (its levels still read float warm-up rows)."""
+    from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
+
+    stores = [level.features for level in getattr(model, "grid", SimpleNamespace(levels=[])).levels]
+    return any(isinstance(store, CodebookFeatures) and store.in_float_warmup for store in stores)
+
+
 def _stored_bytes(pipeline, method: str) -> Dict[str, float]:
     from vqad_nerfstudio.export.formats import METHOD_FORMATS
 
@@ -545,9 +554,13 @@ def main(bench: BenchmarkConfig) -> None:
             "eval_rays_per_s": rays_per_s,
             "peak_mem_mib": peak,
             "checkpoint_bytes": checkpoint.stat().st_size,
-            **_stored_bytes(pipeline, method),
         }
-        if method.split("@")[0] in METHOD_FORMATS:
+        if _in_float_warmup(pipeline.model):  # a budget too short for the indices: nothing to store yet
+            print(f"{method}: the budget ended in the float warm-up (step {steps}): no file; raise --budget-s")
+            row.update(stored_bytes=math.nan, feature_grid_bytes=math.nan, vertices=math.nan)
+        else:
+            row.update(_stored_bytes(pipeline, method))
+        if method.split("@")[0] in METHOD_FORMATS and not _in_float_warmup(pipeline.model):
             row["compressed"] = _compressed(pipeline, method, bench)
         if hasattr(pipeline.model, "latent_planes"):  # stored: the file (coded planes, decoder, fp16 lines and MLP)
             row.update(stored_bytes=row["compressed"]["file_bytes"], feature_grid_bytes=row["compressed"]["grid_bytes"])

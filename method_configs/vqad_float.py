@@ -18,9 +18,7 @@ def _build() -> "MethodSpecification":
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
     return MethodSpecification(
-        config=vqad_trainer_config(
-            "vqad-float", VQADModelConfig(feature_store="float")
-        ),
+        config=vqad_trainer_config("vqad-float", VQADModelConfig(feature_store="float")),
         description="VQAD's float twin: the same sparse grid and decoders with a float feature vector per vertex "
         "(the uncompressed reference for size ratios). Without CUDA: " + cpu_changes() + ".",
     )

@@ -72,3 +72,18 @@ def test_the_table_compares_fast_rows_with_their_reference() -> None:
 
     table = bench._table([row("vqad@ref", 30.0, 28.0, 5e5), row("vqad", 30.0, 14.0, 5e6)])
     assert "vqad vs vqad@ref: eval rays/s x10.00, training rays/s x1.00, ms/step x1.00 (late steps x0.50)" in table
+
+
+def test_a_run_that_ends_in_its_float_warmup_is_told_apart() -> None:
+    import torch
+    from nerfstudio.data.scene_box import SceneBox
+
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    def model(**settings):
+        config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8, hidden_dim=8, **settings)
+        return config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+
+    assert bench._in_float_warmup(model())  # float rows until index_warmup_steps: no indices to store
+    assert not bench._in_float_warmup(model(index_warmup="soft"))  # indices from the first step
+    assert not bench._in_float_warmup(model(feature_store="float"))  # the float twin stores its rows

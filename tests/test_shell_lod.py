@@ -17,7 +17,7 @@ from vqad_nerfstudio.codec import (
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid, coords_of, in_inner_cube
 from vqad_nerfstudio.encodings.vertex_features import FloatFeatures
 from vqad_nerfstudio.export.vqad_codec import encode_model, load_compressed
-from vqad_nerfstudio.models.vqad import VQADModelConfig
+from vqad_nerfstudio.models.vqad import DEFAULT_SHELL_LOD, VQADModelConfig
 
 
 def _grid(shell_lod) -> SparseFeatureGrid:
@@ -64,7 +64,16 @@ def test_bad_shell_lods_are_refused() -> None:
         VQADModelConfig(unbounded=True, shell_lod=5)
 
 
-def _model(shell_lod: int):
+def test_unbounded_scenes_cap_their_background_by_default() -> None:
+    assert VQADModelConfig(unbounded=True).background_lod == DEFAULT_SHELL_LOD
+    assert VQADModelConfig(unbounded=True, num_levels=2, base_resolution=4).background_lod == 1  # the finest there
+    assert VQADModelConfig(unbounded=True, shell_lod=-1).background_lod is None
+    assert VQADModelConfig(unbounded=True, shell_lod=0).background_lod == 0
+    assert VQADModelConfig().background_lod is None  # bounded: no background
+    assert _model(None).grid.shell_lod == 2
+
+
+def _model(shell_lod):
     torch.manual_seed(2)
     config = VQADModelConfig(
         num_levels=3, base_resolution=4, dense_resolution=16, hidden_dim=8, num_samples=32, unbounded=True,
@@ -91,7 +100,10 @@ def test_a_capped_file_is_version_2_and_decodes_to_the_same_grid() -> None:
     points = torch.rand(500, 3, generator=torch.Generator().manual_seed(3))
     lods = torch.full((500,), 2)
     assert torch.equal(decoded.grid.inside(points, lods), model.grid.inside(points, lods))
-    assert read_container(_file(_model(-1))).version == FORMAT_VERSION  # uncapped files stay readable by 1.x
+    uncapped = _file(_model(-1))
+    assert read_container(uncapped).version == FORMAT_VERSION  # uncapped files stay readable by 1.x
+    decoded, _ = load_compressed(uncapped)  # and decode uncapped, whatever today's default
+    assert decoded.config.background_lod is None and decoded.grid.shell_lod is None
 
 
 def test_files_that_require_what_the_reader_lacks_are_refused() -> None:

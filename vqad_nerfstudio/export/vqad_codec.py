@@ -205,8 +205,8 @@ def encode_model(
         "aabb": aabb.tolist(),
         "levels": levels,
     }
-    if config.shell_lod >= 0:  # a reader must cap the background's level of detail: version 2.0
-        header["model"][SHELL_LOD_KEY] = config.shell_lod
+    if config.background_lod is not None:  # a reader must cap the background's level of detail: version 2.0
+        header["model"][SHELL_LOD_KEY] = config.background_lod
         header["requires"] = [SHELL_LOD_KEY]
     decoders = _decoder_parameters(model)
     if network_bits != 16:
@@ -338,6 +338,8 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
         if SHELL_LOD_KEY not in header.get("requires", []):
             raise FormatError(f"header: model.{SHELL_LOD_KEY} is set but not required")
         settings[SHELL_LOD_KEY] = stored[SHELL_LOD_KEY]
+    else:  # every level everywhere, as the file was written (not today's default cap)
+        settings[SHELL_LOD_KEY] = -1
     try:
         # Decoded levels get their cells from the file (dense initial levels would only cost time), and hold their
         # indices as integers.
