@@ -217,6 +217,47 @@ def test_textured_background_surrounds_the_solids_with_detail() -> None:
     assert not (textured[background] == 1.0).all(axis=-1).any()
 
 
+def _dome_points_seen_twice(config: DemoSceneConfig) -> float:
+    """Share of the dome that the eval views see which at least two training views also see (unoccluded)."""
+    from vqad_nerfstudio.demo.scene import DOME_RADIUS, _closest_hit
+
+    train, evals = demo_camera_poses(config)
+    k = config.intrinsics()
+    pixels = (np.arange(k["w"]) + 0.5 - k["cx"]) / k["fl_x"]
+    u, v = np.meshgrid(pixels, pixels)
+    camera_dirs = np.stack([u, -v, -np.ones_like(u)], axis=-1).reshape(-1, 3)
+    shares = []
+    for pose in evals:
+        dirs = camera_dirs @ pose[:3, :3].T
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        origins = np.broadcast_to(pose[:3, 3], dirs.shape).copy()
+        dirs = dirs[_closest_hit(origins, dirs)[2] < 0]  # background pixels
+        b = dirs @ pose[:3, 3]
+        points = pose[:3, 3] + (-b + np.sqrt(b**2 - pose[:3, 3] @ pose[:3, 3] + DOME_RADIUS**2))[:, None] * dirs
+        seen = np.zeros(len(points), dtype=int)
+        for camera in train:
+            local = (points - camera[:3, 3]) @ camera[:3, :3]
+            depth = -local[:, 2]
+            in_front = depth > 0
+            x = local[:, 0] / np.where(in_front, depth, 1.0) * k["fl_x"] + k["cx"]
+            y = -local[:, 1] / np.where(in_front, depth, 1.0) * k["fl_y"] + k["cy"]
+            rays = (points - camera[:3, 3]) / np.linalg.norm(points - camera[:3, 3], axis=1, keepdims=True)
+            unoccluded = _closest_hit(np.broadcast_to(camera[:3, 3], rays.shape).copy(), rays)[2] < 0
+            seen += in_front & (0 <= x) & (x < k["w"]) & (0 <= y) & (y < k["h"]) & unoccluded
+        shares.append(np.mean(seen >= 2))
+    return float(np.mean(shares))
+
+
+def test_the_textured_dome_is_seen_from_several_training_views() -> None:
+    """An unbounded demo scene can only be fitted where its background has parallax between training views."""
+    textured = DemoSceneConfig(resolution=24, num_train=80, num_eval=8, supersample=1, background="textured")
+    assert (textured.camera_radius, textured.fov_degrees) == (1.4, 60.0)
+    assert _dome_points_seen_twice(textured) > 0.95
+    narrow = DemoSceneConfig(**{**textured.__dict__, "camera_radius": 2.6, "fov_degrees": 28.0})  # white's cameras
+    assert _dome_points_seen_twice(narrow) < 0.8
+    assert (DemoSceneConfig().camera_radius, DemoSceneConfig().fov_degrees) == (2.6, 28.0)
+
+
 def test_solids_lie_inside_the_scene_radius() -> None:
     for primitive in PRIMITIVES:
         assert primitive.bounding_radius() <= SCENE_RADIUS, primitive.name
