@@ -14,18 +14,19 @@ if TYPE_CHECKING:
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
 
-def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfig":
+def vqad_trainer_config(method_name: str, model: "ModelConfig", gpu_steps: int = 0) -> "TrainerConfig":
     """Trainer for sparse-grid methods: nerfstudio-format data, Adam, exponential decay.
 
-    Runs on CUDA when present (GPU_STEPS steps of 32768 rays, learning rates decaying over GPU_DECAY_STEPS, 65536
-    rays per eval chunk: about 5 minutes of lego on one H200), else on the CPU (STEPS steps of 1024 rays, 16384 per
-    eval chunk, at most 192 samples per ray): see :func:`cpu_changes`.
+    Runs on CUDA when present (``gpu_steps`` steps of 32768 rays, GPU_STEPS when 0, learning rates decaying over
+    GPU_DECAY_STEPS, 65536 rays per eval chunk: about 5 minutes of lego on one H200), else on the CPU (STEPS steps
+    of 1024 rays, 16384 per eval chunk, at most 192 samples per ray): see :func:`cpu_changes`.
     """
     import torch
 
     from vqad_nerfstudio.training import base_trainer_config
 
     cuda = torch.cuda.is_available()
+    gpu_steps = gpu_steps or GPU_STEPS
     model.eval_num_rays_per_chunk = 1 << 16 if cuda else 1 << 14
     if not cuda:  # a CPU trains the demo scene in minutes with fewer rays and samples
         model.num_samples = min(model.num_samples, 192)
@@ -37,14 +38,19 @@ def vqad_trainer_config(method_name: str, model: "ModelConfig") -> "TrainerConfi
         "camera_opt": (1e-3, 1e-4),
     }
     if not cuda:
-        note = f"{method_name} runs on the CPU with its CPU defaults: {cpu_changes(model.feature_store == 'codebook')}."
+        changes = cpu_changes(gpu_steps, index_bits=model.feature_store == "codebook")
+        note = f"{method_name} runs on the CPU with its CPU defaults: {changes}."
         return base_trainer_config(method_name, model, 1024, learning_rates, device_note=note)
     decay = {group: GPU_DECAY_STEPS for group in learning_rates}
-    return base_trainer_config(method_name, model, 1 << 15, learning_rates, GPU_STEPS, decay)
+    return base_trainer_config(method_name, model, 1 << 15, learning_rates, gpu_steps, decay)
 
 
 GPU_STEPS = 20000
-"""Training steps on CUDA: about 5 minutes of vqad or vqad-float on lego on one H200 (docs/benchmarks.md)."""
+"""Training steps on CUDA: about 5 minutes of vqad-float (or of vqad with 4-bit indices) on lego on one H200
+(docs/benchmarks.md)."""
+VQAD_GPU_STEPS = 11000
+"""vqad's training steps on CUDA: about 5 minutes on lego on one H200 with GPU_INDEX_BITS-bit indices, whose steps
+take about 1.8x as long as 4-bit ones."""
 GPU_DECAY_STEPS = 10000
 """Steps over which the learning rates decay on CUDA; the rest of the run trains at the final rates."""
 
@@ -56,14 +62,14 @@ CPU_INDEX_BITS = 4
 """vqad's index width on the CPU: 2**b logits per vertex, and 8 bits train the quick start about 4x slower there."""
 
 
-def cpu_changes(index_bits: bool = False) -> str:
-    """What the sparse-grid methods' defaults change on a machine without CUDA (shown in ``ns-train --help``);
-    ``index_bits``: the method has learned indices (vqad)."""
+def cpu_changes(gpu_steps: int = GPU_STEPS, index_bits: bool = False) -> str:
+    """What the sparse-grid methods' defaults change on a machine without CUDA (shown in ``ns-train --help``), for a
+    method of ``gpu_steps`` steps on CUDA; ``index_bits``: the method has learned indices (vqad)."""
     from vqad_nerfstudio.training import STEPS
 
     bits = f", {CPU_INDEX_BITS}-bit indices (GPU: {GPU_INDEX_BITS})" if index_bits else ""
     return (
-        f"{STEPS} steps of 1024 rays (GPU: {GPU_STEPS} of 32768, learning rates decaying over the first "
+        f"{STEPS} steps of 1024 rays (GPU: {gpu_steps} of 32768, learning rates decaying over the first "
         f"{GPU_DECAY_STEPS}), at most 192 samples per ray, eval chunks of 16384 rays{bits}"
     )
 
@@ -81,9 +87,11 @@ def _build() -> "MethodSpecification":
     from nerfstudio.plugins.types import MethodSpecification
 
     return MethodSpecification(
-        config=vqad_trainer_config("vqad", vqad_model_config()),
+        config=vqad_trainer_config("vqad", vqad_model_config(), VQAD_GPU_STEPS),
         description="VQAD: sparse multi-resolution grid of learned b-bit indices into per-level codebooks "
-        "(Variable Bitrate Neural Fields); streamable levels of detail. Without CUDA: " + cpu_changes(True) + ".",
+        "(Variable Bitrate Neural Fields); streamable levels of detail. Without CUDA: "
+        + cpu_changes(VQAD_GPU_STEPS, index_bits=True)
+        + ".",
     )
 
 

@@ -14,6 +14,7 @@ from vqad_nerfstudio.method_configs.vqad import (
     GPU_DECAY_STEPS,
     GPU_INDEX_BITS,
     GPU_STEPS,
+    VQAD_GPU_STEPS,
     vqad,
     vqad_model_config,
     vqad_trainer_config,
@@ -57,7 +58,7 @@ def test_learning_rates_decay_within_a_short_run() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the note is for runs without CUDA")
 def test_a_cpu_run_is_told_what_its_defaults_change() -> None:
-    assert "3000 steps of 1024 rays (GPU: 20000 of 32768" in vqad.config.device_note
+    assert f"3000 steps of 1024 rays (GPU: {VQAD_GPU_STEPS} of 32768" in vqad.config.device_note
     assert "192 samples per ray" in vqad.config.device_note
     assert f"{CPU_INDEX_BITS}-bit indices (GPU: {GPU_INDEX_BITS})" in vqad.config.device_note
     assert vqad.config.pipeline.model.index_bits == CPU_INDEX_BITS
@@ -67,6 +68,8 @@ def test_vqad_takes_wider_indices_on_a_gpu(monkeypatch) -> None:
     assert vqad_model_config().index_bits == (GPU_INDEX_BITS if torch.cuda.is_available() else CPU_INDEX_BITS)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert vqad_model_config().index_bits == GPU_INDEX_BITS > CPU_INDEX_BITS
+    config = vqad_trainer_config("vqad", vqad_model_config(), VQAD_GPU_STEPS)  # wider indices, slower steps: fewer
+    assert config.max_num_iterations == VQAD_GPU_STEPS < GPU_STEPS
 
 
 def test_a_gpu_run_is_longer_with_larger_batches_and_fused_adam(monkeypatch) -> None:
