@@ -283,6 +283,7 @@ def _time_encodings(size: int, points: int, masked_share: float, repeats: int = 
     positions = torch.rand(points, 3, device=device) * kept
     timing: Dict[str, float] = {"size": size}
     for variant in ENCODING_VARIANTS:
+        print(f"timing the {variant} encoding at 2^{size} on {points} points", flush=True)
         encoding = encoding_of(hash_model_config(variant.split("-")[0], size)).to(device)
         if variant.endswith("sparse"):
             sparse_backward_hash_grids(encoding)
@@ -530,6 +531,7 @@ def main(bench: BenchmarkConfig) -> None:
     ]
     tensorf_checkpoint = None
     for method in methods:
+        print(f"training {method} for {bench.budget_s:g} s", flush=True)
         trainer, steps, seconds, peak, checkpoint, train_psnr, late_ms = _train(method, bench, tensorf_checkpoint)
         if method == "tensorf":
             tensorf_checkpoint = checkpoint

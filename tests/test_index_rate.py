@@ -91,3 +91,39 @@ def test_model_adds_the_rate_loss_only_when_asked_and_after_the_float_warm_up():
 def test_negative_rate_weight_is_rejected():
     with pytest.raises(ValueError, match="index_rate_weight"):
         VQADModelConfig(index_rate_weight=-1.0)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 700])
+def test_chunked_softmax_gradients_equal_plain_autograd(monkeypatch, rows: int) -> None:
+    """The rate and the straight-through gradients, computed chunk by chunk without [rows, 2**b] activations, are the
+    plain formulas' (chunks of 256 rows here, so 700 rows take three); unused codewords (clamped shares) included."""
+    from vqad_nerfstudio.encodings import vertex_features
+
+    monkeypatch.setattr(vertex_features, "ROW_CHUNK", 256)
+    generator = torch.Generator().manual_seed(4)
+    logits = (3 * torch.randn(rows, 32, generator=generator, dtype=torch.float64)).requires_grad_()
+    codebook = torch.randn(32, 5, generator=generator, dtype=torch.float64).requires_grad_()
+    with torch.no_grad():
+        logits[:, 7] = -1e4  # a codeword no row uses: its share is clamped inside the logarithm
+    target = torch.randn(rows, 5, generator=generator, dtype=torch.float64)
+    temperature = 0.7
+
+    def plain() -> torch.Tensor:
+        soft = torch.softmax(logits / temperature, dim=-1)
+        hard = torch.nn.functional.one_hot(logits.argmax(dim=-1), 32).to(soft)
+        features = (hard - soft.detach() + soft) @ codebook
+        counts = soft.sum(dim=0)
+        rate = -(counts * torch.log2((counts / max(rows, 1)).clamp_min(1e-12))).sum()
+        return (features - target).square().sum() + 0.1 * rate
+
+    def chunked() -> torch.Tensor:
+        features = vertex_features.straight_through_codewords(logits, codebook, temperature)
+        rate = vertex_features.soft_index_rate_bits(logits, temperature) if rows else 0.0
+        return (features - target).square().sum() + 0.1 * rate
+
+    expected = torch.autograd.grad(plain(), (logits, codebook))
+    value = chunked()
+    got = torch.autograd.grad(value, (logits, codebook))
+    assert float(value) == pytest.approx(float(plain()), rel=1e-10, abs=1e-10)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)

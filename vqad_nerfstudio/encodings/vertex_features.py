@@ -14,7 +14,8 @@ either, and a grid can prune rows (``remap``) without knowing which store it hol
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import math
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from jaxtyping import Float, Int
@@ -22,11 +23,56 @@ from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
 
+ROW_CHUNK = 1 << 17
+"""Rows per chunk of the softmax gradients below: their temporaries stay at ``ROW_CHUNK x 2**b`` values whatever
+the number of rows (with 8-bit indices a full-size temporary is 1 GB per million vertices)."""
 
-def relaxed_logit_grad(logits: Tensor, grad_soft: Tensor, temperature: float) -> Tensor:
-    """Gradient of the logits through ``softmax(logits / temperature)``, given the gradient of the softmax."""
-    soft = torch.softmax(logits / temperature, dim=-1)
-    return soft * (grad_soft - (soft * grad_soft).sum(dim=-1, keepdim=True)) / temperature
+
+def _row_chunks(*tensors: Tensor) -> Iterator[Tuple[Tensor, ...]]:
+    return zip(*(t.split(ROW_CHUNK) for t in tensors))
+
+
+def relaxed_logit_grad(
+    logits: Float[Tensor, "m c"], grad_soft: Float[Tensor, "m c"], temperature: float
+) -> Float[Tensor, "m c"]:
+    """Gradient of the logits through ``softmax(logits / temperature)``, given the gradient of the softmax.
+
+    Computed in chunks of rows, in place: ``grad_soft`` (a temporary of the caller's) is overwritten and returned."""
+    for chunk_logits, chunk_grad in _row_chunks(logits, grad_soft):
+        soft = torch.softmax(chunk_logits / temperature, dim=-1)
+        chunk_grad.sub_((soft * chunk_grad).sum(dim=-1, keepdim=True)).mul_(soft).div_(temperature)
+    return grad_soft
+
+
+class _OrderZeroRate(torch.autograd.Function):
+    """``sum_c -counts[c] * log2(counts[c] / m)`` with ``counts = softmax(logits / temperature).sum(0)``, whose
+    softmax is recomputed in chunks of rows in both passes instead of being kept: no ``[m, c]`` activation."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+        counts = sum(torch.softmax(chunk / temperature, dim=-1).sum(dim=0) for (chunk,) in _row_chunks(logits))
+        share = counts / logits.shape[0]
+        ctx.save_for_backward(logits, counts, share)
+        ctx.temperature = temperature
+        return -(counts * torch.log2(share.clamp_min(_MIN_SHARE))).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], None]:  # type: ignore[override]
+        logits, counts, share = ctx.saved_tensors
+        # d/dcounts of -counts * log2(max(share, eps)): the log, plus counts' own term where the clamp lets it through
+        grad_counts = -(torch.log2(share.clamp_min(_MIN_SHARE)) + (share >= _MIN_SHARE) / math.log(2)) * grad_out
+        grad_soft = grad_counts.expand_as(logits).clone()
+        return relaxed_logit_grad(logits, grad_soft, ctx.temperature), None
+
+
+_MIN_SHARE = 1e-12
+"""Smallest codeword share inside the rate's logarithm (an unused codeword costs nothing, not -inf)."""
+
+
+def soft_index_rate_bits(logits: Float[Tensor, "m c"], temperature: float) -> Float[Tensor, ""]:
+    """Bits of an order-0 code of the soft indices ``softmax(logits / temperature)`` under their own marginal,
+    differentiable (see :meth:`CodebookFeatures.index_rate_bits`)."""
+    return _OrderZeroRate.apply(logits, temperature)
 
 
 class _StraightThroughCodewords(torch.autograd.Function):
@@ -342,8 +388,7 @@ class CodebookFeatures(FeatureStore):
         """
         if self.frozen:
             raise RuntimeError("frozen indices cannot be trained, so they have no rate estimate")
-        counts = torch.softmax(self.logits / self.temperature, dim=-1).sum(dim=0)  # soft uses of each codeword
-        return -(counts * torch.log2((counts / self.num_rows).clamp_min(1e-12))).sum()
+        return soft_index_rate_bits(self.logits, self.temperature)
 
     @torch.no_grad()
     def load_codewords(self, codebook: Float[Tensor, "c k"], indices: Int[Tensor, "m"]) -> None:
