@@ -91,7 +91,7 @@ def test_writes_expected_files(default_scene: Path) -> None:
         assert np.linalg.det(c2w[:3, :3]) == pytest.approx(1.0)
         # OpenGL convention: the camera looks down -Z, i.e. towards the origin.
         position = c2w[:3, 3]
-        assert np.linalg.norm(position) == pytest.approx(config.camera_radius)
+        assert np.linalg.norm(position) == pytest.approx(config.radius)
         np.testing.assert_allclose(-c2w[:3, 2], -position / np.linalg.norm(position), atol=1e-12)
 
     for name in (train[0], evals[-1]):
@@ -251,11 +251,11 @@ def _dome_points_seen_twice(config: DemoSceneConfig) -> float:
 def test_the_textured_dome_is_seen_from_several_training_views() -> None:
     """An unbounded demo scene can only be fitted where its background has parallax between training views."""
     textured = DemoSceneConfig(resolution=24, num_train=80, num_eval=8, supersample=1, background="textured")
-    assert (textured.camera_radius, textured.fov_degrees) == (1.4, 60.0)
+    assert (textured.radius, textured.field_of_view) == (1.4, 60.0)
     assert _dome_points_seen_twice(textured) > 0.95
     narrow = DemoSceneConfig(**{**textured.__dict__, "camera_radius": 2.6, "fov_degrees": 28.0})  # white's cameras
     assert _dome_points_seen_twice(narrow) < 0.8
-    assert (DemoSceneConfig().camera_radius, DemoSceneConfig().fov_degrees) == (2.6, 28.0)
+    assert (DemoSceneConfig().radius, DemoSceneConfig().field_of_view) == (2.6, 28.0)
 
 
 def test_solids_lie_inside_the_scene_radius() -> None:
@@ -342,6 +342,10 @@ def test_cli_writes_scene_and_prints_next_command(tmp_path: Path, capsys: pytest
     dome = tmp_path / "dome"
     cli.main([str(dome), "--resolution", "16", "--num-train", "1", "--num-eval", "1", "--background", "textured"])
     assert f"ns-train vqad --data {dome} --pipeline.model.unbounded True\n" in capsys.readouterr().out
+    generator = json.loads((dome / "scene.json").read_text())["generator"]
+    assert (generator["camera_radius"], generator["fov_degrees"]) == (1.4, 60.0)  # the textured scene's cameras
+    transforms = _meta(dome)
+    assert np.linalg.norm(np.array(transforms["frames"][0]["transform_matrix"])[:3, 3]) == pytest.approx(1.4)
 
 
 @pytest.mark.parametrize(

@@ -94,10 +94,15 @@ class DemoSceneConfig:
     """What rays that miss the solids see: 'white' (an object scene: train with the default settings) or a
     'textured' dome far around them (an unbounded scene: train with --pipeline.model.unbounded True)."""
 
-    def __post_init__(self) -> None:
-        radius, fov = CAMERAS["textured" if self.background == "textured" else "white"]
-        self.camera_radius = radius if self.camera_radius is None else self.camera_radius
-        self.fov_degrees = fov if self.fov_degrees is None else self.fov_degrees
+    @property
+    def radius(self) -> float:
+        """``camera_radius``, or its default for the background."""
+        return _background_default(self.background, 0) if self.camera_radius is None else self.camera_radius
+
+    @property
+    def field_of_view(self) -> float:
+        """``fov_degrees``, or its default for the background."""
+        return _background_default(self.background, 1) if self.fov_degrees is None else self.fov_degrees
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a one-line explanation if a setting is out of range.
@@ -109,22 +114,22 @@ class DemoSceneConfig:
         _require_int("num_eval", self.num_eval, minimum=1)
         _require_int("seed", self.seed, minimum=None)
         _require_int("supersample", self.supersample, minimum=1)
-        if not _is_real(self.camera_radius) or not self.camera_radius > 1.5 * SCENE_RADIUS:
+        if not _is_real(self.radius) or not self.radius > 1.5 * SCENE_RADIUS:
             raise ValueError(
                 f"camera_radius must be a number greater than {1.5 * SCENE_RADIUS:g} (the solids reach "
-                f"{SCENE_RADIUS:g} from the origin), got {self.camera_radius!r}"
+                f"{SCENE_RADIUS:g} from the origin), got {self.radius!r}"
             )
-        if not _is_real(self.fov_degrees) or not 1.0 <= self.fov_degrees <= 150.0:
-            raise ValueError(f"fov_degrees must be a number between 1 and 150, got {self.fov_degrees!r}")
+        if not _is_real(self.field_of_view) or not 1.0 <= self.field_of_view <= 150.0:
+            raise ValueError(f"fov_degrees must be a number between 1 and 150, got {self.field_of_view!r}")
         if self.background not in ("white", "textured"):
             raise ValueError(f"background must be 'white' or 'textured', got {self.background!r}")
-        if self.background == "textured" and not self.camera_radius < DOME_RADIUS / 2:
+        if self.background == "textured" and not self.radius < DOME_RADIUS / 2:
             raise ValueError(f"camera_radius must stay below {DOME_RADIUS / 2:g} inside the textured dome")
 
     @property
     def focal_length(self) -> float:
         """Focal length in pixels implied by ``fov_degrees`` and ``resolution``."""
-        return 0.5 * self.resolution / math.tan(math.radians(self.fov_degrees) / 2.0)
+        return 0.5 * self.resolution / math.tan(math.radians(self.field_of_view) / 2.0)
 
     def intrinsics(self) -> Dict[str, float]:
         """Pinhole intrinsics with the same keys as ``transforms.json`` (``fl_x, fl_y, cx, cy, w, h``)."""
@@ -137,6 +142,11 @@ class DemoSceneConfig:
             "w": int(self.resolution),
             "h": int(self.resolution),
         }
+
+
+def _background_default(background: str, setting: int) -> float:
+    """The CAMERAS default of a background: setting 0 the camera radius, 1 the field of view."""
+    return CAMERAS["textured" if background == "textured" else "white"][setting]
 
 
 def _is_real(value: object) -> bool:
@@ -323,7 +333,7 @@ def scene_description(config: DemoSceneConfig) -> Dict[str, object]:
             "specular": _SPECULAR,
             "shininess": _SHININESS,
         },
-        "generator": asdict(config),
+        "generator": {**asdict(config), "camera_radius": config.radius, "fov_degrees": config.field_of_view},
     }
 
 
@@ -513,8 +523,8 @@ def demo_camera_poses(config: DemoSceneConfig) -> Tuple[np.ndarray, np.ndarray]:
             break
         eval_offset += math.radians(7.0)
         eval_dirs = _fibonacci_sphere(config.num_eval, eval_offset)
-    train = np.stack([look_at(config.camera_radius * d) for d in train_dirs])
-    evals = np.stack([look_at(config.camera_radius * d) for d in eval_dirs])
+    train = np.stack([look_at(config.radius * d) for d in train_dirs])
+    evals = np.stack([look_at(config.radius * d) for d in eval_dirs])
     return train, evals
 
 
