@@ -14,19 +14,33 @@ if TYPE_CHECKING:
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
 
-def vqad_trainer_config(method_name: str, model: "ModelConfig", gpu_steps: int = 0) -> "TrainerConfig":
+GPU_STEPS = 20000
+"""Training steps on CUDA: about 5 minutes of vqad-float (or of vqad with 4-bit indices) on lego on one H200
+(docs/benchmarks.md)."""
+VQAD_GPU_STEPS = 11000
+"""vqad's training steps on CUDA: about 5 minutes on lego on one H200 with GPU_INDEX_BITS-bit indices, whose steps
+take about 1.8x as long as 4-bit ones."""
+GPU_DECAY_STEPS = 10000
+"""Steps over which the learning rates decay on CUDA; the rest of the run trains at the final rates."""
+GPU_INDEX_BITS = 8
+"""vqad's index width on CUDA: with the rate term, 32.82 dB in a 0.438 MB file on lego in 5 minutes on one H200,
+where 4 bits reach 31.47 dB in 0.542 MB (docs/benchmarks.md)."""
+CPU_INDEX_BITS = 4
+"""vqad's index width on the CPU: 2**b logits per vertex, and 8 bits train the quick start about 4x slower there."""
+
+
+def vqad_trainer_config(method_name: str, model: "ModelConfig", gpu_steps: int = GPU_STEPS) -> "TrainerConfig":
     """Trainer for sparse-grid methods: nerfstudio-format data, Adam, exponential decay.
 
-    Runs on CUDA when present (``gpu_steps`` steps of 32768 rays, GPU_STEPS when 0, learning rates decaying over
-    GPU_DECAY_STEPS, 65536 rays per eval chunk: about 5 minutes of lego on one H200), else on the CPU (STEPS steps
-    of 1024 rays, 16384 per eval chunk, at most 192 samples per ray): see :func:`cpu_changes`.
+    Runs on CUDA when present (``gpu_steps`` steps of 32768 rays, learning rates decaying over GPU_DECAY_STEPS,
+    65536 rays per eval chunk: about 5 minutes of lego on one H200), else on the CPU (STEPS steps of 1024 rays,
+    16384 per eval chunk, at most 192 samples per ray): see :func:`cpu_changes`.
     """
     import torch
 
     from vqad_nerfstudio.training import base_trainer_config
 
     cuda = torch.cuda.is_available()
-    gpu_steps = gpu_steps or GPU_STEPS
     model.eval_num_rays_per_chunk = 1 << 16 if cuda else 1 << 14
     if not cuda:  # a CPU trains the demo scene in minutes with fewer rays and samples
         model.num_samples = min(model.num_samples, 192)
@@ -43,23 +57,6 @@ def vqad_trainer_config(method_name: str, model: "ModelConfig", gpu_steps: int =
         return base_trainer_config(method_name, model, 1024, learning_rates, device_note=note)
     decay = {group: GPU_DECAY_STEPS for group in learning_rates}
     return base_trainer_config(method_name, model, 1 << 15, learning_rates, gpu_steps, decay)
-
-
-GPU_STEPS = 20000
-"""Training steps on CUDA: about 5 minutes of vqad-float (or of vqad with 4-bit indices) on lego on one H200
-(docs/benchmarks.md)."""
-VQAD_GPU_STEPS = 11000
-"""vqad's training steps on CUDA: about 5 minutes on lego on one H200 with GPU_INDEX_BITS-bit indices, whose steps
-take about 1.8x as long as 4-bit ones."""
-GPU_DECAY_STEPS = 10000
-"""Steps over which the learning rates decay on CUDA; the rest of the run trains at the final rates."""
-
-
-GPU_INDEX_BITS = 8
-"""vqad's index width on CUDA: with the rate term, 32.82 dB in a 0.438 MB file on lego in 5 minutes on one H200,
-where 4 bits reach 31.47 dB in 0.542 MB (docs/benchmarks.md)."""
-CPU_INDEX_BITS = 4
-"""vqad's index width on the CPU: 2**b logits per vertex, and 8 bits train the quick start about 4x slower there."""
 
 
 def cpu_changes(gpu_steps: int = GPU_STEPS, index_bits: bool = False) -> str:

@@ -51,7 +51,7 @@ class _OrderZeroRate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
         counts = sum(torch.softmax(chunk / temperature, dim=-1).sum(dim=0) for (chunk,) in _row_chunks(logits))
-        share = counts / logits.shape[0]
+        share = counts / max(logits.shape[0], 1)
         ctx.save_for_backward(logits, counts, share)
         ctx.temperature = temperature
         return -(counts * torch.log2(share.clamp_min(_MIN_SHARE))).sum()
