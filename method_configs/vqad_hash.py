@@ -21,6 +21,7 @@ def hash_model_config(index_mode: str, random_log2_table: int = RANDOM_LOG2_TABL
 
     The learned encoding is the largest (b = 3) that stores no more bytes than the random one.
     """
+    import torch
     from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 
     from vqad_nerfstudio.encodings.learned_index_hash import learned_matching_random
@@ -28,7 +29,8 @@ def hash_model_config(index_mode: str, random_log2_table: int = RANDOM_LOG2_TABL
 
     config = LearnedIndexNerfactoModelConfig(
         index_mode=index_mode,  # type: ignore[arg-type]
-        eval_num_rays_per_chunk=1 << 15,
+        # on the CPU, PyTorch's hash grids hold every sample's corners at once: 1 << 15 rays took over 12 GB
+        eval_num_rays_per_chunk=1 << 15 if torch.cuda.is_available() else 1 << 12,
         background_color="white",
         disable_scene_contraction=True,  # object scenes inside the scene box; real captures: pass False
         use_appearance_embedding=False,
