@@ -30,7 +30,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -433,8 +432,8 @@ def _in_float_warmup(model) -> bool:
     """Whether a vqad run stopped before its indices exist (its levels still read float warm-up rows)."""
     from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
 
-    stores = [level.features for level in getattr(model, "grid", SimpleNamespace(levels=[])).levels]
-    return any(isinstance(store, CodebookFeatures) and store.in_float_warmup for store in stores)
+    levels = model.grid.levels if hasattr(model, "grid") else []
+    return any(isinstance(level.features, CodebookFeatures) and level.features.in_float_warmup for level in levels)
 
 
 def _stored_bytes(pipeline, method: str) -> Dict[str, float]:
@@ -557,12 +556,13 @@ def main(bench: BenchmarkConfig) -> None:
             "peak_mem_mib": peak,
             "checkpoint_bytes": checkpoint.stat().st_size,
         }
-        if _in_float_warmup(pipeline.model):  # a budget too short for the indices: nothing to store yet
+        in_warmup = _in_float_warmup(pipeline.model)
+        if in_warmup:  # a budget too short for the indices: nothing to store yet
             print(f"{method}: the budget ended in the float warm-up (step {steps}): no file; raise --budget-s")
             row.update(stored_bytes=math.nan, feature_grid_bytes=math.nan, vertices=math.nan)
         else:
             row.update(_stored_bytes(pipeline, method))
-        if method.split("@")[0] in METHOD_FORMATS and not _in_float_warmup(pipeline.model):
+        if method.split("@")[0] in METHOD_FORMATS and not in_warmup:
             row["compressed"] = _compressed(pipeline, method, bench)
         if hasattr(pipeline.model, "latent_planes"):  # stored: the file (coded planes, decoder, fp16 lines and MLP)
             row.update(stored_bytes=row["compressed"]["file_bytes"], feature_grid_bytes=row["compressed"]["grid_bytes"])

@@ -97,12 +97,16 @@ class DemoSceneConfig:
     @property
     def radius(self) -> float:
         """``camera_radius``, or its default for the background."""
-        return _background_default(self.background, 0) if self.camera_radius is None else self.camera_radius
+        return self._default_cameras[0] if self.camera_radius is None else self.camera_radius
 
     @property
     def field_of_view(self) -> float:
         """``fov_degrees``, or its default for the background."""
-        return _background_default(self.background, 1) if self.fov_degrees is None else self.fov_degrees
+        return self._default_cameras[1] if self.fov_degrees is None else self.fov_degrees
+
+    @property
+    def _default_cameras(self) -> Tuple[float, float]:
+        return CAMERAS["textured" if self.background == "textured" else "white"]
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a one-line explanation if a setting is out of range.
@@ -142,11 +146,6 @@ class DemoSceneConfig:
             "w": int(self.resolution),
             "h": int(self.resolution),
         }
-
-
-def _background_default(background: str, setting: int) -> float:
-    """The CAMERAS default of a background: setting 0 the camera radius, 1 the field of view."""
-    return CAMERAS["textured" if background == "textured" else "white"][setting]
 
 
 def _is_real(value: object) -> bool:

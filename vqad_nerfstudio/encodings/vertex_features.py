@@ -29,6 +29,7 @@ the number of rows (with 8-bit indices a full-size temporary is 1 GB per million
 
 
 def _row_chunks(*tensors: Tensor) -> Iterator[Tuple[Tensor, ...]]:
+    """The tensors' rows, ROW_CHUNK at a time (views: writing into a chunk writes into the tensor)."""
     return zip(*(t.split(ROW_CHUNK) for t in tensors))
 
 
@@ -52,13 +53,13 @@ class _OrderZeroRate(torch.autograd.Function):
     def forward(ctx, logits: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
         counts = sum(torch.softmax(chunk / temperature, dim=-1).sum(dim=0) for (chunk,) in _row_chunks(logits))
         share = counts / max(logits.shape[0], 1)
-        ctx.save_for_backward(logits, counts, share)
+        ctx.save_for_backward(logits, share)
         ctx.temperature = temperature
         return -(counts * torch.log2(share.clamp_min(_MIN_SHARE))).sum()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], None]:  # type: ignore[override]
-        logits, counts, share = ctx.saved_tensors
+        logits, share = ctx.saved_tensors
         # d/dcounts of -counts * log2(max(share, eps)): the log, plus counts' own term where the clamp lets it through
         grad_counts = -(torch.log2(share.clamp_min(_MIN_SHARE)) + (share >= _MIN_SHARE) / math.log(2)) * grad_out
         grad_soft = grad_counts.expand_as(logits).clone()

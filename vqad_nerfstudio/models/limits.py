@@ -64,12 +64,8 @@ def check_real(
 ) -> None:
     """``ValueError`` unless ``value`` is a finite number from ``low`` to ``high`` (excluded where open)."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if (
-        not number
-        or not (low < value if open_low else low <= value)
-        or not (  # type: ignore[operator]
-            value < high if open_high else value <= high  # type: ignore[operator]
-        )
-    ):
+    above_low = number and (low < value if open_low else low <= value)  # type: ignore[operator]
+    below_high = number and (value < high if open_high else value <= high)  # type: ignore[operator]
+    if not (above_low and below_high):
         upper = "" if high == math.inf else f" and {'<' if open_high else '<='} {high}"
         raise ValueError(f"{name} must be a finite number {'>' if open_low else '>='} {low}{upper}, got {value!r}")
