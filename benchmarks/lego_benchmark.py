@@ -21,6 +21,7 @@ tensorf builds LPIPS (a download) in its constructor; models are built inside
 
 from __future__ import annotations
 
+import ast
 import collections
 import copy
 import json
@@ -123,6 +124,8 @@ nerfstudio's PyTorch ones otherwise) and instant-ngp-bounded on white: the speed
 
 
 def _apply_override(config, path: str, value: str) -> None:
+    """Set ``config``'s field at the dotted ``path`` from the command-line text ``value``, parsed as the field's
+    current value's type (a field that is None, e.g. an optional level, takes a Python literal: ``-1``, ``0.5``)."""
     target = config
     *parents, leaf = path.split(".")
     for name in parents:
@@ -132,6 +135,8 @@ def _apply_override(config, path: str, value: str) -> None:
         parsed = value.lower() in ("1", "true", "yes")
     elif isinstance(current, tuple):
         parsed = tuple(type(current[0])(v) for v in value.split(",")) if current else tuple(value.split(","))
+    elif current is None:
+        parsed = ast.literal_eval(value)
     else:
         parsed = type(current)(value)
     setattr(target, leaf, parsed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vqad_nerfstudio.rendering import packed
@@ -49,6 +51,24 @@ def test_transmittance_of_a_ray_ignores_the_rays_before_it() -> None:
     tau[-4:] = torch.tensor([0.01, 0.02, 0.03, 0.04])
     result = packed.transmittance(tau, ray_indices)[-4:]
     torch.testing.assert_close(result, torch.exp(-torch.tensor([0.0, 0.01, 0.03, 0.06])))
+
+
+def test_a_diverging_density_leaves_the_other_rays_exact() -> None:
+    """One sample of a diverging density (optical depth 1e22, or inf) makes its own ray opaque behind it and changes
+    nothing for the rays after it in the batch."""
+    ray_indices = torch.arange(3).repeat_interleave(3)
+    for huge in (1e22, math.inf):
+        tau = torch.full((9,), 0.1)
+        tau[1] = huge
+        result = packed.transmittance(tau, ray_indices)
+        expected = torch.exp(-torch.tensor([0.0, 0.1, 0.2]))
+        torch.testing.assert_close(result[[0, 1]], expected[:2])
+        assert result[2] == 0
+        torch.testing.assert_close(result[3:], expected.repeat(2))
+        weights = packed.render_weights(
+            tau, packed.PackedSamples(torch.arange(9), ray_indices, torch.zeros(9), torch.ones(9), 3)
+        )
+        assert torch.isfinite(weights).all() and weights.max() <= 1
 
 
 def test_visible_keeps_a_prefix_of_each_ray() -> None:

@@ -252,8 +252,9 @@ def test_lod_slider_changes_render_and_stored_size(viewer_url, browser, artifact
 
     browser.get(viewer_url)
     lod_thumb = _wait(
-        lambda: browser.find_elements("xpath", "//label[text()='Level of detail']") and _labelled(
-            browser, "Level of detail", ".//*[@role='slider']"
+        lambda: (
+            browser.find_elements("xpath", "//label[text()='Level of detail']")
+            and _labelled(browser, "Level of detail", ".//*[@role='slider']")
         ),
         60,
         "the Level of detail slider",

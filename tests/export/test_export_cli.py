@@ -116,4 +116,3 @@ def test_decode_errors_are_one_line(exported, trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _decode("--file", str(damaged), "--output-dir", str(tmp_path), "--load-config", str(trained.config_path))
     assert "decode: error: cannot decode" in capsys.readouterr().err
-

@@ -63,12 +63,12 @@ if triton is not None:
         return point, in_range, x, y, z
 
     @triton.jit
-    def _level_cells(geometry, x, y, z, LEVEL: tl.constexpr):
-        """Level ``LEVEL``'s geometry (vertices per side, entries, dense, first entry) and the points' cells."""
-        side = tl.load(geometry + LEVEL * 4)
-        rows = tl.load(geometry + LEVEL * 4 + 1)
-        dense = tl.load(geometry + LEVEL * 4 + 2)
-        first_entry = tl.load(geometry + LEVEL * 4 + 3)
+    def _level_cells(geometry, x, y, z, level):
+        """Level ``level``'s geometry (vertices per side, entries, dense, first entry) and the points' cells."""
+        side = tl.load(geometry + level * 4)
+        rows = tl.load(geometry + level * 4 + 1)
+        dense = tl.load(geometry + level * 4 + 2)
+        first_entry = tl.load(geometry + level * 4 + 3)
         resolution = (side - 1).to(tl.float32)
         cx, fx = axis_cell(x, resolution)
         cy, fy = axis_cell(y, resolution)
@@ -86,7 +86,7 @@ if triton is not None:
         cy,
         cz,
         valid,
-        LEVEL: tl.constexpr,
+        level,
         CORNER: tl.constexpr,
         CODEBOOK: tl.constexpr,
         FULL_INDEX: tl.constexpr,
@@ -104,7 +104,7 @@ if triton is not None:
         else:
             first = _spatial_hash(vx, vy, vz, CODEBOOK, 73856093, 19349663, 83492791)
         choice = tl.load(choices + entry, mask=valid, other=0).to(tl.int64)
-        return entry, first, LEVEL * CODEBOOK + (first + choice) % CODEBOOK
+        return entry, first, level * CODEBOOK + (first + choice) % CODEBOOK
 
     @triton.jit
     def _lookup_forward(
@@ -125,7 +125,7 @@ if triton is not None:
         point, in_range, x, y, z = _block_points(positions, n_points, BLOCK)
         channel = tl.arange(0, WIDTH_POW2)
         mask = in_range[:, None] & (channel < WIDTH)[None, :]
-        for level in tl.static_range(LEVELS):
+        for level in range(LEVELS):  # a loop, not unrolled: 16 unrolled levels took minutes to compile
             side, rows, dense, first_entry, cx, cy, cz, fx, fy, fz = _level_cells(geometry, x, y, z, level)
             acc = tl.zeros((BLOCK, WIDTH_POW2), dtype=tl.float32)
             for corner in tl.static_range(8):
@@ -161,7 +161,7 @@ if triton is not None:
         point, in_range, x, y, z = _block_points(positions, n_points, BLOCK)
         channel = tl.arange(0, WIDTH_POW2)
         channel_ok = channel < WIDTH
-        for level in tl.static_range(LEVELS):
+        for level in range(LEVELS):  # a loop, not unrolled: 16 unrolled levels took minutes to compile
             side, rows, dense, first_entry, cx, cy, cz, fx, fy, fz = _level_cells(geometry, x, y, z, level)
             grad_at = grad_out + point[:, None] * (LEVELS * WIDTH) + level * WIDTH + channel[None, :]
             grad = tl.load(grad_at, mask=in_range[:, None] & channel_ok[None, :], other=0.0)

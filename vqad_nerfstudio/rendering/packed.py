@@ -56,14 +56,23 @@ def pack(starts: Float[Tensor, "r s"], ends: Float[Tensor, "r s"], keep: Bool[Te
     )
 
 
+OPAQUE_OPTICAL_DEPTH = 1000.0
+"""A sample's optical depth counts as at most this in the running sums: behind it the transmittance,
+``exp(-1000)``, is 0 in float32 and float64 either way, and a batch's sum stays far inside float64's exact range.
+Without the cap one sample of a diverging density (``exp`` of a large activation, ``1e22`` seen in training)
+swamps the float64 running sum, and every ray after it in the batch got a transmittance of
+``exp(±rounding error)``, up to ``1e14``."""
+
+
 def transmittance(optical_depth: Float[Tensor, "n"], ray_indices: Int[Tensor, "n"]) -> Float[Tensor, "n"]:
     """Transmittance in front of each sample: ``exp(-sum of optical_depth over the ray's earlier samples)``.
 
-    The running sum is taken over the whole batch in float64 and each ray's offset subtracted, so that a
-    ray's value does not depend on how much optical depth the rays before it hold. Each ray's first sample is found
-    by a binary search in the sorted ray indices: nothing waits for the GPU (a histogram of the rays would)."""
-    running = torch.cumsum(optical_depth.double(), dim=0)
-    before = running - optical_depth.double()  # exclusive running sum
+    The running sum is taken over the whole batch in float64 (each sample capped at :data:`OPAQUE_OPTICAL_DEPTH`)
+    and each ray's offset subtracted, so that a ray's value does not depend on how much optical depth the rays
+    before it hold. Each ray's first sample is found by a binary search in the sorted ray indices: nothing waits
+    for the GPU (a histogram of the rays would)."""
+    running = torch.cumsum(optical_depth.double().clamp(max=OPAQUE_OPTICAL_DEPTH), dim=0)
+    before = running - optical_depth.double().clamp(max=OPAQUE_OPTICAL_DEPTH)  # exclusive running sum
     first = torch.searchsorted(ray_indices, ray_indices)  # index of each sample's ray's first sample
     return torch.exp(-(before - before.index_select(0, first))).to(optical_depth.dtype)
 
