@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import collections
 import copy
+import gc
 import json
 import math
 import re
@@ -581,6 +582,7 @@ def main(bench: BenchmarkConfig) -> None:
             )
         )
         del trainer, pipeline
+        gc.collect()  # the trainer and its callbacks form reference cycles: free its tensors before the next peak
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     print(
