@@ -157,3 +157,31 @@ def test_inference_lookup_equals_training_lookup():
     with torch.no_grad():
         inference = encoding(points)
     torch.testing.assert_close(inference, encoding(points).detach())
+
+
+@pytest.mark.parametrize("mode", ["learned", "random"])
+def test_without_position_gradient_positions_get_none_and_tables_the_same(mode):
+    """nerfacto hands the encoding positions that require a gradient (for normals); without normals the encoding
+    detaches them, and the tables' gradients stay what they were."""
+    grads = {}
+    for position_gradient in (True, False):
+        torch.manual_seed(0)
+        encoding = learned(mode=mode, implementation="torch", position_gradient=position_gradient)
+        points = torch.rand(40, 3, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        encoding(points).square().sum().backward()
+        assert (points.grad is not None) == position_gradient
+        grads[position_gradient] = [p.grad.clone() for p in encoding.parameters() if p.grad is not None]
+    assert len(grads[True]) == len(grads[False]) > 0
+    for with_positions, without in zip(grads[True], grads[False]):
+        torch.testing.assert_close(with_positions, without)
+
+
+def test_nerfacto_detaches_positions_unless_it_predicts_normals():
+    from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
+
+    from vqad_nerfstudio.models.learned_index_nerfacto import encoding_of
+
+    config = hash_model_config("learned", 12)
+    assert not encoding_of(config).position_gradient
+    config.predict_normals = True
+    assert encoding_of(config).position_gradient

@@ -104,6 +104,8 @@ class LearnedIndexHashEncoding(Encoding):
         implementation: ``tcnn`` uses tinycudann for ``random`` mode when it is installed.
         frozen_indices: Hold each index entry as an integer (the ``indices`` buffer, all levels concatenated)
             instead of ``2**index_bits`` trainable logits (``learned`` mode): what a decoded file holds.
+        position_gradient: Make the features differentiable in the positions (for normals); without it the
+            positions are detached, so the fused kernel can run in training.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class LearnedIndexHashEncoding(Encoding):
         init_scale: float = 0.001,
         implementation: Literal["tcnn", "torch"] = "tcnn",
         frozen_indices: bool = False,
+        position_gradient: bool = True,
     ) -> None:
         super().__init__(in_dim=3)
         if mode not in ("learned", "random"):
@@ -137,6 +140,10 @@ class LearnedIndexHashEncoding(Encoding):
         """Softmax temperature of the straight-through backward pass (training-schedule state)."""
         self.fused = True
         """Look up with the fused kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
+        self.position_gradient = position_gradient
+        """Whether the features are differentiable in the positions. nerfacto marks every sample position as
+        requiring a gradient (for normals); without normals nothing reads it, yet it kept training off the fused
+        kernel (which has no position gradient) and made the random grid's backward compute it."""
 
         if mode == "random":
             self.hash_grid = HashEncoding(
@@ -213,6 +220,8 @@ class LearnedIndexHashEncoding(Encoding):
         return entries + entry_offset, starts + spatial_hash(vertices, _BASE_PRIMES, codebook_size)
 
     def forward(self, in_tensor: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs out"]:
+        if not self.position_gradient:
+            in_tensor = in_tensor.detach()
         if self.mode == "random":
             return self.hash_grid(in_tensor)
         batch_shape = in_tensor.shape[:-1]

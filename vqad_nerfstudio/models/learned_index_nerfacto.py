@@ -97,6 +97,7 @@ def encoding_of(config: LearnedIndexNerfactoModelConfig) -> LearnedIndexHashEnco
         mode=config.index_mode,
         implementation=config.implementation,
         frozen_indices=config.frozen_indices,
+        position_gradient=config.predict_normals,  # normals are the only reader of the positions' gradient
     )
     encoding.temperature = config.index_temperature
     return encoding
