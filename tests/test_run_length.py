@@ -80,3 +80,20 @@ def test_a_gpu_run_is_longer_with_larger_batches_and_fused_adam(monkeypatch) -> 
     assert {group["scheduler"].max_steps for group in config.optimizers.values()} == {GPU_DECAY_STEPS}
     assert all(group["optimizer"].fused for group in config.optimizers.values())
     assert config.pipeline.model.num_samples == VQADModelConfig().num_samples
+
+
+def test_a_diverged_loss_stops_training_with_a_clear_error() -> None:
+    from vqad_nerfstudio.models.vqad import TrainingDiverged
+
+    config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8)
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=2)
+    attributes = TrainingCallbackAttributes(optimizers=None, grad_scaler=None, pipeline=None, trainer=None)
+    (check,) = [c for c in model.get_training_callbacks(attributes) if c.func.__name__ == "stop_if_diverged"]
+    batch = {"image": torch.rand(4, 3)}
+    for rgb in (torch.rand(4, 3), torch.full((4, 3), float("nan"))):
+        model.get_loss_dict({"rgb": rgb, "accumulation": torch.ones(4, 1)}, batch)
+        if torch.isfinite(rgb).all():
+            check.run_callback_at_location(100, check.where_to_run[0])
+        else:
+            with pytest.raises(TrainingDiverged, match="training loss is nan at step 200"):
+                check.run_callback_at_location(200, check.where_to_run[0])

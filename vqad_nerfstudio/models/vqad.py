@@ -63,6 +63,13 @@ DEFAULT_SHELL_LOD = 2
 """The background's level of detail in unbounded scenes unless shell_lod says otherwise: on the demo dome a file
 5.4x smaller than every level everywhere, and no worse (docs/benchmarks.md)."""
 
+DIVERGENCE_CHECK_EVERY = 100
+"""Training steps between checks that the loss is finite (a check waits for the GPU once)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the parameters are lost, and training stops instead of running on."""
+
 
 @dataclass
 class VQADModelConfig(ModelConfig):
@@ -238,6 +245,7 @@ class VQADModel(Model):
         self.renderer_accumulation = AccumulationRenderer()
         self.renderer_depth = DepthRenderer(method="expected")
         self.rgb_loss = MSELoss()
+        self._last_loss: Optional[Tensor] = None
 
         self.lpips = optional_lpips()
 
@@ -329,6 +337,14 @@ class VQADModel(Model):
         def prune(step: int) -> None:
             follow(self.grid.prune(self._cells_with_density))
 
+        def stop_if_diverged(step: int) -> None:
+            if self._last_loss is not None and not torch.isfinite(self._last_loss):
+                raise TrainingDiverged(
+                    f"the training loss is {float(self._last_loss)} at step {step}: the model's parameters are no "
+                    "longer finite and further steps cannot recover them. Restart from an earlier checkpoint "
+                    "(--load-dir) or with lower learning rates (--optimizers.*.optimizer.lr)."
+                )
+
         return [
             TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], relax_indices),
             TrainingCallback(
@@ -337,6 +353,11 @@ class VQADModel(Model):
                 update_every_num_iters=self.config.occupancy_update_every,
             ),
             TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], prune, iters=prune_steps),
+            TrainingCallback(
+                [TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
+                stop_if_diverged,
+                update_every_num_iters=DIVERGENCE_CHECK_EVERY,
+            ),
         ]
 
     def _set_index_relaxation(self, step: int, warmup: int) -> None:
@@ -545,6 +566,8 @@ class VQADModel(Model):
                 bits = sum(store.index_rate_bits() for store in stores)
                 loss_dict["index_rate"] = self.config.index_rate_weight * bits / sum(s.num_rows for s in stores)
         self.camera_optimizer.get_loss_dict(loss_dict)
+        if self.training:
+            self._last_loss = sum(loss.detach() for loss in loss_dict.values())
         return loss_dict
 
     def get_image_metrics_and_images(
