@@ -71,8 +71,8 @@ def transmittance(optical_depth: Float[Tensor, "n"], ray_indices: Int[Tensor, "n
     and each ray's offset subtracted, so that a ray's value does not depend on how much optical depth the rays
     before it hold. Each ray's first sample is found by a binary search in the sorted ray indices: nothing waits
     for the GPU (a histogram of the rays would)."""
-    running = torch.cumsum(optical_depth.double().clamp(max=OPAQUE_OPTICAL_DEPTH), dim=0)
-    before = running - optical_depth.double().clamp(max=OPAQUE_OPTICAL_DEPTH)  # exclusive running sum
+    capped = optical_depth.double().clamp(max=OPAQUE_OPTICAL_DEPTH)
+    before = torch.cumsum(capped, dim=0) - capped  # exclusive running sum
     first = torch.searchsorted(ray_indices, ray_indices)  # index of each sample's ray's first sample
     return torch.exp(-(before - before.index_select(0, first))).to(optical_depth.dtype)
 
