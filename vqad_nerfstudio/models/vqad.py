@@ -342,8 +342,8 @@ class VQADModel(Model):
                 raise TrainingDiverged(
                     f"the training loss is {float(self._last_loss)} at step {step}: the model's parameters are no "
                     "longer finite and further steps cannot recover them. Restart from an earlier checkpoint "
-                    "(--load-dir) or with lower learning rates (--optimizers.GROUP.optimizer.lr; ns-train vqad --help lists "
-                    "the groups)."
+                    "(--load-dir) or with lower learning rates (--optimizers.GROUP.optimizer.lr; ns-train vqad "
+                    "--help lists the groups)."
                 )
 
         return [
