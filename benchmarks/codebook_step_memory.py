@@ -1,7 +1,7 @@
 """Peak memory of one training step of an 8-bit codebook store: the straight-through codewords of every row and
 the index rate term, forward and backward (what a vqad step adds per level on top of the field).
 
-    python benchmarks/codebook_step_memory.py --rows 1000000
+    python benchmarks/codebook_step_memory.py --rows 1000000 [--no-fuse-rate]
 
 On CUDA it reports the device's peak allocation above the parameters and their gradients, on the CPU the growth
 of the process's peak resident memory (run it in a fresh process).
@@ -24,12 +24,15 @@ class Args:
     """Vertices of the store (lego's five levels hold about 1.1 million)."""
     index_bits: int = 8
     """Bits per index: 2**index_bits logits per row."""
+    fuse_rate: bool = True
+    """Compute the rate in the table's pass (vqad's training does when the rate weight is > 0)."""
 
 
 def main(args: Args) -> None:
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     store = CodebookFeatures(args.rows, index_bits=args.index_bits, feature_dim=16).to("cuda" if cuda else "cpu")
+    store.fuse_rate = args.fuse_rate
     store.logits.grad = torch.zeros_like(store.logits)  # the gradient buffer exists after a first step
     if cuda:
         torch.cuda.synchronize()

@@ -71,6 +71,33 @@ def test_fused_interpolation_matches_reference(store: str) -> None:
         torch.testing.assert_close(fused[2][name], reference[2][name], rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_fused_interpolation_with_the_rate_in_the_tables_pass_matches_reference() -> None:
+    """Stores that compute the index rate in the kernel path's table pass (``fuse_rate``): the loss with the rate
+    has the reference path's gradients, step after step (each step's rate comes from that step's table)."""
+    generator = torch.Generator().manual_seed(4)
+    grid = _grid("codebook", generator)
+    stores = [level.features for level in grid.levels]
+    for store in stores:
+        store.fuse_rate = True
+    points = (torch.rand(6000 // SCALE, 3, generator=generator)).to(DEVICE)
+    lods = torch.full((points.shape[0],), grid.num_levels - 1, device=DEVICE)
+    grad_out = torch.randn(points.shape[0], 16, generator=generator).to(DEVICE)
+    for _ in range(2):
+        grads = []
+        for fused in (False, True):
+            grid.fused = fused
+            grid.zero_grad(set_to_none=True)
+            features, _ = grid(points, lods)
+            ((features * grad_out).sum() + 0.1 * sum(store.index_rate_bits() for store in stores)).backward()
+            grads.append({name: p.grad.clone() for name, p in grid.named_parameters() if p.grad is not None})
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-4, msg=name)
+        with torch.no_grad():  # an optimiser step
+            for parameter in grid.parameters():
+                if parameter.grad is not None:
+                    parameter.sub_(0.1 * parameter.grad)
+
+
 def test_fused_interpolation_of_an_empty_batch() -> None:
     grid = _grid("float", torch.Generator().manual_seed(1))
     points = torch.zeros(0, 3, device=DEVICE)

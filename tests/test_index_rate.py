@@ -8,6 +8,7 @@ import torch
 from nerfstudio.data.scene_box import SceneBox
 
 from vqad_nerfstudio.codec import encode_categorical
+from vqad_nerfstudio.encodings import vertex_features
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 
@@ -127,3 +128,25 @@ def test_chunked_softmax_gradients_equal_plain_autograd(monkeypatch, rows: int) 
     assert float(value) == pytest.approx(float(plain()), rel=1e-10, abs=1e-10)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_rate_fused_with_the_table_has_the_same_values_and_gradients():
+    """``fuse_rate``: the table's pass computes the rate too; values and gradients equal the separate computation
+    (float64), and a rate left over from before an optimiser step is not used."""
+    losses = {}
+    for fuse in (False, True):
+        torch.manual_seed(3)
+        store = CodebookFeatures(700, index_bits=3, feature_dim=2, logit_init_std=1.0).double()
+        store.fuse_rate, store.temperature = fuse, 0.7
+        loss = store.table().square().sum() + 0.3 * store.index_rate_bits()
+        loss.backward()
+        losses[fuse] = (loss.detach(), store.logits.grad.clone(), store.codebook.grad.clone())
+        if fuse:
+            assert store._rate_of_table is None  # consumed
+            store.table()
+            with torch.no_grad():
+                store.logits.add_(1.0)  # an optimiser step
+            stale = store.index_rate_bits()
+            torch.testing.assert_close(stale, vertex_features.soft_index_rate_bits(store.logits, store.temperature))
+    for separate, fused in zip(losses[False], losses[True]):
+        torch.testing.assert_close(separate, fused)
