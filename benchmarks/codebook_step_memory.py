@@ -31,8 +31,8 @@ class Args:
 def main(args: Args) -> None:
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
-    store = CodebookFeatures(args.rows, index_bits=args.index_bits, feature_dim=16).to("cuda" if cuda else "cpu")
-    store.fuse_rate = args.fuse_rate
+    store = CodebookFeatures(args.rows, args.index_bits, feature_dim=16, fuse_rate=args.fuse_rate)
+    store = store.to("cuda" if cuda else "cpu")
     store.logits.grad = torch.zeros_like(store.logits)  # the gradient buffer exists after a first step
     if cuda:
         torch.cuda.synchronize()

@@ -28,11 +28,11 @@ def full_precision_matmul():
     torch.set_float32_matmul_precision(before)
 
 
-def _grid(store: str, generator: torch.Generator) -> SparseFeatureGrid:
+def _grid(store: str, generator: torch.Generator, fuse_rate: bool = False) -> SparseFeatureGrid:
     def make(level: int, rows: int):
         if store == "float":
             return FloatFeatures(rows, 16, init_std=1.0)
-        features = CodebookFeatures(rows, 4, 16, logit_init_std=1.0, codebook_init_std=1.0)
+        features = CodebookFeatures(rows, 4, 16, logit_init_std=1.0, codebook_init_std=1.0, fuse_rate=fuse_rate)
         features.temperature = 0.5
         return features
 
@@ -75,10 +75,8 @@ def test_fused_interpolation_with_the_rate_in_the_tables_pass_matches_reference(
     """Stores that compute the index rate in the kernel path's table pass (``fuse_rate``): the loss with the rate
     has the reference path's gradients, step after step (each step's rate comes from that step's table)."""
     generator = torch.Generator().manual_seed(4)
-    grid = _grid("codebook", generator)
+    grid = _grid("codebook", generator, fuse_rate=True)
     stores = [level.features for level in grid.levels]
-    for store in stores:
-        store.fuse_rate = True
     points = (torch.rand(6000 // SCALE, 3, generator=generator)).to(DEVICE)
     lods = torch.full((points.shape[0],), grid.num_levels - 1, device=DEVICE)
     grad_out = torch.randn(points.shape[0], 16, generator=generator).to(DEVICE)

@@ -78,6 +78,7 @@ def test_model_adds_the_rate_loss_only_when_asked_and_after_the_float_warm_up():
         config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8, index_rate_weight=weight)
         model = config.setup(scene_box=box, num_train_data=1)
         model.train()
+        assert all(level.features.fuse_rate == (weight > 0) for level in model.grid.levels)  # one gradient buffer
         assert "index_rate" not in model.get_loss_dict(outputs, batch)  # the float warm-up has no indices yet
         for level in model.grid.levels:
             level.features.quantize_float_warmup()
@@ -136,8 +137,8 @@ def test_rate_fused_with_the_table_has_the_same_values_and_gradients():
     losses = {}
     for fuse in (False, True):
         torch.manual_seed(3)
-        store = CodebookFeatures(700, index_bits=3, feature_dim=2, logit_init_std=1.0).double()
-        store.fuse_rate, store.temperature = fuse, 0.7
+        store = CodebookFeatures(700, index_bits=3, feature_dim=2, logit_init_std=1.0, fuse_rate=fuse).double()
+        store.temperature = 0.7
         loss = store.table().square().sum() + 0.3 * store.index_rate_bits()
         loss.backward()
         losses[fuse] = (loss.detach(), store.logits.grad.clone(), store.codebook.grad.clone())

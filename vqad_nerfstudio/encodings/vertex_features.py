@@ -345,13 +345,12 @@ class CodebookFeatures(FeatureStore):
     ``frozen=True`` holds every row's index as an int32 (the ``indices`` buffer) instead of ``2**index_bits`` float
     logits (``logits`` is None): what a decoded file holds, in memory in proportion to the file. The codebook can
     still train; the indices cannot, and there is no warm-up.
+
+    ``fuse_rate=True`` computes the index rate in :meth:`table`'s pass (for a loss with the rate term).
     """
 
     temperature: float = 1.0
     relaxed: bool = False
-    fuse_rate: bool = False
-    """Whether :meth:`table` in training also computes the index rate, which the next :meth:`index_rate_bits`
-    returns: both gradients then share one buffer (with 8-bit indices 1 GB per million rows less at the peak)."""
 
     def __init__(
         self,
@@ -362,6 +361,7 @@ class CodebookFeatures(FeatureStore):
         codebook_init_std: float = 0.01,
         float_warmup: bool = False,
         frozen: bool = False,
+        fuse_rate: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= index_bits <= 16:
@@ -382,6 +382,9 @@ class CodebookFeatures(FeatureStore):
         self.codebook = nn.Parameter(torch.randn(2**index_bits, feature_dim) * codebook_init_std)
         warmup_rows = num_rows if float_warmup and not frozen else 0
         self.warmup_features = nn.Parameter(torch.randn(warmup_rows, feature_dim) * codebook_init_std)
+        self.fuse_rate = fuse_rate
+        """Whether :meth:`table` in training also computes the index rate, which the next :meth:`index_rate_bits`
+        returns: both gradients then share one buffer (with 8-bit indices 1 GB per million rows less at the peak)."""
         self._rate_of_table: Optional[Tuple[Tensor, int]] = None
         """The rate the last :meth:`table` computed, and the logits' version it belongs to."""
 

@@ -291,6 +291,7 @@ class VQADModel(Model):
                 cfg.feature_dim,
                 float_warmup=cfg.index_warmup == "float",
                 frozen=cfg.frozen_indices,
+                fuse_rate=cfg.index_rate_weight > 0,  # the rate term is computed with the table (one buffer)
             )
 
         return make
@@ -371,7 +372,6 @@ class VQADModel(Model):
             if isinstance(level.features, CodebookFeatures):
                 level.features.temperature = start ** (1.0 - progress) * end**progress if soft else end
                 level.features.relaxed = soft and step < warmup
-                level.features.fuse_rate = self.config.index_rate_weight > 0
 
     def _quantize_float_warmup(self, optimizers: Optional[Optimizers] = None) -> List[RowRemap]:
         """End a float warm-up: each level's float rows become its codebook and indices (importance-weighted k-means;
