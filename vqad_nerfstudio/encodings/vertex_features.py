@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
+from vqad_nerfstudio.kernels import relaxed_indices
 
 ROW_CHUNK = 1 << 17
 """Rows per chunk of the softmax gradients below: their temporaries stay at ``ROW_CHUNK x 2**b`` values whatever
@@ -34,25 +35,50 @@ def _row_chunks(*tensors: Tensor) -> Iterator[Tuple[Tensor, ...]]:
 
 
 def relaxed_logit_grad(
-    logits: Float[Tensor, "m c"], grad_soft: Float[Tensor, "m c"], temperature: float
+    logits: Float[Tensor, "m c"],
+    temperature: float,
+    grad_soft: Optional[Float[Tensor, "m c"]] = None,
+    grad_rows: Optional[Float[Tensor, "m k"]] = None,
+    codebook: Optional[Float[Tensor, "c k"]] = None,
+    grad_share: Optional[Float[Tensor, "c"]] = None,
 ) -> Float[Tensor, "m c"]:
-    """Gradient of the logits through ``softmax(logits / temperature)``, given the gradient of the softmax.
+    """Gradient of the logits through ``softmax(logits / temperature)``, given the gradient of the softmax as the sum
+    of ``grad_soft``, ``grad_rows @ codebook.T`` and ``grad_share`` (one value per codeword, for every row), any of
+    them absent.
 
-    Computed in chunks of rows, in place: ``grad_soft`` (a temporary of the caller's) is overwritten and returned."""
-    for chunk_logits, chunk_grad in _row_chunks(logits, grad_soft):
+    ``grad_soft`` (a temporary of the caller's), if given, is overwritten and returned; nothing else of the logits'
+    size is allocated. On the GPU one kernel pass (:mod:`vqad_nerfstudio.kernels.relaxed_indices`), else in chunks
+    of rows."""
+    if relaxed_indices.available(logits):
+        return relaxed_indices.relaxed_logit_grad(logits, temperature, grad_soft, grad_rows, codebook, grad_share)
+    out = grad_soft if grad_soft is not None else torch.zeros_like(logits)
+    for start, (chunk_logits, chunk_grad) in zip(range(0, logits.shape[0], ROW_CHUNK), _row_chunks(logits, out)):
+        if grad_rows is not None:
+            chunk_grad += grad_rows[start : start + ROW_CHUNK] @ codebook.t()
+        if grad_share is not None:
+            chunk_grad += grad_share
         soft = torch.softmax(chunk_logits / temperature, dim=-1)
         chunk_grad.sub_((soft * chunk_grad).sum(dim=-1, keepdim=True)).mul_(soft).div_(temperature)
-    return grad_soft
+    return out
+
+
+def hard_indices_and_shares(
+    logits: Float[Tensor, "m c"], temperature: float, with_shares: bool = True
+) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
+    """Each row's hard index (argmax) and, with ``with_shares``, the mean of the rows' ``softmax(logits /
+    temperature)`` (else an empty tensor). On the GPU one kernel pass over the logits, else in chunks of rows."""
+    if relaxed_indices.available(logits):
+        hard, sums = relaxed_indices.hard_indices_and_shares(logits, temperature, with_shares)
+    else:
+        hard = logits.argmax(dim=-1)
+        sums = logits.new_zeros(logits.shape[-1] if with_shares else 0)
+        for (chunk,) in _row_chunks(logits) if with_shares else ():
+            sums += torch.softmax(chunk / temperature, dim=-1).sum(dim=0)
+    return hard, sums / max(logits.shape[0], 1) if with_shares else sums
 
 
 _MIN_SHARE = 1e-12
 """Smallest codeword share inside the rate's logarithm (an unused codeword costs nothing, not -inf)."""
-
-
-def _soft_index_shares(logits: Float[Tensor, "m c"], temperature: float) -> Float[Tensor, "c"]:
-    """Mean of the rows' ``softmax(logits / temperature)``, recomputed in chunks of rows."""
-    counts = sum(torch.softmax(chunk / temperature, dim=-1).sum(dim=0) for (chunk,) in _row_chunks(logits))
-    return counts / max(logits.shape[0], 1)
 
 
 def _order_zero_bits(shares: Float[Tensor, "c"], num_rows: int) -> Float[Tensor, ""]:
@@ -72,7 +98,7 @@ class _OrderZeroRate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
-        shares = _soft_index_shares(logits, temperature)
+        _, shares = hard_indices_and_shares(logits, temperature)
         ctx.save_for_backward(logits, shares)
         ctx.temperature = temperature
         return _order_zero_bits(shares, logits.shape[0])
@@ -80,8 +106,8 @@ class _OrderZeroRate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], None]:  # type: ignore[override]
         logits, shares = ctx.saved_tensors
-        grad_soft = _order_zero_soft_grad(shares, grad_out).expand_as(logits).clone()
-        return relaxed_logit_grad(logits, grad_soft, ctx.temperature), None
+        grad_share = _order_zero_soft_grad(shares, grad_out)
+        return relaxed_logit_grad(logits, ctx.temperature, grad_share=grad_share), None
 
 
 def soft_index_rate_bits(logits: Float[Tensor, "m c"], temperature: float) -> Float[Tensor, ""]:
@@ -105,8 +131,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, logits: Tensor, codebook: Tensor, temperature: float, with_rate: bool
     ) -> Tuple[Tensor, Tensor]:
-        hard = logits.argmax(dim=-1)
-        shares = _soft_index_shares(logits, temperature) if with_rate else logits.new_zeros(0)
+        hard, shares = hard_indices_and_shares(logits, temperature, with_rate)
         ctx.save_for_backward(hard, logits, codebook, shares)
         ctx.temperature, ctx.with_rate = temperature, with_rate
         ctx.set_materialize_grads(False)
@@ -121,10 +146,10 @@ class _StraightThroughCodewords(torch.autograd.Function):
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_bits is not None):
-            grad_soft = grad_out @ codebook.t() if grad_out is not None else torch.zeros_like(logits)
-            if grad_bits is not None:
-                grad_soft += _order_zero_soft_grad(shares, grad_bits)
-            grad_logits = relaxed_logit_grad(logits, grad_soft, ctx.temperature)
+            grad_share = _order_zero_soft_grad(shares, grad_bits) if grad_bits is not None else None
+            grad_logits = relaxed_logit_grad(
+                logits, ctx.temperature, None, grad_out, None if grad_out is None else codebook, grad_share
+            )
         if ctx.needs_input_grad[1] and grad_out is not None:
             grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
         return grad_logits, grad_codebook, None, None
@@ -211,7 +236,7 @@ class _InterpolatedCodewords(torch.autograd.Function):
             for chunk_first, chunk_entries, chunk_grad in zip(*chunks):
                 per_lookup = (windows.index_select(0, chunk_first) * chunk_grad[:, None, :]).sum(dim=-1)
                 grad_soft.index_add_(0, chunk_entries, per_lookup)
-            grad_logits = relaxed_logit_grad(logits, grad_soft, ctx.temperature)
+            grad_logits = relaxed_logit_grad(logits, ctx.temperature, grad_soft)
         return grad_logits, grad_codebook, None, None, grad_weights, None, None
 
 

@@ -242,7 +242,7 @@ class _FusedLookup(torch.autograd.Function):
                 CANDIDATES=candidates, WIDTH=width, WIDTH_POW2=width_pow2, BLOCK=block,
                 NEED_CODEBOOKS=need_codebooks, NEED_SOFT=need_logits,
             )  # fmt: skip
-        grad_logits = relaxed_logit_grad(logits, grad_soft, ctx.temperature) if need_logits else None
+        grad_logits = relaxed_logit_grad(logits, ctx.temperature, grad_soft) if need_logits else None
         return grad_codebooks, grad_logits, None, None, None, None, None, None
 
 

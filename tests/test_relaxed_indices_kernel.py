@@ -1,0 +1,123 @@
+"""The learned indices' softmax kernels against their PyTorch references (hard indices, soft-index shares, logit
+gradients, and a straight-through step with the rate through both).
+
+These run where CUDA and Triton are present, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqad_nerfstudio.encodings import vertex_features
+from vqad_nerfstudio.kernels import relaxed_indices, runs_on
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROWS = 5000 if DEVICE == "cuda" else 700  # the interpreter is slow
+pytestmark = pytest.mark.skipif(
+    not runs_on(torch.empty(0, device=DEVICE)), reason="needs Triton with CUDA, or Triton's interpreter"
+)
+
+
+@pytest.fixture(autouse=True)
+def full_precision_matmul():
+    """The reference multiplies matrices: compare in full float32."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    """Calls the PyTorch reference of vertex_features' functions (the kernels made unavailable) on demand."""
+
+    def call(function, *args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setattr(relaxed_indices, "available", lambda logits: False)
+            return function(*args, **kwargs)
+
+    return call
+
+
+def _logits(rows: int, codewords: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, codewords, generator=generator) * 3
+    if rows > 2:
+        logits[1] = 0.5  # a tie everywhere: the first codeword, as torch.argmax
+        logits[2, codewords // 2 :] = logits[2].max() + 1  # a tie in the second half
+    return logits.to(DEVICE)
+
+
+@pytest.mark.parametrize("codewords", [16, 256])
+@pytest.mark.parametrize("rows", [0, 1, ROWS])
+def test_hard_indices_and_shares_match_reference(reference, rows: int, codewords: int) -> None:
+    logits = _logits(rows, codewords)
+    assert relaxed_indices.available(logits)
+    hard, shares = vertex_features.hard_indices_and_shares(logits, 0.3)
+    expected_hard, expected_shares = reference(vertex_features.hard_indices_and_shares, logits, 0.3)
+    assert torch.equal(hard, expected_hard)
+    torch.testing.assert_close(shares, expected_shares, rtol=1e-5, atol=1e-7)
+    if rows:
+        torch.testing.assert_close(shares.sum(), torch.ones((), device=DEVICE))
+    hard_only, no_shares = vertex_features.hard_indices_and_shares(logits, 0.3, with_shares=False)
+    assert torch.equal(hard_only, expected_hard) and no_shares.numel() == 0
+
+
+@pytest.mark.parametrize("codewords", [16, 256])
+@pytest.mark.parametrize("inputs", ["soft", "rows", "share", "soft+rows+share", "rows+share"])
+def test_logit_grad_matches_reference(reference, inputs: str, codewords: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = _logits(ROWS, codewords)
+
+    def arguments():
+        grad_soft = torch.randn(ROWS, codewords, generator=generator).to(DEVICE) if "soft" in inputs else None
+        grad_rows = torch.randn(ROWS, 16, generator=generator).to(DEVICE) if "rows" in inputs else None
+        codebook = torch.randn(codewords, 16, generator=generator).to(DEVICE) if "rows" in inputs else None
+        share = torch.randn(codewords, generator=generator).to(DEVICE) if "share" in inputs else None
+        return grad_soft, grad_rows, codebook, share
+
+    generator.manual_seed(1)
+    got = vertex_features.relaxed_logit_grad(logits, 0.7, *arguments())
+    generator.manual_seed(1)
+    expected = reference(vertex_features.relaxed_logit_grad, logits, 0.7, *arguments())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # a softmax gradient sums to zero over each row's codewords
+    torch.testing.assert_close(got.sum(dim=-1), torch.zeros(ROWS, device=DEVICE), rtol=0, atol=1e-4)
+
+
+def test_logit_grad_overwrites_grad_soft_and_checks_its_arguments() -> None:
+    logits = _logits(40, 16)
+    grad_soft = torch.randn(40, 16, device=DEVICE)
+    assert relaxed_indices.relaxed_logit_grad(logits, 1.0, grad_soft) is grad_soft
+    with pytest.raises(ValueError, match="come together"):
+        relaxed_indices.relaxed_logit_grad(logits, 1.0, grad_rows=torch.zeros(40, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        relaxed_indices.relaxed_logit_grad(logits, 1.0, torch.zeros(16, 40, device=DEVICE).t())
+
+
+def test_empty_logits_have_empty_gradients() -> None:
+    logits = _logits(0, 256)
+    assert relaxed_indices.relaxed_logit_grad(logits, 1.0, grad_share=torch.ones(256, device=DEVICE)).shape == (0, 256)
+
+
+@pytest.mark.parametrize("fuse_rate", [False, True])
+def test_straight_through_step_with_rate_matches_reference(reference, fuse_rate: bool) -> None:
+    """A straight-through lookup and the index rate (fused in one pass or separate): the same table, rate and
+    gradients of logits and codebook as the reference."""
+    generator = torch.Generator().manual_seed(2)
+    logits0 = _logits(ROWS, 256)
+    codebook0 = torch.randn(256, 16, generator=generator).to(DEVICE)
+    grad_table = torch.randn(ROWS, 16, generator=generator).to(DEVICE)
+
+    def step():
+        logits, codebook = logits0.clone().requires_grad_(), codebook0.clone().requires_grad_()
+        if fuse_rate:
+            table, bits = vertex_features.straight_through_codewords_and_rate(logits, codebook, 0.2)
+        else:
+            table = vertex_features.straight_through_codewords(logits, codebook, 0.2)
+            bits = vertex_features.soft_index_rate_bits(logits, 0.2)
+        ((table * grad_table).sum() + 1e-3 * bits).backward()
+        return table.detach(), bits.detach(), logits.grad, codebook.grad
+
+    for got, expected in zip(step(), reference(step)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

@@ -1,0 +1,184 @@
+"""The softmax side of learned indices on the GPU (Triton): hard indices with the soft indices' column sums, and the
+logits' gradient through the softmax, each in one pass over the ``[rows, 2**b]`` logits.
+
+With 8-bit indices the logits are 256 floats per vertex, and a training step's PyTorch path walks them about twenty
+times (argmax, softmax for the rate, and in the backward pass the codeword products, the softmax recomputed and
+its Jacobian, op by op and chunk by chunk). Here the forward pass reads the logits once, and the backward pass
+reads them once and writes their gradient once, the only ``[rows, 2**b]`` tensor it allocates.
+
+:mod:`vqad_nerfstudio.encodings.vertex_features` uses these on CUDA tensors when Triton imports; its PyTorch
+functions are the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from vqad_nerfstudio.kernels import runs_on
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path is used
+    triton = None
+
+MAX_CODEWORDS = 4096
+"""Largest codebook (``2**b``) the kernels take: a block holds whole rows of logits in registers."""
+_TILE = 2048
+"""Logits per block (rows x codewords, whole rows)."""
+_ROWS_PER_PROGRAM = 1024
+"""Rows one program of the forward kernel sums its soft indices over (one partial sum each)."""
+
+
+def available(logits: Tensor) -> bool:
+    """Whether the kernels can run on ``logits`` (float32 on their device, see :func:`runs_on`; at most
+    MAX_CODEWORDS columns)."""
+    return runs_on(logits) and logits.dtype == torch.float32 and logits.shape[-1] <= MAX_CODEWORDS
+
+
+if triton is not None:
+
+    @triton.jit
+    def _softmax_rows(logits, first_row, n_rows, inv_temperature, C: tl.constexpr, C_POW2: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+        """A block of rows from ``first_row``: their ids, which exist, the logits and ``softmax(logits * inv_t)``
+        (0 outside the block's existing rows and columns)."""
+        row = first_row + tl.arange(0, BLOCK)
+        row_ok = row < n_rows
+        column = tl.arange(0, C_POW2)
+        mask = row_ok[:, None] & (column < C)[None, :]
+        x = tl.load(logits + row[:, None].to(tl.int64) * C + column[None, :], mask=mask, other=float("-inf"))
+        scaled = x * inv_temperature
+        peak = tl.where(row_ok, tl.max(scaled, axis=1), 0.0)
+        exponentials = tl.where(mask, tl.exp(scaled - peak[:, None]), 0.0)
+        total = tl.where(row_ok, tl.sum(exponentials, axis=1), 1.0)
+        return row, row_ok, column, mask, x, exponentials / total[:, None]
+
+    @triton.jit
+    def _hard_and_shares_kernel(
+        logits,
+        hard,
+        partial_sums,
+        n_rows,
+        inv_temperature,
+        C: tl.constexpr,
+        C_POW2: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ROWS_PER_PROGRAM: tl.constexpr,
+        WITH_SHARES: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        sums = tl.zeros((C_POW2,), dtype=tl.float32)
+        for start in range(0, ROWS_PER_PROGRAM, BLOCK):
+            row, row_ok, column, mask, x, soft = _softmax_rows(
+                logits, program * ROWS_PER_PROGRAM + start, n_rows, inv_temperature, C, C_POW2, BLOCK
+            )
+            tl.store(hard + row, tl.argmax(x, axis=1).to(tl.int64), mask=row_ok)
+            if WITH_SHARES:
+                sums += tl.sum(soft, axis=0)
+        if WITH_SHARES:
+            column = tl.arange(0, C_POW2)
+            tl.store(partial_sums + program * C + column, sums, mask=column < C)
+
+    @triton.jit
+    def _logit_grad_kernel(
+        logits,
+        grad_soft,
+        grad_rows,
+        codebook,
+        grad_share,
+        out,
+        n_rows,
+        inv_temperature,
+        C: tl.constexpr,
+        C_POW2: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK: tl.constexpr,
+        HAS_SOFT: tl.constexpr,
+        HAS_ROWS: tl.constexpr,
+        HAS_SHARE: tl.constexpr,
+    ):
+        row, row_ok, column, mask, _, soft = _softmax_rows(
+            logits, tl.program_id(0) * BLOCK, n_rows, inv_temperature, C, C_POW2, BLOCK
+        )
+        offsets = row[:, None].to(tl.int64) * C + column[None, :]
+        column_ok = column < C
+        if HAS_SOFT:
+            grad = tl.load(grad_soft + offsets, mask=mask, other=0.0)
+        else:
+            grad = tl.zeros((BLOCK, C_POW2), dtype=tl.float32)
+        if HAS_ROWS:  # grad_rows @ codebook.T, one feature channel at a time (K is small)
+            for k in range(K):
+                row_grad = tl.load(grad_rows + row.to(tl.int64) * K + k, mask=row_ok, other=0.0)
+                codeword = tl.load(codebook + column * K + k, mask=column_ok, other=0.0)
+                grad += row_grad[:, None] * codeword[None, :]
+        if HAS_SHARE:
+            grad += tl.load(grad_share + column, mask=column_ok, other=0.0)[None, :]
+        expected = tl.sum(soft * grad, axis=1)
+        tl.store(out + offsets, soft * (grad - expected[:, None]) * inv_temperature, mask=mask)
+
+
+def _block_rows(codewords: int) -> Tuple[int, int]:
+    """The column tile (a power of two) and the rows per block for ``codewords`` columns."""
+    columns = triton.next_power_of_2(codewords)
+    return columns, max(1, _TILE // columns)
+
+
+def hard_indices_and_shares(
+    logits: Float[Tensor, "m c"], temperature: float, with_shares: bool
+) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
+    """``logits.argmax(-1)`` and, with ``with_shares``, the column sums of ``softmax(logits / temperature)``
+    (else an empty tensor), in one read of the logits. Sums are per ROWS_PER_PROGRAM rows, then added in a fixed
+    order: the same logits give the same sums."""
+    logits = logits.detach().contiguous()
+    rows, codewords = logits.shape
+    hard = torch.empty(rows, dtype=torch.long, device=logits.device)
+    programs = triton.cdiv(rows, _ROWS_PER_PROGRAM)
+    partial_sums = torch.zeros(programs if with_shares else 0, codewords, device=logits.device)
+    if rows:
+        columns, block = _block_rows(codewords)
+        _hard_and_shares_kernel[(programs,)](
+            logits, hard, partial_sums, rows, 1.0 / temperature,
+            C=codewords, C_POW2=columns, BLOCK=block, ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM, WITH_SHARES=with_shares,
+        )  # fmt: skip
+    shares = partial_sums.sum(dim=0) if with_shares else logits.new_zeros(0)
+    return hard, shares
+
+
+def relaxed_logit_grad(
+    logits: Float[Tensor, "m c"],
+    temperature: float,
+    grad_soft: Optional[Float[Tensor, "m c"]] = None,
+    grad_rows: Optional[Float[Tensor, "m k"]] = None,
+    codebook: Optional[Float[Tensor, "c k"]] = None,
+    grad_share: Optional[Float[Tensor, "c"]] = None,
+) -> Float[Tensor, "m c"]:
+    """Gradient of the logits through ``softmax(logits / temperature)`` given the gradient of the softmax, the sum
+    of ``grad_soft``, ``grad_rows @ codebook.T`` and ``grad_share`` (one value per codeword, every row), any of them
+    absent. ``grad_soft``, if given, is overwritten and returned."""
+    logits = logits.detach().contiguous()
+    rows, codewords = logits.shape
+    if grad_soft is not None and not grad_soft.is_contiguous():
+        raise ValueError("grad_soft must be contiguous (it is overwritten with the result)")
+    out = grad_soft if grad_soft is not None else torch.empty_like(logits)
+    has_rows = grad_rows is not None
+    if has_rows != (codebook is not None):
+        raise ValueError("grad_rows and codebook come together")
+    grad_rows = grad_rows.contiguous().float() if has_rows else logits.new_zeros(0)
+    codebook = codebook.detach().contiguous().float() if has_rows else logits.new_zeros(0)
+    share = grad_share.contiguous().float() if grad_share is not None else logits.new_zeros(0)
+    if rows:
+        columns, block = _block_rows(codewords)
+        _logit_grad_kernel[(triton.cdiv(rows, block),)](
+            logits, out, grad_rows, codebook, share, out, rows, 1.0 / temperature,
+            C=codewords, C_POW2=columns, K=codebook.shape[-1] if has_rows else 1, BLOCK=block,
+            HAS_SOFT=grad_soft is not None, HAS_ROWS=has_rows, HAS_SHARE=grad_share is not None,
+        )  # fmt: skip
+    return out
+
+
+__all__ = ["MAX_CODEWORDS", "available", "hard_indices_and_shares", "relaxed_logit_grad"]
