@@ -69,6 +69,13 @@ def test_rate_weight_trades_error_for_smaller_coded_indices():
     assert errors[0] < errors[1] < errors[2]
 
 
+def test_reference_path_models_keep_the_indices_softmax_off_the_kernels():
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8, fused_kernels=False)
+    model = config.setup(scene_box=box, num_train_data=1)
+    assert not model.grid.fused and not any(level.features.use_kernels for level in model.grid.levels)
+
+
 def test_model_adds_the_rate_loss_only_when_asked_and_after_the_float_warm_up():
     box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
     rays = 64
@@ -79,6 +86,7 @@ def test_model_adds_the_rate_loss_only_when_asked_and_after_the_float_warm_up():
         model = config.setup(scene_box=box, num_train_data=1)
         model.train()
         assert all(level.features.fuse_rate == (weight > 0) for level in model.grid.levels)  # one gradient buffer
+        assert all(level.features.use_kernels for level in model.grid.levels)
         assert "index_rate" not in model.get_loss_dict(outputs, batch)  # the float warm-up has no indices yet
         for level in model.grid.levels:
             level.features.quantize_float_warmup()

@@ -121,3 +121,18 @@ def test_straight_through_step_with_rate_matches_reference(reference, fuse_rate:
 
     for got, expected in zip(step(), reference(step)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_use_kernel_false_keeps_the_reference(monkeypatch) -> None:
+    def unexpected(*args, **kwargs):
+        raise AssertionError("the kernel ran")
+
+    monkeypatch.setattr(relaxed_indices, "relaxed_logit_grad", unexpected)
+    monkeypatch.setattr(relaxed_indices, "hard_indices_and_shares", unexpected)
+    logits = _logits(50, 16).requires_grad_()
+    table, bits = vertex_features.straight_through_codewords_and_rate(
+        logits, torch.ones(16, 4, device=DEVICE), 0.5, False
+    )
+    (table.sum() + bits).backward()
+    with pytest.raises(AssertionError, match="the kernel ran"):
+        vertex_features.soft_index_rate_bits(logits, 0.5)

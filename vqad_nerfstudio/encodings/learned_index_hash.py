@@ -247,6 +247,7 @@ class LearnedIndexHashEncoding(Encoding):
             weights,
             codebook_size,
             self.temperature,
+            use_kernel=self.fused,
         )  # [n, levels, features]
         return features.reshape(*batch_shape, self.get_out_dim())
 

@@ -41,15 +41,16 @@ def relaxed_logit_grad(
     grad_rows: Optional[Float[Tensor, "m k"]] = None,
     codebook: Optional[Float[Tensor, "c k"]] = None,
     grad_share: Optional[Float[Tensor, "c"]] = None,
+    use_kernel: bool = True,
 ) -> Float[Tensor, "m c"]:
     """Gradient of the logits through ``softmax(logits / temperature)``, given the gradient of the softmax as the sum
     of ``grad_soft``, ``grad_rows @ codebook.T`` and ``grad_share`` (one value per codeword, for every row), any of
     them absent.
 
     ``grad_soft`` (a temporary of the caller's), if given, is overwritten and returned; nothing else of the logits'
-    size is allocated. On the GPU one kernel pass (:mod:`vqad_nerfstudio.kernels.relaxed_indices`), else in chunks
-    of rows."""
-    if relaxed_indices.available(logits):
+    size is allocated. On the GPU (``use_kernel``) one kernel pass (:mod:`vqad_nerfstudio.kernels.relaxed_indices`),
+    else in chunks of rows."""
+    if use_kernel and relaxed_indices.available(logits):
         return relaxed_indices.relaxed_logit_grad(logits, temperature, grad_soft, grad_rows, codebook, grad_share)
     out = grad_soft if grad_soft is not None else torch.zeros_like(logits)
     for start, (chunk_logits, chunk_grad) in zip(range(0, logits.shape[0], ROW_CHUNK), _row_chunks(logits, out)):
@@ -63,11 +64,12 @@ def relaxed_logit_grad(
 
 
 def hard_indices_and_shares(
-    logits: Float[Tensor, "m c"], temperature: float, with_shares: bool = True
+    logits: Float[Tensor, "m c"], temperature: float, with_shares: bool = True, use_kernel: bool = True
 ) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
     """Each row's hard index (argmax) and, with ``with_shares``, the mean of the rows' ``softmax(logits /
-    temperature)`` (else an empty tensor). On the GPU one kernel pass over the logits, else in chunks of rows."""
-    if relaxed_indices.available(logits):
+    temperature)`` (else an empty tensor). On the GPU (``use_kernel``) one kernel pass over the logits, else in chunks
+    of rows."""
+    if use_kernel and relaxed_indices.available(logits):
         hard, sums = relaxed_indices.hard_indices_and_shares(logits, temperature, with_shares)
     else:
         hard = logits.argmax(dim=-1)
@@ -97,23 +99,25 @@ class _OrderZeroRate(torch.autograd.Function):
     chunks of rows in both passes instead of being kept: no ``[m, c]`` activation."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
-        _, shares = hard_indices_and_shares(logits, temperature)
+    def forward(ctx, logits: Tensor, temperature: float, use_kernel: bool) -> Tensor:  # type: ignore[override]
+        _, shares = hard_indices_and_shares(logits, temperature, use_kernel=use_kernel)
         ctx.save_for_backward(logits, shares)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.use_kernel = temperature, use_kernel
         return _order_zero_bits(shares, logits.shape[0])
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], None]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], None, None]:  # type: ignore[override]
         logits, shares = ctx.saved_tensors
         grad_share = _order_zero_soft_grad(shares, grad_out)
-        return relaxed_logit_grad(logits, ctx.temperature, grad_share=grad_share), None
+        return relaxed_logit_grad(logits, ctx.temperature, grad_share=grad_share, use_kernel=ctx.use_kernel), None, None
 
 
-def soft_index_rate_bits(logits: Float[Tensor, "m c"], temperature: float) -> Float[Tensor, ""]:
+def soft_index_rate_bits(
+    logits: Float[Tensor, "m c"], temperature: float, use_kernel: bool = True
+) -> Float[Tensor, ""]:
     """Bits of an order-0 code of the soft indices ``softmax(logits / temperature)`` under their own marginal,
     differentiable (see :meth:`CodebookFeatures.index_rate_bits`)."""
-    return _OrderZeroRate.apply(logits, temperature)
+    return _OrderZeroRate.apply(logits, temperature, use_kernel)
 
 
 class _StraightThroughCodewords(torch.autograd.Function):
@@ -129,11 +133,11 @@ class _StraightThroughCodewords(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits: Tensor, codebook: Tensor, temperature: float, with_rate: bool
+        ctx, logits: Tensor, codebook: Tensor, temperature: float, with_rate: bool, use_kernel: bool
     ) -> Tuple[Tensor, Tensor]:
-        hard, shares = hard_indices_and_shares(logits, temperature, with_rate)
+        hard, shares = hard_indices_and_shares(logits, temperature, with_rate, use_kernel)
         ctx.save_for_backward(hard, logits, codebook, shares)
-        ctx.temperature, ctx.with_rate = temperature, with_rate
+        ctx.temperature, ctx.with_rate, ctx.use_kernel = temperature, with_rate, use_kernel
         ctx.set_materialize_grads(False)
         bits = _order_zero_bits(shares, logits.shape[0]) if with_rate else logits.new_zeros(())
         return codebook.index_select(0, hard), bits
@@ -141,34 +145,40 @@ class _StraightThroughCodewords(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_out: Optional[Tensor], grad_bits: Optional[Tensor]
-    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None]:
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None]:
         hard, logits, codebook, shares = ctx.saved_tensors
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_bits is not None):
             grad_share = _order_zero_soft_grad(shares, grad_bits) if grad_bits is not None else None
             grad_logits = relaxed_logit_grad(
-                logits, ctx.temperature, None, grad_out, None if grad_out is None else codebook, grad_share
+                logits,
+                ctx.temperature,
+                None,
+                grad_out,
+                None if grad_out is None else codebook,
+                grad_share,
+                ctx.use_kernel,
             )
         if ctx.needs_input_grad[1] and grad_out is not None:
             grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
-        return grad_logits, grad_codebook, None, None
+        return grad_logits, grad_codebook, None, None, None
 
 
 def straight_through_codewords(
-    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0
+    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0, use_kernel: bool = True
 ) -> Float[Tensor, "m k"]:
     """Chosen codewords of every row, ``codebook[argmax(logits)]``, with straight-through softmax gradients
     to the logits and the chosen codewords."""
-    return _StraightThroughCodewords.apply(logits, codebook, temperature, False)[0]
+    return _StraightThroughCodewords.apply(logits, codebook, temperature, False, use_kernel)[0]
 
 
 def straight_through_codewords_and_rate(
-    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0
+    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0, use_kernel: bool = True
 ) -> Tuple[Float[Tensor, "m k"], Float[Tensor, ""]]:
     """:func:`straight_through_codewords` and :func:`soft_index_rate_bits` in one pass: equal values and gradients,
     one gradient buffer and one softmax recomputation for both."""
-    return _StraightThroughCodewords.apply(logits, codebook, temperature, True)
+    return _StraightThroughCodewords.apply(logits, codebook, temperature, True, use_kernel)
 
 
 def nonzero_gradient_lookups(grad: Float[Tensor, "n k"], *indices: Int[Tensor, "n"]) -> Tuple[Tensor, ...]:
@@ -208,10 +218,11 @@ class _InterpolatedCodewords(torch.autograd.Function):
         weights: Tensor,
         codebook_size: int,
         temperature: float,
+        use_kernel: bool,
     ) -> Tensor:
         rows = candidate_rows(first, logits.argmax(dim=-1)[entries], codebook_size)
         ctx.save_for_backward(logits, codebook, entries, first, weights, rows)
-        ctx.codebook_size, ctx.temperature = codebook_size, temperature
+        ctx.codebook_size, ctx.temperature, ctx.use_kernel = codebook_size, temperature, use_kernel
         return (codebook[rows] * weights[..., None]).sum(dim=-2)  # tiny matrices: a batched matmul is far slower
 
     @staticmethod
@@ -236,8 +247,8 @@ class _InterpolatedCodewords(torch.autograd.Function):
             for chunk_first, chunk_entries, chunk_grad in zip(*chunks):
                 per_lookup = (windows.index_select(0, chunk_first) * chunk_grad[:, None, :]).sum(dim=-1)
                 grad_soft.index_add_(0, chunk_entries, per_lookup)
-            grad_logits = relaxed_logit_grad(logits, ctx.temperature, grad_soft)
-        return grad_logits, grad_codebook, None, None, grad_weights, None, None
+            grad_logits = relaxed_logit_grad(logits, ctx.temperature, grad_soft, use_kernel=ctx.use_kernel)
+        return grad_logits, grad_codebook, None, None, grad_weights, None, None, None
 
 
 _BACKWARD_CHUNK = 1 << 21
@@ -252,6 +263,7 @@ def interpolated_codewords(
     weights: Float[Tensor, "*b corners"],
     codebook_size: int,
     temperature: float = 1.0,
+    use_kernel: bool = True,
 ) -> Float[Tensor, "*b k"]:
     """``sum_corners weights * codebook[candidate_rows(first, argmax(logits[entries]))]``, with straight-through
     softmax gradients to the logits, gradients to the chosen codewords and to the weights.
@@ -259,7 +271,9 @@ def interpolated_codewords(
     ``codebook`` is one or more codebooks of ``codebook_size`` rows concatenated; each lookup chooses among
     the ``c`` rows from ``first`` on, with the logits of its index entry.
     """
-    return _InterpolatedCodewords.apply(logits, codebook, entries, first, weights, codebook_size, temperature)
+    return _InterpolatedCodewords.apply(
+        logits, codebook, entries, first, weights, codebook_size, temperature, use_kernel
+    )
 
 
 def soft_codewords(
@@ -275,16 +289,23 @@ def straight_through_lookup(
     codebook: Float[Tensor, "c k"],
     temperature: float = 1.0,
     relaxed: bool = False,
+    use_kernel: bool = True,
 ) -> Float[Tensor, "n k"]:
     """Codewords of ``rows``, with straight-through gradients (computed per row, not per lookup).
 
-    ``relaxed=True`` returns the soft codewords instead (soft-to-hard annealing warm-up).
+    ``relaxed=True`` returns the soft codewords instead (soft-to-hard annealing warm-up). ``use_kernel``: the
+    softmax side on the GPU by :mod:`vqad_nerfstudio.kernels.relaxed_indices` (else the PyTorch reference).
     """
-    per_row = soft_codewords if relaxed else straight_through_codewords
+
+    def per_row(row_logits: Tensor) -> Tensor:
+        if relaxed:
+            return soft_codewords(row_logits, codebook, temperature)
+        return straight_through_codewords(row_logits, codebook, temperature, use_kernel)
+
     if rows.numel() < logits.shape[0]:  # few lookups: relax only the rows that are used
         used, inverse = torch.unique(rows, return_inverse=True)
-        return per_row(logits.index_select(0, used), codebook, temperature).index_select(0, inverse)
-    return per_row(logits, codebook, temperature).index_select(0, rows)
+        return per_row(logits.index_select(0, used)).index_select(0, inverse)
+    return per_row(logits).index_select(0, rows)
 
 
 class FeatureStore(nn.Module):
@@ -372,6 +393,7 @@ class CodebookFeatures(FeatureStore):
     still train; the indices cannot, and there is no warm-up.
 
     ``fuse_rate=True`` computes the index rate in :meth:`table`'s pass (for a loss with the rate term).
+    ``use_kernels=False`` keeps the softmax side of the indices on the PyTorch reference path on a GPU too.
     """
 
     temperature: float = 1.0
@@ -387,6 +409,7 @@ class CodebookFeatures(FeatureStore):
         float_warmup: bool = False,
         frozen: bool = False,
         fuse_rate: bool = False,
+        use_kernels: bool = True,
     ) -> None:
         super().__init__()
         if not 1 <= index_bits <= 16:
@@ -410,6 +433,8 @@ class CodebookFeatures(FeatureStore):
         self.fuse_rate = fuse_rate
         """Whether :meth:`table` in training also computes the index rate, which the next :meth:`index_rate_bits`
         returns: both gradients then share one buffer (with 8-bit indices 1 GB per million rows less at the peak)."""
+        self.use_kernels = use_kernels
+        """Whether the softmax side of the indices runs as :mod:`vqad_nerfstudio.kernels.relaxed_indices` on a GPU."""
         self._rate_of_table: Optional[Tuple[Tensor, int]] = None
         """The rate the last :meth:`table` computed, and the logits' version it belongs to."""
 
@@ -430,7 +455,7 @@ class CodebookFeatures(FeatureStore):
         relaxed = self.relaxed and self.training
         if not torch.is_grad_enabled() and not relaxed:
             return self.codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
-        return straight_through_lookup(rows, self.logits, self.codebook, self.temperature, relaxed)
+        return straight_through_lookup(rows, self.logits, self.codebook, self.temperature, relaxed, self.use_kernels)
 
     def table(self) -> Float[Tensor, "m k"]:
         if self.in_float_warmup:
@@ -442,10 +467,12 @@ class CodebookFeatures(FeatureStore):
         if not torch.is_grad_enabled():
             return self.codebook.index_select(0, self.logits.argmax(dim=-1))
         if self.fuse_rate and self.training:
-            table, rate = straight_through_codewords_and_rate(self.logits, self.codebook, self.temperature)
+            table, rate = straight_through_codewords_and_rate(
+                self.logits, self.codebook, self.temperature, self.use_kernels
+            )
             self._rate_of_table = rate, self.logits._version
             return table
-        return straight_through_codewords(self.logits, self.codebook, self.temperature)
+        return straight_through_codewords(self.logits, self.codebook, self.temperature, self.use_kernels)
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores."""
@@ -465,7 +492,7 @@ class CodebookFeatures(FeatureStore):
         pending, self._rate_of_table = self._rate_of_table, None
         if pending is not None and pending[1] == self.logits._version:
             return pending[0]
-        return soft_index_rate_bits(self.logits, self.temperature)
+        return soft_index_rate_bits(self.logits, self.temperature, self.use_kernels)
 
     @torch.no_grad()
     def load_codewords(self, codebook: Float[Tensor, "c k"], indices: Int[Tensor, "m"]) -> None:

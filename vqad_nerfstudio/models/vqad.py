@@ -106,8 +106,9 @@ class VQADModelConfig(ModelConfig):
     early_stop_eps: float = 1e-4
     """Packed sampling ends a ray once its transmittance falls below this (0: never)."""
     fused_kernels: bool = True
-    """On CUDA, interpolate the grid with the fused Triton kernel when Triton is installed; False: the PyTorch
-    reference path everywhere."""
+    """On CUDA, when Triton is installed, interpolate the grid with the fused Triton kernel and compute the indices'
+    softmax side (hard indices, rate, logit gradients) with the relaxed-index kernels; False: the PyTorch reference
+    path everywhere."""
     tf32: bool = True
     """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
     set_float32_matmul_precision("high"), which applies to the whole process."""
@@ -292,6 +293,7 @@ class VQADModel(Model):
                 float_warmup=cfg.index_warmup == "float",
                 frozen=cfg.frozen_indices,
                 fuse_rate=cfg.index_rate_weight > 0,  # the rate term is computed with the table (one buffer)
+                use_kernels=cfg.fused_kernels,
             )
 
         return make
