@@ -59,6 +59,9 @@ class BenchmarkConfig:
     """Where runs, checkpoints and results.json go."""
     max_eval_views: int = 25
     """Eval views rendered per method (from the test split)."""
+    eval_chunk_sizes: Tuple[int, ...] = ()
+    """Also time the eval views with these rays per chunk (the model's eval_num_rays_per_chunk; reported as
+    eval_rays_per_s_by_chunk)."""
     lod_eval_views: int = 5
     """Eval views rendered per level of detail of each decoded compressed file (0: skip per-LOD evaluation)."""
     hash_sizes: Tuple[int, ...] = ()
@@ -434,6 +437,18 @@ def _evaluate(
     return sum(psnrs) / len(psnrs), sum(ssims) / len(ssims), rays / seconds
 
 
+def _eval_speed_by_chunk(pipeline, bench: BenchmarkConfig) -> Dict[int, float]:
+    """Eval rays per second over the same views at each of ``bench.eval_chunk_sizes`` rays per chunk."""
+    model, speeds = pipeline.model, {}
+    default = model.config.eval_num_rays_per_chunk
+    for size in bench.eval_chunk_sizes:
+        model.config.eval_num_rays_per_chunk = size
+        speeds[size] = _evaluate(model, pipeline.datamanager.eval_dataset, pipeline.device, bench.max_eval_views)[2]
+        print(f"eval with {size} rays per chunk: {speeds[size] / 1e3:.0f}k rays/s", flush=True)
+    model.config.eval_num_rays_per_chunk = default
+    return speeds
+
+
 def _in_float_warmup(model) -> bool:
     """Whether a vqad run stopped before its indices exist (its levels still read float warm-up rows)."""
     from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
@@ -549,6 +564,7 @@ def main(bench: BenchmarkConfig) -> None:
             bench.max_eval_views,
             eval_profile if method in bench.profile else None,
         )
+        by_chunk = _eval_speed_by_chunk(pipeline, bench)
         row = {
             "method": method,
             "psnr": psnr,
@@ -559,6 +575,7 @@ def main(bench: BenchmarkConfig) -> None:
             "late_ms_per_step": late_ms,
             "train_rays_per_s": trainer.pipeline.datamanager.config.train_num_rays_per_batch * steps / seconds,
             "eval_rays_per_s": rays_per_s,
+            **({"eval_rays_per_s_by_chunk": by_chunk} if by_chunk else {}),
             "peak_mem_mib": peak,
             "checkpoint_bytes": checkpoint.stat().st_size,
         }
