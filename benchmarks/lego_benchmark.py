@@ -437,14 +437,19 @@ def _evaluate(
     return sum(psnrs) / len(psnrs), sum(ssims) / len(ssims), rays / seconds
 
 
-def _eval_speed_by_chunk(pipeline, bench: BenchmarkConfig) -> Dict[int, float]:
-    """Eval rays per second over the same views at each of ``bench.eval_chunk_sizes`` rays per chunk."""
+def _eval_speed_by_chunk(pipeline, bench: BenchmarkConfig) -> Dict[int, Dict[str, float]]:
+    """Eval rays per second and peak memory (MiB, on CUDA) over the same views at each of
+    ``bench.eval_chunk_sizes`` rays per chunk."""
     model, speeds = pipeline.model, {}
     default = model.config.eval_num_rays_per_chunk
     for size in bench.eval_chunk_sizes:
         model.config.eval_num_rays_per_chunk = size
-        speeds[size] = _evaluate(model, pipeline.datamanager.eval_dataset, pipeline.device, bench.max_eval_views)[2]
-        print(f"eval with {size} rays per chunk: {speeds[size] / 1e3:.0f}k rays/s", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        rays_per_s = _evaluate(model, pipeline.datamanager.eval_dataset, pipeline.device, bench.max_eval_views)[2]
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else math.nan
+        speeds[size] = {"eval_rays_per_s": rays_per_s, "peak_mem_mib": peak}
+        print(f"eval with {size} rays per chunk: {rays_per_s / 1e3:.0f}k rays/s, peak {peak:.0f} MiB", flush=True)
     model.config.eval_num_rays_per_chunk = default
     return speeds
 
