@@ -127,3 +127,18 @@ def test_relaxed_store_is_soft_in_training_mode_only():
         assert not torch.allclose(store(rows), hard)
     store.eval()
     assert torch.equal(store(rows), hard)
+
+
+def test_eval_lookups_share_one_hard_table_until_the_mode_or_parameters_change() -> None:
+    store = CodebookFeatures(50, index_bits=3, feature_dim=2, logit_init_std=1.0).eval()
+    with torch.no_grad():
+        first = store.table()
+        assert store.table() is first
+        store.codebook.add_(1.0)  # an in-place change bumps the version
+        changed = store.table()
+        assert changed is not first and torch.allclose(changed, first + 1.0)
+        store.codebook.data.add_(1.0)  # as a fused optimiser step does: no version bump
+        store.train().eval()  # a training stretch ends every cached table
+        assert torch.allclose(store.table(), first + 2.0)
+        store.train()
+        assert store.table() is not store.table()  # training mode: no cache

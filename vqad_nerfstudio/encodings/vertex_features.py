@@ -437,10 +437,17 @@ class CodebookFeatures(FeatureStore):
         """Whether the softmax side of the indices runs as :mod:`vqad_nerfstudio.kernels.relaxed_indices` on a GPU."""
         self._rate_of_table: Optional[Tuple[Tensor, int]] = None
         """The rate the last :meth:`table` computed, and the logits' version it belongs to."""
+        self._hard_table: Optional[Tuple[Tuple, Tensor]] = None
+        """In eval mode, the hard table of the first lookup without gradients, and the parameters' state it belongs to
+        (kept until the mode changes or the parameters are replaced: renders then share one table)."""
 
     @property
     def num_rows(self) -> int:
         return self.indices.shape[0] if self.frozen else self.logits.shape[0]
+
+    def train(self, mode: bool = True) -> "CodebookFeatures":
+        self._hard_table = None  # optimisers may change the parameters in place without a version bump (fused Adam)
+        return super().train(mode)
 
     @property
     def in_float_warmup(self) -> bool:
@@ -465,7 +472,12 @@ class CodebookFeatures(FeatureStore):
         if self.relaxed and self.training:
             return soft_codewords(self.logits, self.codebook, self.temperature)
         if not torch.is_grad_enabled():
-            return self.codebook.index_select(0, self.logits.argmax(dim=-1))
+            if self.training:
+                return self.codebook.index_select(0, self.logits.argmax(dim=-1))
+            state = tuple((t.data_ptr(), t._version, t.shape) for t in (self.logits, self.codebook))
+            if self._hard_table is None or self._hard_table[0] != state:
+                self._hard_table = state, self.codebook.index_select(0, self.logits.argmax(dim=-1))
+            return self._hard_table[1]
         if self.fuse_rate and self.training:
             table, rate = straight_through_codewords_and_rate(
                 self.logits, self.codebook, self.temperature, self.use_kernels
@@ -524,12 +536,14 @@ class CodebookFeatures(FeatureStore):
         self.codebook.data = centroids.to(self.codebook.dtype)
         self.logits.data = (-costs).to(self.logits.dtype)
         self.logits.grad = self.codebook.grad = None
+        self._hard_table = None
         old = self.warmup_features
         self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))
         return [(old, self.warmup_features)]
 
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         device, rows = self.codebook.device, source_rows.shape[0]
+        self._hard_table = None
         if self.frozen:
             keep = source_rows >= 0
             indices = torch.zeros(rows, dtype=self.indices.dtype, device=device)
