@@ -497,7 +497,9 @@ class CodebookFeatures(FeatureStore):
         index): ``sum_rows sum_c soft[r, c] * -log2(mean_soft[c])``. For one-hot rows this is the coded size
         of the hard indices under their own histogram; lowering it concentrates the indices on fewer codewords.
         Frozen indices have no such estimate (``RuntimeError``). After a :meth:`table` that computed it
-        (``fuse_rate``) for the logits as they are, that one, once.
+        (``fuse_rate``) for the logits as they are, that one, once. "As they are" is the logits' version, which
+        in-place updates bump but torch's fused Adam does not: read the rate in the step that computed the table
+        (the model does).
         """
         if self.frozen:
             raise RuntimeError("frozen indices cannot be trained, so they have no rate estimate")
