@@ -136,3 +136,31 @@ def test_use_kernel_false_keeps_the_reference(monkeypatch) -> None:
     (table.sum() + bits).backward()
     with pytest.raises(AssertionError, match="the kernel ran"):
         vertex_features.soft_index_rate_bits(logits, 0.5)
+
+
+@pytest.mark.parametrize("exp_avg_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, ROWS])
+def test_in_backward_adam_matches_reference(reference, rows: int, exp_avg_dtype: torch.dtype) -> None:
+    from vqad_nerfstudio.optim import AdamStep
+
+    codewords, width = 256, 4
+    generator = torch.Generator().manual_seed(3)
+    grad_rows = torch.randn(rows, width, generator=generator).to(DEVICE)
+    codebook = torch.randn(codewords, width, generator=generator).to(DEVICE)
+    grad_share = torch.randn(codewords, generator=generator).to(DEVICE)
+
+    def updated(call):
+        logits = _logits(rows, codewords)
+        moments = (torch.full_like(logits, 0.01, dtype=exp_avg_dtype), torch.full_like(logits, 1e-4))
+        update = AdamStep(*moments, lr=0.05, beta1=0.9, beta2=0.999, eps=1e-15, weight_decay=0.01, step=3)
+        call(vertex_features.relaxed_logit_adam_, logits, 0.4, update, grad_rows, codebook, grad_share)
+        return logits, *moments
+
+    kernel = updated(lambda function, *args: function(*args))
+    expected = updated(reference)
+    for value, want in zip(kernel, expected):  # bfloat16 moments may round the other way: one unit apart
+        assert value.dtype == want.dtype
+        rtol = 2**-7 if value.dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(value.float(), want.float(), rtol=rtol, atol=1e-6)
+    if rows:
+        assert not torch.equal(kernel[0], _logits(rows, codewords))

@@ -18,6 +18,8 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import comms
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from vqad_nerfstudio.optim import InBackwardAdam
+
 if TYPE_CHECKING:
     from nerfstudio.models.base_model import ModelConfig
 
@@ -92,6 +94,26 @@ class FusedAdamOptimizerConfig(AdamOptimizerConfig):
     per step than the default multi-tensor Adam, same update."""
 
 
+@dataclass
+class InBackwardAdamOptimizerConfig(AdamOptimizerConfig):
+    """Adam whose update the index logits' backward pass applies as it computes their gradient
+    (:class:`vqad_nerfstudio.optim.InBackwardAdam`): the gradient of 2**b logits per vertex is never stored."""
+
+    _target: Type = InBackwardAdam
+    exp_avg_dtype: str = "bfloat16"
+    """dtype of Adam's first moment (a running mean moving by 10% a step: bfloat16 holds it)."""
+    exp_avg_sq_dtype: str = "float32"
+    """dtype of Adam's second moment (moving by 0.1% a step, below bfloat16's resolution: keep float32)."""
+    in_backward: bool = True
+    """Apply the update in the backward pass (False: store the gradient and update in the optimiser step, as
+    torch's Adam; needed for gradient clipping or accumulation)."""
+
+    def setup(self, params) -> "InBackwardAdam":
+        if self.in_backward and self.max_norm is not None:
+            raise ValueError("gradient clipping (max_norm) needs the gradient: set in_backward False for its group")
+        return super().setup(params)
+
+
 def shorten_schedules(config: TrainerConfig) -> None:
     """Make every learning-rate schedule longer than the run decay over the run's steps instead (longer runs keep
     theirs and train on at the final rate)."""
@@ -109,10 +131,12 @@ def base_trainer_config(
     steps: int = STEPS,
     decay_steps: Optional[Mapping[str, int]] = None,
     device_note: str = "",
+    in_backward_groups: Tuple[str, ...] = (),
 ) -> "TrainerConfig":
     """nerfstudio-format data (any parser through its subcommand) drawn on the device where it fits, the checked
-    pipeline, ``steps`` steps, Adam (fused on CUDA) per parameter group decaying exponentially from its first to its
-    last learning rate over ``decay_steps[group]`` steps (default: ``steps``), on CUDA when present, else on the CPU."""
+    pipeline, ``steps`` steps, Adam (fused on CUDA; updated in the backward pass for ``in_backward_groups``) per
+    parameter group decaying exponentially from its first to its last learning rate over ``decay_steps[group]``
+    steps (default: ``steps``), on CUDA when present, else on the CPU."""
     import torch
     from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
@@ -124,7 +148,11 @@ def base_trainer_config(
     cuda = torch.cuda.is_available()
     optimizers = {
         group: {
-            "optimizer": FusedAdamOptimizerConfig(lr=first, eps=1e-15, fused=cuda),
+            "optimizer": (
+                InBackwardAdamOptimizerConfig(lr=first, eps=1e-15)
+                if group in in_backward_groups
+                else FusedAdamOptimizerConfig(lr=first, eps=1e-15, fused=cuda)
+            ),
             "scheduler": ExponentialDecaySchedulerConfig(
                 lr_final=last, max_steps=(decay_steps or {}).get(group, steps)
             ),

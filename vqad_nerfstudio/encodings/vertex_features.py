@@ -15,6 +15,7 @@ either, and a grid can prune rows (``remap``) without knowing which store it hol
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
 from vqad_nerfstudio.kernels import relaxed_indices
+from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update
 
 ROW_CHUNK = 1 << 17
 """Rows per chunk of the softmax gradients below: their temporaries stay at ``ROW_CHUNK x 2**b`` values whatever
@@ -61,6 +63,30 @@ def relaxed_logit_grad(
         soft = torch.softmax(chunk_logits / temperature, dim=-1)
         chunk_grad.sub_((soft * chunk_grad).sum(dim=-1, keepdim=True)).mul_(soft).div_(temperature)
     return out
+
+
+def relaxed_logit_adam_(
+    logits: Float[Tensor, "m c"],
+    temperature: float,
+    update: AdamStep,
+    grad_rows: Optional[Float[Tensor, "m k"]] = None,
+    codebook: Optional[Float[Tensor, "c k"]] = None,
+    grad_share: Optional[Float[Tensor, "c"]] = None,
+    use_kernel: bool = True,
+) -> None:
+    """Adam's ``update`` of ``logits`` in place from the gradient :func:`relaxed_logit_grad` gives for the same
+    arguments, without allocating that gradient: on the GPU (``use_kernel``) tile by tile in one kernel pass, else
+    ROW_CHUNK rows at a time."""
+    logits = logits.detach()
+    if use_kernel and relaxed_indices.available(logits):
+        relaxed_indices.relaxed_logit_adam_(logits, temperature, update, grad_rows, codebook, grad_share)
+        return
+    for start in range(0, logits.shape[0], ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        chunk_rows = None if grad_rows is None else grad_rows[rows]
+        grad = relaxed_logit_grad(logits[rows], temperature, None, chunk_rows, codebook, grad_share, False)
+        chunk_update = replace(update, exp_avg=update.exp_avg[rows], exp_avg_sq=update.exp_avg_sq[rows])
+        adam_update_(logits[rows], grad, chunk_update)
 
 
 def hard_indices_and_shares(
@@ -129,6 +155,10 @@ class _StraightThroughCodewords(torch.autograd.Function):
     recomputes the softmax. Callers gather per-sample rows from the result, so memory never grows
     with ``N * c * k``. With the rate, both gradients of the logits share one ``[m, c]`` buffer and one softmax
     pass instead of two of each.
+
+    Logits whose optimiser is an :class:`~vqad_nerfstudio.optim.InBackwardAdam` are updated here, as their gradient
+    is computed, and get no ``.grad`` (their version is bumped: autograd then refuses any other backward pass that
+    saved them).
     """
 
     @staticmethod
@@ -138,6 +168,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
         hard, shares = hard_indices_and_shares(logits, temperature, with_rate, use_kernel)
         ctx.save_for_backward(hard, logits, codebook, shares)
         ctx.temperature, ctx.with_rate, ctx.use_kernel = temperature, with_rate, use_kernel
+        ctx.optimizer, ctx.logits = pending_update(logits), logits
         ctx.set_materialize_grads(False)
         bits = _order_zero_bits(shares, logits.shape[0]) if with_rate else logits.new_zeros(())
         return codebook.index_select(0, hard), bits
@@ -151,15 +182,13 @@ class _StraightThroughCodewords(torch.autograd.Function):
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_bits is not None):
             grad_share = _order_zero_soft_grad(shares, grad_bits) if grad_bits is not None else None
-            grad_logits = relaxed_logit_grad(
-                logits,
-                ctx.temperature,
-                None,
-                grad_out,
-                None if grad_out is None else codebook,
-                grad_share,
-                ctx.use_kernel,
-            )
+            terms = (grad_out, None if grad_out is None else codebook, grad_share)
+            if ctx.optimizer is not None:
+                update = ctx.optimizer.begin_update(ctx.logits)
+                relaxed_logit_adam_(logits, ctx.temperature, update, *terms, ctx.use_kernel)
+                torch.autograd.graph.increment_version(ctx.logits)
+            else:
+                grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms, ctx.use_kernel)
         if ctx.needs_input_grad[1] and grad_out is not None:
             grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
         return grad_logits, grad_codebook, None, None, None

@@ -12,13 +12,16 @@ functions are the reference the tests compare against.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from vqad_nerfstudio.kernels import runs_on
+
+if TYPE_CHECKING:
+    from vqad_nerfstudio.optim import AdamStep
 
 try:
     import triton
@@ -92,8 +95,16 @@ if triton is not None:
         codebook,
         grad_share,
         out,
+        exp_avg,
+        exp_avg_sq,
         n_rows,
         inv_temperature,
+        step_size,
+        beta1,
+        beta2,
+        eps,
+        sqrt_bias2,
+        weight_decay,
         C: tl.constexpr,
         C_POW2: tl.constexpr,
         K: tl.constexpr,
@@ -101,8 +112,11 @@ if triton is not None:
         HAS_SOFT: tl.constexpr,
         HAS_ROWS: tl.constexpr,
         HAS_SHARE: tl.constexpr,
+        ADAM: tl.constexpr,
     ):
-        row, row_ok, column, mask, _, soft = _softmax_rows(
+        """The logits' gradient into ``out``, or with ``ADAM`` Adam's update of the logits (``out`` is the logits) and
+        of their moments from it, tile by tile: the gradient is never stored."""
+        row, row_ok, column, mask, x, soft = _softmax_rows(
             logits, tl.program_id(0) * BLOCK, n_rows, inv_temperature, C, C_POW2, BLOCK
         )
         offsets = row[:, None].to(tl.int64) * C + column[None, :]
@@ -119,7 +133,18 @@ if triton is not None:
         if HAS_SHARE:
             grad += tl.load(grad_share + column, mask=column_ok, other=0.0)[None, :]
         expected = tl.sum(soft * grad, axis=1)
-        tl.store(out + offsets, soft * (grad - expected[:, None]) * inv_temperature, mask=mask)
+        grad = soft * (grad - expected[:, None]) * inv_temperature
+        if ADAM:  # torch.optim.Adam's arithmetic, in float32; the moments are stored in their own dtype
+            x = tl.where(mask, x, 0.0)
+            grad += weight_decay * x
+            m = tl.load(exp_avg + offsets, mask=mask, other=0.0).to(tl.float32) * beta1 + (1.0 - beta1) * grad
+            v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0).to(tl.float32) * beta2
+            v += (1.0 - beta2) * grad * grad
+            tl.store(out + offsets, x - step_size * m / (tl.sqrt(v) / sqrt_bias2 + eps), mask=mask)
+            tl.store(exp_avg + offsets, m.to(exp_avg.dtype.element_ty), mask=mask)
+            tl.store(exp_avg_sq + offsets, v.to(exp_avg_sq.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out + offsets, grad, mask=mask)
 
 
 def _block_rows(codewords: int) -> Tuple[int, int]:
@@ -165,20 +190,65 @@ def relaxed_logit_grad(
     if grad_soft is not None and not grad_soft.is_contiguous():
         raise ValueError("grad_soft must be contiguous (it is overwritten with the result)")
     out = grad_soft if grad_soft is not None else torch.empty_like(logits)
-    has_rows = grad_rows is not None
-    if has_rows != (codebook is not None):
-        raise ValueError("grad_rows and codebook come together")
-    grad_rows = grad_rows.contiguous().float() if has_rows else logits.new_zeros(0)
-    codebook = codebook.detach().contiguous().float() if has_rows else logits.new_zeros(0)
-    share = grad_share.contiguous().float() if grad_share is not None else logits.new_zeros(0)
-    if rows:
-        columns, block = _block_rows(codewords)
-        _logit_grad_kernel[(triton.cdiv(rows, block),)](
-            logits, out, grad_rows, codebook, share, out, rows, 1.0 / temperature,
-            C=codewords, C_POW2=columns, K=codebook.shape[-1] if has_rows else 1, BLOCK=block,
-            HAS_SOFT=grad_soft is not None, HAS_ROWS=has_rows, HAS_SHARE=grad_share is not None,
-        )  # fmt: skip
+    grad_rows, codebook, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
+    _launch_logit_grad(logits, temperature, out, grad_soft is not None, grad_rows, codebook, share, None)
     return out
 
 
-__all__ = ["MAX_CODEWORDS", "available", "hard_indices_and_shares", "relaxed_logit_grad"]
+def relaxed_logit_adam_(
+    logits: Float[Tensor, "m c"],
+    temperature: float,
+    update: "AdamStep",
+    grad_rows: Optional[Float[Tensor, "m k"]] = None,
+    codebook: Optional[Float[Tensor, "c k"]] = None,
+    grad_share: Optional[Float[Tensor, "c"]] = None,
+) -> None:
+    """Adam's ``update`` of ``logits`` (and of its moments) in place from the gradient :func:`relaxed_logit_grad`
+    gives for the same arguments, without storing that gradient. ``logits`` and the moments must be contiguous."""
+    if not (logits.is_contiguous() and update.exp_avg.is_contiguous() and update.exp_avg_sq.is_contiguous()):
+        raise ValueError("the logits and their moments must be contiguous (they are updated in place)")
+    grad_rows, codebook, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
+    _launch_logit_grad(logits.detach(), temperature, logits.detach(), False, grad_rows, codebook, share, update)
+
+
+def _gradient_terms(
+    logits: Tensor, grad_rows: Optional[Tensor], codebook: Optional[Tensor], grad_share: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The kernel's operands for the softmax's gradient terms, empty where absent."""
+    if (grad_rows is None) != (codebook is None):
+        raise ValueError("grad_rows and codebook come together")
+    empty = logits.new_zeros(0)
+    share = empty if grad_share is None else grad_share.contiguous().float()
+    if grad_rows is None:
+        return empty, empty, share
+    return grad_rows.contiguous().float(), codebook.detach().contiguous().float(), share
+
+
+def _launch_logit_grad(
+    logits: Tensor,
+    temperature: float,
+    out: Tensor,
+    has_soft: bool,
+    grad_rows: Tensor,
+    codebook: Tensor,
+    share: Tensor,
+    update: Optional["AdamStep"],
+) -> None:
+    rows, codewords = logits.shape
+    if not rows:
+        return
+    columns, block = _block_rows(codewords)
+    moments = (update.exp_avg, update.exp_avg_sq) if update is not None else (out, out)
+    scalars = (
+        (update.step_size, update.beta1, update.beta2, update.eps, update.sqrt_bias2, update.weight_decay)
+        if update is not None
+        else (0.0, 0.0, 0.0, 1.0, 1.0, 0.0)
+    )
+    _logit_grad_kernel[(triton.cdiv(rows, block),)](
+        logits, out, grad_rows, codebook, share, out, *moments, rows, 1.0 / temperature, *scalars,
+        C=codewords, C_POW2=columns, K=codebook.shape[-1] if grad_rows.numel() else 1, BLOCK=block,
+        HAS_SOFT=has_soft, HAS_ROWS=grad_rows.numel() > 0, HAS_SHARE=share.numel() > 0, ADAM=update is not None,
+    )  # fmt: skip
+
+
+__all__ = ["MAX_CODEWORDS", "available", "hard_indices_and_shares", "relaxed_logit_adam_", "relaxed_logit_grad"]

@@ -51,6 +51,7 @@ from vqad_nerfstudio.models.limits import (
     check_real,
 )
 from vqad_nerfstudio.models.size_accounting import stored_kib
+from vqad_nerfstudio.optim import InBackwardAdam
 from vqad_nerfstudio.rendering import packed
 
 allow_nerfstudio_checkpoints()
@@ -618,8 +619,11 @@ def _remap_optimizer_state(optimizers, remap: RowRemap) -> None:
     keep = remap.source_rows >= 0
     for old, new in remap.swaps:
         for optimizer in optimizers:
+            owned = any(p is old for group in optimizer.param_groups for p in group["params"])
             for group in optimizer.param_groups:
                 group["params"] = [new if p is old else p for p in group["params"]]
+            if owned and isinstance(optimizer, InBackwardAdam):
+                optimizer.adopt(new)
             state = optimizer.state.pop(old, None)
             if not state:
                 continue
