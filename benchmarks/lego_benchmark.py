@@ -106,7 +106,7 @@ REFERENCE_PATH = {
 }
 """What a ``METHOD@ref`` row changes (before any --overrides): the plain-PyTorch reference path of vqad and
 vqad-float, at the batch and chunk sizes it used before the fast path, with nerfstudio's pixel sampling and ray
-generation on the CPU (and Adam not fused: see ``_trainer_config``)."""
+generation on the CPU (and Adam neither fused nor applied in the backward pass: see ``_trainer_config``)."""
 
 
 OBJECT_SCENE_SETTINGS = {
@@ -189,9 +189,10 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
             raise SystemExit(f"{method}: only vqad and vqad-float have a reference path (@ref)")
         for path, value in REFERENCE_PATH.items():
             _apply_override(config, path, value)
-        for group in config.optimizers.values():
-            if hasattr(group["optimizer"], "fused"):
-                group["optimizer"].fused = False
+        for group in config.optimizers.values():  # torch's plain Adam: not fused, gradients stored
+            for flag in ("fused", "in_backward"):
+                if hasattr(group["optimizer"], flag):
+                    setattr(group["optimizer"], flag, False)
     for key, value in bench.overrides.items():
         for name in (method, base):  # METHOD@TAG.path, or METHOD.path for every tag of METHOD
             if key.startswith(name + "."):
