@@ -136,3 +136,33 @@ def test_gradient_clipping_needs_ordinary_gradients() -> None:
         InBackwardAdamOptimizerConfig(lr=0.1, max_norm=1.0).setup(params)
     optimizer = InBackwardAdamOptimizerConfig(lr=0.1, max_norm=1.0, in_backward=False).setup(params)
     assert isinstance(optimizer, InBackwardAdam) and pending_update(params[0]) is None
+
+
+def test_nerfstudio_steps_train_a_store_through_the_in_backward_update() -> None:
+    """vqad's trainer settings with nerfstudio's optimiser loop: the logits move without a stored gradient while the
+    scheduler decays the rate their backward pass reads; the codebook keeps its ordinary gradient."""
+    from nerfstudio.engine.optimizers import Optimizers
+    from vqad_nerfstudio.method_configs.vqad import vqad_model_config, vqad_trainer_config
+
+    from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
+
+    store = CodebookFeatures(200, 4, feature_dim=3, fuse_rate=True, use_kernels=False)
+    groups = {name: params for name, params in store.parameter_groups().items() if name != "grid_features"}
+    config = vqad_trainer_config("vqad", vqad_model_config())
+    optimizers = Optimizers({name: config.optimizers[name] for name in groups}, groups)
+    scaler = torch.cuda.amp.GradScaler(enabled=False)
+    target = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+    before = store.logits.detach().clone()
+    rates = []
+    for step in range(3):
+        optimizers.zero_grad_all()
+        loss = ((store.table() - target) ** 2).sum() + 1e-3 * store.index_rate_bits()
+        loss.backward()
+        optimizers.optimizer_scaler_step_all(scaler)
+        optimizers.scheduler_step_all(step)
+        rates.append(optimizers.optimizers["grid_logits"].param_groups[0]["lr"])
+    logits_optimizer = optimizers.optimizers["grid_logits"]
+    assert isinstance(logits_optimizer, InBackwardAdam) and store.logits.grad is None
+    assert logits_optimizer.state[store.logits]["step"] == 3 and not torch.equal(store.logits, before)
+    assert rates[0] > rates[-1]  # the schedule decays the rate the backward pass reads
+    assert store.codebook.grad is not None
