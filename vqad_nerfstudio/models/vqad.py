@@ -152,10 +152,6 @@ class VQADModelConfig(ModelConfig):
     """Weight of the indices' estimated entropy-coded size (mean bits per index, see
     CodebookFeatures.index_rate_bits) in the loss: > 0 trades PSNR for smaller entropy-coded indices (the default:
     8-bit lego files 2.6x smaller than without it for 0.46 dB, 4-bit demo files 25% smaller at equal PSNR)."""
-    opacity_weight: float = 0.0
-    """Weight of the evaluated samples' summed opacity (``1 - exp(-density * delta)``, mean per ray) in the loss:
-    > 0 clears the thin haze a background tends to fill contracted space with, so that pruning empties those cells
-    and rays terminate sooner (an experiment for unbounded scenes; 0: off)."""
     coarse_lod_fraction: float = 0.1
     """Fraction of training rays rendered at a random coarser level of detail, so that every LOD prefix renders."""
     background_color: Literal["random", "last_sample", "black", "white"] = "white"
@@ -198,7 +194,6 @@ class VQADModelConfig(ModelConfig):
         for temperature in self.index_temperature:
             check_real("each index_temperature", temperature, 0.0, open_low=True)
         check_real("index_rate_weight", self.index_rate_weight, 0.0)
-        check_real("opacity_weight", self.opacity_weight, 0.0)
         check_real("coarse_lod_fraction", self.coarse_lod_fraction, 0.0, 1.0)
         if self.shell_lod is not None:
             check_int("shell_lod", self.shell_lod, -1, self.num_levels - 1)
@@ -519,15 +514,12 @@ class VQADModel(Model):
         midpoints = (samples.starts + samples.ends)[:, None] / 2
         depth = packed.accumulate(weights * midpoints, ray_indices, num_rays) / accumulation.clamp_min(1e-10)
         counts = packed.accumulate(torch.ones_like(weights), ray_indices, num_rays)  # no sync, as bincount has
-        outputs = {
+        return {
             "rgb": self.renderer_rgb(rgb=rgb, weights=weights, ray_indices=ray_indices, num_rays=num_rays),
             "accumulation": accumulation,
             "depth": depth,
             "samples_per_ray": counts,
         }
-        if self.training and self.config.opacity_weight > 0:
-            outputs["opacity"] = -torch.expm1(-density[:, 0] * samples.deltas).sum() / max(num_rays, 1)
-        return outputs
 
     def _render_dense(
         self,
@@ -549,16 +541,12 @@ class VQADModel(Model):
         density_all = torch.zeros(total, 1, device=positions.device, dtype=density.dtype).index_put((index,), density)
         rgb_all = torch.zeros(total, 3, device=positions.device, dtype=rgb.dtype).index_put((index,), rgb)
         weights = ray_samples.get_weights(density_all.reshape(num_rays, num_samples, 1))
-        outputs = {
+        return {
             "rgb": self.renderer_rgb(rgb=rgb_all.reshape(num_rays, num_samples, 3), weights=weights),
             "accumulation": self.renderer_accumulation(weights=weights),
             "depth": self.renderer_depth(weights=weights, ray_samples=ray_samples),
             "samples_per_ray": candidate.reshape(num_rays, num_samples).sum(dim=-1, keepdim=True).float(),
         }
-        if self.training and self.config.opacity_weight > 0:
-            deltas = ray_samples.deltas.reshape(-1)[index]
-            outputs["opacity"] = -torch.expm1(-density[:, 0] * deltas).sum() / max(num_rays, 1)
-        return outputs
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
         image = batch["image"].to(outputs["rgb"].device)
@@ -582,8 +570,6 @@ class VQADModel(Model):
             if stores:
                 bits = sum(store.index_rate_bits() for store in stores)
                 loss_dict["index_rate"] = self.config.index_rate_weight * bits / sum(s.num_rows for s in stores)
-        if "opacity" in outputs:
-            loss_dict["opacity"] = self.config.opacity_weight * outputs["opacity"]
         self.camera_optimizer.get_loss_dict(loss_dict)
         if self.training:
             self._last_loss = sum(loss.detach() for loss in loss_dict.values())
