@@ -6,9 +6,8 @@ first moment in bfloat16 (by default) and lets the store's backward pass apply t
 gradient, one tile of rows at a time (:func:`vqad_nerfstudio.encodings.vertex_features.relaxed_logit_adam_`), so
 that the full gradient is never allocated: 2.5 copies of the logits instead of 4. The second moment stays float32:
 its running mean moves by 0.1% of itself per step (``beta2 = 0.999``), below bfloat16's resolution (0.4%), so in
-bfloat16 it would stop decaying. Where a parameter receives an ordinary
-gradient instead (the CPU reference lookups, the rate computed on its own), :meth:`InBackwardAdam.step` applies the
-same update from ``.grad``.
+bfloat16 it would stop decaying. Where a parameter receives an ordinary gradient instead (the CPU reference
+lookups, the rate computed on its own), :meth:`InBackwardAdam.step` applies the same update from ``.grad``.
 
 Plain torch: imported by the encodings (which look up a parameter's pending update) and by the trainer config.
 """

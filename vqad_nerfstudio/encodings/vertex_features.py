@@ -168,7 +168,8 @@ class _StraightThroughCodewords(torch.autograd.Function):
         hard, shares = hard_indices_and_shares(logits, temperature, with_rate, use_kernel)
         ctx.save_for_backward(hard, logits, codebook, shares)
         ctx.temperature, ctx.with_rate, ctx.use_kernel = temperature, with_rate, use_kernel
-        ctx.optimizer, ctx.logits = pending_update(logits), logits
+        optimizer = pending_update(logits)
+        ctx.in_backward = None if optimizer is None else (optimizer, logits)  # the parameter itself, to update
         ctx.set_materialize_grads(False)
         bits = _order_zero_bits(shares, logits.shape[0]) if with_rate else logits.new_zeros(())
         return codebook.index_select(0, hard), bits
@@ -183,10 +184,10 @@ class _StraightThroughCodewords(torch.autograd.Function):
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_bits is not None):
             grad_share = _order_zero_soft_grad(shares, grad_bits) if grad_bits is not None else None
             terms = (grad_out, None if grad_out is None else codebook, grad_share)
-            if ctx.optimizer is not None:
-                update = ctx.optimizer.begin_update(ctx.logits)
-                relaxed_logit_adam_(logits, ctx.temperature, update, *terms, ctx.use_kernel)
-                torch.autograd.graph.increment_version(ctx.logits)
+            if ctx.in_backward is not None:
+                optimizer, parameter = ctx.in_backward
+                relaxed_logit_adam_(logits, ctx.temperature, optimizer.begin_update(parameter), *terms, ctx.use_kernel)
+                torch.autograd.graph.increment_version(parameter)
             else:
                 grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms, ctx.use_kernel)
         if ctx.needs_input_grad[1] and grad_out is not None:
