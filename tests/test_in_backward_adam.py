@@ -97,6 +97,16 @@ def test_state_survives_a_checkpoint_in_its_dtypes() -> None:
     assert state["step"] == 4 and pending_update(logits) is restored
 
 
+def test_a_checkpoint_of_torch_adam_resumes_in_the_moments_dtypes() -> None:
+    """Runs from before the in-backward update saved torch's Adam state (a tensor step, float32 moments)."""
+    _, torch_adam, _ = _train(torch.optim.Adam)
+    logits = nn.Parameter(torch.zeros(300, 16))
+    resumed = InBackwardAdam([logits], **SETTINGS)
+    resumed.load_state_dict(torch_adam.state_dict())
+    assert resumed.state[logits]["exp_avg"].dtype == torch.bfloat16
+    assert resumed.begin_update(logits).step == 5
+
+
 def test_owner_is_found_only_while_it_exists() -> None:
     logits = nn.Parameter(torch.zeros(3, 4))
     assert pending_update(logits) is None
