@@ -84,6 +84,19 @@ def test_visible_keeps_a_prefix_of_each_ray() -> None:
     torch.testing.assert_close(in_front, dense_transmittance[keep])
 
 
+def test_visible_skips_samples_below_the_alpha_threshold() -> None:
+    """nerfacc's alpha_thre: a sample less opaque than the threshold is dropped wherever it lies, and the
+    transmittance still counts it (it decides where the ray ends)."""
+    starts, ends, keep, density = _random_packed(torch.Generator().manual_seed(8), num_rays=50, per_ray=40)
+    samples = packed.pack(starts, ends, keep)
+    unskipped, in_front = packed.visible(density[keep], samples, early_stop_eps=1e-2)
+    skipping, in_front_skipping = packed.visible(density[keep], samples, early_stop_eps=1e-2, alpha_threshold=0.05)
+    alpha = 1 - torch.exp(-density[keep] * samples.deltas)
+    assert torch.equal(skipping, unskipped & (alpha >= 0.05))
+    assert 0 < int(skipping.sum()) < int(unskipped.sum())
+    torch.testing.assert_close(in_front_skipping, in_front)
+
+
 def test_weights_of_the_visible_samples_reuse_their_transmittance() -> None:
     """Visible samples are a prefix of each ray: weights from the transmittance ``visible`` returns are the weights
     recomputed on the kept samples alone (the rendering path without gradients relies on it)."""

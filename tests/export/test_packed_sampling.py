@@ -71,3 +71,36 @@ def test_weights_without_gradients_equal_the_recomputed_weights(trained) -> None
     assert recomputed["rgb"].requires_grad and not reused["rgb"].requires_grad
     for key in ("rgb", "accumulation", "depth", "samples_per_ray"):
         torch.testing.assert_close(reused[key], recomputed[key].detach(), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_skipped_samples_are_skipped_alike_by_packed_and_dense(trained) -> None:
+    """With an alpha threshold both paths drop the samples below it (the dense one composites them as empty), and
+    renders without gradients, which then recompute the kept samples' transmittance, equal those with gradients."""
+    model = copy.deepcopy(trained.model)
+    camera, _ = trained.views()[0]
+    bundle = camera.generate_rays(camera_indices=0).flatten()[::3]
+    outputs = {}
+    for threshold, sampling, grad in [(0.0, "packed", False), (0.05, "dense", False), (0.05, "packed", False)]:
+        model.config.alpha_threshold, model.config.sampling, model.config.early_stop_eps = threshold, sampling, 0.0
+        with torch.set_grad_enabled(grad):
+            outputs[threshold, sampling] = model(bundle)
+    model.config.early_stop_eps = 1e-4
+    with torch.enable_grad():
+        graded = model(bundle)
+    with torch.no_grad():
+        plain = model(bundle)
+    skipped, every = outputs[0.05, "packed"], outputs[0.0, "packed"]
+    assert float(skipped["samples_per_ray"].mean()) < 0.9 * float(every["samples_per_ray"].mean())
+    assert float((skipped["rgb"] - every["rgb"]).abs().max()) > 1e-3  # the threshold matters on this model
+    for key in ("rgb", "accumulation"):
+        torch.testing.assert_close(skipped[key], outputs[0.05, "dense"][key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(plain[key], graded[key].detach(), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_alpha_threshold_defaults_by_scene_kind() -> None:
+    from vqad_nerfstudio.models.vqad import UNBOUNDED_ALPHA_THRESHOLD, VQADModelConfig
+
+    assert VQADModelConfig().skipped_alpha == 0.0
+    assert VQADModelConfig(unbounded=True).skipped_alpha == UNBOUNDED_ALPHA_THRESHOLD
+    assert VQADModelConfig(unbounded=True, alpha_threshold=0.0).skipped_alpha == 0.0
+    assert VQADModelConfig(alpha_threshold=0.02).skipped_alpha == 0.02

@@ -41,9 +41,10 @@ class ExportVQADCompressed:
     index_coding: Literal["entropy", "raw"] = "entropy"
     """Codebook indices range-coded (entropy), or bit-packed at b bits each (raw, the reference); tensorf-compressed
     latents are always range-coded."""
-    network_bits: Literal[16, 8, 7, 6, 5, 4] = 16
+    network_bits: Optional[Literal[16, 8, 7, 6, 5, 4]] = None
     """Bits per decoder-MLP weight of vqad and vqad-float files: 16 (fp16), or 8..4 (quantised per output row and
-    range-coded: 6 takes under half the fp16 bytes, for the smallest coarse levels of detail)."""
+    range-coded: 6 takes under half the fp16 bytes, for the smallest coarse levels of detail). None: the run's
+    --pipeline.model.network-bits, at which it trained its decoders (the decoded file then renders as trained)."""
     overwrite: bool = False
     """Replace an existing model.vqnf."""
 

@@ -23,8 +23,9 @@ from vqad_nerfstudio.models.vqad import VQADModel
 
 __all__ = ["MethodFormat", "METHOD_FORMATS", "method_format", "model_method", "encode_any", "load_any"]
 
-Encoder = Callable[[Any, str, IndexCoding, int], EncodedModel]
-"""(model, method, index coding, network bits) -> the file's header, chunks and level statistics."""
+Encoder = Callable[[Any, str, IndexCoding, Optional[int]], EncodedModel]
+"""(model, method, index coding, network bits or None for the model's own) -> the file's header, chunks and level
+statistics."""
 Decoder = Callable[[Source, Optional[int]], Tuple[Any, DecodeInfo]]
 """(file, finest level of detail to keep or None) -> the model (CPU, eval mode) and what the file held."""
 
@@ -104,16 +105,19 @@ def model_method(model: Any) -> str:
 
 
 def encode_any(
-    model: Any, method: Optional[str] = None, index_coding: IndexCoding = "entropy", network_bits: int = 16
+    model: Any,
+    method: Optional[str] = None,
+    index_coding: IndexCoding = "entropy",
+    network_bits: Optional[int] = None,
 ) -> EncodedModel:
     """Header, chunks and level statistics of a trained model of any method of this package, written as ``method``
     (default: :func:`model_method`). Quantised decoder networks (``network_bits`` in 2..8) only where the method's
-    format has them."""
+    format has them; None: the bits the model trained its decoders at (vqad, vqad-float), fp16 otherwise."""
     method = method or model_method(model)
     entry = method_format(method)
     if not isinstance(model, entry.model_type):
         raise UnsupportedMethodError(f"{type(model).__name__} is not a {method} model")
-    if network_bits != 16 and not entry.quantised_networks:
+    if network_bits not in (None, 16) and not entry.quantised_networks:
         names = ", ".join(name for name, other in METHOD_FORMATS.items() if other.quantised_networks)
         raise UnsupportedMethodError(f"quantised networks are written for {names} models only, not {method}")
     return entry.encode(model, method, index_coding, network_bits)

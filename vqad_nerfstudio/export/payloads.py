@@ -22,6 +22,7 @@ from vqad_nerfstudio.codec import (
 )
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.symbols import decode_symbols
+from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS, quantize_rows
 
 __all__ = [
     "fp16_array",
@@ -68,10 +69,6 @@ def load_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> 
         _fill(parameter, array.astype(np.float32))
 
 
-QUANTIZED_BITS = range(2, 9)
-"""Bit widths of quantised parameters: a ``bits``-bit weight is an integer in ``[-q, q]``, ``q = 2**(bits-1) - 1``."""
-
-
 def encode_quantized_parameters(parameters: Dict[str, Tensor], bits: int) -> bytes:
     """A quantised parameters payload: each matrix quantised per output row (symmetric, one fp16 scale per row)
     to ``bits``-bit integers, all of them range-coded as one symbol stream; vectors (biases) in fp16.
@@ -87,13 +84,10 @@ def encode_quantized_parameters(parameters: Dict[str, Tensor], bits: int) -> byt
         if parameter.dim() < 2:
             record[name] = fp16_array(parameter, f"parameter {name}")
             continue
-        rows = parameter.detach().cpu().double().reshape(parameter.shape[0], -1).numpy()
-        scale = fp16_array(torch.from_numpy(np.abs(rows).max(axis=1) / top), f"parameter {name} scales")
-        scale = np.maximum(scale, np.finfo(np.float16).smallest_subnormal)  # an all-zero row stays zero
-        levels = np.clip(np.rint(rows / scale.astype(np.float64)[:, None]), -top, top).astype(np.int64)
-        record[f"{name}@scale"] = scale
+        levels, scale = quantize_rows(parameter, bits)  # the rounding QuantizedLinear trains with
+        record[f"{name}@scale"] = fp16_array(scale, f"parameter {name} scales")
         record[f"{name}@shape"] = np.array(parameter.shape, dtype=np.uint32)
-        symbols.append(levels.reshape(-1) + top)
+        symbols.append(levels.cpu().numpy().reshape(-1) + top)
     packed = encode_named_arrays(record)
     coded = encode_categorical(np.concatenate(symbols), 2 * top + 1)
     return struct.pack("<BI", bits, len(packed)) + packed + coded

@@ -106,6 +106,9 @@ MODEL_KEYS = (
 SHELL_LOD_KEY = "shell_lod"
 """The optional model key (and the requirement it comes with) of a file whose background is capped at a level of
 detail (VQADModelConfig.shell_lod): files with it are version 2.0."""
+BASE_INDEX_BITS_KEY = "base_index_bits"
+"""The optional model key (and the requirement it comes with) of a file whose level 0 has its own index width
+(VQADModelConfig.base_index_bits): files with it are version 2.0."""
 LEGACY_BITS_KEY = "bits"
 """What files written before the rename call ``index_bits`` (docs/format.md); readers accept either."""
 
@@ -173,7 +176,7 @@ def encode_model(
     model: "VQADModel",
     method: Optional[str] = None,
     index_coding: IndexCoding = "entropy",
-    network_bits: int = 16,
+    network_bits: Optional[int] = None,
 ) -> EncodedModel:
     """Header, chunks and per-level statistics of a trained model.
 
@@ -181,10 +184,13 @@ def encode_model(
     store, ``vqad-float`` for a float store). ``index_coding="entropy"`` writes IDXE chunks (or
     IDXR where bit packing is strictly shorter, e.g. for a tiny level); ``"raw"`` writes IDXR
     chunks only. Both sizes are measured either way. ``network_bits`` in 2..8 stores the decoder MLPs'
-    matrices quantised to that many bits per weight (``MLPQ``) instead of fp16 (``MLPS``).
+    matrices quantised to that many bits per weight (``MLPQ``) instead of fp16 (``MLPS``); default: the model's
+    ``network_bits`` (what it trained with).
     """
     if index_coding not in get_args(IndexCoding):
         raise ValueError(f"index_coding must be 'entropy' or 'raw', got {index_coding!r}")
+    if network_bits is None:
+        network_bits = getattr(getattr(model, "config", None), "network_bits", 16)
     if network_bits != 16 and network_bits not in QUANTIZED_BITS:
         raise ValueError(f"network_bits must be 16 (fp16) or 2..8 (quantised), got {network_bits!r}")
     from vqad_nerfstudio.models.vqad import VQADModel
@@ -205,9 +211,15 @@ def encode_model(
         "aabb": aabb.tolist(),
         "levels": levels,
     }
+    requires = []
     if config.background_lod is not None:  # a reader must cap the background's level of detail: version 2.0
         header["model"][SHELL_LOD_KEY] = config.background_lod
-        header["requires"] = [SHELL_LOD_KEY]
+        requires.append(SHELL_LOD_KEY)
+    if config.level_index_bits(0) != config.index_bits:  # level 0's indices and codebook have their own width
+        header["model"][BASE_INDEX_BITS_KEY] = config.level_index_bits(0)
+        requires.append(BASE_INDEX_BITS_KEY)
+    if requires:
+        header["requires"] = requires
     decoders = _decoder_parameters(model)
     if network_bits != 16:
         chunks = [Chunk(TAG_MLPQ, None, encode_quantized_parameters(decoders, network_bits))]
@@ -311,7 +323,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
     level count."""
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
-    check_requirements(header, (SHELL_LOD_KEY,))
+    check_requirements(header, (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY))
     missing = [key for key in ("method", "model", "aabb", "levels") if key not in header]
     if missing:
         raise FormatError(f"header lacks {', '.join(missing)}")
@@ -334,12 +346,14 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
         if not valid:
             raise FormatError(f"header: model.{key} = {value!r} is not a valid {hint}")
         settings[key] = value
-    if SHELL_LOD_KEY in stored:
-        if SHELL_LOD_KEY not in header.get("requires", []):
-            raise FormatError(f"header: model.{SHELL_LOD_KEY} is set but not required")
-        settings[SHELL_LOD_KEY] = stored[SHELL_LOD_KEY]
-    else:  # every level everywhere, as the file was written (not today's default cap)
-        settings[SHELL_LOD_KEY] = -1
+    for key in (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY):
+        if key in stored:
+            if key not in header.get("requires", []):
+                raise FormatError(f"header: model.{key} is set but not required")
+            if type(stored[key]) is not int:
+                raise FormatError(f"header: model.{key} = {stored[key]!r} is not a valid int")
+            settings[key] = stored[key]
+    settings.setdefault(SHELL_LOD_KEY, -1)  # every level everywhere, as the file was written (not today's cap)
     try:
         # Decoded levels get their cells from the file (dense initial levels would only cost time), and hold their
         # indices as integers.

@@ -6,7 +6,8 @@ colour = colour MLP(geometry features, spherical-harmonics encoded view directio
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -21,6 +22,7 @@ from nerfstudio.fields.base_field import Field
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
+from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
 
 
 class VQADField(Field):
@@ -59,6 +61,24 @@ class VQADField(Field):
             out_activation=nn.Sigmoid(),
             implementation="torch",
         )
+
+        self.decoder_layers = quantizable_layers(self.density_mlp) + quantizable_layers(self.color_mlp)
+
+    def set_weight_bits(self, bits: Optional[int]) -> None:
+        """Forward passes use the decoder weights rounded to ``bits`` bits per weight (None: as they are)."""
+        for layer in self.decoder_layers:
+            layer.bits = bits
+
+    @contextmanager
+    def decoders_rounded_once(self) -> Iterator[None]:
+        """Within this block the decoder weights are rounded once (to the bits set), not at every pass."""
+        for layer in self.decoder_layers:
+            layer.hold_rounding(True)
+        try:
+            yield
+        finally:
+            for layer in self.decoder_layers:
+                layer.hold_rounding(False)
 
     def to_unit_cube(self, positions: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs 3"]:
         """World positions to the grid's [0, 1]^3 (scene box, or contracted space for unbounded scenes)."""

@@ -1,8 +1,8 @@
 """Stored size of a model: the bytes of the file it exports to, level of detail by level of detail.
 
 One implementation for every method: the model is encoded as ``ns-export vqad-compressed`` writes it (entropy-coded
-indices, fp16 decoders) and the file's chunks are measured, so the size is the file's, not an estimate. Levels
-without cells are not in a file and cost nothing.
+indices, decoders at the model's network_bits) and the file's chunks are measured, so the size is the file's, not an
+estimate. Levels without cells are not in a file and cost nothing.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from vqad_nerfstudio.compat import allow_nerfstudio_checkpoints, optional_lpips
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import RowRemap, SparseFeatureGrid, cell_vertex_ids, coords_of
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures
+from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS
 from vqad_nerfstudio.fields.vqad_field import VQADField
 from vqad_nerfstudio.kernels import candidates
 from vqad_nerfstudio.models.limits import (
@@ -60,6 +61,10 @@ allow_nerfstudio_checkpoints()
 _RENAMED_FIELDS = {"bits": "index_bits", "index_relaxation_steps": "index_warmup_steps"}
 """Former names of VQADModelConfig fields."""
 
+UNBOUNDED_ALPHA_THRESHOLD = 0.01
+"""Unbounded scenes skip samples less opaque than this unless alpha_threshold says otherwise (nerfacc's examples
+use it for unbounded captures; docs/benchmarks.md measures it on the demo dome)."""
+
 DEFAULT_SHELL_LOD = 2
 """The background's level of detail in unbounded scenes unless shell_lod says otherwise: on the demo dome a file
 5.4x smaller than every level everywhere, and no worse (docs/benchmarks.md)."""
@@ -80,6 +85,9 @@ class VQADModelConfig(ModelConfig):
     index_bits: int = 4
     """b: bit width of each vertex index; each level's codebook has 2**b vectors (1..16). ``ns-train vqad`` sets 8
     on CUDA and keeps 4 on the CPU (method_configs/vqad.py)."""
+    base_index_bits: Optional[int] = None
+    """b of level 0, the coarsest (1..16; None: index_bits). Its codebook is part of the coarsest stream prefix:
+    4 bits store 16 codewords (0.5 kB in fp16) where 8 store 256 (8 kB)."""
     num_levels: int = 5
     """L: number of levels of detail, coarse to fine (>= 1)."""
     base_resolution: int = 16
@@ -92,6 +100,11 @@ class VQADModelConfig(ModelConfig):
     """Levels up to this resolution start dense; finer levels are grown inside occupied space at the first pruning."""
     hidden_dim: int = 64
     """Width of the density and colour MLPs."""
+    network_bits: int = 16
+    """Bits per weight of the density and colour MLPs' matrices in the file ns-export writes by default: 16 (fp16,
+    as trained), or 2..8 (each matrix row quantised, range-coded). Below 16 every forward pass rounds the weights to
+    that grid once the float warm-up has ended (straight-through gradients to the float weights), so that the
+    decoded file renders what was trained."""
     num_samples: int = 512
     """Candidate samples per ray (uniform between the ray's entry and exit of the scene box; about one finest
     voxel apart at the default) before empty-space skipping and early termination."""
@@ -106,6 +119,10 @@ class VQADModelConfig(ModelConfig):
     [rays, num_samples] layout (same image up to the early-termination tolerance)."""
     early_stop_eps: float = 1e-4
     """Packed sampling ends a ray once its transmittance falls below this (0: never)."""
+    alpha_threshold: Optional[float] = None
+    """Samples less opaque than this are skipped, neither shaded nor composited, in training and in every render
+    (nerfacc's alpha_thre): rays cross a thin haze without evaluating it. None: UNBOUNDED_ALPHA_THRESHOLD (0.01,
+    nerfacc's setting for unbounded scenes) when unbounded, 0 (every sample) otherwise."""
     fused_kernels: bool = True
     """On CUDA, when Triton is installed, interpolate the grid with the fused Triton kernel and compute the indices'
     softmax side (hard indices, rate, logit gradients) with the relaxed-index kernels; False: the PyTorch reference
@@ -169,6 +186,8 @@ class VQADModelConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         check_int("index_bits (b)", self.index_bits, 1, 16)
+        if self.base_index_bits is not None:
+            check_int("base_index_bits", self.base_index_bits, 1, 16)
         check_int("num_levels (L)", self.num_levels, 1, MAX_NUM_LEVELS)
         check_int("base_resolution", self.base_resolution, 1, MAX_RESOLUTION)
         finest = self.base_resolution * 2 ** (self.num_levels - 1)
@@ -180,6 +199,8 @@ class VQADModelConfig(ModelConfig):
         check_int("feature_dim (k)", self.feature_dim, 1, MAX_FEATURE_DIM)
         check_int("dense_resolution", self.dense_resolution, 0)
         check_int("hidden_dim", self.hidden_dim, 1, MAX_HIDDEN_DIM)
+        if self.network_bits != 16 and self.network_bits not in QUANTIZED_BITS:
+            raise ValueError(f"network_bits must be 16 (fp16) or an integer in 2..8, got {self.network_bits!r}")
         check_int("num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
         check_int("occupancy_resolution", self.occupancy_resolution, 1, MAX_RESOLUTION)
         check_int("occupancy_update_every", self.occupancy_update_every, 1)
@@ -188,6 +209,8 @@ class VQADModelConfig(ModelConfig):
             check_int("each of prune_steps", step, 0)
         check_int("prune_steps_reference_run", self.prune_steps_reference_run, 1)
         check_real("early_stop_eps", self.early_stop_eps, 0.0, 1.0, open_high=True)
+        if self.alpha_threshold is not None:
+            check_real("alpha_threshold", self.alpha_threshold, 0.0, 1.0, open_high=True)
         check_int("index_warmup_steps", self.index_warmup_steps, 0)
         if len(self.index_temperature) != 2:
             raise ValueError(f"index_temperature must be two positive numbers, got {self.index_temperature}")
@@ -199,6 +222,17 @@ class VQADModelConfig(ModelConfig):
             check_int("shell_lod", self.shell_lod, -1, self.num_levels - 1)
             if self.shell_lod >= 0 and not self.unbounded:
                 raise ValueError("shell_lod caps the background of unbounded scenes: it needs unbounded=True")
+
+    def level_index_bits(self, level: int) -> int:
+        """b of level ``level`` (base_index_bits for level 0, index_bits for the others)."""
+        return self.base_index_bits if level == 0 and self.base_index_bits is not None else self.index_bits
+
+    @property
+    def skipped_alpha(self) -> float:
+        """The opacity below which samples are skipped (see alpha_threshold)."""
+        if self.alpha_threshold is not None:
+            return self.alpha_threshold
+        return UNBOUNDED_ALPHA_THRESHOLD if self.unbounded else 0.0
 
     @property
     def background_lod(self) -> Optional[int]:
@@ -272,8 +306,17 @@ class VQADModel(Model):
             hint="Render with levels 0..LOD only (what a stream prefix holds)",
         )
         # A checkpoint of a decoded stream prefix holds fewer levels than the config: the viewer's slider
-        # (created after loading) then offers only those.
+        # (created after loading) then offers only those. A checkpoint from after the float warm-up renders with
+        # rounded decoder weights.
         self.register_load_state_dict_post_hook(lambda module, _: module.cap_lod_slider())
+        self.register_load_state_dict_post_hook(lambda module, _: module.round_decoder_weights())
+        self.round_decoder_weights()
+
+    def round_decoder_weights(self) -> None:
+        """Let the decoder MLPs use their weights rounded to network_bits once no level is in its float warm-up."""
+        warmup = any(getattr(level.features, "in_float_warmup", False) for level in self.grid.levels)
+        bits = None if self.config.network_bits == 16 or warmup else self.config.network_bits
+        self.field.set_weight_bits(bits)
 
     def cap_lod_slider(self) -> None:
         """Limit the level-of-detail slider to the levels the grid holds."""
@@ -289,7 +332,7 @@ class VQADModel(Model):
                 return FloatFeatures(rows, cfg.feature_dim)
             return CodebookFeatures(
                 rows,
-                cfg.index_bits,
+                cfg.level_index_bits(level),
                 cfg.feature_dim,
                 float_warmup=cfg.index_warmup == "float",
                 frozen=cfg.frozen_indices,
@@ -337,6 +380,7 @@ class VQADModel(Model):
             self._set_index_relaxation(step, warmup)
             if step >= warmup:
                 follow(self._quantize_float_warmup(training_callback_attributes.optimizers))
+            self.round_decoder_weights()
 
         def prune(step: int) -> None:
             follow(self.grid.prune(self._cells_with_density))
@@ -447,6 +491,10 @@ class VQADModel(Model):
         return self.get_outputs_for_camera_ray_bundle(rays)
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
+        with self.field.decoders_rounded_once():
+            return self._outputs(ray_bundle)
+
+    def _outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
         if self.training:
             self.camera_optimizer.apply_to_raybundle(ray_bundle)
         ray_samples = self.sampler(ray_bundle, num_samples=self.candidates_per_ray())
@@ -486,6 +534,11 @@ class VQADModel(Model):
         located = self.grid.locate(positions, finest_lod + 1)  # the samples' cells, for every density pass
         return self._render_packed(samples, positions, located, ray_lods, directions)
 
+    def _skipped_alpha(self) -> float:
+        """The opacity below which samples are skipped: config.skipped_alpha, from the first pruning on in training
+        (before it the field is still a thin haze everywhere, and skipping it would leave nothing to train)."""
+        return self.config.skipped_alpha if self.grid.pruned or not self.training else 0.0
+
     def _render_packed(
         self,
         samples: packed.PackedSamples,
@@ -494,20 +547,23 @@ class VQADModel(Model):
         ray_lods: Int[Tensor, "r"],
         directions: Tensor,
     ) -> Dict[str, Tensor]:
-        """Composite packed samples: a density pass without gradients ends each ray early, then the samples in
-        front of that point are evaluated (with gradients when training) and composited. ``positions`` and
-        ``located`` (their cells) are per packed sample, ``ray_lods`` and ``directions`` per ray."""
+        """Composite packed samples: a density pass without gradients ends each ray early (and drops samples
+        below the alpha threshold), then the samples kept are evaluated (with gradients when training) and
+        composited. ``positions`` and ``located`` (their cells) are per packed sample, ``ray_lods`` and
+        ``directions`` per ray."""
+        skipped_alpha = self._skipped_alpha()
         with torch.no_grad():
             density, geo, _ = self.field.density_at(positions, ray_lods[samples.ray_indices], located)
-            keep, in_front = packed.visible(density[:, 0], samples, self.config.early_stop_eps)
+            keep, in_front = packed.visible(density[:, 0], samples, self.config.early_stop_eps, skipped_alpha)
         kept = torch.nonzero(keep).squeeze(-1)
         samples = samples[kept]
         if torch.is_grad_enabled():
             density, geo, _ = self.field.density_at(positions[kept], ray_lods[samples.ray_indices], located[kept])
             weights = packed.render_weights(density[:, 0], samples)[:, None]
-        else:  # the kept samples are a prefix of each ray: the first pass's transmittance is theirs
+        else:  # unless samples were skipped, the kept ones are a prefix of each ray with the first pass's transmittance
             density, geo = density[kept], geo[kept]
-            weights = packed.render_weights(density[:, 0], samples, in_front[kept])[:, None]
+            in_front = None if skipped_alpha > 0 else in_front[kept]
+            weights = packed.render_weights(density[:, 0], samples, in_front)[:, None]
         rgb = self.field.rgb_at(geo, directions[samples.ray_indices])
         num_rays, ray_indices = samples.num_rays, samples.ray_indices
         accumulation = packed.accumulate(weights, ray_indices, num_rays)
@@ -539,6 +595,10 @@ class VQADModel(Model):
 
         total = num_rays * num_samples
         density_all = torch.zeros(total, 1, device=positions.device, dtype=density.dtype).index_put((index,), density)
+        skipped_alpha = self._skipped_alpha()
+        if skipped_alpha > 0:  # skipped samples composite as empty space, as the packed path drops them
+            alpha = -torch.expm1(-density_all * ray_samples.deltas.reshape(-1, 1))
+            density_all = torch.where(alpha < skipped_alpha, 0.0, density_all)
         rgb_all = torch.zeros(total, 3, device=positions.device, dtype=rgb.dtype).index_put((index,), rgb)
         weights = ray_samples.get_weights(density_all.reshape(num_rays, num_samples, 1))
         return {

@@ -3,9 +3,10 @@
 As in nerfacc and nerfstudio's instant-ngp model, a batch holds only the samples that matter, each
 with the index of its ray, instead of a ``[rays, samples]`` tensor: a sampler proposes candidates,
 empty space is dropped (:func:`pack`), a density pass without gradients finds where each ray's
-transmittance falls below ``early_stop_eps`` (:func:`visible`), and only the samples before that
-point are evaluated and composited (:func:`render_weights`, :func:`accumulate`). Those samples are a prefix
-of each ray, so the transmittance of the first pass is theirs too: without gradients it is not recomputed.
+transmittance falls below ``early_stop_eps`` (:func:`visible`, which can also skip samples below an opacity
+threshold), and only the samples kept are evaluated and composited (:func:`render_weights`, :func:`accumulate`).
+Without skipping they are a prefix of each ray, so the transmittance of the first pass is theirs too: without
+gradients it is not recomputed.
 """
 
 from __future__ import annotations
@@ -78,12 +79,17 @@ def transmittance(optical_depth: Float[Tensor, "n"], ray_indices: Int[Tensor, "n
 
 
 def visible(
-    density: Float[Tensor, "n"], samples: PackedSamples, early_stop_eps: float
+    density: Float[Tensor, "n"], samples: PackedSamples, early_stop_eps: float, alpha_threshold: float = 0.0
 ) -> Tuple[Bool[Tensor, "n"], Float[Tensor, "n"]]:
-    """Samples in front of the point where their ray's transmittance falls below ``early_stop_eps``, and the
-    transmittance in front of every sample."""
-    in_front = transmittance(density * samples.deltas, samples.ray_indices)
-    return in_front > early_stop_eps, in_front
+    """Samples in front of the point where their ray's transmittance falls below ``early_stop_eps`` and, with
+    ``alpha_threshold`` > 0, at least that opaque (nerfacc's ``alpha_thre``); and the transmittance in front of
+    every sample (through all of them, skipped ones included)."""
+    optical_depth = density * samples.deltas
+    in_front = transmittance(optical_depth, samples.ray_indices)
+    keep = in_front > early_stop_eps
+    if alpha_threshold > 0:
+        keep &= -torch.expm1(-optical_depth) >= alpha_threshold
+    return keep, in_front
 
 
 def render_weights(
