@@ -84,9 +84,10 @@ class BenchmarkConfig:
     METHOD.eval-profile.txt."""
     profile_from: int = 5
     """First profiled training step (after the first steps' one-off costs; later steps see the pruned grid)."""
-    network_bits: int = 16
-    """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised); the
-    other methods' files keep fp16 networks."""
+    network_bits: Optional[int] = None
+    """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised; None:
+    each run's own --pipeline.model.network-bits, as ns-export writes it); the other methods' files keep fp16
+    networks."""
     schedule_steps: int = 0
     """Stretch (or shrink) every method's learning-rate schedules so that its longest one decays over this many steps
     (the others in proportion; 0: the methods' own, e.g. 10000 steps for vqad on a GPU): to fit the schedules to
@@ -502,7 +503,7 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
 
     base_method = method.split("@")[0]
     entry = method_format(base_method)
-    network_bits = bench.network_bits if entry.quantised_networks else 16
+    network_bits = bench.network_bits if entry.quantised_networks else None
     encoded = encode_any(pipeline.model, base_method, "entropy", network_bits=network_bits)
     data = write_container(encoded.header, encoded.chunks)
     report = size_report(encoded, data)
