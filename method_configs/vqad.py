@@ -17,14 +17,14 @@ if TYPE_CHECKING:
 GPU_STEPS = 20000
 """Training steps on CUDA: about 5 minutes of vqad-float (or of vqad with 4-bit indices) on lego on one H200
 (docs/benchmarks.md)."""
-VQAD_GPU_STEPS = 11000
-"""vqad's training steps on CUDA: about 5 minutes on lego on one H200 with GPU_INDEX_BITS-bit indices, whose steps
-take about 1.8x as long as 4-bit ones."""
+VQAD_GPU_STEPS = 14000
+"""vqad's training steps on CUDA: about 5 minutes on lego on one H200 with GPU_INDEX_BITS-bit indices (the 5-minute
+benchmark took 14544 steps of 20.9 ms, docs/benchmarks.md)."""
 GPU_DECAY_STEPS = 10000
 """Steps over which the learning rates decay on CUDA; the rest of the run trains at the final rates."""
 GPU_INDEX_BITS = 8
-"""vqad's index width on CUDA: with the rate term, 32.82 dB in a 0.438 MB file on lego in 5 minutes on one H200,
-where 4 bits reach 31.47 dB in 0.542 MB (docs/benchmarks.md)."""
+"""vqad's index width on CUDA: with the rate term, 33.04 dB in a 0.389 MB file on lego in 5 minutes on one H200
+(4 bits reached 31.47 dB in 0.542 MB at an earlier commit; docs/benchmarks.md)."""
 CPU_INDEX_BITS = 4
 """vqad's index width on the CPU: 2**b logits per vertex, and 8 bits train the quick start about 4x slower there."""
 

@@ -68,3 +68,20 @@ def test_background_rays_march_into_the_contracted_shell(pipeline) -> None:
     assert bool(model.grid.inside(unit, 0).all())  # the dense coarse level covers the far field
     assert bool(torch.isfinite(outputs["rgb"]).all())
     assert float(outputs["samples_per_ray"].mean()) > 1
+
+
+def test_faint_samples_are_skipped_from_the_first_pruning_on(pipeline) -> None:
+    """The field starts as a haze below the threshold everywhere: training skips nothing until the grid is pruned;
+    renders always skip."""
+    pipeline, _ = pipeline
+    model = copy.deepcopy(pipeline.model)
+    assert model.config.skipped_alpha == 0.01
+    model.train()
+    if model.grid.pruned:
+        pytest.skip("the module's training steps reached a pruning")
+    assert model._skipped_alpha() == 0.0
+    model.eval()
+    assert model._skipped_alpha() == 0.01
+    model.train()
+    model.grid.prune(lambda cells, resolution: torch.ones_like(cells, dtype=torch.bool))
+    assert model.grid.pruned and model._skipped_alpha() == 0.01
