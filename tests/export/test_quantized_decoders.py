@@ -116,6 +116,9 @@ def test_a_vqad_model_with_quantized_decoders_decodes_to_what_it_renders(trained
     decoded, _ = load_compressed(write_container(encoded.header, encoded.chunks))
     for mine, theirs in zip(model.field.decoder_layers, decoded.field.decoder_layers):
         assert torch.equal(mine.rounded_weight(), theirs.weight)
+    assert decoded.config.network_bits == 6  # a decoded model keeps the bits: it exports to the same file
+    again = encode_model(decoded)
+    assert write_container(again.header, again.chunks) == write_container(encoded.header, encoded.chunks)
     fp16_decoders, _ = load_compressed(write_container(*_header_and_chunks(encode_model(model, network_bits=16))))
     camera, _ = trained.views()[0]
     rendered = trained.render(model, camera)

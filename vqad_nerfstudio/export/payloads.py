@@ -93,8 +93,8 @@ def encode_quantized_parameters(parameters: Dict[str, Tensor], bits: int) -> byt
     return struct.pack("<BI", bits, len(packed)) + packed + coded
 
 
-def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> None:
-    """Fill ``parameters`` (in place) from a payload of :func:`encode_quantized_parameters`.
+def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag: str) -> int:
+    """Fill ``parameters`` (in place) from a payload of :func:`encode_quantized_parameters`; return its bits.
 
     Every matrix's shape is checked against its parameter before the symbol stream is decoded, whose length must
     then be their total element count.
@@ -127,6 +127,7 @@ def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag
         scale = _checked(record[f"{name}@scale"], np.float16, (parameter.shape[0],), f"{tag}: {name}@scale")
         levels = symbols[start : start + count].astype(np.int64).reshape(parameter.shape[0], -1) - top
         _fill(parameter, (levels * scale.astype(np.float32)[:, None]).reshape(parameter.shape).astype(np.float32))
+    return bits
 
 
 @torch.no_grad()

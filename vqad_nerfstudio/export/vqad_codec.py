@@ -408,8 +408,13 @@ def _count_complete_levels(container: Container, parts: List[Dict[str, bytes]], 
 
 
 def _load_decoders(model: "VQADModel", chunk: Chunk) -> None:
-    load = load_quantized_parameters if chunk.tag == TAG_MLPQ else load_parameters
-    load(_decoder_parameters(model), chunk.payload, chunk.tag)
+    """The decoder weights; a model decoded from quantised ones keeps their bits (``network_bits``), so that it
+    renders with them and exports them again unchanged."""
+    if chunk.tag == TAG_MLPQ:
+        model.config.network_bits = load_quantized_parameters(_decoder_parameters(model), chunk.payload, chunk.tag)
+        model.round_decoder_weights()
+    else:
+        load_parameters(_decoder_parameters(model), chunk.payload, chunk.tag)
 
 
 def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes], max_cells: int) -> int:
