@@ -73,11 +73,11 @@ def test_unbounded_scenes_cap_their_background_by_default() -> None:
     assert _model(None).grid.shell_lod == 2
 
 
-def _model(shell_lod):
+def _model(shell_lod, alpha_threshold=None):
     torch.manual_seed(2)
     config = VQADModelConfig(
         num_levels=3, base_resolution=4, dense_resolution=16, hidden_dim=8, num_samples=32, unbounded=True,
-        shell_lod=shell_lod, index_warmup="soft", tf32=False,
+        shell_lod=shell_lod, index_warmup="soft", tf32=False, alpha_threshold=alpha_threshold,
     )  # fmt: skip
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
     return model.eval()
@@ -89,7 +89,7 @@ def _file(model) -> bytes:
 
 
 def test_a_capped_file_is_version_2_and_decodes_to_the_same_grid() -> None:
-    model = _model(1)
+    model = _model(1, alpha_threshold=0.0)
     data = _file(model)
     container = read_container(data)
     assert container.version == REQUIRING_VERSION and container.header["requires"] == ["shell_lod"]
@@ -100,7 +100,7 @@ def test_a_capped_file_is_version_2_and_decodes_to_the_same_grid() -> None:
     points = torch.rand(500, 3, generator=torch.Generator().manual_seed(3))
     lods = torch.full((500,), 2)
     assert torch.equal(decoded.grid.inside(points, lods), model.grid.inside(points, lods))
-    uncapped = _file(_model(-1))
+    uncapped = _file(_model(-1, alpha_threshold=0.0))
     assert read_container(uncapped).version == FORMAT_VERSION  # uncapped files stay readable by 1.x
     decoded, _ = load_compressed(uncapped)  # and decode uncapped, whatever today's default
     assert decoded.config.background_lod is None and decoded.grid.shell_lod is None
@@ -114,3 +114,31 @@ def test_files_that_require_what_the_reader_lacks_are_refused() -> None:
     header = {key: value for key, value in container.header.items() if key != "requires"}
     with pytest.raises(FormatError, match="shell_lod is set but not required"):
         load_compressed(write_container(header, container.chunks))
+
+
+def test_the_alpha_threshold_travels_in_the_file() -> None:
+    """Unbounded models skip faint samples by default: their files say so (version 2.0), and decode to models that
+    skip the same samples; a file without the key (written before it existed) renders every sample."""
+    model = _model(1)
+    container = read_container(_file(model))
+    assert container.header["requires"] == ["shell_lod", "alpha_threshold"]
+    assert container.header["model"]["alpha_threshold"] == 0.01
+    decoded, _ = load_compressed(_file(model))
+    assert decoded.config.skipped_alpha == 0.01
+    header = {**container.header, "requires": ["shell_lod"]}
+    header["model"] = {key: value for key, value in header["model"].items() if key != "alpha_threshold"}
+    older, _ = load_compressed(write_container(header, container.chunks))
+    assert older.config.skipped_alpha == 0.0
+    for bad in (1.5, "0.01", 1):
+        header = {**container.header, "model": {**container.header["model"], "alpha_threshold": bad}}
+        with pytest.raises(FormatError, match="alpha_threshold"):
+            load_compressed(write_container(header, container.chunks))
+
+
+def test_runs_from_before_the_alpha_threshold_keep_rendering_every_sample() -> None:
+    config = VQADModelConfig(unbounded=True)
+    state = dict(config.__dict__)
+    del state["alpha_threshold"]
+    restored = VQADModelConfig.__new__(VQADModelConfig)
+    restored.__setstate__(state)
+    assert restored.skipped_alpha == 0.0 and config.skipped_alpha == 0.01

@@ -109,6 +109,10 @@ detail (VQADModelConfig.shell_lod): files with it are version 2.0."""
 BASE_INDEX_BITS_KEY = "base_index_bits"
 """The optional model key (and the requirement it comes with) of a file whose level 0 has its own index width
 (VQADModelConfig.base_index_bits): files with it are version 2.0."""
+ALPHA_THRESHOLD_KEY = "alpha_threshold"
+"""The optional model key (and the requirement it comes with) of a file whose renders skip samples below an opacity
+(VQADModelConfig.alpha_threshold, written when it is not 0): files with it are version 2.0; files without it render
+every sample."""
 LEGACY_BITS_KEY = "bits"
 """What files written before the rename call ``index_bits`` (docs/format.md); readers accept either."""
 
@@ -218,6 +222,9 @@ def encode_model(
     if config.level_index_bits(0) != config.index_bits:  # level 0's indices and codebook have their own width
         header["model"][BASE_INDEX_BITS_KEY] = config.level_index_bits(0)
         requires.append(BASE_INDEX_BITS_KEY)
+    if config.skipped_alpha > 0:  # a reader must skip the same samples to render what was trained
+        header["model"][ALPHA_THRESHOLD_KEY] = config.skipped_alpha
+        requires.append(ALPHA_THRESHOLD_KEY)
     if requires:
         header["requires"] = requires
     decoders = _decoder_parameters(model)
@@ -323,7 +330,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
     level count."""
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
-    check_requirements(header, (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY))
+    check_requirements(header, (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY, ALPHA_THRESHOLD_KEY))
     missing = [key for key in ("method", "model", "aabb", "levels") if key not in header]
     if missing:
         raise FormatError(f"header lacks {', '.join(missing)}")
@@ -346,14 +353,16 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
         if not valid:
             raise FormatError(f"header: model.{key} = {value!r} is not a valid {hint}")
         settings[key] = value
-    for key in (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY):
+    for key, kind in ((SHELL_LOD_KEY, int), (BASE_INDEX_BITS_KEY, int), (ALPHA_THRESHOLD_KEY, float)):
         if key in stored:
             if key not in header.get("requires", []):
                 raise FormatError(f"header: model.{key} is set but not required")
-            if type(stored[key]) is not int:
-                raise FormatError(f"header: model.{key} = {stored[key]!r} is not a valid int")
+            if type(stored[key]) is not kind:
+                raise FormatError(f"header: model.{key} = {stored[key]!r} is not a valid {kind.__name__}")
             settings[key] = stored[key]
-    settings.setdefault(SHELL_LOD_KEY, -1)  # every level everywhere, as the file was written (not today's cap)
+    # What a file without the key was written with (not today's defaults): every level everywhere, every sample.
+    settings.setdefault(SHELL_LOD_KEY, -1)
+    settings.setdefault(ALPHA_THRESHOLD_KEY, 0.0)
     try:
         # Decoded levels get their cells from the file (dense initial levels would only cost time), and hold their
         # indices as integers.

@@ -178,10 +178,11 @@ class VQADModelConfig(ModelConfig):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Restore a pickled or YAML-loaded config (a run's config.yml), with the names runs written before the
-        renames used."""
+        renames used and the behaviour of fields they did not have."""
         for old, new in _RENAMED_FIELDS.items():
             if old in state:
                 state[new] = state.pop(old)
+        state.setdefault("alpha_threshold", 0.0)  # runs from before the field trained and rendered every sample
         self.__dict__.update(state)
 
     def __post_init__(self) -> None:
