@@ -48,6 +48,8 @@ class QuantizedLinear(nn.Linear):
 
     bits: Optional[int] = None
     """None: the float weight; 2..8: the weight as a file of that many bits per weight stores it."""
+    _held: Optional[Tensor] = None
+    """The rounded weight while :meth:`hold_rounding` holds it."""
 
     @classmethod
     def like(cls, linear: nn.Linear) -> "QuantizedLinear":
@@ -58,14 +60,16 @@ class QuantizedLinear(nn.Linear):
         quantized.weight, quantized.bias = linear.weight, linear.bias
         return quantized
 
+    @torch.no_grad()
+    def _rounded(self) -> Float[Tensor, "out in"]:
+        assert self.bits is not None
+        return dequantize_rows(*quantize_rows(self.weight, self.bits), self.weight.shape)
+
     def rounded_weight(self) -> Float[Tensor, "out in"]:
         """The weight the forward pass uses (rounded once per :meth:`hold_rounding` span, else at every call)."""
         if self.bits is None:
             return self.weight
-        rounded = getattr(self, "_held", None)
-        if rounded is None:
-            with torch.no_grad():
-                rounded = dequantize_rows(*quantize_rows(self.weight, self.bits), self.weight.shape)
+        rounded = self._held if self._held is not None else self._rounded()
         if torch.is_grad_enabled() and self.weight.requires_grad:  # straight through to the float weight
             return self.weight + (rounded - self.weight).detach()
         return rounded
@@ -73,10 +77,7 @@ class QuantizedLinear(nn.Linear):
     def hold_rounding(self, hold: bool) -> None:
         """Round the weight now and reuse it until ``hold_rounding(False)`` (the weight must not change meanwhile:
         optimisers update in place without telling)."""
-        self._held = None
-        if hold and self.bits is not None:
-            with torch.no_grad():
-                self._held = dequantize_rows(*quantize_rows(self.weight, self.bits), self.weight.shape)
+        self._held = self._rounded() if hold and self.bits is not None else None
 
     def forward(self, x: Float[Tensor, "*b in"]) -> Float[Tensor, "*b out"]:
         return F.linear(x, self.rounded_weight(), self.bias)
