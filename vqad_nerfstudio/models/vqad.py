@@ -120,9 +120,10 @@ class VQADModelConfig(ModelConfig):
     early_stop_eps: float = 1e-4
     """Packed sampling ends a ray once its transmittance falls below this (0: never)."""
     alpha_threshold: Optional[float] = None
-    """Samples less opaque than this are skipped, neither shaded nor composited, in training and in every render
-    (nerfacc's alpha_thre): rays cross a thin haze without evaluating it. None: UNBOUNDED_ALPHA_THRESHOLD (0.01,
-    nerfacc's setting for unbounded scenes) when unbounded, 0 (every sample) otherwise."""
+    """Samples less opaque than this are skipped, neither shaded nor composited, in every render and in training
+    from the first pruning on (nerfacc's alpha_thre): rays cross a thin haze without evaluating it. None:
+    UNBOUNDED_ALPHA_THRESHOLD (0.01, nerfacc's setting for unbounded scenes) when unbounded, 0 (every sample)
+    otherwise."""
     fused_kernels: bool = True
     """On CUDA, when Triton is installed, interpolate the grid with the fused Triton kernel and compute the indices'
     softmax side (hard indices, rate, logit gradients) with the relaxed-index kernels; False: the PyTorch reference
