@@ -34,6 +34,9 @@ def hash_model_config(index_mode: str, random_log2_table: int = RANDOM_LOG2_TABL
         background_color="white",
         disable_scene_contraction=True,  # object scenes inside the scene box; real captures: pass False
         use_appearance_embedding=False,
+        # files hold PyTorch's parameter layout: a run through tinycudann's modules (--pipeline.model.implementation
+        # tcnn, where it is installed) trains faster but cannot be exported yet
+        implementation="torch",
         camera_optimizer=CameraOptimizerConfig(mode="off"),
         proposal_net_args_list=[
             {"hidden_dim": 16, "log2_hashmap_size": 13, "num_levels": 5, "max_res": 128, "use_linear": False},

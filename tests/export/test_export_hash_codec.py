@@ -86,3 +86,15 @@ def test_truncated_files_and_levels_of_detail_are_refused():
 def test_foreign_models_are_refused_by_name():
     with pytest.raises(UnsupportedMethodError, match="Linear cannot be written.*vqad-hash"):
         encode_any(torch.nn.Linear(2, 2))
+
+
+def test_decoded_models_use_pytorch_modules_and_tinycudann_runs_are_refused():
+    """Files hold PyTorch's parameter layout: decoding builds PyTorch modules even where tinycudann is installed,
+    and a run trained through tinycudann modules is refused with what to do instead."""
+    model = _model("random")
+    encoded = encode_any(model)
+    decoded, _ = load_any(write_container(encoded.header, encoded.chunks))
+    assert decoded.config.implementation == "torch"
+    model.field.mlp_head.tcnn_encoding = torch.nn.Identity()  # what a tinycudann-backed network carries
+    with pytest.raises(ValueError, match="implementation torch"):
+        encode_any(model)

@@ -92,6 +92,11 @@ def encode_hash_model(
     """Header, chunks and per-level statistics of a trained vqad-hash or vqad-hash-random model."""
     if method not in HASH_METHODS:
         raise ValueError(f"method must be one of {', '.join(HASH_METHODS)}, got {method!r}")
+    if any(getattr(module, "tcnn_encoding", None) is not None for module in model.modules()):
+        raise ValueError(
+            "this run's networks are tinycudann modules, whose parameter layout these files do not store (they hold "
+            "PyTorch's); train with --pipeline.model.implementation torch to export it"
+        )
     config, encoding = model.config, model.encoding
     header: Dict[str, Any] = {
         "method": method,
@@ -163,8 +168,8 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, torch.Tensor, int]:
     for key in ("num_proposal_samples_per_ray",):
         settings[key] = tuple(settings[key])
     try:
-        config = LearnedIndexNerfactoModelConfig(
-            **settings, camera_optimizer=CameraOptimizerConfig(mode="off"), frozen_indices=True
+        config = LearnedIndexNerfactoModelConfig(  # the file holds PyTorch's parameter layout, tinycudann or not
+            **settings, camera_optimizer=CameraOptimizerConfig(mode="off"), frozen_indices=True, implementation="torch"
         )
     except (TypeError, ValueError) as error:
         raise FormatError(f"header: invalid model settings: {error}") from None
