@@ -91,7 +91,7 @@ def test_skipped_samples_are_skipped_alike_by_packed_and_dense(trained) -> None:
         plain = model(bundle)
     skipped, every = outputs[0.05, "packed"], outputs[0.0, "packed"]
     assert float(skipped["samples_per_ray"].mean()) < 0.9 * float(every["samples_per_ray"].mean())
-    assert float((skipped["rgb"] - every["rgb"]).abs().max()) > 1e-3  # the threshold matters on this model
+    assert float((skipped["rgb"] - every["rgb"]).abs().max()) > 2e-4  # the threshold matters on this model (2e-3 seen)
     for key in ("rgb", "accumulation"):
         torch.testing.assert_close(skipped[key], outputs[0.05, "dense"][key], rtol=0, atol=1e-5, msg=key)
         torch.testing.assert_close(plain[key], graded[key].detach(), rtol=1e-5, atol=1e-6, msg=key)
