@@ -4,38 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nerfstudio.data.scene_box import SceneBox
 
 from vqad_nerfstudio.codec import FORMAT_VERSION, REQUIRING_VERSION, FormatError, read_container, write_container
-from vqad_nerfstudio.export.vqad_codec import encode_model, load_compressed
+from vqad_nerfstudio.export.vqad_codec import load_compressed
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 
 
-def _model(base_index_bits):
-    torch.manual_seed(4)
-    config = VQADModelConfig(
-        num_levels=3, base_resolution=4, dense_resolution=16, hidden_dim=8, num_samples=32, index_bits=5,
-        base_index_bits=base_index_bits, index_warmup="soft", tf32=False,
-    )  # fmt: skip
-    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
-    return model.eval()
+@pytest.fixture
+def model_with(tiny_vqad):
+    """``build(base_index_bits)``: a small model with 5-bit indices (:func:`tiny_vqad`)."""
+    return lambda base_index_bits: tiny_vqad(4, index_bits=5, base_index_bits=base_index_bits)
 
 
-def _file(model) -> bytes:
-    encoded = encode_model(model)
-    return write_container(encoded.header, encoded.chunks)
-
-
-def test_level_0_takes_its_own_width_and_the_others_index_bits() -> None:
-    model = _model(2)
+def test_level_0_takes_its_own_width_and_the_others_index_bits(model_with) -> None:
+    model = model_with(2)
     assert [level.features.codebook.shape[0] for level in model.grid.levels] == [4, 32, 32]
     assert [level.features.index_bits for level in model.grid.levels] == [2, 5, 5]
-    assert [level.features.codebook.shape[0] for level in _model(None).grid.levels] == [32, 32, 32]
+    assert [level.features.codebook.shape[0] for level in model_with(None).grid.levels] == [32, 32, 32]
 
 
-def test_a_file_with_a_narrower_level_0_is_version_2_and_decodes_to_the_same_model() -> None:
-    model = _model(2)
-    data = _file(model)
+def test_a_file_with_a_narrower_level_0_is_version_2_and_decodes_to_the_same_model(model_with, vqad_file) -> None:
+    model = model_with(2)
+    data = vqad_file(model)
     container = read_container(data)
     assert container.version == REQUIRING_VERSION and container.header["requires"] == ["base_index_bits"]
     assert container.header["model"]["base_index_bits"] == 2
@@ -48,16 +38,16 @@ def test_a_file_with_a_narrower_level_0_is_version_2_and_decodes_to_the_same_mod
         )
     for original, level in zip(model.grid.levels, decoded.grid.levels):
         assert torch.equal(level.features.hard_indices(), original.features.hard_indices())
-    assert len(_file(_model(None))) > len(data)  # 28 fewer codewords of 16 features in fp16
-    same = _file(_model(5))  # base_index_bits equal to index_bits: nothing to require
+    assert len(vqad_file(model_with(None))) > len(data)  # 28 fewer codewords of 16 features in fp16
+    same = vqad_file(model_with(5))  # base_index_bits equal to index_bits: nothing to require
     assert (
         read_container(same).version == FORMAT_VERSION and "base_index_bits" not in read_container(same).header["model"]
     )
 
 
 @pytest.mark.parametrize("value", [0, 17, 2.0, True])
-def test_bad_base_index_bits_are_refused(value) -> None:
-    container = read_container(_file(_model(2)))
+def test_bad_base_index_bits_are_refused(value, model_with, vqad_file) -> None:
+    container = read_container(vqad_file(model_with(2)))
     header = {**container.header, "model": {**container.header["model"], "base_index_bits": value}}
     with pytest.raises(FormatError, match="base_index_bits"):
         load_compressed(write_container(header, container.chunks))
@@ -66,8 +56,8 @@ def test_bad_base_index_bits_are_refused(value) -> None:
             VQADModelConfig(base_index_bits=value)
 
 
-def test_a_width_the_header_does_not_require_is_refused() -> None:
-    container = read_container(_file(_model(2)))
+def test_a_width_the_header_does_not_require_is_refused(model_with, vqad_file) -> None:
+    container = read_container(vqad_file(model_with(2)))
     header = {key: value for key, value in container.header.items() if key != "requires"}
     with pytest.raises(FormatError, match="base_index_bits is set but not required"):
         load_compressed(write_container(header, container.chunks))

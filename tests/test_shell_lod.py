@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nerfstudio.data.scene_box import SceneBox
 
 from vqad_nerfstudio.codec import (
     FORMAT_VERSION,
@@ -16,7 +15,7 @@ from vqad_nerfstudio.codec import (
 )
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid, coords_of, in_inner_cube
 from vqad_nerfstudio.encodings.vertex_features import FloatFeatures
-from vqad_nerfstudio.export.vqad_codec import encode_model, load_compressed
+from vqad_nerfstudio.export.vqad_codec import load_compressed
 from vqad_nerfstudio.models.vqad import DEFAULT_SHELL_LOD, VQADModelConfig
 
 
@@ -64,33 +63,26 @@ def test_bad_shell_lods_are_refused() -> None:
         VQADModelConfig(unbounded=True, shell_lod=5)
 
 
-def test_unbounded_scenes_cap_their_background_by_default() -> None:
+def test_unbounded_scenes_cap_their_background_by_default(unbounded_model) -> None:
     assert VQADModelConfig(unbounded=True).background_lod == DEFAULT_SHELL_LOD
     assert VQADModelConfig(unbounded=True, num_levels=2, base_resolution=4).background_lod == 1  # the finest there
     assert VQADModelConfig(unbounded=True, shell_lod=-1).background_lod is None
     assert VQADModelConfig(unbounded=True, shell_lod=0).background_lod == 0
     assert VQADModelConfig().background_lod is None  # bounded: no background
-    assert _model(None).grid.shell_lod == 2
+    assert unbounded_model(None).grid.shell_lod == 2
 
 
-def _model(shell_lod, alpha_threshold=None):
-    torch.manual_seed(2)
-    config = VQADModelConfig(
-        num_levels=3, base_resolution=4, dense_resolution=16, hidden_dim=8, num_samples=32, unbounded=True,
-        shell_lod=shell_lod, index_warmup="soft", tf32=False, alpha_threshold=alpha_threshold,
-    )  # fmt: skip
-    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
-    return model.eval()
+@pytest.fixture
+def unbounded_model(tiny_vqad):
+    """``build(shell_lod, alpha_threshold=None)``: a small unbounded model (:func:`tiny_vqad`)."""
+    return lambda shell_lod, alpha_threshold=None: tiny_vqad(
+        2, unbounded=True, shell_lod=shell_lod, alpha_threshold=alpha_threshold
+    )
 
 
-def _file(model) -> bytes:
-    encoded = encode_model(model)
-    return write_container(encoded.header, encoded.chunks)
-
-
-def test_a_capped_file_is_version_2_and_decodes_to_the_same_grid() -> None:
-    model = _model(1, alpha_threshold=0.0)
-    data = _file(model)
+def test_a_capped_file_is_version_2_and_decodes_to_the_same_grid(unbounded_model, vqad_file) -> None:
+    model = unbounded_model(1, alpha_threshold=0.0)
+    data = vqad_file(model)
     container = read_container(data)
     assert container.version == REQUIRING_VERSION and container.header["requires"] == ["shell_lod"]
     decoded, _ = load_compressed(data)
@@ -100,14 +92,14 @@ def test_a_capped_file_is_version_2_and_decodes_to_the_same_grid() -> None:
     points = torch.rand(500, 3, generator=torch.Generator().manual_seed(3))
     lods = torch.full((500,), 2)
     assert torch.equal(decoded.grid.inside(points, lods), model.grid.inside(points, lods))
-    uncapped = _file(_model(-1, alpha_threshold=0.0))
+    uncapped = vqad_file(unbounded_model(-1, alpha_threshold=0.0))
     assert read_container(uncapped).version == FORMAT_VERSION  # uncapped files stay readable by 1.x
     decoded, _ = load_compressed(uncapped)  # and decode uncapped, whatever today's default
     assert decoded.config.background_lod is None and decoded.grid.shell_lod is None
 
 
-def test_files_that_require_what_the_reader_lacks_are_refused() -> None:
-    container = read_container(_file(_model(1)))
+def test_files_that_require_what_the_reader_lacks_are_refused(unbounded_model, vqad_file) -> None:
+    container = read_container(vqad_file(unbounded_model(1)))
     unknown = write_container({**container.header, "requires": ["shell_lod", "teleport"]}, container.chunks)
     with pytest.raises(UnsupportedVersionError, match="requires teleport"):
         load_compressed(unknown)
@@ -116,14 +108,14 @@ def test_files_that_require_what_the_reader_lacks_are_refused() -> None:
         load_compressed(write_container(header, container.chunks))
 
 
-def test_the_alpha_threshold_travels_in_the_file() -> None:
+def test_the_alpha_threshold_travels_in_the_file(unbounded_model, vqad_file) -> None:
     """Unbounded models skip faint samples by default: their files say so (version 2.0), and decode to models that
     skip the same samples; a file without the key (written before it existed) renders every sample."""
-    model = _model(1)
-    container = read_container(_file(model))
+    model = unbounded_model(1)
+    container = read_container(vqad_file(model))
     assert container.header["requires"] == ["shell_lod", "alpha_threshold"]
     assert container.header["model"]["alpha_threshold"] == 0.01
-    decoded, _ = load_compressed(_file(model))
+    decoded, _ = load_compressed(vqad_file(model))
     assert decoded.config.skipped_alpha == 0.01
     header = {**container.header, "requires": ["shell_lod"]}
     header["model"] = {key: value for key, value in header["model"].items() if key != "alpha_threshold"}
