@@ -193,15 +193,14 @@ def encode_model(
     """
     if index_coding not in get_args(IndexCoding):
         raise ValueError(f"index_coding must be 'entropy' or 'raw', got {index_coding!r}")
-    if network_bits is None:
-        network_bits = getattr(getattr(model, "config", None), "network_bits", 16)
-    if network_bits != 16 and network_bits not in QUANTIZED_BITS:
-        raise ValueError(f"network_bits must be 16 (fp16) or 2..8 (quantised), got {network_bits!r}")
     from vqad_nerfstudio.models.vqad import VQADModel
 
     if not isinstance(model, VQADModel):
         raise UnsupportedMethodError(f"{type(model).__name__} is not a VQAD model (vqad, vqad-float)")
     config = model.config
+    network_bits = config.network_bits if network_bits is None else network_bits
+    if network_bits != 16 and network_bits not in QUANTIZED_BITS:
+        raise ValueError(f"network_bits must be 16 (fp16) or 2..8 (quantised), got {network_bits!r}")
     method = method or ("vqad" if config.feature_store == "codebook" else "vqad-float")
     _check_method(method)
     grid = model.grid

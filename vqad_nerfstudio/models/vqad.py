@@ -599,7 +599,7 @@ class VQADModel(Model):
         density_all = torch.zeros(total, 1, device=positions.device, dtype=density.dtype).index_put((index,), density)
         skipped_alpha = self._skipped_alpha()
         if skipped_alpha > 0:  # skipped samples composite as empty space, as the packed path drops them
-            alpha = -torch.expm1(-density_all * ray_samples.deltas.reshape(-1, 1))
+            alpha = packed.opacity(density_all * ray_samples.deltas.reshape(-1, 1))
             density_all = torch.where(alpha < skipped_alpha, 0.0, density_all)
         rgb_all = torch.zeros(total, 3, device=positions.device, dtype=rgb.dtype).index_put((index,), rgb)
         weights = ray_samples.get_weights(density_all.reshape(num_rays, num_samples, 1))

@@ -78,6 +78,11 @@ def transmittance(optical_depth: Float[Tensor, "n"], ray_indices: Int[Tensor, "n
     return torch.exp(-(before - before.index_select(0, first))).to(optical_depth.dtype)
 
 
+def opacity(optical_depth: Float[Tensor, "*n"]) -> Float[Tensor, "*n"]:
+    """A sample's opacity (alpha), ``1 - exp(-sigma delta)``, from its optical depth ``sigma delta``."""
+    return -torch.expm1(-optical_depth)
+
+
 def visible(
     density: Float[Tensor, "n"], samples: PackedSamples, early_stop_eps: float, alpha_threshold: float = 0.0
 ) -> Tuple[Bool[Tensor, "n"], Float[Tensor, "n"]]:
@@ -88,7 +93,7 @@ def visible(
     in_front = transmittance(optical_depth, samples.ray_indices)
     keep = in_front > early_stop_eps
     if alpha_threshold > 0:
-        keep &= -torch.expm1(-optical_depth) >= alpha_threshold
+        keep &= opacity(optical_depth) >= alpha_threshold
     return keep, in_front
 
 
@@ -102,7 +107,7 @@ def render_weights(
     optical_depth = density * samples.deltas
     if in_front is None:
         in_front = transmittance(optical_depth, samples.ray_indices)
-    return in_front * -torch.expm1(-optical_depth)
+    return in_front * opacity(optical_depth)
 
 
 def accumulate(
@@ -112,4 +117,4 @@ def accumulate(
     return values.new_zeros(num_rays, values.shape[-1]).index_add_(0, ray_indices, values)
 
 
-__all__ = ["PackedSamples", "pack", "transmittance", "visible", "render_weights", "accumulate"]
+__all__ = ["PackedSamples", "pack", "transmittance", "opacity", "visible", "render_weights", "accumulate"]
