@@ -544,9 +544,10 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
 
 def main(bench: BenchmarkConfig) -> None:
     if torch.cuda.is_available() and any(method.startswith("instant-ngp") for method in bench.methods):
-        from patched_nerfacc import use_patched_nerfacc  # nerfacc's CUDA extension, patched for CUDA 13
+        from patched_nerfacc import build_extension, use_patched_nerfacc  # nerfacc's extension, patched for CUDA 13
 
         use_patched_nerfacc(bench.output_dir / "patched-nerfacc")
+        print(f"nerfacc's CUDA extension built in {build_extension():.0f} s (not part of any training budget)")
     from vqad_nerfstudio.export.formats import METHOD_FORMATS  # also the checkpoint-loading shim of the models
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -39,3 +39,15 @@ def test_pytorch_runs_export_and_decode_to_pytorch_modules_beside_tinycudann() -
     points = torch.rand(300, 3)
     with torch.no_grad():
         torch.testing.assert_close(decoded.encoding(points), model.encoding(points), rtol=0, atol=1e-3)
+
+
+def test_hash_methods_train_through_tinycudann_when_asked() -> None:
+    """implementation='tcnn' (nerfstudio's switch) runs the random-index grid in tinycudann: finite features whose
+    gradient reaches tinycudann's parameters."""
+    encoding = _model("tcnn").train().encoding
+    assert encoding.hash_grid.tcnn_encoding is not None
+    features = encoding(torch.rand(4096, 3, device="cuda"))
+    assert features.shape[0] == 4096 and torch.isfinite(features).all()
+    features.float().square().sum().backward()
+    grads = [p.grad for p in encoding.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
