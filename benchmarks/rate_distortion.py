@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -49,7 +50,8 @@ PUBLISHED: Tuple[PublishedPoint, ...] = (
 PUBLISHED_LABEL = "published (NeRF-synthetic avg, 800²; not measured here)"
 
 Series = Tuple[str, re.Pattern[str]]
-"""A curve's label and the pattern its methods match in full."""
+"""A curve's label and the pattern its methods match in full (the method's name, or RESULTS/METHOD with RESULTS the
+name of its results file without ``.json``)."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,9 @@ class RDConfig:
     output: Path = Path("rd.png")
     """PNG file to write."""
     series: Tuple[str, ...] = ()
-    """Curves as LABEL=REGEX: a row joins the first curve whose REGEX matches its method in full (default: one curve
-    per base method name, the part before '@')."""
+    """Curves as LABEL=REGEX: a row joins the first curve whose REGEX matches its method in full, or RESULTS/METHOD
+    with RESULTS its file's name without .json, to tell apart runs of one method in several files (default: one
+    curve per base method name, the part before '@')."""
     reference: Tuple[str, ...] = ()
     """Horizontal dashed lines as LABEL=METHOD at that method's trained PSNR (e.g. an uncompressed float twin)."""
     published: bool = True
@@ -149,7 +152,11 @@ def load_points(paths: Sequence[Path], series: Sequence[Series] = ()) -> RDData:
                 uncompressed.append(f"{method} ({path})")
                 continue
             if series:
-                label = next((label for label, pattern in series if pattern.fullmatch(method)), None)
+                qualified = f"{path.stem}/{method}"
+                label = next(
+                    (label for label, pattern in series if pattern.fullmatch(method) or pattern.fullmatch(qualified)),
+                    None,
+                )
             else:
                 label = method.split("@")[0]
             if label is None:
@@ -258,7 +265,7 @@ def plot_rd(
     axis.grid(True, which="minor", alpha=0.1)
     axis.set_xlabel("file size (MB)")
     axis.set_ylabel("decoded PSNR (dB)")
-    axis.set_title("Rate-distortion: " + "; ".join(data.runs), fontsize=10)
+    axis.set_title(textwrap.fill("Rate-distortion: " + "; ".join(data.runs), 90), fontsize=10)
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=7, loc="best", framealpha=0.9)
     figure.tight_layout()

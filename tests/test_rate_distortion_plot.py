@@ -80,6 +80,18 @@ def test_series_patterns_and_unmatched_rows(results):
     assert rd.resolve_references(data, ["float twin=vqad-float"]) == [("float twin", 33.5)]
 
 
+def test_series_can_name_the_results_file(results, tmp_path):
+    first, second = results
+    renamed = tmp_path / "long-run.json"
+    renamed.write_text(first.read_text())
+    series = rd.parse_series(["long run=long-run/vqad", "short runs=vqad(@.*)?"])
+    data = rd.load_points([first, renamed], series)
+    assert [(p.series, p.method, p.source) for p in data.points if p.method == "vqad"] == [
+        ("long run", "vqad", str(renamed)),  # curves in the order of --series
+        ("short runs", "vqad", str(first)),
+    ]
+
+
 def test_plot_writes_a_png(results, tmp_path):
     data = rd.load_points(list(results))
     output = tmp_path / "plots" / "rd.png"
