@@ -9,6 +9,7 @@ from nerfstudio.data.scene_box import SceneBox
 
 from vqad_nerfstudio.codec import FormatError, TruncatedError, read_container, write_container
 from vqad_nerfstudio.export.formats import encode_any, load_any
+from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
 from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModelConfig
 
 
@@ -97,3 +98,66 @@ def test_size_statistics_compare_against_fp32_planes():
     tags = [(chunk.tag, chunk.lod) for chunk in read_container(write_container(encoded.header, encoded.chunks)).chunks]
     assert tags == [("NETS", None), ("PDEC", 0), ("MASK", 0), ("LTAB", 0), ("LATS", 0)]
     assert np.isfinite(level.float_grid_bytes)
+
+
+def _quantized_model(bits: int = 6):
+    """:func:`_model` whose plane decoder trains and is stored at ``bits`` bits."""
+    model = _model()
+    model.config.decoder_bits = bits
+    for layer in quantizable_layers(model.latent_planes.decoder):
+        layer.bits = bits
+    return model
+
+
+def test_a_quantized_plane_decoder_decodes_to_the_planes_it_renders():
+    model = _quantized_model(6)
+    encoded = encode_any(model)
+    assert encoded.header["requires"] == ["decoder_bits"] and encoded.header["model"]["decoder_bits"] == 6
+    assert [chunk.tag for chunk in encoded.chunks][:2] == ["NETS", "PDCQ"]
+    data = write_container(encoded.header, encoded.chunks)
+    assert read_container(data).version == (2, 0)  # readers without the feature refuse the file by its version
+    decoded, _ = load_any(data)
+    assert decoded.config.decoder_bits == 6
+    with torch.no_grad():
+        torch.testing.assert_close(decoded.latent_planes().planes, model.latent_planes().planes, rtol=0, atol=1e-3)
+        for layer, trained in zip(decoded.latent_planes.decoder, model.latent_planes.decoder):
+            if isinstance(layer, torch.nn.ConvTranspose2d):  # the rounded kernels, exactly
+                assert torch.equal(layer.weight, trained.rounded_weight())
+    again = encode_any(decoded)  # the rounded kernels round to themselves (the prior's tables are not kept)
+    assert again.chunks[1].tag == "PDCQ" and again.chunks[1].payload == encoded.chunks[1].payload
+    fp16 = next(chunk.payload for chunk in encode_any(_model()).chunks if chunk.tag == "PDEC")
+    quantized = next(chunk.payload for chunk in encoded.chunks if chunk.tag == "PDCQ")
+    assert len(quantized) < 0.6 * len(fp16)
+
+
+def test_the_decoder_trains_on_its_grid_with_straight_through_gradients():
+    model = _quantized_model(3).train()
+    kernel = model.latent_planes.decoder[0]
+    rounded = kernel.rounded_weight().detach()
+    assert not torch.equal(rounded, kernel.weight) and torch.unique(rounded[0]).numel() <= 7  # 3 bits: -3..3
+    model.latent_planes().planes.square().sum().backward()
+    assert kernel.weight.grad is not None and kernel.weight.grad.abs().sum() > 0
+
+
+def test_quantized_decoder_headers_are_checked():
+    encoded = encode_any(_quantized_model(6))
+    unrequired = dict(encoded.header)
+    del unrequired["requires"]
+    with pytest.raises(FormatError, match="set but not required"):
+        load_any(write_container(unrequired, encoded.chunks))
+    for bits in (9, 16, 6.0):
+        header = dict(encoded.header, model=dict(encoded.header["model"], decoder_bits=bits))
+        with pytest.raises(FormatError, match="integer in 2..8"):
+            load_any(write_container(header, encoded.chunks))
+    header = dict(encoded.header, model=dict(encoded.header["model"], decoder_bits=5))
+    with pytest.raises(FormatError, match="differ from the header"):
+        load_any(write_container(header, encoded.chunks))
+    fp16_chunks = encode_any(_model()).chunks
+    with pytest.raises(FormatError, match="PDCQ"):  # a quantised header needs the quantised decoder
+        load_any(write_container(encoded.header, fp16_chunks))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 12])
+def test_decoder_bits_outside_2_to_8_or_16_are_refused(bits):
+    with pytest.raises(ValueError, match="decoder_bits"):
+        CompressedTensoRFModelConfig(decoder_bits=bits)

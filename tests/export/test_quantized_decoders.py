@@ -9,7 +9,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vqad_nerfstudio.fields.quantized_linear import QuantizedLinear, dequantize_rows, quantizable_layers, quantize_rows
+from vqad_nerfstudio.fields.quantized_linear import (
+    QuantizedConvTranspose2d,
+    QuantizedLinear,
+    dequantize_rows,
+    quantizable_layers,
+    quantize_rows,
+)
 
 
 def _weight(seed: int = 0, shape=(7, 5)) -> torch.Tensor:
@@ -145,3 +151,19 @@ def test_decoders_stay_float_during_the_float_warm_up() -> None:
     model._quantize_float_warmup()
     model.round_decoder_weights()
     assert all(layer.bits == 5 for layer in model.field.decoder_layers)
+
+
+def test_transposed_convolutions_quantize_per_input_channel() -> None:
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1), nn.SELU())
+    original = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
+    original.load_state_dict(decoder[0].state_dict())
+    (layer,) = quantizable_layers(decoder)
+    assert isinstance(layer, QuantizedConvTranspose2d) and decoder[0] is layer
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(layer(x), original(x), rtol=0, atol=0)  # no bits: the float layer
+    layer.bits = 4
+    rounded = dequantize_rows(*quantize_rows(original.weight, 4), original.weight.shape)
+    assert torch.unique(rounded[0]).numel() <= 15  # one scale per input channel, 4 bits: -7..7
+    expected = nn.functional.conv_transpose2d(x, rounded, original.bias, 2, 1, 1)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)

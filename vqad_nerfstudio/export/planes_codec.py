@@ -1,7 +1,8 @@
 """``tensorf-compressed`` models <-> VQNF files (method payload in docs/format.md).
 
 Chunks: ``NETS`` (fp16: TensoRF's line factors, its appearance matrix and rendering MLP), then, at
-level 0, the coded planes: ``PDEC`` (the plane decoder, fp16), ``MASK`` (the latent masks, range-coded
+level 0, the coded planes: ``PDEC`` (the plane decoder, fp16) or ``PDCQ`` (quantised to the model's
+``decoder_bits``; the header's ``requires`` then lists ``decoder_bits``), ``MASK`` (the latent masks, range-coded
 bits), ``LTAB`` (one integer frequency table per latent channel, quantised from the learned prior)
 and ``LATS`` (the integer latents at the unmasked positions, range-coded with those tables). The
 prior itself is not stored: the tables are all a decoder needs, and integers decode bit-exactly on
@@ -29,9 +30,17 @@ from vqad_nerfstudio.codec import (
     tables_to_bytes,
 )
 from vqad_nerfstudio.codec.container import Source
-from vqad_nerfstudio.export.payloads import encode_parameters, load_parameters, parse_aabb, read_complete_container
+from vqad_nerfstudio.export.payloads import (
+    encode_parameters,
+    encode_quantized_parameters,
+    load_parameters,
+    load_quantized_parameters,
+    parse_aabb,
+    read_complete_container,
+)
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, LevelStats
+from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS
 from vqad_nerfstudio.models.limits import MAX_PLANE_RESOLUTION
 from vqad_nerfstudio.progress import status
 
@@ -41,7 +50,9 @@ if TYPE_CHECKING:
 __all__ = ["PLANE_METHODS", "encode_planes_model", "load_planes_compressed"]
 
 PLANE_METHODS = ("tensorf-compressed", "tensorf-compressed-l")
-TAG_NETS, TAG_PDEC, TAG_MASK, TAG_LTAB, TAG_LATS = "NETS", "PDEC", "MASK", "LTAB", "LATS"
+TAG_NETS, TAG_PDEC, TAG_PDCQ, TAG_MASK, TAG_LTAB, TAG_LATS = "NETS", "PDEC", "PDCQ", "MASK", "LTAB", "LATS"
+DECODER_BITS_KEY = "decoder_bits"
+"""Model key (and required feature) of a file whose plane decoder is quantised (``PDCQ``)."""
 TABLE_PRECISION_BITS = 16
 """Each channel's probabilities are quantised to integer frequencies summing to 2**16."""
 
@@ -55,7 +66,8 @@ MODEL_KEYS = (
     "num_uniform_samples",
     "background_color",
 )
-"""The CompressedTensoRFModelConfig fields a file stores: what shapes the model or its renders."""
+"""The CompressedTensoRFModelConfig fields a file stores: what shapes the model or its renders (and
+DECODER_BITS_KEY when the decoder is quantised)."""
 
 
 def _net_parameters(model: "CompressedTensoRFModel") -> Dict[str, Tensor]:
@@ -92,6 +104,12 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
         "aabb": model.scene_box.aabb.detach().cpu().to(torch.float32).tolist(),
         "plane_resolution": planes.plane_resolution,
     }
+    if config.decoder_bits == 16:
+        decoder = Chunk(TAG_PDEC, 0, encode_parameters(_decoder_parameters(model)))
+    else:  # the grid the decoder trained on (quantize_rows), so the file renders what was trained
+        header["model"][DECODER_BITS_KEY] = config.decoder_bits
+        header["requires"] = [DECODER_BITS_KEY]
+        decoder = Chunk(TAG_PDCQ, 0, encode_quantized_parameters(_decoder_parameters(model), config.decoder_bits))
     masks = planes.hard_masks().cpu().numpy()
     latents = planes.hard_latents().cpu().numpy()  # [planes, channels, side, side]
     coded = latents.transpose(1, 0, 2, 3)[:, masks]  # [channels, unmasked positions], plane-major
@@ -100,7 +118,7 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
     with status(f"Range-coding {coded.size:,} plane latents"):
         chunks = [
             Chunk(TAG_NETS, None, encode_parameters(_net_parameters(model))),
-            Chunk(TAG_PDEC, 0, encode_parameters(_decoder_parameters(model))),
+            decoder,
             Chunk(TAG_MASK, 0, encode_categorical(masks.reshape(-1).astype(np.uint8), 2, context="auto")),
             Chunk(TAG_LTAB, 0, tables_to_bytes(tables)),
             Chunk(TAG_LATS, 0, encode_with_tables(coded, table_ids, tables)),
@@ -122,14 +140,17 @@ def load_planes_compressed(source: Source) -> Tuple["CompressedTensoRFModel", De
     """Rebuild a tensorf-compressed model (CPU, eval mode) from a complete VQNF file."""
     container = read_complete_container(source, "all of their chunks")
     method, config, aabb, resolution = _parse_header(container.header)
-    parts = _chunks_by_tag(container.chunks)
+    parts = _chunks_by_tag(container.chunks, TAG_PDEC if config.decoder_bits == 16 else TAG_PDCQ)
 
     from nerfstudio.data.scene_box import SceneBox
 
     model: "CompressedTensoRFModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
     model.resize_planes(resolution)
     load_parameters(_net_parameters(model), parts[TAG_NETS], TAG_NETS)
-    load_parameters(_decoder_parameters(model), parts[TAG_PDEC], TAG_PDEC)
+    if config.decoder_bits == 16:
+        load_parameters(_decoder_parameters(model), parts[TAG_PDEC], TAG_PDEC)
+    elif load_quantized_parameters(_decoder_parameters(model), parts[TAG_PDCQ], TAG_PDCQ) != config.decoder_bits:
+        raise FormatError(f"{TAG_PDCQ}: its bits differ from the header's model.{DECODER_BITS_KEY}")
     shape = tuple(model.latent_planes.mask_logits.shape)
     masks = decode_symbols(parts[TAG_MASK], int(np.prod(shape)), 2, TAG_MASK).reshape(shape).astype(bool)
     channels = config.latent_channels
@@ -154,10 +175,20 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, Tensor, int]:
 
     from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModelConfig
 
-    check_requirements(header, ())
+    check_requirements(header, (DECODER_BITS_KEY,))
     method, settings = header.get("method"), header.get("model")
-    if method not in PLANE_METHODS or not isinstance(settings, dict) or set(settings) != set(MODEL_KEYS):
+    if (
+        method not in PLANE_METHODS
+        or not isinstance(settings, dict)
+        or set(settings) - {DECODER_BITS_KEY} != set(MODEL_KEYS)
+    ):
         raise FormatError(f"header: not a {' / '.join(PLANE_METHODS)} header (method {method!r})")
+    if DECODER_BITS_KEY in settings:  # a quantised decoder (PDCQ)
+        bits = settings[DECODER_BITS_KEY]
+        if DECODER_BITS_KEY not in header.get("requires", []):
+            raise FormatError(f"header: model.{DECODER_BITS_KEY} is set but not required")
+        if type(bits) is not int or bits not in QUANTIZED_BITS:
+            raise FormatError(f"header: model.{DECODER_BITS_KEY} must be an integer in 2..8, got {bits!r}")
     try:
         config = CompressedTensoRFModelConfig(**settings, camera_optimizer=CameraOptimizerConfig(mode="off"))
     except (TypeError, ValueError) as error:
@@ -169,8 +200,9 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, Tensor, int]:
     return method, config, parse_aabb(header.get("aabb")), resolution
 
 
-def _chunks_by_tag(chunks: List[Chunk]) -> Dict[str, bytes]:
-    tags = (TAG_NETS, TAG_PDEC, TAG_MASK, TAG_LTAB, TAG_LATS)
+def _chunks_by_tag(chunks: List[Chunk], decoder_tag: str) -> Dict[str, bytes]:
+    """The payloads of the five chunks a file needs (its decoder's as ``decoder_tag``, PDEC or PDCQ)."""
+    tags = (TAG_NETS, decoder_tag, TAG_MASK, TAG_LTAB, TAG_LATS)
     parts: Dict[str, bytes] = {}
     for chunk in chunks:
         if chunk.tag in tags:

@@ -1,15 +1,17 @@
 """Decoder weights on the grid a file stores them on: per-row symmetric quantisation, trained straight-through.
 
+Used by vqad's decoder MLPs (linear layers) and tensorf-compressed's plane decoder (transposed convolutions).
+
 A ``bits``-bit matrix keeps one fp16 scale per output row, ``scale = fp16(max |row| / q)`` with
 ``q = 2**(bits - 1) - 1``, and integers ``v = clamp(round(w / scale), -q, q)``; it decodes to ``v * scale``
 (docs/format.md, "Quantised parameters payload"). :func:`quantize_rows` is that rule, for the writer and for
-training alike, so a model trained through :class:`QuantizedLinear` renders after decoding exactly as it did in
+training alike, so a model trained through these layers renders after decoding exactly as it did in
 training.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -42,30 +44,29 @@ def dequantize_rows(levels: Int[Tensor, "out n"], scale: Tensor, shape: torch.Si
     return (levels.float() * scale.float()[:, None]).reshape(shape)
 
 
-class QuantizedLinear(nn.Linear):
-    """``nn.Linear`` whose forward pass can use its weight rounded to ``bits`` bits (:func:`quantize_rows`), with
-    straight-through gradients to the float weight; its parameters and state-dict keys are ``nn.Linear``'s."""
+class _RoundedWeight(nn.Module):
+    """A layer whose forward pass can use its weight rounded to ``bits`` bits (:func:`quantize_rows`), with
+    straight-through gradients to the float weight; its parameters and state-dict keys are its base layer's."""
 
+    weight: nn.Parameter
     bits: Optional[int] = None
     """None: the float weight; 2..8: the weight as a file of that many bits per weight stores it."""
     _held: Optional[Tensor] = None
     """The rounded weight while :meth:`hold_rounding` holds it."""
 
     @classmethod
-    def like(cls, linear: nn.Linear) -> "QuantizedLinear":
-        """A QuantizedLinear holding ``linear``'s parameters (the same tensors)."""
+    def like(cls, layer: nn.Module) -> "_RoundedWeight":
+        """A layer of this class holding ``layer``'s parameters (the same tensors) and settings."""
         quantized = cls.__new__(cls)
-        nn.Module.__init__(quantized)
-        quantized.in_features, quantized.out_features = linear.in_features, linear.out_features
-        quantized.weight, quantized.bias = linear.weight, linear.bias
+        quantized.__dict__.update(layer.__dict__)
         return quantized
 
     @torch.no_grad()
-    def _rounded(self) -> Float[Tensor, "out in"]:
+    def _rounded(self) -> Tensor:
         assert self.bits is not None
         return dequantize_rows(*quantize_rows(self.weight, self.bits), self.weight.shape)
 
-    def rounded_weight(self) -> Float[Tensor, "out in"]:
+    def rounded_weight(self) -> Tensor:
         """The weight the forward pass uses (rounded once per :meth:`hold_rounding` span, else at every call)."""
         if self.bits is None:
             return self.weight
@@ -79,24 +80,52 @@ class QuantizedLinear(nn.Linear):
         optimisers update in place without telling)."""
         self._held = self._rounded() if hold and self.bits is not None else None
 
+
+class QuantizedLinear(_RoundedWeight, nn.Linear):
+    """``nn.Linear`` with its weight optionally rounded to ``bits`` bits (see :class:`_RoundedWeight`)."""
+
     def forward(self, x: Float[Tensor, "*b in"]) -> Float[Tensor, "*b out"]:
         return F.linear(x, self.rounded_weight(), self.bias)
 
 
-def quantizable_layers(mlp: nn.Module) -> Tuple[QuantizedLinear, ...]:
-    """Turn every ``nn.Linear`` inside ``mlp`` into a :class:`QuantizedLinear` sharing its parameters (in place,
-    state-dict keys unchanged); return them."""
+class QuantizedConvTranspose2d(_RoundedWeight, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with its weight optionally rounded to ``bits`` bits, one scale per input channel
+    (the weight's first dimension; see :class:`_RoundedWeight`)."""
+
+    def forward(self, x: Float[Tensor, "b c h w"], output_size: Optional[List[int]] = None) -> Tensor:
+        assert isinstance(self.padding, tuple)
+        padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        return F.conv_transpose2d(
+            x, self.rounded_weight(), self.bias, self.stride, self.padding, padding, self.groups, self.dilation
+        )
+
+
+QuantizedLayer = Union[QuantizedLinear, QuantizedConvTranspose2d]
+_QUANTIZED_CLASS = {nn.Linear: QuantizedLinear, nn.ConvTranspose2d: QuantizedConvTranspose2d}
+
+
+def quantizable_layers(network: nn.Module) -> Tuple[QuantizedLayer, ...]:
+    """Turn every ``nn.Linear`` and ``nn.ConvTranspose2d`` inside ``network`` into its quantisable class sharing its
+    parameters (in place, state-dict keys unchanged); return them."""
     layers = []
-    for name, child in list(mlp.named_children()):
-        if isinstance(child, QuantizedLinear):
+    for name, child in list(network.named_children()):
+        if isinstance(child, _RoundedWeight):
             layers.append(child)
-        elif isinstance(child, nn.Linear):
-            replacement = QuantizedLinear.like(child)
-            setattr(mlp, name, replacement)
+        elif type(child) in _QUANTIZED_CLASS:
+            replacement = _QUANTIZED_CLASS[type(child)].like(child)
+            setattr(network, name, replacement)
             layers.append(replacement)
         else:
             layers.extend(quantizable_layers(child))
     return tuple(layers)
 
 
-__all__ = ["QUANTIZED_BITS", "quantize_rows", "dequantize_rows", "QuantizedLinear", "quantizable_layers"]
+__all__ = [
+    "QUANTIZED_BITS",
+    "quantize_rows",
+    "dequantize_rows",
+    "QuantizedLinear",
+    "QuantizedConvTranspose2d",
+    "QuantizedLayer",
+    "quantizable_layers",
+]

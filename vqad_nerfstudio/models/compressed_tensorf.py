@@ -38,6 +38,7 @@ from vqad_nerfstudio.compat import SkippedLPIPS, allow_nerfstudio_checkpoints, o
 from vqad_nerfstudio.encodings.masked_latent_planes import MaskedLatentPlanes
 from vqad_nerfstudio.encodings.plane_importance import importance_weights, splat_importance, weighted_plane_error
 from vqad_nerfstudio.encodings.vm_planes import DecodableVMEncoding
+from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS, quantizable_layers
 from vqad_nerfstudio.models.limits import MAX_COMPONENTS, MAX_HIDDEN_DIM, MAX_NUM_SAMPLES, check_int
 from vqad_nerfstudio.progress import track
 
@@ -68,6 +69,10 @@ class CompressedTensoRFModelConfig(TensoRFModelConfig):
     """C_z: channels of each plane's latent code (paper: 192 for -H, 384 for -L)."""
     decoder_channels: int = 96
     """Hidden channels of the two-layer decoder (paper: 96 for -H, 192 for -L)."""
+    decoder_bits: int = 16
+    """Bits per weight of the plane decoder's kernels in the file: 16 (fp16), or 2..8 (rows quantised, range-coded;
+    the decoder then trains on that grid, straight-through, so the decoded file renders what was trained). The
+    fp16 decoder is most of the file (442 kB of the default's 0.6 MB); 6 bits store it in about a third."""
     mask_temperature: Tuple[float, float] = (10.0, 0.1)
     """Gumbel-softmax temperature of the masks, annealed geometrically from the first to the second value."""
     mask_init_logit: float = 2.0
@@ -87,6 +92,8 @@ class CompressedTensoRFModelConfig(TensoRFModelConfig):
         check_int("appearance_dim", self.appearance_dim, 1, MAX_HIDDEN_DIM)
         check_int("latent_channels", self.latent_channels, 1, MAX_HIDDEN_DIM)
         check_int("decoder_channels", self.decoder_channels, 1, MAX_HIDDEN_DIM)
+        if self.decoder_bits != 16 and self.decoder_bits not in QUANTIZED_BITS:
+            raise ValueError(f"decoder_bits must be 16 (fp16) or an integer in 2..8, got {self.decoder_bits!r}")
         check_int("num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
         check_int("num_uniform_samples", self.num_uniform_samples, 1, MAX_NUM_SAMPLES)
         if self.tensorf_checkpoint is not None:
@@ -140,6 +147,8 @@ class CompressedTensoRFModel(TensoRFModel):
             cfg.decoder_channels,
             cfg.mask_init_logit,
         )
+        for layer in quantizable_layers(self.latent_planes.decoder):
+            layer.bits = None if cfg.decoder_bits == 16 else cfg.decoder_bits
         resolution = self.latent_planes.plane_resolution
         self.register_buffer("plane_weights", torch.zeros(3, resolution, resolution))
         self.register_buffer("compressing", torch.tensor(False))
