@@ -222,7 +222,7 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
             trainer.stop_training = True
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], stop_when_spent))
-    recent_train_psnr = _record_train_psnr(trainer.pipeline)
+    recent_train_metrics = _record_train_metrics(trainer.pipeline)
     if method in bench.profile:
         path = bench.output_dir / f"{method.replace('@', '-')}.profile.txt"
         trainer.callbacks += _profiled_steps(path, range(bench.profile_from, bench.profile_from + 5))
@@ -237,8 +237,8 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
     steps = trainer.step + 1
     checkpoint = max(trainer.checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    train_psnr = float(torch.stack(list(recent_train_psnr)).mean()) if recent_train_psnr else math.nan
-    return trainer, steps, seconds, peak, checkpoint, train_psnr, _late_ms_per_step(step_ends)
+    train_metrics = _mean_train_metrics(recent_train_metrics)
+    return trainer, steps, seconds, peak, checkpoint, train_metrics, _late_ms_per_step(step_ends)
 
 
 LATE_SHARE = 0.25
@@ -254,24 +254,38 @@ def _late_ms_per_step(step_ends: List[float]) -> float:
     return 1000 * (step_ends[-1] - step_ends[first]) / (len(step_ends) - 1 - first)
 
 
-TRAIN_PSNR_STEPS = 100
-"""The train PSNR reported is the mean over the training batches of this many last steps."""
+TRAIN_METRIC_STEPS = 100
+"""The train metrics reported are means over the training batches of this many last steps."""
+
+TRAIN_METRICS = {"psnr": "train_psnr", "samples_per_ray": "train_samples_per_ray"}
+"""Training metrics a row reports (the model's metric name -> the row's key) where the model computes them. Next to
+the test PSNR, the train PSNR tells a model that cannot fit the views from one that does not generalise; the
+samples per ray (evaluated after empty-space skipping and early termination) explain step times."""
 
 
-def _record_train_psnr(pipeline) -> collections.deque:
-    """Keep the PSNR of the last :data:`TRAIN_PSNR_STEPS` training batches (as tensors: no sync per step).
-    Next to the test PSNR it tells a model that cannot fit the views from one that does not generalise."""
-    recent: collections.deque = collections.deque(maxlen=TRAIN_PSNR_STEPS)
+def _record_train_metrics(pipeline) -> Dict[str, collections.deque]:
+    """Keep the :data:`TRAIN_METRICS` of the last :data:`TRAIN_METRIC_STEPS` training batches (as tensors: no sync
+    per step)."""
+    recent = {name: collections.deque(maxlen=TRAIN_METRIC_STEPS) for name in TRAIN_METRICS}
     get_train_loss_dict = pipeline.get_train_loss_dict
 
     def recording(step: int):
         outputs, losses, metrics = get_train_loss_dict(step=step)
-        if "psnr" in metrics:
-            recent.append(metrics["psnr"].detach())
+        for name, values in recent.items():
+            if name in metrics:
+                values.append(torch.as_tensor(metrics[name]).detach().float())
         return outputs, losses, metrics
 
     pipeline.get_train_loss_dict = recording
     return recent
+
+
+def _mean_train_metrics(recent: Dict[str, collections.deque]) -> Dict[str, float]:
+    """The row entries of :func:`_record_train_metrics`' values (NaN for a metric the model did not report)."""
+    return {
+        TRAIN_METRICS[name]: float(torch.stack(list(values)).mean()) if values else math.nan
+        for name, values in recent.items()
+    }
 
 
 ENCODING_VARIANTS = ("learned", "random", "random-sparse")
@@ -564,7 +578,7 @@ def main(bench: BenchmarkConfig) -> None:
     tensorf_checkpoint = None
     for method in methods:
         print(f"training {method} for {bench.budget_s:g} s", flush=True)
-        trainer, steps, seconds, peak, checkpoint, train_psnr, late_ms = _train(method, bench, tensorf_checkpoint)
+        trainer, steps, seconds, peak, checkpoint, train_metrics, late_ms = _train(method, bench, tensorf_checkpoint)
         if method == "tensorf":
             tensorf_checkpoint = checkpoint
         pipeline = trainer.pipeline
@@ -581,7 +595,7 @@ def main(bench: BenchmarkConfig) -> None:
             "method": method,
             "psnr": psnr,
             "ssim": ssim,
-            "train_psnr": train_psnr,
+            **train_metrics,
             "steps": steps,
             "ms_per_step": 1000 * seconds / steps,
             "late_ms_per_step": late_ms,
@@ -642,15 +656,15 @@ def _fmt_bytes(value: float) -> str:
 
 def _table(results: List[Dict[str, float]]) -> str:
     header = (
-        "| method | PSNR | SSIM | train PSNR | steps | ms/step | late ms/step | train rays/s | eval rays/s | peak MiB "
-        "| stored | feature grid | checkpoint |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| method | PSNR | SSIM | train PSNR | steps | ms/step | late ms/step | train samples/ray | train rays/s "
+        "| eval rays/s | peak MiB | stored | feature grid | checkpoint |\n" + "|---" * 14 + "|"
     )
     lines = [header]
     for r in results:
         lines.append(
             f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {_fmt_db(r.get('train_psnr', math.nan))} | "
             f"{r['steps']} | {r['ms_per_step']:.1f} | {r.get('late_ms_per_step', math.nan):.1f} | "
-            f"{r.get('train_rays_per_s', math.nan) / 1e3:.0f}k | "
+            f"{r.get('train_samples_per_ray', math.nan):.1f} | {r.get('train_rays_per_s', math.nan) / 1e3:.0f}k | "
             f"{r['eval_rays_per_s'] / 1e3:.0f}k | {r['peak_mem_mib']:.0f} | {_fmt_bytes(r['stored_bytes'])} | "
             f"{_fmt_bytes(r['feature_grid_bytes'])} | {_fmt_bytes(r['checkpoint_bytes'])} |"
         )

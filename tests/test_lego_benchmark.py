@@ -90,3 +90,19 @@ def test_a_run_that_ends_in_its_float_warmup_is_told_apart() -> None:
     assert bench._in_float_warmup(model())  # float rows until index_warmup_steps: no indices to store
     assert not bench._in_float_warmup(model(index_warmup="soft"))  # indices from the first step
     assert not bench._in_float_warmup(model(feature_store="float"))  # the float twin stores its rows
+
+
+def test_train_metrics_are_means_of_the_last_steps_and_nan_where_missing() -> None:
+    import torch
+
+    class Pipeline:
+        def get_train_loss_dict(self, step: int):
+            return {}, {}, {"psnr": torch.tensor(float(step)), "other": torch.tensor(1.0)}
+
+    pipeline = Pipeline()
+    recent = bench._record_train_metrics(pipeline)
+    for step in range(bench.TRAIN_METRIC_STEPS + 10):
+        pipeline.get_train_loss_dict(step=step)
+    means = bench._mean_train_metrics(recent)
+    assert means["train_psnr"] == pytest.approx(10 + (bench.TRAIN_METRIC_STEPS - 1) / 2)  # steps 10..109
+    assert math.isnan(means["train_samples_per_ray"]) and set(means) == set(bench.TRAIN_METRICS.values())
