@@ -105,14 +105,3 @@ def test_bad_index_stages_are_refused(value, tiny_vqad, vqad_file) -> None:
     unrequired = {**container.header, "requires": [r for r in container.header["requires"] if r != "index_stages"]}
     with pytest.raises(FormatError, match="index_stages is set but not required"):
         load_compressed(write_container(unrequired, container.chunks))
-
-
-def test_a_checkpoint_from_after_the_warm_up_loads_into_a_fresh_model(tiny_vqad) -> None:
-    trained = tiny_vqad(3, index_bits=3, index_stages=2, index_warmup="float")
-    assert all(level.features.in_float_warmup for level in trained.grid.levels)
-    trained._quantize_float_warmup()
-    fresh = tiny_vqad(4, index_bits=3, index_stages=2, index_warmup="float")
-    fresh.load_state_dict(trained.state_dict())
-    for ours, theirs in zip(fresh.grid.levels, trained.grid.levels):
-        assert not ours.features.in_float_warmup
-        assert torch.equal(ours.features.table(), theirs.features.table())
