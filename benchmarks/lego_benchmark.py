@@ -476,10 +476,10 @@ def _eval_speed_by_chunk(pipeline, bench: BenchmarkConfig) -> Dict[int, Dict[str
 
 def _in_float_warmup(model) -> bool:
     """Whether a vqad run stopped before its indices exist (its levels still read float warm-up rows)."""
-    from vqad_nerfstudio.encodings.vertex_features import IndexStore
+    from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
 
     levels = model.grid.levels if hasattr(model, "grid") else []
-    return any(isinstance(level.features, IndexStore) and level.features.in_float_warmup for level in levels)
+    return any(isinstance(level.features, CodebookFeatures) and level.features.in_float_warmup for level in levels)
 
 
 def _stored_bytes(pipeline, method: str) -> Dict[str, float]:

@@ -9,7 +9,6 @@ either, and a grid can prune rows (``remap``) without knowing which store it hol
   (straight-through estimator), so the loss sees exactly what will be stored. It can start from a
   float warm-up: free float rows that k-means then turns into the codebook and the indices. A frozen
   store (a decoded file) holds each row's index as an integer instead of its logits.
-- :class:`ResidualCodebookFeatures`: several such indices per row, into one codebook each, their codewords summed.
 - :class:`FloatFeatures`: each row holds a float vector; the uncompressed reference.
 """
 
@@ -429,8 +428,6 @@ class CodebookFeatures(FeatureStore):
 
     temperature: float = 1.0
     relaxed: bool = False
-    num_stages = 1
-    """Indices per row (see :class:`ResidualCodebookFeatures`)."""
 
     def __init__(
         self,
@@ -565,28 +562,16 @@ class CodebookFeatures(FeatureStore):
         parameter; returns the swap for optimisers."""
         if not self.in_float_warmup:
             return []
-        self.fit_codewords(self.warmup_features.detach(), importance, iterations, generator)
-        old = self.warmup_features
-        self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))
-        return [(old, self.warmup_features)]
-
-    @torch.no_grad()
-    def fit_codewords(
-        self,
-        features: Float[Tensor, "m k"],
-        importance: Optional[Float[Tensor, "m"]] = None,
-        iterations: int = 25,
-        generator: Optional[torch.Generator] = None,
-    ) -> Float[Tensor, "m k"]:
-        """Make the codebook the k-means of ``features`` (one per row, weighted by ``importance``) and every row's
-        logits minus its squared distances to the codewords (see :meth:`quantize_float_warmup`); return each row's
-        codeword (the parameters keep their identity)."""
-        centroids, costs = vector_quantize(features, 2**self.index_bits, importance, iterations, generator)
+        centroids, costs = vector_quantize(
+            self.warmup_features.detach(), 2**self.index_bits, importance, iterations, generator
+        )
         self.codebook.data = centroids.to(self.codebook.dtype)
         self.logits.data = (-costs).to(self.logits.dtype)
         self.logits.grad = self.codebook.grad = None
         self._hard_table = None
-        return centroids.index_select(0, costs.argmin(dim=-1))
+        old = self.warmup_features
+        self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))
+        return [(old, self.warmup_features)]
 
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         device, rows = self.codebook.device, source_rows.shape[0]
@@ -637,173 +622,6 @@ class CodebookFeatures(FeatureStore):
         return {"grid_logits": logits, "codebooks": [self.codebook], "grid_features": [self.warmup_features]}
 
 
-class ResidualCodebookFeatures(FeatureStore):
-    """``num_stages`` learned ``index_bits``-bit indices per row, each into its own codebook of ``2**index_bits``
-    vectors; a row's feature is the sum of its codewords (residual vector quantisation). Per row: ``num_stages *
-    index_bits`` bits choosing among ``2**(num_stages * index_bits)`` sums, from ``num_stages * 2**index_bits``
-    logits (one stage of ``num_stages * index_bits`` bits would need ``2**(num_stages * index_bits)``).
-
-    The stages are :class:`CodebookFeatures`; this store owns the float warm-up, which
-    :meth:`quantize_float_warmup` ends stage by stage, each stage's k-means fitting what the stages before it
-    left. As a file sees it, the codebook is the stages' codebooks stacked (``[num_stages * 2**b, k]``) and the
-    indices are the stages' indices one stage after the other (``[num_stages * rows]``, values in ``[0, 2**b)``).
-    """
-
-    def __init__(
-        self,
-        num_rows: int,
-        index_bits: int,
-        feature_dim: int,
-        num_stages: int,
-        codebook_init_std: float = 0.01,
-        float_warmup: bool = False,
-        frozen: bool = False,
-        fuse_rate: bool = False,
-        use_kernels: bool = True,
-    ) -> None:
-        super().__init__()
-        if num_stages < 2:
-            raise ValueError(f"a residual store has at least 2 stages (1 stage: CodebookFeatures), got {num_stages}")
-        self.index_bits = index_bits
-        self.feature_dim = feature_dim
-        self.num_stages = num_stages
-        self.frozen = frozen
-        self.codebook_init_std = codebook_init_std
-        self.stages = nn.ModuleList(
-            CodebookFeatures(
-                num_rows,
-                index_bits,
-                feature_dim,
-                codebook_init_std=codebook_init_std,
-                frozen=frozen,
-                fuse_rate=fuse_rate,
-                use_kernels=use_kernels,
-            )
-            for _ in range(num_stages)
-        )
-        warmup_rows = num_rows if float_warmup and not frozen else 0
-        self.warmup_features = nn.Parameter(torch.randn(warmup_rows, feature_dim) * codebook_init_std)
-
-    @property
-    def num_rows(self) -> int:
-        return self.stages[0].num_rows
-
-    @property
-    def in_float_warmup(self) -> bool:
-        return self.warmup_features.shape[0] > 0
-
-    @property
-    def temperature(self) -> float:
-        return self.stages[0].temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        for stage in self.stages:
-            stage.temperature = value
-
-    @property
-    def relaxed(self) -> bool:
-        return self.stages[0].relaxed
-
-    @relaxed.setter
-    def relaxed(self, value: bool) -> None:
-        for stage in self.stages:
-            stage.relaxed = value
-
-    @property
-    def codebook(self) -> Float[Tensor, "sc k"]:
-        """The stages' codebooks, stacked (as a file stores them)."""
-        return torch.cat([stage.codebook for stage in self.stages])
-
-    def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
-        if self.in_float_warmup:
-            return self.warmup_features.index_select(0, rows)
-        return torch.stack([stage(rows) for stage in self.stages]).sum(dim=0)
-
-    def table(self) -> Float[Tensor, "m k"]:
-        if self.in_float_warmup:
-            return self.warmup_features
-        return torch.stack([stage.table() for stage in self.stages]).sum(dim=0)
-
-    def hard_indices(self) -> Int[Tensor, "sm"]:
-        """Every stage's indices, one stage after the other: what a compressed file stores."""
-        return torch.cat([stage.hard_indices() for stage in self.stages])
-
-    def index_rate_bits(self) -> Float[Tensor, ""]:
-        """The stages' :meth:`CodebookFeatures.index_rate_bits`, summed (each stage coded with its own marginal)."""
-        return torch.stack([stage.index_rate_bits() for stage in self.stages]).sum()
-
-    @torch.no_grad()
-    def load_codewords(self, codebook: Float[Tensor, "sc k"], indices: Int[Tensor, "sm"]) -> None:
-        """Load the stacked codebooks and the stages' indices (as :attr:`codebook` and :meth:`hard_indices` give
-        them) into the frozen stages."""
-        size, rows = 2**self.index_bits, self.num_rows
-        if codebook.shape != (self.num_stages * size, self.feature_dim) or indices.shape != (self.num_stages * rows,):
-            raise ValueError(
-                f"expected {self.num_stages} stacked codebooks {(self.num_stages * size, self.feature_dim)} and "
-                f"{self.num_stages} x {rows} indices, got {tuple(codebook.shape)} and {tuple(indices.shape)}"
-            )
-        for stage, stage_codebook, stage_indices in zip(self.stages, codebook.split(size), indices.split(rows)):
-            stage.load_codewords(stage_codebook, stage_indices)
-
-    @torch.no_grad()
-    def quantize_float_warmup(
-        self,
-        iterations: int = 25,
-        generator: Optional[torch.Generator] = None,
-        importance: Optional[Float[Tensor, "m"]] = None,
-    ) -> List[ParameterSwap]:
-        """End the float warm-up: stage by stage, :meth:`CodebookFeatures.fit_codewords` to what the stages before
-        left of the warm-up rows; the warm-up table is replaced by an empty parameter (returned for optimisers)."""
-        if not self.in_float_warmup:
-            return []
-        residual = self.warmup_features.detach().float()
-        for stage in self.stages:
-            residual = residual - stage.fit_codewords(residual, importance, iterations, generator)
-        old = self.warmup_features
-        self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))
-        return [(old, self.warmup_features)]
-
-    def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
-        swaps = []
-        if self.in_float_warmup:
-            fresh = torch.randn(source_rows.shape[0], self.feature_dim, device=self.warmup_features.device)
-            swaps += _remap_rows(self, "warmup_features", source_rows, fresh * self.codebook_init_std, in_place)
-        for stage in self.stages:
-            swaps += stage.remap(source_rows, in_place)
-        return swaps
-
-    def _load_from_state_dict(  # type: ignore[override]
-        self,
-        state_dict: Dict[str, Tensor],
-        prefix: str,
-        local_metadata: Dict,
-        strict: bool,
-        missing_keys: List[str],
-        unexpected_keys: List[str],
-        error_msgs: List[str],
-    ) -> None:
-        """Size the warm-up table like the saved one (empty after the warm-up)."""
-        saved = state_dict.get(prefix + "warmup_features")
-        if saved is not None and saved.shape != self.warmup_features.shape:
-            self.warmup_features.data = self.warmup_features.data.new_empty(saved.shape)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
-        groups: Dict[str, List[nn.Parameter]] = {"grid_logits": [], "codebooks": [], "grid_features": []}
-        for stage in self.stages:
-            for name, parameters in stage.parameter_groups().items():
-                groups[name] += [p for p in parameters if name != "grid_features"]  # stages have no warm-up
-        groups["grid_features"].append(self.warmup_features)
-        return groups
-
-
-IndexStore = (CodebookFeatures, ResidualCodebookFeatures)
-"""The stores of learned indices (isinstance checks): what a file holds as codebooks and indices."""
-
-
 class FloatFeatures(FeatureStore):
     """``num_rows`` free float feature vectors: the uncompressed twin of :class:`CodebookFeatures`."""
 
@@ -843,8 +661,6 @@ __all__ = [
     "check_codewords",
     "FeatureStore",
     "CodebookFeatures",
-    "ResidualCodebookFeatures",
-    "IndexStore",
     "FloatFeatures",
     "soft_codewords",
     "straight_through_codewords",

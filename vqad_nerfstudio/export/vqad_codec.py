@@ -40,7 +40,7 @@ from vqad_nerfstudio.codec import (
 )
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.encodings.sparse_grid import GridLevel
-from vqad_nerfstudio.encodings.vertex_features import FloatFeatures, IndexStore
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 from vqad_nerfstudio.export.payloads import (
     QUANTIZED_BITS,
     encode_parameters,
@@ -113,10 +113,6 @@ ALPHA_THRESHOLD_KEY = "alpha_threshold"
 """The optional model key (and the requirement it comes with) of a file whose renders skip samples below an opacity
 (VQADModelConfig.alpha_threshold, written when it is not 0): files with it are version 2.0; files without it render
 every sample."""
-INDEX_STAGES_KEY = "index_stages"
-"""The optional model key (and the requirement it comes with) of a file with several indices per vertex
-(VQADModelConfig.index_stages > 1): its CBOK chunks stack that many codebooks and its index chunks hold that many
-indices per vertex. Files with it are version 2.0."""
 LEGACY_BITS_KEY = "bits"
 """What files written before the rename call ``index_bits`` (docs/format.md); readers accept either."""
 
@@ -228,9 +224,6 @@ def encode_model(
     if config.skipped_alpha > 0:  # a reader must skip the same samples to render what was trained
         header["model"][ALPHA_THRESHOLD_KEY] = config.skipped_alpha
         requires.append(ALPHA_THRESHOLD_KEY)
-    if config.index_stages > 1 and config.feature_store == "codebook":  # codewords summed over the stages
-        header["model"][INDEX_STAGES_KEY] = config.index_stages
-        requires.append(INDEX_STAGES_KEY)
     if requires:
         header["requires"] = requires
     decoders = _decoder_parameters(model)
@@ -255,7 +248,7 @@ def _encode_level(levels: nn.ModuleList, lod: int, index_coding: IndexCoding) ->
     chunks = [Chunk(TAG_TOPO, lod, topology)]
     store = level.features
     raw_bytes = entropy_bytes = None
-    if isinstance(store, IndexStore):
+    if isinstance(store, CodebookFeatures):
         if store.in_float_warmup:
             raise ValueError(
                 f"level {lod} is still in its float warm-up (before step index_warmup_steps), so it has no "
@@ -336,7 +329,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
     level count."""
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
-    check_requirements(header, (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY, ALPHA_THRESHOLD_KEY, INDEX_STAGES_KEY))
+    check_requirements(header, (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY, ALPHA_THRESHOLD_KEY))
     missing = [key for key in ("method", "model", "aabb", "levels") if key not in header]
     if missing:
         raise FormatError(f"header lacks {', '.join(missing)}")
@@ -359,8 +352,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
         if not valid:
             raise FormatError(f"header: model.{key} = {value!r} is not a valid {hint}")
         settings[key] = value
-    optional = ((SHELL_LOD_KEY, int), (BASE_INDEX_BITS_KEY, int), (ALPHA_THRESHOLD_KEY, float), (INDEX_STAGES_KEY, int))
-    for key, kind in optional:
+    for key, kind in ((SHELL_LOD_KEY, int), (BASE_INDEX_BITS_KEY, int), (ALPHA_THRESHOLD_KEY, float)):
         if key in stored:
             if key not in header.get("requires", []):
                 raise FormatError(f"header: model.{key} is set but not required")
@@ -447,13 +439,12 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes], max_cel
         raise FormatError(f"lod {lod} {TAG_TOPO}: {error}") from None
     level.set_cells(cells, in_place=True)
     store = level.features
-    if isinstance(store, IndexStore):
+    if isinstance(store, CodebookFeatures):
         codebook = load_fp16_array(parts[TAG_CBOK], tuple(store.codebook.shape), f"lod {lod} {TAG_CBOK}")
-        count = level.num_vertices * store.num_stages
         if TAG_IDXE in parts:
-            coded = decode_symbols(parts[TAG_IDXE], count, 2**store.index_bits, f"lod {lod} {TAG_IDXE}")
+            coded = decode_symbols(parts[TAG_IDXE], level.num_vertices, 2**store.index_bits, f"lod {lod} {TAG_IDXE}")
         else:
-            coded = unpack_bits(parts[TAG_IDXR], store.index_bits, count)
+            coded = unpack_bits(parts[TAG_IDXR], store.index_bits, level.num_vertices)
         store.load_codewords(codebook, torch.from_numpy(coded.astype(np.int64)))
     else:
         shape = (level.num_vertices, store.feature_dim)

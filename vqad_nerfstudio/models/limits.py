@@ -12,7 +12,6 @@ from typing import Optional
 
 __all__ = [
     "MAX_NUM_LEVELS",
-    "MAX_INDEX_STAGES",
     "MAX_RESOLUTION",
     "MAX_FEATURE_DIM",
     "MAX_HIDDEN_DIM",
@@ -29,8 +28,6 @@ __all__ = [
 
 MAX_NUM_LEVELS = 8
 """Levels of detail of a VQAD model."""
-MAX_INDEX_STAGES = 4
-"""Indices per vertex of a VQAD model (residual codebooks)."""
 MAX_RESOLUTION = 2048
 """Cells per side of a VQAD model's finest level (``base_resolution * 2**(num_levels - 1)``)."""
 MAX_FEATURE_DIM = 256

@@ -38,20 +38,13 @@ from torch.nn import Parameter
 from vqad_nerfstudio.compat import allow_nerfstudio_checkpoints, optional_lpips
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import RowRemap, SparseFeatureGrid, cell_vertex_ids, coords_of
-from vqad_nerfstudio.encodings.vertex_features import (
-    CodebookFeatures,
-    FeatureStore,
-    FloatFeatures,
-    IndexStore,
-    ResidualCodebookFeatures,
-)
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures
 from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS
 from vqad_nerfstudio.fields.vqad_field import VQADField
 from vqad_nerfstudio.kernels import candidates
 from vqad_nerfstudio.models.limits import (
     MAX_FEATURE_DIM,
     MAX_HIDDEN_DIM,
-    MAX_INDEX_STAGES,
     MAX_NUM_LEVELS,
     MAX_NUM_SAMPLES,
     MAX_RESOLUTION,
@@ -92,10 +85,6 @@ class VQADModelConfig(ModelConfig):
     index_bits: int = 4
     """b: bit width of each vertex index; each level's codebook has 2**b vectors (1..16). ``ns-train vqad`` sets 8
     on CUDA and keeps 4 on the CPU (method_configs/vqad.py)."""
-    index_stages: int = 1
-    """Indices per vertex, each into its own codebook of its level, their codewords summed (residual vector
-    quantisation): 2 stages of b bits choose among 2**(2b) sums from 2 * 2**b logits per vertex. 1: VQAD's one index.
-    The float warm-up ends with one k-means per stage, each on what the stages before left."""
     base_index_bits: Optional[int] = None
     """b of level 0, the coarsest (1..16; None: index_bits). Its codebook is part of the coarsest stream prefix:
     4 bits store 16 codewords (0.5 kB in fp16) where 8 store 256 (8 kB)."""
@@ -199,7 +188,6 @@ class VQADModelConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         check_int("index_bits (b)", self.index_bits, 1, 16)
-        check_int("index_stages", self.index_stages, 1, MAX_INDEX_STAGES)
         if self.base_index_bits is not None:
             check_int("base_index_bits", self.base_index_bits, 1, 16)
         check_int("num_levels (L)", self.num_levels, 1, MAX_NUM_LEVELS)
@@ -344,17 +332,15 @@ class VQADModel(Model):
         def make(level: int, rows: int) -> FeatureStore:
             if cfg.feature_store == "float":
                 return FloatFeatures(rows, cfg.feature_dim)
-            options = dict(
+            return CodebookFeatures(
+                rows,
+                cfg.level_index_bits(level),
+                cfg.feature_dim,
                 float_warmup=cfg.index_warmup == "float",
                 frozen=cfg.frozen_indices,
                 fuse_rate=cfg.index_rate_weight > 0,  # the rate term is computed with the table (one buffer)
                 use_kernels=cfg.fused_kernels,
             )
-            if cfg.index_stages > 1:
-                return ResidualCodebookFeatures(
-                    rows, cfg.level_index_bits(level), cfg.feature_dim, cfg.index_stages, **options
-                )
-            return CodebookFeatures(rows, cfg.level_index_bits(level), cfg.feature_dim, **options)
 
         return make
 
@@ -432,7 +418,7 @@ class VQADModel(Model):
         progress = min(step / warmup, 1.0) if warmup > 0 else 1.0
         soft = self.config.index_warmup == "soft"
         for level in self.grid.levels:
-            if isinstance(level.features, IndexStore):
+            if isinstance(level.features, CodebookFeatures):
                 level.features.temperature = start ** (1.0 - progress) * end**progress if soft else end
                 level.features.relaxed = soft and step < warmup
 
@@ -442,7 +428,7 @@ class VQADModel(Model):
         remaps = []
         for level in self.grid.levels:
             store = level.features
-            if isinstance(store, IndexStore) and store.in_float_warmup:
+            if isinstance(store, CodebookFeatures) and store.in_float_warmup:
                 importance = None
                 if self.config.quantization_importance == "fisher":
                     importance = fisher_importance(optimizers, store.warmup_features)
@@ -641,7 +627,7 @@ class VQADModel(Model):
         )
         loss_dict = {"rgb_loss": self.rgb_loss(gt, pred)}
         if self.config.index_rate_weight > 0 and self.training:
-            stores = [level.features for level in self.grid.levels if isinstance(level.features, IndexStore)]
+            stores = [level.features for level in self.grid.levels if isinstance(level.features, CodebookFeatures)]
             stores = [s for s in stores if s.num_rows > 0 and not s.in_float_warmup and not s.frozen]
             if stores:
                 bits = sum(store.index_rate_bits() for store in stores)
