@@ -140,14 +140,15 @@ def load_planes_compressed(source: Source) -> Tuple["CompressedTensoRFModel", De
     """Rebuild a tensorf-compressed model (CPU, eval mode) from a complete VQNF file."""
     container = read_complete_container(source, "all of their chunks")
     method, config, aabb, resolution = _parse_header(container.header)
-    parts = _chunks_by_tag(container.chunks, TAG_PDEC if config.decoder_bits == 16 else TAG_PDCQ)
+    decoder_tag = TAG_PDEC if config.decoder_bits == 16 else TAG_PDCQ
+    parts = _chunks_by_tag(container.chunks, decoder_tag)
 
     from nerfstudio.data.scene_box import SceneBox
 
     model: "CompressedTensoRFModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
     model.resize_planes(resolution)
     load_parameters(_net_parameters(model), parts[TAG_NETS], TAG_NETS)
-    if config.decoder_bits == 16:
+    if decoder_tag == TAG_PDEC:
         load_parameters(_decoder_parameters(model), parts[TAG_PDEC], TAG_PDEC)
     elif load_quantized_parameters(_decoder_parameters(model), parts[TAG_PDCQ], TAG_PDCQ) != config.decoder_bits:
         raise FormatError(f"{TAG_PDCQ}: its bits differ from the header's model.{DECODER_BITS_KEY}")

@@ -21,6 +21,13 @@ from torch.nn import functional as F
 QUANTIZED_BITS = range(2, 9)
 """Bit widths of quantised weights: a ``bits``-bit weight is an integer in ``[-q, q]``, ``q = 2**(bits-1) - 1``."""
 
+
+def check_weight_bits(name: str, bits: int) -> None:
+    """``ValueError`` naming ``name`` unless ``bits`` is 16 (fp16 weights) or a quantised width in 2..8."""
+    if bits != 16 and bits not in QUANTIZED_BITS:
+        raise ValueError(f"{name} must be 16 (fp16) or an integer in 2..8, got {bits!r}")
+
+
 _SMALLEST_FP16 = 2.0**-24
 """The smallest positive (subnormal) fp16: the scale of an all-zero row."""
 
@@ -122,6 +129,7 @@ def quantizable_layers(network: nn.Module) -> Tuple[QuantizedLayer, ...]:
 
 __all__ = [
     "QUANTIZED_BITS",
+    "check_weight_bits",
     "quantize_rows",
     "dequantize_rows",
     "QuantizedLinear",

@@ -38,7 +38,7 @@ from vqad_nerfstudio.compat import SkippedLPIPS, allow_nerfstudio_checkpoints, o
 from vqad_nerfstudio.encodings.masked_latent_planes import MaskedLatentPlanes
 from vqad_nerfstudio.encodings.plane_importance import importance_weights, splat_importance, weighted_plane_error
 from vqad_nerfstudio.encodings.vm_planes import DecodableVMEncoding
-from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS, quantizable_layers
+from vqad_nerfstudio.fields.quantized_linear import check_weight_bits, quantizable_layers
 from vqad_nerfstudio.models.limits import MAX_COMPONENTS, MAX_HIDDEN_DIM, MAX_NUM_SAMPLES, check_int
 from vqad_nerfstudio.progress import track
 
@@ -92,8 +92,7 @@ class CompressedTensoRFModelConfig(TensoRFModelConfig):
         check_int("appearance_dim", self.appearance_dim, 1, MAX_HIDDEN_DIM)
         check_int("latent_channels", self.latent_channels, 1, MAX_HIDDEN_DIM)
         check_int("decoder_channels", self.decoder_channels, 1, MAX_HIDDEN_DIM)
-        if self.decoder_bits != 16 and self.decoder_bits not in QUANTIZED_BITS:
-            raise ValueError(f"decoder_bits must be 16 (fp16) or an integer in 2..8, got {self.decoder_bits!r}")
+        check_weight_bits("decoder_bits", self.decoder_bits)
         check_int("num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
         check_int("num_uniform_samples", self.num_uniform_samples, 1, MAX_NUM_SAMPLES)
         if self.tensorf_checkpoint is not None:

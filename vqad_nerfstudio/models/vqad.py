@@ -39,7 +39,7 @@ from vqad_nerfstudio.compat import allow_nerfstudio_checkpoints, optional_lpips
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import RowRemap, SparseFeatureGrid, cell_vertex_ids, coords_of
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures
-from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS
+from vqad_nerfstudio.fields.quantized_linear import check_weight_bits
 from vqad_nerfstudio.fields.vqad_field import VQADField
 from vqad_nerfstudio.kernels import candidates
 from vqad_nerfstudio.models.limits import (
@@ -201,8 +201,7 @@ class VQADModelConfig(ModelConfig):
         check_int("feature_dim (k)", self.feature_dim, 1, MAX_FEATURE_DIM)
         check_int("dense_resolution", self.dense_resolution, 0)
         check_int("hidden_dim", self.hidden_dim, 1, MAX_HIDDEN_DIM)
-        if self.network_bits != 16 and self.network_bits not in QUANTIZED_BITS:
-            raise ValueError(f"network_bits must be 16 (fp16) or an integer in 2..8, got {self.network_bits!r}")
+        check_weight_bits("network_bits", self.network_bits)
         check_int("num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
         check_int("occupancy_resolution", self.occupancy_resolution, 1, MAX_RESOLUTION)
         check_int("occupancy_update_every", self.occupancy_update_every, 1)
