@@ -194,3 +194,85 @@ def test_training_callback_quantises_with_the_optimisers_fisher_information():
         assert id(store.warmup_features) in grouped
         errors[importance] = _quantisation_error(store, features)[seen].mean()
     assert errors["fisher"] < 0.5 * errors["uniform"]
+
+
+def _store_with_float_rows(fraction: float = 0.05) -> tuple:
+    """A quantised store of 4000 Gaussian rows whose first 100 matter 10^5 times more, with ``fraction`` kept float."""
+    features = _gaussian_rows(rows=4000)
+    importance = torch.full((4000,), 1e-3)
+    importance[:100] = 100.0
+    torch.manual_seed(0)
+    store = CodebookFeatures(4000, 3, 4, float_warmup=True)
+    store.warmup_features.data = features.clone()
+    swaps = store.quantize_float_warmup(
+        generator=torch.Generator().manual_seed(0), importance=importance, float_fraction=fraction
+    )
+    return store, features, swaps
+
+
+def test_float_fraction_keeps_the_costliest_rows_and_reads_their_features():
+    store, features, swaps = _store_with_float_rows(0.05)
+    assert store.has_float_rows and int(store.float_rows.sum()) == 200  # 5% of 4000, rounded down
+    # the important rows cost most to quantise (but for the few that the weighted k-means puts next to a codeword),
+    # and among the others the farthest from any codeword are kept
+    assert int(store.float_rows[:100].sum()) >= 90
+    others = torch.cdist(features[100:], store.codebook.detach()).min(dim=-1).values
+    assert others[store.float_rows[100:]].min() > others.median()
+    assert len(swaps) == 2 and swaps[1][1] is store.float_features  # the optimisers must follow the new rows
+    rows = torch.arange(4000)
+    kept = store.float_rows
+    assert torch.equal(store(rows)[kept], features[kept])
+    assert torch.equal(store(rows)[~kept], store.codebook.detach()[store.hard_indices()][~kept])
+    assert torch.equal(store.table(), store(rows))
+    store.eval()
+    with torch.no_grad():
+        assert torch.equal(store.table(), store(rows))
+
+
+def test_float_rows_need_fewer_codewords_for_the_rest():
+    """The codebook is fitted to the rows that are quantised: their error shrinks once the costliest are kept."""
+    plain, features, _ = _store_with_float_rows(0.0)
+    kept_store, _, _ = _store_with_float_rows(0.05)
+    rest = ~kept_store.float_rows
+    assert not plain.has_float_rows and plain.float_features.shape == (0, 4)
+    error = {
+        "plain": _quantisation_error(plain, features)[rest].mean(),
+        "kept": _quantisation_error(kept_store, features)[rest].mean(),
+    }
+    assert error["kept"] < error["plain"]
+
+
+def test_gradients_of_float_rows_go_to_their_features_only():
+    store, _, _ = _store_with_float_rows(0.05)
+    store.temperature = 0.2
+    store.table().square().sum().backward()
+    kept = store.float_rows
+    assert bool(store.float_features.grad[kept].abs().sum(dim=-1).gt(0).all())
+    assert bool(store.float_features.grad[~kept].eq(0).all())
+    assert bool(store.logits.grad[kept].eq(0).all()) and bool(store.logits.grad[~kept].ne(0).any())
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0])
+def test_float_fraction_outside_0_to_1_is_rejected(fraction):
+    with pytest.raises(ValueError, match="float_fraction"):
+        _warm_store().quantize_float_warmup(float_fraction=fraction)
+
+
+def test_pruning_keeps_surviving_float_rows():
+    store, features, _ = _store_with_float_rows(0.05)
+    kept_rows = torch.nonzero(store.float_rows).squeeze(-1)
+    source = torch.cat([kept_rows[:3], torch.tensor([-1]), torch.nonzero(~store.float_rows)[:2, 0]])
+    store.remap(source)
+    assert store.float_rows.tolist() == [True, True, True, False, False, False]
+    assert torch.equal(store.float_features[:3], features[kept_rows[:3]])
+
+
+def test_checkpoints_with_float_rows_load_into_a_fresh_store():
+    store, _, _ = _store_with_float_rows(0.05)
+    resumed = CodebookFeatures(4000, 3, 4, float_warmup=True)
+    resumed.load_state_dict(store.state_dict())
+    rows = torch.arange(4000)
+    assert resumed.has_float_rows and torch.equal(resumed(rows), store(rows))
+    older = {k: v for k, v in store.state_dict().items() if not k.startswith("float_")}  # saved before float rows
+    resumed.load_state_dict(older)
+    assert not resumed.has_float_rows

@@ -7,8 +7,9 @@ either, and a grid can prune rows (``remap``) without knowing which store it hol
 - :class:`CodebookFeatures` (VQAD): each row holds logits over ``2**index_bits`` codewords. The forward
   pass uses the hard codeword (argmax), the backward pass the softmax relaxation
   (straight-through estimator), so the loss sees exactly what will be stored. It can start from a
-  float warm-up: free float rows that k-means then turns into the codebook and the indices. A frozen
-  store (a decoded file) holds each row's index as an integer instead of its logits.
+  float warm-up: free float rows that k-means then turns into the codebook and the indices, except a share of
+  float rows it may keep (those whose quantisation would cost the loss most, as VQRF keeps its important voxels).
+  A frozen store (a decoded file) holds each row's index as an integer instead of its logits.
 - :class:`FloatFeatures`: each row holds a float vector; the uncompressed reference.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
@@ -418,6 +419,9 @@ class CodebookFeatures(FeatureStore):
     until :meth:`quantize_float_warmup` turns it into the codebook (k-means) and the indices (nearest
     codeword) and empties it.
 
+    A store may keep some rows in float (:meth:`quantize_float_warmup`'s ``float_fraction``): their lookups read
+    ``float_features`` instead of their codeword, and their indices, still stored, carry nothing.
+
     ``frozen=True`` holds every row's index as an int32 (the ``indices`` buffer) instead of ``2**index_bits`` float
     logits (``logits`` is None): what a decoded file holds, in memory in proportion to the file. The codebook can
     still train; the indices cannot, and there is no warm-up.
@@ -460,6 +464,10 @@ class CodebookFeatures(FeatureStore):
         self.codebook = nn.Parameter(torch.randn(2**index_bits, feature_dim) * codebook_init_std)
         warmup_rows = num_rows if float_warmup and not frozen else 0
         self.warmup_features = nn.Parameter(torch.randn(warmup_rows, feature_dim) * codebook_init_std)
+        self.float_features = nn.Parameter(torch.zeros(0, feature_dim))
+        """Every row's float features where some rows are kept in float (``float_rows``), else empty."""
+        self.register_buffer("float_rows", torch.zeros(0, dtype=torch.bool))
+        """Which rows read ``float_features`` instead of their codeword (empty: none)."""
         self.fuse_rate = fuse_rate
         """Whether :meth:`table` in training also computes the index rate, which the next :meth:`index_rate_bits`
         returns: both gradients then share one buffer (with 8-bit indices 1 GB per million rows less at the peak)."""
@@ -484,7 +492,26 @@ class CodebookFeatures(FeatureStore):
         """Whether lookups still read the float warm-up rows (see :meth:`quantize_float_warmup`)."""
         return self.warmup_features.shape[0] > 0
 
+    @property
+    def has_float_rows(self) -> bool:
+        """Whether some rows are kept in float (see :meth:`quantize_float_warmup`)."""
+        return self.float_rows.shape[0] > 0
+
     def forward(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
+        codewords = self._codewords(rows)
+        if not self.has_float_rows:
+            return codewords
+        kept = self.float_rows.index_select(0, rows)[:, None]
+        return torch.where(kept, self.float_features.index_select(0, rows), codewords)
+
+    def table(self) -> Float[Tensor, "m k"]:
+        codewords = self._codeword_table()
+        if not self.has_float_rows:
+            return codewords
+        return torch.where(self.float_rows[:, None], self.float_features, codewords)
+
+    def _codewords(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
+        """:meth:`forward` without the rows kept in float."""
         if self.in_float_warmup:
             return self.warmup_features.index_select(0, rows)
         if self.frozen:
@@ -494,7 +521,8 @@ class CodebookFeatures(FeatureStore):
             return self.codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
         return straight_through_lookup(rows, self.logits, self.codebook, self.temperature, relaxed, self.use_kernels)
 
-    def table(self) -> Float[Tensor, "m k"]:
+    def _codeword_table(self) -> Float[Tensor, "m k"]:
+        """:meth:`table` without the rows kept in float."""
         if self.in_float_warmup:
             return self.warmup_features
         if self.frozen:
@@ -539,12 +567,39 @@ class CodebookFeatures(FeatureStore):
         return soft_index_rate_bits(self.logits, self.temperature, self.use_kernels)
 
     @torch.no_grad()
-    def load_codewords(self, codebook: Float[Tensor, "c k"], indices: Int[Tensor, "m"]) -> None:
-        """Make ``codebook`` the codebook and ``indices`` every row's index: what decoding a file does, into a frozen
+    def load_codewords(
+        self,
+        codebook: Float[Tensor, "c k"],
+        indices: Int[Tensor, "m"],
+        float_rows: Optional[Bool[Tensor, "m"]] = None,
+        float_features: Optional[Float[Tensor, "f k"]] = None,
+    ) -> None:
+        """Make ``codebook`` the codebook and ``indices`` every row's index, and the ``float_rows`` (if given) read
+        ``float_features`` (one row per kept row, in row order) instead: what decoding a file does, into a frozen
         store."""
         check_codewords(codebook, indices, self.codebook, self.num_rows, 2**self.index_bits, self.frozen, "store")
+        kept = int(float_rows.sum()) if float_rows is not None else 0
+        if float_rows is not None and (
+            float_rows.shape != (self.num_rows,)
+            or float_features is None
+            or float_features.shape != (kept, self.feature_dim)
+        ):
+            got = None if float_features is None else tuple(float_features.shape)
+            raise ValueError(
+                f"store: expected {self.num_rows} float-row flags and their ({kept}, {self.feature_dim}) features, got "
+                f"{tuple(float_rows.shape)} flags and features {got}"
+            )
         self.codebook.copy_(codebook)
         self.indices.copy_(indices)
+        if kept:
+            self.float_rows = float_rows.to(self.codebook.device, torch.bool)
+            features = torch.zeros(self.num_rows, self.feature_dim, device=self.codebook.device)
+            features[self.float_rows] = float_features.to(features)
+            self.float_features = nn.Parameter(features)
+        else:
+            self.float_rows = self.float_rows.new_zeros(0)
+            self.float_features = nn.Parameter(self.float_features.data.new_zeros(0, self.feature_dim))
+        self._hard_table = None
 
     @torch.no_grad()
     def quantize_float_warmup(
@@ -552,37 +607,77 @@ class CodebookFeatures(FeatureStore):
         iterations: int = 25,
         generator: Optional[torch.Generator] = None,
         importance: Optional[Float[Tensor, "m"]] = None,
+        float_fraction: float = 0.0,
     ) -> List[ParameterSwap]:
         """End the float warm-up: the warm-up rows become the codebook and every row's index logits.
 
         :func:`vector_quantize` picks the codebook (k-means of the rows weighted by ``importance``, how much each
         row's error costs; uniform when None); each row's logits are minus its squared distances to the codewords
         over the mean weighted quantisation error, so the argmax is the nearest codeword and the softmax keeps the
-        next nearest within reach of the straight-through gradient. The warm-up table is replaced by an empty
-        parameter; returns the swap for optimisers."""
+        next nearest within reach of the straight-through gradient.
+
+        ``float_fraction`` of the rows (rounded down) stay float instead (VQRF's kept voxels): those whose
+        quantisation would cost the loss most, ``importance x`` squared distance to the nearest codeword of a
+        first k-means of all rows; the codebook is then fitted to the other rows. The warm-up table is replaced
+        by an empty parameter; returns the swaps for optimisers."""
         if not self.in_float_warmup:
             return []
-        centroids, costs = vector_quantize(
-            self.warmup_features.detach(), 2**self.index_bits, importance, iterations, generator
-        )
+        if not 0.0 <= float_fraction < 1.0:
+            raise ValueError(f"float_fraction must be in [0, 1), got {float_fraction}")
+        features, codewords = self.warmup_features.detach(), 2**self.index_bits
+        kept = self._costliest_rows(features, int(float_fraction * features.shape[0]), importance, generator)
+        quantized = ~kept
+        weights = None if importance is None else importance[quantized]
+        centroids, costs = vector_quantize(features[quantized], codewords, weights, iterations, generator)
+        logits = torch.zeros(features.shape[0], codewords, device=features.device)
+        logits[quantized] = -costs
         self.codebook.data = centroids.to(self.codebook.dtype)
-        self.logits.data = (-costs).to(self.logits.dtype)
+        self.logits.data = logits.to(self.logits.dtype)
         self.logits.grad = self.codebook.grad = None
         self._hard_table = None
+        swaps = []
+        if bool(kept.any()):
+            old_float = self.float_features
+            self.float_features = nn.Parameter(torch.where(kept[:, None], features, 0.0))
+            self.float_rows = kept
+            swaps.append((old_float, self.float_features))
         old = self.warmup_features
         self.warmup_features = nn.Parameter(old.data.new_empty(0, self.feature_dim))
-        return [(old, self.warmup_features)]
+        return [(old, self.warmup_features)] + swaps
+
+    def _costliest_rows(
+        self,
+        features: Float[Tensor, "m k"],
+        count: int,
+        importance: Optional[Float[Tensor, "m"]],
+        generator: Optional[torch.Generator],
+    ) -> Bool[Tensor, "m"]:
+        """The ``count`` rows whose quantisation into this store's codebook would cost the loss most (importance x
+        squared distance to the nearest codeword of a k-means of all rows)."""
+        kept = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+        if count == 0:
+            return kept
+        _, costs = vector_quantize(features, 2**self.index_bits, importance, generator=generator)
+        scores = costs.min(dim=-1).values * (1.0 if importance is None else importance.float())
+        kept[scores.topk(count).indices] = True
+        return kept
 
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         device, rows = self.codebook.device, source_rows.shape[0]
         self._hard_table = None
+        keep = source_rows >= 0
+        swaps = []
+        if self.has_float_rows:
+            float_rows = torch.zeros(rows, dtype=torch.bool, device=device)
+            float_rows[keep] = self.float_rows[source_rows[keep]]
+            self.float_rows = float_rows
+            fresh = torch.zeros(rows, self.feature_dim, device=device)
+            swaps += _remap_rows(self, "float_features", source_rows, fresh, in_place or self.frozen)
         if self.frozen:
-            keep = source_rows >= 0
             indices = torch.zeros(rows, dtype=self.indices.dtype, device=device)
             indices[keep] = self.indices[source_rows[keep]]
             self.indices = indices
             return []
-        swaps = []
         if self.in_float_warmup:
             fresh = torch.randn(rows, self.feature_dim, device=device) * self.codebook_init_std
             swaps += _remap_rows(self, "warmup_features", source_rows, fresh, in_place)
@@ -599,27 +694,43 @@ class CodebookFeatures(FeatureStore):
         unexpected_keys: List[str],
         error_msgs: List[str],
     ) -> None:
-        """Size the warm-up table like the saved one (empty after the warm-up), without changing ``state_dict``.
+        """Size the warm-up table and the float rows like the saved ones (empty after the warm-up, or without float
+        rows), without changing ``state_dict``.
 
-        A checkpoint from before the table existed has this store's logits but no table: its store was past any
-        warm-up, so the table is emptied and not reported missing. A state dict without this store's keys (nerfstudio's
-        pipeline loads a second time, without the ``_model.`` prefix) leaves the store as it is.
+        A checkpoint from before one of them existed has this store's logits (or indices) but not it: its store was
+        past any warm-up and had no float rows, so it is emptied and not reported missing. A state dict without this
+        store's keys (nerfstudio's pipeline loads a second time, without the ``_model.`` prefix) leaves the store as
+        it is.
         """
-        key = prefix + "warmup_features"
-        saved = state_dict.get(key)
-        predates_table = saved is None and prefix + "logits" in state_dict
-        shape = (0, self.feature_dim) if predates_table else None if saved is None else saved.shape
-        if shape is not None and shape != self.warmup_features.shape:
-            self.warmup_features.data = self.warmup_features.data.new_empty(shape)
+        ours = prefix + "logits" in state_dict or prefix + "indices" in state_dict
+        added_later = {
+            "warmup_features": (0, self.feature_dim),
+            "float_features": (0, self.feature_dim),
+            "float_rows": (0,),
+        }
+        absent = []
+        for name, empty in added_later.items():
+            saved = state_dict.get(prefix + name)
+            if saved is None and ours:
+                absent.append(prefix + name)
+            shape = empty if saved is None and ours else None if saved is None else saved.shape
+            tensor = getattr(self, name)
+            if shape is not None and shape != tensor.shape:
+                tensor.data = tensor.data.new_empty(shape)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if predates_table and key in missing_keys:
-            missing_keys.remove(key)
+        for key in absent:
+            if key in missing_keys:
+                missing_keys.remove(key)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
         logits = [] if self.frozen else [self.logits]
-        return {"grid_logits": logits, "codebooks": [self.codebook], "grid_features": [self.warmup_features]}
+        return {
+            "grid_logits": logits,
+            "codebooks": [self.codebook],
+            "grid_features": [self.warmup_features, self.float_features],
+        }
 
 
 class FloatFeatures(FeatureStore):

@@ -4,8 +4,9 @@ The header names the method, the model settings needed to rebuild it, the scene 
 number of levels stored. The decoder MLPs come first (``MLPS`` in fp16, or ``MLPQ`` quantised),
 then each level of detail in order: its topology (``TOPO``), and either its codebook (``CBOK``)
 and codebook indices (``IDXE`` range-coded, or ``IDXR`` bit-packed) or its float features
-(``FEAT``). Any prefix of a file that ends on a chunk boundary decodes to the complete levels it
-holds. The byte layout is specified in ``docs/format.md``.
+(``FEAT``); in files that require ``float_rows``, then the vertices kept in float (``FROW``).
+Any prefix of a file that ends on a chunk boundary decodes to the complete levels it holds. The
+byte layout is specified in ``docs/format.md``.
 
 Per-vertex data are stored in the level's row order: ascending vertex ids, i.e. row-major order of
 the vertex coordinates, so consecutive rows are mostly z-neighbours, which the entropy coder's
@@ -32,8 +33,10 @@ from vqad_nerfstudio.codec import (
     TruncatedError,
     UnsupportedMethodError,
     check_requirements,
+    decode_named_arrays,
     encode_array,
     encode_categorical,
+    encode_named_arrays,
     pack_bits,
     read_container,
     unpack_bits,
@@ -89,7 +92,8 @@ TAG_CBOK = "CBOK"
 TAG_IDXE = "IDXE"
 TAG_IDXR = "IDXR"
 TAG_FEAT = "FEAT"
-_LEVEL_TAGS = (TAG_TOPO, TAG_CBOK, TAG_IDXE, TAG_IDXR, TAG_FEAT)
+TAG_FROW = "FROW"
+_LEVEL_TAGS = (TAG_TOPO, TAG_CBOK, TAG_IDXE, TAG_IDXR, TAG_FEAT, TAG_FROW)
 
 MODEL_KEYS = (
     "index_bits",
@@ -113,6 +117,9 @@ ALPHA_THRESHOLD_KEY = "alpha_threshold"
 """The optional model key (and the requirement it comes with) of a file whose renders skip samples below an opacity
 (VQADModelConfig.alpha_threshold, written when it is not 0): files with it are version 2.0; files without it render
 every sample."""
+FLOAT_ROWS_REQUIREMENT = "float_rows"
+"""The requirement of a file whose vertices may read fp16 features instead of their codewords (VQADModelConfig.
+float_vertex_fraction): every level has a FROW chunk, and the file is version 2.0."""
 LEGACY_BITS_KEY = "bits"
 """What files written before the rename call ``index_bits`` (docs/format.md); readers accept either."""
 
@@ -224,6 +231,9 @@ def encode_model(
     if config.skipped_alpha > 0:  # a reader must skip the same samples to render what was trained
         header["model"][ALPHA_THRESHOLD_KEY] = config.skipped_alpha
         requires.append(ALPHA_THRESHOLD_KEY)
+    float_rows = any(getattr(level.features, "has_float_rows", False) for level in grid.levels[:levels])
+    if float_rows:  # a reader must replace those vertices' codewords
+        requires.append(FLOAT_ROWS_REQUIREMENT)
     if requires:
         header["requires"] = requires
     decoders = _decoder_parameters(model)
@@ -233,13 +243,16 @@ def encode_model(
         chunks = [Chunk(TAG_MLPS, None, encode_parameters(decoders))]
     stats = []
     for lod in track(range(levels), "Encoding levels of detail"):
-        level_chunks, level_stats = _encode_level(grid.levels, lod, index_coding)
+        level_chunks, level_stats = _encode_level(grid.levels, lod, index_coding, float_rows)
         chunks += level_chunks
         stats.append(level_stats)
     return EncodedModel(header, chunks, stats)
 
 
-def _encode_level(levels: nn.ModuleList, lod: int, index_coding: IndexCoding) -> Tuple[List[Chunk], LevelStats]:
+def _encode_level(
+    levels: nn.ModuleList, lod: int, index_coding: IndexCoding, float_rows: bool
+) -> Tuple[List[Chunk], LevelStats]:
+    """A level's chunks and statistics; ``float_rows``: the file holds float rows, so every level gets FROW."""
     level: GridLevel = levels[lod]
     if lod == 0:
         topology = encode_base_cells(level.cells, level.resolution)
@@ -263,6 +276,8 @@ def _encode_level(levels: nn.ModuleList, lod: int, index_coding: IndexCoding) ->
             chunks.append(Chunk(TAG_IDXE, lod, coded))
         else:
             chunks.append(Chunk(TAG_IDXR, lod, raw))
+        if float_rows:
+            chunks.append(Chunk(TAG_FROW, lod, _encode_float_rows(store, f"level {lod} float rows")))
     elif isinstance(store, FloatFeatures):
         chunks.append(Chunk(TAG_FEAT, lod, encode_array(fp16_array(store.features, f"level {lod} features"))))
     else:
@@ -277,6 +292,24 @@ def _encode_level(levels: nn.ModuleList, lod: int, index_coding: IndexCoding) ->
         float_grid_bytes=level.num_vertices * store.feature_dim * 2,
     )
     return chunks, stats
+
+
+def _encode_float_rows(store: CodebookFeatures, what: str) -> bytes:
+    """FROW payload: which rows are float (a range-coded 0/1 flag per row) and their fp16 features in row order."""
+    kept = store.float_rows if store.has_float_rows else torch.zeros(store.num_rows, dtype=torch.bool)
+    flags = encode_categorical(kept.cpu().numpy().astype(np.uint8), 2, context="auto")
+    features = store.float_features[kept] if store.has_float_rows else store.codebook[:0]
+    return encode_named_arrays({"rows": np.frombuffer(flags, np.uint8), "features": fp16_array(features, what)})
+
+
+def _decode_float_rows(payload: bytes, rows: int, feature_dim: int, what: str) -> Tuple[Tensor, Tensor]:
+    """Inverse of :func:`_encode_float_rows` for a level of ``rows`` rows: the flags and the kept rows' features."""
+    arrays = decode_named_arrays(payload)
+    if list(arrays) != ["rows", "features"] or arrays["rows"].dtype != np.uint8:
+        raise FormatError(f"{what}: expected the arrays rows (uint8) and features, got {list(arrays)}")
+    flags = decode_symbols(arrays["rows"].tobytes(), rows, 2, what).astype(bool)
+    shape = (int(flags.sum()), feature_dim)
+    return torch.from_numpy(flags), load_fp16_array(encode_array(arrays["features"]), shape, what)
 
 
 # ----------------------------------------------------------------------------------------- decoding
@@ -295,8 +328,9 @@ def load_compressed(
         raise ValueError(f"max_lod must be >= 0, got {max_lod}")
     container = read_container(source, allow_truncated=allow_truncated)
     method, config, aabb, levels = _parse_header(container.header)
+    float_rows = FLOAT_ROWS_REQUIREMENT in container.header.get("requires", [])
     decoders, parts = _group_chunks(container, levels)
-    complete_levels = _count_complete_levels(container, parts, config.feature_store)
+    complete_levels = _count_complete_levels(container, parts, config.feature_store, float_rows)
     if decoders is None or complete_levels == 0:
         missing = "the decoder weights (MLPS or MLPQ)" if decoders is None else "level of detail 0"
         raise TruncatedError(f"file truncated after {container.bytes_read} bytes, before {missing} is complete")
@@ -329,7 +363,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
     level count."""
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
-    check_requirements(header, (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY, ALPHA_THRESHOLD_KEY))
+    check_requirements(header, (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY, ALPHA_THRESHOLD_KEY, FLOAT_ROWS_REQUIREMENT))
     missing = [key for key in ("method", "model", "aabb", "levels") if key not in header]
     if missing:
         raise FormatError(f"header lacks {', '.join(missing)}")
@@ -395,10 +429,21 @@ def _group_chunks(container: Container, levels: int) -> Tuple[Optional[Chunk], L
     return decoders, parts
 
 
-def _count_complete_levels(container: Container, parts: List[Dict[str, bytes]], feature_store: str) -> int:
-    """Leading levels that have all their chunks; in a complete file, every level must."""
+def _count_complete_levels(
+    container: Container, parts: List[Dict[str, bytes]], feature_store: str, float_rows: bool
+) -> int:
+    """Leading levels that have all their chunks; in a complete file, every level must. ``float_rows``: the file
+    requires them, so every level of a codebook model has a FROW chunk (else none may)."""
     needed = (TAG_TOPO, TAG_CBOK) if feature_store == "codebook" else (TAG_TOPO, TAG_FEAT)
+    if float_rows:
+        if feature_store != "codebook":
+            raise FormatError(f"a float-feature model has no float rows ({FLOAT_ROWS_REQUIREMENT})")
+        needed += (TAG_FROW,)
     for lod, level_parts in enumerate(parts):
+        if not float_rows and TAG_FROW in level_parts:
+            raise FormatError(
+                f"lod {lod} has a {TAG_FROW} chunk, but the header does not require {FLOAT_ROWS_REQUIREMENT}"
+            )
         missing = [tag for tag in needed if tag not in level_parts]
         index_tags = [tag for tag in (TAG_IDXE, TAG_IDXR) if tag in level_parts]
         if feature_store == "codebook":
@@ -445,7 +490,13 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes], max_cel
             coded = decode_symbols(parts[TAG_IDXE], level.num_vertices, 2**store.index_bits, f"lod {lod} {TAG_IDXE}")
         else:
             coded = unpack_bits(parts[TAG_IDXR], store.index_bits, level.num_vertices)
-        store.load_codewords(codebook, torch.from_numpy(coded.astype(np.int64)))
+        float_rows = float_features = None
+        if TAG_FROW in parts:
+            what = f"lod {lod} {TAG_FROW}"
+            float_rows, float_features = _decode_float_rows(
+                parts[TAG_FROW], level.num_vertices, store.feature_dim, what
+            )
+        store.load_codewords(codebook, torch.from_numpy(coded.astype(np.int64)), float_rows, float_features)
     else:
         shape = (level.num_vertices, store.feature_dim)
         store.load_features(load_fp16_array(parts[TAG_FEAT], shape, f"lod {lod} {TAG_FEAT}"))

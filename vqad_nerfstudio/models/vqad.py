@@ -159,6 +159,11 @@ class VQADModelConfig(ModelConfig):
     """How the quantisation weighs each vertex's error. 'fisher': by the optimiser's running mean of the squared
     gradient of the vertex's float features (the diagonal Fisher information: how much the loss feels a change of
     that vertex; 0 for vertices no ray reaches). 'uniform': all alike."""
+    float_vertex_fraction: float = 0.0
+    """Share of each level's vertices (0..1) that keep their float features when a float warm-up ends, instead of
+    an index into the codebook: those whose quantisation would cost the loss most (importance x squared distance
+    to the nearest codeword), as VQRF keeps its most important voxels. The file stores them as fp16 rows (32
+    bytes each at k = 16, plus their positions) beside every vertex's index."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
@@ -218,6 +223,9 @@ class VQADModelConfig(ModelConfig):
         for temperature in self.index_temperature:
             check_real("each index_temperature", temperature, 0.0, open_low=True)
         check_real("index_rate_weight", self.index_rate_weight, 0.0)
+        check_real("float_vertex_fraction", self.float_vertex_fraction, 0.0, 1.0, open_high=True)
+        if self.float_vertex_fraction > 0 and self.index_warmup != "float":
+            raise ValueError("float_vertex_fraction keeps float warm-up features: it needs index_warmup='float'")
         check_real("coarse_lod_fraction", self.coarse_lod_fraction, 0.0, 1.0)
         if self.shell_lod is not None:
             check_int("shell_lod", self.shell_lod, -1, self.num_levels - 1)
@@ -431,7 +439,9 @@ class VQADModel(Model):
                 importance = None
                 if self.config.quantization_importance == "fisher":
                     importance = fisher_importance(optimizers, store.warmup_features)
-                swaps = store.quantize_float_warmup(importance=importance)
+                swaps = store.quantize_float_warmup(
+                    importance=importance, float_fraction=self.config.float_vertex_fraction
+                )
                 remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
         return remaps
 
@@ -679,6 +689,7 @@ def _remap_optimizer_state(optimizers, remap: RowRemap) -> None:
     """Point optimisers at the replaced row parameters; carry moments of surviving rows over."""
     keep = remap.source_rows >= 0
     for old, new in remap.swaps:
+        follows_rows = new.shape[0] == keep.shape[0]  # else a new parameter (float rows) whose state starts afresh
         for optimizer in optimizers:
             owned = any(p is old for group in optimizer.param_groups for p in group["params"])
             for group in optimizer.param_groups:
@@ -686,7 +697,7 @@ def _remap_optimizer_state(optimizers, remap: RowRemap) -> None:
             if owned and isinstance(optimizer, InBackwardAdam):
                 optimizer.adopt(new)
             state = optimizer.state.pop(old, None)
-            if not state:
+            if not state or not follows_rows:
                 continue
             for key, value in state.items():
                 if torch.is_tensor(value) and value.dim() > 0 and value.shape[1:] == new.shape[1:]:
