@@ -266,11 +266,11 @@ def plot_rd(
     axis.set_xlabel("file size (MB)")
     axis.set_ylabel("decoded PSNR (dB)")
     axis.set_title(textwrap.fill("Rate-distortion: " + "; ".join(data.runs), 90), fontsize=10)
-    if axis.get_legend_handles_labels()[0]:
-        axis.legend(fontsize=7, loc="best", framealpha=0.9)
+    if axis.get_legend_handles_labels()[0]:  # below the axes: inside, it hides points wherever it goes
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
+    figure.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(figure)
 
 

@@ -160,10 +160,12 @@ class VQADModelConfig(ModelConfig):
     gradient of the vertex's float features (the diagonal Fisher information: how much the loss feels a change of
     that vertex; 0 for vertices no ray reaches). 'uniform': all alike."""
     float_vertex_fraction: float = 0.0
-    """Share of each level's vertices (0..1) that keep their float features when a float warm-up ends, instead of
-    an index into the codebook: those whose quantisation would cost the loss most (importance x squared distance
-    to the nearest codeword), as VQRF keeps its most important voxels. The file stores them as fp16 rows (32
-    bytes each at k = 16, plus their positions) beside every vertex's index."""
+    """Share of each warmed-up level's vertices (0..1) that keep their float features when a float warm-up ends,
+    instead of an index into the codebook: those whose quantisation would cost the loss most (importance x squared
+    distance to the nearest codeword), as VQRF keeps its most important voxels. Levels grown by the first pruning
+    have no warm-up and keep none. The file stores them as fp16 rows (32 bytes each at k = 16, plus their
+    positions) beside every vertex's index. On the CPU quick start 0.003 adds 0.69 dB for 8.1 KiB; on lego with
+    8-bit indices 0.001-0.003 changed nothing measurable (docs/benchmarks.md)."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
