@@ -40,6 +40,7 @@ def test_export_writes_the_file_and_its_size_report(exported, encoded):
     assert report["levels"][-1]["cumulative_bytes"] + 16 == len(data)  # then only the END! chunk
     assert report["index_bytes_entropy"] <= report["index_bytes_raw"] + 3 * len(report["levels"])
     assert report["float_reference_bytes"] > report["file_bytes"] and report["file_ratio"] > 1
+    assert report["decoder_bytes"] == next(row["chunk_bytes"] for row in report["chunks"] if row["tag"] == "MLPS")
 
 
 def test_export_refuses_to_overwrite(exported, trained):

@@ -12,6 +12,7 @@ from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
 from vqad_nerfstudio.codec import TruncatedError, decode_array, read_container, write_container
 from vqad_nerfstudio.export.formats import encode_any, load_any
 from vqad_nerfstudio.export.methods import UnsupportedMethodError
+from vqad_nerfstudio.export.size_report import size_report
 
 
 def _model(mode: str):
@@ -71,6 +72,8 @@ def test_size_accounting_matches_the_exported_encoding_bytes(index_coding):
         assert index_bytes == packed
     else:  # random indices do not compress: the coder falls back to packing where that is smaller
         assert index_bytes + codebook_bytes <= stored + levels + 64 * levels
+    data = write_container(encoded.header, encoded.chunks)
+    assert size_report(encoded, data)["decoder_bytes"] is None  # NETS holds the MLPs with other parameters
 
 
 def test_truncated_files_and_levels_of_detail_are_refused():

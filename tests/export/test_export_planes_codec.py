@@ -7,8 +7,9 @@ import pytest
 import torch
 from nerfstudio.data.scene_box import SceneBox
 
-from vqad_nerfstudio.codec import FormatError, TruncatedError, read_container, write_container
+from vqad_nerfstudio.codec import FormatError, TruncatedError, describe, read_container, write_container
 from vqad_nerfstudio.export.formats import encode_any, load_any
+from vqad_nerfstudio.export.size_report import size_report
 from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
 from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModelConfig
 
@@ -98,6 +99,9 @@ def test_size_statistics_compare_against_fp32_planes():
     tags = [(chunk.tag, chunk.lod) for chunk in read_container(write_container(encoded.header, encoded.chunks)).chunks]
     assert tags == [("NETS", None), ("PDEC", 0), ("MASK", 0), ("LTAB", 0), ("LATS", 0)]
     assert np.isfinite(level.float_grid_bytes)
+    data = write_container(encoded.header, encoded.chunks)
+    pdec = next(row for row in describe(read_container(data)) if row["tag"] == "PDEC")
+    assert size_report(encoded, data)["decoder_bytes"] == pdec["chunk_bytes"]  # the plane decoder, not NETS
 
 
 def _quantized_model(bits: int = 6):

@@ -15,8 +15,15 @@ from nerfstudio.models.base_model import Model, ModelConfig
 from vqad_nerfstudio.codec import UnsupportedMethodError, read_header
 from vqad_nerfstudio.codec.container import Source, load_source
 from vqad_nerfstudio.export.hash_codec import encode_hash_model, load_hash_compressed
-from vqad_nerfstudio.export.planes_codec import encode_planes_model, load_planes_compressed
-from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, IndexCoding, encode_model, load_compressed
+from vqad_nerfstudio.export.planes_codec import TAG_PDCQ, TAG_PDEC, encode_planes_model, load_planes_compressed
+from vqad_nerfstudio.export.vqad_codec import (
+    DECODER_TAGS,
+    DecodeInfo,
+    EncodedModel,
+    IndexCoding,
+    encode_model,
+    load_compressed,
+)
 from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel
 from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
 from vqad_nerfstudio.models.vqad import VQADModel
@@ -49,6 +56,9 @@ class MethodFormat:
     float_reference: str
     """What the float reference of a size report stores in place of the coded part (per-level
     ``float_grid_bytes``)."""
+    decoder_tags: Tuple[str, ...]
+    """The chunks that hold only decoder networks (what size reports count as decoders); empty where the networks
+    share a chunk with other parameters (vqad-hash's NETS also holds the random hash table)."""
 
 
 _VQAD = dict(
@@ -58,6 +68,7 @@ _VQAD = dict(
     levels_of_detail=True,
     quantised_networks=True,
     float_reference="an fp16 feature vector per vertex, same topology",
+    decoder_tags=DECODER_TAGS,
 )
 _HASH = dict(
     model_type=LearnedIndexNerfactoModel,
@@ -66,6 +77,7 @@ _HASH = dict(
     levels_of_detail=False,
     quantised_networks=False,
     float_reference="an fp16 feature vector per index entry",
+    decoder_tags=(),
 )
 _PLANES = dict(
     model_type=CompressedTensoRFModel,
@@ -74,6 +86,7 @@ _PLANES = dict(
     levels_of_detail=False,
     quantised_networks=False,
     float_reference="the uncompressed planes, fp32 as tensorf stores them",
+    decoder_tags=(TAG_PDEC, TAG_PDCQ),  # the plane decoder; NETS also holds tensorf's line factors
 )
 
 METHOD_FORMATS: Dict[str, MethodFormat] = {

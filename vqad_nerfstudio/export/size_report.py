@@ -15,7 +15,7 @@ from rich.table import Table
 
 from vqad_nerfstudio.codec import describe, read_container
 from vqad_nerfstudio.export.formats import method_format
-from vqad_nerfstudio.export.vqad_codec import DECODER_TAGS, TAG_TOPO, EncodedModel
+from vqad_nerfstudio.export.vqad_codec import TAG_TOPO, EncodedModel
 
 __all__ = ["size_report", "print_size_report"]
 
@@ -24,7 +24,8 @@ def size_report(encoded: EncodedModel, data: bytes) -> Dict[str, Any]:
     """A JSON-ready size report of ``data``, the file written from ``encoded``."""
     chunks = describe(read_container(data))
     header_bytes = chunks[0]["end"] - chunks[0]["chunk_bytes"]
-    decoder_bytes = sum(row["chunk_bytes"] for row in chunks if row["tag"] in DECODER_TAGS)
+    decoder_tags = method_format(encoded.header["method"]).decoder_tags
+    decoder_bytes = sum(row["chunk_bytes"] for row in chunks if row["tag"] in decoder_tags) if decoder_tags else None
     levels = []
     for stats in encoded.levels:
         rows = [row for row in chunks if row["lod"] == stats.lod]
