@@ -296,9 +296,11 @@ def _encode_level(
 
 def _encode_float_rows(store: CodebookFeatures, what: str) -> bytes:
     """FROW payload: which rows are float (a range-coded 0/1 flag per row) and their fp16 features in row order."""
-    kept = store.float_rows if store.has_float_rows else torch.zeros(store.num_rows, dtype=torch.bool)
-    flags = encode_categorical(kept.cpu().numpy().astype(np.uint8), 2, context="auto")
-    features = store.float_features[kept] if store.has_float_rows else store.codebook[:0]
+    if store.has_float_rows:
+        kept, features = store.float_rows.cpu(), store.float_features.detach().cpu()[store.float_rows.cpu()]
+    else:
+        kept, features = torch.zeros(store.num_rows, dtype=torch.bool), torch.zeros(0, store.feature_dim)
+    flags = encode_categorical(kept.numpy().astype(np.uint8), 2, context="auto")
     return encode_named_arrays({"rows": np.frombuffer(flags, np.uint8), "features": fp16_array(features, what)})
 
 
