@@ -30,6 +30,8 @@ from vqad_nerfstudio.models.vqad import VQADModelConfig
         ({"prune_steps": (500, -1)}, "prune_steps"),
         ({"index_temperature": (1.0, 0.0)}, "index_temperature"),
         ({"dense_resolution": -1}, "dense_resolution"),
+        ({"float_vertex_fraction": 1.0}, "float_vertex_fraction must be a finite number >= 0.0 and < 1.0"),
+        ({"float_vertex_fraction": 0.01, "index_warmup": "soft"}, "float_vertex_fraction keeps float warm-up"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):
