@@ -27,6 +27,7 @@ from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS, quantize_row
 __all__ = [
     "fp16_array",
     "load_fp16_array",
+    "fp16_tensor",
     "encode_parameters",
     "load_parameters",
     "QUANTIZED_BITS",
@@ -48,7 +49,13 @@ def fp16_array(tensor: Tensor, what: str) -> np.ndarray:
 def load_fp16_array(payload: bytes, shape: tuple, what: str) -> Tensor:
     """The float32 tensor of an array record that must hold float16 values of ``shape``; ``FormatError``
     naming ``what`` otherwise."""
-    return torch.from_numpy(_checked(decode_array(payload), np.float16, shape, what).astype(np.float32))
+    return fp16_tensor(decode_array(payload), shape, what)
+
+
+def fp16_tensor(array: np.ndarray, shape: tuple, what: str) -> Tensor:
+    """The float32 tensor of a decoded array that must hold float16 values of ``shape``; ``FormatError`` naming
+    ``what`` otherwise."""
+    return torch.from_numpy(_checked(array, np.float16, shape, what).astype(np.float32))
 
 
 def encode_parameters(parameters: Dict[str, Tensor]) -> bytes:

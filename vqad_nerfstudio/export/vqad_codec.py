@@ -49,6 +49,7 @@ from vqad_nerfstudio.export.payloads import (
     encode_parameters,
     encode_quantized_parameters,
     fp16_array,
+    fp16_tensor,
     load_fp16_array,
     load_parameters,
     load_quantized_parameters,
@@ -311,7 +312,7 @@ def _decode_float_rows(payload: bytes, rows: int, feature_dim: int, what: str) -
         raise FormatError(f"{what}: expected the arrays rows (uint8) and features, got {list(arrays)}")
     flags = decode_symbols(arrays["rows"].tobytes(), rows, 2, what).astype(bool)
     shape = (int(flags.sum()), feature_dim)
-    return torch.from_numpy(flags), load_fp16_array(encode_array(arrays["features"]), shape, what)
+    return torch.from_numpy(flags), fp16_tensor(arrays["features"], shape, what)
 
 
 # ----------------------------------------------------------------------------------------- decoding
