@@ -131,3 +131,25 @@ def encoded(trained: TrainedRun) -> bytes:
 
     model = encode_model(trained.model)
     return write_container(model.header, model.chunks)
+
+
+@pytest.fixture
+def assert_checkpoint_exports_as_the_file(trained: TrainedRun):
+    """A check of a file ``data``: see :func:`_assert_checkpoint_exports_as_the_file`."""
+    return lambda data: _assert_checkpoint_exports_as_the_file(trained, data)
+
+
+def _assert_checkpoint_exports_as_the_file(trained: TrainedRun, data: bytes) -> None:
+    """Decode ``data``, reload the decoded model's state into a model built from its config (as nerfstudio's tools
+    build it), and check that it renders like the decoded model and exports to ``data`` again, byte for byte."""
+    from vqad_nerfstudio.codec import write_container
+    from vqad_nerfstudio.export.vqad_codec import encode_model, load_compressed
+
+    decoded, _ = load_compressed(data)
+    fresh = decoded.config.setup(scene_box=decoded.scene_box, num_train_data=1)
+    fresh.load_state_dict(decoded.state_dict())
+    fresh.eval()
+    camera, _ = trained.views()[0]
+    assert torch.equal(trained.render(fresh, camera), trained.render(decoded, camera))
+    again = encode_model(fresh)
+    assert write_container(again.header, again.chunks) == data

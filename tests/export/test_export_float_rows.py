@@ -66,15 +66,10 @@ def test_float_rows_round_trip_exactly(trained, model_with_float_rows, encoded_f
     assert trained.image_psnr(rendered, trained.render(trained.model, camera)) < 60  # the float rows do change it
 
 
-def test_a_decoded_checkpoint_with_float_rows_exports_as_the_file(trained, encoded_float_rows):
-    decoded, _ = load_compressed(encoded_float_rows)
-    fresh = decoded.config.setup(scene_box=decoded.scene_box, num_train_data=1)
-    fresh.load_state_dict(decoded.state_dict())
-    fresh.eval()
-    camera, _ = trained.views()[0]
-    assert torch.equal(trained.render(fresh, camera), trained.render(decoded, camera))
-    again = encode_model(fresh)
-    assert write_container(again.header, again.chunks) == encoded_float_rows
+def test_a_decoded_checkpoint_with_float_rows_exports_as_the_file(
+    encoded_float_rows, assert_checkpoint_exports_as_the_file
+):
+    assert_checkpoint_exports_as_the_file(encoded_float_rows)
 
 
 def test_float_rows_cost_their_fp16_features(model_with_float_rows, encoded_float_rows, encoded):
