@@ -278,11 +278,37 @@ def test_checkpoints_with_float_rows_load_into_a_fresh_store():
     assert not resumed.has_float_rows
 
 
-def test_a_level_grown_during_the_warm_up_starts_indexed():
-    """The fine levels are empty until the first pruning grows them: they start straight-through from random
-    logits, without float rows (on the CPU demo that scored 26.66 dB in 40.9 KiB against 26.06 in 46.0 with a warm-up
-    of their own, docs/benchmarks.md), and so never hold rows kept in float."""
+def test_an_empty_store_built_with_a_warm_up_grows_float_rows_until_it_ends():
     store = CodebookFeatures(0, 3, 4, float_warmup=True)
+    assert store.in_float_warmup
+    store.remap(torch.full((50,), -1))
+    assert store.in_float_warmup and store.warmup_features.shape == (50, 4)
+    store.quantize_float_warmup(generator=torch.Generator().manual_seed(0))
+    assert not store.in_float_warmup and store.warmup_features.shape == (0, 4)
+
+
+def test_an_empty_store_whose_warm_up_ends_grows_indexed_rows():
+    store = CodebookFeatures(0, 3, 4, float_warmup=True)
+    assert store.quantize_float_warmup(float_fraction=0.5) == [] and not store.in_float_warmup
     store.remap(torch.full((50,), -1))
     assert not store.in_float_warmup and store.logits.shape == (50, 8) and store.warmup_features.shape == (0, 4)
-    assert store.quantize_float_warmup(float_fraction=0.5) == [] and not store.has_float_rows
+
+
+@pytest.mark.parametrize("warmup_grown_levels", [False, True])
+def test_levels_grown_by_the_first_pruning_warm_up_when_asked(warmup_grown_levels):
+    """By default the fine levels, empty until the first pruning grows them, start straight-through from random
+    logits and never hold rows kept in float (on the CPU demo that scored 26.66 dB in 40.9 KiB against 26.06 in
+    46.0 with a warm-up of their own, docs/benchmarks.md); warmup_grown_levels gives them float rows."""
+    from nerfstudio.data.scene_box import SceneBox
+
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    config = VQADModelConfig(
+        num_levels=2, base_resolution=4, dense_resolution=4, warmup_grown_levels=warmup_grown_levels
+    )
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    dense, grown = (level.features for level in model.grid.levels)
+    assert dense.in_float_warmup and grown.num_rows == 0
+    model.grid.prune(lambda cells, resolution: torch.ones_like(cells, dtype=torch.bool))
+    assert grown.num_rows > 0 and grown.in_float_warmup == warmup_grown_levels
+    assert grown.warmup_features.shape[0] == (grown.num_rows if warmup_grown_levels else 0)

@@ -462,7 +462,8 @@ class CodebookFeatures(FeatureStore):
             self.logits = nn.Parameter(torch.randn(num_rows, 2**index_bits) * logit_init_std)
             self.register_buffer("indices", None)
         self.codebook = nn.Parameter(torch.randn(2**index_bits, feature_dim) * codebook_init_std)
-        warmup_rows = num_rows if float_warmup and not frozen else 0
+        self._float_warmup = float_warmup and not frozen
+        warmup_rows = num_rows if self._float_warmup else 0
         self.warmup_features = nn.Parameter(torch.randn(warmup_rows, feature_dim) * codebook_init_std)
         self.float_features = nn.Parameter(torch.zeros(0, feature_dim))
         """Every row's float features where some rows are kept in float (``float_rows``), else empty."""
@@ -489,8 +490,9 @@ class CodebookFeatures(FeatureStore):
 
     @property
     def in_float_warmup(self) -> bool:
-        """Whether lookups still read the float warm-up rows (see :meth:`quantize_float_warmup`)."""
-        return self.warmup_features.shape[0] > 0
+        """Whether lookups still read the float warm-up rows (see :meth:`quantize_float_warmup`). A store without
+        rows yet (a level the first pruning grows) built with a warm-up is in it: the rows it grows start float."""
+        return self._float_warmup
 
     @property
     def has_float_rows(self) -> bool:
@@ -624,6 +626,9 @@ class CodebookFeatures(FeatureStore):
             return []
         if not 0.0 <= float_fraction < 1.0:
             raise ValueError(f"float_fraction must be in [0, 1), got {float_fraction}")
+        self._float_warmup = False
+        if self.num_rows == 0:  # rows grown later start straight-through from fresh logits
+            return []
         features, codewords = self.warmup_features.detach(), 2**self.index_bits
         kept = self._costliest_rows(features, int(float_fraction * features.shape[0]), importance, generator)
         quantized = ~kept
@@ -695,7 +700,7 @@ class CodebookFeatures(FeatureStore):
         error_msgs: List[str],
     ) -> None:
         """Size the warm-up table and the float rows like the saved ones (empty after the warm-up, or without float
-        rows), without changing ``state_dict``.
+        rows), without changing ``state_dict``; a store with rows is in its warm-up when the saved one was.
 
         A checkpoint from before one of them existed has this store's logits (or indices) but not it: its store was
         past any warm-up and had no float rows, so it is emptied and not reported missing. A state dict without this
@@ -720,6 +725,8 @@ class CodebookFeatures(FeatureStore):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if ours and self.num_rows > 0:  # a store with rows is in its warm-up exactly when it saved warm-up rows
+            self._float_warmup = self.warmup_features.shape[0] > 0
         for key in absent:
             if key in missing_keys:
                 missing_keys.remove(key)

@@ -155,6 +155,10 @@ class VQADModelConfig(ModelConfig):
     """What the warm-up trains. 'float': free float features per vertex (as the float twin), which k-means then
     turns into each level's codebook, each vertex taking its nearest codeword as index.
     'soft': soft indices, the forward pass uses softmax(C/t) @ codebook (the paper)."""
+    warmup_grown_levels: bool = False
+    """Whether the levels the first pruning grows (those finer than dense_resolution) also start with float rows
+    when it falls inside a float warm-up, to be quantised with the others when it ends. False: they start
+    straight-through from random logits and codewords."""
     quantization_importance: Literal["fisher", "uniform"] = "fisher"
     """How the quantisation weighs each vertex's error. 'fisher': by the optimiser's running mean of the squared
     gradient of the vertex's float features (the diagonal Fisher information: how much the loss feels a change of
@@ -345,7 +349,7 @@ class VQADModel(Model):
                 rows,
                 cfg.level_index_bits(level),
                 cfg.feature_dim,
-                float_warmup=cfg.index_warmup == "float",
+                float_warmup=cfg.index_warmup == "float" and (rows > 0 or cfg.warmup_grown_levels),
                 frozen=cfg.frozen_indices,
                 fuse_rate=cfg.index_rate_weight > 0,  # the rate term is computed with the table (one buffer)
                 use_kernels=cfg.fused_kernels,
