@@ -158,7 +158,8 @@ class VQADModelConfig(ModelConfig):
     warmup_grown_levels: bool = False
     """Whether the levels the first pruning grows (those finer than dense_resolution) also start with float rows
     when it falls inside a float warm-up, to be quantised with the others when it ends. False: they start
-    straight-through from random logits and codewords."""
+    straight-through from random logits and codewords. ``ns-train vqad`` sets True on CUDA (on lego in 85 s: 2.66
+    to 1.60 dB below the float twin) and keeps False on the CPU (method_configs/vqad.py)."""
     quantization_importance: Literal["fisher", "uniform"] = "fisher"
     """How the quantisation weighs each vertex's error. 'fisher': by the optimiser's running mean of the squared
     gradient of the vertex's float features (the diagonal Fisher information: how much the loss feels a change of
@@ -167,9 +168,10 @@ class VQADModelConfig(ModelConfig):
     """Share of each warmed-up level's vertices (0..1) that keep their float features when a float warm-up ends,
     instead of an index into the codebook: those whose quantisation would cost the loss most (importance x squared
     distance to the nearest codeword), as VQRF keeps its most important voxels. Levels grown by the first pruning
-    have no warm-up and keep none. The file stores them as fp16 rows (32 bytes each at k = 16, plus their
-    positions) beside every vertex's index. On the CPU quick start 0.003 adds 0.69 dB for 8.1 KiB; on lego with
-    8-bit indices 0.001-0.003 changed nothing measurable (docs/benchmarks.md)."""
+    keep none unless they warm up too (warmup_grown_levels). The file stores them as fp16 rows (32 bytes each at
+    k = 16, plus their positions) beside every vertex's index. On the CPU quick start 0.003 adds 0.69 dB for 8.1 KiB;
+    on lego with 8-bit indices 0.001-0.003 changed nothing measurable, or 0.12 dB for 0.156 MB with the grown levels
+    warmed up (docs/benchmarks.md)."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
