@@ -312,3 +312,8 @@ def test_levels_grown_by_the_first_pruning_warm_up_when_asked(warmup_grown_level
     model.grid.prune(lambda cells, resolution: torch.ones_like(cells, dtype=torch.bool))
     assert grown.num_rows > 0 and grown.in_float_warmup == warmup_grown_levels
     assert grown.warmup_features.shape[0] == (grown.num_rows if warmup_grown_levels else 0)
+    # a checkpoint from inside the warm-up resumes it, the grown level's float rows included
+    fresh = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    fresh.load_state_dict(model.state_dict())
+    resumed = fresh.grid.levels[1].features
+    assert resumed.in_float_warmup == warmup_grown_levels and torch.equal(resumed.table(), grown.table())
