@@ -306,14 +306,15 @@ def test_levels_grown_by_the_first_pruning_warm_up_when_asked(warmup_grown_level
     config = VQADModelConfig(
         num_levels=2, base_resolution=4, dense_resolution=4, warmup_grown_levels=warmup_grown_levels
     )
-    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    model = config.setup(scene_box=box, num_train_data=1)
     dense, grown = (level.features for level in model.grid.levels)
     assert dense.in_float_warmup and grown.num_rows == 0
     model.grid.prune(lambda cells, resolution: torch.ones_like(cells, dtype=torch.bool))
     assert grown.num_rows > 0 and grown.in_float_warmup == warmup_grown_levels
     assert grown.warmup_features.shape[0] == (grown.num_rows if warmup_grown_levels else 0)
     # a checkpoint from inside the warm-up resumes it, the grown level's float rows included
-    fresh = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    fresh = config.setup(scene_box=box, num_train_data=1)
     fresh.load_state_dict(model.state_dict())
     resumed = fresh.grid.levels[1].features
     assert resumed.in_float_warmup == warmup_grown_levels and torch.equal(resumed.table(), grown.table())

@@ -725,7 +725,7 @@ class CodebookFeatures(FeatureStore):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if ours and self.num_rows > 0:  # a store with rows is in its warm-up exactly when it saved warm-up rows
+        if ours and self.num_rows > 0:
             self._float_warmup = self.warmup_features.shape[0] > 0
         for key in absent:
             if key in missing_keys:
