@@ -46,7 +46,8 @@ class BenchmarkConfig:
     """Blender-format scene (transforms_{train,val,test}.json), or a nerfstudio-format one (transforms.json)."""
     methods: Tuple[str, ...] = ("tensorf", "vqad", "vqad-float")
     """nerfstudio method names to compare; METHOD@TAG runs METHOD again under another name (for overrides);
-    METHOD@ref runs vqad or vqad-float on the PyTorch reference path (see REFERENCE_PATH) and adds ratio lines;
+    METHOD@ref runs vqad or vqad-float on the PyTorch reference path (see REFERENCE_PATH) and adds ratio lines
+    (METHOD@ref2, @ref3, ...: repeats of it, e.g. to measure its spread);
     nerfacto runs with nerfstudio's object-scene settings on Blender scenes (see OBJECT_SCENE_SETTINGS);
     instant-ngp-bounded (nerfacc) runs with nerfacc's CUDA extension patched for CUDA 13 in this process only
     (benchmarks/patched_nerfacc.py)."""
@@ -88,6 +89,10 @@ class BenchmarkConfig:
     """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised; None:
     each run's own --pipeline.model.network-bits, as ns-export writes it); the other methods' files keep fp16
     networks."""
+    kernel_warmup_steps: int = 200
+    """On CUDA, train each method this many steps untimed before its clock starts (a run this short passes its
+    warm-up, prunings and quantisation at scaled steps), so that the Triton kernels it uses are compiled and cached
+    and no row pays the call's compilation; 0: off (the first row of a call pays it)."""
     schedule_steps: int = 0
     """Stretch (or shrink) every method's learning-rate schedules so that its longest one decays over this many steps
     (the others in proportion; 0: the methods' own, e.g. 10000 steps for vqad on a GPU): to fit the schedules to
@@ -185,7 +190,7 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     if not nerfstudio_format:
         for path, value in OBJECT_SCENE_SETTINGS.get(base, {}).items():
             _apply_override(config, path, value)
-    if tag == "ref":
+    if re.fullmatch(r"ref\d*", tag):
         if not hasattr(config.pipeline.model, "sampling"):
             raise SystemExit(f"{method}: only vqad and vqad-float have a reference path (@ref)")
         for path, value in REFERENCE_PATH.items():
@@ -202,11 +207,33 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     return config
 
 
+def _compile_kernels(method: str, bench: BenchmarkConfig) -> float:
+    """Train ``method`` for ``bench.kernel_warmup_steps`` steps, untimed and in a scratch directory (see
+    ``BenchmarkConfig.kernel_warmup_steps``); returns the seconds it took."""
+    from vqad_nerfstudio.compat import offline_lpips
+
+    start = time.perf_counter()
+    config = _trainer_config(method, bench)
+    config.output_dir = bench.output_dir / "kernel-warmup"
+    config.max_num_iterations = bench.kernel_warmup_steps  # its warm-up and prunings scale with the run's length
+    trainer = config.setup(local_rank=0, world_size=1)
+    with offline_lpips():
+        trainer.setup()
+    trainer.train()
+    torch.cuda.synchronize()
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return time.perf_counter() - start
+
+
 def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Path] = None):
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
-    config = _trainer_config(method, bench, tensorf_checkpoint)
     fixed_steps = method.startswith("tensorf-compressed")
+    if torch.cuda.is_available() and bench.kernel_warmup_steps > 0 and not fixed_steps:
+        print(f"{method}: {_compile_kernels(method, bench):.0f} s of untimed warm-up steps", flush=True)
+    config = _trainer_config(method, bench, tensorf_checkpoint)
     from vqad_nerfstudio.compat import offline_lpips
 
     trainer = config.setup(local_rank=0, world_size=1)
