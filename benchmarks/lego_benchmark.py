@@ -212,24 +212,22 @@ _WARMED_UP: set = set()
 """Base methods whose kernels :func:`_compile_kernels` has compiled in this process."""
 
 
-def _compile_kernels(method: str, bench: BenchmarkConfig) -> float:
-    """Train ``method`` for ``bench.kernel_warmup_steps`` steps, untimed and in a scratch directory (see
-    ``BenchmarkConfig.kernel_warmup_steps``); returns the seconds it took."""
+def _compile_kernels(method: str, bench: BenchmarkConfig) -> None:
+    """Train ``method`` for ``bench.kernel_warmup_steps`` steps, untimed, in a scratch directory and without the
+    end-of-run checkpoint and size report (see ``BenchmarkConfig.kernel_warmup_steps``)."""
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
     from vqad_nerfstudio.compat import offline_lpips
 
-    start = time.perf_counter()
     config = _trainer_config(method, bench)
     config.output_dir = bench.output_dir / "kernel-warmup"
     config.max_num_iterations = bench.kernel_warmup_steps  # its warm-up and prunings scale with the run's length
     trainer = config.setup(local_rank=0, world_size=1)
     with offline_lpips():
         trainer.setup()
+    trainer.save_checkpoint = lambda step: None
+    trainer.callbacks = [c for c in trainer.callbacks if TrainingCallbackLocation.AFTER_TRAIN not in c.where_to_run]
     trainer.train()
-    torch.cuda.synchronize()
-    del trainer
-    gc.collect()
-    torch.cuda.empty_cache()
-    return time.perf_counter() - start
 
 
 def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Path] = None):
@@ -239,7 +237,11 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     base = method.partition("@")[0]
     if torch.cuda.is_available() and bench.kernel_warmup_steps > 0 and not fixed_steps and base not in _WARMED_UP:
         _WARMED_UP.add(base)
-        print(f"{method}: {_compile_kernels(method, bench):.0f} s of untimed warm-up steps", flush=True)
+        start = time.perf_counter()
+        _compile_kernels(method, bench)
+        gc.collect()  # after the call returns: its trainer's reference cycles hold the device memory until then
+        torch.cuda.empty_cache()
+        print(f"{method}: {time.perf_counter() - start:.0f} s of untimed warm-up steps", flush=True)
     config = _trainer_config(method, bench, tensorf_checkpoint)
     from vqad_nerfstudio.compat import offline_lpips
 
