@@ -35,6 +35,12 @@ def test_a_reference_row_runs_the_pytorch_path_and_overrides_still_apply() -> No
     assert fast.pipeline.datamanager.device_batches
 
 
+def test_numbered_reference_rows_repeat_the_reference_path() -> None:
+    repeat = _config("vqad@ref2").pipeline.model
+    assert (repeat.sampling, repeat.fused_kernels, repeat.tf32) == ("dense", False, False)
+    assert _config("vqad@refined").pipeline.model.sampling == "packed"  # only ref and ref<N> name the reference
+
+
 def test_nerfacto_runs_with_the_object_scene_settings_on_a_blender_scene() -> None:
     model = _config("nerfacto@anchor", **{"nerfacto.pipeline.model.far_plane": "7.0"}).pipeline.model
     assert (model.background_color, model.disable_scene_contraction, model.camera_optimizer.mode) == (
