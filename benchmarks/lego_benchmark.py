@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import tyro
@@ -208,7 +208,7 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     return config
 
 
-_WARMED_UP: set = set()
+_WARMED_UP: Set[str] = set()
 """Base methods whose kernels :func:`_compile_kernels` has compiled in this process."""
 
 
@@ -237,11 +237,11 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     base = method.partition("@")[0]
     if torch.cuda.is_available() and bench.kernel_warmup_steps > 0 and not fixed_steps and base not in _WARMED_UP:
         _WARMED_UP.add(base)
-        start = time.perf_counter()
+        warmup_start = time.perf_counter()
         _compile_kernels(method, bench)
         gc.collect()  # after the call returns: its trainer's reference cycles hold the device memory until then
         torch.cuda.empty_cache()
-        print(f"{method}: {time.perf_counter() - start:.0f} s of untimed warm-up steps", flush=True)
+        print(f"{method}: {time.perf_counter() - warmup_start:.0f} s of untimed warm-up steps", flush=True)
     config = _trainer_config(method, bench, tensorf_checkpoint)
     from vqad_nerfstudio.compat import offline_lpips
 
