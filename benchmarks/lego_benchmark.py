@@ -734,7 +734,23 @@ def _table(results: List[Dict[str, float]]) -> str:
                 f"PSNR {fast['psnr'] - ref['psnr']:+.2f} dB, "
                 f"peak memory x{fast['peak_mem_mib'] / ref['peak_mem_mib']:.2f}"
             )
+            lines += _repeats_line(name, results)
     return "\n".join(lines)
+
+
+def _repeats_line(name: str, results: List[Dict[str, float]]) -> List[str]:
+    """Where METHOD or METHOD@ref ran more than once (METHOD@2, METHOD@ref2, ...): their mean PSNRs and the
+    difference of the means, with each path's spread (max - min) to read it against."""
+    fast = [r["psnr"] for r in results if re.fullmatch(rf"{re.escape(name)}(@\d+)?", r["method"])]
+    ref = [r["psnr"] for r in results if re.fullmatch(rf"{re.escape(name)}@ref\d*", r["method"])]
+    if len(fast) + len(ref) <= 2:
+        return []
+    mean_fast, mean_ref = sum(fast) / len(fast), sum(ref) / len(ref)
+    return [
+        f"{name} ({len(fast)} runs) vs {name}@ref ({len(ref)} runs): mean PSNR {mean_fast:.2f} against "
+        f"{mean_ref:.2f}, {mean_fast - mean_ref:+.2f} dB; spread {max(fast) - min(fast):.2f} and "
+        f"{max(ref) - min(ref):.2f} dB"
+    ]
 
 
 def _compressed_tables(results: List[Dict]) -> str:

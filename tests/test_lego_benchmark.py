@@ -81,6 +81,14 @@ def test_the_table_compares_fast_rows_with_their_reference() -> None:
 
     table = bench._table([row("vqad@ref", 30.0, 28.0, 5e5), row("vqad", 30.0, 14.0, 5e6)])
     assert "vqad vs vqad@ref: eval rays/s x10.00, training rays/s x1.00, ms/step x1.00 (late steps x0.50)" in table
+    assert "runs)" not in table  # one run of each: no means
+
+    psnrs = {"vqad": 29.75, "vqad@ref": 29.77, "vqad@2": 29.51, "vqad@ref2": 29.59, "vqad@w2": 35.0}
+    rows = [{**row(method, 30.0, 20.0, 1e6), "psnr": psnr} for method, psnr in psnrs.items()]
+    assert (
+        "vqad (2 runs) vs vqad@ref (2 runs): mean PSNR 29.63 against 29.68, -0.05 dB; spread 0.24 and 0.18 dB"
+        in bench._table(rows)
+    )  # vqad@w2 is a variant, not a repeat
 
 
 def test_a_run_that_ends_in_its_float_warmup_is_told_apart() -> None:
