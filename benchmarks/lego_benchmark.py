@@ -115,6 +115,9 @@ REFERENCE_PATH = {
 vqad-float, at the batch and chunk sizes it used before the fast path, with nerfstudio's pixel sampling and ray
 generation on the CPU (and Adam neither fused nor applied in the backward pass: see ``_trainer_config``)."""
 
+REFERENCE_TAG = re.compile(r"ref\d*")
+"""Tags of reference rows: ``METHOD@ref`` and its repeats ``METHOD@ref2``, ``METHOD@ref3``, ..."""
+
 
 OBJECT_SCENE_SETTINGS = {
     "nerfacto": {
@@ -191,7 +194,7 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     if not nerfstudio_format:
         for path, value in OBJECT_SCENE_SETTINGS.get(base, {}).items():
             _apply_override(config, path, value)
-    if re.fullmatch(r"ref\d*", tag):
+    if REFERENCE_TAG.fullmatch(tag):
         if not hasattr(config.pipeline.model, "sampling"):
             raise SystemExit(f"{method}: only vqad and vqad-float have a reference path (@ref)")
         for path, value in REFERENCE_PATH.items():
@@ -208,8 +211,20 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     return config
 
 
-_WARMED_UP: Set[str] = set()
-"""Base methods whose kernels :func:`_compile_kernels` has compiled in this process."""
+def _fixed_steps(method: str) -> bool:
+    """Whether ``method`` trains for a fixed number of steps rather than the time budget (tensorf-compressed, which
+    compresses the call's tensorf checkpoint)."""
+    return method.startswith("tensorf-compressed")
+
+
+def _set_up_trainer(config):
+    """``config``'s trainer, set up offline (see ``vqad_nerfstudio.compat.offline_lpips``)."""
+    from vqad_nerfstudio.compat import offline_lpips
+
+    trainer = config.setup(local_rank=0, world_size=1)
+    with offline_lpips():
+        trainer.setup()
+    return trainer
 
 
 def _compile_kernels(method: str, bench: BenchmarkConfig) -> None:
@@ -217,14 +232,10 @@ def _compile_kernels(method: str, bench: BenchmarkConfig) -> None:
     end-of-run checkpoint and size report (see ``BenchmarkConfig.kernel_warmup_steps``)."""
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
-    from vqad_nerfstudio.compat import offline_lpips
-
     config = _trainer_config(method, bench)
     config.output_dir = bench.output_dir / "kernel-warmup"
     config.max_num_iterations = bench.kernel_warmup_steps  # its warm-up and prunings scale with the run's length
-    trainer = config.setup(local_rank=0, world_size=1)
-    with offline_lpips():
-        trainer.setup()
+    trainer = _set_up_trainer(config)
     trainer.save_checkpoint = lambda step: None
     trainer.callbacks = [c for c in trainer.callbacks if TrainingCallbackLocation.AFTER_TRAIN not in c.where_to_run]
     trainer.train()
@@ -233,22 +244,10 @@ def _compile_kernels(method: str, bench: BenchmarkConfig) -> None:
 def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Path] = None):
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
-    fixed_steps = method.startswith("tensorf-compressed")
-    base = method.partition("@")[0]
-    if torch.cuda.is_available() and bench.kernel_warmup_steps > 0 and not fixed_steps and base not in _WARMED_UP:
-        _WARMED_UP.add(base)
-        warmup_start = time.perf_counter()
-        _compile_kernels(method, bench)
-        gc.collect()  # after the call returns: its trainer's reference cycles hold the device memory until then
-        torch.cuda.empty_cache()
-        print(f"{method}: {time.perf_counter() - warmup_start:.0f} s of untimed warm-up steps", flush=True)
+    fixed_steps = _fixed_steps(method)
     config = _trainer_config(method, bench, tensorf_checkpoint)
-    from vqad_nerfstudio.compat import offline_lpips
-
     held_before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0  # earlier runs': not this one's
-    trainer = config.setup(local_rank=0, world_size=1)
-    with offline_lpips():
-        trainer.setup()
+    trainer = _set_up_trainer(config)
 
     step_ends: List[float] = []
 
@@ -615,7 +614,21 @@ def main(bench: BenchmarkConfig) -> None:
         _time_encodings(size, bench.encoding_points, bench.encoding_masked_share) for size in bench.hash_sizes
     ]
     tensorf_checkpoint = None
+    warmed_up: Set[str] = set()  # base methods whose kernels an untimed run has compiled
     for method in methods:
+        base = method.partition("@")[0]
+        if (
+            torch.cuda.is_available()
+            and bench.kernel_warmup_steps > 0
+            and not _fixed_steps(method)
+            and base not in warmed_up
+        ):
+            warmed_up.add(base)
+            warmup_start = time.perf_counter()
+            _compile_kernels(method, bench)
+            gc.collect()  # after the call returns: its trainer's reference cycles hold the device memory until then
+            torch.cuda.empty_cache()
+            print(f"{method}: {time.perf_counter() - warmup_start:.0f} s of untimed warm-up steps", flush=True)
         print(f"training {method} for {bench.budget_s:g} s", flush=True)
         trainer, steps, seconds, peak, checkpoint, train_metrics, late_ms = _train(method, bench, tensorf_checkpoint)
         if method == "tensorf":
@@ -741,8 +754,9 @@ def _table(results: List[Dict[str, float]]) -> str:
 def _repeats_line(name: str, results: List[Dict[str, float]]) -> List[str]:
     """Where METHOD or METHOD@ref ran more than once (METHOD@2, METHOD@ref2, ...): their mean PSNRs and the
     difference of the means, with each path's spread (max - min) to read it against."""
-    fast = [r["psnr"] for r in results if re.fullmatch(rf"{re.escape(name)}(@\d+)?", r["method"])]
-    ref = [r["psnr"] for r in results if re.fullmatch(rf"{re.escape(name)}@ref\d*", r["method"])]
+    runs = [(r["method"].partition("@"), r["psnr"]) for r in results]
+    fast = [psnr for (base, _, tag), psnr in runs if base == name and (tag == "" or tag.isdigit())]
+    ref = [psnr for (base, _, tag), psnr in runs if base == name and REFERENCE_TAG.fullmatch(tag)]
     if len(fast) + len(ref) <= 2:
         return []
     mean_fast, mean_ref = sum(fast) / len(fast), sum(ref) / len(ref)
