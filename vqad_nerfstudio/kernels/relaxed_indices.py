@@ -92,7 +92,7 @@ if triton is not None:
         logits,
         grad_soft,
         grad_rows,
-        codebook,
+        codebook_t,
         grad_share,
         out,
         exp_avg,
@@ -125,10 +125,10 @@ if triton is not None:
             grad = tl.load(grad_soft + offsets, mask=mask, other=0.0)
         else:
             grad = tl.zeros((BLOCK, C_POW2), dtype=tl.float32)
-        if HAS_ROWS:  # grad_rows @ codebook.T, one feature channel at a time (K is small)
+        if HAS_ROWS:  # grad_rows @ codebook.T, one feature channel (a contiguous row of codebook_t) at a time
             for k in range(K):
                 row_grad = tl.load(grad_rows + row.to(tl.int64) * K + k, mask=row_ok, other=0.0)
-                codeword = tl.load(codebook + column * K + k, mask=column_ok, other=0.0)
+                codeword = tl.load(codebook_t + k * C + column, mask=column_ok, other=0.0)
                 grad += row_grad[:, None] * codeword[None, :]
         if HAS_SHARE:
             grad += tl.load(grad_share + column, mask=column_ok, other=0.0)[None, :]
@@ -190,8 +190,8 @@ def relaxed_logit_grad(
     if grad_soft is not None and not grad_soft.is_contiguous():
         raise ValueError("grad_soft must be contiguous (it is overwritten with the result)")
     out = grad_soft if grad_soft is not None else torch.empty_like(logits)
-    grad_rows, codebook, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
-    _launch_logit_grad(logits, temperature, out, grad_soft is not None, grad_rows, codebook, share, None)
+    grad_rows, codebook_t, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
+    _launch_logit_grad(logits, temperature, out, grad_soft is not None, grad_rows, codebook_t, share, None)
     return out
 
 
@@ -207,21 +207,23 @@ def relaxed_logit_adam_(
     gives for the same arguments, without storing that gradient. ``logits`` and the moments must be contiguous."""
     if not (logits.is_contiguous() and update.exp_avg.is_contiguous() and update.exp_avg_sq.is_contiguous()):
         raise ValueError("the logits and their moments must be contiguous (they are updated in place)")
-    grad_rows, codebook, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
-    _launch_logit_grad(logits.detach(), temperature, logits.detach(), False, grad_rows, codebook, share, update)
+    grad_rows, codebook_t, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
+    _launch_logit_grad(logits.detach(), temperature, logits.detach(), False, grad_rows, codebook_t, share, update)
 
 
 def _gradient_terms(
     logits: Tensor, grad_rows: Optional[Tensor], codebook: Optional[Tensor], grad_share: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The kernel's operands for the softmax's gradient terms, empty where absent."""
+    """The kernel's operands for the softmax's gradient terms, empty where absent: the rows' gradient, the codebook
+    transposed to ``[k, c]`` (each feature channel's codewords one contiguous read; ``[c, k]`` made a block read the
+    whole codebook once per channel, the step's largest cost at 1024 codewords) and the shares' gradient."""
     if (grad_rows is None) != (codebook is None):
         raise ValueError("grad_rows and codebook come together")
     empty = logits.new_zeros(0)
     share = empty if grad_share is None else grad_share.contiguous().float()
     if grad_rows is None:
         return empty, empty, share
-    return grad_rows.contiguous().float(), codebook.detach().contiguous().float(), share
+    return grad_rows.contiguous().float(), codebook.detach().float().t().contiguous(), share
 
 
 def _launch_logit_grad(
@@ -230,7 +232,7 @@ def _launch_logit_grad(
     out: Tensor,
     has_soft: bool,
     grad_rows: Tensor,
-    codebook: Tensor,
+    codebook_t: Tensor,
     share: Tensor,
     update: Optional["AdamStep"],
 ) -> None:
@@ -245,8 +247,8 @@ def _launch_logit_grad(
         else (0.0, 0.0, 0.0, 1.0, 1.0, 0.0)
     )
     _logit_grad_kernel[(triton.cdiv(rows, block),)](
-        logits, out, grad_rows, codebook, share, out, *moments, rows, 1.0 / temperature, *scalars,
-        C=codewords, C_POW2=columns, K=codebook.shape[-1] if grad_rows.numel() else 1, BLOCK=block,
+        logits, out, grad_rows, codebook_t, share, out, *moments, rows, 1.0 / temperature, *scalars,
+        C=codewords, C_POW2=columns, K=codebook_t.shape[0] if grad_rows.numel() else 1, BLOCK=block,
         HAS_SOFT=has_soft, HAS_ROWS=grad_rows.numel() > 0, HAS_SHARE=share.numel() > 0, ADAM=update is not None,
     )  # fmt: skip
 
