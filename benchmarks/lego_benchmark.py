@@ -55,7 +55,9 @@ class BenchmarkConfig:
     """Wall-clock training budget per method, in seconds."""
     max_steps: int = 0
     """Also stop each method after this many training steps (0: the wall-clock budget alone), e.g. to compare
-    methods of different speed at equal steps."""
+    methods of different speed at equal steps. The runs' own step-based settings do not scale with it (their
+    length is open-ended, for the budget): set vqad's warm-up with --overrides, e.g.
+    vqad.pipeline.model.index_warmup_steps 400 for 700 steps, or a run may end before its indices exist."""
     output_dir: Path = Path("outputs/benchmark")
     """Where runs, checkpoints and results.json go."""
     max_eval_views: int = 25
@@ -90,10 +92,10 @@ class BenchmarkConfig:
     each run's own --pipeline.model.network-bits, as ns-export writes it); the other methods' files keep fp16
     networks."""
     kernel_warmup_steps: int = 100
-    """On CUDA, train the first run of each base method (vqad, vqad-float, ...) this many steps untimed before its
-    clock starts (a run this short passes its warm-up, prunings and quantisation at scaled steps), so that the
-    Triton kernels it uses are compiled and cached and the first row does not pay the call's compilation (a variant
-    with other kernel shapes, e.g. other index bits, still compiles those); 0: off."""
+    """On CUDA, train the first run of each base method (vqad, vqad-float, ...) and of each of its kernel shapes
+    (:data:`KERNEL_SHAPE_SETTINGS`, e.g. other index bits) this many steps untimed before its clock starts (a run
+    this short passes its warm-up, prunings and quantisation at scaled steps), so that the Triton kernels it uses are
+    compiled and cached and no row pays the call's compilation; 0: off."""
     schedule_steps: int = 0
     """Stretch (or shrink) every method's learning-rate schedules so that its longest one decays over this many steps
     (the others in proportion; 0: the methods' own, e.g. 10000 steps for vqad on a GPU): to fit the schedules to
@@ -209,6 +211,17 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
                 _apply_override(config, key[len(name) + 1 :], value)
                 break
     return config
+
+
+KERNEL_SHAPE_SETTINGS = ("index_bits", "base_index_bits", "feature_dim", "num_levels")
+"""Model settings that change the shapes the Triton kernels are compiled for (codewords per level, channels,
+levels): a run differing from every warmed-up run of its base method in one of them is warmed up too."""
+
+
+def _kernel_shapes(method: str, bench: BenchmarkConfig) -> Tuple:
+    """What decides which Triton kernels ``method`` compiles: its base method and :data:`KERNEL_SHAPE_SETTINGS`."""
+    model = _trainer_config(method, bench).pipeline.model
+    return (method.partition("@")[0],) + tuple(getattr(model, name, None) for name in KERNEL_SHAPE_SETTINGS)
 
 
 def _fixed_steps(method: str) -> bool:
@@ -614,16 +627,12 @@ def main(bench: BenchmarkConfig) -> None:
         _time_encodings(size, bench.encoding_points, bench.encoding_masked_share) for size in bench.hash_sizes
     ]
     tensorf_checkpoint = None
-    warmed_up: Set[str] = set()  # base methods whose kernels an untimed run has compiled
+    warmed_up: Set[Tuple] = set()  # kernel shapes (see _kernel_shapes) an untimed run has compiled
     for method in methods:
-        base = method.partition("@")[0]
-        if (
-            torch.cuda.is_available()
-            and bench.kernel_warmup_steps > 0
-            and not _fixed_steps(method)
-            and base not in warmed_up
-        ):
-            warmed_up.add(base)
+        warm_up = torch.cuda.is_available() and bench.kernel_warmup_steps > 0 and not _fixed_steps(method)
+        shapes = _kernel_shapes(method, bench) if warm_up else None
+        if warm_up and shapes not in warmed_up:
+            warmed_up.add(shapes)
             warmup_start = time.perf_counter()
             _compile_kernels(method, bench)
             gc.collect()  # after the call returns: its trainer's reference cycles hold the device memory until then

@@ -26,6 +26,30 @@ def test_kmeans_with_more_clusters_than_distinct_points():
     assert torch.allclose(centroids[assignment], points)
 
 
+def test_kmeans_seeds_distinct_points_before_any_duplicate():
+    # k-means++ gives a point already seeded probability 0: seeding as many clusters as there are distinct points
+    # takes each of them once (a uniform or off-by-one draw would repeat some)
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [-2.0, 3.0]]).repeat_interleave(3, dim=0)
+    for seed in range(10):
+        centroids, _ = kmeans(points, 5, iterations=0, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(centroids.unique(dim=0), points.unique(dim=0))
+
+
+def test_kmeans_seeding_weighs_points_by_squared_distance():
+    # one far outlier among 1000 points near the origin: k-means++ seeds it (probability about 0.99 per draw)
+    points = 0.01 * torch.randn(1001, 2, generator=torch.Generator().manual_seed(0))
+    points[500] = torch.tensor([100.0, 0.0])
+    for seed in range(10):
+        centroids, _ = kmeans(points, 2, iterations=0, generator=torch.Generator().manual_seed(seed))
+        assert (centroids == points[500]).all(dim=-1).any()
+
+
+def test_kmeans_repeats_with_the_same_generator_seed():
+    points = torch.randn(300, 3, generator=torch.Generator().manual_seed(0))
+    first, second = (kmeans(points, 8, generator=torch.Generator().manual_seed(7))[0] for _ in range(2))
+    assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("points, clusters", [(torch.zeros(0, 3), 2), (torch.zeros(5), 2), (torch.zeros(5, 3), 0)])
 def test_kmeans_rejects_bad_input(points, clusters):
     with pytest.raises(ValueError, match="k-means"):

@@ -55,6 +55,28 @@ def _check(points: Tensor, clusters: int, weights: Optional[Tensor]) -> Tensor:
     return weights.float()
 
 
+def _seed_indices(
+    points: Float[Tensor, "n k"], weights: Float[Tensor, "n"], clusters: int, generator: Optional[torch.Generator]
+) -> Int[Tensor, "c"]:
+    """k-means++ seeds: the first point uniformly, each next one with probability proportional to its weighted
+    squared distance to the nearest seed so far (sampled on the points' device by inverting the cumulative
+    distribution at uniforms drawn up front from ``generator``, so that seeding never waits for the device)."""
+    uniforms = torch.rand(clusters, generator=generator, dtype=torch.float64)
+    count = points.shape[0]
+    seeds = torch.empty(clusters, dtype=torch.long, device=points.device)
+    seeds[0] = min(int(uniforms[0] * count), count - 1)
+    uniforms = uniforms.to(points.device)
+    nearest_sq = squared_distances(points, points[seeds[:1]])[:, 0]
+    for i in range(1, clusters):
+        cumulative = (weights * nearest_sq).double().cumsum(0)
+        # right=True never lands on a point of zero probability; when all are zero (every point already is a
+        # seed) it runs past the end, clamped to the last point: a duplicate, harmless for a codebook
+        pick = torch.searchsorted(cumulative, uniforms[i : i + 1] * cumulative[-1:], right=True).clamp_max_(count - 1)
+        seeds[i : i + 1] = pick
+        nearest_sq = torch.minimum(nearest_sq, squared_distances(points, points[pick])[:, 0])
+    return seeds
+
+
 @torch.no_grad()
 def kmeans(
     points: Float[Tensor, "n k"],
@@ -73,27 +95,14 @@ def kmeans(
     """
     weights = _check(points, clusters, weights)
     points = points.float()
-    first = torch.randint(points.shape[0], (1,), generator=generator, device="cpu").item()
-    centroids = points[first : first + 1]
-    nearest_sq = squared_distances(points, centroids)[:, 0]
-    for _ in range(clusters - 1):
-        seeding = weights * nearest_sq
-        total = seeding.sum()
-        if total <= 0:  # every point already is a seed
-            pick = torch.randint(points.shape[0], (1,), generator=generator, device="cpu").to(points.device)
-        else:
-            pick = torch.multinomial((seeding / total).cpu(), 1, generator=generator).to(points.device)
-        centroids = torch.cat([centroids, points[pick]])
-        nearest_sq = torch.minimum(nearest_sq, squared_distances(points, points[pick])[:, 0])
-
+    centroids = points[_seed_indices(points, weights, clusters, generator)]
     assignment, distance = _nearest(points, centroids)
     for _ in track(range(iterations), f"k-means: {points.shape[0]:,} points into {clusters} centroids"):
         centroids, counts = _weighted_means(points, weights, assignment, centroids)
-        error = weights * distance
-        for empty in torch.nonzero(counts == 0).squeeze(-1).tolist():
-            worst = int(error.argmax())
-            centroids[empty] = points[worst]
-            error[worst] = 0
+        empty = torch.nonzero(counts == 0).squeeze(-1)
+        if empty.numel():  # revive each at one of the points of largest weighted error, the worst first
+            worst = (weights * distance).topk(min(empty.numel(), points.shape[0])).indices
+            centroids[empty[: worst.numel()]] = points[worst]
         assignment, distance = _nearest(points, centroids)
     return centroids, assignment
 
