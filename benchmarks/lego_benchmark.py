@@ -28,6 +28,7 @@ import gc
 import json
 import math
 import re
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -289,20 +290,34 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     steps = trainer.step + 1
     checkpoint = max(trainer.checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     train_metrics = _mean_train_metrics(recent_train_metrics)
-    return trainer, steps, seconds, peak, checkpoint, train_metrics, _late_ms_per_step(step_ends)
+    step_seconds = [end - begin for begin, end in zip([start] + step_ends[:-1], step_ends)]
+    return trainer, steps, seconds, peak, checkpoint, train_metrics, step_seconds
 
 
 LATE_SHARE = 0.25
 """The late step time is the mean over this last share of a run's steps (its warm-up and prunings are behind it)."""
 
+PAUSE_FACTOR = 10.0
+"""A step that took more than this many times the run's median step is a pause (the warm-up's k-means, a pruning,
+a first call's set-up): listed apart and left out of the late step time, which measures the steady steps."""
 
-def _late_ms_per_step(step_ends: List[float]) -> float:
-    """Mean wall-clock milliseconds per step over the last :data:`LATE_SHARE` of the steps (``step_ends``: when
-    each step's callbacks ran)."""
-    first = int(len(step_ends) * (1 - LATE_SHARE))
-    if len(step_ends) - first < 2:
-        return math.nan
-    return 1000 * (step_ends[-1] - step_ends[first]) / (len(step_ends) - 1 - first)
+
+def _pauses(step_seconds: List[float]) -> List[Tuple[int, float]]:
+    """The (step, seconds) of each step longer than :data:`PAUSE_FACTOR` times the median step (``step_seconds``:
+    each step's wall-clock time, callbacks included)."""
+    if not step_seconds:
+        return []
+    limit = PAUSE_FACTOR * statistics.median(step_seconds)
+    return [(step, seconds) for step, seconds in enumerate(step_seconds) if seconds > limit]
+
+
+def _late_ms_per_step(step_seconds: List[float]) -> float:
+    """Mean wall-clock milliseconds per step over the last :data:`LATE_SHARE` of the steps, pauses left out (see
+    :func:`_pauses`)."""
+    paused = {step for step, _ in _pauses(step_seconds)}
+    first = int(len(step_seconds) * (1 - LATE_SHARE))
+    late = [seconds for step, seconds in enumerate(step_seconds[first:], first) if step not in paused]
+    return 1000 * statistics.fmean(late) if len(late) >= 2 else math.nan
 
 
 TRAIN_METRIC_STEPS = 100
@@ -639,7 +654,10 @@ def main(bench: BenchmarkConfig) -> None:
             torch.cuda.empty_cache()
             print(f"{method}: {time.perf_counter() - warmup_start:.0f} s of untimed warm-up steps", flush=True)
         print(f"training {method} for {bench.budget_s:g} s", flush=True)
-        trainer, steps, seconds, peak, checkpoint, train_metrics, late_ms = _train(method, bench, tensorf_checkpoint)
+        trainer, steps, seconds, peak, checkpoint, train_metrics, durations = _train(method, bench, tensorf_checkpoint)
+        pauses = _pauses(durations)
+        if pauses:
+            print(f"{method}: pauses " + ", ".join(f"step {step} {pause:.2f} s" for step, pause in pauses), flush=True)
         if method == "tensorf":
             tensorf_checkpoint = checkpoint
         pipeline = trainer.pipeline
@@ -659,7 +677,8 @@ def main(bench: BenchmarkConfig) -> None:
             **train_metrics,
             "steps": steps,
             "ms_per_step": 1000 * seconds / steps,
-            "late_ms_per_step": late_ms,
+            "late_ms_per_step": _late_ms_per_step(durations),
+            "pauses": pauses,
             "train_rays_per_s": trainer.pipeline.datamanager.config.train_num_rays_per_batch * steps / seconds,
             "eval_rays_per_s": rays_per_s,
             **({"eval_rays_per_s_by_chunk": by_chunk} if by_chunk else {}),

@@ -65,10 +65,28 @@ def test_schedules_stretch_so_that_the_longest_decays_over_the_given_steps(metho
     assert stretched == {name: max(1, round(steps * scale)) for name, steps in default.items()}
 
 
+def test_only_variants_with_other_kernel_shapes_get_a_kernel_warm_up_of_their_own() -> None:
+    options = bench.BenchmarkConfig(
+        data=Path("scene"),
+        overrides={"vqad@b10.pipeline.model.index_bits": "10", "vqad@w.pipeline.model.index_rate_weight": "3e-5"},
+    )
+    shapes = {method: bench._kernel_shapes(method, options) for method in ("vqad", "vqad@b10", "vqad@w", "vqad-float")}
+    assert shapes["vqad@w"] == shapes["vqad"]  # the same kernels: warmed up once
+    assert len({shapes["vqad"], shapes["vqad@b10"], shapes["vqad-float"]}) == 3
+
+
 def test_the_late_step_time_is_the_last_quarters_mean() -> None:
-    ends = [0.0, 1.0, 2.0, 3.0, 4.0, 4.5, 5.0, 5.5]  # the last quarter: steps 6 and 7, half a second each
-    assert bench._late_ms_per_step(ends) == pytest.approx(500.0)
-    assert math.isnan(bench._late_ms_per_step([0.0, 1.0]))
+    seconds = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.4]  # the last quarter: steps 6 and 7
+    assert bench._late_ms_per_step(seconds) == pytest.approx(450.0)
+    assert math.isnan(bench._late_ms_per_step([1.0, 1.0]))
+
+
+def test_pauses_are_listed_apart_and_left_out_of_the_late_step_time() -> None:
+    seconds = [0.02] * 100
+    seconds[0], seconds[50], seconds[90] = 1.5, 0.1, 8.0  # set-up, a slow step (5x: not a pause), the k-means
+    assert bench._pauses(seconds) == [(0, 1.5), (90, 8.0)]
+    assert bench._late_ms_per_step(seconds) == pytest.approx(20.0)
+    assert bench._pauses([]) == []
 
 
 def test_the_table_compares_fast_rows_with_their_reference() -> None:
