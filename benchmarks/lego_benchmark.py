@@ -645,8 +645,7 @@ def main(bench: BenchmarkConfig) -> None:
     warmed_up: Set[Tuple] = set()  # kernel shapes (see _kernel_shapes) an untimed run has compiled
     for method in methods:
         warm_up = torch.cuda.is_available() and bench.kernel_warmup_steps > 0 and not _fixed_steps(method)
-        shapes = _kernel_shapes(method, bench) if warm_up else None
-        if warm_up and shapes not in warmed_up:
+        if warm_up and (shapes := _kernel_shapes(method, bench)) not in warmed_up:
             warmed_up.add(shapes)
             warmup_start = time.perf_counter()
             _compile_kernels(method, bench)
