@@ -75,16 +75,36 @@ def test_lookups_read_the_float_rows_until_quantised():
 def test_quantising_takes_the_nearest_codeword_and_empties_the_float_rows():
     store = _warm_store()
     features = store.warmup_features.detach().clone()
-    old = store.warmup_features
+    old, old_logits = store.warmup_features, store.logits
     swaps = store.quantize_float_warmup(generator=torch.Generator().manual_seed(0))
-    assert swaps == [(old, store.warmup_features)] and not store.in_float_warmup
-    assert store.warmup_features.shape == (0, 4)
+    assert swaps == [(old, store.warmup_features), (old_logits, store.logits)] and not store.in_float_warmup
+    assert store.warmup_features.shape == (0, 4) and store.logits.shape == (200, 8) and store.num_rows == 200
     nearest = torch.cdist(features, store.codebook.detach()).argmin(dim=-1)
     assert torch.equal(store.hard_indices(), nearest)
     # k-means beats any single codeword: the quantisation error is below the features' variance
     error = (store.codebook[nearest] - features).square().sum(dim=-1).mean()
     assert error < 0.5 * features.var(dim=0).sum()
     assert store.quantize_float_warmup() == []  # once only
+
+
+def test_a_store_in_its_warm_up_holds_no_logits():
+    # with 10-bit indices they would take 4 kB a row that nothing reads until the warm-up ends
+    store = _warm_store(rows=6)
+    assert store.logits.shape == (0, 8) and store.num_rows == 6
+    with pytest.raises(RuntimeError, match="warm-up"):
+        store.hard_indices()
+
+
+def test_the_logits_rank_codewords_by_distance_with_rows_kept_in_float():
+    store = _warm_store()
+    features = store.warmup_features.detach().clone()
+    store.quantize_float_warmup(generator=torch.Generator().manual_seed(0), float_fraction=0.1)
+    kept = store.float_rows
+    assert int(kept.sum()) == 20 and store.logits.shape == (200, 8)
+    assert torch.equal(store.logits[kept], torch.zeros(20, 8))
+    distances = torch.cdist(features[~kept], store.codebook.detach()).square()
+    order = distances.argsort(dim=-1)
+    assert torch.equal(store.logits[~kept].argsort(dim=-1, descending=True), order)
 
 
 def test_straight_through_training_after_quantising():
@@ -101,7 +121,7 @@ def test_pruning_during_the_warm_up_keeps_surviving_float_rows():
     store = _warm_store(rows=6)
     old = store.warmup_features.detach().clone()
     store.remap(torch.tensor([5, -1, 0]))
-    assert store.warmup_features.shape == (3, 4) and store.logits.shape == (3, 8)
+    assert store.warmup_features.shape == (3, 4) and store.logits.shape == (0, 8) and store.num_rows == 3
     assert torch.equal(store.warmup_features[0], old[5]) and torch.equal(store.warmup_features[2], old[0])
 
 
@@ -119,6 +139,20 @@ def test_checkpoints_load_before_and_after_the_warm_up():
     older = {k: v for k, v in during.state_dict().items() if k != "warmup_features"}  # saved before the table existed
     resumed.load_state_dict(older)
     assert not resumed.in_float_warmup
+
+
+def test_checkpoints_from_inside_the_warm_up_with_logits_still_load():
+    # stores saved in their warm-up before it emptied the logits held a random row of them per vertex
+    during = _warm_store(rows=10)
+    saved = dict(during.state_dict(), logits=torch.randn(10, 8))
+    resumed = _warm_store(rows=10)
+    resumed.load_state_dict(saved)
+    assert resumed.in_float_warmup and resumed.num_rows == 10
+    assert torch.equal(resumed.table(), during.table())
+    resumed.remap(torch.tensor([9, -1, 0]))  # pruning keeps them in step with the float rows
+    assert resumed.logits.shape == (3, 8) and resumed.warmup_features.shape == (3, 4)
+    resumed.quantize_float_warmup(generator=torch.Generator().manual_seed(0))
+    assert resumed.logits.shape == (3, 8) and resumed.hard_indices().shape == (3,)
 
 
 def test_weighted_kmeans_pulls_centroids_towards_important_points():
@@ -242,7 +276,7 @@ def test_float_fraction_keeps_the_costliest_rows_and_reads_their_features():
     assert int(store.float_rows[:100].sum()) >= 90
     others = torch.cdist(features[100:], store.codebook.detach()).min(dim=-1).values
     assert others[store.float_rows[100:]].min() > others.median()
-    assert len(swaps) == 2 and swaps[1][1] is store.float_features  # the optimisers must follow the new rows
+    assert len(swaps) == 3 and swaps[2][1] is store.float_features  # the optimisers must follow the new rows
     rows = torch.arange(4000)
     kept = store.float_rows
     assert torch.equal(store(rows)[kept], features[kept])

@@ -16,15 +16,19 @@ _CHUNK = 1 << 18
 
 
 def _pairwise(points: Tensor, centroids: Tensor) -> Tensor:
-    """Squared Euclidean distances, ``[n, c]``, clamped at 0 against rounding."""
-    return (
-        points.square().sum(dim=-1, keepdim=True) - 2 * points @ centroids.t() + centroids.square().sum(dim=-1)
-    ).clamp_min(0)
+    """Squared Euclidean distances, ``[n, c]``, clamped at 0 against rounding (one ``[n, c]`` tensor, updated in
+    place)."""
+    cross = torch.addmm(centroids.square().sum(dim=-1), points, centroids.t(), alpha=-2)
+    return cross.add_(points.square().sum(dim=-1, keepdim=True)).clamp_min_(0)
 
 
 def squared_distances(points: Float[Tensor, "n k"], centroids: Float[Tensor, "c k"]) -> Float[Tensor, "n c"]:
-    """Squared Euclidean distance of every point to every centroid (computed in chunks of points)."""
-    return torch.cat([_pairwise(chunk, centroids) for chunk in points.split(_CHUNK)])
+    """Squared Euclidean distance of every point to every centroid (computed in chunks of points, written into one
+    ``[n, c]`` tensor: no second copy at the peak)."""
+    out = points.new_empty(points.shape[0], centroids.shape[0])
+    for rows, chunk in zip(out.split(_CHUNK), points.split(_CHUNK)):
+        rows.copy_(_pairwise(chunk, centroids))
+    return out
 
 
 def _nearest(points: Tensor, centroids: Tensor) -> Tuple[Tensor, Tensor]:
@@ -133,7 +137,7 @@ def vector_quantize(
     centroids, assignment = kmeans(features, clusters, iterations, generator, weights)
     distances = squared_distances(features, centroids)
     unit = (weights * distances.gather(1, assignment[:, None])[:, 0]).mean().clamp_min(1e-12)
-    return centroids, distances / unit
+    return centroids, distances.div_(unit)
 
 
 __all__ = ["MIN_RELATIVE_IMPORTANCE", "kmeans", "squared_distances", "vector_quantize"]

@@ -394,10 +394,19 @@ def check_codewords(
 def _remap_rows(
     module: nn.Module, name: str, source_rows: Tensor, fresh: Tensor, in_place: bool
 ) -> List[ParameterSwap]:
+    """Make parameter ``name`` of ``module`` the rows ``fresh``, where each row ``i`` with ``source_rows[i] >= 0``
+    keeps that old row instead (in place, or as a new parameter whose swap is returned)."""
     param: nn.Parameter = getattr(module, name)
     keep = source_rows >= 0
     new = fresh.to(param.dtype)
     new[keep] = param.data[source_rows[keep]]
+    return _replace_parameter(module, name, new, in_place)
+
+
+def _replace_parameter(module: nn.Module, name: str, new: Tensor, in_place: bool) -> List[ParameterSwap]:
+    """Make ``new`` the data of parameter ``name`` of ``module``: in place (same parameter, no gradient), or as a new
+    parameter whose swap is returned for optimisers to follow."""
+    param: nn.Parameter = getattr(module, name)
     if in_place:
         param.data = new
         param.grad = None
@@ -417,7 +426,8 @@ class CodebookFeatures(FeatureStore):
 
     ``float_warmup=True`` adds a float row table (the float twin's features) that lookups read instead,
     until :meth:`quantize_float_warmup` turns it into the codebook (k-means) and the indices (nearest
-    codeword) and empties it.
+    codeword) and empties it. Until then the logits are empty (no rows): with 10-bit indices they would hold 4 kB
+    per row that nothing reads.
 
     A store may keep some rows in float (:meth:`quantize_float_warmup`'s ``float_fraction``): their lookups read
     ``float_features`` instead of their codeword, and their indices, still stored, carry nothing.
@@ -455,14 +465,15 @@ class CodebookFeatures(FeatureStore):
         self.frozen = frozen
         self.logits: Optional[nn.Parameter]
         self.indices: Optional[Tensor]
+        self._float_warmup = float_warmup and not frozen
         if frozen:
             self.register_parameter("logits", None)
             self.register_buffer("indices", torch.zeros(num_rows, dtype=torch.int32))
         else:
-            self.logits = nn.Parameter(torch.randn(num_rows, 2**index_bits) * logit_init_std)
+            logit_rows = 0 if self._float_warmup else num_rows
+            self.logits = nn.Parameter(torch.randn(logit_rows, 2**index_bits) * logit_init_std)
             self.register_buffer("indices", None)
         self.codebook = nn.Parameter(torch.randn(2**index_bits, feature_dim) * codebook_init_std)
-        self._float_warmup = float_warmup and not frozen
         warmup_rows = num_rows if self._float_warmup else 0
         self.warmup_features = nn.Parameter(torch.randn(warmup_rows, feature_dim) * codebook_init_std)
         self.float_features = nn.Parameter(torch.zeros(0, feature_dim))
@@ -482,7 +493,9 @@ class CodebookFeatures(FeatureStore):
 
     @property
     def num_rows(self) -> int:
-        return self.indices.shape[0] if self.frozen else self.logits.shape[0]
+        if self.frozen:
+            return self.indices.shape[0]
+        return self.warmup_features.shape[0] if self._float_warmup else self.logits.shape[0]
 
     def train(self, mode: bool = True) -> "CodebookFeatures":
         self._hard_table = None  # optimisers may change the parameters in place without a version bump (fused Adam)
@@ -547,7 +560,9 @@ class CodebookFeatures(FeatureStore):
         return straight_through_codewords(self.logits, self.codebook, self.temperature, self.use_kernels)
 
     def hard_indices(self) -> Int[Tensor, "m"]:
-        """The b-bit index of every row: what a compressed file stores."""
+        """The b-bit index of every row: what a compressed file stores (``RuntimeError`` in the float warm-up)."""
+        if self.in_float_warmup:
+            raise RuntimeError("a store in its float warm-up has no indices yet (see quantize_float_warmup)")
         return self.indices.long() if self.frozen else self.logits.detach().argmax(dim=-1)
 
     def index_rate_bits(self) -> Float[Tensor, ""]:
@@ -627,20 +642,20 @@ class CodebookFeatures(FeatureStore):
         if not 0.0 <= float_fraction < 1.0:
             raise ValueError(f"float_fraction must be in [0, 1), got {float_fraction}")
         self._float_warmup = False
-        if self.num_rows == 0:  # rows grown later start straight-through from fresh logits
+        if self.warmup_features.shape[0] == 0:  # rows grown later start straight-through from fresh logits
             return []
         features, codewords = self.warmup_features.detach(), 2**self.index_bits
         kept = self._costliest_rows(features, int(float_fraction * features.shape[0]), importance, generator)
         quantized = ~kept
         weights = None if importance is None else importance[quantized]
-        centroids, costs = vector_quantize(features[quantized], codewords, weights, iterations, generator)
-        logits = torch.zeros(features.shape[0], codewords, device=features.device)
-        logits[quantized] = -costs
+        centroids, logits = vector_quantize(features[quantized], codewords, weights, iterations, generator)
+        logits = logits.neg_().to(self.logits.dtype)  # the costs' own memory: no second [m, 2**b] table
+        if bool(kept.any()):
+            logits = logits.new_zeros(features.shape[0], codewords).index_copy_(0, quantized.nonzero()[:, 0], logits)
         self.codebook.data = centroids.to(self.codebook.dtype)
-        self.logits.data = logits.to(self.logits.dtype)
-        self.logits.grad = self.codebook.grad = None
+        self.codebook.grad = None
+        swaps = _replace_parameter(self, "logits", logits, in_place=False)
         self._hard_table = None
-        swaps = []
         if bool(kept.any()):
             old_float = self.float_features
             self.float_features = nn.Parameter(torch.where(kept[:, None], features, 0.0))
@@ -686,6 +701,8 @@ class CodebookFeatures(FeatureStore):
         if self.in_float_warmup:
             fresh = torch.randn(rows, self.feature_dim, device=device) * self.codebook_init_std
             swaps += _remap_rows(self, "warmup_features", source_rows, fresh, in_place)
+            if self.logits.shape[0] == 0:  # no logits until the warm-up ends (a checkpoint from before may have them)
+                return swaps
         fresh = torch.randn(rows, 2**self.index_bits, device=device) * self.logit_init_std
         return swaps + _remap_rows(self, "logits", source_rows, fresh, in_place)
 
@@ -699,8 +716,9 @@ class CodebookFeatures(FeatureStore):
         unexpected_keys: List[str],
         error_msgs: List[str],
     ) -> None:
-        """Size the warm-up table and the float rows like the saved ones (empty after the warm-up, or without float
-        rows), without changing ``state_dict``; a store with rows is in its warm-up when the saved one was.
+        """Size the warm-up table, the logits and the float rows like the saved ones (empty logits in the warm-up,
+        an empty table after it, or without float rows), without changing ``state_dict``; a store with rows is in its
+        warm-up when the saved one was.
 
         A checkpoint from before one of them existed has this store's logits (or indices) but not it: its store was
         past any warm-up and had no float rows, so it is emptied and not reported missing. A state dict without this
@@ -722,10 +740,14 @@ class CodebookFeatures(FeatureStore):
             tensor = getattr(self, name)
             if shape is not None and shape != tensor.shape:
                 tensor.data = tensor.data.new_empty(shape)
+        saved_logits = state_dict.get(prefix + "logits")
+        if saved_logits is not None and self.logits is not None and saved_logits.shape != self.logits.shape:
+            self.logits.data = self.logits.data.new_empty(saved_logits.shape)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if ours and self.num_rows > 0:
+        stored_rows = self.indices.shape[0] if self.frozen else self.logits.shape[0]
+        if ours and max(stored_rows, self.warmup_features.shape[0]) > 0:
             self._float_warmup = self.warmup_features.shape[0] > 0
         for key in absent:
             if key in missing_keys:
