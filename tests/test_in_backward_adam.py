@@ -128,6 +128,7 @@ def test_pruning_hands_the_replaced_logits_and_their_moments_over() -> None:
     _, optimizer, _ = _train(InBackwardAdam)
     old = optimizer.param_groups[0]["params"][0]
     row_five = optimizer.state[old]["exp_avg"][5].clone()
+    row_seven = optimizer.state[old]["exp_avg_sq"][7].clone()
     source_rows = torch.tensor([5, -1, 7])
     new = nn.Parameter(torch.zeros(3, 16))
     _remap_optimizer_state([optimizer], RowRemap(source_rows, [(old, new)]))
@@ -135,7 +136,9 @@ def test_pruning_hands_the_replaced_logits_and_their_moments_over() -> None:
     moments = optimizer.state[new]
     assert moments["exp_avg"].dtype == torch.bfloat16 and moments["step"] == 4
     assert torch.equal(moments["exp_avg"][0], row_five) and row_five.abs().sum() > 0
+    assert torch.equal(moments["exp_avg_sq"][2], row_seven) and row_seven.abs().sum() > 0
     assert torch.equal(moments["exp_avg_sq"][1], torch.zeros(16))
+    assert old.shape == (0, 16) and old not in optimizer.state  # the replaced rows are released, not kept beside
 
 
 def test_gradient_clipping_needs_ordinary_gradients() -> None:

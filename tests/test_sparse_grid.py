@@ -232,3 +232,15 @@ def test_pruning_that_would_empty_the_grid_leaves_it_as_it_is():
     assert grid.prune(lambda candidates, resolution: torch.zeros_like(candidates, dtype=torch.bool)) == []
     assert all(torch.equal(level.cells, before) for level, before in zip(grid.levels, cells))
     assert not grid.pruned
+
+
+def test_rows_from_gathers_surviving_rows_and_zeroes_new_ones():
+    from vqad_nerfstudio.encodings.vertex_features import rows_from
+
+    values = torch.arange(12.0).reshape(4, 3)
+    rows = rows_from(values, torch.tensor([3, -1, 0, 3]))
+    assert torch.equal(rows, torch.tensor([[9.0, 10, 11], [0, 0, 0], [0, 1, 2], [9, 10, 11]]))
+    assert torch.equal(rows_from(torch.tensor([True, False]), torch.tensor([-1, 0])), torch.tensor([False, True]))
+    assert rows_from(values, torch.full((2,), -1)).abs().sum() == 0
+    assert rows_from(values[:0], torch.full((2,), -1)).shape == (2, 3)  # a level grown from nothing
+    assert rows_from(values, torch.zeros(0, dtype=torch.long)).shape == (0, 3)

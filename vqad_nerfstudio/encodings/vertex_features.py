@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -391,16 +391,38 @@ def check_codewords(
         raise ValueError(f"{what}: indices must lie in [0, {choices})")
 
 
-def _remap_rows(
-    module: nn.Module, name: str, source_rows: Tensor, fresh: Tensor, in_place: bool
-) -> List[ParameterSwap]:
-    """Make parameter ``name`` of ``module`` the rows ``fresh``, where each row ``i`` with ``source_rows[i] >= 0``
-    keeps that old row instead (in place, or as a new parameter whose swap is returned)."""
-    param: nn.Parameter = getattr(module, name)
+def rows_from(values: Tensor, source_rows: Int[Tensor, "m_new"]) -> Tensor:
+    """New row ``i`` is ``values[source_rows[i]]``, or zero where ``source_rows[i]`` is -1: gathered straight into
+    one new tensor (no full-size temporary beside it, which at 10-bit indices would be 4 kB a row)."""
     keep = source_rows >= 0
-    new = fresh.to(param.dtype)
-    new[keep] = param.data[source_rows[keep]]
+    if values.shape[0] == 0 or not bool(keep.any()):
+        return values.new_zeros(source_rows.shape[0], *values.shape[1:])
+    rows = values.index_select(0, source_rows.clamp_min(0))
+    rows[~keep] = 0
+    return rows
+
+
+def _remap_rows(
+    module: nn.Module,
+    name: str,
+    source_rows: Int[Tensor, "m_new"],
+    fresh: Optional[Callable[[int], Tensor]],
+    in_place: bool,
+) -> List[ParameterSwap]:
+    """Make parameter ``name`` of ``module`` the rows :func:`rows_from` gives, with ``fresh(n)`` for the ``n`` new
+    rows (where ``source_rows`` is -1; zero if ``fresh`` is None), in place or as a new parameter whose swap is
+    returned."""
+    param: nn.Parameter = getattr(module, name)
+    new = rows_from(param.data, source_rows)
+    new_rows = source_rows < 0
+    if fresh is not None and bool(new_rows.any()):
+        new[new_rows] = fresh(int(new_rows.sum())).to(new)
     return _replace_parameter(module, name, new, in_place)
+
+
+def _normal_rows(width: int, std: float, device: torch.device) -> Callable[[int], Tensor]:
+    """Makes ``n`` fresh rows of ``width`` normal values of standard deviation ``std``."""
+    return lambda n: torch.randn(n, width, device=device) * std
 
 
 def _replace_parameter(module: nn.Module, name: str, new: Tensor, in_place: bool) -> List[ParameterSwap]:
@@ -683,27 +705,21 @@ class CodebookFeatures(FeatureStore):
         return kept
 
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
-        device, rows = self.codebook.device, source_rows.shape[0]
+        device = self.codebook.device
         self._hard_table = None
-        keep = source_rows >= 0
         swaps = []
         if self.has_float_rows:
-            float_rows = torch.zeros(rows, dtype=torch.bool, device=device)
-            float_rows[keep] = self.float_rows[source_rows[keep]]
-            self.float_rows = float_rows
-            fresh = torch.zeros(rows, self.feature_dim, device=device)
-            swaps += _remap_rows(self, "float_features", source_rows, fresh, in_place or self.frozen)
+            self.float_rows = rows_from(self.float_rows, source_rows)
+            swaps += _remap_rows(self, "float_features", source_rows, None, in_place or self.frozen)
         if self.frozen:
-            indices = torch.zeros(rows, dtype=self.indices.dtype, device=device)
-            indices[keep] = self.indices[source_rows[keep]]
-            self.indices = indices
+            self.indices = rows_from(self.indices, source_rows)
             return []
         if self.in_float_warmup:
-            fresh = torch.randn(rows, self.feature_dim, device=device) * self.codebook_init_std
+            fresh = _normal_rows(self.feature_dim, self.codebook_init_std, device)
             swaps += _remap_rows(self, "warmup_features", source_rows, fresh, in_place)
             if self.logits.shape[0] == 0:  # no logits until the warm-up ends (a checkpoint from before may have them)
                 return swaps
-        fresh = torch.randn(rows, 2**self.index_bits, device=device) * self.logit_init_std
+        fresh = _normal_rows(2**self.index_bits, self.logit_init_std, device)
         return swaps + _remap_rows(self, "logits", source_rows, fresh, in_place)
 
     def _load_from_state_dict(  # type: ignore[override]
@@ -782,7 +798,7 @@ class FloatFeatures(FeatureStore):
         return self.features
 
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
-        fresh = torch.randn(source_rows.shape[0], self.feature_dim, device=self.features.device) * self.init_std
+        fresh = _normal_rows(self.feature_dim, self.init_std, self.features.device)
         return _remap_rows(self, "features", source_rows, fresh, in_place)
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
@@ -809,4 +825,5 @@ __all__ = [
     "candidate_rows",
     "nonzero_gradient_lookups",
     "interpolated_codewords",
+    "rows_from",
 ]

@@ -38,7 +38,7 @@ from torch.nn import Parameter
 from vqad_nerfstudio.compat import allow_nerfstudio_checkpoints, optional_lpips
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import RowRemap, SparseFeatureGrid, cell_vertex_ids, coords_of
-from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures, rows_from
 from vqad_nerfstudio.fields.quantized_linear import check_weight_bits
 from vqad_nerfstudio.fields.vqad_field import VQADField
 from vqad_nerfstudio.kernels import candidates
@@ -694,10 +694,13 @@ def fisher_importance(optimizers: Optional[Optimizers], rows: Parameter) -> Opti
 
 
 def _remap_optimizer_state(optimizers, remap: RowRemap) -> None:
-    """Point optimisers at the replaced row parameters; carry moments of surviving rows over."""
-    keep = remap.source_rows >= 0
+    """Point optimisers at the replaced row parameters; carry moments of surviving rows over.
+
+    A replaced parameter's rows are released (emptied) before its moments are moved: at the peak the old and the new
+    rows of one table exist, and one moment in two versions, not all of them twice."""
     for old, new in remap.swaps:
-        follows_rows = new.shape[0] == keep.shape[0]  # else a new parameter (float rows) whose state starts afresh
+        follows_rows = new.shape[0] == remap.source_rows.shape[0]  # else a new parameter whose state starts afresh
+        states = []
         for optimizer in optimizers:
             owned = any(p is old for group in optimizer.param_groups for p in group["params"])
             for group in optimizer.param_groups:
@@ -705,13 +708,13 @@ def _remap_optimizer_state(optimizers, remap: RowRemap) -> None:
             if owned and isinstance(optimizer, InBackwardAdam):
                 optimizer.adopt(new)
             state = optimizer.state.pop(old, None)
-            if not state or not follows_rows:
-                continue
+            if state and follows_rows:
+                states.append((optimizer, state))
+        old.data = old.data.new_empty((0, *old.shape[1:]))
+        for optimizer, state in states:
             for key, value in state.items():
                 if torch.is_tensor(value) and value.dim() > 0 and value.shape[1:] == new.shape[1:]:
-                    moved = torch.zeros_like(new.data, dtype=value.dtype)
-                    moved[keep] = value[remap.source_rows[keep]]
-                    state[key] = moved
+                    state[key] = rows_from(value, remap.source_rows)  # the old moment is freed before the next
             optimizer.state[new] = state
 
 
