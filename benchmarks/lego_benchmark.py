@@ -68,6 +68,9 @@ class BenchmarkConfig:
     eval_rays_per_s_by_chunk)."""
     lod_eval_views: int = 5
     """Eval views rendered per level of detail of each decoded compressed file (0: skip per-LOD evaluation)."""
+    keep_files: bool = False
+    """Also write each method's compressed file to OUTPUT_DIR/METHOD.vqnf (@ written as -), e.g. to decode it
+    elsewhere with `vqad-export decode`."""
     hash_sizes: Tuple[int, ...] = ()
     """Also run vqad-hash (learned indices) and vqad-hash-random at these sizes of the random twin's table
     (log2 entries per level), each pair matched in stored bytes; adds a table and hash_comparison.png, and
@@ -164,6 +167,8 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
+    from vqad_nerfstudio.data.scene_format import is_blender_scene
+
     base, _, tag = method.partition("@")
     config = copy.deepcopy(all_methods[base])
     size = re.match(r"\d+", tag)  # vqad-hash@14, or a variant of that size such as vqad-hash@14s
@@ -176,9 +181,8 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
         config.pipeline.model.tensorf_checkpoint = tensorf_checkpoint
         config.pipeline.model.rate_lambda = float(tag)
         config.pipeline.model.compression_steps = bench.plane_steps
-    nerfstudio_format = (bench.data / "transforms.json").exists()
-    parser = NerfstudioDataParserConfig() if nerfstudio_format else BlenderDataParserConfig()
-    config.pipeline.datamanager.dataparser = parser
+    blender = is_blender_scene(bench.data)
+    config.pipeline.datamanager.dataparser = BlenderDataParserConfig() if blender else NerfstudioDataParserConfig()
     config.pipeline.datamanager.data = bench.data
     schedulers = [group.get("scheduler") for group in config.optimizers.values()]
     schedulers = [scheduler for scheduler in schedulers if hasattr(scheduler, "max_steps")]
@@ -194,7 +198,7 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     config.steps_per_save = 10**9
     config.vis = "tensorboard"
     config.machine.device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if not nerfstudio_format:
+    if blender:
         for path, value in OBJECT_SCENE_SETTINGS.get(base, {}).items():
             _apply_override(config, path, value)
     if REFERENCE_TAG.fullmatch(tag):
@@ -586,6 +590,8 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
     network_bits = bench.network_bits if entry.quantised_networks else None
     encoded = encode_any(pipeline.model, base_method, "entropy", network_bits=network_bits)
     data = write_container(encoded.header, encoded.chunks)
+    if bench.keep_files:
+        (bench.output_dir / f"{method.replace('@', '-')}.vqnf").write_bytes(data)
     report = size_report(encoded, data)
     if report["index_bytes_raw"] is None:  # no codebook indices: the raw-packed file is the same file
         raw_bytes = len(data)

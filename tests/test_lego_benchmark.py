@@ -3,6 +3,7 @@
 import importlib.util
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,14 @@ sys.modules["lego_benchmark"] = bench  # dataclasses look their module up by nam
 _spec.loader.exec_module(bench)
 
 
+BLENDER_SCENE = Path(tempfile.mkdtemp(prefix="lego-")) / "lego"
+"""A Blender-format scene as far as the settings go (only its transforms_train.json, which is not read)."""
+BLENDER_SCENE.mkdir()
+(BLENDER_SCENE / "transforms_train.json").write_text("{}")
+
+
 def _config(method: str, schedule_steps: int = 0, **overrides: str):
-    options = bench.BenchmarkConfig(data=Path("scene"), schedule_steps=schedule_steps, overrides=overrides)
+    options = bench.BenchmarkConfig(data=BLENDER_SCENE, schedule_steps=schedule_steps, overrides=overrides)
     return bench._trainer_config(method, options)
 
 

@@ -96,6 +96,23 @@ def test_decode_from_scene_data_keeps_only_coarse_levels(exported, trained, tmp_
     assert pipeline.model.grid.grown_levels() == 1
 
 
+def test_decode_from_a_blender_format_scene_reads_it_with_the_blender_parser(exported, tmp_path):
+    # NeRF-synthetic scenes (lego) have transforms_{train,val,test}.json, not nerfstudio's transforms.json
+    import yaml
+    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+
+    from vqad_nerfstudio.data.scene_format import is_blender_scene
+
+    scene = tmp_path / "lego"
+    scene.mkdir()
+    (scene / "transforms_train.json").write_text("{}")
+    _decode("--file", str(exported / "model.vqnf"), "--output-dir", str(tmp_path / "runs"), "--data", str(scene))
+    config = yaml.load((tmp_path / "runs" / "model" / "vqad" / "lod2" / "config.yml").read_text(), Loader=yaml.Loader)
+    assert type(config.pipeline.datamanager.dataparser) is BlenderDataParserConfig
+    (scene / "transforms.json").write_text("{}")  # a scene in both formats is read as nerfstudio's
+    assert not is_blender_scene(scene)
+
+
 def test_decode_errors_are_one_line(exported, trained, tmp_path, capsys):
     file = str(exported / "model.vqnf")
     with pytest.raises(SystemExit) as exit_info:

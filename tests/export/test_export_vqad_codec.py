@@ -16,12 +16,13 @@ from vqad_nerfstudio.codec import (
     TruncatedError,
     UnsupportedVersionError,
     describe,
+    encode_categorical,
     read_container,
     write_container,
 )
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
 from vqad_nerfstudio.export.methods import UnsupportedMethodError
-from vqad_nerfstudio.export.vqad_codec import IncompleteFileWarning, encode_model, load_compressed
+from vqad_nerfstudio.export.vqad_codec import INDEX_TAGS, IncompleteFileWarning, encode_model, load_compressed
 
 
 @contextmanager
@@ -196,10 +197,10 @@ def test_entropy_coded_indices_are_no_larger_than_packed(trained, encoded):
     raw_file = write_container(raw.header, raw.chunks)
     tags = {row["tag"] for row in describe(read_container(raw_file))}
     assert tags == {"SIZE", "MLPS", "TOPO", "CBOK", "IDXR", "END!"}
-    stored = {row["lod"]: row for row in describe(read_container(encoded)) if row["tag"] in ("IDXE", "IDXR")}
+    stored = {row["lod"]: row for row in describe(read_container(encoded)) if row["tag"] in INDEX_TAGS}
     for level in raw.levels:
         assert stored[level.lod]["payload_bytes"] <= level.raw_index_bytes
-        if stored[level.lod]["tag"] == "IDXE":
+        if stored[level.lod]["tag"] != "IDXR":
             assert stored[level.lod]["payload_bytes"] == level.entropy_index_bytes
     assert len(encoded) <= len(raw_file)
     coded_state, raw_state = _state(load_compressed(encoded)[0]), _state(load_compressed(raw_file)[0])
@@ -292,3 +293,37 @@ def test_a_model_still_in_its_float_warm_up_is_not_exported():
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
     with pytest.raises(ValueError, match="level 0 is still in its float warm-up"):
         encode_model(model, "vqad")
+
+
+def _with_smooth_finest_indices(encoded: bytes):
+    """The decoded model, its finest level's indices replaced by blocks of equal indices (a smooth field's)."""
+    from vqad_nerfstudio.encodings.sparse_grid import coords_of
+
+    model, _ = load_compressed(encoded)
+    level = model.grid.levels[-1]
+    blocks = coords_of(level.vertex_ids, level.resolution + 1) // 4
+    level.features.indices = ((blocks * torch.tensor([7, 3, 5])).sum(dim=-1) % 2**level.features.index_bits).int()
+    return model
+
+
+def test_levels_whose_neighbours_predict_their_indices_are_coded_with_them(encoded):
+    model = _with_smooth_finest_indices(encoded)
+    again = encode_model(model)
+    data = write_container(again.header, again.chunks)
+    tags = {row["lod"]: row["tag"] for row in describe(read_container(data)) if row["tag"] in INDEX_TAGS}
+    finest = len(model.grid.levels) - 1
+    assert tags[finest] == "IDXN" and again.header["requires"] == ["neighbour_indices"]
+    indices = model.grid.levels[-1].features.indices.numpy()
+    order_0_or_previous = encode_categorical(indices, 2**model.config.index_bits, context="auto")
+    assert again.levels[finest].entropy_index_bytes < 0.75 * len(order_0_or_previous)
+    decoded, _ = load_compressed(data)
+    for original, level in zip(model.grid.levels, decoded.grid.levels):
+        assert torch.equal(original.features.indices, level.features.indices)
+
+
+def test_an_idxn_chunk_without_its_requirement_is_refused(encoded):
+    model = _with_smooth_finest_indices(encoded)
+    again = encode_model(model)
+    header = {key: value for key, value in again.header.items() if key != "requires"}
+    with pytest.raises(FormatError, match="does not require neighbour_indices"):
+        load_compressed(write_container(header, again.chunks))

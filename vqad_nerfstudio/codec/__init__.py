@@ -44,6 +44,7 @@ from .errors import (
     UnsupportedMethodError,
     UnsupportedVersionError,
 )
+from .neighbour_indices import decode_neighbour_indices, encode_neighbour_indices
 from .varint import decode_svarint, decode_uvarint, decode_uvarints, encode_svarint, encode_uvarint, encode_uvarints
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "decode_array",
     "decode_categorical",
     "decode_named_arrays",
+    "decode_neighbour_indices",
     "decode_svarint",
     "decode_uvarint",
     "decode_uvarints",
@@ -75,6 +77,7 @@ __all__ = [
     "encode_array",
     "encode_categorical",
     "encode_named_arrays",
+    "encode_neighbour_indices",
     "encode_svarint",
     "encode_uvarint",
     "encode_uvarints",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import yaml
 
+from vqad_nerfstudio.data.scene_format import is_blender_scene
 from vqad_nerfstudio.export.formats import method_format
 from vqad_nerfstudio.export.methods import trainer_config
 from vqad_nerfstudio.export.vqad_codec import DecodeInfo
@@ -60,7 +61,7 @@ def decoded_run_config(
     """The trainer config of a decoded run (``model``, and ``info`` of its file): the model's config, and the data of
     ``data`` or of ``load_config``.
 
-    ``data`` is a scene in nerfstudio's data format; ``load_config`` (the original run's
+    ``data`` is a scene in nerfstudio's or the Blender data format; ``load_config`` (the original run's
     config.yml) keeps that run's data and dataparser settings instead. Paths are made absolute,
     so the run opens from any working directory.
     """
@@ -71,6 +72,10 @@ def decoded_run_config(
     else:
         config = trainer_config(info.method)
         config.pipeline.datamanager.data = data
+        if is_blender_scene(data):
+            from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+
+            config.pipeline.datamanager.dataparser = BlenderDataParserConfig()
     if config.pipeline.datamanager.data is not None:
         config.pipeline.datamanager.data = Path(config.pipeline.datamanager.data).absolute()
     config.method_name = info.method

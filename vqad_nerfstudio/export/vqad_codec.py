@@ -3,8 +3,9 @@
 The header names the method, the model settings needed to rebuild it, the scene box and the
 number of levels stored. The decoder MLPs come first (``MLPS`` in fp16, or ``MLPQ`` quantised),
 then each level of detail in order: its topology (``TOPO``), and either its codebook (``CBOK``)
-and codebook indices (``IDXE`` range-coded, or ``IDXR`` bit-packed) or its float features
-(``FEAT``); in files that require ``float_rows``, then the vertices kept in float (``FROW``).
+and codebook indices (``IDXE`` range-coded, ``IDXN`` range-coded with their grid neighbours as context in files
+that require ``neighbour_indices``, or ``IDXR`` bit-packed) or its float features (``FEAT``); in files that
+require ``float_rows``, then the vertices kept in float (``FROW``).
 Any prefix of a file that ends on a chunk boundary decodes to the complete levels it holds. The
 byte layout is specified in ``docs/format.md``.
 
@@ -34,15 +35,17 @@ from vqad_nerfstudio.codec import (
     UnsupportedMethodError,
     check_requirements,
     decode_named_arrays,
+    decode_neighbour_indices,
     encode_array,
     encode_categorical,
     encode_named_arrays,
+    encode_neighbour_indices,
     pack_bits,
     read_container,
     unpack_bits,
 )
 from vqad_nerfstudio.codec.container import Source
-from vqad_nerfstudio.encodings.sparse_grid import GridLevel
+from vqad_nerfstudio.encodings.sparse_grid import GridLevel, coords_of
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 from vqad_nerfstudio.export.payloads import (
     QUANTIZED_BITS,
@@ -91,10 +94,14 @@ DECODER_TAGS = (TAG_MLPS, TAG_MLPQ)
 TAG_TOPO = "TOPO"
 TAG_CBOK = "CBOK"
 TAG_IDXE = "IDXE"
+TAG_IDXN = "IDXN"
 TAG_IDXR = "IDXR"
+INDEX_TAGS = (TAG_IDXE, TAG_IDXN, TAG_IDXR)
+"""A codebook level's indices: range-coded (order 0 or previous symbol), range-coded with the grid neighbours as
+context, or bit-packed; one per level."""
 TAG_FEAT = "FEAT"
 TAG_FROW = "FROW"
-_LEVEL_TAGS = (TAG_TOPO, TAG_CBOK, TAG_IDXE, TAG_IDXR, TAG_FEAT, TAG_FROW)
+_LEVEL_TAGS = (TAG_TOPO, TAG_CBOK, *INDEX_TAGS, TAG_FEAT, TAG_FROW)
 
 MODEL_KEYS = (
     "index_bits",
@@ -121,6 +128,17 @@ every sample."""
 FLOAT_ROWS_REQUIREMENT = "float_rows"
 """The requirement of a file whose vertices may read fp16 features instead of their codewords (VQADModelConfig.
 float_vertex_fraction): every level has a FROW chunk, and the file is version 2.0."""
+NEIGHBOUR_INDICES_REQUIREMENT = "neighbour_indices"
+"""The requirement of a file with ``IDXN`` chunks (indices coded with their grid neighbours as context): version
+2.0. Writers use ``IDXN`` for a level only where it is shorter than ``IDXE``."""
+KNOWN_REQUIREMENTS = (
+    SHELL_LOD_KEY,
+    BASE_INDEX_BITS_KEY,
+    ALPHA_THRESHOLD_KEY,
+    FLOAT_ROWS_REQUIREMENT,
+    NEIGHBOUR_INDICES_REQUIREMENT,
+)
+"""What this reader implements of a version 2.0 file's ``requires``."""
 LEGACY_BITS_KEY = "bits"
 """What files written before the rename call ``index_bits`` (docs/format.md); readers accept either."""
 
@@ -235,8 +253,6 @@ def encode_model(
     float_rows = any(getattr(level.features, "has_float_rows", False) for level in grid.levels[:levels])
     if float_rows:  # a reader must replace those vertices' codewords
         requires.append(FLOAT_ROWS_REQUIREMENT)
-    if requires:
-        header["requires"] = requires
     decoders = _decoder_parameters(model)
     if network_bits != 16:
         chunks = [Chunk(TAG_MLPQ, None, encode_quantized_parameters(decoders, network_bits))]
@@ -247,6 +263,10 @@ def encode_model(
         level_chunks, level_stats = _encode_level(grid.levels, lod, index_coding, float_rows)
         chunks += level_chunks
         stats.append(level_stats)
+    if any(chunk.tag == TAG_IDXN for chunk in chunks):  # a reader must know the neighbour-context code
+        requires.append(NEIGHBOUR_INDICES_REQUIREMENT)
+    if requires:
+        header["requires"] = requires
     return EncodedModel(header, chunks, stats)
 
 
@@ -270,13 +290,15 @@ def _encode_level(
             )
         indices = store.hard_indices().cpu().numpy()
         raw = pack_bits(indices, store.index_bits)
-        coded = encode_categorical(indices, 2**store.index_bits, context="auto")
-        raw_bytes, entropy_bytes = len(raw), len(coded)
+        coords = coords_of(level.vertex_ids, level.resolution + 1).cpu().numpy()
+        candidates = [
+            Chunk(TAG_IDXE, lod, encode_categorical(indices, 2**store.index_bits, context="auto")),
+            Chunk(TAG_IDXN, lod, encode_neighbour_indices(indices, 2**store.index_bits, coords)),
+        ]
+        coded = min(candidates, key=lambda chunk: len(chunk.payload))  # IDXE where they tie
+        raw_bytes, entropy_bytes = len(raw), len(coded.payload)
         chunks.append(Chunk(TAG_CBOK, lod, encode_array(fp16_array(store.codebook, f"level {lod} codebook"))))
-        if index_coding == "entropy" and len(coded) <= len(raw):
-            chunks.append(Chunk(TAG_IDXE, lod, coded))
-        else:
-            chunks.append(Chunk(TAG_IDXR, lod, raw))
+        chunks.append(coded if index_coding == "entropy" and entropy_bytes <= raw_bytes else Chunk(TAG_IDXR, lod, raw))
         if float_rows:
             chunks.append(Chunk(TAG_FROW, lod, _encode_float_rows(store, f"level {lod} float rows")))
     elif isinstance(store, FloatFeatures):
@@ -331,9 +353,10 @@ def load_compressed(
         raise ValueError(f"max_lod must be >= 0, got {max_lod}")
     container = read_container(source, allow_truncated=allow_truncated)
     method, config, aabb, levels = _parse_header(container.header)
-    float_rows = FLOAT_ROWS_REQUIREMENT in container.header.get("requires", [])
+    requires = container.header.get("requires", [])
     decoders, parts = _group_chunks(container, levels)
-    complete_levels = _count_complete_levels(container, parts, config.feature_store, float_rows)
+    float_rows, neighbour_indices = (key in requires for key in (FLOAT_ROWS_REQUIREMENT, NEIGHBOUR_INDICES_REQUIREMENT))
+    complete_levels = _count_complete_levels(container, parts, config.feature_store, float_rows, neighbour_indices)
     if decoders is None or complete_levels == 0:
         missing = "the decoder weights (MLPS or MLPQ)" if decoders is None else "level of detail 0"
         raise TruncatedError(f"file truncated after {container.bytes_read} bytes, before {missing} is complete")
@@ -366,7 +389,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
     level count."""
     from vqad_nerfstudio.models.vqad import VQADModelConfig
 
-    check_requirements(header, (SHELL_LOD_KEY, BASE_INDEX_BITS_KEY, ALPHA_THRESHOLD_KEY, FLOAT_ROWS_REQUIREMENT))
+    check_requirements(header, KNOWN_REQUIREMENTS)
     missing = [key for key in ("method", "model", "aabb", "levels") if key not in header]
     if missing:
         raise FormatError(f"header lacks {', '.join(missing)}")
@@ -433,10 +456,15 @@ def _group_chunks(container: Container, levels: int) -> Tuple[Optional[Chunk], L
 
 
 def _count_complete_levels(
-    container: Container, parts: List[Dict[str, bytes]], feature_store: str, float_rows: bool
+    container: Container,
+    parts: List[Dict[str, bytes]],
+    feature_store: str,
+    float_rows: bool,
+    neighbour_indices: bool,
 ) -> int:
     """Leading levels that have all their chunks; in a complete file, every level must. ``float_rows``: the file
-    requires them, so every level of a codebook model has a FROW chunk (else none may)."""
+    requires them, so every level of a codebook model has a FROW chunk (else none may). ``neighbour_indices``: the
+    file requires them, so its levels may have IDXN chunks (else none may)."""
     needed = (TAG_TOPO, TAG_CBOK) if feature_store == "codebook" else (TAG_TOPO, TAG_FEAT)
     if float_rows:
         if feature_store != "codebook":
@@ -447,13 +475,17 @@ def _count_complete_levels(
             raise FormatError(
                 f"lod {lod} has a {TAG_FROW} chunk, but the header does not require {FLOAT_ROWS_REQUIREMENT}"
             )
+        if not neighbour_indices and TAG_IDXN in level_parts:
+            raise FormatError(
+                f"lod {lod} has a {TAG_IDXN} chunk, but the header does not require {NEIGHBOUR_INDICES_REQUIREMENT}"
+            )
         missing = [tag for tag in needed if tag not in level_parts]
-        index_tags = [tag for tag in (TAG_IDXE, TAG_IDXR) if tag in level_parts]
+        index_tags = [tag for tag in INDEX_TAGS if tag in level_parts]
         if feature_store == "codebook":
             if len(index_tags) > 1:
-                raise FormatError(f"lod {lod} has both {TAG_IDXE} and {TAG_IDXR} chunks")
+                raise FormatError(f"lod {lod} has more than one index chunk ({', '.join(index_tags)})")
             if not index_tags:
-                missing.append(f"{TAG_IDXE} or {TAG_IDXR}")
+                missing.append(" or ".join(INDEX_TAGS))
         elif index_tags:
             raise FormatError(f"lod {lod}: a float-feature model has no {index_tags[0]} chunks")
         if missing:
@@ -491,6 +523,12 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes], max_cel
         codebook = load_fp16_array(parts[TAG_CBOK], tuple(store.codebook.shape), f"lod {lod} {TAG_CBOK}")
         if TAG_IDXE in parts:
             coded = decode_symbols(parts[TAG_IDXE], level.num_vertices, 2**store.index_bits, f"lod {lod} {TAG_IDXE}")
+        elif TAG_IDXN in parts:
+            coords = coords_of(level.vertex_ids, level.resolution + 1).cpu().numpy()
+            try:
+                coded = decode_neighbour_indices(parts[TAG_IDXN], 2**store.index_bits, coords)
+            except FormatError as error:
+                raise FormatError(f"lod {lod} {TAG_IDXN}: {error}") from None
         else:
             coded = unpack_bits(parts[TAG_IDXR], store.index_bits, level.num_vertices)
         float_rows = float_features = None
