@@ -37,6 +37,21 @@ _PASS_STRIDE = _DIGIT**_SLOTS
 _NO_VALUE = -1
 
 
+def _odd_axis_slots(count: int) -> np.ndarray:
+    """``[8, 2 * count]``: for each 3-bit pattern of odd axes (x = 4, y = 2, z = 1) with ``count`` bits set, the slots
+    of :data:`_STEPS` along those axes, ascending; zeros for the other patterns, which pass ``count`` never holds."""
+    table = np.zeros((8, 2 * count), dtype=np.int64)
+    for bits in range(8):
+        axes = [axis for axis in range(3) if bits >> (2 - axis) & 1]
+        if len(axes) == count:
+            table[bits] = [2 * axis + side for axis in axes for side in (0, 1)]
+    return table
+
+
+_ODD_AXIS_SLOTS = [_odd_axis_slots(count) for count in range(4)]
+"""Per pass, :func:`_odd_axis_slots` of its number of odd coordinates."""
+
+
 def _check_coords(coords: np.ndarray, count: int) -> np.ndarray:
     coords = np.asarray(coords)
     if coords.shape != (count, 3) or coords.dtype.kind not in "ui" or (count and int(coords.min()) < 0):
@@ -119,13 +134,13 @@ def _passes(coords: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Per pass 0..3: the rows of its vertices and, ``[m, 2 * pass]``, the rows of their neighbours along their odd
     axes (the only ones an earlier pass holds; -1 where there is none), in the order of :data:`_STEPS`."""
     neighbours = _neighbour_rows(coords)
-    odd = coords % 2 == 1
+    odd = coords % 2
+    pattern = odd[:, 0] * 4 + odd[:, 1] * 2 + odd[:, 2]  # which axes are odd, as 3 bits (x first)
     odd_count = odd.sum(axis=1)
     passes = []
     for pass_index in range(4):
         rows = np.flatnonzero(odd_count == pass_index)
-        axes = np.argsort(~odd[rows], axis=1, kind="stable")[:, :pass_index]  # its odd axes, ascending
-        slots = (2 * axes[:, :, None] + np.arange(2)).reshape(rows.size, 2 * pass_index)
+        slots = _ODD_AXIS_SLOTS[pass_index][pattern[rows]]
         passes.append((rows, np.take_along_axis(neighbours[rows], slots, axis=1)))
     return passes
 
