@@ -290,7 +290,7 @@ def _encode_level(
             )
         indices = store.hard_indices().cpu().numpy()
         raw = pack_bits(indices, store.index_bits)
-        coords = coords_of(level.vertex_ids, level.resolution + 1).cpu().numpy()
+        coords = _vertex_coords(level)
         candidates = [
             Chunk(TAG_IDXE, lod, encode_categorical(indices, 2**store.index_bits, context="auto")),
             Chunk(TAG_IDXN, lod, encode_neighbour_indices(indices, 2**store.index_bits, coords)),
@@ -315,6 +315,11 @@ def _encode_level(
         float_grid_bytes=level.num_vertices * store.feature_dim * 2,
     )
     return chunks, stats
+
+
+def _vertex_coords(level: GridLevel) -> np.ndarray:
+    """``[m, 3]``: the level's vertex coordinates ``(x, y, z)`` in row order, the context of ``IDXN``."""
+    return coords_of(level.vertex_ids, level.resolution + 1).cpu().numpy()
 
 
 def _encode_float_rows(store: CodebookFeatures, what: str) -> bytes:
@@ -524,7 +529,7 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes], max_cel
         if TAG_IDXE in parts:
             coded = decode_symbols(parts[TAG_IDXE], level.num_vertices, 2**store.index_bits, f"lod {lod} {TAG_IDXE}")
         elif TAG_IDXN in parts:
-            coords = coords_of(level.vertex_ids, level.resolution + 1).cpu().numpy()
+            coords = _vertex_coords(level)
             try:
                 coded = decode_neighbour_indices(parts[TAG_IDXN], 2**store.index_bits, coords)
             except FormatError as error:
