@@ -139,6 +139,8 @@ KNOWN_REQUIREMENTS = (
     NEIGHBOUR_INDICES_REQUIREMENT,
 )
 """What this reader implements of a version 2.0 file's ``requires``."""
+_TAG_REQUIREMENTS = {TAG_FROW: FLOAT_ROWS_REQUIREMENT, TAG_IDXN: NEIGHBOUR_INDICES_REQUIREMENT}
+"""Level chunks that only files requiring a feature may hold."""
 LEGACY_BITS_KEY = "bits"
 """What files written before the rename call ``index_bits`` (docs/format.md); readers accept either."""
 
@@ -360,8 +362,7 @@ def load_compressed(
     method, config, aabb, levels = _parse_header(container.header)
     requires = container.header.get("requires", [])
     decoders, parts = _group_chunks(container, levels)
-    float_rows, neighbour_indices = (key in requires for key in (FLOAT_ROWS_REQUIREMENT, NEIGHBOUR_INDICES_REQUIREMENT))
-    complete_levels = _count_complete_levels(container, parts, config.feature_store, float_rows, neighbour_indices)
+    complete_levels = _count_complete_levels(container, parts, config.feature_store, requires)
     if decoders is None or complete_levels == 0:
         missing = "the decoder weights (MLPS or MLPQ)" if decoders is None else "level of detail 0"
         raise TruncatedError(f"file truncated after {container.bytes_read} bytes, before {missing} is complete")
@@ -461,29 +462,20 @@ def _group_chunks(container: Container, levels: int) -> Tuple[Optional[Chunk], L
 
 
 def _count_complete_levels(
-    container: Container,
-    parts: List[Dict[str, bytes]],
-    feature_store: str,
-    float_rows: bool,
-    neighbour_indices: bool,
+    container: Container, parts: List[Dict[str, bytes]], feature_store: str, requires: List[str]
 ) -> int:
-    """Leading levels that have all their chunks; in a complete file, every level must. ``float_rows``: the file
-    requires them, so every level of a codebook model has a FROW chunk (else none may). ``neighbour_indices``: the
-    file requires them, so its levels may have IDXN chunks (else none may)."""
+    """Leading levels that have all their chunks; in a complete file, every level must. A chunk that needs a
+    requirement (:data:`_TAG_REQUIREMENTS`) only where ``requires`` lists it; with ``float_rows``, every level of a
+    codebook model has a FROW chunk."""
     needed = (TAG_TOPO, TAG_CBOK) if feature_store == "codebook" else (TAG_TOPO, TAG_FEAT)
-    if float_rows:
+    if FLOAT_ROWS_REQUIREMENT in requires:
         if feature_store != "codebook":
             raise FormatError(f"a float-feature model has no float rows ({FLOAT_ROWS_REQUIREMENT})")
         needed += (TAG_FROW,)
     for lod, level_parts in enumerate(parts):
-        if not float_rows and TAG_FROW in level_parts:
-            raise FormatError(
-                f"lod {lod} has a {TAG_FROW} chunk, but the header does not require {FLOAT_ROWS_REQUIREMENT}"
-            )
-        if not neighbour_indices and TAG_IDXN in level_parts:
-            raise FormatError(
-                f"lod {lod} has a {TAG_IDXN} chunk, but the header does not require {NEIGHBOUR_INDICES_REQUIREMENT}"
-            )
+        for tag, requirement in _TAG_REQUIREMENTS.items():
+            if tag in level_parts and requirement not in requires:
+                raise FormatError(f"lod {lod} has a {tag} chunk, but the header does not require {requirement}")
         missing = [tag for tag in needed if tag not in level_parts]
         index_tags = [tag for tag in INDEX_TAGS if tag in level_parts]
         if feature_store == "codebook":
