@@ -456,7 +456,8 @@ class CodebookFeatures(FeatureStore):
 
     ``frozen=True`` holds every row's index as an int32 (the ``indices`` buffer) instead of ``2**index_bits`` float
     logits (``logits`` is None): what a decoded file holds, in memory in proportion to the file. The codebook can
-    still train; the indices cannot, and there is no warm-up.
+    still train; the indices cannot, and there is no warm-up. :meth:`freeze_indices` turns a trained store into a
+    frozen one (its ``logits`` then an empty parameter).
 
     ``fuse_rate=True`` computes the index rate in :meth:`table`'s pass (for a loss with the rate term).
     ``use_kernels=False`` keeps the softmax side of the indices on the PyTorch reference path on a GPU too.
@@ -606,6 +607,21 @@ class CodebookFeatures(FeatureStore):
         return soft_index_rate_bits(self.logits, self.temperature, self.use_kernels)
 
     @torch.no_grad()
+    def freeze_indices(self) -> List[ParameterSwap]:
+        """Fix every row's index at its hard value, as a file stores it: the store becomes ``frozen`` (the codebook
+        and float rows still train, the indices no longer do) and its logits are replaced by an empty parameter,
+        whose swap is returned for optimisers to follow (releasing the logits' moments). Nothing to do when frozen
+        already; a store in its float warm-up has no indices yet (``RuntimeError``)."""
+        if self.frozen:
+            return []
+        indices = self.hard_indices().to(torch.int32)
+        self.frozen = True
+        self.indices = indices
+        self._hard_table = None
+        self._rate_of_table = None
+        return _replace_parameter(self, "logits", self.logits.data.new_empty(0, 2**self.index_bits), in_place=False)
+
+    @torch.no_grad()
     def load_codewords(
         self,
         codebook: Float[Tensor, "c k"],
@@ -742,6 +758,10 @@ class CodebookFeatures(FeatureStore):
         it is.
         """
         ours = prefix + "logits" in state_dict or prefix + "indices" in state_dict
+        saved_indices = state_dict.get(prefix + "indices")
+        if saved_indices is not None and not self.frozen:  # saved after freeze_indices
+            self.frozen = True
+            self.indices = torch.empty(saved_indices.shape, dtype=torch.int32, device=self.codebook.device)
         added_later = {
             "warmup_features": (0, self.feature_dim),
             "float_features": (0, self.feature_dim),

@@ -172,6 +172,12 @@ class VQADModelConfig(ModelConfig):
     k = 16, plus their positions) beside every vertex's index. On the CPU quick start 0.003 adds 0.69 dB for 8.1 KiB;
     on lego with 8-bit indices 0.001-0.003 changed nothing measurable, or 0.12 dB for 0.156 MB with the grown levels
     warmed up (docs/benchmarks.md)."""
+    index_freeze_step: int = 0
+    """Step from which every index is frozen at its hard value, the one the file stores (0: never): the rest of the
+    run trains the codebooks, float rows and decoders on a fixed assignment (VQRF's fine-tuning after vector
+    quantisation), without the indices' logits, their optimiser state and the rate term. At or before the end of the
+    warm-up, the indices freeze as the warm-up's k-means assigns them. A run that ends before this step never
+    freezes."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
@@ -226,6 +232,7 @@ class VQADModelConfig(ModelConfig):
         if self.alpha_threshold is not None:
             check_real("alpha_threshold", self.alpha_threshold, 0.0, 1.0, open_high=True)
         check_int("index_warmup_steps", self.index_warmup_steps, 0)
+        check_int("index_freeze_step", self.index_freeze_step, 0)
         if len(self.index_temperature) != 2:
             raise ValueError(f"index_temperature must be two positive numbers, got {self.index_temperature}")
         for temperature in self.index_temperature:
@@ -397,6 +404,8 @@ class VQADModel(Model):
             self._set_index_relaxation(step, warmup)
             if step >= warmup:
                 follow(self._quantize_float_warmup(training_callback_attributes.optimizers))
+            if 0 < self.config.index_freeze_step <= step:
+                follow(self._freeze_indices())
             self.round_decoder_weights()
 
         def prune(step: int) -> None:
@@ -450,6 +459,16 @@ class VQADModel(Model):
                 swaps = store.quantize_float_warmup(
                     importance=importance, float_fraction=self.config.float_vertex_fraction
                 )
+                remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
+        return remaps
+
+    def _freeze_indices(self) -> List[RowRemap]:
+        """Freeze every level's indices at their hard values (see index_freeze_step)."""
+        remaps = []
+        for level in self.grid.levels:
+            store = level.features
+            if isinstance(store, CodebookFeatures) and not store.frozen and not store.in_float_warmup:
+                swaps = store.freeze_indices()
                 remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
         return remaps
 
