@@ -13,6 +13,7 @@ from vqad_nerfstudio.method_configs.vqad import (
     CPU_INDEX_BITS,
     GPU_DECAY_STEPS,
     GPU_INDEX_BITS,
+    GPU_INDEX_FREEZE_STEP,
     GPU_INDEX_WARMUP_STEPS,
     GPU_STEPS,
     IN_BACKWARD_GROUPS,
@@ -65,6 +66,9 @@ def test_a_cpu_run_is_told_what_its_defaults_change() -> None:
     assert f"{CPU_INDEX_BITS}-bit indices (GPU: {GPU_INDEX_BITS})" in vqad.config.device_note
     assert vqad.config.pipeline.model.index_bits == CPU_INDEX_BITS
     assert not vqad.config.pipeline.model.warmup_grown_levels and "grown levels" in vqad.config.device_note
+    assert vqad.config.pipeline.model.index_freeze_step == 0 and f"frozen from step {GPU_INDEX_FREEZE_STEP}" in (
+        vqad.config.device_note
+    )
 
 
 def test_vqad_takes_wider_indices_on_a_gpu(monkeypatch) -> None:
@@ -73,6 +77,7 @@ def test_vqad_takes_wider_indices_on_a_gpu(monkeypatch) -> None:
     assert vqad_model_config().index_bits == GPU_INDEX_BITS > CPU_INDEX_BITS
     gpu_model = vqad_model_config()  # and a longer float warm-up that the grown levels share
     assert gpu_model.warmup_grown_levels and gpu_model.index_warmup_steps == GPU_INDEX_WARMUP_STEPS
+    assert GPU_DECAY_STEPS < gpu_model.index_freeze_step == GPU_INDEX_FREEZE_STEP < VQAD_GPU_STEPS  # at final rates
     config = vqad_trainer_config("vqad", vqad_model_config(), VQAD_GPU_STEPS)  # wider indices, slower steps: fewer
     assert config.max_num_iterations == VQAD_GPU_STEPS < GPU_STEPS
 
