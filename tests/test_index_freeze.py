@@ -120,3 +120,27 @@ def test_a_negative_freeze_step_is_rejected():
 
     with pytest.raises(ValueError, match="index_freeze_step"):
         VQADModelConfig(index_freeze_step=-1)
+
+
+def test_a_run_frozen_in_training_exports_what_it_trained():
+    from nerfstudio.data.scene_box import SceneBox
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
+
+    from vqad_nerfstudio.codec import write_container
+    from vqad_nerfstudio.export.vqad_codec import encode_model, load_compressed
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    torch.manual_seed(0)
+    config = VQADModelConfig(
+        num_levels=2, base_resolution=4, dense_resolution=8, index_warmup_steps=1, index_freeze_step=2
+    )
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    for step in (1, 2):
+        for callback in model.get_training_callbacks(TrainingCallbackAttributes(None, None, None, None)):
+            callback.run_callback_at_location(step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    stores = [level.features for level in model.grid.levels]
+    assert all(store.frozen for store in stores)
+    encoded = encode_model(model)
+    decoded, _ = load_compressed(write_container(encoded.header, encoded.chunks))
+    for store, again in zip(stores, (level.features for level in decoded.grid.levels)):
+        assert torch.equal(again.indices, store.indices) and torch.equal(again.codebook, store.codebook.half().float())
