@@ -37,6 +37,8 @@ __all__ = [
     "rescale_frequencies",
     "quantize_pmf",
     "encode_categorical",
+    "used_symbols_bytes",
+    "read_used_symbols",
     "decode_categorical",
     "encode_with_tables",
     "decode_with_tables",
@@ -211,11 +213,32 @@ def _packed_bits(alphabet_size: int) -> int:
     return max(1, (alphabet_size - 1).bit_length())
 
 
+def used_symbols_bytes(used: np.ndarray) -> bytes:
+    """The used-symbols field of a payload: their number, then the ascending symbols gap-coded
+    (docs/format.md)."""
+    if used.size == 0:
+        return encode_uvarint(0)
+    return encode_uvarint(used.size) + encode_uvarints(_deltas(used, np.zeros(1, dtype=np.int64)))
+
+
+def read_used_symbols(data: bytes, offset: int, alphabet_size: int, what: str) -> tuple[np.ndarray, int]:
+    """Inverse of :func:`used_symbols_bytes` for symbols below ``alphabet_size``: the used symbols (empty if none)
+    and the offset after them; ``FormatError`` naming ``what`` where they do not fit the alphabet."""
+    k, offset = decode_uvarint(data, offset)
+    if k > alphabet_size:
+        raise FormatError(f"{what}: {k} used symbols for alphabet size {alphabet_size}")
+    if k == 0:
+        return np.zeros(0, dtype=np.int64), offset
+    deltas, offset = decode_uvarints(data, offset, k)
+    used = _undeltas(deltas, np.array([k]))
+    if deltas.max() >= alphabet_size or used[-1] >= alphabet_size:
+        raise FormatError(f"{what}: used symbols exceed the alphabet 0..{alphabet_size - 1}")
+    return used, offset
+
+
 def _preamble(mode: int, n: int, alphabet_size: int, used: np.ndarray) -> bytes:
     head = bytes([mode]) + encode_uvarint(n) + encode_uvarint(alphabet_size)
-    if n == 0:
-        return head
-    return head + encode_uvarint(used.size) + encode_uvarints(_deltas(used, np.zeros(1, dtype=np.int64)))
+    return head if n == 0 else head + used_symbols_bytes(used)
 
 
 def _encode_order0(ranks: np.ndarray, alphabet_size: int, used: np.ndarray, counts: np.ndarray) -> bytes:
@@ -300,15 +323,10 @@ def decode_categorical(data: bytes, count: int | None = None) -> np.ndarray:
     if n == 0:
         _expect_end(data, offset, "empty categorical payload")
         return np.zeros(0, dtype=np.uint16)
-    k, offset = decode_uvarint(data, offset)
-    if not 1 <= k <= alphabet_size:
-        raise FormatError(f"categorical payload: {k} used symbols for alphabet size {alphabet_size}")
-    deltas, offset = decode_uvarints(data, offset, k)
-    if deltas.max() >= alphabet_size:
-        raise FormatError(f"categorical payload: used symbols exceed the alphabet 0..{alphabet_size - 1}")
-    used = _undeltas(deltas, np.array([k]))
-    if used[-1] >= alphabet_size:
-        raise FormatError(f"categorical payload: used symbol {used[-1]} outside the alphabet 0..{alphabet_size - 1}")
+    used, offset = read_used_symbols(data, offset, alphabet_size, "categorical payload")
+    k = used.size
+    if k == 0:
+        raise FormatError(f"categorical payload: no used symbols for {n} symbols")
     if mode == _MODE_NONE:
         ranks = _decode_order0(data, offset, n, k)
     else:

@@ -21,7 +21,18 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from .entropy import MAX_ALPHABET, _decode, _decoder, _deltas, _encoder, _model, _undeltas, _words
+from .entropy import (
+    MAX_ALPHABET,
+    _decode,
+    _decoder,
+    _deltas,
+    _encoder,
+    _model,
+    _undeltas,
+    _words,
+    read_used_symbols,
+    used_symbols_bytes,
+)
 from .errors import FormatError
 from .varint import decode_uvarint, decode_uvarints, encode_uvarint, encode_uvarints
 
@@ -160,28 +171,19 @@ def _class_size(key: int) -> int:
 
 
 def _histogram_bytes(counts: np.ndarray) -> bytes:
+    """A histogram: its used symbols (:func:`~vqad_nerfstudio.codec.entropy.used_symbols_bytes`), then their counts."""
     used = np.flatnonzero(counts)
-    if used.size == 0:
-        return encode_uvarint(0)
-    return (
-        encode_uvarint(used.size)
-        + encode_uvarints(_deltas(used, np.zeros(1, dtype=np.int64)))
-        + encode_uvarints(counts[used])
-    )
+    return used_symbols_bytes(used) + encode_uvarints(counts[used])
 
 
 def _read_histogram(data: bytes, offset: int, alphabet_size: int) -> Tuple[np.ndarray, int]:
-    used_count, offset = decode_uvarint(data, offset)
+    used, offset = read_used_symbols(data, offset, alphabet_size, "neighbour-coded indices")
     counts = np.zeros(alphabet_size, dtype=np.int64)
-    if used_count == 0:
+    if used.size == 0:
         return counts, offset
-    if used_count > alphabet_size:
-        raise FormatError(f"neighbour-coded indices: {used_count} used symbols for alphabet size {alphabet_size}")
-    deltas, offset = decode_uvarints(data, offset, used_count)
-    used = _undeltas(deltas, np.array([used_count]))
-    values, offset = decode_uvarints(data, offset, used_count)
-    if int(used[-1]) >= alphabet_size or int(values.min()) == 0:
-        raise FormatError("neighbour-coded indices: malformed histogram")
+    values, offset = decode_uvarints(data, offset, used.size)
+    if int(values.min()) == 0:
+        raise FormatError("neighbour-coded indices: a used symbol's count is 0")
     counts[used] = values
     return counts, offset
 
