@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
+from vqad_nerfstudio.kernels import spherical_harmonics
 
 
 class VQADField(Field):
@@ -101,8 +102,13 @@ class VQADField(Field):
         return density, hidden[:, 1:], inside
 
     def rgb_at(self, geo_features: Float[Tensor, "n g"], directions: Float[Tensor, "n 3"]) -> Float[Tensor, "n 3"]:
-        """View-dependent colour from geometry features and unit view directions."""
-        encoded = self.direction_encoding(directions)
+        """View-dependent colour from geometry features and unit view directions (their spherical harmonics in one
+        kernel where the grid uses fused kernels, nerfstudio's encoding otherwise)."""
+        levels = self.direction_encoding.levels
+        if self.grid.fused and spherical_harmonics.available(directions, levels):
+            encoded = spherical_harmonics.spherical_harmonics(directions, levels)
+        else:
+            encoded = self.direction_encoding(directions)
         return self.color_mlp(torch.cat([geo_features, encoded], dim=-1))
 
     # nerfstudio's Field API, for tools that query fields on RaySamples.
