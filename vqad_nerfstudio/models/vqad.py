@@ -125,9 +125,9 @@ class VQADModelConfig(ModelConfig):
     UNBOUNDED_ALPHA_THRESHOLD (0.01, nerfacc's setting for unbounded scenes) when unbounded, 0 (every sample)
     otherwise."""
     fused_kernels: bool = True
-    """On CUDA, when Triton is installed, interpolate the grid with the fused Triton kernel and compute the indices'
-    softmax side (hard indices, rate, logit gradients) with the relaxed-index kernels; False: the PyTorch reference
-    path everywhere."""
+    """On CUDA, when Triton is installed, interpolate the grid with the fused Triton kernel, compute the indices'
+    softmax side (hard indices, rate, logit gradients) with the relaxed-index kernels and the view directions'
+    spherical harmonics with their kernel; False: the PyTorch reference path everywhere."""
     tf32: bool = True
     """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
     set_float32_matmul_precision("high"), which applies to the whole process."""
