@@ -57,9 +57,10 @@ def coords_of(ids: Int[Tensor, "n"], size: int) -> Int[Tensor, "n 3"]:
 
 
 def cell_vertex_ids(cells: Int[Tensor, "n"], resolution: int) -> Int[Tensor, "n 8"]:
-    """Linear vertex ids (in the ``(resolution + 1)**3`` vertex grid) of each cell's 8 corners."""
-    corners = coords_of(cells, resolution)[:, None, :] + CORNER_OFFSETS.to(cells.device)[None]
-    return linear_ids(corners, resolution + 1)
+    """Linear vertex ids (in the ``(resolution + 1)**3`` vertex grid) of each cell's 8 corners: the id of its lowest
+    corner plus each corner's fixed offset in that grid."""
+    lowest = linear_ids(coords_of(cells, resolution), resolution + 1)
+    return lowest[:, None] + linear_ids(CORNER_OFFSETS.to(cells.device), resolution + 1)[None]
 
 
 def child_cells(cells: Int[Tensor, "n"], resolution: int) -> Int[Tensor, "n8"]:
@@ -154,7 +155,7 @@ class GridLevel(nn.Module):
         if cells.numel() and (int(cells.min()) < 0 or int(cells.max()) >= self.resolution**3):
             raise ValueError(f"cell ids out of range for resolution {self.resolution}")
         corners = cell_vertex_ids(cells, self.resolution)
-        new_vertex_ids = torch.unique(corners)
+        new_vertex_ids, corner_rows = torch.unique(corners, return_inverse=True)
         source_rows = sorted_positions(self.vertex_ids, new_vertex_ids)
         swaps: List[ParameterSwap] = []
         if self.features.num_rows != new_vertex_ids.numel() or self.vertex_ids.numel():
@@ -162,7 +163,7 @@ class GridLevel(nn.Module):
         self.cells = cells
         self.topology_version += 1
         self.vertex_ids = new_vertex_ids
-        self.corner_rows = torch.searchsorted(new_vertex_ids, corners).to(torch.int32)
+        self.corner_rows = corner_rows.to(torch.int32)
         return RowRemap(source_rows, swaps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
