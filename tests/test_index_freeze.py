@@ -144,3 +144,21 @@ def test_a_run_frozen_in_training_exports_what_it_trained():
     decoded, _ = load_compressed(write_container(encoded.header, encoded.chunks))
     for store, again in zip(stores, (level.features for level in decoded.grid.levels)):
         assert torch.equal(again.indices, store.indices) and torch.equal(again.codebook, store.codebook.half().float())
+
+
+def test_freezing_before_the_first_pruning_grows_the_finest_levels_is_refused():
+    from nerfstudio.data.scene_box import SceneBox
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes
+
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    attributes = TrainingCallbackAttributes(None, None, None, None)
+    grown_later = dict(num_levels=2, base_resolution=4, dense_resolution=4, prune_steps=(500, 1000))
+    with pytest.raises(ValueError, match=r"index_freeze_step \(500\) must come after the first pruning \(step 500\)"):
+        VQADModelConfig(**grown_later, index_freeze_step=500).setup(
+            scene_box=box, num_train_data=1
+        ).get_training_callbacks(attributes)
+    VQADModelConfig(**grown_later, index_freeze_step=501).setup(scene_box=box, num_train_data=1).get_training_callbacks(
+        attributes
+    )

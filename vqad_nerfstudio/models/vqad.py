@@ -176,8 +176,8 @@ class VQADModelConfig(ModelConfig):
     """Step from which every index is frozen at its hard value, the one the file stores (0: never): the rest of the
     run trains the codebooks, float rows and decoders on a fixed assignment (VQRF's fine-tuning after vector
     quantisation), without the indices' logits, their optimiser state and the rate term. At or before the end of the
-    warm-up, the indices freeze as the warm-up's k-means assigns them. A run that ends before this step never
-    freezes."""
+    warm-up, the indices freeze as the warm-up's k-means assigns them. It must come after the first pruning where
+    that grows levels (their indices would freeze untrained); a run that ends before this step never freezes."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
@@ -394,6 +394,7 @@ class VQADModel(Model):
             if prune_steps and max(prune_steps) >= run:  # the run would end before the last pruning
                 scale = run / self.config.prune_steps_reference_run
                 prune_steps = tuple(sorted({int(step * scale) for step in prune_steps}))
+        self._check_freeze_after_growth(prune_steps)
 
         def follow(remaps: List[RowRemap]) -> None:
             if training_callback_attributes.optimizers is not None:
@@ -461,6 +462,17 @@ class VQADModel(Model):
                 )
                 remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
         return remaps
+
+    def _check_freeze_after_growth(self, prune_steps: Tuple[int, ...]) -> None:
+        """``ValueError`` where index_freeze_step would freeze the indices before the first pruning grows the finest
+        levels: the grown vertices' indices would never train."""
+        freeze = self.config.index_freeze_step
+        grows = not self.grid.pruned and self.grid.grown_levels() < self.grid.num_levels
+        if freeze > 0 and grows and prune_steps and freeze <= min(prune_steps):
+            raise ValueError(
+                f"index_freeze_step ({freeze}) must come after the first pruning (step {min(prune_steps)}), which "
+                "grows the finest levels: their indices would freeze untrained. Raise it, or leave it at 0 (never)."
+            )
 
     def _freeze_indices(self) -> List[RowRemap]:
         """Freeze every level's indices at their hard values (see index_freeze_step)."""
