@@ -140,7 +140,8 @@ class VQADModelConfig(ModelConfig):
     occupancy_resolution: int = 64
     """Voxels per side of the occupancy estimate (capped at the finest level's resolution)."""
     occupancy_update_every: int = 16
-    """Steps between occupancy updates."""
+    """Steps between occupancy updates (until the first pruning: from then on training samples the pruned grid's
+    cells, and the estimate is no longer read)."""
     occupancy_alpha_threshold: float = 0.01
     """Space is empty where one finest voxel of it would be more transparent than this opacity (sampling, pruning)."""
     prune_steps: Tuple[int, ...] = (500, 1000, 2000)
@@ -383,7 +384,8 @@ class VQADModel(Model):
         self, training_callback_attributes: TrainingCallbackAttributes
     ) -> List[TrainingCallback]:
         def update_occupancy(step: int) -> None:
-            self.occupancy.update(self._density_for_occupancy)
+            if not self.grid.pruned:  # only the sampling before the first pruning reads the estimate
+                self.occupancy.update(self._density_for_occupancy)
 
         trainer = training_callback_attributes.trainer
         warmup = self.config.index_warmup_steps
