@@ -155,10 +155,32 @@ def test_freezing_before_the_first_pruning_grows_the_finest_levels_is_refused():
     box = SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3]))
     attributes = TrainingCallbackAttributes(None, None, None, None)
     grown_later = dict(num_levels=2, base_resolution=4, dense_resolution=4, prune_steps=(500, 1000))
-    with pytest.raises(ValueError, match=r"index_freeze_step \(500\) must come after the first pruning \(step 500\)"):
+    with pytest.raises(ValueError, match=r"freeze at step 500 .* before the first pruning \(step 500\)"):
         VQADModelConfig(**grown_later, index_freeze_step=500).setup(
             scene_box=box, num_train_data=1
         ).get_training_callbacks(attributes)
     VQADModelConfig(**grown_later, index_freeze_step=501).setup(scene_box=box, num_train_data=1).get_training_callbacks(
         attributes
     )
+
+
+@pytest.mark.parametrize("run, freeze, expected", [(14000, 12000, 12000), (7000, 12000, 6000), (10**7, 2100, 2100)])
+def test_a_shorter_run_freezes_at_six_sevenths_of_it(run, freeze, expected):
+    from types import SimpleNamespace
+
+    from nerfstudio.data.scene_box import SceneBox
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
+
+    from vqad_nerfstudio.models.vqad import VQADModelConfig
+
+    config = VQADModelConfig(
+        num_levels=1, base_resolution=4, dense_resolution=4, index_warmup_steps=0, index_freeze_step=freeze
+    )
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    trainer = SimpleNamespace(config=SimpleNamespace(max_num_iterations=run))
+    callbacks = model.get_training_callbacks(TrainingCallbackAttributes(None, None, None, trainer))
+    store = model.grid.levels[0].features
+    for step in (expected - 1, expected):
+        for callback in callbacks:
+            callback.run_callback_at_location(step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        assert store.frozen == (step == expected)

@@ -69,6 +69,10 @@ DEFAULT_SHELL_LOD = 2
 """The background's level of detail in unbounded scenes unless shell_lod says otherwise: on the demo dome a file
 5.4x smaller than every level everywhere, and no worse (docs/benchmarks.md)."""
 
+FREEZE_CAP_SEVENTHS = 6
+"""index_freeze_step is capped at this many sevenths of the run, so that a run shorter than it still ends on frozen
+indices (and leaves a checkpoint without logits): 12000 of ``ns-train vqad``'s 14000 steps on a GPU."""
+
 DIVERGENCE_CHECK_EVERY = 100
 """Training steps between checks that the loss is finite (a check waits for the GPU once)."""
 
@@ -177,8 +181,9 @@ class VQADModelConfig(ModelConfig):
     """Step from which every index is frozen at its hard value, the one the file stores (0: never): the rest of the
     run trains the codebooks, float rows and decoders on a fixed assignment (VQRF's fine-tuning after vector
     quantisation), without the indices' logits, their optimiser state and the rate term. At or before the end of the
-    warm-up, the indices freeze as the warm-up's k-means assigns them. It must come after the first pruning where
-    that grows levels (their indices would freeze untrained); a run that ends before this step never freezes."""
+    warm-up, the indices freeze as the warm-up's k-means assigns them. Capped at six sevenths of the run (a shorter
+    run still ends frozen); it must come after the first pruning where that grows levels (their indices would freeze
+    untrained)."""
     index_temperature: Tuple[float, float] = (1.0, 0.2)
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
@@ -390,13 +395,16 @@ class VQADModel(Model):
         trainer = training_callback_attributes.trainer
         warmup = self.config.index_warmup_steps
         prune_steps = tuple(self.config.prune_steps)
+        freeze = self.config.index_freeze_step
         if trainer is not None:
             run = trainer.config.max_num_iterations
             warmup = min(warmup, run // 3)
             if prune_steps and max(prune_steps) >= run:  # the run would end before the last pruning
                 scale = run / self.config.prune_steps_reference_run
                 prune_steps = tuple(sorted({int(step * scale) for step in prune_steps}))
-        self._check_freeze_after_growth(prune_steps)
+            if freeze > 0:
+                freeze = min(freeze, run * FREEZE_CAP_SEVENTHS // 7)
+        self._check_freeze_after_growth(prune_steps, freeze)
 
         def follow(remaps: List[RowRemap]) -> None:
             if training_callback_attributes.optimizers is not None:
@@ -407,7 +415,7 @@ class VQADModel(Model):
             self._set_index_relaxation(step, warmup)
             if step >= warmup:
                 follow(self._quantize_float_warmup(training_callback_attributes.optimizers))
-            if 0 < self.config.index_freeze_step <= step:
+            if 0 < freeze <= step:
                 follow(self._freeze_indices())
             self.round_decoder_weights()
 
@@ -465,15 +473,15 @@ class VQADModel(Model):
                 remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
         return remaps
 
-    def _check_freeze_after_growth(self, prune_steps: Tuple[int, ...]) -> None:
-        """``ValueError`` where index_freeze_step would freeze the indices before the first pruning grows the finest
+    def _check_freeze_after_growth(self, prune_steps: Tuple[int, ...], freeze: int) -> None:
+        """``ValueError`` where the indices would freeze (at step ``freeze``) before the first pruning grows the finest
         levels: the grown vertices' indices would never train."""
-        freeze = self.config.index_freeze_step
         grows = not self.grid.pruned and self.grid.grown_levels() < self.grid.num_levels
         if freeze > 0 and grows and prune_steps and freeze <= min(prune_steps):
             raise ValueError(
-                f"index_freeze_step ({freeze}) must come after the first pruning (step {min(prune_steps)}), which "
-                "grows the finest levels: their indices would freeze untrained. Raise it, or leave it at 0 (never)."
+                f"the indices would freeze at step {freeze} (index_freeze_step, at most six sevenths of the run), "
+                f"before the first pruning (step {min(prune_steps)}), which grows the finest levels: their indices "
+                "would freeze untrained. Raise it or the run's length, or set it to 0 (never)."
             )
 
     def _freeze_indices(self) -> List[RowRemap]:
