@@ -1,13 +1,17 @@
 """Sparse topology: pruning keeps what occupied space needs; lookups outside are well defined."""
 
+import pytest
 import torch
 
+from vqad_nerfstudio.encodings import sparse_grid
 from vqad_nerfstudio.encodings.sparse_grid import (
     CORNER_OFFSETS,
     SparseFeatureGrid,
+    cell_vertex_ids,
     coords_of,
     linear_ids,
     trilinear_weights,
+    vertex_rows,
 )
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 
@@ -244,3 +248,20 @@ def test_rows_from_gathers_surviving_rows_and_zeroes_new_ones():
     assert rows_from(values, torch.full((2,), -1)).abs().sum() == 0
     assert rows_from(values[:0], torch.full((2,), -1)).shape == (2, 3)  # a level grown from nothing
     assert rows_from(values, torch.zeros(0, dtype=torch.long)).shape == (0, 3)
+
+
+@pytest.mark.parametrize("table_max", [0, sparse_grid.DENSE_VERTEX_TABLE_MAX])  # sorting, then the grid table
+def test_vertex_rows_are_the_sorted_distinct_corners_and_each_corners_row(monkeypatch, table_max):
+    monkeypatch.setattr(sparse_grid, "DENSE_VERTEX_TABLE_MAX", table_max)
+    resolution = 12
+    cells = torch.unique(torch.randint(0, resolution**3, (300,), generator=torch.Generator().manual_seed(0)))
+    corners = cell_vertex_ids(cells, resolution)
+    ids, rows = vertex_rows(corners, (resolution + 1) ** 3)
+    expected_ids, expected_rows = torch.unique(corners, return_inverse=True)
+    assert torch.equal(ids, expected_ids) and torch.equal(rows, expected_rows.int()) and rows.dtype == torch.int32
+    # each cell's corners are its own: the lowest corner's coordinates plus the corner offsets
+    assert torch.equal(
+        coords_of(ids[rows.long()], resolution + 1), coords_of(cells, resolution)[:, None] + CORNER_OFFSETS
+    )
+    empty_ids, empty_rows = vertex_rows(corners[:0], (resolution + 1) ** 3)
+    assert empty_ids.shape == (0,) and empty_rows.shape == (0, 8)

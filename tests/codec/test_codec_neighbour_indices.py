@@ -107,3 +107,19 @@ def test_truncated_or_damaged_payloads_are_format_errors(payload):
     moved[-1] = (9, 9, 9)
     with pytest.raises(FormatError, match="histograms"):
         decode_neighbour_indices(data, 16, moved)
+
+
+def test_neighbours_found_by_search_code_as_those_found_in_the_table(monkeypatch, payload):
+    """Grids too large for a table of every grid point find neighbours by binary search: same payload, same checks."""
+    from vqad_nerfstudio.codec import neighbour_indices
+
+    coords, coded = payload
+    shuffled = np.random.default_rng(0).permutation(coords.shape[0])  # rows in any order
+    indices = _blocks(coords, 16, block=2)
+    in_table = encode_neighbour_indices(indices[shuffled], 16, coords[shuffled])
+    monkeypatch.setattr(neighbour_indices, "_DENSE_KEYS_MAX", 0)
+    assert encode_neighbour_indices(indices, 16, coords) == coded
+    assert encode_neighbour_indices(indices[shuffled], 16, coords[shuffled]) == in_table
+    assert np.array_equal(decode_neighbour_indices(coded, 16, coords), indices)
+    with pytest.raises(ValueError, match="distinct"):
+        encode_neighbour_indices(np.array([0, 1]), 2, np.array([[0, 0, 0], [0, 0, 0]]))

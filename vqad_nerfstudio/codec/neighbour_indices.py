@@ -17,7 +17,7 @@ Pure numpy and constriction, like the rest of :mod:`vqad_nerfstudio.codec`.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -46,6 +46,9 @@ _DIGIT = _SLOTS + 1
 _PASS_STRIDE = _DIGIT**_SLOTS
 """Class keys of pass ``p`` lie in ``[p * _PASS_STRIDE, (p + 1) * _PASS_STRIDE)``."""
 _NO_VALUE = -1
+_DENSE_KEYS_MAX = 2**25
+"""Vertex grids of up to this many points (320^3) find neighbours in a table with a row per grid point (4 bytes
+each, 68 MB for lego's finest level) instead of by binary search."""
 
 
 def _odd_axis_slots(count: int) -> np.ndarray:
@@ -77,19 +80,39 @@ def _neighbour_rows(coords: np.ndarray) -> np.ndarray:
     n = coords.shape[0]
     size = int(coords.max()) + 2 if n else 1
     keys = (coords[:, 0] * size + coords[:, 1]) * size + coords[:, 2]
+    find = _row_table(keys, size**3) if size**3 <= _DENSE_KEYS_MAX else _row_search(keys)
+    rows = np.full((n, _SLOTS), _NO_VALUE, dtype=np.int64)
+    for axis, stride in enumerate((size * size, size, 1)):
+        odd = np.flatnonzero(coords[:, axis] % 2 == 1)
+        for side, sign in enumerate((1, -1)):
+            rows[odd, 2 * axis + side] = find(keys[odd] + sign * stride)
+    return rows
+
+
+def _row_table(keys: np.ndarray, key_count: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Finds the row of each key among ``keys`` (distinct, in ``[0, key_count)``; -1 where absent) in a table of
+    ``key_count`` rows."""
+    table = np.full(key_count, _NO_VALUE, dtype=np.int32)
+    table[keys] = np.arange(keys.size, dtype=np.int32)
+    if not np.array_equal(table[keys], np.arange(keys.size, dtype=np.int32)):
+        raise ValueError("vertex coordinates must be distinct")
+    return lambda other_keys: table[other_keys]
+
+
+def _row_search(keys: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`_row_table` by binary search in the sorted keys (no table)."""
+    n = keys.size
     ascending = bool((keys[1:] > keys[:-1]).all())  # a level's rows are in this order: nothing to sort
     order = np.arange(n) if ascending else np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     if not ascending and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
         raise ValueError("vertex coordinates must be distinct")
-    rows = np.full((n, _SLOTS), _NO_VALUE, dtype=np.int64)
-    for slot, step in enumerate(_STEPS):
-        odd = np.flatnonzero(coords[:, slot // 2] % 2 == 1)
-        other_keys = keys[odd] + int((step[0] * size + step[1]) * size + step[2])
+
+    def find(other_keys: np.ndarray) -> np.ndarray:
         position = np.minimum(np.searchsorted(sorted_keys, other_keys), n - 1)
-        found = sorted_keys[position] == other_keys
-        rows[odd[found], slot] = order[position[found]]
-    return rows
+        return np.where(sorted_keys[position] == other_keys, order[position], _NO_VALUE)
+
+    return find
 
 
 def _candidates(values: np.ndarray, pass_index: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
