@@ -15,7 +15,7 @@ every prefix of the levels renders.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
 from jaxtyping import Float, Int
@@ -38,7 +38,13 @@ from torch.nn import Parameter
 from vqad_nerfstudio.compat import allow_nerfstudio_checkpoints, optional_lpips
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import RowRemap, SparseFeatureGrid, cell_vertex_ids, coords_of
-from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FeatureStore, FloatFeatures, rows_from
+from vqad_nerfstudio.encodings.vertex_features import (
+    CodebookFeatures,
+    FeatureStore,
+    FloatFeatures,
+    ParameterSwap,
+    rows_from,
+)
 from vqad_nerfstudio.fields.quantized_linear import check_weight_bits
 from vqad_nerfstudio.fields.vqad_field import VQADField
 from vqad_nerfstudio.kernels import candidates
@@ -460,18 +466,16 @@ class VQADModel(Model):
     def _quantize_float_warmup(self, optimizers: Optional[Optimizers] = None) -> List[RowRemap]:
         """End a float warm-up: each level's float rows become its codebook and indices (importance-weighted k-means;
         the importance from ``optimizers``' state where the config asks for it)."""
-        remaps = []
-        for level in self.grid.levels:
-            store = level.features
-            if isinstance(store, CodebookFeatures) and store.in_float_warmup:
-                importance = None
-                if self.config.quantization_importance == "fisher":
-                    importance = fisher_importance(optimizers, store.warmup_features)
-                swaps = store.quantize_float_warmup(
-                    importance=importance, float_fraction=self.config.float_vertex_fraction
-                )
-                remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
-        return remaps
+
+        def quantize(store: CodebookFeatures) -> List[ParameterSwap]:
+            if not store.in_float_warmup:
+                return []
+            importance = None
+            if self.config.quantization_importance == "fisher":
+                importance = fisher_importance(optimizers, store.warmup_features)
+            return store.quantize_float_warmup(importance=importance, float_fraction=self.config.float_vertex_fraction)
+
+        return self._replace_in_stores(quantize)
 
     def _check_freeze_after_growth(self, prune_steps: Tuple[int, ...], freeze: int) -> None:
         """``ValueError`` where the indices would freeze (at step ``freeze``) before the first pruning grows the finest
@@ -486,12 +490,19 @@ class VQADModel(Model):
 
     def _freeze_indices(self) -> List[RowRemap]:
         """Freeze every level's indices at their hard values (see index_freeze_step)."""
+        return self._replace_in_stores(
+            lambda store: [] if store.frozen or store.in_float_warmup else store.freeze_indices()
+        )
+
+    def _replace_in_stores(self, replace: Callable[[CodebookFeatures], List[ParameterSwap]]) -> List[RowRemap]:
+        """Apply ``replace`` to each level's codebook store; the parameters it swaps, as remaps for the optimisers
+        (no rows move)."""
         remaps = []
         for level in self.grid.levels:
-            store = level.features
-            if isinstance(store, CodebookFeatures) and not store.frozen and not store.in_float_warmup:
-                swaps = store.freeze_indices()
-                remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
+            if isinstance(level.features, CodebookFeatures):
+                swaps = replace(level.features)
+                if swaps:
+                    remaps.append(RowRemap(torch.empty(0, dtype=torch.long, device=level.cells.device), swaps))
         return remaps
 
     @torch.no_grad()
