@@ -38,12 +38,13 @@ CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in rang
 def trilinear_weights(frac: Float[Tensor, "*b 3"]) -> Float[Tensor, "*b 8"]:
     """Trilinear weights of the 8 cell corners (in ``CORNER_OFFSETS`` order) of points at ``frac`` in their cell.
 
-    The product of the three axis factors is written out: the backward pass of ``prod`` runs a cumulative
-    product, which is very slow on a GPU for millions of 3-element rows."""
-    offsets = CORNER_OFFSETS.to(device=frac.device, dtype=frac.dtype)
-    upper = frac[..., None, :]
-    axis = offsets * upper + (1 - offsets) * (1 - upper)  # [*b, 8, 3]
-    return axis[..., 0] * axis[..., 1] * axis[..., 2]
+    Per axis the factors ``(1 - f, f)`` of the lower and upper corner; their outer product over x, y and z, in
+    that order (corner ``c`` has offsets ``(c >> 2, c >> 1, c) & 1``). Written out rather than with ``prod``, whose
+    backward pass runs a cumulative product (very slow on a GPU for millions of rows); and per axis, not per corner
+    and axis, which takes the CPU a quarter of the time for the same values."""
+    factors = torch.stack([1 - frac, frac], dim=-1)  # [*b, 3, 2]
+    x, y, z = factors[..., 0, :, None, None], factors[..., 1, None, :, None], factors[..., 2, None, None, :]
+    return (x * y * z).flatten(start_dim=-3)
 
 
 def linear_ids(coords: Int[Tensor, "n 3"], size: int) -> Int[Tensor, "n"]:
