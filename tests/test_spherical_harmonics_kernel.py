@@ -64,6 +64,7 @@ def test_the_fields_colour_is_the_same_with_the_kernel():
     torch.testing.assert_close(fused, field.rgb_at(geo, directions), rtol=0, atol=1e-5)
 
 
+@needs_kernel
 @pytest.mark.parametrize(
     "directions, levels",
     [
@@ -73,6 +74,8 @@ def test_the_fields_colour_is_the_same_with_the_kernel():
     ],
 )
 def test_inputs_the_kernel_does_not_take_are_refused(directions, levels):
+    directions = directions.to(KERNEL_DEVICE)  # on a device the kernel runs on: refused for what they are
+    assert spherical_harmonics.available(torch.zeros(4, 3, device=KERNEL_DEVICE), 4)
     assert not spherical_harmonics.available(directions, levels)
     with pytest.raises(ValueError, match="spherical-harmonics kernel"):
         spherical_harmonics.spherical_harmonics(directions, levels)
