@@ -74,27 +74,28 @@ def _check_coords(coords: np.ndarray, count: int) -> np.ndarray:
     return coords.astype(np.int64)
 
 
-def _neighbour_rows(coords: np.ndarray) -> np.ndarray:
+def _neighbour_rows(coords: np.ndarray, odd: np.ndarray) -> np.ndarray:
     """``[n, 6]``: the row of each vertex's neighbour at each step of :data:`_STEPS` along the vertex's odd axes
-    (those neighbours come in an earlier pass), -1 where there is none."""
+    (``odd``: ``coords % 2``; those neighbours come in an earlier pass), -1 where there is none."""
     n = coords.shape[0]
     size = int(coords.max()) + 2 if n else 1
     keys = (coords[:, 0] * size + coords[:, 1]) * size + coords[:, 2]
     find = _row_table(keys, size**3) if size**3 <= _DENSE_KEYS_MAX else _row_search(keys)
     rows = np.full((n, _SLOTS), _NO_VALUE, dtype=np.int64)
     for axis, stride in enumerate((size * size, size, 1)):
-        odd = np.flatnonzero(coords[:, axis] % 2 == 1)
+        on_odd = np.flatnonzero(odd[:, axis])
         for side, sign in enumerate((1, -1)):
-            rows[odd, 2 * axis + side] = find(keys[odd] + sign * stride)
+            rows[on_odd, 2 * axis + side] = find(keys[on_odd] + sign * stride)
     return rows
 
 
 def _row_table(keys: np.ndarray, key_count: int) -> Callable[[np.ndarray], np.ndarray]:
     """Finds the row of each key among ``keys`` (distinct, in ``[0, key_count)``; -1 where absent) in a table of
     ``key_count`` rows."""
+    rows = np.arange(keys.size, dtype=np.int32)
     table = np.full(key_count, _NO_VALUE, dtype=np.int32)
-    table[keys] = np.arange(keys.size, dtype=np.int32)
-    if not np.array_equal(table[keys], np.arange(keys.size, dtype=np.int32)):
+    table[keys] = rows
+    if not np.array_equal(table[keys], rows):
         raise ValueError("vertex coordinates must be distinct")
     return lambda other_keys: table[other_keys]
 
@@ -167,8 +168,8 @@ def _classes(keys: np.ndarray) -> Tuple[List[int], List[np.ndarray]]:
 def _passes(coords: np.ndarray) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Per pass 0..3: the rows of its vertices and, ``[m, 2 * pass]``, the rows of their neighbours along their odd
     axes (the only ones an earlier pass holds; -1 where there is none), in the order of :data:`_STEPS`."""
-    neighbours = _neighbour_rows(coords)
     odd = coords % 2
+    neighbours = _neighbour_rows(coords, odd)
     pattern = odd[:, 0] * 4 + odd[:, 1] * 2 + odd[:, 2]  # which axes are odd, as 3 bits (x first)
     odd_count = odd.sum(axis=1)
     passes = []
