@@ -490,9 +490,7 @@ class VQADModel(Model):
 
     def _freeze_indices(self) -> List[RowRemap]:
         """Freeze every level's indices at their hard values (see index_freeze_step)."""
-        return self._replace_in_stores(
-            lambda store: [] if store.frozen or store.in_float_warmup else store.freeze_indices()
-        )
+        return self._replace_in_stores(lambda store: [] if store.in_float_warmup else store.freeze_indices())
 
     def _replace_in_stores(self, replace: Callable[[CodebookFeatures], List[ParameterSwap]]) -> List[RowRemap]:
         """Apply ``replace`` to each level's codebook store; the parameters it swaps, as remaps for the optimisers
