@@ -6,8 +6,6 @@ The kernel tests run where CUDA and Triton are present, or on the CPU under Trit
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -18,12 +16,12 @@ from nerfstudio.models.base_model import Model
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.encodings.vertex_features import FloatFeatures
-from vqad_nerfstudio.kernels import candidates
+from vqad_nerfstudio.kernels import candidates, runs_on
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(
-    candidates.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    not runs_on(torch.empty(0, device=KERNEL_DEVICE)),
     reason="needs Triton with CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
 )
 

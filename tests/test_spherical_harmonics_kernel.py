@@ -5,17 +5,15 @@ The kernel tests run where CUDA and Triton are present, or on the CPU under Trit
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from nerfstudio.utils.math import components_from_spherical_harmonics
 
-from vqad_nerfstudio.kernels import spherical_harmonics
+from vqad_nerfstudio.kernels import runs_on, spherical_harmonics
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(
-    spherical_harmonics.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    not runs_on(torch.empty(0, device=KERNEL_DEVICE)),
     reason="needs Triton with CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
 )
 
