@@ -25,6 +25,7 @@ from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.data.scene_box import OrientedBox
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.engine.optimizers import Optimizers
+from nerfstudio.model_components import renderers
 from nerfstudio.model_components.losses import MSELoss
 from nerfstudio.model_components.ray_samplers import UniformLinDispPiecewiseSampler, UniformSampler
 from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
@@ -47,7 +48,7 @@ from vqad_nerfstudio.encodings.vertex_features import (
 )
 from vqad_nerfstudio.fields.quantized_linear import check_weight_bits
 from vqad_nerfstudio.fields.vqad_field import VQADField
-from vqad_nerfstudio.kernels import candidates
+from vqad_nerfstudio.kernels import candidates, compositing
 from vqad_nerfstudio.models.limits import (
     MAX_FEATURE_DIM,
     MAX_HIDDEN_DIM,
@@ -136,8 +137,9 @@ class VQADModelConfig(ModelConfig):
     otherwise."""
     fused_kernels: bool = True
     """On CUDA, when Triton is installed, interpolate the grid with the fused Triton kernel, compute the indices'
-    softmax side (hard indices, rate, logit gradients) with the relaxed-index kernels and the view directions'
-    spherical harmonics with their kernel; False: the PyTorch reference path everywhere."""
+    softmax side (hard indices, rate, logit gradients) with the relaxed-index kernels, the view directions'
+    spherical harmonics with their kernel and the packed samples' visibility and composite with the compositing
+    kernels; False: the PyTorch reference path everywhere."""
     tf32: bool = True
     """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
     set_float32_matmul_precision("high"), which applies to the whole process."""
@@ -621,19 +623,25 @@ class VQADModel(Model):
         composited. ``positions`` and ``located`` (their cells) are per packed sample, ``ray_lods`` and
         ``directions`` per ray."""
         skipped_alpha = self._skipped_alpha()
+        fused = self.grid.fused and compositing.available(positions)
         with torch.no_grad():
             density, geo, _ = self.field.density_at(positions, ray_lods[samples.ray_indices], located)
-            keep, in_front = packed.visible(density[:, 0], samples, self.config.early_stop_eps, skipped_alpha)
+            find_visible = compositing.visible if fused else packed.visible
+            keep, in_front = find_visible(density[:, 0], samples, self.config.early_stop_eps, skipped_alpha)
         kept = torch.nonzero(keep).squeeze(-1)
         samples = samples[kept]
         if torch.is_grad_enabled():
             density, geo, _ = self.field.density_at(positions[kept], ray_lods[samples.ray_indices], located[kept])
+        else:
+            density, geo = density[kept], geo[kept]
+        rgb = self.field.rgb_at(geo, directions[samples.ray_indices])
+        if fused:
+            return self._composited(compositing.composite(density[:, 0], rgb, samples))
+        if torch.is_grad_enabled():
             weights = packed.render_weights(density[:, 0], samples)[:, None]
         else:  # unless samples were skipped, the kept ones are a prefix of each ray with the first pass's transmittance
-            density, geo = density[kept], geo[kept]
             in_front = None if skipped_alpha > 0 else in_front[kept]
             weights = packed.render_weights(density[:, 0], samples, in_front)[:, None]
-        rgb = self.field.rgb_at(geo, directions[samples.ray_indices])
         num_rays, ray_indices = samples.num_rays, samples.ray_indices
         accumulation = packed.accumulate(weights, ray_indices, num_rays)
         midpoints = (samples.starts + samples.ends)[:, None] / 2
@@ -644,6 +652,27 @@ class VQADModel(Model):
             "accumulation": accumulation,
             "depth": depth,
             "samples_per_ray": counts,
+        }
+
+    def _composited(self, sums: Float[Tensor, "r 6"]) -> Dict[str, Tensor]:
+        """The outputs of :func:`compositing.composite`'s per-ray sums, the colour blended with the background as
+        nerfstudio's RGBRenderer blends it (in eval: clamped to [0, 1])."""
+        rgb, accumulation, depth_sum = sums[:, :3], sums[:, 3:4], sums[:, 4:5]
+        background = self.renderer_rgb.background_color
+        if renderers.BACKGROUND_COLOR_OVERRIDE is not None:
+            background = renderers.BACKGROUND_COLOR_OVERRIDE
+        if background == "last_sample":
+            raise NotImplementedError("background_color 'last_sample' needs dense samples (sampling='dense')")
+        if background != "random":  # nerfstudio returns a random background's colour unblended, as if black
+            colour = RGBRenderer.get_background_color(background, shape=rgb.shape, device=rgb.device)
+            rgb = rgb + colour * (1.0 - accumulation)
+        if not self.training:
+            rgb = rgb.clamp(0.0, 1.0)
+        return {
+            "rgb": rgb,
+            "accumulation": accumulation,
+            "depth": depth_sum / accumulation.clamp_min(1e-10),
+            "samples_per_ray": sums[:, 5:].detach(),
         }
 
     def _render_dense(

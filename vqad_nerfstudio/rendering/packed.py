@@ -6,7 +6,8 @@ empty space is dropped (:func:`pack`), a density pass without gradients finds wh
 transmittance falls below ``early_stop_eps`` (:func:`visible`, which can also skip samples below an opacity
 threshold), and only the samples kept are evaluated and composited (:func:`render_weights`, :func:`accumulate`).
 Without skipping they are a prefix of each ray, so the transmittance of the first pass is theirs too: without
-gradients it is not recomputed.
+gradients it is not recomputed. On CUDA :mod:`vqad_nerfstudio.kernels.compositing` does the same per ray in one
+kernel each; these functions are its reference and the CPU path.
 """
 
 from __future__ import annotations
