@@ -140,6 +140,7 @@ def test_use_kernel_false_keeps_the_reference(monkeypatch) -> None:
 
     monkeypatch.setattr(relaxed_indices, "relaxed_logit_grad", unexpected)
     monkeypatch.setattr(relaxed_indices, "hard_indices_and_shares", unexpected)
+    monkeypatch.setattr(relaxed_indices, "hard_indices_and_rate", unexpected)
     logits = _logits(50, 16).requires_grad_()
     table, bits = vertex_features.straight_through_codewords_and_rate(
         logits, torch.ones(16, 4, device=DEVICE), 0.5, False

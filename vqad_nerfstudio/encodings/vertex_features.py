@@ -121,6 +121,18 @@ def _order_zero_soft_grad(shares: Float[Tensor, "c"], grad_bits: Tensor) -> Floa
     return -(torch.log2(shares.clamp_min(_MIN_SHARE)) + (shares >= _MIN_SHARE) / math.log(2)) * grad_bits
 
 
+def hard_indices_and_rate(
+    logits: Float[Tensor, "m c"], temperature: float, use_kernel: bool = True
+) -> Tuple[Int[Tensor, "m"], Float[Tensor, ""], Float[Tensor, "c"]]:
+    """Each row's hard index, :func:`_order_zero_bits` of the soft indices ``softmax(logits / temperature)`` and its
+    gradient in every row's soft index (:func:`_order_zero_soft_grad` per bit). On the GPU (``use_kernel``) one pass
+    over the logits and one small kernel."""
+    if use_kernel and relaxed_indices.available(logits):
+        return relaxed_indices.hard_indices_and_rate(logits, temperature, _MIN_SHARE)
+    hard, shares = hard_indices_and_shares(logits, temperature, use_kernel=False)
+    return hard, _order_zero_bits(shares, logits.shape[0]), _order_zero_soft_grad(shares, shares.new_ones(()))
+
+
 class _OrderZeroRate(torch.autograd.Function):
     """:func:`_order_zero_bits` of the soft indices ``softmax(logits / temperature)``, whose softmax is recomputed in
     chunks of rows in both passes instead of being kept: no ``[m, c]`` activation."""
@@ -166,24 +178,27 @@ class _StraightThroughCodewords(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, logits: Tensor, codebook: Tensor, temperature: float, with_rate: bool, use_kernel: bool
     ) -> Tuple[Tensor, Tensor]:
-        hard, shares = hard_indices_and_shares(logits, temperature, with_rate, use_kernel)
-        ctx.save_for_backward(hard, logits, codebook, shares)
+        if with_rate:
+            hard, bits, grad_counts = hard_indices_and_rate(logits, temperature, use_kernel)
+        else:
+            hard, _ = hard_indices_and_shares(logits, temperature, False, use_kernel)
+            bits, grad_counts = logits.new_zeros(()), logits.new_zeros(0)
+        ctx.save_for_backward(hard, logits, codebook, grad_counts)
         ctx.temperature, ctx.with_rate, ctx.use_kernel = temperature, with_rate, use_kernel
         optimizer = pending_update(logits)
         ctx.in_backward = None if optimizer is None else (optimizer, logits)  # the parameter itself, to update
         ctx.set_materialize_grads(False)
-        bits = _order_zero_bits(shares, logits.shape[0]) if with_rate else logits.new_zeros(())
         return codebook.index_select(0, hard), bits
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_out: Optional[Tensor], grad_bits: Optional[Tensor]
     ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None]:
-        hard, logits, codebook, shares = ctx.saved_tensors
+        hard, logits, codebook, grad_counts = ctx.saved_tensors
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_bits is not None):
-            grad_share = _order_zero_soft_grad(shares, grad_bits) if grad_bits is not None else None
+            grad_share = grad_counts * grad_bits if grad_bits is not None else None
             terms = (grad_out, None if grad_out is None else codebook, grad_share)
             if ctx.in_backward is not None:
                 optimizer, parameter = ctx.in_backward

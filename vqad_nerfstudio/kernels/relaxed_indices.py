@@ -88,6 +88,24 @@ if triton is not None:
             tl.store(partial_sums + program * C + column, sums, mask=column < C)
 
     @triton.jit
+    def _rate_kernel(
+        partial_sums, n_programs, n_rows, bits, grad_counts, C: tl.constexpr, C_POW2: tl.constexpr,
+        MIN_SHARE: tl.constexpr,
+    ):  # fmt: skip
+        """The shares (column sums of the partial sums over ``n_rows``), the order-0 bits of ``n_rows`` indices
+        under them and the bits' gradient in each count, in one program (a few thousand values)."""
+        column = tl.arange(0, C_POW2)
+        column_ok = column < C
+        sums = tl.zeros((C_POW2,), dtype=tl.float32)
+        for program in range(0, n_programs):
+            sums += tl.load(partial_sums + program * C + column, mask=column_ok, other=0.0)
+        shares = sums / tl.maximum(n_rows, 1).to(tl.float32)
+        log_shares = tl.log2(tl.maximum(shares, MIN_SHARE))
+        tl.store(bits, -tl.sum(tl.where(column_ok, shares * n_rows.to(tl.float32) * log_shares, 0.0), axis=0))
+        used = tl.where(shares >= MIN_SHARE, 1.4426950408889634, 0.0)  # 1 / ln 2
+        tl.store(grad_counts + column, -(log_shares + used), mask=column_ok)
+
+    @triton.jit
     def _logit_grad_kernel(
         logits,
         grad_soft,
@@ -153,13 +171,11 @@ def _block_rows(codewords: int) -> Tuple[int, int]:
     return columns, max(1, _TILE // columns)
 
 
-def hard_indices_and_shares(
+def _hard_indices_and_partial_sums(
     logits: Float[Tensor, "m c"], temperature: float, with_shares: bool
-) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
-    """``logits.argmax(-1)`` and, with ``with_shares``, the column sums of ``softmax(logits / temperature)``
-    (else an empty tensor), in one read of the logits. Sums are per ROWS_PER_PROGRAM rows, then added in a fixed
-    order: the same logits give the same sums."""
-    logits = logits.detach().contiguous()
+) -> Tuple[Int[Tensor, "m"], Float[Tensor, "p c"]]:
+    """``logits.argmax(-1)`` and, with ``with_shares``, the column sums of ``softmax(logits / temperature)`` per
+    ROWS_PER_PROGRAM rows (else an empty tensor), in one read of the logits."""
     rows, codewords = logits.shape
     hard = torch.empty(rows, dtype=torch.long, device=logits.device)
     programs = triton.cdiv(rows, _ROWS_PER_PROGRAM)
@@ -170,8 +186,37 @@ def hard_indices_and_shares(
             logits, hard, partial_sums, rows, 1.0 / temperature,
             C=codewords, C_POW2=columns, BLOCK=block, ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM, WITH_SHARES=with_shares,
         )  # fmt: skip
+    return hard, partial_sums
+
+
+def hard_indices_and_shares(
+    logits: Float[Tensor, "m c"], temperature: float, with_shares: bool
+) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
+    """``logits.argmax(-1)`` and, with ``with_shares``, the column sums of ``softmax(logits / temperature)``
+    (else an empty tensor), in one read of the logits. Sums are per ROWS_PER_PROGRAM rows, then added in a fixed
+    order: the same logits give the same sums."""
+    hard, partial_sums = _hard_indices_and_partial_sums(logits.detach().contiguous(), temperature, with_shares)
     shares = partial_sums.sum(dim=0) if with_shares else logits.new_zeros(0)
     return hard, shares
+
+
+def hard_indices_and_rate(
+    logits: Float[Tensor, "m c"], temperature: float, min_share: float
+) -> Tuple[Int[Tensor, "m"], Float[Tensor, ""], Float[Tensor, "c"]]:
+    """``logits.argmax(-1)``, the bits of an order-0 code of the rows' soft indices ``softmax(logits /
+    temperature)`` under their mean (``-sum_c counts[c] * log2(max(shares[c], min_share))``, ``counts = shares *
+    rows``) and its gradient in each count: one read of the logits and one small kernel, where the PyTorch path
+    takes a dozen operations."""
+    logits = logits.detach().contiguous()
+    hard, partial_sums = _hard_indices_and_partial_sums(logits, temperature, True)
+    rows, codewords = logits.shape
+    bits = torch.empty((), device=logits.device)
+    grad_counts = torch.empty(codewords, device=logits.device)
+    _rate_kernel[(1,)](
+        partial_sums, partial_sums.shape[0], rows, bits, grad_counts,
+        C=codewords, C_POW2=triton.next_power_of_2(codewords), MIN_SHARE=min_share,
+    )  # fmt: skip
+    return hard, bits, grad_counts
 
 
 def relaxed_logit_grad(
@@ -253,4 +298,11 @@ def _launch_logit_grad(
     )  # fmt: skip
 
 
-__all__ = ["MAX_CODEWORDS", "available", "hard_indices_and_shares", "relaxed_logit_adam_", "relaxed_logit_grad"]
+__all__ = [
+    "MAX_CODEWORDS",
+    "available",
+    "hard_indices_and_shares",
+    "hard_indices_and_rate",
+    "relaxed_logit_adam_",
+    "relaxed_logit_grad",
+]
