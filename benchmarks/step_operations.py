@@ -1,0 +1,175 @@
+"""The operations one vqad training step launches, forward and backward, in each phase of a run: PyTorch operations
+that run a kernel (ATen calls other than views and allocations) and Triton launches, with the fused kernels and
+with the PyTorch path.
+
+    python benchmarks/step_operations.py                      # on CUDA
+    TRITON_INTERPRET=1 python benchmarks/step_operations.py   # the same counts on a CPU (the kernels interpreted)
+
+On a GPU a training step is bound by launching its work (docs/benchmarks.md, "GPU fast path"): these counts are
+what the fast path shrinks, and they are the same on any machine. The model is small (five levels up to 32³) and
+the rays random, since the counts depend on the phase and the levels, not on the grid's size or the batch's; the
+optimisers' steps are not counted.
+"""
+
+from __future__ import annotations
+
+import collections
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Literal, Tuple
+
+import torch
+import tyro
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.data.scene_box import SceneBox
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vqad_nerfstudio.kernels import runs_on, triton
+from vqad_nerfstudio.models.vqad import VQADModel, VQADModelConfig
+
+Phase = Literal["warm-up", "straight-through", "frozen"]
+PHASES: Tuple[Phase, ...] = ("warm-up", "straight-through", "frozen")
+
+_NO_LAUNCH = {
+    "aten::" + name
+    for name in (
+        "view _unsafe_view detach alias t transpose expand reshape slice select unsqueeze squeeze as_strided permute "
+        "split split_with_sizes unbind lift_fresh empty empty_strided empty_like is_same_size"
+    ).split()
+}
+"""ATen operations that launch no kernel (views and allocations)."""
+
+
+@dataclass
+class Args:
+    rays: int = 128
+    """Rays per step."""
+    index_bits: int = 4
+    """Bits per learned index (the count does not depend on it)."""
+
+
+class _Counter(TorchDispatchMode):
+    """Counts the ATen operations that launch work and the Triton launches inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations: Dict[str, int] = collections.Counter()
+        self.launches = 0
+        self._inside_triton = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if not self._inside_triton and name not in _NO_LAUNCH:
+            self.operations[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+_ACTIVE: List[_Counter] = []
+"""The counters counting now, innermost last."""
+
+
+@contextmanager
+def _counting(counter: _Counter) -> Iterator[None]:
+    """Count ATen operations and Triton launches into ``counter`` inside this block."""
+    _ACTIVE.append(counter)
+    try:
+        with counter:
+            yield
+    finally:
+        _ACTIVE.pop()
+
+
+def _count_triton_launches() -> None:
+    """Count each Triton launch in the active counter (and leave the interpreter's own tensor calls uncounted)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for cls in (JITFunction, InterpretedFunction):
+        run = cls.run
+
+        def counted(self, *args, _run=run, **kwargs):
+            counter = _ACTIVE[-1] if _ACTIVE else None
+            if counter is not None:
+                counter.launches += 1
+                counter._inside_triton += 1
+            try:
+                return _run(self, *args, **kwargs)
+            finally:
+                if counter is not None:
+                    counter._inside_triton -= 1
+
+        cls.run = counted
+
+
+def _model(fused: bool, phase: Phase, index_bits: int, device: str) -> VQADModel:
+    torch.manual_seed(0)
+    config = VQADModelConfig(
+        index_bits=index_bits, base_resolution=2, dense_resolution=8, index_warmup_steps=100,
+        warmup_grown_levels=True, fused_kernels=fused, tf32=False,
+    )  # fmt: skip
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.5] * 3, [1.5] * 3])), num_train_data=1)
+    model = model.to(device).train()
+    if phase != "warm-up":
+        generator = torch.Generator(device=device).manual_seed(1)
+        model.grid.prune(lambda cells, _: torch.rand(cells.shape[0], generator=generator, device=device) < 0.3)
+        model._set_index_relaxation(200, 100)
+        model._quantize_float_warmup()
+        if phase == "frozen":
+            model._freeze_indices()
+    model.round_decoder_weights()
+    return model
+
+
+def _rays(model: VQADModel, count: int, device: str) -> RayBundle:
+    generator = torch.Generator().manual_seed(2)
+    origins = torch.nn.functional.normalize(torch.randn(count, 3, generator=generator), dim=-1) * 4
+    directions = torch.nn.functional.normalize(-origins + 0.5 * torch.randn(count, 3, generator=generator), dim=-1)
+    bundle = RayBundle(
+        origins=origins.to(device),
+        directions=directions.to(device),
+        pixel_area=torch.ones(count, 1, device=device),
+        camera_indices=torch.zeros(count, 1, dtype=torch.long, device=device),
+    )
+    return model.collider(bundle)
+
+
+def _step_counts(model: VQADModel, bundle: RayBundle) -> Tuple[_Counter, _Counter]:
+    """The operations of one step's forward pass (outputs and losses) and of its backward pass."""
+    batch = {"image": torch.rand(len(bundle), 3, device=bundle.origins.device)}
+
+    def loss() -> torch.Tensor:
+        outputs = model.get_outputs(bundle)
+        return sum(model.get_loss_dict(outputs, batch).values())
+
+    loss().backward()  # a first step: caches, compilation
+    forward, backward = _Counter(), _Counter()
+    with _counting(forward):
+        value = loss()
+    with _counting(backward):
+        value.backward()
+    return forward, backward
+
+
+def main(args: Args) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if triton is None or not runs_on(torch.empty(0, device=device)):
+        raise SystemExit("the fused path needs Triton with CUDA, or TRITON_INTERPRET=1 on a CPU")
+    _count_triton_launches()
+    rows = []
+    for phase in PHASES:
+        for fused in (False, True):
+            model = _model(fused, phase, args.index_bits, device)
+            forward, backward = _step_counts(model, _rays(model, args.rays, device))
+            rows.append((phase, fused, forward, backward))
+    print(f"\nOperations of one vqad training step ({device}, {args.rays} rays, {args.index_bits}-bit indices)")
+    print("| phase | path | forward: PyTorch ops + Triton launches | backward | step |")
+    print("|---|---|---|---|---|")
+    for phase, fused, forward, backward in rows:
+        sides = [sum(c.operations.values()) + c.launches for c in (forward, backward)]
+        launches = f"{forward.launches} + {backward.launches}"
+        path = f"fused ({launches} Triton)" if fused else "PyTorch"
+        print(f"| {phase} | {path} | {sides[0]} | {sides[1]} | **{sum(sides)}** |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
