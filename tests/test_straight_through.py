@@ -142,3 +142,46 @@ def test_eval_lookups_share_one_hard_table_until_the_mode_or_parameters_change()
         assert torch.allclose(store.table(), first + 2.0)
         store.train()
         assert store.table() is not store.table()  # training mode: no cache
+
+
+@pytest.mark.parametrize("fuse_rate", [False, True])
+def test_held_indices_are_computed_once_and_change_nothing(monkeypatch, fuse_rate) -> None:
+    """Inside hold_indices a training step's table without gradients and its graded table share one computation of
+    the hard indices (and rate): the same table, rate and gradients as computing them twice."""
+    from vqad_nerfstudio.encodings import vertex_features
+
+    calls = []
+    step_indices = vertex_features.step_indices
+    monkeypatch.setattr(vertex_features, "step_indices", lambda *args: calls.append(args) or step_indices(*args))
+
+    def step(hold: bool):
+        torch.manual_seed(0)
+        store = CodebookFeatures(300, 4, 5, logit_init_std=1.0, fuse_rate=fuse_rate, use_kernels=False).train()
+        calls.clear()
+        store.hold_indices(hold)
+        with torch.no_grad():
+            first = store.table()
+        table = store.table()
+        rate = store.index_rate_bits() if fuse_rate else torch.zeros(())
+        store.hold_indices(False)
+        (table.square().sum() + rate).backward()
+        return len(calls), first, table.detach(), rate.detach(), store.logits.grad, store.codebook.grad
+
+    held, again = step(True), step(False)
+    assert held[0] == 1 and again[0] == 2
+    for a, b in zip(held[1:], again[1:]):
+        assert torch.equal(a, b)
+    assert torch.equal(held[1], held[2])
+
+
+def test_held_indices_end_with_the_hold() -> None:
+    """Held indices do not follow the logits (the caller's promise); after hold_indices(False) they do again."""
+    store = CodebookFeatures(10, 2, 3, logit_init_std=1.0, use_kernels=False).train()
+    store.hold_indices(True)
+    with torch.no_grad():
+        before = store.table().clone()
+        store.logits.neg_()
+        held = store.table()
+        store.hold_indices(False)
+        fresh = store.table()
+    assert torch.equal(before, held) and not torch.equal(before, fresh)

@@ -21,8 +21,9 @@ the same points. On CUDA the levels are interpolated by one fused kernel
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from jaxtyping import Bool, Float, Int, UInt8
@@ -376,6 +377,18 @@ class SparseFeatureGrid(nn.Module):
         if cached is None or cached[0] != key:
             cached = self._topology_cache[name] = (key, build())
         return cached[1]
+
+    @contextmanager
+    def indices_once(self) -> Iterator[None]:
+        """Within this block each level derives its hard indices (and rate) from its logits once, however many
+        lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it."""
+        for level in self.levels:
+            level.features.hold_indices(True)
+        try:
+            yield
+        finally:
+            for level in self.levels:
+                level.features.hold_indices(False)
 
     def occupancy_bits(self) -> UInt8[Tensor, "v"]:
         """Per voxel of the finest level (row-major linear ids), bit ``l`` set where level ``l`` holds the voxel's

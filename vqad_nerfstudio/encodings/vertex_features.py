@@ -133,6 +133,20 @@ def hard_indices_and_rate(
     return hard, _order_zero_bits(shares, logits.shape[0]), _order_zero_soft_grad(shares, shares.new_ones(()))
 
 
+StepIndices = Tuple[Tensor, Tensor, Tensor]
+"""What a straight-through step needs of its logits before its backward pass (:func:`step_indices`)."""
+
+
+@torch.no_grad()
+def step_indices(logits: Float[Tensor, "m c"], temperature: float, with_rate: bool, use_kernel: bool) -> StepIndices:
+    """The rows' hard indices and, with ``with_rate``, :func:`hard_indices_and_rate`'s rate and its gradient per
+    count (else 0 and an empty tensor)."""
+    if with_rate:
+        return hard_indices_and_rate(logits, temperature, use_kernel)
+    hard, _ = hard_indices_and_shares(logits, temperature, False, use_kernel)
+    return hard, logits.new_zeros(()), logits.new_zeros(0)
+
+
 class _OrderZeroRate(torch.autograd.Function):
     """:func:`_order_zero_bits` of the soft indices ``softmax(logits / temperature)``, whose softmax is recomputed in
     chunks of rows in both passes instead of being kept: no ``[m, c]`` activation."""
@@ -176,13 +190,15 @@ class _StraightThroughCodewords(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits: Tensor, codebook: Tensor, temperature: float, with_rate: bool, use_kernel: bool
+        ctx,
+        logits: Tensor,
+        codebook: Tensor,
+        temperature: float,
+        with_rate: bool,
+        use_kernel: bool,
+        known: Optional["StepIndices"],
     ) -> Tuple[Tensor, Tensor]:
-        if with_rate:
-            hard, bits, grad_counts = hard_indices_and_rate(logits, temperature, use_kernel)
-        else:
-            hard, _ = hard_indices_and_shares(logits, temperature, False, use_kernel)
-            bits, grad_counts = logits.new_zeros(()), logits.new_zeros(0)
+        hard, bits, grad_counts = step_indices(logits, temperature, with_rate, use_kernel) if known is None else known
         ctx.save_for_backward(hard, logits, codebook, grad_counts)
         ctx.temperature, ctx.with_rate, ctx.use_kernel = temperature, with_rate, use_kernel
         optimizer = pending_update(logits)
@@ -193,7 +209,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_out: Optional[Tensor], grad_bits: Optional[Tensor]
-    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None]:
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None, None]:
         hard, logits, codebook, grad_counts = ctx.saved_tensors
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
@@ -208,23 +224,33 @@ class _StraightThroughCodewords(torch.autograd.Function):
                 grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms, ctx.use_kernel)
         if ctx.needs_input_grad[1] and grad_out is not None:
             grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
-        return grad_logits, grad_codebook, None, None, None
+        return grad_logits, grad_codebook, None, None, None, None
 
 
 def straight_through_codewords(
-    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0, use_kernel: bool = True
+    logits: Float[Tensor, "m c"],
+    codebook: Float[Tensor, "c k"],
+    temperature: float = 1.0,
+    use_kernel: bool = True,
+    known: Optional["StepIndices"] = None,
 ) -> Float[Tensor, "m k"]:
     """Chosen codewords of every row, ``codebook[argmax(logits)]``, with straight-through softmax gradients
-    to the logits and the chosen codewords."""
-    return _StraightThroughCodewords.apply(logits, codebook, temperature, False, use_kernel)[0]
+    to the logits and the chosen codewords. ``known``: :func:`step_indices` of these logits without the rate, if
+    already computed."""
+    return _StraightThroughCodewords.apply(logits, codebook, temperature, False, use_kernel, known)[0]
 
 
 def straight_through_codewords_and_rate(
-    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0, use_kernel: bool = True
+    logits: Float[Tensor, "m c"],
+    codebook: Float[Tensor, "c k"],
+    temperature: float = 1.0,
+    use_kernel: bool = True,
+    known: Optional["StepIndices"] = None,
 ) -> Tuple[Float[Tensor, "m k"], Float[Tensor, ""]]:
     """:func:`straight_through_codewords` and :func:`soft_index_rate_bits` in one pass: equal values and gradients,
-    one gradient buffer and one softmax recomputation for both."""
-    return _StraightThroughCodewords.apply(logits, codebook, temperature, True, use_kernel)
+    one gradient buffer and one softmax recomputation for both. ``known``: :func:`step_indices` of these logits and
+    temperature with the rate, if already computed."""
+    return _StraightThroughCodewords.apply(logits, codebook, temperature, True, use_kernel, known)
 
 
 def nonzero_gradient_lookups(grad: Float[Tensor, "n k"], *indices: Int[Tensor, "n"]) -> Tuple[Tensor, ...]:
@@ -385,6 +411,10 @@ class FeatureStore(nn.Module):
         """This store's parameters by optimiser group: ``grid_logits``, ``grid_features``, ``codebooks``."""
         raise NotImplementedError
 
+    def hold_indices(self, hold: bool) -> None:
+        """Reuse what the tables derive from learned indices until ``hold_indices(False)`` (stores without learned
+        indices hold nothing)."""
+
 
 ParameterSwap = Tuple[nn.Parameter, nn.Parameter]
 """(old, new) parameter after a row remap."""
@@ -525,6 +555,9 @@ class CodebookFeatures(FeatureStore):
         """Whether the softmax side of the indices runs as :mod:`vqad_nerfstudio.kernels.relaxed_indices` on a GPU."""
         self._rate_of_table: Optional[Tuple[Tensor, int]] = None
         """The rate the last :meth:`table` computed, and the logits' version it belongs to."""
+        self._held_indices: Optional[StepIndices] = None
+        """Inside :meth:`hold_indices`, the :func:`step_indices` of the first training table without gradients."""
+        self._holding = False
         self._hard_table: Optional[Tuple[Tuple, Tensor]] = None
         """In eval mode, the hard table of the first lookup without gradients, and the parameters' state it belongs to
         (kept until the mode changes or the parameters are replaced: renders then share one table)."""
@@ -563,6 +596,22 @@ class CodebookFeatures(FeatureStore):
             return codewords
         return torch.where(self.float_rows[:, None], self.float_features, codewords)
 
+    def hold_indices(self, hold: bool) -> None:
+        """From now until ``hold_indices(False)``, training tables compute the hard indices (and with ``fuse_rate``
+        the rate) once: a training step's density pass without gradients and its graded pass then read the logits
+        once instead of twice. The logits and the temperature must not change meanwhile."""
+        self._holding = hold
+        self._held_indices = None
+
+    def _indices_of_step(self) -> StepIndices:
+        """:func:`step_indices` of the logits as they are, held inside :meth:`hold_indices`."""
+        if self._held_indices is not None:
+            return self._held_indices
+        known = step_indices(self.logits, self.temperature, self.fuse_rate and self._holding, self.use_kernels)
+        if self._holding:
+            self._held_indices = known
+        return known
+
     def _codewords(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
         """:meth:`forward` without the rows kept in float."""
         if self.in_float_warmup:
@@ -584,18 +633,19 @@ class CodebookFeatures(FeatureStore):
             return soft_codewords(self.logits, self.codebook, self.temperature)
         if not torch.is_grad_enabled():
             if self.training:
-                return self.codebook.index_select(0, self.logits.argmax(dim=-1))
+                return self.codebook.index_select(0, self._indices_of_step()[0])
             state = tuple((t.data_ptr(), t._version, t.shape) for t in (self.logits, self.codebook))
             if self._hard_table is None or self._hard_table[0] != state:
                 self._hard_table = state, self.codebook.index_select(0, self.logits.argmax(dim=-1))
             return self._hard_table[1]
+        held = self._held_indices if self.training else None
         if self.fuse_rate and self.training:
             table, rate = straight_through_codewords_and_rate(
-                self.logits, self.codebook, self.temperature, self.use_kernels
+                self.logits, self.codebook, self.temperature, self.use_kernels, held
             )
             self._rate_of_table = rate, self.logits._version
             return table
-        return straight_through_codewords(self.logits, self.codebook, self.temperature, self.use_kernels)
+        return straight_through_codewords(self.logits, self.codebook, self.temperature, self.use_kernels, held)
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores (``RuntimeError`` in the float warm-up)."""

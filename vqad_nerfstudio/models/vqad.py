@@ -562,7 +562,7 @@ class VQADModel(Model):
         return self.get_outputs_for_camera_ray_bundle(rays)
 
     def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
-        with self.field.decoders_rounded_once():
+        with self.field.decoders_rounded_once(), self.grid.indices_once():
             return self._outputs(ray_bundle)
 
     def _outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
