@@ -196,7 +196,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
         temperature: float,
         with_rate: bool,
         use_kernel: bool,
-        known: Optional["StepIndices"],
+        known: Optional[StepIndices],
     ) -> Tuple[Tensor, Tensor]:
         hard, bits, grad_counts = step_indices(logits, temperature, with_rate, use_kernel) if known is None else known
         ctx.save_for_backward(hard, logits, codebook, grad_counts)
@@ -232,7 +232,7 @@ def straight_through_codewords(
     codebook: Float[Tensor, "c k"],
     temperature: float = 1.0,
     use_kernel: bool = True,
-    known: Optional["StepIndices"] = None,
+    known: Optional[StepIndices] = None,
 ) -> Float[Tensor, "m k"]:
     """Chosen codewords of every row, ``codebook[argmax(logits)]``, with straight-through softmax gradients
     to the logits and the chosen codewords. ``known``: :func:`step_indices` of these logits without the rate, if
@@ -245,7 +245,7 @@ def straight_through_codewords_and_rate(
     codebook: Float[Tensor, "c k"],
     temperature: float = 1.0,
     use_kernel: bool = True,
-    known: Optional["StepIndices"] = None,
+    known: Optional[StepIndices] = None,
 ) -> Tuple[Float[Tensor, "m k"], Float[Tensor, ""]]:
     """:func:`straight_through_codewords` and :func:`soft_index_rate_bits` in one pass: equal values and gradients,
     one gradient buffer and one softmax recomputation for both. ``known``: :func:`step_indices` of these logits and
