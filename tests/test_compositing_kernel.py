@@ -119,8 +119,8 @@ def test_composite_refuses_mismatched_colours():
         compositing.composite(density, torch.rand(density.shape[0], 4, device=DEVICE), samples)
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_a_models_render_is_the_same_with_the_kernels(monkeypatch, training):
+@pytest.mark.parametrize("training,background", [(True, "white"), (False, "white"), (True, "random"), (False, "black")])
+def test_a_models_render_is_the_same_with_the_kernels(monkeypatch, training, background):
     from nerfstudio.cameras.rays import RayBundle
     from nerfstudio.data.scene_box import SceneBox
 
@@ -128,7 +128,8 @@ def test_a_models_render_is_the_same_with_the_kernels(monkeypatch, training):
 
     torch.manual_seed(0)
     config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8, num_samples=48, hidden_dim=16,
-                             index_warmup_steps=0, coarse_lod_fraction=0.0, tf32=False)  # fmt: skip
+                             index_warmup_steps=0, coarse_lod_fraction=0.0, tf32=False,
+                             background_color=background)  # fmt: skip
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
     model = model.to(DEVICE).train(training)
     with torch.no_grad():  # a dense field, so that rays end early
