@@ -1,6 +1,6 @@
 """The operations one vqad training step launches, forward and backward, in each phase of a run: PyTorch operations
-that run a kernel (ATen calls other than views and allocations) and Triton launches, with the fused kernels and
-with the PyTorch path.
+that run a kernel (ATen calls other than views and allocations) and Triton launches, with the PyTorch path,
+the fused kernels, and the fused kernels with fused decoders.
 
     python benchmarks/step_operations.py                      # on CUDA
     TRITON_INTERPRET=1 python benchmarks/step_operations.py   # the same counts on a CPU (the kernels interpreted)
@@ -29,12 +29,18 @@ from vqad_nerfstudio.models.vqad import VQADModel, VQADModelConfig
 
 Phase = Literal["warm-up", "straight-through", "frozen"]
 PHASES: Tuple[Phase, ...] = ("warm-up", "straight-through", "frozen")
+PATHS: Dict[str, Dict[str, bool]] = {
+    "PyTorch": dict(fused_kernels=False),
+    "fused": dict(fused_kernels=True),
+    "fused, decoders too": dict(fused_kernels=True, fused_decoders=True),
+}
+"""The paths compared: the model settings of each."""
 
 _NO_LAUNCH = {
     "aten::" + name
     for name in (
         "view _unsafe_view detach alias t transpose expand reshape slice select unsqueeze squeeze as_strided permute "
-        "split split_with_sizes unbind lift_fresh empty empty_strided empty_like is_same_size"
+        "split split_with_sizes unbind lift_fresh empty empty_strided empty_like new_empty is_same_size"
     ).split()
 }
 """ATen operations that launch no kernel (views and allocations)."""
@@ -101,11 +107,11 @@ def _count_triton_launches() -> None:
         cls.run = counted
 
 
-def _model(fused: bool, phase: Phase, index_bits: int, device: str) -> VQADModel:
+def _model(path: Dict[str, bool], phase: Phase, index_bits: int, device: str) -> VQADModel:
     torch.manual_seed(0)
     config = VQADModelConfig(
         index_bits=index_bits, base_resolution=2, dense_resolution=8, index_warmup_steps=100,
-        warmup_grown_levels=True, fused_kernels=fused, tf32=False,
+        warmup_grown_levels=True, tf32=False, **path,
     )  # fmt: skip
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.5] * 3, [1.5] * 3])), num_train_data=1)
     model = model.to(device).train()
@@ -157,18 +163,18 @@ def main(args: Args) -> None:
     _count_triton_launches()
     rows = []
     for phase in PHASES:
-        for fused in (False, True):
-            model = _model(fused, phase, args.index_bits, device)
+        for name, path in PATHS.items():
+            model = _model(path, phase, args.index_bits, device)
             forward, backward = _step_counts(model, _rays(model, args.rays, device))
-            rows.append((phase, fused, forward, backward))
+            rows.append((phase, name, forward, backward))
     print(f"\nOperations of one vqad training step ({device}, {args.rays} rays, {args.index_bits}-bit indices)")
     print("| phase | path | forward: PyTorch ops + Triton launches | backward | step |")
     print("|---|---|---|---|---|")
-    for phase, fused, forward, backward in rows:
+    for phase, name, forward, backward in rows:
         sides = [sum(c.operations.values()) + c.launches for c in (forward, backward)]
-        launches = f"{forward.launches} + {backward.launches}"
-        path = f"fused ({launches} Triton)" if fused else "PyTorch"
-        print(f"| {phase} | {path} | {sides[0]} | {sides[1]} | **{sum(sides)}** |")
+        if forward.launches or backward.launches:
+            name += f" ({forward.launches} + {backward.launches} Triton)"
+        print(f"| {phase} | {name} | {sides[0]} | {sides[1]} | **{sum(sides)}** |")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,14 @@ from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
-from vqad_nerfstudio.kernels import spherical_harmonics
+from vqad_nerfstudio.kernels import fused_mlp, spherical_harmonics
 
 
 class VQADField(Field):
     """Radiance field over a :class:`SparseFeatureGrid` (learned-index or float features)."""
+
+    fused_decoders: bool = False
+    """Run the decoder MLPs with :mod:`~vqad_nerfstudio.kernels.fused_mlp` where it can (same parameters)."""
 
     def __init__(
         self,
@@ -97,9 +100,13 @@ class VQADField(Field):
         detail ``lod`` (default: the finest); ``located``: the points' cells if already found
         (:meth:`SparseFeatureGrid.locate`)."""
         features, inside = self.grid(unit_positions, lod, located)
-        hidden = self.density_mlp(features)
-        density = trunc_exp(hidden[:, :1] - 1.0) * inside[:, None].to(hidden.dtype)
-        return density, hidden[:, 1:], inside
+        if self.fused_decoders and fused_mlp.available(self.density_mlp, features):
+            raw, geo = fused_mlp.mlp_forward(self.density_mlp, features, split=1)
+        else:
+            hidden = self.density_mlp(features)
+            raw, geo = hidden[:, :1], hidden[:, 1:]
+        density = trunc_exp(raw - 1.0) * inside[:, None].to(raw.dtype)
+        return density, geo, inside
 
     def rgb_at(self, geo_features: Float[Tensor, "n g"], directions: Float[Tensor, "n 3"]) -> Float[Tensor, "n 3"]:
         """View-dependent colour from geometry features and unit view directions (their spherical harmonics in one
@@ -109,6 +116,8 @@ class VQADField(Field):
             encoded = spherical_harmonics.spherical_harmonics(directions, levels)
         else:
             encoded = self.direction_encoding(directions)
+        if self.fused_decoders and fused_mlp.available(self.color_mlp, geo_features, encoded):
+            return fused_mlp.mlp_forward(self.color_mlp, geo_features, encoded)[0]
         return self.color_mlp(torch.cat([geo_features, encoded], dim=-1))
 
     # nerfstudio's Field API, for tools that query fields on RaySamples.

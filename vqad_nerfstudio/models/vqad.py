@@ -140,6 +140,9 @@ class VQADModelConfig(ModelConfig):
     softmax side (hard indices, rate, logit gradients) with the relaxed-index kernels, the view directions'
     spherical harmonics with their kernel and the packed samples' visibility and composite with the compositing
     kernels; False: the PyTorch reference path everywhere."""
+    fused_decoders: bool = False
+    """With fused_kernels: run each decoder MLP's forward and backward pass as one Triton kernel each
+    (kernels/fused_mlp.py; same parameters and file layout). Off until timed against the PyTorch decoders on a GPU."""
     tf32: bool = True
     """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
     set_float32_matmul_precision("high"), which applies to the whole process."""
@@ -300,6 +303,7 @@ class VQADModel(Model):
         if cfg.tf32 and torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
         self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=cfg.unbounded, hidden_dim=cfg.hidden_dim)
+        self.field.fused_decoders = cfg.fused_kernels and cfg.fused_decoders
 
         if cfg.unbounded:
             self.sampler = UniformLinDispPiecewiseSampler(num_samples=cfg.num_samples)
