@@ -1,5 +1,6 @@
-"""Candidate occupancy: the occupancy-bits lookup against the located cells, the fused candidate kernel against the
-PyTorch composition it replaces, and camera rays made on the camera's device against nerfstudio's.
+"""Candidate occupancy: the occupancy-bits lookup against the located cells, the fused candidate kernel and the packed
+samples' unit-cube positions against the PyTorch composition they replace, and camera rays made on the camera's
+device against nerfstudio's.
 
 The kernel tests run where CUDA and Triton are present, or on the CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``); the others run everywhere."""
@@ -18,6 +19,7 @@ from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.encodings.vertex_features import FloatFeatures
 from vqad_nerfstudio.kernels import candidates, runs_on
 from vqad_nerfstudio.models.vqad import VQADModelConfig
+from vqad_nerfstudio.rendering import packed
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(
@@ -77,15 +79,18 @@ def _rays(generator: torch.Generator, num_rays: int, per_ray: int, far: float):
     return origins, directions, bins[:, :-1].contiguous(), bins[:, 1:].contiguous()
 
 
+def _unit(world: torch.Tensor, box) -> torch.Tensor:
+    """nerfstudio's scene box normalisation, or its contraction mapped to the unit cube (the field's to_unit_cube)."""
+    if box is None:
+        return (SceneContraction(order=float("inf"))(world) + 2.0) / 4.0
+    return SceneBox.get_normalized_positions(world, box)
+
+
 def _reference(grid, origins, directions, starts, ends, lods, box, occupancy):
     """What the model computes without the kernel: nerfstudio's frustum midpoints, its scene box normalisation or
     contraction, then the grid's (and the estimate's) occupancy."""
     world = origins[:, None, :] + directions[:, None, :] * (starts + ends)[..., None] / 2
-    if box is None:
-        unit = (SceneContraction(order=float("inf"))(world) + 2.0) / 4.0
-    else:
-        unit = SceneBox.get_normalized_positions(world, box)
-    unit = unit.reshape(-1, 3)
+    unit = _unit(world, box).reshape(-1, 3)
     keep = grid.inside(unit, lods[:, None].expand(starts.shape).reshape(-1))
     if occupancy is not None:
         keep &= occupancy.occupied_at(unit)
@@ -119,6 +124,39 @@ def test_the_kernel_keeps_what_the_reference_keeps(bounded: bool, shell_lod, wit
     expected = _reference(grid_cpu, origins, directions, starts, ends, lods, box, occupancy)
     assert 0 < int(expected.sum()) < expected.numel()
     assert torch.equal(kept.cpu(), expected)
+
+
+@needs_kernel
+def test_the_kernel_reads_intervals_as_views_of_the_edges() -> None:
+    """The model passes each ray's starts and ends as two strided views of its edges, without copies."""
+    generator = torch.Generator().manual_seed(5)
+    grid = _grid(generator).to(KERNEL_DEVICE)
+    origins, directions, starts, ends = (t.to(KERNEL_DEVICE) for t in _rays(generator, 100, 32, far=6.0))
+    edges = torch.cat([starts, ends[:, -1:]], dim=-1)
+    lods = torch.randint(0, 4, (100,), generator=generator).to(KERNEL_DEVICE)
+    box = torch.tensor([[-1.5, -1.0, -2.0], [1.5, 2.0, 1.0]], device=KERNEL_DEVICE)
+    arguments = (lods, grid.occupancy_bits(), grid.resolutions[-1], box)
+    from_views = candidates.occupied_candidates(origins, directions, edges[:, :-1], edges[:, 1:], *arguments)
+    expected = candidates.occupied_candidates(origins, directions, starts, ends, *arguments)
+    assert 0 < int(expected.sum()) < expected.numel() and torch.equal(from_views, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bounded", [True, False])
+def test_unit_positions_of_packed_samples(bounded: bool) -> None:
+    generator = torch.Generator().manual_seed(6)
+    origins, directions, starts, ends = _rays(generator, 200, 16, far=6.0 if bounded else 40.0)
+    samples = packed.pack(starts, ends, torch.rand(200, 16, generator=generator) < 0.5)
+    box = torch.tensor([[-1.5, -1.0, -2.0], [1.5, 2.0, 1.0]]) if bounded else None
+    rays = samples.ray_indices
+    expected = _unit(origins[rays] + directions[rays] * ((samples.starts + samples.ends) / 2)[:, None], box)
+    on_device = (t.to(KERNEL_DEVICE) for t in (origins, directions, rays, samples.starts, samples.ends))
+    got = candidates.unit_positions(*on_device, None if box is None else box.to(KERNEL_DEVICE))
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
+    nothing = torch.zeros(0, device=KERNEL_DEVICE)
+    empty = candidates.unit_positions(origins.to(KERNEL_DEVICE), directions.to(KERNEL_DEVICE), nothing.long(),
+                                      nothing, nothing, None)  # fmt: skip
+    assert empty.shape == (0, 3)
 
 
 @needs_kernel

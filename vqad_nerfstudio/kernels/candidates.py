@@ -61,11 +61,42 @@ if triton is not None:
         return tl.div_rn(x + 2.0, 4.0), tl.div_rn(y + 2.0, 4.0), tl.div_rn(z + 2.0, 4.0)
 
     @triton.jit
+    def _unit_midpoint(origins, directions, box, ray, start, end, mask, CONTRACT: tl.constexpr):
+        """The midpoint of the interval ``start..end`` along each ray in the grid's unit cube (scene box, or the
+        contraction where ``CONTRACT``)."""
+        middle = (start + end) / 2.0
+        x = _along(origins, directions, ray, 0, middle, mask)
+        y = _along(origins, directions, ray, 1, middle, mask)
+        z = _along(origins, directions, ray, 2, middle, mask)
+        if CONTRACT:
+            x, y, z = _contract(x, y, z)
+        else:  # the scene box: box holds its minimum corner and its size
+            x = tl.div_rn(x - tl.load(box), tl.load(box + 3))
+            y = tl.div_rn(y - tl.load(box + 1), tl.load(box + 4))
+            z = tl.div_rn(z - tl.load(box + 2), tl.load(box + 5))
+        return x, y, z
+
+    @triton.jit
+    def _unit_positions(origins, directions, box, rays, starts, ends, out, n, CONTRACT: tl.constexpr,
+                        BLOCK: tl.constexpr):  # fmt: skip
+        sample = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = sample < n
+        ray = tl.load(rays + sample, mask=mask, other=0)
+        start = tl.load(starts + sample, mask=mask, other=0.0)
+        end = tl.load(ends + sample, mask=mask, other=0.0)
+        x, y, z = _unit_midpoint(origins, directions, box, ray, start, end, mask, CONTRACT)
+        tl.store(out + sample * 3, x, mask=mask)
+        tl.store(out + sample * 3 + 1, y, mask=mask)
+        tl.store(out + sample * 3 + 2, z, mask=mask)
+
+    @triton.jit
     def _occupied_candidates(
         origins,
         directions,
         starts,
         ends,
+        starts_stride,
+        ends_stride,
         lods,
         bits,
         occupancy,
@@ -84,17 +115,10 @@ if triton is not None:
         candidate = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         in_range = candidate < n_candidates
         ray = candidate // PER_RAY
-        start = tl.load(starts + candidate, mask=in_range, other=0.0)
-        middle = (start + tl.load(ends + candidate, mask=in_range, other=0.0)) / 2.0
-        x = _along(origins, directions, ray, 0, middle, in_range)
-        y = _along(origins, directions, ray, 1, middle, in_range)
-        z = _along(origins, directions, ray, 2, middle, in_range)
-        if CONTRACT:
-            x, y, z = _contract(x, y, z)
-        else:  # the scene box: box holds its minimum corner and its size
-            x = tl.div_rn(x - tl.load(box), tl.load(box + 3))
-            y = tl.div_rn(y - tl.load(box + 1), tl.load(box + 4))
-            z = tl.div_rn(z - tl.load(box + 2), tl.load(box + 5))
+        column = candidate - ray * PER_RAY
+        start = tl.load(starts + ray * starts_stride + column, mask=in_range, other=0.0)
+        end = tl.load(ends + ray * ends_stride + column, mask=in_range, other=0.0)
+        x, y, z = _unit_midpoint(origins, directions, box, ray, start, end, in_range, CONTRACT)
         inside = in_range & (x >= 0.0) & (x <= 1.0) & (y >= 0.0) & (y <= 1.0) & (z >= 0.0) & (z <= 1.0)
         voxel = (_voxel(x, RESOLUTION) * RESOLUTION + _voxel(y, RESOLUTION)) * RESOLUTION + _voxel(z, RESOLUTION)
         level_bits = tl.load(bits + voxel, mask=inside, other=0).to(tl.int32)
@@ -110,6 +134,19 @@ if triton is not None:
             ) * OCCUPANCY_RESOLUTION + _voxel(z, OCCUPANCY_RESOLUTION)
             keep = keep & (tl.load(occupancy + cell, mask=keep, other=0) != 0)
         tl.store(out + candidate, keep.to(tl.uint8), mask=in_range)
+
+
+def _rows(intervals: Tensor) -> Tensor:
+    """``intervals`` as float32 rows of unit column stride (views of a ray's edges need no copy)."""
+    intervals = intervals.float()
+    return intervals if intervals.stride(1) == 1 else intervals.contiguous()
+
+
+def _box_rows(box: Optional[Float[Tensor, "2 3"]], device: torch.device) -> Float[Tensor, "6"]:
+    """The scene box as its minimum corner and its size (zeros, unread, for contracted space)."""
+    if box is None:
+        return torch.zeros(6, device=device)
+    return torch.cat([box[0], box[1] - box[0]]).to(device=device, dtype=torch.float32)
 
 
 def occupied_candidates(
@@ -137,22 +174,21 @@ def occupied_candidates(
     out = torch.empty(num_rays, per_ray, dtype=torch.bool, device=starts.device)
     if out.numel() == 0:
         return out
-    if box is None:
-        box_rows = torch.zeros(6, device=starts.device)
-    else:
-        box_rows = torch.cat([box[0], box[1] - box[0]]).to(device=starts.device, dtype=torch.float32)
+    starts, ends = _rows(starts), _rows(ends)
     if occupancy is None:
         occupancy, occupancy_resolution = bits, 0  # not read
     block = 1024
     _occupied_candidates[(triton.cdiv(out.numel(), block),)](
         origins.float().contiguous(),
         directions.float().contiguous(),
-        starts.float().contiguous(),
-        ends.float().contiguous(),
+        starts,
+        ends,
+        starts.stride(0),
+        ends.stride(0),
         lods.contiguous(),
         bits,
         occupancy.contiguous().view(torch.uint8),
-        box_rows,
+        _box_rows(box, starts.device),
         out.view(torch.uint8),
         out.numel(),
         PER_RAY=per_ray,
@@ -167,4 +203,26 @@ def occupied_candidates(
     return out
 
 
-__all__ = ["available", "occupied_candidates"]
+def unit_positions(
+    origins: Float[Tensor, "r 3"],
+    directions: Float[Tensor, "r 3"],
+    ray_indices: Int[Tensor, "n"],
+    starts: Float[Tensor, "n"],
+    ends: Float[Tensor, "n"],
+    box: Optional[Float[Tensor, "2 3"]],
+) -> Float[Tensor, "n 3"]:
+    """The midpoint of each interval ``starts..ends`` along its ray ``ray_indices``, in the grid's unit cube: the
+    scene ``box`` mapped to [0, 1]^3, or contracted space (``box`` None) as in :func:`occupied_candidates`; one kernel
+    for what takes about ten operations in PyTorch (the field's ``to_unit_cube`` of the samples' positions)."""
+    out = torch.empty(starts.shape[0], 3, device=starts.device, dtype=torch.float32)
+    if out.numel():
+        block = 512
+        _unit_positions[(triton.cdiv(starts.shape[0], block),)](
+            origins.float().contiguous(), directions.float().contiguous(), _box_rows(box, starts.device),
+            ray_indices.contiguous(), starts.float().contiguous(), ends.float().contiguous(), out, starts.shape[0],
+            CONTRACT=box is None, BLOCK=block,
+        )  # fmt: skip
+    return out
+
+
+__all__ = ["available", "occupied_candidates", "unit_positions"]

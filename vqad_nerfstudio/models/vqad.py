@@ -1,6 +1,7 @@
 """nerfstudio model for VQAD ("Variable Bitrate Neural Fields", Takikawa et al. 2022).
 
-Candidate samples are spaced uniformly along each ray (nerfstudio's samplers); candidates outside the
+Candidate samples are spaced uniformly along each ray (as nerfstudio's stratified samplers space them,
+:mod:`vqad_nerfstudio.rendering.candidate_intervals`); candidates outside the
 sparse grid's occupied cells at the ray's level of detail are dropped (and, until the first pruning,
 also those in voxels the occupancy estimate marks empty). The rest are packed ray by ray
 (:mod:`vqad_nerfstudio.rendering.packed`): a density pass without gradients ends each ray once its
@@ -27,7 +28,6 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.model_components import renderers
 from nerfstudio.model_components.losses import MSELoss
-from nerfstudio.model_components.ray_samplers import UniformLinDispPiecewiseSampler, UniformSampler
 from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
 from nerfstudio.model_components.scene_colliders import AABBBoxCollider, NearFarCollider
 from nerfstudio.models.base_model import Model, ModelConfig
@@ -61,6 +61,7 @@ from vqad_nerfstudio.models.limits import (
 from vqad_nerfstudio.models.size_accounting import stored_kib
 from vqad_nerfstudio.optim import InBackwardAdam
 from vqad_nerfstudio.rendering import packed
+from vqad_nerfstudio.rendering.candidate_intervals import candidate_edges
 
 allow_nerfstudio_checkpoints()
 
@@ -306,11 +307,9 @@ class VQADModel(Model):
         self.field.fused_decoders = cfg.fused_kernels and cfg.fused_decoders
 
         if cfg.unbounded:
-            self.sampler = UniformLinDispPiecewiseSampler(num_samples=cfg.num_samples)
             self.collider = NearFarCollider(near_plane=0.05, far_plane=1000.0)
             extent = torch.full((3,), 4.0)  # contracted space spans 4 units per side
         else:
-            self.sampler = UniformSampler(num_samples=cfg.num_samples)
             self.collider = AABBBoxCollider(self.scene_box)
             extent = self.scene_box.aabb[1] - self.scene_box.aabb[0]
         step = float(extent.max()) / self.grid.resolutions[-1]  # one finest voxel
@@ -572,13 +571,21 @@ class VQADModel(Model):
     def _outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:
         if self.training:
             self.camera_optimizer.apply_to_raybundle(ray_bundle)
-        ray_samples = self.sampler(ray_bundle, num_samples=self.candidates_per_ray())
-        num_rays, num_samples = ray_samples.shape[:2]
-        starts, ends = ray_samples.frustums.starts[..., 0], ray_samples.frustums.ends[..., 0]
+        assert ray_bundle.nears is not None and ray_bundle.fars is not None, "the model's collider sets them"
+        edges = candidate_edges(
+            ray_bundle.nears.reshape(-1, 1),
+            ray_bundle.fars.reshape(-1, 1),
+            self.candidates_per_ray(),
+            jitter=self.training,
+            spacing="lin-disp" if self.config.unbounded else "uniform",
+        )
+        starts, ends = edges[:, :-1], edges[:, 1:]
+        num_rays, num_samples = starts.shape
         ray_lods, finest_lod = self._ray_lods(num_rays, starts.device)
         # warm-up: also skip space the occupancy estimate marks empty
         estimate = self.occupancy if self.training and not self.grid.pruned else None
         origins, directions = ray_bundle.origins.reshape(-1, 3), ray_bundle.directions.reshape(-1, 3)
+        box = None if self.config.unbounded else self.field.aabb
         if self.config.sampling == "packed" and self.grid.fused and candidates.available(starts):
             keep = candidates.occupied_candidates(
                 origins,
@@ -588,21 +595,23 @@ class VQADModel(Model):
                 ray_lods,
                 self.grid.occupancy_bits(),
                 self.grid.resolutions[-1],
-                None if self.config.unbounded else self.field.aabb,
+                box,
                 None if estimate is None else estimate.binary,
                 0 if estimate is None else estimate.resolution,
                 self.grid.shell_lod,
             )
             samples = packed.pack(starts, ends, keep)
-            midpoints = ((samples.starts + samples.ends) / 2)[:, None]
-            rays = samples.ray_indices
-            positions = self.field.to_unit_cube(origins[rays] + directions[rays] * midpoints)
+            positions = candidates.unit_positions(
+                origins, directions, samples.ray_indices, samples.starts, samples.ends, box
+            )
         else:  # the PyTorch reference: every candidate's position, then its occupancy at the ray's level of detail
-            positions = self.field.to_unit_cube(ray_samples.frustums.get_positions()).reshape(-1, 3)
+            midpoints = ((starts + ends) / 2)[..., None]
+            positions = self.field.to_unit_cube(origins[:, None] + directions[:, None] * midpoints).reshape(-1, 3)
             keep = self.grid.inside(positions, ray_lods[:, None].expand(num_rays, num_samples).reshape(-1))
             if estimate is not None:
                 keep &= estimate.occupied_at(positions)
             if self.config.sampling == "dense":
+                ray_samples = ray_bundle.get_ray_samples(bin_starts=starts[..., None], bin_ends=ends[..., None])
                 return self._render_dense(ray_samples, positions, ray_lods, keep, finest_lod)
             samples = packed.pack(starts, ends, keep.reshape(num_rays, -1))
             positions = positions[samples.candidate_ids]

@@ -48,14 +48,9 @@ class PackedSamples:
 def pack(starts: Float[Tensor, "r s"], ends: Float[Tensor, "r s"], keep: Bool[Tensor, "r s"]) -> PackedSamples:
     """The candidates (intervals ``starts..ends`` of each ray) where ``keep`` is true, packed ray by ray."""
     candidate_ids = torch.nonzero(keep.reshape(-1)).squeeze(-1)
-    per_ray = keep.shape[1]
-    return PackedSamples(
-        candidate_ids,
-        torch.div(candidate_ids, per_ray, rounding_mode="floor"),
-        starts.reshape(-1)[candidate_ids],
-        ends.reshape(-1)[candidate_ids],
-        keep.shape[0],
-    )
+    rays = torch.div(candidate_ids, keep.shape[1], rounding_mode="floor")
+    columns = torch.remainder(candidate_ids, keep.shape[1])  # indexing the rows copies no strided view of edges
+    return PackedSamples(candidate_ids, rays, starts[rays, columns], ends[rays, columns], keep.shape[0])
 
 
 OPAQUE_OPTICAL_DEPTH = 1000.0
