@@ -30,7 +30,7 @@ from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap
-from vqad_nerfstudio.kernels import grid_interpolation
+from vqad_nerfstudio.kernels import cell_lookup, grid_interpolation
 
 # Offsets of a cell's 8 corners, in (x, y, z) order; corner c has offsets of its bits (x = bit 2).
 CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
@@ -293,19 +293,25 @@ class SparseFeatureGrid(nn.Module):
         resolutions = self.level_resolutions[levels]
         scaled = unit_positions * resolutions[..., None].to(unit_positions.dtype)
         coords = torch.minimum(scaled.floor().long().clamp_min_(0), resolutions[..., None] - 1)
-        offsets = self.level_key_offsets
-        cell_keys = self._topology_cached(
-            "cell_keys",
-            lambda: torch.cat([level.cells + offset for level, offset in zip(self.levels[:grown], offsets)]),
-        )
-        found = sorted_positions(cell_keys, linear_ids(coords, resolutions) + offsets[levels])
+        found = sorted_positions(self._cell_keys(), linear_ids(coords, resolutions) + self.level_key_offsets[levels])
         return torch.where(in_unit_cube(unit_positions), found, -1).to(torch.int32)
+
+    def _cell_keys(self) -> Int[Tensor, "m"]:
+        """The grown levels' sorted cells, each level's offset by :attr:`level_key_offsets`, concatenated: one sorted
+        list (cached until the topology changes)."""
+        levels = self.levels[: self.grown_levels()]
+        offsets = self.level_key_offsets
+        return self._topology_cached(
+            "cell_keys", lambda: torch.cat([level.cells + offset for level, offset in zip(levels, offsets)])
+        )
 
     def locate(self, unit_positions: Float[Tensor, "n 3"], num_levels: Optional[int] = None) -> Int[Tensor, "n l"]:
         """Each point's occupied cell at levels ``0..num_levels-1`` (default and at most: the grown levels), as an
         int32 row of the levels' cells concatenated coarse to fine (-1: unoccupied, or outside the unit cube)."""
         grown = self.grown_levels()
         count = grown if num_levels is None else min(num_levels, grown)
+        if self.fused and count > 0 and cell_lookup.available(unit_positions):
+            return cell_lookup.locate(unit_positions, self._cell_keys(), self.resolutions[0], count)
         levels = torch.arange(max(count, 1), device=unit_positions.device)[None, :]
         return self._find(unit_positions[:, None, :], levels)[:, :count]
 
