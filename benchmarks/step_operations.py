@@ -8,7 +8,10 @@ the fused kernels, and the fused kernels with fused decoders.
 On a GPU a training step is bound by launching its work (docs/benchmarks.md, "GPU fast path"): these counts are
 what the fast path shrinks, and they are the same on any machine. The model is small (five levels up to 32³) and
 the rays random, since the counts depend on the phase and the levels, not on the grid's size or the batch's; the
-optimisers' steps are not counted.
+optimisers' steps are not counted, and the gradients are set to None before the counted step as nerfstudio's
+optimisers set them before each step (so that they are assigned, not added to).
+
+    python benchmarks/step_operations.py --paths PyTorch fused   # a subset of the paths (older commits)
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Args:
     """Rays per step."""
     index_bits: int = 4
     """Bits per learned index (the count does not depend on it)."""
+    paths: Tuple[str, ...] = tuple(PATHS)
+    """The paths to count (of PATHS)."""
 
 
 class _Counter(TorchDispatchMode):
@@ -148,6 +153,7 @@ def _step_counts(model: VQADModel, bundle: RayBundle) -> Tuple[_Counter, _Counte
         return sum(model.get_loss_dict(outputs, batch).values())
 
     loss().backward()  # a first step: caches, compilation
+    model.zero_grad(set_to_none=True)  # as nerfstudio's optimisers do before each step: gradients assigned, not added
     forward, backward = _Counter(), _Counter()
     with _counting(forward):
         value = loss()
@@ -163,8 +169,8 @@ def main(args: Args) -> None:
     _count_triton_launches()
     rows = []
     for phase in PHASES:
-        for name, path in PATHS.items():
-            model = _model(path, phase, args.index_bits, device)
+        for name in args.paths:
+            model = _model(PATHS[name], phase, args.index_bits, device)
             forward, backward = _step_counts(model, _rays(model, args.rays, device))
             rows.append((phase, name, forward, backward))
     print(f"\nOperations of one vqad training step ({device}, {args.rays} rays, {args.index_bits}-bit indices)")
