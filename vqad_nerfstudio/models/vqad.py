@@ -137,10 +137,11 @@ class VQADModelConfig(ModelConfig):
     UNBOUNDED_ALPHA_THRESHOLD (0.01, nerfacc's setting for unbounded scenes) when unbounded, 0 (every sample)
     otherwise."""
     fused_kernels: bool = True
-    """On CUDA, when Triton is installed, interpolate the grid with the fused Triton kernel, compute the indices'
-    softmax side (hard indices, rate, logit gradients) with the relaxed-index kernels, the view directions'
-    spherical harmonics with their kernel and the packed samples' visibility and composite with the compositing
-    kernels; False: the PyTorch reference path everywhere."""
+    """On CUDA, when Triton is installed, test candidates, place the packed samples and find their cells with one
+    kernel each, interpolate the grid with the fused Triton kernel, compute the indices' softmax side (hard indices,
+    rate, logit gradients) with the relaxed-index kernels, the view directions' spherical harmonics with their kernel
+    and the packed samples' visibility and composite with the compositing kernels; False: the PyTorch reference path
+    everywhere."""
     fused_decoders: bool = False
     """With fused_kernels: run each decoder MLP's forward and backward pass as one Triton kernel each
     (kernels/fused_mlp.py; same parameters and file layout). Off until timed against the PyTorch decoders on a GPU."""
