@@ -218,9 +218,10 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
     return config
 
 
-KERNEL_SHAPE_SETTINGS = ("index_bits", "base_index_bits", "feature_dim", "num_levels")
-"""Model settings that change the shapes the Triton kernels are compiled for (codewords per level, channels,
-levels): a run differing from every warmed-up run of its base method in one of them is warmed up too."""
+KERNEL_SHAPE_SETTINGS = ("index_bits", "base_index_bits", "feature_dim", "num_levels", "fused_decoders")
+"""Model settings that change which Triton kernels run or the shapes they are compiled for (codewords per level,
+channels, levels, the fused decoders): a run differing from every warmed-up run of its base method in one of them
+is warmed up too."""
 
 
 def _kernel_shapes(method: str, bench: BenchmarkConfig) -> Tuple:
