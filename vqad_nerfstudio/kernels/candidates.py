@@ -70,10 +70,10 @@ if triton is not None:
         z = _along(origins, directions, ray, 2, middle, mask)
         if CONTRACT:
             x, y, z = _contract(x, y, z)
-        else:  # the scene box: box holds its minimum corner and its size
-            x = tl.div_rn(x - tl.load(box), tl.load(box + 3))
-            y = tl.div_rn(y - tl.load(box + 1), tl.load(box + 4))
-            z = tl.div_rn(z - tl.load(box + 2), tl.load(box + 5))
+        else:  # the scene box: box holds its minimum and its maximum corner (nerfstudio's aabb)
+            x = tl.div_rn(x - tl.load(box), tl.load(box + 3) - tl.load(box))
+            y = tl.div_rn(y - tl.load(box + 1), tl.load(box + 4) - tl.load(box + 1))
+            z = tl.div_rn(z - tl.load(box + 2), tl.load(box + 5) - tl.load(box + 2))
         return x, y, z
 
     @triton.jit
@@ -142,11 +142,10 @@ def _rows(intervals: Tensor) -> Tensor:
     return intervals if intervals.stride(1) == 1 else intervals.contiguous()
 
 
-def _box_rows(box: Optional[Float[Tensor, "2 3"]], device: torch.device) -> Float[Tensor, "6"]:
-    """The scene box as its minimum corner and its size (zeros, unread, for contracted space)."""
-    if box is None:
-        return torch.zeros(6, device=device)
-    return torch.cat([box[0], box[1] - box[0]]).to(device=device, dtype=torch.float32)
+def _box(box: Optional[Float[Tensor, "2 3"]], like: Tensor) -> Tensor:
+    """The scene box as the kernels read it, float32 on ``like``'s device (no copy where it already is; for
+    contracted space ``like`` itself, never read)."""
+    return like if box is None else box.to(device=like.device, dtype=torch.float32).contiguous()
 
 
 def occupied_candidates(
@@ -188,7 +187,7 @@ def occupied_candidates(
         lods.contiguous(),
         bits,
         occupancy.contiguous().view(torch.uint8),
-        _box_rows(box, starts.device),
+        _box(box, starts),
         out.view(torch.uint8),
         out.numel(),
         PER_RAY=per_ray,
@@ -218,7 +217,7 @@ def unit_positions(
     if out.numel():
         block = 512
         _unit_positions[(triton.cdiv(starts.shape[0], block),)](
-            origins.float().contiguous(), directions.float().contiguous(), _box_rows(box, starts.device),
+            origins.float().contiguous(), directions.float().contiguous(), _box(box, starts),
             ray_indices.contiguous(), starts.float().contiguous(), ends.float().contiguous(), out, starts.shape[0],
             CONTRACT=box is None, BLOCK=block,
         )  # fmt: skip
