@@ -12,9 +12,8 @@ the two paths' outputs is printed with the table.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 import torch
 import tyro
@@ -23,6 +22,8 @@ from nerfstudio.data.scene_box import SceneBox
 from vqad_nerfstudio.kernels import fused_mlp
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 
+from gpu_timing import seconds_per_call
+
 
 @dataclass
 class Args:
@@ -30,17 +31,6 @@ class Args:
     """Rows per call (a lego training step at 32768 rays evaluates about 400 k samples)."""
     repeats: int = 200
     """Calls per row."""
-
-
-def _seconds(call: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        call()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def main(args: Args) -> None:
@@ -82,7 +72,13 @@ def main(args: Args) -> None:
         "colour MLP, forward + backward": graded_colour,
     }
     for name, case in cases.items():
-        rows.append((name, _seconds(lambda: case(False), args.repeats), _seconds(lambda: case(True), args.repeats)))
+        rows.append(
+            (
+                name,
+                seconds_per_call(lambda: case(False), args.repeats),
+                seconds_per_call(lambda: case(True), args.repeats),
+            )
+        )
     with torch.no_grad():
         difference = max(
             float((torch.cat(density(True), -1) - torch.cat(density(False), -1)).abs().max()),

@@ -9,9 +9,7 @@ to launch the operations counts, as it does in a training step). The colour MLP'
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import tyro
@@ -20,6 +18,8 @@ from nerfstudio.data.scene_box import SceneBox
 from vqad_nerfstudio.kernels import spherical_harmonics
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 
+from gpu_timing import seconds_per_call
+
 
 @dataclass
 class Args:
@@ -27,17 +27,6 @@ class Args:
     """Directions per call (a lego training step at 32768 rays evaluates about 400 k samples' colours)."""
     repeats: int = 200
     """Calls per row."""
-
-
-def _seconds(call: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        call()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def main(args: Args) -> None:
@@ -62,7 +51,7 @@ def main(args: Args) -> None:
             if fused
             else (lambda: field.direction_encoding(directions))
         )
-        rows.append((name, _seconds(encode, args.repeats), _seconds(colour_step, args.repeats)))
+        rows.append((name, seconds_per_call(encode, args.repeats), seconds_per_call(colour_step, args.repeats)))
     print(f"\nDevice: {torch.cuda.get_device_name()}; {args.samples} directions, mean of {args.repeats} calls")
     print("| direction encoding | encoding alone, ms | colour forward + backward, ms |")
     print("|---|---|---|")

@@ -17,15 +17,11 @@ from nerfstudio.models.base_model import Model
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.encodings.vertex_features import FloatFeatures
-from vqad_nerfstudio.kernels import candidates, runs_on
+from vqad_nerfstudio.kernels import candidates
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 from vqad_nerfstudio.rendering import packed
 
-KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(
-    not runs_on(torch.empty(0, device=KERNEL_DEVICE)),
-    reason="needs Triton with CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
-)
+from kernel_device import DEVICE, needs_kernel
 
 
 def _grid(generator: torch.Generator, shell_lod=None) -> SparseFeatureGrid:
@@ -102,7 +98,7 @@ def _reference(grid, origins, directions, starts, ends, lods, box, occupancy):
 @pytest.mark.parametrize("with_estimate", [False, True])
 def test_the_kernel_keeps_what_the_reference_keeps(bounded: bool, shell_lod, with_estimate: bool) -> None:
     generator = torch.Generator().manual_seed(2)
-    grid = _grid(generator, shell_lod).to(KERNEL_DEVICE)
+    grid = _grid(generator, shell_lod).to(DEVICE)
     origins, directions, starts, ends = _rays(generator, 300, 64, far=6.0 if bounded else 40.0)
     lods = torch.randint(0, 4, (300,), generator=generator)
     box = torch.tensor([[-1.5, -1.0, -2.0], [1.5, 2.0, 1.0]]) if bounded else None
@@ -110,13 +106,13 @@ def test_the_kernel_keeps_what_the_reference_keeps(bounded: bool, shell_lod, wit
     if with_estimate:
         occupancy = OccupancyEstimator(8, density_threshold=0.5)
         occupancy.binary = torch.rand(8**3, generator=generator) < 0.7
-    tensors = [t.to(KERNEL_DEVICE) for t in (origins, directions, starts, ends, lods)]
+    tensors = [t.to(DEVICE) for t in (origins, directions, starts, ends, lods)]
     kept = candidates.occupied_candidates(
         *tensors,
         grid.occupancy_bits(),
         grid.resolutions[-1],
-        None if box is None else box.to(KERNEL_DEVICE),
-        None if occupancy is None else occupancy.binary.to(KERNEL_DEVICE),
+        None if box is None else box.to(DEVICE),
+        None if occupancy is None else occupancy.binary.to(DEVICE),
         0 if occupancy is None else occupancy.resolution,
         shell_lod,
     )
@@ -130,11 +126,11 @@ def test_the_kernel_keeps_what_the_reference_keeps(bounded: bool, shell_lod, wit
 def test_the_kernel_reads_intervals_as_views_of_the_edges() -> None:
     """The model passes each ray's starts and ends as two strided views of its edges, without copies."""
     generator = torch.Generator().manual_seed(5)
-    grid = _grid(generator).to(KERNEL_DEVICE)
-    origins, directions, starts, ends = (t.to(KERNEL_DEVICE) for t in _rays(generator, 100, 32, far=6.0))
+    grid = _grid(generator).to(DEVICE)
+    origins, directions, starts, ends = (t.to(DEVICE) for t in _rays(generator, 100, 32, far=6.0))
     edges = torch.cat([starts, ends[:, -1:]], dim=-1)
-    lods = torch.randint(0, 4, (100,), generator=generator).to(KERNEL_DEVICE)
-    box = torch.tensor([[-1.5, -1.0, -2.0], [1.5, 2.0, 1.0]], device=KERNEL_DEVICE)
+    lods = torch.randint(0, 4, (100,), generator=generator).to(DEVICE)
+    box = torch.tensor([[-1.5, -1.0, -2.0], [1.5, 2.0, 1.0]], device=DEVICE)
     arguments = (lods, grid.occupancy_bits(), grid.resolutions[-1], box)
     from_views = candidates.occupied_candidates(origins, directions, edges[:, :-1], edges[:, 1:], *arguments)
     expected = candidates.occupied_candidates(origins, directions, starts, ends, *arguments)
@@ -150,21 +146,21 @@ def test_unit_positions_of_packed_samples(bounded: bool) -> None:
     box = torch.tensor([[-1.5, -1.0, -2.0], [1.5, 2.0, 1.0]]) if bounded else None
     rays = samples.ray_indices
     expected = _unit(origins[rays] + directions[rays] * ((samples.starts + samples.ends) / 2)[:, None], box)
-    on_device = (t.to(KERNEL_DEVICE) for t in (origins, directions, rays, samples.starts, samples.ends))
-    got = candidates.unit_positions(*on_device, None if box is None else box.to(KERNEL_DEVICE))
+    on_device = (t.to(DEVICE) for t in (origins, directions, rays, samples.starts, samples.ends))
+    got = candidates.unit_positions(*on_device, None if box is None else box.to(DEVICE))
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=1e-6)
-    nothing = torch.zeros(0, device=KERNEL_DEVICE)
-    empty = candidates.unit_positions(origins.to(KERNEL_DEVICE), directions.to(KERNEL_DEVICE), nothing.long(),
+    nothing = torch.zeros(0, device=DEVICE)
+    empty = candidates.unit_positions(origins.to(DEVICE), directions.to(DEVICE), nothing.long(),
                                       nothing, nothing, None)  # fmt: skip
     assert empty.shape == (0, 3)
 
 
 @needs_kernel
 def test_the_kernel_takes_an_empty_batch() -> None:
-    grid = _grid(torch.Generator().manual_seed(3)).to(KERNEL_DEVICE)
-    empty = torch.zeros(0, 3, device=KERNEL_DEVICE)
-    nothing = torch.zeros(0, 16, device=KERNEL_DEVICE)
-    lods = torch.zeros(0, dtype=torch.long, device=KERNEL_DEVICE)
+    grid = _grid(torch.Generator().manual_seed(3)).to(DEVICE)
+    empty = torch.zeros(0, 3, device=DEVICE)
+    nothing = torch.zeros(0, 16, device=DEVICE)
+    lods = torch.zeros(0, dtype=torch.long, device=DEVICE)
     kept = candidates.occupied_candidates(
         empty, empty, nothing, nothing, lods, grid.occupancy_bits(), grid.resolutions[-1], None
     )
@@ -200,7 +196,7 @@ def _model(unbounded: bool, pruned: bool):
         model.grid.prune(lambda cells, resolution: torch.rand(cells.shape, generator=generator) < 0.5)
     # before the first pruning, the occupancy estimate also gates the candidates of training rays
     model.occupancy.binary = torch.rand(model.occupancy.binary.shape, generator=generator) < 0.8
-    return model.to(KERNEL_DEVICE)
+    return model.to(DEVICE)
 
 
 @needs_kernel
@@ -222,10 +218,10 @@ def test_the_model_renders_the_same_with_and_without_kernels(unbounded: bool, tr
         model.grid.fused = fused
         torch.manual_seed(6)  # the same coarser LODs and jitter for both paths
         rays = RayBundle(
-            origins=origins.to(KERNEL_DEVICE),
-            directions=directions.to(KERNEL_DEVICE),
-            pixel_area=torch.ones(200, 1, device=KERNEL_DEVICE),
-            camera_indices=torch.zeros(200, 1, dtype=torch.long, device=KERNEL_DEVICE),
+            origins=origins.to(DEVICE),
+            directions=directions.to(DEVICE),
+            pixel_area=torch.ones(200, 1, device=DEVICE),
+            camera_indices=torch.zeros(200, 1, dtype=torch.long, device=DEVICE),
         )
         with torch.no_grad():
             outputs.append(model(rays))

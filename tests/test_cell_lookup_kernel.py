@@ -11,13 +11,9 @@ import torch
 
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.encodings.vertex_features import FloatFeatures
-from vqad_nerfstudio.kernels import cell_lookup, runs_on
+from vqad_nerfstudio.kernels import cell_lookup
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(
-    not runs_on(torch.empty(0, device=DEVICE)),
-    reason="needs Triton with CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
-)
+from kernel_device import DEVICE, KERNELS_RUN, needs_kernel
 
 
 def _grid(seed: int, shell_lod=None) -> SparseFeatureGrid:
@@ -70,6 +66,6 @@ def test_what_the_kernel_refuses() -> None:
         assert not cell_lookup.available(positions.to(DEVICE))
         with pytest.raises(ValueError, match="takes float32"):
             cell_lookup.locate(positions.to(DEVICE), keys, 4, 2)
-    if runs_on(torch.empty(0, device=DEVICE)):
+    if KERNELS_RUN:
         with pytest.raises(ValueError, match="at least one level"):
             cell_lookup.locate(torch.rand(5, 3, device=DEVICE), keys, 4, 0)

@@ -8,14 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqad_nerfstudio.kernels import compositing, runs_on
+from vqad_nerfstudio.kernels import compositing
 from vqad_nerfstudio.rendering import packed
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not runs_on(torch.empty(0, device=DEVICE)),
-    reason="needs Triton with CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
-)
+from kernel_device import DEVICE, needs_kernel
+
+pytestmark = needs_kernel
 
 
 def _samples(seed: int, num_rays: int = 11, per_ray: int = 45, occupied: float = 0.7) -> packed.PackedSamples:

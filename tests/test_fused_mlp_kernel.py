@@ -14,13 +14,9 @@ from nerfstudio.field_components.mlp import MLP
 from torch import nn
 
 from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
-from vqad_nerfstudio.kernels import fused_mlp, runs_on
+from vqad_nerfstudio.kernels import fused_mlp
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(
-    not runs_on(torch.empty(0, device=DEVICE)),
-    reason="needs Triton with CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
-)
+from kernel_device import DEVICE, KERNELS_RUN, needs_kernel
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +132,7 @@ def test_what_the_kernels_refuse():
         assert not fused_mlp.available(network, *inputs), what
         with pytest.raises(ValueError, match="cannot run this MLP"):
             fused_mlp.mlp_forward(network, *inputs)
-    if runs_on(x):
+    if KERNELS_RUN:
         with pytest.raises(ValueError, match="split must be in 1..15"):
             fused_mlp.mlp_forward(mlp, x, split=16)
 

@@ -9,13 +9,11 @@ import torch
 
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
-from vqad_nerfstudio.kernels import runs_on
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SCALE = 1 if DEVICE == "cuda" else 15  # the interpreter is slow: fewer points on the CPU
-pytestmark = pytest.mark.skipif(
-    not runs_on(torch.empty(0, device=DEVICE)), reason="needs Triton with CUDA, or Triton's interpreter"
-)
+from kernel_device import DEVICE, ON_GPU, needs_kernel
+
+SCALE = 1 if ON_GPU else 15  # the interpreter is slow: fewer points on the CPU
+pytestmark = needs_kernel
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ before Triton is imported (``TRITON_INTERPRET=1 pytest tests/test_learned_hash_k
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Tuple
 
 import pytest
@@ -13,16 +12,10 @@ import torch
 from torch import Tensor
 
 from vqad_nerfstudio.encodings.learned_index_hash import LearnedIndexHashEncoding
-from vqad_nerfstudio.kernels import learned_hash
 
-if learned_hash.triton is not None and torch.cuda.is_available():
-    DEVICE = "cuda"
-elif learned_hash.triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
+from kernel_device import DEVICE, needs_kernel
 
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA and Triton, or TRITON_INTERPRET=1")
+pytestmark = needs_kernel
 
 SMALL = dict(num_levels=3, min_res=4, max_res=16, index_table_size=200, init_scale=1.0)
 """Level 0 (resolution 4, 125 vertices) is dense; levels 1 and 2 hash their vertices into 200 buckets."""

@@ -9,22 +9,21 @@ import pytest
 import torch
 
 from vqad_nerfstudio.encodings import vertex_features
-from vqad_nerfstudio.kernels import relaxed_indices, runs_on
+from vqad_nerfstudio.kernels import relaxed_indices
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ROWS = 5000 if DEVICE == "cuda" else 700  # the interpreter is slow
+from kernel_device import DEVICE, ON_GPU, needs_kernel
+
+ROWS = 5000 if ON_GPU else 700  # the interpreter is slow
 CODEBOOK_SIZES = [16, 256, relaxed_indices.MAX_CODEWORDS]
 """Up to the largest codebook the kernels take, where a block holds a single row."""
 
 
 def _rows_for(codewords: int) -> int:
     """Rows to test ``codewords`` columns with: fewer for the largest codebooks under the interpreter."""
-    return ROWS if DEVICE == "cuda" or codewords <= 256 else 24
+    return ROWS if ON_GPU or codewords <= 256 else 24
 
 
-pytestmark = pytest.mark.skipif(
-    not runs_on(torch.empty(0, device=DEVICE)), reason="needs Triton with CUDA, or Triton's interpreter"
-)
+pytestmark = needs_kernel
 
 
 @pytest.fixture(autouse=True)

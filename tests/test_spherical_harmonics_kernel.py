@@ -9,20 +9,16 @@ import pytest
 import torch
 from nerfstudio.utils.math import components_from_spherical_harmonics
 
-from vqad_nerfstudio.kernels import runs_on, spherical_harmonics
+from vqad_nerfstudio.kernels import spherical_harmonics
 
-KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(
-    not runs_on(torch.empty(0, device=KERNEL_DEVICE)),
-    reason="needs Triton with CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
-)
+from kernel_device import DEVICE, needs_kernel
 
 
 def _directions(count: int, seed: int = 0) -> torch.Tensor:
     """Unit directions, the six axis directions among them."""
     directions = torch.randn(count, 3, generator=torch.Generator().manual_seed(seed))
     directions[:6] = torch.tensor([[1.0, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
-    return (directions / directions.norm(dim=-1, keepdim=True)).to(KERNEL_DEVICE)
+    return (directions / directions.norm(dim=-1, keepdim=True)).to(DEVICE)
 
 
 @needs_kernel
@@ -54,8 +50,8 @@ def test_the_fields_colour_is_the_same_with_the_kernel():
     torch.manual_seed(0)
     config = VQADModelConfig(num_levels=2, base_resolution=4, dense_resolution=8, index_warmup_steps=0)
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
-    field = model.field.to(KERNEL_DEVICE)
-    geo = torch.randn(500, field.geo_feat_dim, device=KERNEL_DEVICE)
+    field = model.field.to(DEVICE)
+    geo = torch.randn(500, field.geo_feat_dim, device=DEVICE)
     directions = _directions(500, seed=1)
     fused = field.rgb_at(geo, directions)
     field.grid.fused = False
@@ -72,8 +68,8 @@ def test_the_fields_colour_is_the_same_with_the_kernel():
     ],
 )
 def test_inputs_the_kernel_does_not_take_are_refused(directions, levels):
-    directions = directions.to(KERNEL_DEVICE)  # on a device the kernel runs on: refused for what they are
-    assert spherical_harmonics.available(torch.zeros(4, 3, device=KERNEL_DEVICE), 4)
+    directions = directions.to(DEVICE)  # on a device the kernel runs on: refused for what they are
+    assert spherical_harmonics.available(torch.zeros(4, 3, device=DEVICE), 4)
     assert not spherical_harmonics.available(directions, levels)
     with pytest.raises(ValueError, match="spherical-harmonics kernel"):
         spherical_harmonics.spherical_harmonics(directions, levels)

@@ -105,7 +105,7 @@ class VQADField(Field):
         else:
             hidden = self.density_mlp(features)
             raw, geo = hidden[:, :1], hidden[:, 1:]
-        density = trunc_exp(raw - 1.0) * inside[:, None].to(raw.dtype)
+        density = torch.where(inside[:, None], trunc_exp(raw - 1.0), 0.0)
         return density, geo, inside
 
     def rgb_at(self, geo_features: Float[Tensor, "n g"], directions: Float[Tensor, "n 3"]) -> Float[Tensor, "n 3"]:

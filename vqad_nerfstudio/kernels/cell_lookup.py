@@ -15,10 +15,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from vqad_nerfstudio.kernels import runs_on
+from vqad_nerfstudio.kernels.binary_search import search_steps
 
 try:
     import triton
     import triton.language as tl
+
+    from vqad_nerfstudio.kernels.binary_search import lower_bound
 except ImportError:  # CPU-only installs: the PyTorch path is used
     triton = None
 
@@ -64,15 +67,7 @@ if triton is not None:
             cy = _level_coordinate(y, resolution)
             cz = _level_coordinate(z, resolution)
             key = (cx * resolution + cy) * resolution + cz + offset
-            # lower bound of key in the sorted keys, per point
-            lo = tl.zeros([BLOCK], dtype=tl.int64)
-            hi = tl.zeros([BLOCK], dtype=tl.int64) + num_keys
-            for _ in range(steps):
-                active = lo < hi
-                middle = (lo + hi) // 2
-                below = tl.load(keys + middle, mask=active, other=0) < key
-                lo = tl.where(active & below, middle + 1, lo)
-                hi = tl.where(active & ~below, middle, hi)
+            lo = lower_bound(keys, num_keys, key, steps)
             found = (lo < num_keys) & inside
             at = tl.load(keys + lo, mask=found & mask, other=-1) == key
             row = tl.where(found & at, lo, -1).to(tl.int32)
@@ -98,9 +93,8 @@ def locate(
     out = torch.empty(n, num_levels, dtype=torch.int32, device=unit_positions.device)
     if n:
         keys = cell_keys.to(torch.int64).contiguous()
-        steps = max(1, keys.numel()).bit_length()  # halvings that cover num_keys + 1 candidates
         _locate[(triton.cdiv(n, _BLOCK),)](
-            unit_positions.contiguous(), keys, keys.numel(), steps, out, n,
+            unit_positions.contiguous(), keys, keys.numel(), search_steps(keys.numel()), out, n,
             BASE_RESOLUTION=base_resolution, LEVELS=num_levels, BLOCK=_BLOCK,
         )  # fmt: skip
     return out

@@ -27,11 +27,14 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from vqad_nerfstudio.kernels import runs_on
+from vqad_nerfstudio.kernels.binary_search import search_steps
 from vqad_nerfstudio.rendering.packed import OPAQUE_OPTICAL_DEPTH, PackedSamples
 
 try:
     import triton
     import triton.language as tl
+
+    from vqad_nerfstudio.kernels.binary_search import lower_bound
 except ImportError:  # CPU-only installs: the PyTorch path is used
     triton = None
 
@@ -50,24 +53,10 @@ if triton is not None:
     SUMS_ = tl.constexpr(SUMS)
 
     @triton.jit
-    def _lower_bound(sorted_values, n, target, steps):
-        """The first index of ``sorted_values[:n]`` whose value is not below ``target`` (n if none); ``steps``
-        halvings cover ``n``."""
-        lo = tl.zeros((), dtype=tl.int64)
-        hi = tl.zeros((), dtype=tl.int64) + n
-        for _ in range(steps):
-            active = lo < hi
-            mid = (lo + hi) // 2
-            below = tl.load(sorted_values + mid, mask=active, other=0) < target
-            lo = tl.where(active & below, mid + 1, lo)
-            hi = tl.where(active & ~below, mid, hi)
-        return lo
-
-    @triton.jit
     def _ray_samples(ray_indices, n, steps):
         """This program's ray and the range of its samples."""
         ray = tl.program_id(0).to(tl.int64)
-        return ray, _lower_bound(ray_indices, n, ray, steps), _lower_bound(ray_indices, n, ray + 1, steps)
+        return ray, lower_bound(ray_indices, n, ray, steps), lower_bound(ray_indices, n, ray + 1, steps)
 
     @triton.jit
     def _block(density, starts, ends, index, mask):
@@ -178,11 +167,6 @@ if triton is not None:
 _BLOCK = 32
 
 
-def _steps(n: int) -> int:
-    """Halvings of a binary search over ``n`` values."""
-    return max(int(n).bit_length(), 1)
-
-
 def _intervals(samples: PackedSamples) -> Tuple[Tensor, Tensor, Tensor]:
     """The samples as the kernels read them: contiguous float32 starts and ends, int64 ray indices."""
     starts, ends = samples.starts.contiguous().float(), samples.ends.contiguous().float()
@@ -203,7 +187,7 @@ def visible(
         sigma = density.detach().contiguous().float()
         _visible[(samples.num_rays,)](
             sigma, *_intervals(samples), keep, in_front, n, float(early_stop_eps), float(alpha_threshold),
-            _steps(n), BLOCK=_BLOCK, num_warps=1,
+            search_steps(n), BLOCK=_BLOCK, num_warps=1,
         )  # fmt: skip
     return keep.view(torch.bool), in_front.to(density.dtype)
 
@@ -217,7 +201,7 @@ class _Composite(torch.autograd.Function):
         sums = torch.zeros(num_rays, SUMS, dtype=torch.float32, device=density.device)
         if n and num_rays:
             _composite_forward[(num_rays,)](
-                density, rgb, starts, ends, ray_indices, sums, n, _steps(n), BLOCK=_BLOCK, num_warps=1
+                density, rgb, starts, ends, ray_indices, sums, n, search_steps(n), BLOCK=_BLOCK, num_warps=1
             )
         ctx.save_for_backward(density, rgb, starts, ends, ray_indices, sums)
         ctx.set_materialize_grads(False)
@@ -234,7 +218,7 @@ class _Composite(torch.autograd.Function):
         if n and num_rays:
             _composite_backward[(num_rays,)](
                 density, rgb, starts, ends, ray_indices, sums, grad_sums.contiguous().float(), grad_density,
-                grad_rgb, n, _steps(n), BLOCK=_BLOCK, num_warps=1,
+                grad_rgb, n, search_steps(n), BLOCK=_BLOCK, num_warps=1,
             )  # fmt: skip
         return grad_density, grad_rgb, None, None, None, None
 
