@@ -147,7 +147,8 @@ def test_eval_lookups_share_one_hard_table_until_the_mode_or_parameters_change()
 @pytest.mark.parametrize("fuse_rate", [False, True])
 def test_held_indices_are_computed_once_and_change_nothing(monkeypatch, fuse_rate) -> None:
     """Inside hold_indices a training step's table without gradients and its graded table share one computation of
-    the hard indices (and rate): the same table, rate and gradients as computing them twice."""
+    the hard indices (and rate) and one gather of their codewords: the same table, rate and gradients as computing
+    them twice."""
     from vqad_nerfstudio.encodings import vertex_features
 
     calls = []
@@ -165,13 +166,14 @@ def test_held_indices_are_computed_once_and_change_nothing(monkeypatch, fuse_rat
         rate = store.index_rate_bits() if fuse_rate else torch.zeros(())
         store.hold_indices(False)
         (table.square().sum() + rate).backward()
-        return len(calls), first, table.detach(), rate.detach(), store.logits.grad, store.codebook.grad
+        gathered_once = table.data_ptr() == first.data_ptr()
+        return len(calls), gathered_once, first, table.detach(), rate.detach(), store.logits.grad, store.codebook.grad
 
     held, again = step(True), step(False)
-    assert held[0] == 1 and again[0] == 2
-    for a, b in zip(held[1:], again[1:]):
+    assert held[:2] == (1, True) and again[:2] == (2, False)
+    for a, b in zip(held[2:], again[2:]):
         assert torch.equal(a, b)
-    assert torch.equal(held[1], held[2])
+    assert torch.equal(held[2], held[3])
 
 
 def test_held_indices_end_with_the_hold() -> None:

@@ -197,6 +197,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
         with_rate: bool,
         use_kernel: bool,
         known: Optional[StepIndices],
+        known_table: Optional[Tensor],
     ) -> Tuple[Tensor, Tensor]:
         hard, bits, grad_counts = step_indices(logits, temperature, with_rate, use_kernel) if known is None else known
         ctx.save_for_backward(hard, logits, codebook, grad_counts)
@@ -204,12 +205,12 @@ class _StraightThroughCodewords(torch.autograd.Function):
         optimizer = pending_update(logits)
         ctx.in_backward = None if optimizer is None else (optimizer, logits)  # the parameter itself, to update
         ctx.set_materialize_grads(False)
-        return codebook.index_select(0, hard), bits
+        return codebook.index_select(0, hard) if known_table is None else known_table, bits
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_out: Optional[Tensor], grad_bits: Optional[Tensor]
-    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None, None]:
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None, None, None]:
         hard, logits, codebook, grad_counts = ctx.saved_tensors
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
@@ -224,7 +225,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
                 grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms, ctx.use_kernel)
         if ctx.needs_input_grad[1] and grad_out is not None:
             grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
-        return grad_logits, grad_codebook, None, None, None, None
+        return grad_logits, grad_codebook, None, None, None, None, None
 
 
 def straight_through_codewords(
@@ -233,11 +234,12 @@ def straight_through_codewords(
     temperature: float = 1.0,
     use_kernel: bool = True,
     known: Optional[StepIndices] = None,
+    known_table: Optional[Float[Tensor, "m k"]] = None,
 ) -> Float[Tensor, "m k"]:
     """Chosen codewords of every row, ``codebook[argmax(logits)]``, with straight-through softmax gradients
     to the logits and the chosen codewords. ``known``: :func:`step_indices` of these logits without the rate, if
-    already computed."""
-    return _StraightThroughCodewords.apply(logits, codebook, temperature, False, use_kernel, known)[0]
+    already computed; ``known_table``: the codewords of its indices, if already gathered (returned as the table)."""
+    return _StraightThroughCodewords.apply(logits, codebook, temperature, False, use_kernel, known, known_table)[0]
 
 
 def straight_through_codewords_and_rate(
@@ -246,11 +248,12 @@ def straight_through_codewords_and_rate(
     temperature: float = 1.0,
     use_kernel: bool = True,
     known: Optional[StepIndices] = None,
+    known_table: Optional[Float[Tensor, "m k"]] = None,
 ) -> Tuple[Float[Tensor, "m k"], Float[Tensor, ""]]:
     """:func:`straight_through_codewords` and :func:`soft_index_rate_bits` in one pass: equal values and gradients,
     one gradient buffer and one softmax recomputation for both. ``known``: :func:`step_indices` of these logits and
-    temperature with the rate, if already computed."""
-    return _StraightThroughCodewords.apply(logits, codebook, temperature, True, use_kernel, known)
+    temperature with the rate, if already computed; ``known_table``: as in :func:`straight_through_codewords`."""
+    return _StraightThroughCodewords.apply(logits, codebook, temperature, True, use_kernel, known, known_table)
 
 
 def nonzero_gradient_lookups(grad: Float[Tensor, "n k"], *indices: Int[Tensor, "n"]) -> Tuple[Tensor, ...]:
@@ -557,6 +560,9 @@ class CodebookFeatures(FeatureStore):
         """The rate the last :meth:`table` computed, and the logits' version it belongs to."""
         self._held_indices: Optional[StepIndices] = None
         """Inside :meth:`hold_indices`, the :func:`step_indices` of the first training table without gradients."""
+        self._held_table: Optional[Tensor] = None
+        """Inside :meth:`hold_indices`, the codewords of the held indices, gathered by the first training table without
+        gradients (the graded table returns them: the step gathers them once)."""
         self._holding = False
         self._hard_table: Optional[Tuple[Tuple, Tensor]] = None
         """In eval mode, the hard table of the first lookup without gradients, and the parameters' state it belongs to
@@ -602,6 +608,7 @@ class CodebookFeatures(FeatureStore):
         once instead of twice. The logits and the temperature must not change meanwhile."""
         self._holding = hold
         self._held_indices = None
+        self._held_table = None
 
     def _indices_of_step(self) -> StepIndices:
         """:func:`step_indices` of the logits as they are, held inside :meth:`hold_indices`."""
@@ -611,6 +618,15 @@ class CodebookFeatures(FeatureStore):
         if self._holding:
             self._held_indices = known
         return known
+
+    def _hard_table_of_step(self) -> Float[Tensor, "m k"]:
+        """The codewords of :meth:`_indices_of_step`'s hard indices, held with them inside :meth:`hold_indices`."""
+        if self._held_table is not None:
+            return self._held_table
+        table = self.codebook.index_select(0, self._indices_of_step()[0])
+        if self._holding:
+            self._held_table = table
+        return table
 
     def _codewords(self, rows: Int[Tensor, "n"]) -> Float[Tensor, "n k"]:
         """:meth:`forward` without the rows kept in float."""
@@ -633,19 +649,21 @@ class CodebookFeatures(FeatureStore):
             return soft_codewords(self.logits, self.codebook, self.temperature)
         if not torch.is_grad_enabled():
             if self.training:
-                return self.codebook.index_select(0, self._indices_of_step()[0])
+                return self._hard_table_of_step()
             state = tuple((t.data_ptr(), t._version, t.shape) for t in (self.logits, self.codebook))
             if self._hard_table is None or self._hard_table[0] != state:
                 self._hard_table = state, self.codebook.index_select(0, self.logits.argmax(dim=-1))
             return self._hard_table[1]
-        held = self._held_indices if self.training else None
+        held, held_table = (self._held_indices, self._held_table) if self.training else (None, None)
         if self.fuse_rate and self.training:
             table, rate = straight_through_codewords_and_rate(
-                self.logits, self.codebook, self.temperature, self.use_kernels, held
+                self.logits, self.codebook, self.temperature, self.use_kernels, held, held_table
             )
             self._rate_of_table = rate, self.logits._version
             return table
-        return straight_through_codewords(self.logits, self.codebook, self.temperature, self.use_kernels, held)
+        return straight_through_codewords(
+            self.logits, self.codebook, self.temperature, self.use_kernels, held, held_table
+        )
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores (``RuntimeError`` in the float warm-up)."""

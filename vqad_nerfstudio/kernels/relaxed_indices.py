@@ -179,7 +179,7 @@ def _hard_indices_and_partial_sums(
     rows, codewords = logits.shape
     hard = torch.empty(rows, dtype=torch.long, device=logits.device)
     programs = triton.cdiv(rows, _ROWS_PER_PROGRAM)
-    partial_sums = torch.zeros(programs if with_shares else 0, codewords, device=logits.device)
+    partial_sums = torch.empty(programs if with_shares else 0, codewords, device=logits.device)  # each row written
     if rows:
         columns, block = _block_rows(codewords)
         _hard_and_shares_kernel[(programs,)](
@@ -196,7 +196,7 @@ def hard_indices_and_shares(
     (else an empty tensor), in one read of the logits. Sums are per ROWS_PER_PROGRAM rows, then added in a fixed
     order: the same logits give the same sums."""
     hard, partial_sums = _hard_indices_and_partial_sums(logits.detach().contiguous(), temperature, with_shares)
-    shares = partial_sums.sum(dim=0) if with_shares else logits.new_zeros(0)
+    shares = partial_sums.sum(dim=0) if with_shares else logits.new_empty(0)
     return hard, shares
 
 
@@ -264,7 +264,7 @@ def _gradient_terms(
     whole codebook once per channel, the step's largest cost at 1024 codewords) and the shares' gradient."""
     if (grad_rows is None) != (codebook is None):
         raise ValueError("grad_rows and codebook come together")
-    empty = logits.new_zeros(0)
+    empty = logits.new_empty(0)
     share = empty if grad_share is None else grad_share.contiguous().float()
     if grad_rows is None:
         return empty, empty, share
