@@ -80,12 +80,12 @@ if triton is not None:
         density, starts, ends, ray_indices, keep, in_front, n, early_stop_eps, alpha_threshold,
         steps, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        _, first, last = _ray_samples(ray_indices, n, steps)
+        _ray, first, last = _ray_samples(ray_indices, n, steps)
         before = tl.zeros((), dtype=tl.float32)
         for offset in range(first, last, BLOCK):
             index = offset + tl.arange(0, BLOCK)
             mask = index < last
-            _, _, capped, optical_depth = _block(density, starts, ends, index, mask)
+            _delta, _midpoint, capped, optical_depth = _block(density, starts, ends, index, mask)
             transmittance = tl.exp(-(before + tl.cumsum(capped, 0) - capped))
             shown = (transmittance > early_stop_eps) & (_opacity(optical_depth) >= alpha_threshold)
             tl.store(keep + index, shown.to(tl.int8), mask=mask)
@@ -104,7 +104,7 @@ if triton is not None:
         for offset in range(first, last, BLOCK):
             index = offset + tl.arange(0, BLOCK)
             mask = index < last
-            _, midpoint, capped, optical_depth = _block(density, starts, ends, index, mask)
+            _delta, midpoint, capped, optical_depth = _block(density, starts, ends, index, mask)
             weight = tl.exp(-(before + tl.cumsum(capped, 0) - capped)) * _opacity(optical_depth)
             red += tl.sum(weight * tl.load(rgb + index * 3, mask=mask, other=0.0), 0)
             green += tl.sum(weight * tl.load(rgb + index * 3 + 1, mask=mask, other=0.0), 0)
