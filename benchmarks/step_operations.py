@@ -34,7 +34,7 @@ Phase = Literal["warm-up", "straight-through", "frozen"]
 PHASES: Tuple[Phase, ...] = ("warm-up", "straight-through", "frozen")
 PATHS: Dict[str, Dict[str, bool]] = {
     "PyTorch": dict(fused_kernels=False),
-    "fused": dict(fused_kernels=True),
+    "fused": dict(fused_kernels=True, fused_decoders=False),
     "fused, decoders too": dict(fused_kernels=True, fused_decoders=True),
 }
 """The paths compared: the model settings of each."""

@@ -142,9 +142,10 @@ class VQADModelConfig(ModelConfig):
     rate, logit gradients) with the relaxed-index kernels, the view directions' spherical harmonics with their kernel
     and the packed samples' visibility and composite with the compositing kernels; False: the PyTorch reference path
     everywhere."""
-    fused_decoders: bool = False
+    fused_decoders: bool = True
     """With fused_kernels: run each decoder MLP's forward and backward pass as one Triton kernel each
-    (kernels/fused_mlp.py; same parameters and file layout). Off until timed against the PyTorch decoders on a GPU."""
+    (kernels/fused_mlp.py; same parameters and file layout; on an H200, lego's float twin evaluated ×1.49 faster in
+    half the peak training memory); False: nerfstudio's MLP."""
     tf32: bool = True
     """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
     set_float32_matmul_precision("high"), which applies to the whole process."""
