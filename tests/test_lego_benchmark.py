@@ -78,13 +78,13 @@ def test_only_variants_with_other_kernel_shapes_get_a_kernel_warm_up_of_their_ow
         overrides={
             "vqad@b10.pipeline.model.index_bits": "10",
             "vqad@w.pipeline.model.index_rate_weight": "3e-5",
-            "vqad@fd.pipeline.model.fused_decoders": "True",
+            "vqad@pd.pipeline.model.fused_decoders": "False",
         },
     )
-    methods = ("vqad", "vqad@b10", "vqad@w", "vqad@fd", "vqad-float")
+    methods = ("vqad", "vqad@b10", "vqad@w", "vqad@pd", "vqad-float")
     shapes = {method: bench._kernel_shapes(method, options) for method in methods}
     assert shapes["vqad@w"] == shapes["vqad"]  # the same kernels: warmed up once
-    assert len({shapes["vqad"], shapes["vqad@b10"], shapes["vqad@fd"], shapes["vqad-float"]}) == 4
+    assert len({shapes["vqad"], shapes["vqad@b10"], shapes["vqad@pd"], shapes["vqad-float"]}) == 4
 
 
 def test_the_late_step_time_is_the_last_quarters_mean() -> None:
