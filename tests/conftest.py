@@ -11,12 +11,12 @@ from nerfstudio.data.scene_box import SceneBox
 from vqad_nerfstudio.codec import write_container
 from vqad_nerfstudio.export.vqad_codec import encode_model
 from vqad_nerfstudio.kernels import INTERPRETED, triton
+from vqad_nerfstudio.models.vqad import VQADModel, VQADModelConfig
 
 from kernel_launches import launches_file, record_launches
 
 if INTERPRETED and triton is not None and launches_file() is not None:
     record_launches(launches_file())  # for tests/test_kernel_compilation.py
-from vqad_nerfstudio.models.vqad import VQADModel, VQADModelConfig
 
 
 @pytest.fixture

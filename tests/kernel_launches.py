@@ -57,13 +57,10 @@ def describe_launch(fn, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """A launch of the kernel ``fn`` (its Python function) as JSON: module, name, each argument's type or constexpr
     value, and the launch's compile options (``num_warps``, ...)."""
     parameters = list(inspect.signature(fn).parameters.values())
-    bound = dict(zip([p.name for p in parameters], args))
-    options = {}
-    for name, value in kwargs.items():
-        if name in {p.name for p in parameters}:
-            bound[name] = value
-        else:
-            options[name] = value
+    names = [parameter.name for parameter in parameters]
+    bound = dict(zip(names, args))
+    bound.update((name, value) for name, value in kwargs.items() if name in names)
+    options = {name: value for name, value in kwargs.items() if name not in names}
     signature, constexprs = {}, {}
     for index, parameter in enumerate(parameters):
         value = bound.get(parameter.name, parameter.default)
