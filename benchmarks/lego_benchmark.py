@@ -95,6 +95,9 @@ class BenchmarkConfig:
     """Bits per decoder-MLP weight in the compressed files of vqad and vqad-float (16, or 2..8 quantised; None:
     each run's own --pipeline.model.network-bits, as ns-export writes it); the other methods' files keep fp16
     networks."""
+    codebook_bits: Optional[int] = None
+    """Bits per codebook value in the compressed files of vqad (16, or 2..8 rounded per feature channel; None: each
+    run's own --pipeline.model.codebook-bits, as ns-export writes it)."""
     kernel_warmup_steps: int = 100
     """On CUDA, train the first run of each base method (vqad, vqad-float, ...) and of each of its kernel shapes
     (:data:`KERNEL_SHAPE_SETTINGS`, e.g. other index bits) this many steps untimed before its clock starts (a run
@@ -588,8 +591,10 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
 
     base_method = method.split("@")[0]
     entry = method_format(base_method)
-    network_bits = bench.network_bits if entry.quantised_networks else None
-    encoded = encode_any(pipeline.model, base_method, "entropy", network_bits=network_bits)
+    network_bits = bench.network_bits if entry.quantised_parameters else None
+    has_codebooks = getattr(pipeline.model.config, "feature_store", None) == "codebook"
+    codebook_bits = bench.codebook_bits if entry.quantised_parameters and has_codebooks else None
+    encoded = encode_any(pipeline.model, base_method, "entropy", network_bits, codebook_bits)
     data = write_container(encoded.header, encoded.chunks)
     if bench.keep_files:
         (bench.output_dir / f"{method.replace('@', '-')}.vqnf").write_bytes(data)
@@ -597,7 +602,7 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
     if report["index_bytes_raw"] is None:  # no codebook indices: the raw-packed file is the same file
         raw_bytes = len(data)
     else:
-        raw = encode_any(pipeline.model, base_method, "raw", network_bits=network_bits)
+        raw = encode_any(pipeline.model, base_method, "raw", network_bits, codebook_bits)
         raw_bytes = len(write_container(raw.header, raw.chunks))
     dataset, device = pipeline.datamanager.eval_dataset, pipeline.device
 

@@ -12,6 +12,7 @@ optimisers' steps are not counted, and the gradients are set to None before the 
 optimisers set them before each step (so that they are assigned, not added to).
 
     python benchmarks/step_operations.py --paths PyTorch fused   # a subset of the paths (older commits)
+    python benchmarks/step_operations.py --codebook-bits 8       # codebooks rounded in each step
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class Args:
     """Bits per learned index (the count does not depend on it)."""
     paths: Tuple[str, ...] = tuple(PATHS)
     """The paths to count (of PATHS)."""
+    codebook_bits: int = 16
+    """Bits per codebook value (16: fp16, no rounding; 2..8: rounded in each step)."""
 
 
 class _Counter(TorchDispatchMode):
@@ -112,11 +115,11 @@ def _count_triton_launches() -> None:
         cls.run = counted
 
 
-def _model(path: Dict[str, bool], phase: Phase, index_bits: int, device: str) -> VQADModel:
+def _model(path: Dict[str, bool], phase: Phase, args: Args, device: str) -> VQADModel:
     torch.manual_seed(0)
     config = VQADModelConfig(
-        index_bits=index_bits, base_resolution=2, dense_resolution=8, index_warmup_steps=100,
-        warmup_grown_levels=True, tf32=False, **path,
+        index_bits=args.index_bits, codebook_bits=args.codebook_bits, base_resolution=2, dense_resolution=8,
+        index_warmup_steps=100, warmup_grown_levels=True, tf32=False, **path,
     )  # fmt: skip
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.5] * 3, [1.5] * 3])), num_train_data=1)
     model = model.to(device).train()
@@ -170,10 +173,11 @@ def main(args: Args) -> None:
     rows = []
     for phase in PHASES:
         for name in args.paths:
-            model = _model(PATHS[name], phase, args.index_bits, device)
+            model = _model(PATHS[name], phase, args, device)
             forward, backward = _step_counts(model, _rays(model, args.rays, device))
             rows.append((phase, name, forward, backward))
-    print(f"\nOperations of one vqad training step ({device}, {args.rays} rays, {args.index_bits}-bit indices)")
+    bits = f"{args.index_bits}-bit indices, {args.codebook_bits}-bit codebooks"
+    print(f"\nOperations of one vqad training step ({device}, {args.rays} rays, {bits})")
     print("| phase | path | forward: PyTorch ops + Triton launches | backward | step |")
     print("|---|---|---|---|---|")
     for phase, name, forward, backward in rows:

@@ -9,13 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vqad_nerfstudio.fields.quantized_linear import (
-    QuantizedConvTranspose2d,
-    QuantizedLinear,
-    dequantize_rows,
-    quantizable_layers,
-    quantize_rows,
-)
+from vqad_nerfstudio.fields.quantized_linear import QuantizedConvTranspose2d, QuantizedLinear, quantizable_layers
+from vqad_nerfstudio.rounding import dequantize_rows, quantize_rows, rounded_columns, rounded_rows
 
 
 def _weight(seed: int = 0, shape=(7, 5)) -> torch.Tensor:
@@ -46,6 +41,19 @@ def test_rounding_twice_changes_nothing() -> None:
     weight = _weight(1)
     once = dequantize_rows(*quantize_rows(weight, 6), weight.shape)
     assert torch.equal(dequantize_rows(*quantize_rows(once, 6), weight.shape), once)
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_rounded_rows_and_columns_follow_the_rule(bits: int) -> None:
+    """What training reads is what a file decodes to: rows (decoder weights) and columns (codebook channels), a
+    batch of matrices at once."""
+    weight = _weight(2, (5, 3, 4))
+    assert torch.equal(rounded_rows(weight, bits), dequantize_rows(*quantize_rows(weight, bits), weight.shape))
+    matrices = torch.stack([_weight(3), _weight(4) * 50])
+    columns = rounded_columns(matrices, bits)
+    for matrix, rounded in zip(matrices, columns):
+        assert torch.equal(rounded, rounded_rows(matrix.t(), bits).t())
+    assert columns.is_contiguous()
 
 
 def test_bit_widths_outside_2_to_8_are_refused() -> None:

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor, nn
 
-from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap
+from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap, round_held_codebooks
 from vqad_nerfstudio.kernels import cell_lookup, grid_interpolation
 
 # Offsets of a cell's 8 corners, in (x, y, z) order; corner c has offsets of its bits (x = bit 2).
@@ -390,6 +390,7 @@ class SparseFeatureGrid(nn.Module):
         lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it."""
         for level in self.levels:
             level.features.hold_indices(True)
+        round_held_codebooks([level.features for level in self.levels])
         try:
             yield
         finally:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
 from vqad_nerfstudio.kernels import relaxed_indices
 from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update
+from vqad_nerfstudio.rounding import QUANTIZED_BITS, rounded_columns, straight_through
 
 ROW_CHUNK = 1 << 17
 """Rows per chunk of the softmax gradients below: their temporaries stay at ``ROW_CHUNK x 2**b`` values whatever
@@ -507,6 +508,10 @@ class CodebookFeatures(FeatureStore):
     still train; the indices cannot, and there is no warm-up. :meth:`freeze_indices` turns a trained store into a
     frozen one (its ``logits`` then an empty parameter).
 
+    ``codebook_bits`` (2..8) makes lookups read the codebook rounded to that many bits per value, one scale per
+    feature channel, as a file stores it (:mod:`vqad_nerfstudio.rounding`), with straight-through gradients to the
+    float codebook; None reads it as it is (fp16 in a file).
+
     ``fuse_rate=True`` computes the index rate in :meth:`table`'s pass (for a loss with the rate term).
     ``use_kernels=False`` keeps the softmax side of the indices on the PyTorch reference path on a GPU too.
     """
@@ -525,10 +530,15 @@ class CodebookFeatures(FeatureStore):
         frozen: bool = False,
         fuse_rate: bool = False,
         use_kernels: bool = True,
+        codebook_bits: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not 1 <= index_bits <= 16:
             raise ValueError(f"index_bits must be in 1..16, got {index_bits}")
+        if codebook_bits is not None and codebook_bits not in QUANTIZED_BITS:
+            raise ValueError(f"codebook_bits must be None (as trained) or 2..8, got {codebook_bits!r}")
+        self.codebook_bits = codebook_bits
+        """None: lookups read the codebook as it is; 2..8: rounded per feature channel to that many bits."""
         self.index_bits = index_bits
         self.feature_dim = feature_dim
         self.logit_init_std = logit_init_std
@@ -563,6 +573,8 @@ class CodebookFeatures(FeatureStore):
         self._held_table: Optional[Tensor] = None
         """Inside :meth:`hold_indices`, the codewords of the held indices, gathered by the first training table without
         gradients (the graded table returns them: the step gathers them once)."""
+        self._held_codebook: Optional[Tensor] = None
+        """Inside :meth:`hold_indices`, the codebook rounded to ``codebook_bits`` by the step's first lookup."""
         self._holding = False
         self._hard_table: Optional[Tuple[Tuple, Tensor]] = None
         """In eval mode, the hard table of the first lookup without gradients, and the parameters' state it belongs to
@@ -609,6 +621,19 @@ class CodebookFeatures(FeatureStore):
         self._holding = hold
         self._held_indices = None
         self._held_table = None
+        self._held_codebook = None
+
+    def lookup_codebook(self) -> Float[Tensor, "c k"]:
+        """The codebook as lookups read it: rounded to ``codebook_bits`` per feature channel (once inside
+        :meth:`hold_indices`), gradients straight through to the float codebook; as it is without ``codebook_bits``."""
+        if self.codebook_bits is None:
+            return self.codebook
+        rounded = self._held_codebook
+        if rounded is None:
+            rounded = rounded_columns(self.codebook, self.codebook_bits)
+            if self._holding:
+                self._held_codebook = rounded
+        return straight_through(self.codebook, rounded)
 
     def _indices_of_step(self) -> StepIndices:
         """:func:`step_indices` of the logits as they are, held inside :meth:`hold_indices`."""
@@ -623,7 +648,7 @@ class CodebookFeatures(FeatureStore):
         """The codewords of :meth:`_indices_of_step`'s hard indices, held with them inside :meth:`hold_indices`."""
         if self._held_table is not None:
             return self._held_table
-        table = self.codebook.index_select(0, self._indices_of_step()[0])
+        table = self.lookup_codebook().index_select(0, self._indices_of_step()[0])
         if self._holding:
             self._held_table = table
         return table
@@ -632,38 +657,38 @@ class CodebookFeatures(FeatureStore):
         """:meth:`forward` without the rows kept in float."""
         if self.in_float_warmup:
             return self.warmup_features.index_select(0, rows)
+        codebook = self.lookup_codebook()
         if self.frozen:
-            return self.codebook.index_select(0, self.indices.index_select(0, rows))
+            return codebook.index_select(0, self.indices.index_select(0, rows))
         relaxed = self.relaxed and self.training
         if not torch.is_grad_enabled() and not relaxed:
-            return self.codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
-        return straight_through_lookup(rows, self.logits, self.codebook, self.temperature, relaxed, self.use_kernels)
+            return codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
+        return straight_through_lookup(rows, self.logits, codebook, self.temperature, relaxed, self.use_kernels)
 
     def _codeword_table(self) -> Float[Tensor, "m k"]:
         """:meth:`table` without the rows kept in float."""
         if self.in_float_warmup:
             return self.warmup_features
         if self.frozen:
-            return self.codebook.index_select(0, self.indices)
+            return self.lookup_codebook().index_select(0, self.indices)
         if self.relaxed and self.training:
-            return soft_codewords(self.logits, self.codebook, self.temperature)
+            return soft_codewords(self.logits, self.lookup_codebook(), self.temperature)
         if not torch.is_grad_enabled():
             if self.training:
                 return self._hard_table_of_step()
-            state = tuple((t.data_ptr(), t._version, t.shape) for t in (self.logits, self.codebook))
+            state = (self.codebook_bits, *((t.data_ptr(), t._version, t.shape) for t in (self.logits, self.codebook)))
             if self._hard_table is None or self._hard_table[0] != state:
-                self._hard_table = state, self.codebook.index_select(0, self.logits.argmax(dim=-1))
+                self._hard_table = state, self.lookup_codebook().index_select(0, self.logits.argmax(dim=-1))
             return self._hard_table[1]
         held, held_table = (self._held_indices, self._held_table) if self.training else (None, None)
+        codebook = self.lookup_codebook()
         if self.fuse_rate and self.training:
             table, rate = straight_through_codewords_and_rate(
-                self.logits, self.codebook, self.temperature, self.use_kernels, held, held_table
+                self.logits, codebook, self.temperature, self.use_kernels, held, held_table
             )
             self._rate_of_table = rate, self.logits._version
             return table
-        return straight_through_codewords(
-            self.logits, self.codebook, self.temperature, self.use_kernels, held, held_table
-        )
+        return straight_through_codewords(self.logits, codebook, self.temperature, self.use_kernels, held, held_table)
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores (``RuntimeError`` in the float warm-up)."""
@@ -881,6 +906,23 @@ class CodebookFeatures(FeatureStore):
         }
 
 
+@torch.no_grad()
+def round_held_codebooks(stores: Sequence[FeatureStore]) -> None:
+    """Round the codebooks of ``stores`` inside :meth:`~CodebookFeatures.hold_indices` (those with
+    ``codebook_bits``, past their float warm-up) now, those of equal shape and bits in one pass: one set of
+    operations for all levels of a grid instead of one per level."""
+    groups: Dict[Tuple[int, torch.Size, torch.device], List[CodebookFeatures]] = {}
+    for store in stores:
+        if isinstance(store, CodebookFeatures) and store.codebook_bits is not None and not store.in_float_warmup:
+            if store._holding:
+                key = (store.codebook_bits, store.codebook.shape, store.codebook.device)
+                groups.setdefault(key, []).append(store)
+    for (bits, _, _), group in groups.items():
+        rounded = rounded_columns(torch.stack([store.codebook for store in group]), bits)
+        for store, codebook in zip(group, rounded.unbind(0)):
+            store._held_codebook = codebook
+
+
 class FloatFeatures(FeatureStore):
     """``num_rows`` free float feature vectors: the uncompressed twin of :class:`CodebookFeatures`."""
 
@@ -921,6 +963,7 @@ __all__ = [
     "FeatureStore",
     "CodebookFeatures",
     "FloatFeatures",
+    "round_held_codebooks",
     "soft_codewords",
     "straight_through_codewords",
     "straight_through_codewords_and_rate",

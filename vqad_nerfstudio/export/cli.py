@@ -45,6 +45,10 @@ class ExportVQADCompressed:
     """Bits per decoder-MLP weight of vqad and vqad-float files: 16 (fp16), or 8..4 (quantised per output row and
     range-coded: 6 takes under half the fp16 bytes, for the smallest coarse levels of detail). None: the run's
     --pipeline.model.network-bits, at which it trained its decoders (the decoded file then renders as trained)."""
+    codebook_bits: Optional[Literal[16, 8, 7, 6, 5, 4]] = None
+    """Bits per codebook value of vqad files: 16 (fp16), or 8..4 (rounded per feature channel and range-coded; with
+    8-bit indices 6 takes about a third of the fp16 codebooks' bytes). None: the run's
+    --pipeline.model.codebook-bits, at which it trained its codebooks (the decoded file then renders as trained)."""
     overwrite: bool = False
     """Replace an existing model.vqnf."""
 
@@ -77,7 +81,9 @@ class ExportVQADCompressed:
             _fail(command, f"{self.load_config} is a {method} run; vqad-compressed writes runs of {names}")
         config, pipeline, checkpoint, _ = eval_setup(self.load_config, test_mode="inference")
         try:
-            encoded = encode_any(pipeline.model, config.method_name, self.index_coding, self.network_bits)
+            encoded = encode_any(
+                pipeline.model, config.method_name, self.index_coding, self.network_bits, self.codebook_bits
+            )
         except (UnsupportedMethodError, ValueError) as error:
             _fail(command, str(error))
         try:

@@ -30,9 +30,9 @@ from vqad_nerfstudio.models.vqad import VQADModel
 
 __all__ = ["MethodFormat", "METHOD_FORMATS", "method_format", "model_method", "encode_any", "load_any"]
 
-Encoder = Callable[[Any, str, IndexCoding, Optional[int]], EncodedModel]
-"""(model, method, index coding, network bits or None for the model's own) -> the file's header, chunks and level
-statistics."""
+Encoder = Callable[[Any, str, IndexCoding, Optional[int], Optional[int]], EncodedModel]
+"""(model, method, index coding, network bits, codebook bits; None for the model's own) -> the file's header, chunks
+and level statistics."""
 Decoder = Callable[[Source, Optional[int]], Tuple[Any, DecodeInfo]]
 """(file, finest level of detail to keep or None) -> the model (CPU, eval mode) and what the file held."""
 
@@ -51,8 +51,9 @@ class MethodFormat:
     """Rebuilds the model a file of this method holds (see :data:`Decoder`)."""
     levels_of_detail: bool
     """Whether a prefix of a file decodes to a coarser model (``max_lod`` and per-level reports)."""
-    quantised_networks: bool
-    """Whether files can store the decoder networks quantised (``network_bits`` other than 16)."""
+    quantised_parameters: bool
+    """Whether files can store the decoder networks and codebooks quantised (``network_bits``, ``codebook_bits`` other
+    than 16)."""
     float_reference: str
     """What the float reference of a size report stores in place of the coded part (per-level
     ``float_grid_bytes``)."""
@@ -66,25 +67,27 @@ _VQAD = dict(
     encode=encode_model,
     decode=lambda source, max_lod: load_compressed(source, max_lod=max_lod),
     levels_of_detail=True,
-    quantised_networks=True,
+    quantised_parameters=True,
     float_reference="an fp16 feature vector per vertex, same topology",
     decoder_tags=DECODER_TAGS,
 )
 _HASH = dict(
     model_type=LearnedIndexNerfactoModel,
-    encode=lambda model, method, index_coding, _network_bits: encode_hash_model(model, method, index_coding),
+    encode=lambda model, method, index_coding, _network_bits, _codebook_bits: encode_hash_model(
+        model, method, index_coding
+    ),
     decode=lambda source, _max_lod: load_hash_compressed(source),
     levels_of_detail=False,
-    quantised_networks=False,
+    quantised_parameters=False,
     float_reference="an fp16 feature vector per index entry",
     decoder_tags=(),
 )
 _PLANES = dict(
     model_type=CompressedTensoRFModel,
-    encode=lambda model, method, _index_coding, _network_bits: encode_planes_model(model, method),
+    encode=lambda model, method, _index_coding, _network_bits, _codebook_bits: encode_planes_model(model, method),
     decode=lambda source, _max_lod: load_planes_compressed(source),
     levels_of_detail=False,
-    quantised_networks=False,
+    quantised_parameters=False,
     float_reference="the uncompressed planes, fp32 as tensorf stores them",
     decoder_tags=(TAG_PDEC, TAG_PDCQ),  # the plane decoder; NETS also holds tensorf's line factors
 )
@@ -122,18 +125,23 @@ def encode_any(
     method: Optional[str] = None,
     index_coding: IndexCoding = "entropy",
     network_bits: Optional[int] = None,
+    codebook_bits: Optional[int] = None,
 ) -> EncodedModel:
     """Header, chunks and level statistics of a trained model of any method of this package, written as ``method``
-    (default: :func:`model_method`). Quantised decoder networks (``network_bits`` in 2..8) only where the method's
-    format has them; None: the bits the model trained its decoders at (vqad, vqad-float), fp16 otherwise."""
+    (default: :func:`model_method`). Quantised decoder networks and codebooks (``network_bits``, ``codebook_bits`` in
+    2..8) only where the method's format has them; None: the bits the model trained them at (vqad, vqad-float), fp16
+    otherwise."""
     method = method or model_method(model)
     entry = method_format(method)
     if not isinstance(model, entry.model_type):
         raise UnsupportedMethodError(f"{type(model).__name__} is not a {method} model")
-    if network_bits not in (None, 16) and not entry.quantised_networks:
-        names = ", ".join(name for name, other in METHOD_FORMATS.items() if other.quantised_networks)
-        raise UnsupportedMethodError(f"quantised networks are written for {names} models only, not {method}")
-    return entry.encode(model, method, index_coding, network_bits)
+    quantised = network_bits not in (None, 16) or codebook_bits not in (None, 16)
+    if quantised and not entry.quantised_parameters:
+        names = ", ".join(name for name, other in METHOD_FORMATS.items() if other.quantised_parameters)
+        raise UnsupportedMethodError(
+            f"quantised networks and codebooks are written for {names} models only, not {method}"
+        )
+    return entry.encode(model, method, index_coding, network_bits, codebook_bits)
 
 
 def load_any(source: Source, max_lod: Optional[int] = None) -> Tuple[Any, DecodeInfo]:

@@ -22,7 +22,7 @@ from vqad_nerfstudio.codec import (
 )
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.symbols import decode_symbols
-from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS, quantize_rows
+from vqad_nerfstudio.rounding import QUANTIZED_BITS, quantize_rows
 
 __all__ = [
     "fp16_array",

@@ -40,9 +40,9 @@ from vqad_nerfstudio.export.payloads import (
 )
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, LevelStats
-from vqad_nerfstudio.fields.quantized_linear import QUANTIZED_BITS
 from vqad_nerfstudio.models.limits import MAX_PLANE_RESOLUTION
 from vqad_nerfstudio.progress import status
+from vqad_nerfstudio.rounding import QUANTIZED_BITS
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel

@@ -2,10 +2,11 @@
 
 The header names the method, the model settings needed to rebuild it, the scene box and the
 number of levels stored. The decoder MLPs come first (``MLPS`` in fp16, or ``MLPQ`` quantised),
-then each level of detail in order: its topology (``TOPO``), and either its codebook (``CBOK``)
-and codebook indices (``IDXE`` range-coded, ``IDXN`` range-coded with their grid neighbours as context in files
-that require ``neighbour_indices``, or ``IDXR`` bit-packed) or its float features (``FEAT``); in files that
-require ``float_rows``, then the vertices kept in float (``FROW``).
+then each level of detail in order: its topology (``TOPO``), and either its codebook (``CBOK`` in fp16, or
+``CBKQ`` quantised in files that require ``quantized_codebooks``) and codebook indices (``IDXE`` range-coded,
+``IDXN`` range-coded with their grid neighbours as context in files that require ``neighbour_indices``, or ``IDXR``
+bit-packed) or its float features (``FEAT``); in files that require ``float_rows``, then the vertices kept in float
+(``FROW``).
 Any prefix of a file that ends on a chunk boundary decodes to the complete levels it holds. The
 byte layout is specified in ``docs/format.md``.
 
@@ -93,6 +94,12 @@ DECODER_TAGS = (TAG_MLPS, TAG_MLPQ)
 """The decoder MLPs' chunk: fp16 weights, or quantised ones."""
 TAG_TOPO = "TOPO"
 TAG_CBOK = "CBOK"
+TAG_CBKQ = "CBKQ"
+CODEBOOK_TAGS = (TAG_CBOK, TAG_CBKQ)
+"""A codebook level's codebook: fp16, or quantised; one per level."""
+CODEBOOK_NAME = "codebook"
+"""The one matrix of a ``CBKQ`` payload: the codebook transposed, ``(k, 2^b)``, so that each feature channel is a row
+with its own scale."""
 TAG_IDXE = "IDXE"
 TAG_IDXN = "IDXN"
 TAG_IDXR = "IDXR"
@@ -101,7 +108,7 @@ INDEX_TAGS = (TAG_IDXE, TAG_IDXN, TAG_IDXR)
 context, or bit-packed; one per level."""
 TAG_FEAT = "FEAT"
 TAG_FROW = "FROW"
-_LEVEL_TAGS = (TAG_TOPO, TAG_CBOK, *INDEX_TAGS, TAG_FEAT, TAG_FROW)
+_LEVEL_TAGS = (TAG_TOPO, *CODEBOOK_TAGS, *INDEX_TAGS, TAG_FEAT, TAG_FROW)
 
 MODEL_KEYS = (
     "index_bits",
@@ -131,15 +138,23 @@ float_vertex_fraction): every level has a FROW chunk, and the file is version 2.
 NEIGHBOUR_INDICES_REQUIREMENT = "neighbour_indices"
 """The requirement of a file with ``IDXN`` chunks (indices coded with their grid neighbours as context): version
 2.0. Writers use ``IDXN`` for a level only where it is shorter than ``IDXE``."""
+QUANTIZED_CODEBOOKS_REQUIREMENT = "quantized_codebooks"
+"""The requirement of a file with ``CBKQ`` chunks (codebooks rounded to 2..8 bits per value and range-coded,
+VQADModelConfig.codebook_bits): version 2.0."""
 KNOWN_REQUIREMENTS = (
     SHELL_LOD_KEY,
     BASE_INDEX_BITS_KEY,
     ALPHA_THRESHOLD_KEY,
     FLOAT_ROWS_REQUIREMENT,
     NEIGHBOUR_INDICES_REQUIREMENT,
+    QUANTIZED_CODEBOOKS_REQUIREMENT,
 )
 """What this reader implements of a version 2.0 file's ``requires``."""
-_TAG_REQUIREMENTS = {TAG_FROW: FLOAT_ROWS_REQUIREMENT, TAG_IDXN: NEIGHBOUR_INDICES_REQUIREMENT}
+_TAG_REQUIREMENTS = {
+    TAG_FROW: FLOAT_ROWS_REQUIREMENT,
+    TAG_IDXN: NEIGHBOUR_INDICES_REQUIREMENT,
+    TAG_CBKQ: QUANTIZED_CODEBOOKS_REQUIREMENT,
+}
 """Level chunks that only files requiring a feature may hold."""
 LEGACY_BITS_KEY = "bits"
 """What files written before the rename call ``index_bits`` (docs/format.md); readers accept either."""
@@ -209,6 +224,7 @@ def encode_model(
     method: Optional[str] = None,
     index_coding: IndexCoding = "entropy",
     network_bits: Optional[int] = None,
+    codebook_bits: Optional[int] = None,
 ) -> EncodedModel:
     """Header, chunks and per-level statistics of a trained model.
 
@@ -217,7 +233,8 @@ def encode_model(
     IDXR where bit packing is strictly shorter, e.g. for a tiny level); ``"raw"`` writes IDXR
     chunks only. Both sizes are measured either way. ``network_bits`` in 2..8 stores the decoder MLPs'
     matrices quantised to that many bits per weight (``MLPQ``) instead of fp16 (``MLPS``); default: the model's
-    ``network_bits`` (what it trained with).
+    ``network_bits`` (what it trained with). ``codebook_bits`` in 2..8 stores every level's codebook rounded to that
+    many bits per value (``CBKQ``), 16 in fp16 (``CBOK``); default: each level's own (what it trained with).
     """
     if index_coding not in get_args(IndexCoding):
         raise ValueError(f"index_coding must be 'entropy' or 'raw', got {index_coding!r}")
@@ -229,6 +246,11 @@ def encode_model(
     network_bits = config.network_bits if network_bits is None else network_bits
     if network_bits != 16 and network_bits not in QUANTIZED_BITS:
         raise ValueError(f"network_bits must be 16 (fp16) or 2..8 (quantised), got {network_bits!r}")
+    if codebook_bits is not None and codebook_bits != 16:
+        if codebook_bits not in QUANTIZED_BITS:
+            raise ValueError(f"codebook_bits must be 16 (fp16) or 2..8 (quantised), got {codebook_bits!r}")
+        if config.feature_store != "codebook":
+            raise ValueError("codebook_bits: a float-feature model (vqad-float) has no codebooks")
     method = method or ("vqad" if config.feature_store == "codebook" else "vqad-float")
     _check_method(method)
     grid = model.grid
@@ -262,20 +284,23 @@ def encode_model(
         chunks = [Chunk(TAG_MLPS, None, encode_parameters(decoders))]
     stats = []
     for lod in track(range(levels), "Encoding levels of detail"):
-        level_chunks, level_stats = _encode_level(grid.levels, lod, index_coding, float_rows)
+        level_chunks, level_stats = _encode_level(grid.levels, lod, index_coding, float_rows, codebook_bits)
         chunks += level_chunks
         stats.append(level_stats)
     if any(chunk.tag == TAG_IDXN for chunk in chunks):  # a reader must know the neighbour-context code
         requires.append(NEIGHBOUR_INDICES_REQUIREMENT)
+    if any(chunk.tag == TAG_CBKQ for chunk in chunks):
+        requires.append(QUANTIZED_CODEBOOKS_REQUIREMENT)
     if requires:
         header["requires"] = requires
     return EncodedModel(header, chunks, stats)
 
 
 def _encode_level(
-    levels: nn.ModuleList, lod: int, index_coding: IndexCoding, float_rows: bool
+    levels: nn.ModuleList, lod: int, index_coding: IndexCoding, float_rows: bool, codebook_bits: Optional[int]
 ) -> Tuple[List[Chunk], LevelStats]:
-    """A level's chunks and statistics; ``float_rows``: the file holds float rows, so every level gets FROW."""
+    """A level's chunks and statistics; ``float_rows``: the file holds float rows, so every level gets FROW;
+    ``codebook_bits``: see :func:`encode_model`."""
     level: GridLevel = levels[lod]
     if lod == 0:
         topology = encode_base_cells(level.cells, level.resolution)
@@ -299,7 +324,7 @@ def _encode_level(
         ]
         coded = min(candidates, key=lambda chunk: len(chunk.payload))  # IDXE where they tie
         raw_bytes, entropy_bytes = len(raw), len(coded.payload)
-        chunks.append(Chunk(TAG_CBOK, lod, encode_array(fp16_array(store.codebook, f"level {lod} codebook"))))
+        chunks.append(_codebook_chunk(store, lod, store.codebook_bits if codebook_bits is None else codebook_bits))
         chunks.append(coded if index_coding == "entropy" and entropy_bytes <= raw_bytes else Chunk(TAG_IDXR, lod, raw))
         if float_rows:
             chunks.append(Chunk(TAG_FROW, lod, _encode_float_rows(store, f"level {lod} float rows")))
@@ -317,6 +342,14 @@ def _encode_level(
         float_grid_bytes=level.num_vertices * store.feature_dim * 2,
     )
     return chunks, stats
+
+
+def _codebook_chunk(store: CodebookFeatures, lod: int, bits: Optional[int]) -> Chunk:
+    """``CBKQ`` at ``bits`` 2..8 (the rounding the store trains with at its own bits, so decoded = trained), else
+    ``CBOK``."""
+    if bits is None or bits == 16:
+        return Chunk(TAG_CBOK, lod, encode_array(fp16_array(store.codebook, f"level {lod} codebook")))
+    return Chunk(TAG_CBKQ, lod, encode_quantized_parameters({CODEBOOK_NAME: store.codebook.detach().t()}, bits))
 
 
 def _vertex_coords(level: GridLevel) -> np.ndarray:
@@ -467,7 +500,7 @@ def _count_complete_levels(
     """Leading levels that have all their chunks; in a complete file, every level must. A chunk that needs a
     requirement (:data:`_TAG_REQUIREMENTS`) only where ``requires`` lists it; with ``float_rows``, every level of a
     codebook model has a FROW chunk."""
-    needed = (TAG_TOPO, TAG_CBOK) if feature_store == "codebook" else (TAG_TOPO, TAG_FEAT)
+    needed = (TAG_TOPO,) if feature_store == "codebook" else (TAG_TOPO, TAG_FEAT)
     if FLOAT_ROWS_REQUIREMENT in requires:
         if feature_store != "codebook":
             raise FormatError(f"a float-feature model has no float rows ({FLOAT_ROWS_REQUIREMENT})")
@@ -477,14 +510,15 @@ def _count_complete_levels(
             if tag in level_parts and requirement not in requires:
                 raise FormatError(f"lod {lod} has a {tag} chunk, but the header does not require {requirement}")
         missing = [tag for tag in needed if tag not in level_parts]
-        index_tags = [tag for tag in INDEX_TAGS if tag in level_parts]
-        if feature_store == "codebook":
-            if len(index_tags) > 1:
-                raise FormatError(f"lod {lod} has more than one index chunk ({', '.join(index_tags)})")
-            if not index_tags:
-                missing.append(" or ".join(INDEX_TAGS))
-        elif index_tags:
-            raise FormatError(f"lod {lod}: a float-feature model has no {index_tags[0]} chunks")
+        for kind, tags in (("codebook", CODEBOOK_TAGS), ("index", INDEX_TAGS)):
+            present = [tag for tag in tags if tag in level_parts]
+            if feature_store == "codebook":
+                if len(present) > 1:
+                    raise FormatError(f"lod {lod} has more than one {kind} chunk ({', '.join(present)})")
+                if not present:
+                    missing.append(" or ".join(tags))
+            elif present:
+                raise FormatError(f"lod {lod}: a float-feature model has no {present[0]} chunks")
         if missing:
             if container.complete:
                 raise FormatError(f"lod {lod} lacks its {', '.join(missing)} chunk(s)")
@@ -502,6 +536,17 @@ def _load_decoders(model: "VQADModel", chunk: Chunk) -> None:
         load_parameters(_decoder_parameters(model), chunk.payload, chunk.tag)
 
 
+def _decode_codebook(store: CodebookFeatures, lod: int, parts: Dict[str, bytes]) -> Tensor:
+    """Level ``lod``'s codebook; from ``CBKQ``, the store then rounds it to the chunk's bits (which leaves the
+    decoded values as they are), as it trained."""
+    shape = tuple(store.codebook.shape)
+    if TAG_CBOK in parts:
+        return load_fp16_array(parts[TAG_CBOK], shape, f"lod {lod} {TAG_CBOK}")
+    channels = torch.empty(shape[::-1])
+    store.codebook_bits = load_quantized_parameters({CODEBOOK_NAME: channels}, parts[TAG_CBKQ], f"lod {lod} {TAG_CBKQ}")
+    return channels.t()
+
+
 def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes], max_cells: int) -> int:
     """Decode level ``lod`` into ``model``, refusing more than ``max_cells`` cells; return the cells it counts
     against :data:`MAX_DECODED_CELLS` (level 0: its whole grid)."""
@@ -517,7 +562,8 @@ def _decode_level(model: "VQADModel", lod: int, parts: Dict[str, bytes], max_cel
     level.set_cells(cells, in_place=True)
     store = level.features
     if isinstance(store, CodebookFeatures):
-        codebook = load_fp16_array(parts[TAG_CBOK], tuple(store.codebook.shape), f"lod {lod} {TAG_CBOK}")
+        codebook = _decode_codebook(store, lod, parts)
+        model.config.codebook_bits = store.codebook_bits or 16  # what a checkpoint of the decoded model rebuilds
         if TAG_IDXE in parts:
             coded = decode_symbols(parts[TAG_IDXE], level.num_vertices, 2**store.index_bits, f"lod {lod} {TAG_IDXE}")
         elif TAG_IDXN in parts:

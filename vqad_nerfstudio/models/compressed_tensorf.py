@@ -38,9 +38,10 @@ from vqad_nerfstudio.compat import SkippedLPIPS, allow_nerfstudio_checkpoints, o
 from vqad_nerfstudio.encodings.masked_latent_planes import MaskedLatentPlanes
 from vqad_nerfstudio.encodings.plane_importance import importance_weights, splat_importance, weighted_plane_error
 from vqad_nerfstudio.encodings.vm_planes import DecodableVMEncoding
-from vqad_nerfstudio.fields.quantized_linear import check_weight_bits, quantizable_layers
+from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
 from vqad_nerfstudio.models.limits import MAX_COMPONENTS, MAX_HIDDEN_DIM, MAX_NUM_SAMPLES, check_int
 from vqad_nerfstudio.progress import track
+from vqad_nerfstudio.rounding import check_weight_bits
 
 allow_nerfstudio_checkpoints()
 

@@ -19,7 +19,7 @@ from vqad_nerfstudio.codec import describe, read_container, write_container
 __all__ = ["LevelSize", "SizeReport", "file_size_report", "model_size_report", "stored_kib"]
 
 _TOPOLOGY_TAGS = ("TOPO", "MASK")
-_CODEBOOK_TAGS = ("CBOK",)
+_CODEBOOK_TAGS = ("CBOK", "CBKQ")
 
 
 @dataclass(frozen=True)

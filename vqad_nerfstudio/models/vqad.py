@@ -46,7 +46,6 @@ from vqad_nerfstudio.encodings.vertex_features import (
     ParameterSwap,
     rows_from,
 )
-from vqad_nerfstudio.fields.quantized_linear import check_weight_bits
 from vqad_nerfstudio.fields.vqad_field import VQADField
 from vqad_nerfstudio.kernels import candidates, compositing
 from vqad_nerfstudio.models.limits import (
@@ -62,6 +61,7 @@ from vqad_nerfstudio.models.size_accounting import stored_kib
 from vqad_nerfstudio.optim import InBackwardAdam
 from vqad_nerfstudio.rendering import packed
 from vqad_nerfstudio.rendering.candidate_intervals import candidate_edges
+from vqad_nerfstudio.rounding import check_weight_bits
 
 allow_nerfstudio_checkpoints()
 
@@ -117,6 +117,11 @@ class VQADModelConfig(ModelConfig):
     as trained), or 2..8 (each matrix row quantised, range-coded). Below 16 every forward pass rounds the weights to
     that grid once the float warm-up has ended (straight-through gradients to the float weights), so that the
     decoded file renders what was trained."""
+    codebook_bits: int = 16
+    """Bits per value of each level's codebook in the file: 16 (fp16), or 2..8 (each feature channel rounded with
+    its own scale, range-coded: a file stores 2**b x k values per level, 8 kB per level in fp16 at b = 8, k = 16).
+    Below 16 every lookup reads the rounded codebook (straight-through gradients to the float codebook), so that
+    the decoded file renders what was trained."""
     num_samples: int = 512
     """Candidate samples per ray (uniform between the ray's entry and exit of the scene box; about one finest
     voxel apart at the default) before empty-space skipping and early termination."""
@@ -241,6 +246,7 @@ class VQADModelConfig(ModelConfig):
         check_int("dense_resolution", self.dense_resolution, 0)
         check_int("hidden_dim", self.hidden_dim, 1, MAX_HIDDEN_DIM)
         check_weight_bits("network_bits", self.network_bits)
+        check_weight_bits("codebook_bits", self.codebook_bits)
         check_int("num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
         check_int("occupancy_resolution", self.occupancy_resolution, 1, MAX_RESOLUTION)
         check_int("occupancy_update_every", self.occupancy_update_every, 1)
@@ -381,6 +387,7 @@ class VQADModel(Model):
                 frozen=cfg.frozen_indices,
                 fuse_rate=cfg.index_rate_weight > 0,  # the rate term is computed with the table (one buffer)
                 use_kernels=cfg.fused_kernels,
+                codebook_bits=None if cfg.codebook_bits == 16 else cfg.codebook_bits,
             )
 
         return make
