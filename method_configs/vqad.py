@@ -41,6 +41,12 @@ PSNR by -0.01 to +0.07 dB and left a 12.6 MB checkpoint instead of 2.9 GB (8-bit
 also x1.5 faster steps and 4 GB less memory once frozen; docs/benchmarks.md). The CPU quick start keeps it off:
 frozen for its last seventh it scored 0.13 dB lower."""
 
+CODEBOOK_BITS = 6
+"""vqad's codebook_bits: each level's codebook trains rounded to 6 bits per value and is stored so, about a third of
+its fp16 bytes (8.2 kB per level at 8-bit indices). On the CPU quick start over four seeds, 26.78 dB in 36.8 kB
+against fp16 codebooks' 26.73 dB in 37.9 kB; rounding an 8-bit run's fp16 codebooks to 6 bits after training cost
+0.006 dB and 26% of its file (docs/benchmarks.md)."""
+
 
 IN_BACKWARD_GROUPS = ("grid_logits",)
 """Parameter groups whose Adam update is applied in the backward pass, with a bfloat16 first moment (the logits of
@@ -102,7 +108,7 @@ def cpu_changes(gpu_steps: int = GPU_STEPS, index_bits: bool = False) -> str:
 def vqad_model_config() -> "VQADModelConfig":
     """vqad's model: on CUDA GPU_INDEX_BITS-bit indices, a GPU_INDEX_WARMUP_STEPS-step float warm-up that the
     grown levels share and indices frozen from GPU_INDEX_FREEZE_STEP; on the CPU CPU_INDEX_BITS-bit ones and the
-    config's warm-up without the grown levels, never frozen."""
+    config's warm-up without the grown levels, never frozen; CODEBOOK_BITS-bit codebooks on both."""
     import torch
 
     from vqad_nerfstudio.models.vqad import VQADModelConfig
@@ -113,8 +119,9 @@ def vqad_model_config() -> "VQADModelConfig":
             index_warmup_steps=GPU_INDEX_WARMUP_STEPS,
             warmup_grown_levels=True,
             index_freeze_step=GPU_INDEX_FREEZE_STEP,
+            codebook_bits=CODEBOOK_BITS,
         )
-    return VQADModelConfig(index_bits=CPU_INDEX_BITS)
+    return VQADModelConfig(index_bits=CPU_INDEX_BITS, codebook_bits=CODEBOOK_BITS)
 
 
 def _build() -> "MethodSpecification":

@@ -169,7 +169,7 @@ def test_a_run_trained_with_fp16_codebooks_exports_them_rounded_when_asked(train
     for camera, _ in trained.views():  # the decoded file renders what the rounding leaves (60-70 dB apart here)
         assert trained.image_psnr(trained.render(decoded, camera), trained.render(trained.model, camera)) > 40
     fp16 = write_container(*_header_and_chunks(encode_model(_with_codebook_bits(trained.model, 8), codebook_bits=16)))
-    assert fp16 == encoded  # and a run trained with rounded codebooks can still store its float ones
+    assert fp16 == encoded  # and a run trained with rounded codebooks can still store its float ones (CBOK)
 
 
 def _header_and_chunks(encoded_model):

@@ -541,6 +541,7 @@ def _decode_codebook(store: CodebookFeatures, lod: int, parts: Dict[str, bytes])
     decoded values as they are), as it trained."""
     shape = tuple(store.codebook.shape)
     if TAG_CBOK in parts:
+        store.codebook_bits = None
         return load_fp16_array(parts[TAG_CBOK], shape, f"lod {lod} {TAG_CBOK}")
     channels = torch.empty(shape[::-1])
     store.codebook_bits = load_quantized_parameters({CODEBOOK_NAME: channels}, parts[TAG_CBKQ], f"lod {lod} {TAG_CBKQ}")
