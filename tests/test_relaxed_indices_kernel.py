@@ -133,6 +133,31 @@ def test_straight_through_step_with_rate_matches_reference(reference, fuse_rate:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("codebook_bits", [None, 6])
+def test_a_store_step_matches_reference(reference, codebook_bits) -> None:
+    """A store's training step as the model runs it (indices and the codebook's rounding held for the step, a pass
+    without gradients, then the graded table with the rate): the kernels read the rounded codebook as the reference
+    does, and its gradient reaches the float codebook."""
+    grad_table = torch.randn(ROWS, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def step():
+        torch.manual_seed(4)
+        store = vertex_features.CodebookFeatures(ROWS, 8, 16, logit_init_std=3.0, codebook_init_std=0.5)
+        store.codebook_bits, store.fuse_rate, store.temperature = codebook_bits, True, 0.2
+        store = store.to(DEVICE).train()
+        store.hold_indices(True)
+        vertex_features.round_held_codebooks([store])
+        with torch.no_grad():
+            store.table()
+        table = store.table()
+        ((table * grad_table).sum() + 1e-3 * store.index_rate_bits()).backward()
+        store.hold_indices(False)
+        return table.detach(), store.logits.grad, store.codebook.grad
+
+    for got, expected in zip(step(), reference(step)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
 def test_use_kernel_false_keeps_the_reference(monkeypatch) -> None:
     def unexpected(*args, **kwargs):
         raise AssertionError("the kernel ran")
