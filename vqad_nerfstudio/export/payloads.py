@@ -30,7 +30,6 @@ __all__ = [
     "fp16_tensor",
     "encode_parameters",
     "load_parameters",
-    "QUANTIZED_BITS",
     "encode_quantized_parameters",
     "load_quantized_parameters",
     "parse_aabb",

@@ -49,7 +49,6 @@ from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.encodings.sparse_grid import GridLevel, coords_of
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 from vqad_nerfstudio.export.payloads import (
-    QUANTIZED_BITS,
     encode_parameters,
     encode_quantized_parameters,
     fp16_array,
@@ -68,6 +67,7 @@ from vqad_nerfstudio.export.topology import (
 )
 from vqad_nerfstudio.models.limits import MAX_DECODED_CELLS
 from vqad_nerfstudio.progress import track
+from vqad_nerfstudio.rounding import check_weight_bits
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.models.vqad import VQADModel, VQADModelConfig
@@ -244,12 +244,10 @@ def encode_model(
         raise UnsupportedMethodError(f"{type(model).__name__} is not a VQAD model (vqad, vqad-float)")
     config = model.config
     network_bits = config.network_bits if network_bits is None else network_bits
-    if network_bits != 16 and network_bits not in QUANTIZED_BITS:
-        raise ValueError(f"network_bits must be 16 (fp16) or 2..8 (quantised), got {network_bits!r}")
-    if codebook_bits is not None and codebook_bits != 16:
-        if codebook_bits not in QUANTIZED_BITS:
-            raise ValueError(f"codebook_bits must be 16 (fp16) or 2..8 (quantised), got {codebook_bits!r}")
-        if config.feature_store != "codebook":
+    check_weight_bits("network_bits", network_bits)
+    if codebook_bits is not None:
+        check_weight_bits("codebook_bits", codebook_bits)
+        if codebook_bits != 16 and config.feature_store != "codebook":
             raise ValueError("codebook_bits: a float-feature model (vqad-float) has no codebooks")
     method = method or ("vqad" if config.feature_store == "codebook" else "vqad-float")
     _check_method(method)
