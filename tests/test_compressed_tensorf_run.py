@@ -1,6 +1,6 @@
 """`ns-train tensorf-compressed` on the demo scene as a user runs it: both stages in one run (with a 6-bit plane
-decoder), and stage 2 alone on a run of nerfstudio's own tensorf; then export, decode and `ns-eval` of the decoded
-file.
+decoder and a 6-bit field), and stage 2 alone on a run of nerfstudio's own tensorf; then export, decode and `ns-eval`
+of the decoded file.
 
 Offline (an empty torch hub cache) and on the installed torch, like the other end-to-end tests.
 """
@@ -88,7 +88,7 @@ def _ns_eval(config: Path, env: dict) -> dict:
 def two_stage_run(scene, tmp_path_factory, offline_env) -> Path:
     output = tmp_path_factory.mktemp("runs")
     start = ["--pipeline.model.compression-start-step", "200", "--pipeline.model.compression-steps", "100"]
-    bits = ["--pipeline.model.decoder-bits", "6"]  # the quantised decoder (the fp16 one: the codec's unit tests)
+    bits = ["--pipeline.model.decoder-bits", "6", "--pipeline.model.field-bits", "6"]  # fp16: the codec's unit tests
     _run("ns-train", "tensorf-compressed", "--data", str(scene), "--output-dir", str(output), *SMALL, *STAGE2, *start,
          *bits, env=offline_env)  # fmt: skip
     (config,) = output.glob("*/tensorf-compressed/*/config.yml")

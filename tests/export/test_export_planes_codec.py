@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import SceneBox
 
 from vqad_nerfstudio.codec import FormatError, TruncatedError, describe, read_container, write_container
@@ -12,6 +15,7 @@ from vqad_nerfstudio.export.formats import encode_any, load_any
 from vqad_nerfstudio.export.size_report import size_report
 from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
 from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModelConfig
+from vqad_nerfstudio.rounding import rounded_rows
 
 
 def _model(latents: str = "random"):
@@ -165,3 +169,103 @@ def test_quantized_decoder_headers_are_checked():
 def test_decoder_bits_outside_2_to_8_or_16_are_refused(bits):
     with pytest.raises(ValueError, match="decoder_bits"):
         CompressedTensoRFModelConfig(decoder_bits=bits)
+
+
+def _rays(count: int = 64) -> RayBundle:
+    """Rays from outside the unit cube through it (the collider sets their near and far planes)."""
+    generator = torch.Generator().manual_seed(1)
+    origins = torch.nn.functional.normalize(torch.randn(count, 3, generator=generator), dim=-1) * 2.5
+    directions = torch.nn.functional.normalize(torch.rand(count, 3, generator=generator) * 0.6 - 0.3 - origins, dim=-1)
+    return RayBundle(origins, directions, torch.ones(count, 1), camera_indices=torch.zeros(count, 1, dtype=torch.long))
+
+
+def _quantized_field_model(bits: int = 6):
+    """:func:`_model` whose line factors, appearance matrix and rendering MLP train and are stored at ``bits``."""
+    model = _model()
+    model.config.field_bits = bits
+    return model
+
+
+def test_a_quantized_field_decodes_to_what_it_renders():
+    model = _quantized_field_model(6)
+    encoded = encode_any(model)
+    assert encoded.header["requires"] == ["field_bits"] and encoded.header["model"]["field_bits"] == 6
+    assert [chunk.tag for chunk in encoded.chunks][:2] == ["NETQ", "PDEC"]
+    data = write_container(encoded.header, encoded.chunks)
+    assert read_container(data).version == (2, 0)
+    decoded, _ = load_any(data)
+    assert decoded.config.field_bits == 6
+    with torch.no_grad():
+        trained, rendered = model(_rays()), decoded(_rays())
+        assert torch.equal(rendered["rgb"], trained["rgb"]) and torch.equal(rendered["depth"], trained["depth"])
+        assert not torch.equal(_model()(_rays())["rgb"], trained["rgb"])  # the float field renders otherwise
+        lines = model.field.density_encoding
+        lines.line_bits = 6
+        assert torch.equal(decoded.field.density_encoding.line_coef, lines.lines())  # stored as trained
+        assert model.field.density_encoding is lines and model.field.B.bits is None  # renders restore the floats
+    again = encode_any(decoded)  # the rounded parameters round to themselves
+    assert again.chunks[0].tag == "NETQ" and again.chunks[0].payload == encoded.chunks[0].payload
+    fp16 = next(chunk.payload for chunk in encode_any(_model()).chunks if chunk.tag == "NETS")
+    assert len(encode_any(_quantized_field_model(8)).chunks[0].payload) < 0.6 * len(fp16)
+
+
+def test_line_factors_train_on_their_grid_with_straight_through_gradients():
+    lines = _model().field.color_encoding
+    lines.line_bits = 3
+    rounded = lines.lines()
+    assert not torch.equal(rounded, lines.line_coef)
+    assert max(torch.unique(row).numel() for row in rounded.detach().view(-1, rounded.shape[2])) <= 7  # -3..3 per line
+    (rounded * torch.arange(rounded.numel()).view_as(rounded)).sum().backward()
+    assert torch.equal(lines.line_coef.grad, torch.arange(rounded.numel()).view_as(rounded).float())
+
+
+def test_a_stage_two_step_renders_the_rounded_field_and_trains_the_float_one():
+    model = _quantized_field_model(4).train()
+    rounded = copy.deepcopy(model)
+    rounded.config.field_bits = 16
+    with torch.no_grad():  # what a 4-bit file of the float parameters holds
+        for encoding in rounded.plane_encodings:
+            encoding.line_coef.copy_(rounded_rows(encoding.line_rows(), 4).view_as(encoding.line_coef))
+        for layer in rounded._field_layers:
+            layer.weight.copy_(rounded_rows(layer.weight, 4))
+    torch.manual_seed(3)  # the same jittered samples in both
+    rgb = model.get_outputs(model.collider(_rays()))["rgb"]
+    torch.manual_seed(3)
+    assert torch.equal(rgb, rounded.get_outputs(rounded.collider(_rays()))["rgb"])
+    rgb.sum().backward()
+    field = model.field
+    for parameter in (field.color_encoding.line_coef, field.B.weight, field.mlp_head.layers[0].weight):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+
+
+def test_quantized_field_and_decoder_together():
+    model = _quantized_model(6)
+    model.config.field_bits = 5
+    encoded = encode_any(model)
+    assert encoded.header["requires"] == ["decoder_bits", "field_bits"]
+    assert [chunk.tag for chunk in encoded.chunks][:2] == ["NETQ", "PDCQ"]
+    decoded, _ = load_any(write_container(encoded.header, encoded.chunks))
+    assert (decoded.config.field_bits, decoded.config.decoder_bits) == (5, 6)
+    with torch.no_grad():
+        assert torch.equal(decoded(_rays())["rgb"], model(_rays())["rgb"])
+
+
+def test_quantized_field_headers_are_checked():
+    encoded = encode_any(_quantized_field_model(6))
+    unrequired = dict(encoded.header, requires=[])
+    with pytest.raises(FormatError, match="field_bits is set but not required"):
+        load_any(write_container(unrequired, encoded.chunks))
+    header = dict(encoded.header, model=dict(encoded.header["model"], field_bits=16))
+    with pytest.raises(FormatError, match="field_bits must be an integer in 2..8"):
+        load_any(write_container(header, encoded.chunks))
+    header = dict(encoded.header, model=dict(encoded.header["model"], field_bits=7))
+    with pytest.raises(FormatError, match="NETQ: its bits differ from the header's model.field_bits"):
+        load_any(write_container(header, encoded.chunks))
+    with pytest.raises(FormatError, match="NETQ"):  # a quantised header needs the quantised field
+        load_any(write_container(encoded.header, encode_any(_model()).chunks))
+
+
+@pytest.mark.parametrize("bits", [0, 9, 32])
+def test_field_bits_outside_2_to_8_or_16_are_refused(bits):
+    with pytest.raises(ValueError, match="field_bits"):
+        CompressedTensoRFModelConfig(field_bits=bits)

@@ -1,17 +1,18 @@
 """``tensorf-compressed`` models <-> VQNF files (method payload in docs/format.md).
 
-Chunks: ``NETS`` (fp16: TensoRF's line factors, its appearance matrix and rendering MLP), then, at
-level 0, the coded planes: ``PDEC`` (the plane decoder, fp16) or ``PDCQ`` (quantised to the model's
-``decoder_bits``; the header's ``requires`` then lists ``decoder_bits``), ``MASK`` (the latent masks, range-coded
-bits), ``LTAB`` (one integer frequency table per latent channel, quantised from the learned prior)
-and ``LATS`` (the integer latents at the unmasked positions, range-coded with those tables). The
-prior itself is not stored: the tables are all a decoder needs, and integers decode bit-exactly on
-any machine. Every chunk is needed to render, so a truncated file is refused.
+Chunks: ``NETS`` (fp16: TensoRF's line factors, its appearance matrix and rendering MLP) or ``NETQ`` (the same,
+quantised to the model's ``field_bits``, each line factor a row; the header's ``requires`` then lists
+``field_bits``), then, at level 0, the coded planes: ``PDEC`` (the plane decoder, fp16) or ``PDCQ`` (quantised to
+the model's ``decoder_bits``; the header's ``requires`` then lists ``decoder_bits``), ``MASK`` (the latent masks,
+range-coded bits), ``LTAB`` (one integer frequency table per latent channel, quantised from the learned prior) and
+``LATS`` (the integer latents at the unmasked positions, range-coded with those tables). The prior itself is not
+stored: the tables are all a decoder needs, and integers decode bit-exactly on any machine. Every chunk is needed
+to render, so a truncated file is refused.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,9 +51,14 @@ if TYPE_CHECKING:
 __all__ = ["PLANE_METHODS", "encode_planes_model", "load_planes_compressed"]
 
 PLANE_METHODS = ("tensorf-compressed", "tensorf-compressed-l")
-TAG_NETS, TAG_PDEC, TAG_PDCQ, TAG_MASK, TAG_LTAB, TAG_LATS = "NETS", "PDEC", "PDCQ", "MASK", "LTAB", "LATS"
+TAG_NETS, TAG_NETQ = "NETS", "NETQ"
+TAG_PDEC, TAG_PDCQ, TAG_MASK, TAG_LTAB, TAG_LATS = "PDEC", "PDCQ", "MASK", "LTAB", "LATS"
 DECODER_BITS_KEY = "decoder_bits"
 """Model key (and required feature) of a file whose plane decoder is quantised (``PDCQ``)."""
+FIELD_BITS_KEY = "field_bits"
+"""Model key (and required feature) of a file whose line factors and rendering networks are quantised (``NETQ``)."""
+QUANTISED_KEYS = {DECODER_BITS_KEY: (TAG_PDEC, TAG_PDCQ), FIELD_BITS_KEY: (TAG_NETS, TAG_NETQ)}
+"""Each optional bits key of the header, with the chunk that holds its parameters in fp16 and quantised."""
 TABLE_PRECISION_BITS = 16
 """Each channel's probabilities are quantised to integer frequencies summing to 2**16."""
 
@@ -67,14 +73,27 @@ MODEL_KEYS = (
     "background_color",
 )
 """The CompressedTensoRFModelConfig fields a file stores: what shapes the model or its renders (and
-DECODER_BITS_KEY when the decoder is quantised)."""
+the keys of QUANTISED_KEYS whose parameters are quantised)."""
 
 
-def _net_parameters(model: "CompressedTensoRFModel") -> Dict[str, Tensor]:
-    """NETS: every field parameter except the planes (decoded from the latents) and the scene box (in the header)."""
+def _net_parameters(model: "CompressedTensoRFModel", line_rows: bool = False) -> Dict[str, Tensor]:
+    """NETS: every field parameter except the planes (decoded from the latents) and the scene box (in the header);
+    with ``line_rows`` (NETQ) each line factor as a matrix of one row per line (a view: it rounds as it trained)."""
     density, color = model.plane_encodings
     skip = {id(density.plane_coef), id(color.plane_coef), id(model.field.aabb)}
-    return {f"field.{name}": p for name, p in model.field.named_parameters() if id(p) not in skip}
+    parameters = {f"field.{name}": p for name, p in model.field.named_parameters() if id(p) not in skip}
+    if line_rows:
+        for name, encoding in (("density_encoding", density), ("color_encoding", color)):
+            parameters[f"field.{name}.line_coef"] = encoding.line_rows()
+    return parameters
+
+
+def _parameter_chunk(parameters: Dict[str, Tensor], bits: int, tags: Tuple[str, str], lod: Optional[int]) -> Chunk:
+    """The fp16 chunk of ``parameters`` (``tags[0]``), or the quantised one (``tags[1]``) at ``bits`` 2..8 (the grid
+    they trained on, so the file renders what was trained)."""
+    if bits == 16:
+        return Chunk(tags[0], lod, encode_parameters(parameters))
+    return Chunk(tags[1], lod, encode_quantized_parameters(parameters, bits))
 
 
 def _decoder_parameters(model: "CompressedTensoRFModel") -> Dict[str, Tensor]:
@@ -104,12 +123,13 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
         "aabb": model.scene_box.aabb.detach().cpu().to(torch.float32).tolist(),
         "plane_resolution": planes.plane_resolution,
     }
-    if config.decoder_bits == 16:
-        decoder = Chunk(TAG_PDEC, 0, encode_parameters(_decoder_parameters(model)))
-    else:  # the grid the decoder trained on (quantize_rows), so the file renders what was trained
-        header["model"][DECODER_BITS_KEY] = config.decoder_bits
-        header["requires"] = [DECODER_BITS_KEY]
-        decoder = Chunk(TAG_PDCQ, 0, encode_quantized_parameters(_decoder_parameters(model), config.decoder_bits))
+    for key in QUANTISED_KEYS:
+        if getattr(config, key) != 16:
+            header["model"][key] = getattr(config, key)
+            header.setdefault("requires", []).append(key)
+    net_parameters = _net_parameters(model, line_rows=config.field_bits != 16)
+    nets = _parameter_chunk(net_parameters, config.field_bits, QUANTISED_KEYS[FIELD_BITS_KEY], None)
+    decoder = _parameter_chunk(_decoder_parameters(model), config.decoder_bits, QUANTISED_KEYS[DECODER_BITS_KEY], 0)
     masks = planes.hard_masks().cpu().numpy()
     latents = planes.hard_latents().cpu().numpy()  # [planes, channels, side, side]
     coded = latents.transpose(1, 0, 2, 3)[:, masks]  # [channels, unmasked positions], plane-major
@@ -117,7 +137,7 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
     table_ids = np.broadcast_to(np.arange(coded.shape[0])[:, None], coded.shape)
     with status(f"Range-coding {coded.size:,} plane latents"):
         chunks = [
-            Chunk(TAG_NETS, None, encode_parameters(_net_parameters(model))),
+            nets,
             decoder,
             Chunk(TAG_MASK, 0, encode_categorical(masks.reshape(-1).astype(np.uint8), 2, context="auto")),
             Chunk(TAG_LTAB, 0, tables_to_bytes(tables)),
@@ -140,18 +160,22 @@ def load_planes_compressed(source: Source) -> Tuple["CompressedTensoRFModel", De
     """Rebuild a tensorf-compressed model (CPU, eval mode) from a complete VQNF file."""
     container = read_complete_container(source, "all of their chunks")
     method, config, aabb, resolution = _parse_header(container.header)
-    decoder_tag = TAG_PDEC if config.decoder_bits == 16 else TAG_PDCQ
-    parts = _chunks_by_tag(container.chunks, decoder_tag)
+    tags = {key: fp16 if getattr(config, key) == 16 else quantised for key, (fp16, quantised) in QUANTISED_KEYS.items()}
+    parts = _chunks_by_tag(container.chunks, tags[FIELD_BITS_KEY], tags[DECODER_BITS_KEY])
 
     from nerfstudio.data.scene_box import SceneBox
 
     model: "CompressedTensoRFModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
     model.resize_planes(resolution)
-    load_parameters(_net_parameters(model), parts[TAG_NETS], TAG_NETS)
-    if decoder_tag == TAG_PDEC:
-        load_parameters(_decoder_parameters(model), parts[TAG_PDEC], TAG_PDEC)
-    elif load_quantized_parameters(_decoder_parameters(model), parts[TAG_PDCQ], TAG_PDCQ) != config.decoder_bits:
-        raise FormatError(f"{TAG_PDCQ}: its bits differ from the header's model.{DECODER_BITS_KEY}")
+    for key, parameters in (
+        (FIELD_BITS_KEY, _net_parameters(model, line_rows=config.field_bits != 16)),
+        (DECODER_BITS_KEY, _decoder_parameters(model)),
+    ):
+        tag = tags[key]
+        if getattr(config, key) == 16:
+            load_parameters(parameters, parts[tag], tag)
+        elif load_quantized_parameters(parameters, parts[tag], tag) != getattr(config, key):
+            raise FormatError(f"{tag}: its bits differ from the header's model.{key}")
     shape = tuple(model.latent_planes.mask_logits.shape)
     masks = decode_symbols(parts[TAG_MASK], int(np.prod(shape)), 2, TAG_MASK).reshape(shape).astype(bool)
     channels = config.latent_channels
@@ -176,20 +200,20 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, Tensor, int]:
 
     from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModelConfig
 
-    check_requirements(header, (DECODER_BITS_KEY,))
+    check_requirements(header, tuple(QUANTISED_KEYS))
     method, settings = header.get("method"), header.get("model")
     if (
         method not in PLANE_METHODS
         or not isinstance(settings, dict)
-        or set(settings) - {DECODER_BITS_KEY} != set(MODEL_KEYS)
+        or set(settings) - set(QUANTISED_KEYS) != set(MODEL_KEYS)
     ):
         raise FormatError(f"header: not a {' / '.join(PLANE_METHODS)} header (method {method!r})")
-    if DECODER_BITS_KEY in settings:  # a quantised decoder (PDCQ)
-        bits = settings[DECODER_BITS_KEY]
-        if DECODER_BITS_KEY not in header.get("requires", []):
-            raise FormatError(f"header: model.{DECODER_BITS_KEY} is set but not required")
+    for key in QUANTISED_KEYS.keys() & settings.keys():  # quantised parameters (PDCQ, NETQ)
+        bits = settings[key]
+        if key not in header.get("requires", []):
+            raise FormatError(f"header: model.{key} is set but not required")
         if type(bits) is not int or bits not in QUANTIZED_BITS:
-            raise FormatError(f"header: model.{DECODER_BITS_KEY} must be an integer in 2..8, got {bits!r}")
+            raise FormatError(f"header: model.{key} must be an integer in 2..8, got {bits!r}")
     try:
         config = CompressedTensoRFModelConfig(**settings, camera_optimizer=CameraOptimizerConfig(mode="off"))
     except (TypeError, ValueError) as error:
@@ -201,9 +225,10 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, Tensor, int]:
     return method, config, parse_aabb(header.get("aabb")), resolution
 
 
-def _chunks_by_tag(chunks: List[Chunk], decoder_tag: str) -> Dict[str, bytes]:
-    """The payloads of the five chunks a file needs (its decoder's as ``decoder_tag``, PDEC or PDCQ)."""
-    tags = (TAG_NETS, decoder_tag, TAG_MASK, TAG_LTAB, TAG_LATS)
+def _chunks_by_tag(chunks: List[Chunk], nets_tag: str, decoder_tag: str) -> Dict[str, bytes]:
+    """The payloads of the five chunks a file needs (its field's as ``nets_tag``, NETS or NETQ, and its decoder's as
+    ``decoder_tag``, PDEC or PDCQ)."""
+    tags = (nets_tag, decoder_tag, TAG_MASK, TAG_LTAB, TAG_LATS)
     parts: Dict[str, bytes] = {}
     for chunk in chunks:
         if chunk.tag in tags:

@@ -8,8 +8,9 @@ latents (zeros), masks, decoder and prior are trained for ``compression_steps`` 
 
     render loss + plane_loss_weight * sum_i ||(P_i - D(Z_i M_i)) W_i||^2 + rate_lambda * bits,
 
-while the rendering MLP and the line factors keep training. From then on the model renders from
-the decoded planes only, in training, evaluation, the viewer and after decoding a file.
+while the rendering MLP and the line factors keep training (on the grid of ``field_bits`` when it is below 16).
+From then on the model renders from the decoded planes only, in training, evaluation, the viewer and after
+decoding a file.
 
 Choices where the paper is silent: one decoder for the three planes, density and colour channels
 decoded together; mask logits trained with the latents' learning rate and initialised to
@@ -74,6 +75,10 @@ class CompressedTensoRFModelConfig(TensoRFModelConfig):
     """Bits per weight of the plane decoder's kernels in the file: 16 (fp16), or 2..8 (rows quantised, range-coded;
     the decoder then trains on that grid, straight-through, so the decoded file renders what was trained). The
     fp16 decoder is most of the file (442 kB of the default's 0.6 MB); 6 bits store it in about a third."""
+    field_bits: int = 16
+    """Bits per value of what the file keeps beside the coded planes: TensoRF's line factors (one scale per line),
+    appearance matrix and rendering MLP. 16: fp16; 2..8: rounded and range-coded, trained on that grid in stage 2
+    (straight-through), so the decoded file renders what was trained."""
     mask_temperature: Tuple[float, float] = (10.0, 0.1)
     """Gumbel-softmax temperature of the masks, annealed geometrically from the first to the second value."""
     mask_init_logit: float = 2.0
@@ -94,6 +99,7 @@ class CompressedTensoRFModelConfig(TensoRFModelConfig):
         check_int("latent_channels", self.latent_channels, 1, MAX_HIDDEN_DIM)
         check_int("decoder_channels", self.decoder_channels, 1, MAX_HIDDEN_DIM)
         check_weight_bits("decoder_bits", self.decoder_bits)
+        check_weight_bits("field_bits", self.field_bits)
         check_int("num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
         check_int("num_uniform_samples", self.num_uniform_samples, 1, MAX_NUM_SAMPLES)
         if self.tensorf_checkpoint is not None:
@@ -149,6 +155,7 @@ class CompressedTensoRFModel(TensoRFModel):
         )
         for layer in quantizable_layers(self.latent_planes.decoder):
             layer.bits = None if cfg.decoder_bits == 16 else cfg.decoder_bits
+        self._field_layers = quantizable_layers(self.field)  # rounded to field_bits in stage 2 (get_outputs)
         resolution = self.latent_planes.plane_resolution
         self.register_buffer("plane_weights", torch.zeros(3, resolution, resolution))
         self.register_buffer("compressing", torch.tensor(False))
@@ -317,14 +324,23 @@ class CompressedTensoRFModel(TensoRFModel):
         planes, bits = self._decoded()
         density, color = self.plane_encodings
         density.decoded_planes, color.decoded_planes = planes.split([density.num_components, color.num_components], 1)
+        self._round_field(None if self.config.field_bits == 16 else self.config.field_bits)
         try:
             outputs = super().get_outputs(ray_bundle)
         finally:
             density.decoded_planes = color.decoded_planes = None
+            self._round_field(None)
         if bits is not None:  # training: the loss terms of stage 2
             outputs["plane_bits"] = bits
             outputs["plane_error"] = weighted_plane_error(planes, self.frozen_planes(), self.plane_weights)
         return outputs
+
+    def _round_field(self, bits: Optional[int]) -> None:
+        """Line factors and the field's linear layers rounded to ``bits`` (None: float) in what renders next."""
+        for encoding in self.plane_encodings:
+            encoding.line_bits = bits
+        for layer in self._field_layers:
+            layer.bits = bits
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
         metrics = super().get_metrics_dict(outputs, batch)
