@@ -51,7 +51,8 @@ class BenchmarkConfig:
     (METHOD@ref2, @ref3, ...: repeats of it, e.g. to measure its spread);
     nerfacto runs with nerfstudio's object-scene settings on Blender scenes (see OBJECT_SCENE_SETTINGS);
     instant-ngp-bounded (nerfacc) runs with nerfacc's CUDA extension patched for CUDA 13 in this process only
-    (benchmarks/patched_nerfacc.py)."""
+    (benchmarks/patched_nerfacc.py); tensorf-compressed@RATE (e.g. @0.002, or a variant @0.002f8 for overrides)
+    compresses the call's tensorf run at that rate weight, as --plane-lambdas does."""
     budget_s: float = 120.0
     """Wall-clock training budget per method, in seconds."""
     max_steps: int = 0
@@ -180,9 +181,12 @@ def _trainer_config(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Opt
 
         mode = "random" if base == "vqad-hash-random" else "learned"
         config.pipeline.model = hash_model_config(mode, int(size.group()))
-    if base == "tensorf-compressed":  # one point of the rate-distortion curve
+    if base == "tensorf-compressed":  # one point of the rate-distortion curve, e.g. @0.002 or a variant @0.002f8
+        rate = re.match(r"\d+(\.\d*)?(e-?\d+)?", tag)
+        if rate is None:
+            raise SystemExit(f"{method}: tensorf-compressed@TAG starts with its rate weight, e.g. @0.002 or @0.002f8")
         config.pipeline.model.tensorf_checkpoint = tensorf_checkpoint
-        config.pipeline.model.rate_lambda = float(tag)
+        config.pipeline.model.rate_lambda = float(rate.group())
         config.pipeline.model.compression_steps = bench.plane_steps
     blender = is_blender_scene(bench.data)
     config.pipeline.datamanager.dataparser = BlenderDataParserConfig() if blender else NerfstudioDataParserConfig()
@@ -647,9 +651,10 @@ def main(bench: BenchmarkConfig) -> None:
     methods = list(bench.methods)
     for size in bench.hash_sizes:
         methods += [f"vqad-hash@{size}", f"vqad-hash-random@{size}"]
-    if bench.plane_lambdas and "tensorf" not in methods:
-        raise SystemExit("--plane-lambdas compresses the tensorf run: add tensorf to --methods")
     methods += [f"tensorf-compressed@{rate:g}" for rate in bench.plane_lambdas]
+    compressing = [i for i, method in enumerate(methods) if method.partition("@")[0] == "tensorf-compressed"]
+    if compressing and ("tensorf" not in methods or methods.index("tensorf") > compressing[0]):
+        raise SystemExit("tensorf-compressed rows compress the call's tensorf run: put tensorf first in --methods")
     encoding_timings = [
         _time_encodings(size, bench.encoding_points, bench.encoding_masked_share) for size in bench.hash_sizes
     ]

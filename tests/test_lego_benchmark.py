@@ -150,3 +150,11 @@ def test_train_metrics_are_means_of_the_last_steps_and_nan_where_missing() -> No
     means = bench._mean_train_metrics(recent)
     assert means["train_psnr"] == pytest.approx(10 + (bench.TRAIN_METRIC_STEPS - 1) / 2)  # steps 10..109
     assert math.isnan(means["train_samples_per_ray"]) and set(means) == set(bench.TRAIN_METRICS.values())
+
+
+def test_tensorf_compressed_variants_take_their_rate_from_the_tag_and_their_overrides() -> None:
+    variant = _config("tensorf-compressed@0.002f8", **{"tensorf-compressed@0.002f8.pipeline.model.field_bits": "8"})
+    assert (variant.pipeline.model.rate_lambda, variant.pipeline.model.field_bits) == (0.002, 8)
+    assert _config("tensorf-compressed@1e-05").pipeline.model.rate_lambda == 1e-5
+    with pytest.raises(SystemExit, match="starts with its rate weight"):
+        _config("tensorf-compressed@f8")

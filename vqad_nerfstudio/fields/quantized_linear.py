@@ -1,7 +1,8 @@
 """Decoder layers whose weights train on the grid a file stores them on (:mod:`vqad_nerfstudio.rounding`: one
 fp16 scale per output row, straight-through gradients).
 
-Used by vqad's decoder MLPs (linear layers) and tensorf-compressed's plane decoder (transposed convolutions).
+Used by vqad's decoder MLPs (linear layers), tensorf-compressed's plane decoder (transposed convolutions) and its
+appearance matrix and rendering MLP (``field_bits``).
 """
 
 from __future__ import annotations
