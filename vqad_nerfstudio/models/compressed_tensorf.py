@@ -74,7 +74,8 @@ class CompressedTensoRFModelConfig(TensoRFModelConfig):
     decoder_bits: int = 16
     """Bits per weight of the plane decoder's kernels in the file: 16 (fp16), or 2..8 (rows quantised, range-coded;
     the decoder then trains on that grid, straight-through, so the decoded file renders what was trained). The
-    fp16 decoder is most of the file (442 kB of the default's 0.6 MB); 6 bits store it in about a third."""
+    fp16 decoder is most of a file with fp16 parameters (442 kB of 0.65 MB on lego); 8 bits store it in about half,
+    6 in about a third."""
     field_bits: int = 16
     """Bits per value of what the file keeps beside the coded planes: TensoRF's line factors (one scale per line),
     appearance matrix and rendering MLP. 16: fp16; 2..8: rounded and range-coded, trained on that grid in stage 2
