@@ -244,9 +244,18 @@ def _fixed_steps(method: str) -> bool:
 
 
 def _set_up_trainer(config):
-    """``config``'s trainer, set up offline (see ``vqad_nerfstudio.compat.offline_lpips``)."""
+    """``config``'s trainer, set up offline (see ``vqad_nerfstudio.compat.offline_lpips``) from the random state
+    ``ns-train`` starts from (``config.machine.seed`` for Python, numpy and torch), whatever ran before it in the
+    call."""
+    import random
+
+    import numpy as np
+
     from vqad_nerfstudio.compat import offline_lpips
 
+    random.seed(config.machine.seed)
+    np.random.seed(config.machine.seed)
+    torch.manual_seed(config.machine.seed)
     trainer = config.setup(local_rank=0, world_size=1)
     with offline_lpips():
         trainer.setup()

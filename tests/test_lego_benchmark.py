@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lego_benchmark.py"
 _spec = importlib.util.spec_from_file_location("lego_benchmark", SCRIPT)
@@ -158,3 +159,21 @@ def test_tensorf_compressed_variants_take_their_rate_from_the_tag_and_their_over
     assert _config("tensorf-compressed@1e-05").pipeline.model.rate_lambda == 1e-5
     with pytest.raises(SystemExit, match="starts with its rate weight"):
         _config("tensorf-compressed@f8")
+
+
+def test_every_row_starts_from_the_random_state_ns_train_starts_from() -> None:
+    class Trainer:
+        def setup(self) -> None:
+            self.draw = torch.rand(3)
+
+    class Config:
+        machine = type("Machine", (), {"seed": 42})()
+
+        def setup(self, local_rank: int, world_size: int) -> Trainer:
+            return Trainer()
+
+    first = bench._set_up_trainer(Config()).draw
+    torch.rand(100)  # what an earlier row of the call drew
+    assert torch.equal(bench._set_up_trainer(Config()).draw, first)
+    torch.manual_seed(42)
+    assert torch.equal(torch.rand(3), first)
