@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from vqad_nerfstudio.codec import (
+    Chunk,
     Container,
     FormatError,
     TruncatedError,
@@ -32,6 +33,7 @@ __all__ = [
     "load_parameters",
     "encode_quantized_parameters",
     "load_quantized_parameters",
+    "parameters_chunk",
     "parse_aabb",
     "read_complete_container",
 ]
@@ -134,6 +136,14 @@ def load_quantized_parameters(parameters: Dict[str, Tensor], payload: bytes, tag
         levels = symbols[start : start + count].astype(np.int64).reshape(parameter.shape[0], -1) - top
         _fill(parameter, (levels * scale.astype(np.float32)[:, None]).reshape(parameter.shape).astype(np.float32))
     return bits
+
+
+def parameters_chunk(parameters: Dict[str, Tensor], bits: int, tags: Tuple[str, str], lod: Optional[int]) -> Chunk:
+    """The chunk of ``parameters``: fp16 named arrays (``tags[0]``) at ``bits`` 16, else a quantised parameters payload
+    (``tags[1]``) at ``bits`` 2..8, the rounding the layers train with, so that the file renders what was trained."""
+    if bits == 16:
+        return Chunk(tags[0], lod, encode_parameters(parameters))
+    return Chunk(tags[1], lod, encode_quantized_parameters(parameters, bits))
 
 
 @torch.no_grad()

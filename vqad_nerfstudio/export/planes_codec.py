@@ -12,7 +12,7 @@ to render, so a truncated file is refused.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -32,10 +32,9 @@ from vqad_nerfstudio.codec import (
 )
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.payloads import (
-    encode_parameters,
-    encode_quantized_parameters,
     load_parameters,
     load_quantized_parameters,
+    parameters_chunk,
     parse_aabb,
     read_complete_container,
 )
@@ -88,14 +87,6 @@ def _net_parameters(model: "CompressedTensoRFModel", line_rows: bool = False) ->
     return parameters
 
 
-def _parameter_chunk(parameters: Dict[str, Tensor], bits: int, tags: Tuple[str, str], lod: Optional[int]) -> Chunk:
-    """The fp16 chunk of ``parameters`` (``tags[0]``), or the quantised one (``tags[1]``) at ``bits`` 2..8 (the grid
-    they trained on, so the file renders what was trained)."""
-    if bits == 16:
-        return Chunk(tags[0], lod, encode_parameters(parameters))
-    return Chunk(tags[1], lod, encode_quantized_parameters(parameters, bits))
-
-
 def _decoder_parameters(model: "CompressedTensoRFModel") -> Dict[str, Tensor]:
     return dict(model.latent_planes.decoder.named_parameters())
 
@@ -128,8 +119,8 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
             header["model"][key] = getattr(config, key)
             header.setdefault("requires", []).append(key)
     net_parameters = _net_parameters(model, line_rows=config.field_bits != 16)
-    nets = _parameter_chunk(net_parameters, config.field_bits, QUANTISED_KEYS[FIELD_BITS_KEY], None)
-    decoder = _parameter_chunk(_decoder_parameters(model), config.decoder_bits, QUANTISED_KEYS[DECODER_BITS_KEY], 0)
+    nets = parameters_chunk(net_parameters, config.field_bits, QUANTISED_KEYS[FIELD_BITS_KEY], None)
+    decoder = parameters_chunk(_decoder_parameters(model), config.decoder_bits, QUANTISED_KEYS[DECODER_BITS_KEY], 0)
     masks = planes.hard_masks().cpu().numpy()
     latents = planes.hard_latents().cpu().numpy()  # [planes, channels, side, side]
     coded = latents.transpose(1, 0, 2, 3)[:, masks]  # [channels, unmasked positions], plane-major

@@ -49,13 +49,13 @@ from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.encodings.sparse_grid import GridLevel, coords_of
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 from vqad_nerfstudio.export.payloads import (
-    encode_parameters,
     encode_quantized_parameters,
     fp16_array,
     fp16_tensor,
     load_fp16_array,
     load_parameters,
     load_quantized_parameters,
+    parameters_chunk,
     parse_aabb,
 )
 from vqad_nerfstudio.export.symbols import decode_symbols
@@ -275,11 +275,7 @@ def encode_model(
     float_rows = any(getattr(level.features, "has_float_rows", False) for level in grid.levels[:levels])
     if float_rows:  # a reader must replace those vertices' codewords
         requires.append(FLOAT_ROWS_REQUIREMENT)
-    decoders = _decoder_parameters(model)
-    if network_bits != 16:
-        chunks = [Chunk(TAG_MLPQ, None, encode_quantized_parameters(decoders, network_bits))]
-    else:
-        chunks = [Chunk(TAG_MLPS, None, encode_parameters(decoders))]
+    chunks = [parameters_chunk(_decoder_parameters(model), network_bits, DECODER_TAGS, None)]
     stats = []
     for lod in track(range(levels), "Encoding levels of detail"):
         level_chunks, level_stats = _encode_level(grid.levels, lod, index_coding, float_rows, codebook_bits)
