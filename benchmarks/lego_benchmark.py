@@ -245,14 +245,15 @@ def _fixed_steps(method: str) -> bool:
 
 def _set_up_trainer(config):
     """``config``'s trainer, set up offline (see ``vqad_nerfstudio.compat.offline_lpips``) from the random state
-    ``ns-train`` starts from (``config.machine.seed`` for Python, numpy and torch), whatever ran before it in the
-    call."""
+    ``ns-train`` starts from (``config.machine.seed`` for Python, numpy and torch) and with only its own event
+    writers (:func:`_close_event_writers`), whatever ran before it in the call."""
     import random
 
     import numpy as np
 
     from vqad_nerfstudio.compat import offline_lpips
 
+    _close_event_writers()
     random.seed(config.machine.seed)
     np.random.seed(config.machine.seed)
     torch.manual_seed(config.machine.seed)
@@ -260,6 +261,21 @@ def _set_up_trainer(config):
     with offline_lpips():
         trainer.setup()
     return trainer
+
+
+def _close_event_writers() -> None:
+    """Close and forget the event writers of the trainers set up before in this process.
+
+    nerfstudio keeps them in one module-level list that every trainer's set-up appends to (a console and a
+    tensorboard writer each; ``ns-train`` sets up one trainer per process), and every logging step writes to all of
+    them: without this, each row of a call logged once more than the row before it.
+    """
+    from nerfstudio.utils import writer
+
+    for event_writer in writer.EVENT_WRITERS:
+        if isinstance(event_writer, writer.TensorboardWriter):
+            event_writer.tb_writer.close()
+    writer.EVENT_WRITERS.clear()
 
 
 def _compile_kernels(method: str, bench: BenchmarkConfig) -> None:
@@ -300,17 +316,19 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     peak = (torch.cuda.max_memory_allocated() - held_before) / 2**20 if torch.cuda.is_available() else float("nan")
     if held_before:
         print(f"{method}: {held_before / 2**20:.0f} MiB were allocated before its setup (not counted in its peak)")
     steps = trainer.step + 1
     checkpoint = max(trainer.checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     train_metrics = _mean_train_metrics(recent_train_metrics)
+    train_metrics["cpu_ms_per_step"] = 1000 * cpu_seconds / steps  # the process's CPU time, all its threads
     step_seconds = [end - begin for begin, end in zip([start] + step_ends[:-1], step_ends)]
     return trainer, steps, seconds, peak, checkpoint, train_metrics, step_seconds
 
@@ -653,6 +671,10 @@ def main(bench: BenchmarkConfig) -> None:
 
         use_patched_nerfacc(bench.output_dir / "patched-nerfacc")
         print(f"nerfacc's CUDA extension built in {build_extension():.0f} s (not part of any training budget)")
+    # Imported here, not first inside a row: without tinycudann it keeps its ImportError, whose traceback would keep
+    # the frames of that row's _train or _compile_kernels, and with them that row's trainer, for the whole call.
+    import nerfstudio.utils.external  # noqa: F401
+
     from vqad_nerfstudio.export.formats import METHOD_FORMATS  # also the checkpoint-loading shim of the models
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

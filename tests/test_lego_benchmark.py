@@ -177,3 +177,32 @@ def test_every_row_starts_from_the_random_state_ns_train_starts_from() -> None:
     assert torch.equal(bench._set_up_trainer(Config()).draw, first)
     torch.manual_seed(42)
     assert torch.equal(torch.rand(3), first)
+
+
+def test_every_row_logs_to_its_own_event_writers_only(tmp_path: Path) -> None:
+    from nerfstudio.configs.base_config import LocalWriterConfig
+    from nerfstudio.utils import writer
+
+    class Trainer:
+        def setup(self) -> None:  # what nerfstudio's Trainer.setup registers: a tensorboard and a console writer
+            writer.setup_event_writer(False, True, False, log_dir=tmp_path / self.name, experiment_name="row")
+            writer.setup_local_writer(writer.cfg.LoggingConfig(local_writer=LocalWriterConfig(enable=True)), 10)
+
+    class Config:
+        machine = type("Machine", (), {"seed": 42})()
+
+        def setup(self, local_rank: int, world_size: int) -> Trainer:
+            trainer = Trainer()
+            trainer.name = f"row{len(rows)}"
+            return trainer
+
+    rows: list = []
+    try:
+        for _ in range(3):
+            rows.append(bench._set_up_trainer(Config()))
+            assert len(writer.EVENT_WRITERS) == 2  # not 2, 4, 6: each logging step wrote to every earlier row's too
+        tensorboard = [w for w in writer.EVENT_WRITERS if isinstance(w, writer.TensorboardWriter)]
+        assert Path(tensorboard[0].tb_writer.log_dir) == tmp_path / "row2"
+    finally:
+        bench._close_event_writers()
+    assert writer.EVENT_WRITERS == []
