@@ -3,8 +3,9 @@ vqad-hash against its random-index twin, and tensorf-compressed at several rate 
 nerfstudio's own format (a transforms.json, e.g. ``vqad-demo-scene DIR --background textured`` for an
 unbounded scene) is read with nerfstudio's parser instead.
 
-Every method trains in this one process for the same wall-clock budget (nerfstudio's Trainer,
-stopped by a callback when the budget is spent), then renders the eval split at full resolution.
+Every method trains for the same wall-clock budget (nerfstudio's Trainer, stopped by a callback when
+the budget is spent), each in a fresh process of its own as ns-train runs it (--no-row-processes: all
+in this one), then renders the eval split at full resolution.
 Models of this package are then written as compressed files (in memory), decoded again, and
 evaluated per level of detail; the time from file bytes to the first rendered frame is measured.
 The last thing printed is the tables. Run on one GPU:
@@ -33,7 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeVar
 
 import torch
 import tyro
@@ -108,6 +109,12 @@ class BenchmarkConfig:
     """Stretch (or shrink) every method's learning-rate schedules so that its longest one decays over this many steps
     (the others in proportion; 0: the methods' own, e.g. 10000 steps for vqad on a GPU): to fit the schedules to
     budgets shorter or longer than a default run, e.g. 3000 for 100 s of vqad."""
+    row_processes: bool = True
+    """Run each row (its kernel warm-up, training, evaluation and files) in a process of its own, as ``ns-train`` runs
+    one trainer per process, so that nothing a row leaves behind in a process reaches the next row (in one process
+    the same vqad-float stepped 1.8x slower last in a call than first; docs/benchmarks.md). Each row then pays its own
+    untimed kernel warm-up (Triton's disk cache keeps it short after the first) and a few seconds of start-up; False:
+    every row in this process, the warm-up once per kernel shape."""
     overrides: Dict[str, str] = field(default_factory=dict)
     """Extra per-method settings as METHOD.attr.path=value (e.g. vqad.pipeline.model.index_bits=6); METHOD may be a
     tagged name (vqad-hash@12) or a base name for all its tags."""
@@ -235,6 +242,23 @@ def _kernel_shapes(method: str, bench: BenchmarkConfig) -> Tuple:
     """What decides which Triton kernels ``method`` compiles: its base method and :data:`KERNEL_SHAPE_SETTINGS`."""
     model = _trainer_config(method, bench).pipeline.model
     return (method.partition("@")[0],) + tuple(getattr(model, name, None) for name in KERNEL_SHAPE_SETTINGS)
+
+
+def _kernel_warm_ups(methods: List[str], bench: BenchmarkConfig) -> List[bool]:
+    """Whether each row of ``methods`` (on CUDA) starts with an untimed kernel warm-up: every row in a process of its
+    own (``bench.row_processes``), else the first row of each kernel shape (see :func:`_kernel_shapes`); never a
+    fixed-step row or with ``bench.kernel_warmup_steps`` 0."""
+    warmed_up: Set[Tuple] = set()  # kernel shapes compiled in this process
+    warm_ups = []
+    for method in methods:
+        if bench.kernel_warmup_steps == 0 or _fixed_steps(method):
+            warm_ups.append(False)
+            continue
+        shapes = _kernel_shapes(method, bench)
+        warm_ups.append(shapes not in warmed_up)
+        if not bench.row_processes:
+            warmed_up.add(shapes)
+    return warm_ups
 
 
 def _fixed_steps(method: str) -> bool:
@@ -665,6 +689,82 @@ def _compressed(pipeline, method: str, bench: BenchmarkConfig) -> Dict[str, obje
     }
 
 
+_T = TypeVar("_T")
+
+
+def _in_this_process(function: Callable[..., _T], *args: Any) -> _T:
+    return function(*args)
+
+
+def _in_own_process(function: Callable[..., _T], *args: Any) -> _T:
+    """``function(*args)`` in a fresh Python process (spawned: it starts from imports, not from a copy of this one);
+    its exceptions are raised here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _run_row(
+    method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Path], warm_up: bool
+) -> Tuple[Dict[str, Any], Path]:
+    """One row of the tables: ``method``'s untimed kernel warm-up (if ``warm_up``), its timed training, evaluation,
+    and (for this package's methods) its compressed file; returns the row and the run's last checkpoint."""
+    from vqad_nerfstudio.export.formats import METHOD_FORMATS  # also the checkpoint-loading shim of the models
+
+    if warm_up:
+        warmup_start = time.perf_counter()
+        _compile_kernels(method, bench)
+        gc.collect()  # after the call returns: its trainer's reference cycles hold the device memory until then
+        torch.cuda.empty_cache()
+        print(f"{method}: {time.perf_counter() - warmup_start:.0f} s of untimed warm-up steps", flush=True)
+    print(f"training {method} for {bench.budget_s:g} s", flush=True)
+    trainer, steps, seconds, peak, checkpoint, train_metrics, durations = _train(method, bench, tensorf_checkpoint)
+    pauses = _pauses(durations)
+    if pauses:
+        print(f"{method}: pauses " + ", ".join(f"step {step} {pause:.2f} s" for step, pause in pauses), flush=True)
+    pipeline = trainer.pipeline
+    eval_profile = bench.output_dir / f"{method.replace('@', '-')}.eval-profile.txt"
+    psnr, ssim, rays_per_s = _evaluate(
+        pipeline.model,
+        pipeline.datamanager.eval_dataset,
+        pipeline.device,
+        bench.max_eval_views,
+        eval_profile if method in bench.profile else None,
+    )
+    by_chunk = _eval_speed_by_chunk(pipeline, bench)
+    row = {
+        "method": method,
+        "psnr": psnr,
+        "ssim": ssim,
+        **train_metrics,
+        "steps": steps,
+        "ms_per_step": 1000 * seconds / steps,
+        "late_ms_per_step": _late_ms_per_step(durations),
+        "pauses": pauses,
+        "train_rays_per_s": trainer.pipeline.datamanager.config.train_num_rays_per_batch * steps / seconds,
+        "eval_rays_per_s": rays_per_s,
+        **({"eval_rays_per_s_by_chunk": by_chunk} if by_chunk else {}),
+        "peak_mem_mib": peak,
+        "checkpoint_bytes": checkpoint.stat().st_size,
+    }
+    in_warmup = _in_float_warmup(pipeline.model)
+    if in_warmup:  # a budget too short for the indices: nothing to store yet
+        print(f"{method}: the budget ended in the float warm-up (step {steps}): no file; raise --budget-s")
+        row.update(stored_bytes=math.nan, feature_grid_bytes=math.nan, vertices=math.nan)
+    else:
+        row.update(_stored_bytes(pipeline, method))
+    if method.split("@")[0] in METHOD_FORMATS and not in_warmup:
+        row["compressed"] = _compressed(pipeline, method, bench)
+    if hasattr(pipeline.model, "latent_planes"):  # stored: the file (coded planes, decoder, fp16 lines and MLP)
+        row.update(stored_bytes=row["compressed"]["file_bytes"], feature_grid_bytes=row["compressed"]["grid_bytes"])
+    del trainer, pipeline
+    gc.collect()  # the trainer and its callbacks form reference cycles: free its tensors before the next peak
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return row, checkpoint
+
+
 def main(bench: BenchmarkConfig) -> None:
     if torch.cuda.is_available() and any(method.startswith("instant-ngp") for method in bench.methods):
         from patched_nerfacc import build_extension, use_patched_nerfacc  # nerfacc's extension, patched for CUDA 13
@@ -672,10 +772,8 @@ def main(bench: BenchmarkConfig) -> None:
         use_patched_nerfacc(bench.output_dir / "patched-nerfacc")
         print(f"nerfacc's CUDA extension built in {build_extension():.0f} s (not part of any training budget)")
     # Imported here, not first inside a row: without tinycudann it keeps its ImportError, whose traceback would keep
-    # the frames of that row's _train or _compile_kernels, and with them that row's trainer, for the whole call.
+    # the frames of the row that imported it, and with them its trainer, for as long as the process runs.
     import nerfstudio.utils.external  # noqa: F401
-
-    from vqad_nerfstudio.export.formats import METHOD_FORMATS  # also the checkpoint-loading shim of the models
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results: List[Dict[str, float]] = []
@@ -690,58 +788,12 @@ def main(bench: BenchmarkConfig) -> None:
         _time_encodings(size, bench.encoding_points, bench.encoding_masked_share) for size in bench.hash_sizes
     ]
     tensorf_checkpoint = None
-    warmed_up: Set[Tuple] = set()  # kernel shapes (see _kernel_shapes) an untimed run has compiled
-    for method in methods:
-        warm_up = torch.cuda.is_available() and bench.kernel_warmup_steps > 0 and not _fixed_steps(method)
-        if warm_up and (shapes := _kernel_shapes(method, bench)) not in warmed_up:
-            warmed_up.add(shapes)
-            warmup_start = time.perf_counter()
-            _compile_kernels(method, bench)
-            gc.collect()  # after the call returns: its trainer's reference cycles hold the device memory until then
-            torch.cuda.empty_cache()
-            print(f"{method}: {time.perf_counter() - warmup_start:.0f} s of untimed warm-up steps", flush=True)
-        print(f"training {method} for {bench.budget_s:g} s", flush=True)
-        trainer, steps, seconds, peak, checkpoint, train_metrics, durations = _train(method, bench, tensorf_checkpoint)
-        pauses = _pauses(durations)
-        if pauses:
-            print(f"{method}: pauses " + ", ".join(f"step {step} {pause:.2f} s" for step, pause in pauses), flush=True)
+    warm_ups = _kernel_warm_ups(methods, bench) if torch.cuda.is_available() else [False] * len(methods)
+    for method, warm_up in zip(methods, warm_ups):
+        run = _in_own_process if bench.row_processes else _in_this_process
+        row, checkpoint = run(_run_row, method, bench, tensorf_checkpoint, warm_up)
         if method == "tensorf":
             tensorf_checkpoint = checkpoint
-        pipeline = trainer.pipeline
-        eval_profile = bench.output_dir / f"{method.replace('@', '-')}.eval-profile.txt"
-        psnr, ssim, rays_per_s = _evaluate(
-            pipeline.model,
-            pipeline.datamanager.eval_dataset,
-            pipeline.device,
-            bench.max_eval_views,
-            eval_profile if method in bench.profile else None,
-        )
-        by_chunk = _eval_speed_by_chunk(pipeline, bench)
-        row = {
-            "method": method,
-            "psnr": psnr,
-            "ssim": ssim,
-            **train_metrics,
-            "steps": steps,
-            "ms_per_step": 1000 * seconds / steps,
-            "late_ms_per_step": _late_ms_per_step(durations),
-            "pauses": pauses,
-            "train_rays_per_s": trainer.pipeline.datamanager.config.train_num_rays_per_batch * steps / seconds,
-            "eval_rays_per_s": rays_per_s,
-            **({"eval_rays_per_s_by_chunk": by_chunk} if by_chunk else {}),
-            "peak_mem_mib": peak,
-            "checkpoint_bytes": checkpoint.stat().st_size,
-        }
-        in_warmup = _in_float_warmup(pipeline.model)
-        if in_warmup:  # a budget too short for the indices: nothing to store yet
-            print(f"{method}: the budget ended in the float warm-up (step {steps}): no file; raise --budget-s")
-            row.update(stored_bytes=math.nan, feature_grid_bytes=math.nan, vertices=math.nan)
-        else:
-            row.update(_stored_bytes(pipeline, method))
-        if method.split("@")[0] in METHOD_FORMATS and not in_warmup:
-            row["compressed"] = _compressed(pipeline, method, bench)
-        if hasattr(pipeline.model, "latent_planes"):  # stored: the file (coded planes, decoder, fp16 lines and MLP)
-            row.update(stored_bytes=row["compressed"]["file_bytes"], feature_grid_bytes=row["compressed"]["grid_bytes"])
         results.append(row)
         print(json.dumps(row), flush=True)
         bench.output_dir.mkdir(parents=True, exist_ok=True)
@@ -751,9 +803,6 @@ def main(bench: BenchmarkConfig) -> None:
                 indent=2,
             )
         )
-        del trainer, pipeline
-        gc.collect()  # the trainer and its callbacks form reference cycles: free its tensors before the next peak
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     print(
         f"\nDevice: {device}; training budget {bench.budget_s:.0f} s per method"

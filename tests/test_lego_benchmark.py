@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -86,6 +87,23 @@ def test_only_variants_with_other_kernel_shapes_get_a_kernel_warm_up_of_their_ow
     shapes = {method: bench._kernel_shapes(method, options) for method in methods}
     assert shapes["vqad@w"] == shapes["vqad"]  # the same kernels: warmed up once
     assert len({shapes["vqad"], shapes["vqad@b10"], shapes["vqad@pd"], shapes["vqad-float"]}) == 4
+
+
+@pytest.mark.parametrize("row_processes", [True, False])
+def test_each_row_warms_up_in_its_own_process_or_once_per_kernel_shape_in_one(row_processes: bool) -> None:
+    overrides = {"vqad@w.pipeline.model.index_rate_weight": "3e-5", "vqad@b10.pipeline.model.index_bits": "10"}
+    options = bench.BenchmarkConfig(data=BLENDER_SCENE, row_processes=row_processes, overrides=overrides)
+    methods = ["tensorf", "vqad", "vqad@w", "vqad@b10", "tensorf-compressed@0.002"]
+    expected = [True, True, True, True, False] if row_processes else [True, True, False, True, False]
+    assert bench._kernel_warm_ups(methods, options) == expected  # tensorf-compressed: fixed steps, never timed
+    options.kernel_warmup_steps = 0
+    assert bench._kernel_warm_ups(methods, options) == [False] * 5
+
+
+def test_a_row_in_its_own_process_runs_in_another_process_and_raises_there() -> None:
+    assert bench._in_own_process(os.getpid) != os.getpid()
+    with pytest.raises(ValueError, match="invalid literal"):
+        bench._in_own_process(int, "not a number")
 
 
 def test_the_late_step_time_is_the_last_quarters_mean() -> None:
