@@ -693,6 +693,7 @@ _T = TypeVar("_T")
 
 
 def _in_this_process(function: Callable[..., _T], *args: Any) -> _T:
+    """``function(*args)``, here (``--no-row-processes``)."""
     return function(*args)
 
 
@@ -789,8 +790,8 @@ def main(bench: BenchmarkConfig) -> None:
     ]
     tensorf_checkpoint = None
     warm_ups = _kernel_warm_ups(methods, bench) if torch.cuda.is_available() else [False] * len(methods)
+    run = _in_own_process if bench.row_processes else _in_this_process
     for method, warm_up in zip(methods, warm_ups):
-        run = _in_own_process if bench.row_processes else _in_this_process
         row, checkpoint = run(_run_row, method, bench, tensorf_checkpoint, warm_up)
         if method == "tensorf":
             tensorf_checkpoint = checkpoint
