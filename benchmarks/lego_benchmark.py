@@ -28,6 +28,7 @@ import copy
 import gc
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -340,12 +341,14 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    threads_before = _thread_cpu_seconds()
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
+    threads = _busiest_threads(threads_before, _thread_cpu_seconds())
     peak = (torch.cuda.max_memory_allocated() - held_before) / 2**20 if torch.cuda.is_available() else float("nan")
     if held_before:
         print(f"{method}: {held_before / 2**20:.0f} MiB were allocated before its setup (not counted in its peak)")
@@ -353,8 +356,36 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     checkpoint = max(trainer.checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     train_metrics = _mean_train_metrics(recent_train_metrics)
     train_metrics["cpu_ms_per_step"] = 1000 * cpu_seconds / steps  # the process's CPU time, all its threads
+    train_metrics["busiest_threads"] = threads
     step_seconds = [end - begin for begin, end in zip([start] + step_ends[:-1], step_ends)]
     return trainer, steps, seconds, peak, checkpoint, train_metrics, step_seconds
+
+
+def _thread_cpu_seconds() -> Dict[int, Tuple[str, float]]:
+    """Each thread of this process (Linux: /proc/self/task) as thread id -> (name, CPU seconds so far), the main
+    thread's name marked "(main)"; empty where /proc is not there."""
+    import threading
+
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    main = threading.main_thread().native_id
+    threads = {}
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip() + (" (main)" if int(task.name) == main else "")
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)  # utime + stime
+    return threads
+
+
+def _busiest_threads(
+    before: Dict[int, Tuple[str, float]], after: Dict[int, Tuple[str, float]], count: int = 6
+) -> List[Tuple[str, float]]:
+    """The ``count`` threads that spent the most CPU time between two :func:`_thread_cpu_seconds` readings, as (name,
+    seconds): which threads beside the one that launches the kernels keep cores busy during a row."""
+    spent = [(name, seconds - before.get(tid, (name, 0.0))[1]) for tid, (name, seconds) in after.items()]
+    return sorted(spent, key=lambda thread: -thread[1])[:count]
 
 
 LATE_SHARE = 0.25

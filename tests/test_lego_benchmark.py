@@ -5,6 +5,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,37 @@ def test_a_row_in_its_own_process_runs_in_another_process_and_raises_there() -> 
     assert bench._in_own_process(os.getpid) != os.getpid()
     with pytest.raises(ValueError, match="invalid literal"):
         bench._in_own_process(int, "not a number")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="threads' CPU times are read from Linux's /proc")
+def test_the_busiest_threads_are_those_that_spent_the_most_cpu_time_between_readings() -> None:
+    import threading
+
+    def spin(name: str, release: threading.Event) -> threading.Thread:
+        def run() -> None:
+            Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(name)  # the name /proc shows
+            end = time.thread_time() + 0.3
+            while time.thread_time() < end:
+                pass
+            release.wait()
+
+        thread = threading.Thread(target=run, name=name)
+        thread.start()
+        return thread
+
+    ended, running = threading.Event(), threading.Event()
+    ended.set()
+    spin("ended", ended).join()  # spins, then ends before the second reading
+    before = bench._thread_cpu_seconds()
+    spinner = spin("spinner", running)
+    time.sleep(0.6)
+    try:
+        busiest = bench._busiest_threads(before, bench._thread_cpu_seconds())
+    finally:
+        running.set()
+        spinner.join()
+    assert busiest[0][0] == "spinner" and busiest[0][1] >= 0.2
+    assert "ended" not in [name for name, _ in busiest]
 
 
 def test_the_late_step_time_is_the_last_quarters_mean() -> None:
