@@ -75,13 +75,14 @@ MODEL_KEYS = (
 the keys of QUANTISED_KEYS whose parameters are quantised)."""
 
 
-def _net_parameters(model: "CompressedTensoRFModel", line_rows: bool = False) -> Dict[str, Tensor]:
+def _net_parameters(model: "CompressedTensoRFModel") -> Dict[str, Tensor]:
     """NETS: every field parameter except the planes (decoded from the latents) and the scene box (in the header);
-    with ``line_rows`` (NETQ) each line factor as a matrix of one row per line (a view: it rounds as it trained)."""
+    quantised (NETQ, the model's field_bits below 16), each line factor as a matrix of one row per line (a view: it
+    rounds as it trained)."""
     density, color = model.plane_encodings
     skip = {id(density.plane_coef), id(color.plane_coef), id(model.field.aabb)}
     parameters = {f"field.{name}": p for name, p in model.field.named_parameters() if id(p) not in skip}
-    if line_rows:
+    if model.config.field_bits != 16:
         for name, encoding in (("density_encoding", density), ("color_encoding", color)):
             parameters[f"field.{name}.line_coef"] = encoding.line_rows()
     return parameters
@@ -118,8 +119,7 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
         if getattr(config, key) != 16:
             header["model"][key] = getattr(config, key)
             header.setdefault("requires", []).append(key)
-    net_parameters = _net_parameters(model, line_rows=config.field_bits != 16)
-    nets = parameters_chunk(net_parameters, config.field_bits, QUANTISED_KEYS[FIELD_BITS_KEY], None)
+    nets = parameters_chunk(_net_parameters(model), config.field_bits, QUANTISED_KEYS[FIELD_BITS_KEY], None)
     decoder = parameters_chunk(_decoder_parameters(model), config.decoder_bits, QUANTISED_KEYS[DECODER_BITS_KEY], 0)
     masks = planes.hard_masks().cpu().numpy()
     latents = planes.hard_latents().cpu().numpy()  # [planes, channels, side, side]
@@ -159,7 +159,7 @@ def load_planes_compressed(source: Source) -> Tuple["CompressedTensoRFModel", De
     model: "CompressedTensoRFModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
     model.resize_planes(resolution)
     for key, parameters in (
-        (FIELD_BITS_KEY, _net_parameters(model, line_rows=config.field_bits != 16)),
+        (FIELD_BITS_KEY, _net_parameters(model)),
         (DECODER_BITS_KEY, _decoder_parameters(model)),
     ):
         tag = tags[key]
