@@ -117,15 +117,23 @@ def _quantized_model(bits: int = 6):
     return model
 
 
-def test_a_quantized_plane_decoder_decodes_to_the_planes_it_renders():
-    model = _quantized_model(6)
+def _quantized_round_trip(model, key: str, first_tags: list):
+    """``model``'s encoding and its decoded model, checking the header (``key``, the model's bits, required), the
+    first two chunks' tags, the version and the decoded config."""
+    bits = getattr(model.config, key)
     encoded = encode_any(model)
-    assert encoded.header["requires"] == ["decoder_bits"] and encoded.header["model"]["decoder_bits"] == 6
-    assert [chunk.tag for chunk in encoded.chunks][:2] == ["NETS", "PDCQ"]
+    assert encoded.header["requires"] == [key] and encoded.header["model"][key] == bits
+    assert [chunk.tag for chunk in encoded.chunks][:2] == first_tags
     data = write_container(encoded.header, encoded.chunks)
     assert read_container(data).version == (2, 0)  # readers without the feature refuse the file by its version
     decoded, _ = load_any(data)
-    assert decoded.config.decoder_bits == 6
+    assert getattr(decoded.config, key) == bits
+    return encoded, decoded
+
+
+def test_a_quantized_plane_decoder_decodes_to_the_planes_it_renders():
+    model = _quantized_model(6)
+    encoded, decoded = _quantized_round_trip(model, "decoder_bits", ["NETS", "PDCQ"])
     with torch.no_grad():
         torch.testing.assert_close(decoded.latent_planes().planes, model.latent_planes().planes, rtol=0, atol=1e-3)
         for layer, trained in zip(decoded.latent_planes.decoder, model.latent_planes.decoder):
@@ -188,13 +196,7 @@ def _quantized_field_model(bits: int = 6):
 
 def test_a_quantized_field_decodes_to_what_it_renders():
     model = _quantized_field_model(6)
-    encoded = encode_any(model)
-    assert encoded.header["requires"] == ["field_bits"] and encoded.header["model"]["field_bits"] == 6
-    assert [chunk.tag for chunk in encoded.chunks][:2] == ["NETQ", "PDEC"]
-    data = write_container(encoded.header, encoded.chunks)
-    assert read_container(data).version == (2, 0)
-    decoded, _ = load_any(data)
-    assert decoded.config.field_bits == 6
+    encoded, decoded = _quantized_round_trip(model, "field_bits", ["NETQ", "PDEC"])
     with torch.no_grad():
         trained, rendered = model(_rays()), decoded(_rays())
         assert torch.equal(rendered["rgb"], trained["rgb"]) and torch.equal(rendered["depth"], trained["depth"])
