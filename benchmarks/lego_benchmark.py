@@ -245,6 +245,15 @@ def _kernel_shapes(method: str, bench: BenchmarkConfig) -> Tuple:
     return (method.partition("@")[0],) + tuple(getattr(model, name, None) for name in KERNEL_SHAPE_SETTINGS)
 
 
+def _check_method_names(methods: List[str]) -> None:
+    """``SystemExit`` naming the methods (before any ``@TAG``) that nerfstudio does not know, before any row runs."""
+    from nerfstudio.configs.method_configs import all_methods
+
+    unknown = [method for method in methods if method.partition("@")[0] not in all_methods]
+    if unknown:
+        raise SystemExit(f"unknown methods {', '.join(unknown)}; nerfstudio knows {', '.join(sorted(all_methods))}")
+
+
 def _kernel_warm_ups(methods: List[str], bench: BenchmarkConfig) -> List[bool]:
     """Whether each row of ``methods`` (on CUDA) starts with an untimed kernel warm-up: every row in a process of its
     own (``bench.row_processes``), else the first row of each kernel shape (see :func:`_kernel_shapes`); never a
@@ -813,6 +822,7 @@ def main(bench: BenchmarkConfig) -> None:
     for size in bench.hash_sizes:
         methods += [f"vqad-hash@{size}", f"vqad-hash-random@{size}"]
     methods += [f"tensorf-compressed@{rate:g}" for rate in bench.plane_lambdas]
+    _check_method_names(methods)
     compressing = [i for i, method in enumerate(methods) if method.partition("@")[0] == "tensorf-compressed"]
     if compressing and ("tensorf" not in methods or methods.index("tensorf") > compressing[0]):
         raise SystemExit("tensorf-compressed rows compress the call's tensorf run: put tensorf first in --methods")

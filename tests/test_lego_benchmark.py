@@ -101,6 +101,12 @@ def test_each_row_warms_up_in_its_own_process_or_once_per_kernel_shape_in_one(ro
     assert bench._kernel_warm_ups(methods, options) == [False] * 5
 
 
+def test_unknown_methods_are_refused_before_any_row_runs() -> None:
+    with pytest.raises(SystemExit, match="unknown methods nosuch, nosuch@2; nerfstudio knows .*vqad-float"):
+        bench._check_method_names(["vqad", "nosuch", "vqad-float@ref", "nosuch@2"])
+    bench._check_method_names(["vqad@b10", "tensorf", "vqad-hash-random@14"])
+
+
 def test_a_row_in_its_own_process_runs_in_another_process_and_raises_there() -> None:
     assert bench._in_own_process(os.getpid) != os.getpid()
     with pytest.raises(ValueError, match="invalid literal"):
