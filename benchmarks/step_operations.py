@@ -49,6 +49,16 @@ _NO_LAUNCH = {
 }
 """ATen operations that launch no kernel (views and allocations)."""
 
+_HOST_WAITS = {
+    "aten::" + name
+    for name in (
+        "nonzero _unique2 unique_dim unique_consecutive _local_scalar_dense masked_select is_nonzero equal"
+    ).split()
+}
+"""ATen operations after which the host waits for the device on CUDA: their output's size, or a value, is read back
+(``tensor.item()``, ``bool(tensor)``, ``torch.unique``, ``torch.nonzero``, masks). Indexing with a boolean mask
+and ``repeat_interleave`` without ``output_size`` wait too and are counted apart (see :meth:`_Counter.waits`)."""
+
 
 @dataclass
 class Args:
@@ -68,14 +78,29 @@ class _Counter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.operations: Dict[str, int] = collections.Counter()
+        self.waits: Dict[str, int] = collections.Counter()
+        """The operations after which the host waits for the device, by name (a boolean mask's as ``NAME[mask]``)."""
         self.launches = 0
         self._inside_triton = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
-        if not self._inside_triton and name not in _NO_LAUNCH:
-            self.operations[name] += 1
+        if not self._inside_triton:
+            if name not in _NO_LAUNCH:
+                self.operations[name] += 1
+            if name in _HOST_WAITS:
+                self.waits[name] += 1
+            elif name in ("aten::index", "aten::index_put", "aten::index_put_") and _has_mask(args):
+                self.waits[name + "[mask]"] += 1
+            elif name == "aten::repeat_interleave" and (kwargs or {}).get("output_size") is None:
+                self.waits[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _has_mask(args: tuple) -> bool:
+    """Whether an index operation's indices (its second argument) hold a boolean mask."""
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices or ())
 
 
 _ACTIVE: List[_Counter] = []
@@ -178,13 +203,15 @@ def main(args: Args) -> None:
             rows.append((phase, name, forward, backward))
     bits = f"{args.index_bits}-bit indices, {args.codebook_bits}-bit codebooks"
     print(f"\nOperations of one vqad training step ({device}, {args.rays} rays, {bits})")
-    print("| phase | path | forward: PyTorch ops + Triton launches | backward | step |")
-    print("|---|---|---|---|---|")
+    print("| phase | path | forward: PyTorch ops + Triton launches | backward | step | host waits |")
+    print("|---|---|---|---|---|---|")
     for phase, name, forward, backward in rows:
         sides = [sum(c.operations.values()) + c.launches for c in (forward, backward)]
         if forward.launches or backward.launches:
             name += f" ({forward.launches} + {backward.launches} Triton)"
-        print(f"| {phase} | {name} | {sides[0]} | {sides[1]} | **{sum(sides)}** |")
+        waits = forward.waits + backward.waits
+        listed = ", ".join(f"{op.removeprefix('aten::')} {count}" for op, count in sorted(waits.items()))
+        print(f"| {phase} | {name} | {sides[0]} | {sides[1]} | **{sum(sides)}** | {sum(waits.values())}: {listed} |")
 
 
 if __name__ == "__main__":

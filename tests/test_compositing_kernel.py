@@ -155,7 +155,19 @@ def test_a_models_render_is_the_same_with_the_kernels(monkeypatch, training, bac
         grads = [p.grad.clone() for p in model.field.parameters() if p.grad is not None]
         return outputs, grads
 
+    from nerfstudio.model_components.renderers import RGBRenderer
+
+    requested = []  # the shapes the fused path asks nerfstudio's background colour in
+    colour_of = RGBRenderer.get_background_color
+    monkeypatch.setattr(
+        RGBRenderer,
+        "get_background_color",
+        lambda *a, shape, **k: requested.append(shape) or colour_of(*a, shape=shape, **k),
+    )
     fused, fused_grads = render(True)
+    monkeypatch.setattr(RGBRenderer, "get_background_color", colour_of)
+    # one colour broadcast over the rays, not a [rays, 3] tensor made on the host and copied every step
+    assert requested == ([] if background == "random" else [(3,)])
     reference, reference_grads = render(False)
     assert float(reference["samples_per_ray"].mean()) < 48 and float(reference["accumulation"].detach().min()) > 0.5
     for key in ("rgb", "accumulation", "depth", "samples_per_ray"):

@@ -686,7 +686,9 @@ class VQADModel(Model):
         if background == "last_sample":
             raise NotImplementedError("background_color 'last_sample' needs dense samples (sampling='dense')")
         if background != "random":  # nerfstudio returns a random background's colour unblended, as if black
-            colour = RGBRenderer.get_background_color(background, shape=rgb.shape, device=rgb.device)
+            # one colour, broadcast over the rays: nerfstudio's shape=rgb.shape expands it on the host and copies a
+            # [rays, 3] tensor to the device every step (a copy that also wakes every thread of torch's CPU pool)
+            colour = RGBRenderer.get_background_color(background, shape=(3,), device=rgb.device)
             rgb = rgb + colour * (1.0 - accumulation)
         if not self.training:
             rgb = rgb.clamp(0.0, 1.0)
