@@ -72,6 +72,18 @@ def test_hard_indices_and_shares_match_reference(reference, rows: int, codewords
     assert torch.equal(hard_only, expected_hard) and no_shares.numel() == 0
 
 
+@pytest.mark.parametrize("codewords", [16, 256])
+@pytest.mark.parametrize("rows_per_program", [1, 64, 4096])
+def test_rows_per_program_splits_the_rows_without_overlap(rows_per_program: int, codewords: int) -> None:
+    """Programs of fewer rows than a block (128 rows of 16 logits, 8 of 256) read whole blocks; any split gives
+    every row's index and the same shares (one program at 4096 rows, several partial sums otherwise)."""
+    logits = _logits(ROWS, codewords)
+    hard, shares = relaxed_indices.hard_indices_and_shares(logits, 0.3, True, rows_per_program)
+    assert torch.equal(hard, logits.argmax(dim=-1))
+    expected = torch.softmax(logits.double() / 0.3, dim=-1).sum(dim=0).float()
+    torch.testing.assert_close(shares, expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("codewords", CODEBOOK_SIZES)
 @pytest.mark.parametrize("inputs", ["soft", "rows", "share", "soft+rows+share", "rows+share"])
 def test_logit_grad_matches_reference(reference, inputs: str, codewords: int) -> None:

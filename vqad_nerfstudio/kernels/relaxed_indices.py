@@ -33,8 +33,12 @@ MAX_CODEWORDS = 4096
 """Largest codebook (``2**b``) the kernels take: a block holds whole rows of logits in registers."""
 _TILE = 2048
 """Logits per block (rows x codewords, whole rows)."""
-_ROWS_PER_PROGRAM = 1024
-"""Rows one program of the forward kernel sums its soft indices over (one partial sum each)."""
+ROWS_PER_PROGRAM = 64
+"""Rows one program of the forward kernel reads (at least one block; one partial sum of soft indices each). A program
+is a latency-bound chain of block after block: at 1024 rows (up to ``830f8a5``) it read 128 blocks of 8 rows of 256
+logits one after the other, and the passes over lego's 8-bit logits (1.1 M rows) took 2.1 ms per training step,
+about 6x the time their bytes need (one H100, ``--profile vqad``); ``benchmarks/relaxed_index_speed.py`` times
+the choices."""
 
 
 def available(logits: Tensor) -> bool:
@@ -89,17 +93,13 @@ if triton is not None:
 
     @triton.jit
     def _rate_kernel(
-        partial_sums, n_programs, n_rows, bits, grad_counts, C: tl.constexpr, C_POW2: tl.constexpr,
-        MIN_SHARE: tl.constexpr,
+        sums, n_rows, bits, grad_counts, C: tl.constexpr, C_POW2: tl.constexpr, MIN_SHARE: tl.constexpr,
     ):  # fmt: skip
-        """The shares (column sums of the partial sums over ``n_rows``), the order-0 bits of ``n_rows`` indices
+        """The shares (the soft indices' column ``sums`` over ``n_rows``), the order-0 bits of ``n_rows`` indices
         under them and the bits' gradient in each count, in one program (a few thousand values)."""
         column = tl.arange(0, C_POW2)
         column_ok = column < C
-        sums = tl.zeros((C_POW2,), dtype=tl.float32)
-        for program in range(0, n_programs):
-            sums += tl.load(partial_sums + program * C + column, mask=column_ok, other=0.0)
-        shares = sums / tl.maximum(n_rows, 1).to(tl.float32)
+        shares = tl.load(sums + column, mask=column_ok, other=0.0) / tl.maximum(n_rows, 1).to(tl.float32)
         log_shares = tl.log2(tl.maximum(shares, MIN_SHARE))
         tl.store(bits, -tl.sum(tl.where(column_ok, shares * n_rows.to(tl.float32) * log_shares, 0.0), axis=0))
         used = tl.where(shares >= MIN_SHARE, 1.4426950408889634, 0.0)  # 1 / ln 2
@@ -171,33 +171,25 @@ def _block_rows(codewords: int) -> Tuple[int, int]:
     return columns, max(1, _TILE // columns)
 
 
-def _hard_indices_and_partial_sums(
-    logits: Float[Tensor, "m c"], temperature: float, with_shares: bool
-) -> Tuple[Int[Tensor, "m"], Float[Tensor, "p c"]]:
-    """``logits.argmax(-1)`` and, with ``with_shares``, the column sums of ``softmax(logits / temperature)`` per
-    ROWS_PER_PROGRAM rows (else an empty tensor), in one read of the logits."""
-    rows, codewords = logits.shape
-    hard = torch.empty(rows, dtype=torch.long, device=logits.device)
-    programs = triton.cdiv(rows, _ROWS_PER_PROGRAM)
-    partial_sums = torch.empty(programs if with_shares else 0, codewords, device=logits.device)  # each row written
-    if rows:
-        columns, block = _block_rows(codewords)
-        _hard_and_shares_kernel[(programs,)](
-            logits, hard, partial_sums, rows, 1.0 / temperature,
-            C=codewords, C_POW2=columns, BLOCK=block, ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM, WITH_SHARES=with_shares,
-        )  # fmt: skip
-    return hard, partial_sums
-
-
 def hard_indices_and_shares(
-    logits: Float[Tensor, "m c"], temperature: float, with_shares: bool
+    logits: Float[Tensor, "m c"], temperature: float, with_shares: bool, rows_per_program: int = ROWS_PER_PROGRAM
 ) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
     """``logits.argmax(-1)`` and, with ``with_shares``, the column sums of ``softmax(logits / temperature)``
-    (else an empty tensor), in one read of the logits. Sums are per ROWS_PER_PROGRAM rows, then added in a fixed
-    order: the same logits give the same sums."""
-    hard, partial_sums = _hard_indices_and_partial_sums(logits.detach().contiguous(), temperature, with_shares)
-    shares = partial_sums.sum(dim=0) if with_shares else logits.new_empty(0)
-    return hard, shares
+    (else an empty tensor), in one read of the logits. Sums are per ``rows_per_program`` rows (raised to a block),
+    then added in a fixed order: the same logits give the same sums."""
+    logits = logits.detach().contiguous()
+    rows, codewords = logits.shape
+    hard = torch.empty(rows, dtype=torch.long, device=logits.device)
+    columns, block = _block_rows(codewords)
+    rows_per_program = max(triton.next_power_of_2(rows_per_program), block)  # whole blocks: no row read twice
+    programs = triton.cdiv(rows, rows_per_program)
+    partial_sums = torch.empty(programs if with_shares else 0, codewords, device=logits.device)  # each row written
+    if rows:
+        _hard_and_shares_kernel[(programs,)](
+            logits, hard, partial_sums, rows, 1.0 / temperature,
+            C=codewords, C_POW2=columns, BLOCK=block, ROWS_PER_PROGRAM=rows_per_program, WITH_SHARES=with_shares,
+        )  # fmt: skip
+    return hard, partial_sums.sum(dim=0) if with_shares else logits.new_empty(0)
 
 
 def hard_indices_and_rate(
@@ -207,14 +199,12 @@ def hard_indices_and_rate(
     temperature)`` under their mean (``-sum_c counts[c] * log2(max(shares[c], min_share))``, ``counts = shares *
     rows``) and its gradient in each count: one read of the logits and one small kernel, where the PyTorch path
     takes a dozen operations."""
-    logits = logits.detach().contiguous()
-    hard, partial_sums = _hard_indices_and_partial_sums(logits, temperature, True)
+    hard, sums = hard_indices_and_shares(logits, temperature, True)
     rows, codewords = logits.shape
     bits = torch.empty((), device=logits.device)
     grad_counts = torch.empty(codewords, device=logits.device)
     _rate_kernel[(1,)](
-        partial_sums, partial_sums.shape[0], rows, bits, grad_counts,
-        C=codewords, C_POW2=triton.next_power_of_2(codewords), MIN_SHARE=min_share,
+        sums, rows, bits, grad_counts, C=codewords, C_POW2=triton.next_power_of_2(codewords), MIN_SHARE=min_share
     )  # fmt: skip
     return hard, bits, grad_counts
 

@@ -1,0 +1,79 @@
+"""Speed of the learned indices' per-vertex passes on the GPU, against the time their bytes need: the hard indices
+with the soft indices' shares (one read of the logits; at each ``rows_per_program``), the same with the index
+rate, and the logits' Adam update in the backward pass (logits, bfloat16 first and float32 second moment, read and
+written), with ``torch.argmax`` over the same logits as a yardstick of what one read costs.
+
+    python benchmarks/relaxed_index_speed.py                         # 1.1 M rows of 256 logits: lego's 8-bit grid
+    python benchmarks/relaxed_index_speed.py --rows 1100000 --codewords 16
+
+Each row is the mean over ``--repeats`` calls, from the first launch to the GPU's completion; GB/s counts the bytes
+each pass must move (logits read once; for Adam also its moments, and all three written).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import torch
+import tyro
+
+from vqad_nerfstudio.kernels import relaxed_indices
+from vqad_nerfstudio.optim import AdamStep
+
+from gpu_timing import seconds_per_call
+
+
+@dataclass
+class Args:
+    rows: int = 1_100_000
+    """Vertices (rows of logits); lego's vqad grid at the defaults has about 1.1 M over its levels."""
+    codewords: int = 256
+    """Logits per row (``2**index_bits``)."""
+    rows_per_program: Tuple[int, ...] = (16, 32, 64, 128, 256, 1024)
+    """The forward kernel's rows per program to time (see ``relaxed_indices.ROWS_PER_PROGRAM``)."""
+    repeats: int = 50
+    """Calls per row."""
+
+
+def main(args: Args) -> None:
+    if not torch.cuda.is_available() or relaxed_indices.triton is None:
+        raise SystemExit("this benchmark needs CUDA and Triton")
+    torch.manual_seed(0)
+    logits = torch.randn(args.rows, args.codewords, device="cuda") * 3
+    logit_bytes = logits.numel() * logits.element_size()
+    update = AdamStep(
+        exp_avg=torch.zeros_like(logits, dtype=torch.bfloat16),
+        exp_avg_sq=torch.zeros_like(logits),
+        lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-15, weight_decay=0.0, step=10,
+    )  # fmt: skip
+    grad_rows = torch.randn(args.rows, 4, device="cuda")
+    codebook = torch.randn(args.codewords, 4, device="cuda")
+    rows: List[Tuple[str, Callable[[], object], int]] = [
+        ("torch.argmax (one read)", lambda: logits.argmax(dim=-1), logit_bytes)
+    ]
+    for count in args.rows_per_program:
+        call = lambda count=count: relaxed_indices.hard_indices_and_shares(logits, 0.5, True, count)  # noqa: E731
+        marker = " (default)" if count == relaxed_indices.ROWS_PER_PROGRAM else ""
+        rows.append((f"hard indices + shares, {count} rows per program{marker}", call, logit_bytes))
+    rows.append(
+        ("hard indices + rate (default)", lambda: relaxed_indices.hard_indices_and_rate(logits, 0.5, 1e-6), logit_bytes)
+    )
+    adam_bytes = 2 * (logit_bytes + update.exp_avg.numel() * 2 + update.exp_avg_sq.numel() * 4)
+    rows.append(
+        (
+            "logits' Adam in the backward pass",
+            lambda: relaxed_indices.relaxed_logit_adam_(logits, 0.5, update, grad_rows, codebook),
+            adam_bytes,
+        )
+    )
+    print(f"\n{torch.cuda.get_device_name()}: {args.rows} rows x {args.codewords} logits, {args.repeats} calls a row")
+    print("| pass | ms | GB/s |")
+    print("|---|---|---|")
+    for name, call, moved in rows:
+        seconds = seconds_per_call(call, args.repeats)
+        print(f"| {name} | {1000 * seconds:.3f} | {moved / seconds / 1e9:.0f} |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
