@@ -1,7 +1,8 @@
 """Speed of the learned indices' per-vertex passes on the GPU, against the time their bytes need: the hard indices
 with the soft indices' shares (one read of the logits; at each ``rows_per_program``), the same with the index
 rate, and the logits' Adam update in the backward pass (logits, bfloat16 first and float32 second moment, read and
-written), with ``torch.argmax`` over the same logits as a yardstick of what one read costs.
+written), with ``torch.argmax`` over the same logits as a yardstick of what one read costs; and the codebook's gradient
+through the hard indices, ``torch.index_add_`` against the kernel that skips untouched rows.
 
     python benchmarks/relaxed_index_speed.py                         # 1.1 M rows of 256 logits: lego's 8-bit grid
     python benchmarks/relaxed_index_speed.py --rows 1100000 --codewords 16
@@ -32,6 +33,10 @@ class Args:
     """Logits per row (``2**index_bits``)."""
     rows_per_program: Tuple[int, ...] = (16, 32, 64, 128, 256, 1024)
     """The forward kernel's rows per program to time (see ``relaxed_indices.ROWS_PER_PROGRAM``)."""
+    channels: int = 16
+    """Features per codeword (the codebook gradient's width)."""
+    touched_share: float = 0.5
+    """Share of vertices with a nonzero gradient in the codebook-gradient rows."""
     repeats: int = 50
     """Calls per row."""
 
@@ -65,6 +70,25 @@ def main(args: Args) -> None:
             "logits' Adam in the backward pass",
             lambda: relaxed_indices.relaxed_logit_adam_(logits, 0.5, update, grad_rows, codebook),
             adam_bytes,
+        )
+    )
+    hard = logits.argmax(dim=-1)
+    table_grad = torch.randn(args.rows, args.channels, device="cuda")
+    table_grad *= torch.rand(args.rows, 1, device="cuda") < args.touched_share  # untouched vertices: zero rows
+    codebook16 = torch.zeros(args.codewords, args.channels, device="cuda")
+    grad_bytes = table_grad.numel() * 4 + hard.numel() * 8
+    rows.append(
+        (
+            "codebook gradient, torch index_add_",
+            lambda: torch.zeros_like(codebook16).index_add_(0, hard, table_grad),
+            grad_bytes,
+        )
+    )
+    rows.append(
+        (
+            "codebook gradient, kernel (default)",
+            lambda: relaxed_indices.codebook_grad(hard, table_grad, args.codewords),
+            grad_bytes,
         )
     )
     print(f"\n{torch.cuda.get_device_name()}: {args.rows} rows x {args.codewords} logits, {args.repeats} calls a row")

@@ -84,6 +84,19 @@ def test_rows_per_program_splits_the_rows_without_overlap(rows_per_program: int,
     torch.testing.assert_close(shares, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows,channels", [(0, 16), (1, 16), (ROWS, 16), (ROWS, 3)])
+def test_codebook_grad_matches_index_add(rows: int, channels: int) -> None:
+    """Each row's gradient added to its hard index's codeword, untouched (zero) rows skipped; also channels that are
+    not a power of two."""
+    generator = torch.Generator().manual_seed(3)
+    hard = torch.randint(0, 256, (rows,), generator=generator)
+    grad_rows = torch.randn(rows, channels, generator=generator) * (torch.rand(rows, 1, generator=generator) < 0.5)
+    got = relaxed_indices.codebook_grad(hard.to(DEVICE), grad_rows.to(DEVICE), 256)
+    expected = torch.zeros(256, channels, dtype=torch.float64).index_add_(0, hard, grad_rows.double())
+    assert got.shape == (256, channels) and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("codewords", CODEBOOK_SIZES)
 @pytest.mark.parametrize("inputs", ["soft", "rows", "share", "soft+rows+share", "rows+share"])
 def test_logit_grad_matches_reference(reference, inputs: str, codewords: int) -> None:

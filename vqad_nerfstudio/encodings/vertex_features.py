@@ -91,6 +91,16 @@ def relaxed_logit_adam_(
         adam_update_(logits[rows], grad, chunk_update)
 
 
+def codebook_grad(
+    hard: Int[Tensor, "m"], grad_rows: Float[Tensor, "m k"], codebook: Float[Tensor, "c k"], use_kernel: bool = True
+) -> Float[Tensor, "c k"]:
+    """The codebook's gradient through the rows' hard indices: each row's gradient added to its codeword. On the GPU
+    (``use_kernel``) one kernel that skips untouched rows, else ``index_add_``."""
+    if use_kernel and relaxed_indices.available(grad_rows):
+        return relaxed_indices.codebook_grad(hard, grad_rows, codebook.shape[0]).to(codebook.dtype)
+    return torch.zeros_like(codebook).index_add_(0, hard, grad_rows)
+
+
 def hard_indices_and_shares(
     logits: Float[Tensor, "m c"], temperature: float, with_shares: bool = True, use_kernel: bool = True
 ) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
@@ -225,7 +235,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
             else:
                 grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms, ctx.use_kernel)
         if ctx.needs_input_grad[1] and grad_out is not None:
-            grad_codebook = torch.zeros_like(codebook).index_add_(0, hard, grad_out)
+            grad_codebook = codebook_grad(hard, grad_out, codebook, ctx.use_kernel)
         return grad_logits, grad_codebook, None, None, None, None, None
 
 

@@ -164,6 +164,44 @@ if triton is not None:
         else:
             tl.store(out + offsets, grad, mask=mask)
 
+    @triton.jit
+    def _codebook_grad_kernel(
+        hard, grad_rows, partials, n_rows, C, GROUPS, K: tl.constexpr, K_POW2: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        """Adds each row's gradient to its hard index's codeword in partial sum ``program % GROUPS``; rows whose
+        gradient is zero (vertices no sample touched) add nothing."""
+        program = tl.program_id(0)
+        row = program * BLOCK + tl.arange(0, BLOCK)
+        row_ok = row < n_rows
+        channel = tl.arange(0, K_POW2)
+        mask = row_ok[:, None] & (channel < K)[None, :]
+        grad = tl.load(grad_rows + row[:, None].to(tl.int64) * K + channel[None, :], mask=mask, other=0.0)
+        index = tl.load(hard + row, mask=row_ok, other=0)
+        target = ((program % GROUPS) * C + index).to(tl.int64)
+        tl.atomic_add(partials + target[:, None] * K + channel[None, :], grad, mask=mask & (grad != 0.0))
+
+
+CODEBOOK_GRAD_GROUPS = 32
+"""Partial sums the codebook's gradient is spread over: each codeword's additions wait on one another (atomics on
+one address), and ``torch.index_add_`` makes every row of a level wait on the rows that share its codeword."""
+_CODEBOOK_GRAD_BLOCK = 128
+"""Rows per program of the codebook's gradient."""
+
+
+def codebook_grad(hard: Int[Tensor, "m"], grad_rows: Float[Tensor, "m k"], codewords: int) -> Float[Tensor, "c k"]:
+    """``zeros(codewords, k).index_add_(0, hard, grad_rows)`` (float32; the codebook's gradient through the hard
+    indices), skipping the rows whose gradient is zero and spreading the additions over
+    :data:`CODEBOOK_GRAD_GROUPS` partial sums. Atomic additions, as ``index_add_``'s on CUDA: the order, and so the
+    last bits, may differ from run to run."""
+    rows, channels = grad_rows.shape
+    partials = torch.zeros(CODEBOOK_GRAD_GROUPS, codewords, channels, device=grad_rows.device)
+    if rows:
+        _codebook_grad_kernel[(triton.cdiv(rows, _CODEBOOK_GRAD_BLOCK),)](
+            hard.contiguous(), grad_rows.float().contiguous(), partials, rows, codewords, CODEBOOK_GRAD_GROUPS,
+            K=channels, K_POW2=triton.next_power_of_2(channels), BLOCK=_CODEBOOK_GRAD_BLOCK,
+        )  # fmt: skip
+    return partials.sum(dim=0)
+
 
 def _block_rows(codewords: int) -> Tuple[int, int]:
     """The column tile (a power of two) and the rows per block for ``codewords`` columns."""
@@ -291,6 +329,7 @@ def _launch_logit_grad(
 __all__ = [
     "MAX_CODEWORDS",
     "available",
+    "codebook_grad",
     "hard_indices_and_shares",
     "hard_indices_and_rate",
     "relaxed_logit_adam_",
