@@ -29,7 +29,7 @@ from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.model_components import renderers
 from nerfstudio.model_components.losses import MSELoss
 from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
-from nerfstudio.model_components.scene_colliders import AABBBoxCollider, NearFarCollider
+from nerfstudio.model_components.scene_colliders import NearFarCollider
 from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from nerfstudio.viewer.viewer_elements import ViewerSlider, ViewerText
@@ -60,6 +60,7 @@ from vqad_nerfstudio.models.limits import (
 from vqad_nerfstudio.models.size_accounting import stored_kib
 from vqad_nerfstudio.optim import InBackwardAdam
 from vqad_nerfstudio.rendering import packed
+from vqad_nerfstudio.rendering.box_collider import BoxCollider
 from vqad_nerfstudio.rendering.candidate_intervals import candidate_edges
 from vqad_nerfstudio.rounding import check_weight_bits
 
@@ -318,7 +319,7 @@ class VQADModel(Model):
             self.collider = NearFarCollider(near_plane=0.05, far_plane=1000.0)
             extent = torch.full((3,), 4.0)  # contracted space spans 4 units per side
         else:
-            self.collider = AABBBoxCollider(self.scene_box)
+            self.collider = BoxCollider(self.scene_box)
             extent = self.scene_box.aabb[1] - self.scene_box.aabb[0]
         step = float(extent.max()) / self.grid.resolutions[-1]  # one finest voxel
         occupancy_resolution = min(cfg.occupancy_resolution, self.grid.resolutions[-1])
