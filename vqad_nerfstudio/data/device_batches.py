@@ -50,14 +50,12 @@ def perspective_rays(
     ``RayGenerator`` makes for them (directions, origins, pixel areas, camera indices and the directions' norms), in
     a few tensor operations. ``lens_distortion``: undistort with the cameras' OpenCV radial and tangential parameters
     (nerfstudio's own function; a camera whose parameters are zero keeps its coordinates exactly)."""
-    y, x = rows.float() + 0.5, columns.float() + 0.5  # nerfstudio's image coordinates: pixel centres
-    fx, fy = cameras.fx[camera_indices, 0], cameras.fy[camera_indices, 0]
-    cx, cy = cameras.cx[camera_indices, 0], cameras.cy[camera_indices, 0]
-    u, v = (x - cx) / fx, (y - cy) / fy
-    # the pixel and its neighbours one pixel right and one down (for the pixel area)
-    coords = torch.stack(
-        [torch.stack([u, v], -1), torch.stack([(x - cx + 1) / fx, v], -1), torch.stack([u, (y - cy + 1) / fy], -1)]
-    )
+    pixels = torch.stack([columns, rows], dim=-1).float() + 0.5  # (x, y): nerfstudio's coordinates, pixel centres
+    intrinsics = torch.cat([cameras.fx, cameras.fy, cameras.cx, cameras.cy], dim=-1)[camera_indices]
+    focal, centre = intrinsics[:, :2], intrinsics[:, 2:]
+    # the pixel and its neighbours one pixel right and one down (for the pixel area): offsets (0, 0), (1, 0), (0, 1)
+    offsets = torch.eye(3, 2, dtype=pixels.dtype, device=pixels.device).roll(1, dims=0)
+    coords = ((pixels - centre) + offsets[:, None, :]) / focal  # [3, n, 2]
     if lens_distortion:
         coords = radial_and_tangential_undistort(coords, cameras.distortion_params[camera_indices])
     # camera axes: x right, y up, looking down -z; float32 whatever the intrinsics' precision, as nerfstudio's
@@ -67,12 +65,11 @@ def perspective_rays(
     directions = torch.sum(directions[..., None, :] * c2w[..., :3, :3], dim=-1)
     norms = torch.linalg.vector_norm(directions, dim=-1, keepdim=True)
     directions = directions / norms
-    dx = torch.sqrt(torch.sum((directions[0] - directions[1]) ** 2, dim=-1))
-    dy = torch.sqrt(torch.sum((directions[0] - directions[2]) ** 2, dim=-1))
+    spans = torch.sqrt(torch.sum((directions[0] - directions[1:]) ** 2, dim=-1))  # to the right and down neighbour
     return RayBundle(
         origins=c2w[..., :3, 3],
         directions=directions[0],
-        pixel_area=(dx * dy)[..., None],
+        pixel_area=(spans[0] * spans[1])[..., None],
         camera_indices=camera_indices[:, None],
         metadata={"directions_norm": norms[0].detach()},
     )
