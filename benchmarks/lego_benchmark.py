@@ -35,7 +35,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import torch
 import tyro
@@ -344,9 +344,11 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], stop_when_spent))
     recent_train_metrics = _record_train_metrics(trainer.pipeline)
+    profiler = None
     if method in bench.profile:
         path = bench.output_dir / f"{method.replace('@', '-')}.profile.txt"
-        trainer.callbacks += _profiled_steps(path, range(bench.profile_from, bench.profile_from + 5))
+        callbacks, profiler = _profiled_steps(path, range(bench.profile_from, bench.profile_from + 5))
+        trainer.callbacks += callbacks
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -366,6 +368,9 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     train_metrics = _mean_train_metrics(recent_train_metrics)
     train_metrics["cpu_ms_per_step"] = 1000 * cpu_seconds / steps  # the process's CPU time, all its threads
     train_metrics["busiest_threads"] = threads
+    if profiler is not None and profiler.summary:  # per profiled step: device ms, kernel launches, host waits
+        train_metrics["profiled_step"] = profiler.summary
+        print(f"{method}: a profiled step: " + ", ".join(f"{k} {v:.1f}" for k, v in profiler.summary.items()))
     step_seconds = [end - begin for begin, end in zip([start] + step_ends[:-1], step_ends)]
     return trainer, steps, seconds, peak, checkpoint, train_metrics, step_seconds
 
@@ -513,9 +518,25 @@ def _encoding_timing_table(timings: List[Dict[str, float]], points: int, masked_
     return "\n".join(lines)
 
 
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+"""Runtime and driver calls that launch a kernel (PyTorch's, and Triton's)."""
+_HOST_WAITS = ("cudaStreamSynchronize",)
+"""Runtime calls in which the host waits for the device inside a step (``nonzero``, ``.item()``, copies to the host)."""
+
+
+def _profile_summary(averages: Sequence[Any], steps: int) -> Dict[str, float]:
+    """Per step of a profiled stretch of ``steps`` steps, from torch's profiler's ``key_averages()``: the device's
+    busy time (its kernels' time, in ms), the kernel launches and the host's waits for the device. Against the
+    step's wall time, the device's time tells whether a step is bound by the device or by the host."""
+    device_us = sum(getattr(event, "self_device_time_total", 0.0) for event in averages)
+    launches = sum(event.count for event in averages if event.key in _LAUNCHES)
+    waits = sum(event.count for event in averages if event.key in _HOST_WAITS)
+    return {"device_ms": device_us / 1000 / steps, "launches": launches / steps, "host_waits": waits / steps}
+
+
 class _Profiler:
     """torch's profiler and Python's cProfile over a stretch of work; :meth:`stop` prints and saves the busiest
-    operators (by GPU and by CPU time) and Python functions."""
+    operators (by GPU and by CPU time) and Python functions, and keeps :func:`_profile_summary` in ``summary``."""
 
     def __init__(self, path: Path, title: str) -> None:
         import cProfile
@@ -528,13 +549,14 @@ class _Profiler:
             activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         )
         self.python_profiler = cProfile.Profile()
+        self.summary: Dict[str, float] = {}
 
     def start(self) -> None:
         _sync()
         self.torch_profiler.start()
         self.python_profiler.enable()
 
-    def stop(self) -> None:
+    def stop(self, steps: int = 1) -> None:
         import io
         import pstats
 
@@ -542,6 +564,7 @@ class _Profiler:
         self.python_profiler.disable()
         self.torch_profiler.stop()
         averages = self.torch_profiler.key_averages()
+        self.summary = _profile_summary(averages, steps)
         tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
         if self.cuda:
             tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=25))
@@ -553,8 +576,8 @@ class _Profiler:
         print(f"\n{self.title}:\n{text}", flush=True)
 
 
-def _profiled_steps(path: Path, steps: range) -> List[Any]:
-    """Training callbacks that profile ``steps`` (see :class:`_Profiler`)."""
+def _profiled_steps(path: Path, steps: range) -> Tuple[List[Any], _Profiler]:
+    """Training callbacks that profile ``steps``, and their profiler (see :class:`_Profiler`)."""
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
     profiler = _Profiler(path, f"Steps {steps[0]}..{steps[-1]} of {path.stem}")
@@ -565,12 +588,12 @@ def _profiled_steps(path: Path, steps: range) -> List[Any]:
 
     def end(step: int) -> None:
         if step == steps[-1]:
-            profiler.stop()
+            profiler.stop(len(steps))
 
     return [
         TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], begin),
         TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], end),
-    ]
+    ], profiler
 
 
 def _sync() -> None:
