@@ -280,3 +280,19 @@ def test_a_profiled_steps_summary_is_its_device_time_launches_and_host_waits_per
     ]
     summary = bench._profile_summary(averages, steps=10)
     assert summary == {"device_ms": 1.0, "launches": 6.0, "host_waits": 2.0}
+
+
+def test_host_tensor_operations_are_counted_by_name_and_size_with_their_first_caller() -> None:
+    """The counter of benchmarks/host_tensor_operations.py: operations with a host tensor among their arguments (also
+    inside lists), large from the given size, each with where it was first called from; device tensors (the meta
+    device here) are not counted."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from host_tensor_operations import HostTensorOperations
+
+    counter = HostTensorOperations(large=100)
+    with counter:
+        small, large = torch.ones(3), torch.ones(200)
+        torch.cat([small, small]), large * 2, large * 3, torch.ones(3, device="meta") + 1
+    assert counter.counts[("aten::cat", False)] == 1 and counter.counts[("aten::mul", True)] == 2
+    assert not any(name == "aten::add" for name, _ in counter.counts)
+    assert "test_host_tensor_operations" in counter.first_caller[("aten::mul", True)]
