@@ -2,7 +2,8 @@
 with the soft indices' shares (one read of the logits; at each ``rows_per_program``), the same with the index
 rate, and the logits' Adam update in the backward pass (logits, bfloat16 first and float32 second moment, read and
 written), with ``torch.argmax`` over the same logits as a yardstick of what one read costs; and the codebook's gradient
-through the hard indices, ``torch.index_add_`` against the kernel that skips untouched rows.
+through the hard indices, ``torch.index_add_`` against the kernel that skips untouched rows; and the table of
+every vertex's codeword the straight-through lookup gathers each step.
 
     python benchmarks/relaxed_index_speed.py                         # 1.1 M rows of 256 logits: lego's 8-bit grid
     python benchmarks/relaxed_index_speed.py --rows 1100000 --codewords 16
@@ -90,6 +91,10 @@ def main(args: Args) -> None:
             lambda: relaxed_indices.codebook_grad(hard, table_grad, args.codewords),
             grad_bytes,
         )
+    )
+    table_bytes = table_grad.numel() * 4 + hard.numel() * 8
+    rows.append(
+        ("codeword table, codebook.index_select(0, hard)", lambda: codebook16.index_select(0, hard), table_bytes)
     )
     print(f"\n{torch.cuda.get_device_name()}: {args.rows} rows x {args.codewords} logits, {args.repeats} calls a row")
     print("| pass | ms | GB/s |")
