@@ -1,9 +1,9 @@
 """Speed of the learned indices' per-vertex passes on the GPU, against the time their bytes need: the hard indices
 with the soft indices' shares (one read of the logits; at each ``rows_per_program``), the same with the index
 rate, and the logits' Adam update in the backward pass (logits, bfloat16 first and float32 second moment, read and
-written), with ``torch.argmax`` over the same logits as a yardstick of what one read costs; and the codebook's gradient
-through the hard indices, ``torch.index_add_`` against the kernel that skips untouched rows; and the table of
-every vertex's codeword the straight-through lookup gathers each step.
+written), with ``torch.argmax`` over the same logits as a yardstick of what one read costs. Also the codebook's
+gradient through the hard indices (``torch.index_add_`` against the kernel that skips untouched rows), and the
+table of every vertex's codeword that the straight-through lookup gathers each step.
 
     python benchmarks/relaxed_index_speed.py                         # 1.1 M rows of 256 logits: lego's 8-bit grid
     python benchmarks/relaxed_index_speed.py --rows 1100000 --codewords 16
