@@ -82,33 +82,20 @@ def _caller(depth: int = 4) -> str:
 
 
 def main(args: Args) -> None:
-    from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
-
     if not torch.cuda.is_available():
         raise SystemExit("this needs CUDA: on the CPU every tensor is a host tensor")
     import nerfstudio.utils.external  # noqa: F401  (before the trainer: see lego_benchmark.main)
 
     bench = lego_benchmark.BenchmarkConfig(data=args.data, output_dir=args.output_dir, overrides=args.overrides)
+    steps = range(args.first_step, args.first_step + args.steps)
     config = lego_benchmark._trainer_config(args.method, bench)
-    config.max_num_iterations = args.first_step + args.steps
+    config.max_num_iterations = steps.stop
     trainer = lego_benchmark._set_up_trainer(config)
     counter = HostTensorOperations(args.large)
-    last = args.first_step + args.steps - 1
-
-    def begin(step: int) -> None:
-        if step == args.first_step:
-            counter.__enter__()
-
-    def end(step: int) -> None:
-        if step == last:
-            counter.__exit__(None, None, None)
-
-    trainer.callbacks += [
-        TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], begin),
-        TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], end),
-    ]
+    stop_counting = lambda: counter.__exit__(None, None, None)  # noqa: E731
+    trainer.callbacks += lego_benchmark.around_steps(steps, counter.__enter__, stop_counting)
     trainer.train()
-    print(f"\n{args.method}: operations on host tensors in steps {args.first_step}..{last}")
+    print(f"\n{args.method}: operations on host tensors in steps {steps[0]}..{steps[-1]}")
     print("| operation | large | calls | first called from |")
     print("|---|---|---|---|")
     for (name, large), count in counter.counts.most_common():

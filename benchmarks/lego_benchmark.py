@@ -576,24 +576,28 @@ class _Profiler:
         print(f"\n{self.title}:\n{text}", flush=True)
 
 
-def _profiled_steps(path: Path, steps: range) -> Tuple[List[Any], _Profiler]:
-    """Training callbacks that profile ``steps``, and their profiler (see :class:`_Profiler`)."""
+def around_steps(steps: range, begin: Callable[[], object], end: Callable[[], object]) -> List[Any]:
+    """Training callbacks that call ``begin()`` before the first of ``steps`` and ``end()`` after the last."""
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
-    profiler = _Profiler(path, f"Steps {steps[0]}..{steps[-1]} of {path.stem}")
-
-    def begin(step: int) -> None:
+    def before(step: int) -> None:
         if step == steps[0]:
-            profiler.start()
+            begin()
 
-    def end(step: int) -> None:
+    def after(step: int) -> None:
         if step == steps[-1]:
-            profiler.stop(len(steps))
+            end()
 
     return [
-        TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], begin),
-        TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], end),
-    ], profiler
+        TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], before),
+        TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], after),
+    ]
+
+
+def _profiled_steps(path: Path, steps: range) -> Tuple[List[Any], _Profiler]:
+    """Training callbacks that profile ``steps``, and their profiler (see :class:`_Profiler`)."""
+    profiler = _Profiler(path, f"Steps {steps[0]}..{steps[-1]} of {path.stem}")
+    return around_steps(steps, profiler.start, lambda: profiler.stop(len(steps))), profiler
 
 
 def _sync() -> None:
