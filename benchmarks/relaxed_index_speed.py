@@ -96,6 +96,9 @@ def main(args: Args) -> None:
     rows.append(
         ("codeword table, codebook.index_select(0, hard)", lambda: codebook16.index_select(0, hard), table_bytes)
     )
+    rows.append(
+        ("codeword table, kernel (default)", lambda: relaxed_indices.codeword_table(hard, codebook16), table_bytes)
+    )
     print(f"\n{torch.cuda.get_device_name()}: {args.rows} rows x {args.codewords} logits, {args.repeats} calls a row")
     print("| pass | ms | GB/s |")
     print("|---|---|---|")

@@ -97,6 +97,28 @@ def test_codebook_grad_matches_index_add(rows: int, channels: int) -> None:
     torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("rows,channels", [(0, 16), (1, 16), (ROWS, 16), (ROWS, 3)])
+def test_codeword_table_matches_index_select(rows: int, channels: int, index_dtype) -> None:
+    """Each row's codeword, and the codebook's gradient through them, as index_select gives them; also channels
+    that are not a power of two and the int32 indices of frozen stores."""
+    generator = torch.Generator().manual_seed(4)
+    indices = torch.randint(0, 256, (rows,), generator=generator, dtype=index_dtype).to(DEVICE)
+    grad = torch.randn(rows, channels, generator=generator).to(DEVICE)
+
+    def table_and_grad(table_of):
+        codebook = torch.randn(256, channels, generator=generator.manual_seed(5)).to(DEVICE).requires_grad_()
+        table = table_of(codebook, indices)
+        table.backward(grad)
+        return table.detach(), codebook.grad
+
+    got = table_and_grad(vertex_features.codeword_table)
+    expected = table_and_grad(lambda codebook, rows: codebook.index_select(0, rows))
+    assert got[0].shape == (rows, channels)
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("codewords", CODEBOOK_SIZES)
 @pytest.mark.parametrize("inputs", ["soft", "rows", "share", "soft+rows+share", "rows+share"])
 def test_logit_grad_matches_reference(reference, inputs: str, codewords: int) -> None:

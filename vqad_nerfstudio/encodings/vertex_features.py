@@ -101,6 +101,32 @@ def codebook_grad(
     return torch.zeros_like(codebook).index_add_(0, hard, grad_rows)
 
 
+class _CodewordTable(torch.autograd.Function):
+    """``codebook.index_select(0, indices)`` with the kernels: their gather forward, :func:`codebook_grad`
+    backward."""
+
+    @staticmethod
+    def forward(ctx, codebook: Tensor, indices: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(indices)
+        ctx.codewords, ctx.dtype = codebook.shape[0], codebook.dtype
+        return relaxed_indices.codeword_table(indices, codebook)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:  # type: ignore[override]
+        (indices,) = ctx.saved_tensors
+        return relaxed_indices.codebook_grad(indices, grad, ctx.codewords).to(ctx.dtype), None
+
+
+def codeword_table(
+    codebook: Float[Tensor, "c k"], indices: Int[Tensor, "m"], use_kernel: bool = True
+) -> Float[Tensor, "m k"]:
+    """Each row's codeword, ``codebook.index_select(0, indices)``, differentiable in the codebook; on the GPU
+    (``use_kernel``) the kernels' gather and codebook gradient."""
+    if use_kernel and relaxed_indices.available(codebook):
+        return _CodewordTable.apply(codebook, indices)
+    return codebook.index_select(0, indices)
+
+
 def hard_indices_and_shares(
     logits: Float[Tensor, "m c"], temperature: float, with_shares: bool = True, use_kernel: bool = True
 ) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
@@ -216,7 +242,8 @@ class _StraightThroughCodewords(torch.autograd.Function):
         optimizer = pending_update(logits)
         ctx.in_backward = None if optimizer is None else (optimizer, logits)  # the parameter itself, to update
         ctx.set_materialize_grads(False)
-        return codebook.index_select(0, hard) if known_table is None else known_table, bits
+        table = codeword_table(codebook.detach(), hard, use_kernel) if known_table is None else known_table
+        return table, bits
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -658,7 +685,7 @@ class CodebookFeatures(FeatureStore):
         """The codewords of :meth:`_indices_of_step`'s hard indices, held with them inside :meth:`hold_indices`."""
         if self._held_table is not None:
             return self._held_table
-        table = self.lookup_codebook().index_select(0, self._indices_of_step()[0])
+        table = codeword_table(self.lookup_codebook(), self._indices_of_step()[0], self.use_kernels)
         if self._holding:
             self._held_table = table
         return table
@@ -680,7 +707,7 @@ class CodebookFeatures(FeatureStore):
         if self.in_float_warmup:
             return self.warmup_features
         if self.frozen:
-            return self.lookup_codebook().index_select(0, self.indices)
+            return codeword_table(self.lookup_codebook(), self.indices, self.use_kernels)
         if self.relaxed and self.training:
             return soft_codewords(self.logits, self.lookup_codebook(), self.temperature)
         if not torch.is_grad_enabled():
@@ -688,7 +715,8 @@ class CodebookFeatures(FeatureStore):
                 return self._hard_table_of_step()
             state = (self.codebook_bits, *((t.data_ptr(), t._version, t.shape) for t in (self.logits, self.codebook)))
             if self._hard_table is None or self._hard_table[0] != state:
-                self._hard_table = state, self.lookup_codebook().index_select(0, self.logits.argmax(dim=-1))
+                hard = self.logits.argmax(dim=-1)
+                self._hard_table = state, codeword_table(self.lookup_codebook(), hard, self.use_kernels)
             return self._hard_table[1]
         held, held_table = (self._held_indices, self._held_table) if self.training else (None, None)
         codebook = self.lookup_codebook()

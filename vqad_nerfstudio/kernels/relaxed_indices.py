@@ -180,6 +180,18 @@ if triton is not None:
         target = ((program % GROUPS) * C + index).to(tl.int64)
         tl.atomic_add(partials + target[:, None] * K + channel[None, :], grad, mask=mask & (grad != 0.0))
 
+    @triton.jit
+    def _codeword_table_kernel(indices, codebook, table, n_rows, K: tl.constexpr, K_POW2: tl.constexpr,
+                               BLOCK: tl.constexpr):  # fmt: skip
+        """Row ``r`` of ``table`` = row ``indices[r]`` of ``codebook`` (a few kB, read from cache)."""
+        row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        row_ok = row < n_rows
+        channel = tl.arange(0, K_POW2)
+        mask = row_ok[:, None] & (channel < K)[None, :]
+        index = tl.load(indices + row, mask=row_ok, other=0).to(tl.int64)
+        values = tl.load(codebook + index[:, None] * K + channel[None, :], mask=mask)
+        tl.store(table + row[:, None].to(tl.int64) * K + channel[None, :], values, mask=mask)
+
 
 CODEBOOK_GRAD_GROUPS = 32
 """Partial sums the codebook's gradient is spread over: each codeword's additions wait on one another (atomics on
@@ -201,6 +213,25 @@ def codebook_grad(hard: Int[Tensor, "m"], grad_rows: Float[Tensor, "m k"], codew
             K=channels, K_POW2=triton.next_power_of_2(channels), BLOCK=_CODEBOOK_GRAD_BLOCK,
         )  # fmt: skip
     return partials.sum(dim=0)
+
+
+_CODEWORD_TABLE_BLOCK = 256
+"""Rows per program of the codeword table."""
+
+
+def codeword_table(indices: Int[Tensor, "m"], codebook: Float[Tensor, "c k"]) -> Float[Tensor, "m k"]:
+    """``codebook.index_select(0, indices)``: each row's codeword. torch's gather moved about 0.12 TB/s here (the
+    table of lego's 8-bit grid, 0.67 ms of a training step on one H100), this kernel reads one index and writes one
+    row per vertex."""
+    codebook = codebook.contiguous()
+    rows, channels = indices.shape[0], codebook.shape[1]
+    table = codebook.new_empty(rows, channels)
+    if rows and channels:
+        _codeword_table_kernel[(triton.cdiv(rows, _CODEWORD_TABLE_BLOCK),)](
+            indices.contiguous(), codebook, table, rows,
+            K=channels, K_POW2=triton.next_power_of_2(channels), BLOCK=_CODEWORD_TABLE_BLOCK,
+        )  # fmt: skip
+    return table
 
 
 def _block_rows(codewords: int) -> Tuple[int, int]:
@@ -330,6 +361,7 @@ __all__ = [
     "MAX_CODEWORDS",
     "available",
     "codebook_grad",
+    "codeword_table",
     "hard_indices_and_shares",
     "hard_indices_and_rate",
     "relaxed_logit_adam_",
