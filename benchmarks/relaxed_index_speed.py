@@ -1,9 +1,10 @@
 """Speed of the learned indices' per-vertex passes on the GPU, against the time their bytes need: the hard indices
 with the soft indices' shares (one read of the logits; at each ``rows_per_program``), the same with the index
 rate, and the logits' Adam update in the backward pass (logits, bfloat16 first and float32 second moment, read and
-written), with ``torch.argmax`` over the same logits as a yardstick of what one read costs. Also the codebook's
+written; also with float16 logits and a bfloat16 second moment, stochastically rounded), with ``torch.argmax`` over
+the same logits as a yardstick of what one read costs. Also the codebook's
 gradient through the hard indices (``torch.index_add_`` against the kernel that skips untouched rows), and the
-table of every vertex's codeword that the straight-through lookup gathers each step.
+table of every vertex's codeword that the straight-through lookup gathers each step (index_select and the kernel).
 
     python benchmarks/relaxed_index_speed.py                         # 1.1 M rows of 256 logits: lego's 8-bit grid
     python benchmarks/relaxed_index_speed.py --rows 1100000 --codewords 16
@@ -73,7 +74,27 @@ def main(args: Args) -> None:
             adam_bytes,
         )
     )
-    hard = logits.argmax(dim=-1)
+    half_logits = logits.half()
+    half_update = AdamStep(
+        exp_avg=torch.zeros_like(half_logits, dtype=torch.bfloat16),
+        exp_avg_sq=torch.zeros_like(half_logits, dtype=torch.bfloat16),
+        lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-15, weight_decay=0.0, step=10, seed=1,
+    )  # fmt: skip
+    rows.append(
+        (
+            "hard indices + rate, float16 logits",
+            lambda: relaxed_indices.hard_indices_and_rate(half_logits, 0.5, 1e-6),
+            logit_bytes // 2,
+        )
+    )
+    rows.append(
+        (
+            "logits' Adam, float16 logits, bfloat16 moments (stochastic rounding)",
+            lambda: relaxed_indices.relaxed_logit_adam_(half_logits, 0.5, half_update, grad_rows, codebook),
+            adam_bytes * 6 // 10,
+        )
+    )
+    hard = half_logits.argmax(dim=-1)
     table_grad = torch.randn(args.rows, args.channels, device="cuda")
     table_grad *= torch.rand(args.rows, 1, device="cuda") < args.touched_share  # untouched vertices: zero rows
     codebook16 = torch.zeros(args.codewords, args.channels, device="cuda")

@@ -9,7 +9,7 @@ from torch import nn
 
 from vqad_nerfstudio.encodings import vertex_features
 from vqad_nerfstudio.encodings.vertex_features import straight_through_codewords_and_rate
-from vqad_nerfstudio.optim import InBackwardAdam, pending_update
+from vqad_nerfstudio.optim import InBackwardAdam, pending_update, stochastically_rounded
 
 SETTINGS = dict(lr=0.05, eps=1e-15, weight_decay=0.0)
 
@@ -50,8 +50,8 @@ def test_bfloat16_first_moment_stays_close_to_adam() -> None:
     state = next(iter(optimizer.state.values()))
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.float32
     moved = (expected - _train(torch.optim.Adam, steps=0)[0]).abs()
-    error = (logits - expected).abs()
-    assert error.max() < 0.05 * moved.max() and error.mean() < 0.005 * moved.mean()
+    error = (logits - expected).abs()  # a few logits whose hard index flipped apart from Adam's may go their own way
+    assert (error < 0.02 * moved.max()).float().mean() > 0.99 and error.mean() < 0.005 * moved.mean()
 
 
 def test_step_updates_parameters_with_ordinary_gradients() -> None:
@@ -117,7 +117,7 @@ def test_owner_is_found_only_while_it_exists() -> None:
 
 
 def test_bad_moment_dtype_is_refused() -> None:
-    with pytest.raises(ValueError, match="floating-point torch dtype"):
+    with pytest.raises(ValueError, match="float32, bfloat16, float16 or param"):
         InBackwardAdam([nn.Parameter(torch.zeros(2))], exp_avg_dtype="int8")
 
 
@@ -179,3 +179,47 @@ def test_nerfstudio_steps_train_a_store_through_the_in_backward_update() -> None
     assert logits_optimizer.state[store.logits]["step"] == 3 and not torch.equal(store.logits, before)
     assert rates[0] > rates[-1]  # the schedule decays the rate the backward pass reads
     assert store.codebook.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_exact_on_average_and_picks_a_neighbour(dtype: torch.dtype) -> None:
+    """Each value goes to one of its two neighbours in ``dtype``, the nearer more often, their mean the value; a
+    step far below half a unit in the last place (which rounding to nearest loses) survives on average."""
+    generator = torch.Generator().manual_seed(2)
+    values = torch.cat([torch.randn(200, generator=generator) * 3, torch.tensor([4.0 + 2**-12, -4.0 - 2**-12])])
+    draws = torch.stack([stochastically_rounded(values, dtype, generator) for _ in range(4000)]).float()
+    below, above = values.to(dtype).float(), values.to(dtype).float()  # the nearest, and the other neighbour
+    spacing = torch.finfo(dtype).eps * 2 ** torch.floor(torch.log2(values.abs()))
+    below = torch.where(below > values, below - spacing, below)
+    above = torch.where(above < values, above + spacing, above)
+    assert ((draws == below) | (draws == above)).all()
+    torch.testing.assert_close(draws.mean(dim=0), values, rtol=0, atol=float(spacing.max()) * 0.05)
+    assert values.to(dtype)[-1].float() == -4.0  # to nearest, the step is lost
+
+
+def test_stochastic_rounding_saturates_float16_and_keeps_float32() -> None:
+    values = torch.tensor([1e6, -1e6, 1.5])
+    assert stochastically_rounded(values, torch.float16).tolist() == [65504.0, -65504.0, 1.5]
+    assert stochastically_rounded(values, torch.float32) is values
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        stochastically_rounded(values, torch.int8)
+
+
+def test_float16_parameters_train_with_bfloat16_moments_and_unbiased_steps() -> None:
+    """A float16 parameter's second moment follows it into 16 bits (bfloat16: a squared gradient underflows
+    float16), and a constant gradient far below float16's resolution at the parameter moves it on average as
+    Adam moves a float32 one."""
+    start = torch.full((20000,), 4.0)
+    moved = {}
+    for dtype in (torch.float32, torch.float16):
+        param = nn.Parameter(start.to(dtype, copy=True))
+        optimizer = InBackwardAdam([param], lr=1e-4, eps=1e-15)
+        for _ in range(20):
+            param.grad = torch.ones_like(param)
+            optimizer.step()
+        state = optimizer.state[param]
+        assert param.dtype == dtype and state["exp_avg_sq"].dtype == (
+            torch.float32 if dtype == torch.float32 else torch.bfloat16
+        )
+        moved[dtype] = (start - param.detach().float()).mean()
+    assert abs(moved[torch.float16] - moved[torch.float32]) < 0.05 * moved[torch.float32]

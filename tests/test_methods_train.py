@@ -124,3 +124,33 @@ def test_printed_export_command_writes_the_printed_size(tiny_scene, tmp_path, mo
     assert result.returncode == 0, result.stderr[-3000:]
     (vqnf,) = (config.get_base_dir() / "export").glob("*.vqnf")
     assert vqnf.stat().st_size == size
+
+
+def test_vqad_trains_float16_logits_with_bfloat16_second_moments(tiny_scene, tmp_path, monkeypatch):
+    """``--pipeline.model.logit-dtype float16``: the logits train in float16 (their second moment in bfloat16) and
+    the run's checkpoint loads into a fresh model of the same config."""
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    config = reduced_config("vqad", tiny_scene, tmp_path / "outputs")
+    config.pipeline.model.logit_dtype = "float16"
+    config.pipeline.model.index_warmup_steps = 0  # straight-through from the first step: the logits train
+    config.set_timestamp()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    start = [s.features.logits.detach().clone() for s in trainer.pipeline.model.grid.levels]
+    trainer.train()
+
+    stores = [level.features for level in trainer.pipeline.model.grid.levels]
+    assert all(store.logits.dtype == torch.float16 for store in stores)
+    assert not torch.equal(stores[0].logits, start[0])  # level 0 is not regrown: the same rows, trained
+    optimizer = trainer.optimizers.optimizers["grid_logits"]
+    moments = [optimizer.state[store.logits] for store in stores]
+    assert all(m["exp_avg_sq"].dtype == torch.bfloat16 and m["exp_avg"].dtype == torch.bfloat16 for m in moments)
+    (checkpoint,) = (tmp_path / "outputs").glob("*/vqad/*/nerfstudio_models/step-*.ckpt")
+    fresh = config.pipeline.model.setup(
+        scene_box=trainer.pipeline.datamanager.train_dataset.scene_box, num_train_data=3
+    )
+    state = {k.removeprefix("_model."): v for k, v in torch.load(checkpoint, weights_only=False)["pipeline"].items()}
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.grid.levels[0].features.logits, stores[0].logits)

@@ -57,13 +57,16 @@ def relaxed_logit_grad(
     if use_kernel and relaxed_indices.available(logits):
         return relaxed_indices.relaxed_logit_grad(logits, temperature, grad_soft, grad_rows, codebook, grad_share)
     out = grad_soft if grad_soft is not None else torch.zeros_like(logits)
-    for start, (chunk_logits, chunk_grad) in zip(range(0, logits.shape[0], ROW_CHUNK), _row_chunks(logits, out)):
+    for start, (chunk_logits, chunk_out) in zip(range(0, logits.shape[0], ROW_CHUNK), _row_chunks(logits, out)):
+        chunk_grad = chunk_out.float()  # chunk_out itself when float32
         if grad_rows is not None:
             chunk_grad += grad_rows[start : start + ROW_CHUNK] @ codebook.t()
         if grad_share is not None:
             chunk_grad += grad_share
-        soft = torch.softmax(chunk_logits / temperature, dim=-1)
+        soft = torch.softmax(chunk_logits.float() / temperature, dim=-1)
         chunk_grad.sub_((soft * chunk_grad).sum(dim=-1, keepdim=True)).mul_(soft).div_(temperature)
+        if chunk_grad is not chunk_out:
+            chunk_out.copy_(chunk_grad)
     return out
 
 
@@ -86,8 +89,11 @@ def relaxed_logit_adam_(
     for start in range(0, logits.shape[0], ROW_CHUNK):
         rows = slice(start, start + ROW_CHUNK)
         chunk_rows = None if grad_rows is None else grad_rows[rows]
-        grad = relaxed_logit_grad(logits[rows], temperature, None, chunk_rows, codebook, grad_share, False)
-        chunk_update = replace(update, exp_avg=update.exp_avg[rows], exp_avg_sq=update.exp_avg_sq[rows])
+        grad = logits[rows].new_zeros(logits[rows].shape, dtype=torch.float32)
+        relaxed_logit_grad(logits[rows], temperature, grad, chunk_rows, codebook, grad_share, False)
+        chunk_update = replace(
+            update, exp_avg=update.exp_avg[rows], exp_avg_sq=update.exp_avg_sq[rows], seed=update.seed + start
+        )
         adam_update_(logits[rows], grad, chunk_update)
 
 
@@ -137,9 +143,9 @@ def hard_indices_and_shares(
         hard, sums = relaxed_indices.hard_indices_and_shares(logits, temperature, with_shares)
     else:
         hard = logits.argmax(dim=-1)
-        sums = logits.new_zeros(logits.shape[-1] if with_shares else 0)
+        sums = logits.new_zeros(logits.shape[-1] if with_shares else 0, dtype=torch.float32)
         for (chunk,) in _row_chunks(logits) if with_shares else ():
-            sums += torch.softmax(chunk / temperature, dim=-1).sum(dim=0)
+            sums += torch.softmax(chunk.float() / temperature, dim=-1).sum(dim=0)
     return hard, sums / max(logits.shape[0], 1) if with_shares else sums
 
 
@@ -393,7 +399,7 @@ def soft_codewords(
     logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0
 ) -> Float[Tensor, "m k"]:
     """Relaxed codewords ``softmax(C / temperature) @ codebook`` of every row (soft indices, forward too)."""
-    return torch.softmax(logits / temperature, dim=-1) @ codebook
+    return torch.softmax(logits.float() / temperature, dim=-1) @ codebook
 
 
 def straight_through_lookup(
@@ -551,6 +557,8 @@ class CodebookFeatures(FeatureStore):
 
     ``fuse_rate=True`` computes the index rate in :meth:`table`'s pass (for a loss with the rate term).
     ``use_kernels=False`` keeps the softmax side of the indices on the PyTorch reference path on a GPU too.
+    ``logit_dtype`` is the logits' storage (float16: half the memory and bytes of float32; every computation on them
+    is float32, and Adam's updates round stochastically, see :mod:`vqad_nerfstudio.optim`).
     """
 
     temperature: float = 1.0
@@ -568,6 +576,7 @@ class CodebookFeatures(FeatureStore):
         fuse_rate: bool = False,
         use_kernels: bool = True,
         codebook_bits: Optional[int] = None,
+        logit_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         if not 1 <= index_bits <= 16:
@@ -589,7 +598,7 @@ class CodebookFeatures(FeatureStore):
             self.register_buffer("indices", torch.zeros(num_rows, dtype=torch.int32))
         else:
             logit_rows = 0 if self._float_warmup else num_rows
-            self.logits = nn.Parameter(torch.randn(logit_rows, 2**index_bits) * logit_init_std)
+            self.logits = nn.Parameter((torch.randn(logit_rows, 2**index_bits) * logit_init_std).to(logit_dtype))
             self.register_buffer("indices", None)
         self.codebook = nn.Parameter(torch.randn(2**index_bits, feature_dim) * codebook_init_std)
         warmup_rows = num_rows if self._float_warmup else 0
@@ -833,7 +842,8 @@ class CodebookFeatures(FeatureStore):
         quantized = ~kept
         weights = None if importance is None else importance[quantized]
         centroids, logits = vector_quantize(features[quantized], codewords, weights, iterations, generator)
-        logits = logits.neg_().to(self.logits.dtype)  # the costs' own memory: no second [m, 2**b] table
+        lowest = -torch.finfo(self.logits.dtype).max  # float16 logits saturate instead of becoming -inf
+        logits = logits.neg_().clamp_(min=lowest).to(self.logits.dtype)  # the costs' own memory: no second table
         if bool(kept.any()):
             logits = logits.new_zeros(features.shape[0], codewords).index_copy_(0, quantized.nonzero()[:, 0], logits)
         self.codebook.data = centroids.to(self.codebook.dtype)

@@ -19,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from vqad_nerfstudio.kernels import runs_on
+from vqad_nerfstudio.optim import dropped_bits
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.optim import AdamStep
@@ -41,10 +42,14 @@ about 6x the time their bytes need (one H100, ``--profile vqad``); ``benchmarks/
 the choices."""
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes of logits the kernels read (and update)."""
+
+
 def available(logits: Tensor) -> bool:
-    """Whether the kernels can run on ``logits`` (float32 on their device, see :func:`runs_on`; at most
+    """Whether the kernels can run on ``logits`` (float32 or 16-bit on their device, see :func:`runs_on`; at most
     MAX_CODEWORDS columns)."""
-    return runs_on(logits) and logits.dtype == torch.float32 and logits.shape[-1] <= MAX_CODEWORDS
+    return runs_on(logits) and logits.dtype in _DTYPES and logits.shape[-1] <= MAX_CODEWORDS
 
 
 if triton is not None:
@@ -59,6 +64,7 @@ if triton is not None:
         column = tl.arange(0, C_POW2)
         mask = row_ok[:, None] & (column < C)[None, :]
         x = tl.load(logits + row[:, None].to(tl.int64) * C + column[None, :], mask=mask, other=float("-inf"))
+        x = x.to(tl.float32)
         scaled = x * inv_temperature
         peak = tl.where(row_ok, tl.max(scaled, axis=1), 0.0)
         exponentials = tl.where(mask, tl.exp(scaled - peak[:, None]), 0.0)
@@ -106,6 +112,18 @@ if triton is not None:
         tl.store(grad_counts + column, -(log_shares + used), mask=column_ok)
 
     @triton.jit
+    def _stochastically_rounded(x, noise, DROPPED: tl.constexpr, LARGEST: tl.constexpr):
+        """float32 ``x`` on the grid of a dtype that keeps all but ``DROPPED`` low bits (``LARGEST``: its largest
+        finite value, 0 for none), rounded up or down with ``noise`` (random uint32) as
+        :func:`vqad_nerfstudio.optim.stochastically_rounded` rounds."""
+        if DROPPED == 0:
+            return x
+        if LARGEST > 0:
+            x = tl.minimum(tl.maximum(x, -LARGEST), LARGEST)
+        bits = x.to(tl.int32, bitcast=True) + (noise & ((1 << DROPPED) - 1)).to(tl.int32)
+        return (bits & -(1 << DROPPED)).to(tl.float32, bitcast=True)
+
+    @triton.jit(do_not_specialize=["seed"])
     def _logit_grad_kernel(
         logits,
         grad_soft,
@@ -123,6 +141,7 @@ if triton is not None:
         eps,
         sqrt_bias2,
         weight_decay,
+        seed,
         C: tl.constexpr,
         C_POW2: tl.constexpr,
         K: tl.constexpr,
@@ -131,9 +150,14 @@ if triton is not None:
         HAS_ROWS: tl.constexpr,
         HAS_SHARE: tl.constexpr,
         ADAM: tl.constexpr,
+        LOGIT_DROPPED: tl.constexpr,
+        LOGIT_LARGEST: tl.constexpr,
+        EXP_AVG_DROPPED: tl.constexpr,
+        EXP_AVG_SQ_DROPPED: tl.constexpr,
     ):
         """The logits' gradient into ``out``, or with ``ADAM`` Adam's update of the logits (``out`` is the logits) and
-        of their moments from it, tile by tile: the gradient is never stored."""
+        of their moments from it, tile by tile: the gradient is never stored. 16-bit state (``*_DROPPED`` > 0) is
+        stored stochastically rounded with random numbers of ``seed`` and each element's offset."""
         row, row_ok, column, mask, x, soft = _softmax_rows(
             logits, tl.program_id(0) * BLOCK, n_rows, inv_temperature, C, C_POW2, BLOCK
         )
@@ -158,11 +182,16 @@ if triton is not None:
             m = tl.load(exp_avg + offsets, mask=mask, other=0.0).to(tl.float32) * beta1 + (1.0 - beta1) * grad
             v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0).to(tl.float32) * beta2
             v += (1.0 - beta2) * grad * grad
-            tl.store(out + offsets, x - step_size * m / (tl.sqrt(v) / sqrt_bias2 + eps), mask=mask)
+            x -= step_size * m / (tl.sqrt(v) / sqrt_bias2 + eps)
+            noise_x, noise_m, noise_v, _ = tl.randint4x(seed, offsets)
+            x = _stochastically_rounded(x, noise_x, LOGIT_DROPPED, LOGIT_LARGEST)
+            m = _stochastically_rounded(m, noise_m, EXP_AVG_DROPPED, 0.0)
+            v = _stochastically_rounded(v, noise_v, EXP_AVG_SQ_DROPPED, 0.0)
+            tl.store(out + offsets, x.to(out.dtype.element_ty), mask=mask)
             tl.store(exp_avg + offsets, m.to(exp_avg.dtype.element_ty), mask=mask)
             tl.store(exp_avg_sq + offsets, v.to(exp_avg_sq.dtype.element_ty), mask=mask)
         else:
-            tl.store(out + offsets, grad, mask=mask)
+            tl.store(out + offsets, grad.to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _codebook_grad_kernel(
@@ -350,10 +379,22 @@ def _launch_logit_grad(
         if update is not None
         else (0.0, 0.0, 0.0, 1.0, 1.0, 0.0)
     )
+    rounding = (
+        dict(
+            LOGIT_DROPPED=dropped_bits(out.dtype),
+            LOGIT_LARGEST=torch.finfo(out.dtype).max if out.dtype == torch.float16 else 0.0,
+            EXP_AVG_DROPPED=dropped_bits(update.exp_avg.dtype),
+            EXP_AVG_SQ_DROPPED=dropped_bits(update.exp_avg_sq.dtype),
+        )
+        if update is not None
+        else dict(LOGIT_DROPPED=0, LOGIT_LARGEST=0.0, EXP_AVG_DROPPED=0, EXP_AVG_SQ_DROPPED=0)
+    )
     _logit_grad_kernel[(triton.cdiv(rows, block),)](
         logits, out, grad_rows, codebook_t, share, out, *moments, rows, 1.0 / temperature, *scalars,
+        update.seed if update is not None else 0,
         C=codewords, C_POW2=columns, K=codebook_t.shape[0] if grad_rows.numel() else 1, BLOCK=block,
         HAS_SOFT=has_soft, HAS_ROWS=grad_rows.numel() > 0, HAS_SHARE=share.numel() > 0, ADAM=update is not None,
+        **rounding,
     )  # fmt: skip
 
 

@@ -208,6 +208,10 @@ class VQADModelConfig(ModelConfig):
     """Softmax temperature t of the indices at the first step and at the end of a soft warm-up (annealed
     geometrically); the straight-through steps after any warm-up use the end value. A low end value (0.05) freezes the
     indices: the softmax gradient vanishes as it turns one-hot."""
+    logit_dtype: Literal["float32", "float16"] = "float32"
+    """Storage of the indices' logits (2**b per vertex) while they train. 'float16': half the memory and half the
+    bytes each training step moves through them; every computation is float32, and Adam's updates (with the second
+    moment then in bfloat16) round stochastically, so that steps below float16's resolution survive on average."""
     frozen_indices: bool = False
     """Hold each vertex's index as an integer instead of 2**b trainable logits: what decoding a file builds (memory
     in proportion to the file). Such indices render and export, but do not train."""
@@ -265,6 +269,8 @@ class VQADModelConfig(ModelConfig):
         for temperature in self.index_temperature:
             check_real("each index_temperature", temperature, 0.0, open_low=True)
         check_real("index_rate_weight", self.index_rate_weight, 0.0)
+        if self.logit_dtype not in ("float32", "float16"):
+            raise ValueError(f"logit_dtype must be 'float32' or 'float16', got {self.logit_dtype!r}")
         check_real("float_vertex_fraction", self.float_vertex_fraction, 0.0, 1.0, open_high=True)
         if self.float_vertex_fraction > 0 and self.index_warmup != "float":
             raise ValueError("float_vertex_fraction keeps float warm-up features: it needs index_warmup='float'")
@@ -389,6 +395,7 @@ class VQADModel(Model):
                 fuse_rate=cfg.index_rate_weight > 0,  # the rate term is computed with the table (one buffer)
                 use_kernels=cfg.fused_kernels,
                 codebook_bits=None if cfg.codebook_bits == 16 else cfg.codebook_bits,
+                logit_dtype=getattr(torch, cfg.logit_dtype),
             )
 
         return make
