@@ -267,3 +267,25 @@ def test_in_backward_adam_matches_reference(
         torch.testing.assert_close(value.float(), want.float(), rtol=units[value.dtype], atol=1e-6)
     if rows:
         assert not torch.equal(kernel[0], _logits(rows, codewords).to(logit_dtype))
+
+
+def test_float16_steps_below_its_resolution_survive_on_average() -> None:
+    """The kernel's stochastic rounding is unbiased: Adam steps of 1e-4 at logits of 4 (float16's spacing there is
+    2**-8, so rounding to nearest would leave every logit in place) move float16 logits on average as they move
+    float32 ones."""
+    from vqad_nerfstudio.optim import AdamStep
+
+    rows, codewords = 16384, 16
+    share = torch.linspace(-1, 1, codewords).to(DEVICE)
+    moved = {}
+    for dtype in (torch.float32, torch.float16):
+        logits = torch.full((rows, codewords), 4.0, device=DEVICE, dtype=dtype)
+        moment_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+        update = AdamStep(
+            torch.zeros_like(logits, dtype=torch.bfloat16), torch.zeros_like(logits, dtype=moment_dtype),
+            lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-15, weight_decay=0.0, step=1, seed=7,
+        )  # fmt: skip
+        vertex_features.relaxed_logit_adam_(logits, 1.0, update, grad_share=share)
+        moved[dtype] = (logits.float() - 4.0).mean(dim=0).cpu()
+    assert moved[torch.float32].abs().min() > 0.9e-4  # every column moves by lr (the middle ones' sign aside)
+    torch.testing.assert_close(moved[torch.float16], moved[torch.float32], rtol=0, atol=0.25e-4)

@@ -32,8 +32,10 @@ except ImportError:  # CPU-only installs: the PyTorch path is used
 
 MAX_CODEWORDS = 4096
 """Largest codebook (``2**b``) the kernels take: a block holds whole rows of logits in registers."""
-_TILE = 2048
-"""Logits per block (rows x codewords, whole rows)."""
+_TILE_BYTES = 8192
+"""Bytes of logits per block (rows x codewords, whole rows): 2048 float32 or 4096 16-bit logits. A program's reads
+are a chain of dependent blocks; at 2048 16-bit logits a block the pass over them took longer than over float32
+ones (one H100, ``benchmarks/relaxed_index_speed.py``)."""
 ROWS_PER_PROGRAM = 64
 """Rows one program of the forward kernel reads (at least one block; one partial sum of soft indices each). A program
 is a latency-bound chain of block after block: at 1024 rows (up to ``830f8a5``) it read 128 blocks of 8 rows of 256
@@ -112,6 +114,17 @@ if triton is not None:
         tl.store(grad_counts + column, -(log_shares + used), mask=column_ok)
 
     @triton.jit
+    def _hash(x):
+        """A uint32 hash of uint32 ``x`` (C. Wellons' lowbias32): random bits for stochastic rounding in five
+        operations per value (Philox takes ten rounds of multiplications)."""
+        x ^= x >> 16
+        x *= 0x7FEB352D
+        x ^= x >> 15
+        x *= 0x846CA68B
+        x ^= x >> 16
+        return x
+
+    @triton.jit
     def _stochastically_rounded(x, noise, DROPPED: tl.constexpr, LARGEST: tl.constexpr):
         """float32 ``x`` on the grid of a dtype that keeps all but ``DROPPED`` low bits (``LARGEST``: its largest
         finite value, 0 for none), rounded up or down with ``noise`` (random uint32) as
@@ -157,7 +170,8 @@ if triton is not None:
     ):
         """The logits' gradient into ``out``, or with ``ADAM`` Adam's update of the logits (``out`` is the logits) and
         of their moments from it, tile by tile: the gradient is never stored. 16-bit state (``*_DROPPED`` > 0) is
-        stored stochastically rounded with random numbers of ``seed`` and each element's offset."""
+        stored stochastically rounded with random bits hashed from ``seed`` and each element's offset (at most 16
+        bits each: the logits' from one hash, the two moments' from the low and high half of another)."""
         row, row_ok, column, mask, x, soft = _softmax_rows(
             logits, tl.program_id(0) * BLOCK, n_rows, inv_temperature, C, C_POW2, BLOCK
         )
@@ -183,10 +197,11 @@ if triton is not None:
             v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0).to(tl.float32) * beta2
             v += (1.0 - beta2) * grad * grad
             x -= step_size * m / (tl.sqrt(v) / sqrt_bias2 + eps)
-            noise_x, noise_m, noise_v, _ = tl.randint4x(seed, offsets)
+            noise_x = _hash(offsets.to(tl.uint32) ^ seed.to(tl.uint32))
+            noise_moments = _hash(noise_x + 0x9E3779B9)
             x = _stochastically_rounded(x, noise_x, LOGIT_DROPPED, LOGIT_LARGEST)
-            m = _stochastically_rounded(m, noise_m, EXP_AVG_DROPPED, 0.0)
-            v = _stochastically_rounded(v, noise_v, EXP_AVG_SQ_DROPPED, 0.0)
+            m = _stochastically_rounded(m, noise_moments, EXP_AVG_DROPPED, 0.0)
+            v = _stochastically_rounded(v, noise_moments >> 16, EXP_AVG_SQ_DROPPED, 0.0)
             tl.store(out + offsets, x.to(out.dtype.element_ty), mask=mask)
             tl.store(exp_avg + offsets, m.to(exp_avg.dtype.element_ty), mask=mask)
             tl.store(exp_avg_sq + offsets, v.to(exp_avg_sq.dtype.element_ty), mask=mask)
@@ -263,10 +278,11 @@ def codeword_table(indices: Int[Tensor, "m"], codebook: Float[Tensor, "c k"]) ->
     return table
 
 
-def _block_rows(codewords: int) -> Tuple[int, int]:
-    """The column tile (a power of two) and the rows per block for ``codewords`` columns."""
-    columns = triton.next_power_of_2(codewords)
-    return columns, max(1, _TILE // columns)
+def _block_rows(logits: Tensor) -> Tuple[int, int, int]:
+    """The column tile (a power of two), the rows per block and the warps per program for ``logits``' columns and
+    dtype (16-bit blocks hold twice the logits: twice the warps keep each thread's share)."""
+    columns = triton.next_power_of_2(logits.shape[-1])
+    return columns, max(1, _TILE_BYTES // (logits.element_size() * columns)), 16 // logits.element_size()
 
 
 def hard_indices_and_shares(
@@ -278,7 +294,7 @@ def hard_indices_and_shares(
     logits = logits.detach().contiguous()
     rows, codewords = logits.shape
     hard = torch.empty(rows, dtype=torch.long, device=logits.device)
-    columns, block = _block_rows(codewords)
+    columns, block, warps = _block_rows(logits)
     rows_per_program = max(triton.next_power_of_2(rows_per_program), block)  # whole blocks: no row read twice
     programs = triton.cdiv(rows, rows_per_program)
     partial_sums = torch.empty(programs if with_shares else 0, codewords, device=logits.device)  # each row written
@@ -286,6 +302,7 @@ def hard_indices_and_shares(
         _hard_and_shares_kernel[(programs,)](
             logits, hard, partial_sums, rows, 1.0 / temperature,
             C=codewords, C_POW2=columns, BLOCK=block, ROWS_PER_PROGRAM=rows_per_program, WITH_SHARES=with_shares,
+            num_warps=warps,
         )  # fmt: skip
     return hard, partial_sums.sum(dim=0) if with_shares else logits.new_empty(0)
 
@@ -372,7 +389,7 @@ def _launch_logit_grad(
     rows, codewords = logits.shape
     if not rows:
         return
-    columns, block = _block_rows(codewords)
+    columns, block, warps = _block_rows(logits)
     moments = (update.exp_avg, update.exp_avg_sq) if update is not None else (out, out)
     scalars = (
         (update.step_size, update.beta1, update.beta2, update.eps, update.sqrt_bias2, update.weight_decay)
@@ -394,7 +411,7 @@ def _launch_logit_grad(
         update.seed if update is not None else 0,
         C=codewords, C_POW2=columns, K=codebook_t.shape[0] if grad_rows.numel() else 1, BLOCK=block,
         HAS_SOFT=has_soft, HAS_ROWS=grad_rows.numel() > 0, HAS_SHARE=share.numel() > 0, ADAM=update is not None,
-        **rounding,
+        **rounding, num_warps=warps,
     )  # fmt: skip
 
 
