@@ -82,6 +82,13 @@ def main(args: Args) -> None:
     )  # fmt: skip
     rows.append(
         (
+            "hard indices alone, float16 logits",
+            lambda: relaxed_indices.hard_indices_and_shares(half_logits, 0.5, False),
+            logit_bytes // 2,
+        )
+    )
+    rows.append(
+        (
             "hard indices + rate, float16 logits",
             lambda: relaxed_indices.hard_indices_and_rate(half_logits, 0.5, 1e-6),
             logit_bytes // 2,

@@ -87,17 +87,17 @@ if triton is not None:
         WITH_SHARES: tl.constexpr,
     ):
         program = tl.program_id(0)
-        sums = tl.zeros((C_POW2,), dtype=tl.float32)
+        blocks = tl.zeros((BLOCK, C_POW2), dtype=tl.float32)  # summed over the rows once, after the last block
         for start in range(0, ROWS_PER_PROGRAM, BLOCK):
             row, row_ok, column, mask, x, soft = _softmax_rows(
                 logits, program * ROWS_PER_PROGRAM + start, n_rows, inv_temperature, C, C_POW2, BLOCK
             )
             tl.store(hard + row, tl.argmax(x, axis=1).to(tl.int64), mask=row_ok)
             if WITH_SHARES:
-                sums += tl.sum(soft, axis=0)
+                blocks += soft
         if WITH_SHARES:
             column = tl.arange(0, C_POW2)
-            tl.store(partial_sums + program * C + column, sums, mask=column < C)
+            tl.store(partial_sums + program * C + column, tl.sum(blocks, axis=0), mask=column < C)
 
     @triton.jit
     def _rate_kernel(
