@@ -527,8 +527,12 @@ _HOST_WAITS = ("cudaStreamSynchronize",)
 def _profile_summary(averages: Sequence[Any], steps: int) -> Dict[str, float]:
     """Per step of a profiled stretch of ``steps`` steps, from torch's profiler's ``key_averages()``: the device's
     busy time (its kernels' time, in ms), the kernel launches and the host's waits for the device. Against the
-    step's wall time, the device's time tells whether a step is bound by the device or by the host."""
-    device_us = sum(getattr(event, "self_device_time_total", 0.0) for event in averages)
+    step's wall time, the device's time tells whether a step is bound by the device or by the host. Only the
+    kernels' own events count: the operators that launched them report the same time again (from ``e111413`` to
+    ``965288e`` this summed both: twice the device's time)."""
+    from torch.autograd import DeviceType
+
+    device_us = sum(event.self_device_time_total for event in averages if event.device_type != DeviceType.CPU)
     launches = sum(event.count for event in averages if event.key in _LAUNCHES)
     waits = sum(event.count for event in averages if event.key in _HOST_WAITS)
     return {"device_ms": device_us / 1000 / steps, "launches": launches / steps, "host_waits": waits / steps}

@@ -265,18 +265,27 @@ def test_every_row_logs_to_its_own_event_writers_only(tmp_path: Path) -> None:
 
 
 def test_a_profiled_steps_summary_is_its_device_time_launches_and_host_waits_per_step() -> None:
-    """From torch's profiler's averages: kernels' self device time (the operators that launched them have none),
-    the runtime's and the driver's (Triton's) launches, and the host's waits on a stream."""
-    from types import SimpleNamespace as Event
+    """From torch's profiler's averages: the kernels' self device time (the operators that launched them report it
+    again, and are not counted), the runtime's and the driver's (Triton's) launches, and the host's waits on a
+    stream."""
+    from functools import partial
+    from types import SimpleNamespace
 
+    from torch.autograd import DeviceType
+
+    host, device = (
+        partial(SimpleNamespace, device_type=DeviceType.CPU),
+        partial(SimpleNamespace, device_type=DeviceType.CUDA),
+    )
     averages = [
-        Event(key="aten::add", count=50, self_device_time_total=0.0),
-        Event(key="elementwise_kernel", count=50, self_device_time_total=6000.0),
-        Event(key="_fused_kernel", count=10, self_device_time_total=4000.0),
-        Event(key="cudaLaunchKernel", count=50, self_device_time_total=0.0),
-        Event(key="cuLaunchKernelEx", count=10, self_device_time_total=0.0),
-        Event(key="cudaStreamSynchronize", count=20, self_device_time_total=0.0),
-        Event(key="cudaDeviceSynchronize", count=1, self_device_time_total=0.0),  # the profiler's own, at its end
+        host(key="aten::add", count=50, self_device_time_total=6000.0),
+        device(key="elementwise_kernel", count=50, self_device_time_total=6000.0),
+        host(key="_FusedFunctionBackward", count=10, self_device_time_total=4000.0),
+        device(key="_fused_kernel", count=10, self_device_time_total=4000.0),
+        host(key="cudaLaunchKernel", count=50, self_device_time_total=0.0),
+        host(key="cuLaunchKernelEx", count=10, self_device_time_total=0.0),
+        host(key="cudaStreamSynchronize", count=20, self_device_time_total=0.0),
+        host(key="cudaDeviceSynchronize", count=1, self_device_time_total=0.0),  # the profiler's own, at its end
     ]
     summary = bench._profile_summary(averages, steps=10)
     assert summary == {"device_ms": 1.0, "launches": 6.0, "host_waits": 2.0}
