@@ -50,8 +50,8 @@ def test_bfloat16_first_moment_stays_close_to_adam() -> None:
     state = next(iter(optimizer.state.values()))
     assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.float32
     moved = (expected - _train(torch.optim.Adam, steps=0)[0]).abs()
-    error = (logits - expected).abs()  # a few logits whose hard index flipped apart from Adam's may go their own way
-    assert (error < 0.02 * moved.max()).float().mean() > 0.99 and error.mean() < 0.005 * moved.mean()
+    error = (logits - expected).abs()
+    assert error.max() < 0.05 * moved.max() and error.mean() < 0.005 * moved.mean()
 
 
 def test_step_updates_parameters_with_ordinary_gradients() -> None:

@@ -239,8 +239,8 @@ def test_use_kernel_false_keeps_the_reference(monkeypatch) -> None:
 def test_in_backward_adam_matches_reference(
     reference, rows: int, logit_dtype: torch.dtype, exp_avg_dtype: torch.dtype, exp_avg_sq_dtype: torch.dtype
 ) -> None:
-    """The kernel's update against the reference's, 16-bit state stochastically rounded by each (their random numbers
-    differ: within a unit in the last place)."""
+    """The kernel's update against the reference's, 16-bit logits and second moments stochastically rounded by each
+    (their random numbers differ: within a unit in the last place), bfloat16 first moments rounded to nearest."""
     from vqad_nerfstudio.optim import AdamStep
 
     codewords, width = 256, 4

@@ -8,11 +8,11 @@ that the full gradient is never allocated: 2.5 copies of the logits instead of 4
 ordinary gradient instead (the CPU reference lookups, the rate computed on its own), :meth:`InBackwardAdam.step`
 applies the same update from ``.grad``.
 
-16-bit state (the moments, and logits held in float16) is written with stochastic rounding
+A 16-bit parameter (logits held in float16) and a 16-bit second moment are written with stochastic rounding
 (:func:`stochastically_rounded`): each value goes to one of its two neighbours with the probabilities that make it
 exact on average. Rounded to nearest, an update below half a unit in the last place is lost every time: the second
 moment moves by 0.1% of itself per step (``beta2 = 0.999``), below bfloat16's resolution (0.4%), and would stop
-decaying; a float16 logit of 4 moves in steps of 1/256.
+decaying; a float16 logit of 4 moves in steps of 1/256. The first moment moves by 10% a step and rounds to nearest.
 
 Plain torch: imported by the encodings (which look up a parameter's pending update) and by the trainer config.
 """
@@ -46,7 +46,7 @@ class AdamStep:
     step: int
     """The update's number, from 1 (for the bias corrections)."""
     seed: int = 0
-    """Seed of the stochastic rounding of 16-bit state (see :func:`stochastically_rounded`)."""
+    """Seed of the stochastic rounding of a 16-bit parameter and second moment (see :func:`stochastically_rounded`)."""
 
     @property
     def step_size(self) -> float:
@@ -89,8 +89,9 @@ def stochastically_rounded(
 
 def adam_update_(param: Float[Tensor, "*s"], grad: Float[Tensor, "*s"], update: AdamStep) -> None:
     """torch.optim.Adam's update of ``param`` (in place) from ``grad`` and the moments of ``update``, computed in
-    float32 and stored in the moments' and the parameter's dtype (16-bit ones stochastically rounded, seeded by
-    ``update.seed``). ``param``, ``grad`` and the moments may be matching slices."""
+    float32 and stored in the moments' and the parameter's dtype (a 16-bit parameter and second moment stochastically
+    rounded, seeded by ``update.seed``; the first moment to nearest). ``param``, ``grad`` and the moments may be
+    matching slices."""
     generator = torch.Generator(param.device).manual_seed(update.seed)
     grad = grad.float()
     value = param.float()  # param itself when float32: updated in place
@@ -100,7 +101,8 @@ def adam_update_(param: Float[Tensor, "*s"], grad: Float[Tensor, "*s"], update: 
     exp_avg_sq = update.exp_avg_sq.float().mul_(update.beta2).addcmul_(grad, grad, value=1.0 - update.beta2)
     denominator = exp_avg_sq.sqrt().div_(update.sqrt_bias2).add_(update.eps)
     value.addcdiv_(exp_avg, denominator, value=-update.step_size)
-    for target, new in ((param, value), (update.exp_avg, exp_avg), (update.exp_avg_sq, exp_avg_sq)):
+    update.exp_avg.copy_(exp_avg)
+    for target, new in ((param, value), (update.exp_avg_sq, exp_avg_sq)):
         if new is not target:
             target.copy_(stochastically_rounded(new, target.dtype, generator))
 

@@ -104,8 +104,8 @@ class InBackwardAdamOptimizerConfig(AdamOptimizerConfig):
     """dtype of Adam's first moment (a running mean moving by 10% a step: bfloat16 holds it)."""
     exp_avg_sq_dtype: str = "param"
     """dtype of Adam's second moment: float32, bfloat16, float16, or "param": float32 for float32 logits, bfloat16
-    for float16 ones (16-bit moments are stochastically rounded: the second moment moves by 0.1% a step, below
-    bfloat16's resolution)."""
+    for float16 ones (a 16-bit second moment is stochastically rounded: it moves by 0.1% a step, below bfloat16's
+    resolution)."""
     in_backward: bool = True
     """Apply the update in the backward pass (False: store the gradient and update in the optimiser step, as
     torch's Adam; needed for gradient clipping or accumulation)."""

@@ -165,13 +165,13 @@ if triton is not None:
         ADAM: tl.constexpr,
         LOGIT_DROPPED: tl.constexpr,
         LOGIT_LARGEST: tl.constexpr,
-        EXP_AVG_DROPPED: tl.constexpr,
         EXP_AVG_SQ_DROPPED: tl.constexpr,
     ):
         """The logits' gradient into ``out``, or with ``ADAM`` Adam's update of the logits (``out`` is the logits) and
-        of their moments from it, tile by tile: the gradient is never stored. 16-bit state (``*_DROPPED`` > 0) is
-        stored stochastically rounded with random bits hashed from ``seed`` and each element's offset (at most 16
-        bits each: the logits' from one hash, the two moments' from the low and high half of another)."""
+        of their moments from it, tile by tile: the gradient is never stored. 16-bit logits and second moments
+        (``*_DROPPED`` > 0) are stored stochastically rounded with random bits hashed from ``seed`` and each element's
+        offset (the logits' from the hash's low bits, the moment's from its high 16); the first moment rounds to
+        nearest, as :func:`vqad_nerfstudio.optim.adam_update_` rounds them."""
         row, row_ok, column, mask, x, soft = _softmax_rows(
             logits, tl.program_id(0) * BLOCK, n_rows, inv_temperature, C, C_POW2, BLOCK
         )
@@ -197,11 +197,9 @@ if triton is not None:
             v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0).to(tl.float32) * beta2
             v += (1.0 - beta2) * grad * grad
             x -= step_size * m / (tl.sqrt(v) / sqrt_bias2 + eps)
-            noise_x = _hash(offsets.to(tl.uint32) ^ seed.to(tl.uint32))
-            noise_moments = _hash(noise_x + 0x9E3779B9)
-            x = _stochastically_rounded(x, noise_x, LOGIT_DROPPED, LOGIT_LARGEST)
-            m = _stochastically_rounded(m, noise_moments, EXP_AVG_DROPPED, 0.0)
-            v = _stochastically_rounded(v, noise_moments >> 16, EXP_AVG_SQ_DROPPED, 0.0)
+            noise = _hash(offsets.to(tl.uint32) ^ seed.to(tl.uint32))
+            x = _stochastically_rounded(x, noise, LOGIT_DROPPED, LOGIT_LARGEST)
+            v = _stochastically_rounded(v, noise >> 16, EXP_AVG_SQ_DROPPED, 0.0)
             tl.store(out + offsets, x.to(out.dtype.element_ty), mask=mask)
             tl.store(exp_avg + offsets, m.to(exp_avg.dtype.element_ty), mask=mask)
             tl.store(exp_avg_sq + offsets, v.to(exp_avg_sq.dtype.element_ty), mask=mask)
@@ -400,11 +398,10 @@ def _launch_logit_grad(
         dict(
             LOGIT_DROPPED=dropped_bits(out.dtype),
             LOGIT_LARGEST=torch.finfo(out.dtype).max if out.dtype == torch.float16 else 0.0,
-            EXP_AVG_DROPPED=dropped_bits(update.exp_avg.dtype),
             EXP_AVG_SQ_DROPPED=dropped_bits(update.exp_avg_sq.dtype),
         )
         if update is not None
-        else dict(LOGIT_DROPPED=0, LOGIT_LARGEST=0.0, EXP_AVG_DROPPED=0, EXP_AVG_SQ_DROPPED=0)
+        else dict(LOGIT_DROPPED=0, LOGIT_LARGEST=0.0, EXP_AVG_SQ_DROPPED=0)
     )
     _logit_grad_kernel[(triton.cdiv(rows, block),)](
         logits, out, grad_rows, codebook_t, share, out, *moments, rows, 1.0 / temperature, *scalars,
