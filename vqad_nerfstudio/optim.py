@@ -70,6 +70,12 @@ def dropped_bits(dtype: torch.dtype) -> int:
     return DROPPED_BITS[dtype]
 
 
+def widened(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is a 16-bit float, else itself (float32 and float64 computations stay as they
+    are)."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
+
+
 def stochastically_rounded(
     values: Float[Tensor, "*s"], dtype: torch.dtype, generator: Optional[torch.Generator] = None
 ) -> Float[Tensor, "*s"]:
@@ -94,7 +100,7 @@ def adam_update_(param: Float[Tensor, "*s"], grad: Float[Tensor, "*s"], update: 
     matching slices."""
     generator = torch.Generator(param.device).manual_seed(update.seed)
     grad = grad.float()
-    value = param.float()  # param itself when float32: updated in place
+    value = widened(param)  # param itself when float32 or wider: updated in place
     if update.weight_decay:
         grad = grad + update.weight_decay * value
     exp_avg = update.exp_avg.float().mul_(update.beta1).add_(grad, alpha=1.0 - update.beta1)
@@ -217,4 +223,5 @@ __all__ = [
     "dropped_bits",
     "pending_update",
     "stochastically_rounded",
+    "widened",
 ]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
 from vqad_nerfstudio.kernels import relaxed_indices
-from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update
+from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update, widened
 from vqad_nerfstudio.rounding import QUANTIZED_BITS, rounded_columns, straight_through
 
 ROW_CHUNK = 1 << 17
@@ -58,12 +58,12 @@ def relaxed_logit_grad(
         return relaxed_indices.relaxed_logit_grad(logits, temperature, grad_soft, grad_rows, codebook, grad_share)
     out = grad_soft if grad_soft is not None else torch.zeros_like(logits)
     for start, (chunk_logits, chunk_out) in zip(range(0, logits.shape[0], ROW_CHUNK), _row_chunks(logits, out)):
-        chunk_grad = chunk_out.float()  # chunk_out itself when float32
+        chunk_grad = widened(chunk_out)  # chunk_out itself unless 16-bit
         if grad_rows is not None:
             chunk_grad += grad_rows[start : start + ROW_CHUNK] @ codebook.t()
         if grad_share is not None:
             chunk_grad += grad_share
-        soft = torch.softmax(chunk_logits.float() / temperature, dim=-1)
+        soft = torch.softmax(widened(chunk_logits) / temperature, dim=-1)
         chunk_grad.sub_((soft * chunk_grad).sum(dim=-1, keepdim=True)).mul_(soft).div_(temperature)
         if chunk_grad is not chunk_out:
             chunk_out.copy_(chunk_grad)
@@ -89,7 +89,7 @@ def relaxed_logit_adam_(
     for start in range(0, logits.shape[0], ROW_CHUNK):
         rows = slice(start, start + ROW_CHUNK)
         chunk_rows = None if grad_rows is None else grad_rows[rows]
-        grad = logits[rows].new_zeros(logits[rows].shape, dtype=torch.float32)
+        grad = widened(logits[rows].new_zeros(logits[rows].shape))
         relaxed_logit_grad(logits[rows], temperature, grad, chunk_rows, codebook, grad_share, False)
         chunk_update = replace(
             update, exp_avg=update.exp_avg[rows], exp_avg_sq=update.exp_avg_sq[rows], seed=update.seed + start
@@ -143,9 +143,9 @@ def hard_indices_and_shares(
         hard, sums = relaxed_indices.hard_indices_and_shares(logits, temperature, with_shares)
     else:
         hard = logits.argmax(dim=-1)
-        sums = logits.new_zeros(logits.shape[-1] if with_shares else 0, dtype=torch.float32)
+        sums = widened(logits.new_zeros(logits.shape[-1] if with_shares else 0))
         for (chunk,) in _row_chunks(logits) if with_shares else ():
-            sums += torch.softmax(chunk.float() / temperature, dim=-1).sum(dim=0)
+            sums += torch.softmax(widened(chunk) / temperature, dim=-1).sum(dim=0)
     return hard, sums / max(logits.shape[0], 1) if with_shares else sums
 
 
@@ -399,7 +399,7 @@ def soft_codewords(
     logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0
 ) -> Float[Tensor, "m k"]:
     """Relaxed codewords ``softmax(C / temperature) @ codebook`` of every row (soft indices, forward too)."""
-    return torch.softmax(logits.float() / temperature, dim=-1) @ codebook
+    return torch.softmax(widened(logits) / temperature, dim=-1) @ codebook
 
 
 def straight_through_lookup(
