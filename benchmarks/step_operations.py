@@ -13,6 +13,7 @@ optimisers set them before each step (so that they are assigned, not added to).
 
     python benchmarks/step_operations.py --paths PyTorch fused   # a subset of the paths (older commits)
     python benchmarks/step_operations.py --codebook-bits 8       # codebooks rounded in each step
+    python benchmarks/step_operations.py --by-operation          # by name, against the float twin's step
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Args:
     """The paths to count (of PATHS)."""
     codebook_bits: int = 16
     """Bits per codebook value (16: fp16, no rounding; 2..8: rounded in each step)."""
+    by_operation: bool = False
+    """Also list each row's PyTorch operations by name, forward and backward, and the float twin's (vqad-float on
+    the same path) beside them: where a phase's operations beyond the twin's come from."""
 
 
 class _Counter(TorchDispatchMode):
@@ -196,6 +200,10 @@ def main(args: Args) -> None:
         raise SystemExit("the fused path needs Triton with CUDA, or TRITON_INTERPRET=1 on a CPU")
     _count_triton_launches()
     rows = []
+    twins = {}
+    for name in args.paths if args.by_operation else ():
+        twin = _model(dict(PATHS[name], feature_store="float"), "warm-up", args, device)
+        twins[name] = _step_counts(twin, _rays(twin, args.rays, device))
     for phase in PHASES:
         for name in args.paths:
             model = _model(PATHS[name], phase, args, device)
@@ -212,6 +220,18 @@ def main(args: Args) -> None:
         waits = forward.waits + backward.waits
         listed = ", ".join(f"{op.removeprefix('aten::')} {count}" for op, count in sorted(waits.items()))
         print(f"| {phase} | {name} | {sides[0]} | {sides[1]} | **{sum(sides)}** | {sum(waits.values())}: {listed} |")
+    for name, (forward, backward) in twins.items():
+        sides = [sum(c.operations.values()) + c.launches for c in (forward, backward)]
+        print(f"| (vqad-float) | {name} ({forward.launches} + {backward.launches} Triton) | {sides[0]} | {sides[1]} "
+              f"| **{sum(sides)}** | |")  # fmt: skip
+    for phase, name, forward, backward in rows if twins else ():
+        print(f"\n{phase}, {name}: operations beyond (+) or short of (-) vqad-float's, forward / backward")
+        for side, ours, twin in (("forward", forward, twins[name][0]), ("backward", backward, twins[name][1])):
+            names = set(ours.operations) | set(twin.operations)
+            changes = {op: ours.operations[op] - twin.operations[op] for op in names}
+            changes["Triton launches"] = ours.launches - twin.launches
+            listed = ", ".join(f"{op.removeprefix('aten::')} {n:+d}" for op, n in sorted(changes.items()) if n)
+            print(f"- {side}: {listed or 'none'}")
 
 
 if __name__ == "__main__":
