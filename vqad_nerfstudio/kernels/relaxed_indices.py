@@ -33,9 +33,8 @@ except ImportError:  # CPU-only installs: the PyTorch path is used
 MAX_CODEWORDS = 4096
 """Largest codebook (``2**b``) the kernels take: a block holds whole rows of logits in registers."""
 _TILE_BYTES = 8192
-"""Bytes of logits per block (rows x codewords, whole rows): 2048 float32 or 4096 16-bit logits. A program's reads
-are a chain of dependent blocks; at 2048 16-bit logits a block the pass over them took longer than over float32
-ones (one H100, ``benchmarks/relaxed_index_speed.py``)."""
+"""Bytes of logits per block (rows x codewords, whole rows): 2048 float32 or 4096 16-bit logits, each block one read
+of a program's chain of reads whatever the dtype."""
 ROWS_PER_PROGRAM = 64
 """Rows one program of the forward kernel reads (at least one block; one partial sum of soft indices each). A program
 is a latency-bound chain of block after block: at 1024 rows (up to ``830f8a5``) it read 128 blocks of 8 rows of 256
@@ -262,9 +261,9 @@ _CODEWORD_TABLE_BLOCK = 256
 
 
 def codeword_table(indices: Int[Tensor, "m"], codebook: Float[Tensor, "c k"]) -> Float[Tensor, "m k"]:
-    """``codebook.index_select(0, indices)``: each row's codeword. torch's gather moved about 0.12 TB/s here (the
-    table of lego's 8-bit grid, 0.67 ms of a training step on one H100), this kernel reads one index and writes one
-    row per vertex."""
+    """``codebook.index_select(0, indices)``: each row's codeword, one index read and one row written per vertex.
+    On lego's 1.1 M vertices 0.031 ms against ``index_select``'s 0.666 (one H100,
+    ``benchmarks/relaxed_index_speed.py``): torch's gather was 0.67 ms of each training step there."""
     codebook = codebook.contiguous()
     rows, channels = indices.shape[0], codebook.shape[1]
     table = codebook.new_empty(rows, channels)
