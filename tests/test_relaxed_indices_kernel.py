@@ -120,8 +120,10 @@ def test_codeword_table_matches_index_select(rows: int, channels: int, index_dty
 
 
 @pytest.mark.parametrize("codewords", CODEBOOK_SIZES)
-@pytest.mark.parametrize("inputs", ["soft", "rows", "share", "soft+rows+share", "rows+share"])
+@pytest.mark.parametrize("inputs", ["soft", "rows", "share", "soft+rows+share", "rows+share", "rows+share+scale"])
 def test_logit_grad_matches_reference(reference, inputs: str, codewords: int) -> None:
+    """Each gradient term, alone and together; the shares' gradient also times a one-value tensor (the rate's
+    gradient, which the kernel multiplies in)."""
     generator = torch.Generator().manual_seed(1)
     rows = _rows_for(codewords)
     logits = _logits(rows, codewords)
@@ -133,10 +135,14 @@ def test_logit_grad_matches_reference(reference, inputs: str, codewords: int) ->
         share = torch.randn(codewords, generator=generator).to(DEVICE) if "share" in inputs else None
         return grad_soft, grad_rows, codebook, share
 
+    scale = torch.tensor(-2.5, device=DEVICE) if "scale" in inputs else None
     generator.manual_seed(1)
-    got = vertex_features.relaxed_logit_grad(logits, 0.7, *arguments())
+    got = vertex_features.relaxed_logit_grad(logits, 0.7, *arguments(), share_scale=scale)
     generator.manual_seed(1)
-    expected = reference(vertex_features.relaxed_logit_grad, logits, 0.7, *arguments())
+    expected = reference(vertex_features.relaxed_logit_grad, logits, 0.7, *arguments(), share_scale=scale)
+    if scale is not None:  # the scale reaches the result
+        generator.manual_seed(1)
+        assert not torch.allclose(got, vertex_features.relaxed_logit_grad(logits, 0.7, *arguments()))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     # a softmax gradient sums to zero over each row's codewords
     torch.testing.assert_close(got.sum(dim=-1), torch.zeros(rows, device=DEVICE), rtol=0, atol=1e-4)

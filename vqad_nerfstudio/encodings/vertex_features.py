@@ -46,16 +46,21 @@ def relaxed_logit_grad(
     codebook: Optional[Float[Tensor, "c k"]] = None,
     grad_share: Optional[Float[Tensor, "c"]] = None,
     use_kernel: bool = True,
+    share_scale: Optional[Float[Tensor, ""]] = None,
 ) -> Float[Tensor, "m c"]:
     """Gradient of the logits through ``softmax(logits / temperature)``, given the gradient of the softmax as the sum
-    of ``grad_soft``, ``grad_rows @ codebook.T`` and ``grad_share`` (one value per codeword, for every row), any of
-    them absent.
+    of ``grad_soft``, ``grad_rows @ codebook.T`` and ``grad_share`` (one value per codeword, for every row; times
+    ``share_scale``, a one-value tensor, if given: no operation of its own on the GPU), any of them absent.
 
     ``grad_soft`` (a temporary of the caller's), if given, is overwritten and returned; nothing else of the logits'
     size is allocated. On the GPU (``use_kernel``) one kernel pass (:mod:`vqad_nerfstudio.kernels.relaxed_indices`),
     else in chunks of rows."""
     if use_kernel and relaxed_indices.available(logits):
-        return relaxed_indices.relaxed_logit_grad(logits, temperature, grad_soft, grad_rows, codebook, grad_share)
+        return relaxed_indices.relaxed_logit_grad(
+            logits, temperature, grad_soft, grad_rows, codebook, grad_share, share_scale
+        )
+    if grad_share is not None and share_scale is not None:
+        grad_share = grad_share * share_scale
     out = grad_soft if grad_soft is not None else torch.zeros_like(logits)
     for start, (chunk_logits, chunk_out) in zip(range(0, logits.shape[0], ROW_CHUNK), _row_chunks(logits, out)):
         chunk_grad = widened(chunk_out)  # chunk_out itself unless 16-bit
@@ -78,14 +83,17 @@ def relaxed_logit_adam_(
     codebook: Optional[Float[Tensor, "c k"]] = None,
     grad_share: Optional[Float[Tensor, "c"]] = None,
     use_kernel: bool = True,
+    share_scale: Optional[Float[Tensor, ""]] = None,
 ) -> None:
     """Adam's ``update`` of ``logits`` in place from the gradient :func:`relaxed_logit_grad` gives for the same
     arguments, without allocating that gradient: on the GPU (``use_kernel``) tile by tile in one kernel pass, else
     ROW_CHUNK rows at a time."""
     logits = logits.detach()
     if use_kernel and relaxed_indices.available(logits):
-        relaxed_indices.relaxed_logit_adam_(logits, temperature, update, grad_rows, codebook, grad_share)
+        relaxed_indices.relaxed_logit_adam_(logits, temperature, update, grad_rows, codebook, grad_share, share_scale)
         return
+    if grad_share is not None and share_scale is not None:
+        grad_share = grad_share * share_scale
     for start in range(0, logits.shape[0], ROW_CHUNK):
         rows = slice(start, start + ROW_CHUNK)
         chunk_rows = None if grad_rows is None else grad_rows[rows]
@@ -259,14 +267,14 @@ class _StraightThroughCodewords(torch.autograd.Function):
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_bits is not None):
-            grad_share = grad_counts * grad_bits if grad_bits is not None else None
-            terms = (grad_out, None if grad_out is None else codebook, grad_share)
+            grad_share = grad_counts if grad_bits is not None else None  # times grad_bits
+            terms = (grad_out, None if grad_out is None else codebook, grad_share, ctx.use_kernel, grad_bits)
             if ctx.in_backward is not None:
                 optimizer, parameter = ctx.in_backward
-                relaxed_logit_adam_(logits, ctx.temperature, optimizer.begin_update(parameter), *terms, ctx.use_kernel)
+                relaxed_logit_adam_(logits, ctx.temperature, optimizer.begin_update(parameter), *terms)
                 torch.autograd.graph.increment_version(parameter)
             else:
-                grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms, ctx.use_kernel)
+                grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms)
         if ctx.needs_input_grad[1] and grad_out is not None:
             grad_codebook = codebook_grad(hard, grad_out, codebook, ctx.use_kernel)
         return grad_logits, grad_codebook, None, None, None, None, None

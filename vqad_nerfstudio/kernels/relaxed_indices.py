@@ -142,6 +142,7 @@ if triton is not None:
         grad_rows,
         codebook_t,
         grad_share,
+        share_scale,
         out,
         exp_avg,
         exp_avg_sq,
@@ -161,6 +162,7 @@ if triton is not None:
         HAS_SOFT: tl.constexpr,
         HAS_ROWS: tl.constexpr,
         HAS_SHARE: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         ADAM: tl.constexpr,
         LOGIT_DROPPED: tl.constexpr,
         LOGIT_LARGEST: tl.constexpr,
@@ -186,7 +188,10 @@ if triton is not None:
                 codeword = tl.load(codebook_t + k * C + column, mask=column_ok, other=0.0)
                 grad += row_grad[:, None] * codeword[None, :]
         if HAS_SHARE:
-            grad += tl.load(grad_share + column, mask=column_ok, other=0.0)[None, :]
+            share = tl.load(grad_share + column, mask=column_ok, other=0.0)
+            if HAS_SCALE:
+                share *= tl.load(share_scale).to(tl.float32)
+            grad += share[None, :]
         expected = tl.sum(soft * grad, axis=1)
         grad = soft * (grad - expected[:, None]) * inv_temperature
         if ADAM:  # torch.optim.Adam's arithmetic, in float32; the moments are stored in their own dtype
@@ -328,17 +333,19 @@ def relaxed_logit_grad(
     grad_rows: Optional[Float[Tensor, "m k"]] = None,
     codebook: Optional[Float[Tensor, "c k"]] = None,
     grad_share: Optional[Float[Tensor, "c"]] = None,
+    share_scale: Optional[Float[Tensor, ""]] = None,
 ) -> Float[Tensor, "m c"]:
     """Gradient of the logits through ``softmax(logits / temperature)`` given the gradient of the softmax, the sum
-    of ``grad_soft``, ``grad_rows @ codebook.T`` and ``grad_share`` (one value per codeword, every row), any of them
-    absent. ``grad_soft``, if given, is overwritten and returned."""
+    of ``grad_soft``, ``grad_rows @ codebook.T`` and ``grad_share`` (one value per codeword, every row; times
+    ``share_scale``, a one-value tensor, if given), any of them absent. ``grad_soft``, if given, is overwritten and
+    returned."""
     logits = logits.detach().contiguous()
     rows, codewords = logits.shape
     if grad_soft is not None and not grad_soft.is_contiguous():
         raise ValueError("grad_soft must be contiguous (it is overwritten with the result)")
     out = grad_soft if grad_soft is not None else torch.empty_like(logits)
     grad_rows, codebook_t, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
-    _launch_logit_grad(logits, temperature, out, grad_soft is not None, grad_rows, codebook_t, share, None)
+    _launch_logit_grad(logits, temperature, out, grad_soft is not None, grad_rows, codebook_t, share, share_scale, None)
     return out
 
 
@@ -349,13 +356,16 @@ def relaxed_logit_adam_(
     grad_rows: Optional[Float[Tensor, "m k"]] = None,
     codebook: Optional[Float[Tensor, "c k"]] = None,
     grad_share: Optional[Float[Tensor, "c"]] = None,
+    share_scale: Optional[Float[Tensor, ""]] = None,
 ) -> None:
     """Adam's ``update`` of ``logits`` (and of its moments) in place from the gradient :func:`relaxed_logit_grad`
     gives for the same arguments, without storing that gradient. ``logits`` and the moments must be contiguous."""
     if not (logits.is_contiguous() and update.exp_avg.is_contiguous() and update.exp_avg_sq.is_contiguous()):
         raise ValueError("the logits and their moments must be contiguous (they are updated in place)")
     grad_rows, codebook_t, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
-    _launch_logit_grad(logits.detach(), temperature, logits.detach(), False, grad_rows, codebook_t, share, update)
+    _launch_logit_grad(
+        logits.detach(), temperature, logits.detach(), False, grad_rows, codebook_t, share, share_scale, update
+    )
 
 
 def _gradient_terms(
@@ -381,6 +391,7 @@ def _launch_logit_grad(
     grad_rows: Tensor,
     codebook_t: Tensor,
     share: Tensor,
+    share_scale: Optional[Tensor],
     update: Optional["AdamStep"],
 ) -> None:
     rows, codewords = logits.shape
@@ -403,10 +414,12 @@ def _launch_logit_grad(
         else dict(LOGIT_DROPPED=0, LOGIT_LARGEST=0.0, EXP_AVG_SQ_DROPPED=0)
     )
     _logit_grad_kernel[(triton.cdiv(rows, block),)](
-        logits, out, grad_rows, codebook_t, share, out, *moments, rows, 1.0 / temperature, *scalars,
+        logits, out, grad_rows, codebook_t, share, share if share_scale is None else share_scale, out, *moments, rows,
+        1.0 / temperature, *scalars,
         update.seed if update is not None else 0,
         C=codewords, C_POW2=columns, K=codebook_t.shape[0] if grad_rows.numel() else 1, BLOCK=block,
-        HAS_SOFT=has_soft, HAS_ROWS=grad_rows.numel() > 0, HAS_SHARE=share.numel() > 0, ADAM=update is not None,
+        HAS_SOFT=has_soft, HAS_ROWS=grad_rows.numel() > 0, HAS_SHARE=share.numel() > 0,
+        HAS_SCALE=share_scale is not None, ADAM=update is not None,
         **rounding, num_warps=warps,
     )  # fmt: skip
 
