@@ -70,6 +70,12 @@ def dropped_bits(dtype: torch.dtype) -> int:
     return DROPPED_BITS[dtype]
 
 
+def saturation(dtype: torch.dtype) -> float:
+    """The magnitude at which a stochastically rounded store of ``dtype`` saturates: float16's largest finite value;
+    0 (none) for float32 and bfloat16, which keep float32's range."""
+    return torch.finfo(dtype).max if dtype == torch.float16 else 0.0
+
+
 def widened(tensor: Tensor) -> Tensor:
     """``tensor`` in float32 if it is a 16-bit float, else itself (float32 and float64 computations stay as they
     are)."""
@@ -86,8 +92,9 @@ def stochastically_rounded(
     dropped = dropped_bits(dtype)
     if not dropped:
         return values
-    if dtype == torch.float16:
-        values = values.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    largest = saturation(dtype)
+    if largest:
+        values = values.clamp(-largest, largest)
     noise = torch.randint(0, 1 << dropped, values.shape, generator=generator, dtype=torch.int32, device=values.device)
     bits = (values.float().contiguous().view(torch.int32) + noise).bitwise_and_(-(1 << dropped))
     return bits.view(torch.float32).to(dtype)
@@ -98,7 +105,6 @@ def adam_update_(param: Float[Tensor, "*s"], grad: Float[Tensor, "*s"], update: 
     float32 and stored in the moments' and the parameter's dtype (a 16-bit parameter and second moment stochastically
     rounded, seeded by ``update.seed``; the first moment to nearest). ``param``, ``grad`` and the moments may be
     matching slices."""
-    generator = torch.Generator(param.device).manual_seed(update.seed)
     grad = grad.float()
     value = widened(param)  # param itself when float32 or wider: updated in place
     if update.weight_decay:
@@ -108,8 +114,11 @@ def adam_update_(param: Float[Tensor, "*s"], grad: Float[Tensor, "*s"], update: 
     denominator = exp_avg_sq.sqrt().div_(update.sqrt_bias2).add_(update.eps)
     value.addcdiv_(exp_avg, denominator, value=-update.step_size)
     update.exp_avg.copy_(exp_avg)
+    generator = None  # only for 16-bit targets (float32 ones were updated in place)
     for target, new in ((param, value), (update.exp_avg_sq, exp_avg_sq)):
         if new is not target:
+            if generator is None:
+                generator = torch.Generator(param.device).manual_seed(update.seed)
             target.copy_(stochastically_rounded(new, target.dtype, generator))
 
 
@@ -222,6 +231,7 @@ __all__ = [
     "adam_update_",
     "dropped_bits",
     "pending_update",
+    "saturation",
     "stochastically_rounded",
     "widened",
 ]

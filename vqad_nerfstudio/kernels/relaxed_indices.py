@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from vqad_nerfstudio.kernels import runs_on
-from vqad_nerfstudio.optim import dropped_bits
+from vqad_nerfstudio.optim import dropped_bits, saturation
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.optim import AdamStep
@@ -407,7 +407,7 @@ def _launch_logit_grad(
     rounding = (
         dict(
             LOGIT_DROPPED=dropped_bits(out.dtype),
-            LOGIT_LARGEST=torch.finfo(out.dtype).max if out.dtype == torch.float16 else 0.0,
+            LOGIT_LARGEST=saturation(out.dtype),
             EXP_AVG_SQ_DROPPED=dropped_bits(update.exp_avg_sq.dtype),
         )
         if update is not None
