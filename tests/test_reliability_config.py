@@ -32,6 +32,7 @@ from vqad_nerfstudio.models.vqad import VQADModelConfig
         ({"dense_resolution": -1}, "dense_resolution"),
         ({"float_vertex_fraction": 1.0}, "float_vertex_fraction must be a finite number >= 0.0 and < 1.0"),
         ({"float_vertex_fraction": 0.01, "index_warmup": "soft"}, "float_vertex_fraction keeps float warm-up"),
+        ({"logit_dtype": "bfloat16"}, "logit_dtype must be 'float32' or 'float16'"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):
