@@ -4,6 +4,7 @@ build one)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 
@@ -32,12 +33,31 @@ from vqad_nerfstudio.models.vqad import VQADModelConfig
         ({"dense_resolution": -1}, "dense_resolution"),
         ({"float_vertex_fraction": 1.0}, "float_vertex_fraction must be a finite number >= 0.0 and < 1.0"),
         ({"float_vertex_fraction": 0.01, "index_warmup": "soft"}, "float_vertex_fraction keeps float warm-up"),
-        ({"logit_dtype": "bfloat16"}, "logit_dtype must be 'float32' or 'float16'"),
+        ({"logit_dtype": "bfloat16"}, "logit_dtype must be 'auto', 'float16' or 'float32'"),
     ],
 )
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         VQADModelConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    "cuda,triton_found,fused,expected",
+    [
+        (False, True, True, torch.float32),
+        (True, True, True, torch.float16),
+        (True, False, True, torch.float32),
+        (True, True, False, torch.float32),
+    ],
+)
+def test_auto_logits_are_float16_only_where_the_fused_kernels_run(monkeypatch, cuda, triton_found, fused, expected):
+    from vqad_nerfstudio import kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(kernels, "triton", object() if triton_found else None)
+    assert VQADModelConfig(fused_kernels=fused).logit_storage() == expected
+    assert VQADModelConfig(logit_dtype="float32").logit_storage() == torch.float32
+    assert VQADModelConfig(logit_dtype="float16", fused_kernels=fused).logit_storage() == torch.float16
 
 
 PROPOSAL_NETWORK = {"hidden_dim": 16, "log2_hashmap_size": 13, "num_levels": 5, "max_res": 64}
