@@ -1,7 +1,8 @@
 """Speed of the learned indices' per-vertex passes on the GPU, against the time their bytes need: the hard indices
 with the soft indices' shares (one read of the logits; at each ``rows_per_program``), the same with the index
 rate, and the logits' Adam update in the backward pass (logits, bfloat16 first and float32 second moment, read and
-written; also with float16 logits and a bfloat16 second moment, stochastically rounded), with ``torch.argmax`` over
+written; also with float16 logits and a bfloat16 second moment, stochastically rounded, and with the next step's
+hard indices and shares forecast from the updated logits), with ``torch.argmax`` over
 the same logits as a yardstick of what one read costs. Also the codebook's
 gradient through the hard indices (``torch.index_add_`` against the kernel that skips untouched rows), and the
 table of every vertex's codeword that the straight-through lookup gathers each step (index_select and the kernel).
@@ -98,6 +99,15 @@ def main(args: Args) -> None:
         (
             "logits' Adam, float16 logits, bfloat16 moments (stochastic rounding)",
             lambda: relaxed_indices.relaxed_logit_adam_(half_logits, 0.5, half_update, grad_rows, codebook),
+            adam_bytes * 6 // 10,
+        )
+    )
+    rows.append(
+        (
+            "the same, forecasting the next step's hard indices and shares (default)",
+            lambda: relaxed_indices.relaxed_logit_adam_(
+                half_logits, 0.5, half_update, grad_rows, codebook, forecast=True
+            ),
             adam_bytes * 6 // 10,
         )
     )

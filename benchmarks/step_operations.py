@@ -28,9 +28,11 @@ import tyro
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import SceneBox
 from torch.utils._python_dispatch import TorchDispatchMode
+from vqad_nerfstudio.method_configs.vqad import IN_BACKWARD_GROUPS
 
 from vqad_nerfstudio.kernels import runs_on, triton
 from vqad_nerfstudio.models.vqad import VQADModel, VQADModelConfig
+from vqad_nerfstudio.optim import InBackwardAdam
 
 Phase = Literal["warm-up", "straight-through", "frozen"]
 PHASES: Tuple[Phase, ...] = ("warm-up", "straight-through", "frozen")
@@ -177,8 +179,12 @@ def _rays(model: VQADModel, count: int, device: str) -> RayBundle:
 
 
 def _step_counts(model: VQADModel, bundle: RayBundle) -> Tuple[_Counter, _Counter]:
-    """The operations of one step's forward pass (outputs and losses) and of its backward pass."""
+    """The operations of one step's forward pass (outputs and losses) and of its backward pass, whose logits are
+    updated by an in-backward Adam as `ns-train vqad` updates them (in the first step too: the counted step takes
+    the indices it forecast)."""
     batch = {"image": torch.rand(len(bundle), 3, device=bundle.origins.device)}
+    logits = [p for group in IN_BACKWARD_GROUPS for p in model.get_param_groups().get(group, []) if p.numel()]
+    optimizer = InBackwardAdam(logits, lr=1e-3) if logits else None  # noqa: F841 (alive for the counted step)
 
     def loss() -> torch.Tensor:
         outputs = model.get_outputs(bundle)

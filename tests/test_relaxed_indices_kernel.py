@@ -295,3 +295,72 @@ def test_float16_steps_below_its_resolution_survive_on_average() -> None:
         moved[dtype] = (logits.float() - 4.0).mean(dim=0).cpu()
     assert moved[torch.float32].abs().min() > 0.9e-4  # every column moves by lr (the middle ones' sign aside)
     torch.testing.assert_close(moved[torch.float16], moved[torch.float32], rtol=0, atol=0.25e-4)
+
+
+@pytest.mark.parametrize("logit_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [0, 1, ROWS])
+def test_the_adam_pass_forecasts_the_next_step_indices(rows: int, logit_dtype: torch.dtype) -> None:
+    """With ``forecast``, the Adam pass returns the updated logits' hard indices and soft-index sums as a pass over
+    them would: the next step's indices without reading the logits again."""
+    from vqad_nerfstudio.optim import AdamStep
+
+    codewords = 256
+    logits = _logits(rows, codewords).to(logit_dtype)
+    update = AdamStep(
+        torch.zeros_like(logits, dtype=torch.bfloat16), torch.zeros_like(logits, dtype=torch.bfloat16),
+        lr=0.5, beta1=0.9, beta2=0.999, eps=1e-15, weight_decay=0.0, step=1, seed=5,
+    )  # fmt: skip
+    share = torch.randn(codewords, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    before = logits.argmax(dim=-1)
+    hard, sums = relaxed_indices.relaxed_logit_adam_(logits, 0.4, update, grad_share=share, forecast=True)
+    expected_hard, expected_sums = relaxed_indices.hard_indices_and_shares(logits, 0.4, True)
+    assert torch.equal(hard, expected_hard) and hard.shape == (rows,)
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-6, atol=1e-6)
+    if rows == ROWS:
+        assert not torch.equal(hard, before)  # steps of 0.5 move some argmax: the forecast is of the update
+    assert relaxed_indices.relaxed_logit_adam_(logits, 0.4, update, grad_share=share) is None
+
+
+def test_a_store_takes_its_forecast_only_for_the_logits_it_was_made_for() -> None:
+    """A store's step under an in-backward Adam keeps the update's forecast; the next step's held indices (and rate)
+    equal a pass over the logits, without that pass; logits changed since, or another temperature, ignore it."""
+    from vqad_nerfstudio.optim import InBackwardAdam
+
+    torch.manual_seed(0)
+    store = vertex_features.CodebookFeatures(ROWS, 8, 4, logit_init_std=3.0, codebook_init_std=0.5, fuse_rate=True)
+    store.temperature = 0.3
+    store = store.to(DEVICE).train()
+    optimizer = InBackwardAdam([store.logits], lr=0.5)
+    grad_table = torch.randn(ROWS, 4, device=DEVICE)
+
+    def step() -> None:
+        store.hold_indices(True)
+        ((store.table() * grad_table).sum() + 1e-3 * store.index_rate_bits()).backward()
+        store.hold_indices(False)
+
+    def held_indices():
+        store.hold_indices(True)
+        held = store._indices_of_step()
+        store.hold_indices(False)
+        return held
+
+    def read(with_rate: bool = True):
+        return vertex_features.step_indices(store.logits, store.temperature, with_rate, True)
+
+    step()
+    assert optimizer.state[store.logits]["step"] == 1 and store._forecast is not None
+    expected = read()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vertex_features, "step_indices", lambda *args: pytest.fail("the logits were read"))
+        got = held_indices()
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1:], expected[1:], rtol=1e-5, atol=1e-5)
+    assert store._forecast is None  # taken once
+
+    step()
+    with torch.no_grad():
+        store.logits[:, 0] += 100.0  # every row's argmax moves to codeword 0
+    assert torch.equal(held_indices()[0], torch.zeros(ROWS, dtype=torch.long, device=DEVICE))
+    step()
+    store.temperature = 0.5
+    torch.testing.assert_close(held_indices()[1:], read()[1:])

@@ -84,14 +84,17 @@ def relaxed_logit_adam_(
     grad_share: Optional[Float[Tensor, "c"]] = None,
     use_kernel: bool = True,
     share_scale: Optional[Float[Tensor, ""]] = None,
-) -> None:
+    forecast: bool = False,
+) -> Optional[Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]]:
     """Adam's ``update`` of ``logits`` in place from the gradient :func:`relaxed_logit_grad` gives for the same
     arguments, without allocating that gradient: on the GPU (``use_kernel``) tile by tile in one kernel pass, else
-    ROW_CHUNK rows at a time."""
+    ROW_CHUNK rows at a time. With ``forecast``, on the GPU the kernel also returns the updated logits' hard indices
+    and soft-index column sums at ``temperature`` (else None: the next step computes them)."""
     logits = logits.detach()
     if use_kernel and relaxed_indices.available(logits):
-        relaxed_indices.relaxed_logit_adam_(logits, temperature, update, grad_rows, codebook, grad_share, share_scale)
-        return
+        return relaxed_indices.relaxed_logit_adam_(
+            logits, temperature, update, grad_rows, codebook, grad_share, share_scale, forecast
+        )
     if grad_share is not None and share_scale is not None:
         grad_share = grad_share * share_scale
     for start in range(0, logits.shape[0], ROW_CHUNK):
@@ -103,6 +106,7 @@ def relaxed_logit_adam_(
             update, exp_avg=update.exp_avg[rows], exp_avg_sq=update.exp_avg_sq[rows], seed=update.seed + start
         )
         adam_update_(logits[rows], grad, chunk_update)
+    return None
 
 
 def codebook_grad(
@@ -188,6 +192,18 @@ StepIndices = Tuple[Tensor, Tensor, Tensor]
 """What a straight-through step needs of its logits before its backward pass (:func:`step_indices`)."""
 
 
+def step_indices_of_sums(hard: Int[Tensor, "m"], sums: Float[Tensor, "c"], with_rate: bool) -> StepIndices:
+    """:func:`step_indices` from the hard indices and soft-index column sums of the same logits (a forecast of
+    :func:`relaxed_logit_adam_`), without reading the logits."""
+    if not with_rate:
+        return hard, sums.new_zeros(()), sums.new_zeros(0)
+    rows = hard.shape[0]
+    if relaxed_indices.available(sums):
+        return (hard, *relaxed_indices.rate_of_sums(sums, rows, _MIN_SHARE))
+    shares = sums / max(rows, 1)
+    return hard, _order_zero_bits(shares, rows), _order_zero_soft_grad(shares, shares.new_ones(()))
+
+
 @torch.no_grad()
 def step_indices(logits: Float[Tensor, "m c"], temperature: float, with_rate: bool, use_kernel: bool) -> StepIndices:
     """The rows' hard indices and, with ``with_rate``, :func:`hard_indices_and_rate`'s rate and its gradient per
@@ -236,7 +252,8 @@ class _StraightThroughCodewords(torch.autograd.Function):
 
     Logits whose optimiser is an :class:`~vqad_nerfstudio.optim.InBackwardAdam` are updated here, as their gradient
     is computed, and get no ``.grad`` (their version is bumped: autograd then refuses any other backward pass that
-    saved them).
+    saved them). On the GPU that update also forecasts the updated logits' hard indices and soft-index sums, which
+    it hands to ``forecast_to`` (if given) for the next step.
     """
 
     @staticmethod
@@ -249,10 +266,12 @@ class _StraightThroughCodewords(torch.autograd.Function):
         use_kernel: bool,
         known: Optional[StepIndices],
         known_table: Optional[Tensor],
+        forecast_to: Optional[Callable[[Tensor, Tensor], None]],
     ) -> Tuple[Tensor, Tensor]:
         hard, bits, grad_counts = step_indices(logits, temperature, with_rate, use_kernel) if known is None else known
         ctx.save_for_backward(hard, logits, codebook, grad_counts)
         ctx.temperature, ctx.with_rate, ctx.use_kernel = temperature, with_rate, use_kernel
+        ctx.forecast_to = forecast_to
         optimizer = pending_update(logits)
         ctx.in_backward = None if optimizer is None else (optimizer, logits)  # the parameter itself, to update
         ctx.set_materialize_grads(False)
@@ -262,7 +281,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_out: Optional[Tensor], grad_bits: Optional[Tensor]
-    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None, None, None]:
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None, None, None, None]:
         hard, logits, codebook, grad_counts = ctx.saved_tensors
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
@@ -271,13 +290,17 @@ class _StraightThroughCodewords(torch.autograd.Function):
             terms = (grad_out, None if grad_out is None else codebook, grad_share, ctx.use_kernel, grad_bits)
             if ctx.in_backward is not None:
                 optimizer, parameter = ctx.in_backward
-                relaxed_logit_adam_(logits, ctx.temperature, optimizer.begin_update(parameter), *terms)
+                update = optimizer.begin_update(parameter)
+                wanted = ctx.forecast_to is not None
+                forecast = relaxed_logit_adam_(logits, ctx.temperature, update, *terms, forecast=wanted)
                 torch.autograd.graph.increment_version(parameter)
+                if forecast is not None:
+                    ctx.forecast_to(*forecast)
             else:
                 grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms)
         if ctx.needs_input_grad[1] and grad_out is not None:
             grad_codebook = codebook_grad(hard, grad_out, codebook, ctx.use_kernel)
-        return grad_logits, grad_codebook, None, None, None, None, None
+        return grad_logits, grad_codebook, None, None, None, None, None, None
 
 
 def straight_through_codewords(
@@ -287,11 +310,16 @@ def straight_through_codewords(
     use_kernel: bool = True,
     known: Optional[StepIndices] = None,
     known_table: Optional[Float[Tensor, "m k"]] = None,
+    forecast_to: Optional[Callable[[Tensor, Tensor], None]] = None,
 ) -> Float[Tensor, "m k"]:
     """Chosen codewords of every row, ``codebook[argmax(logits)]``, with straight-through softmax gradients
     to the logits and the chosen codewords. ``known``: :func:`step_indices` of these logits without the rate, if
-    already computed; ``known_table``: the codewords of its indices, if already gathered (returned as the table)."""
-    return _StraightThroughCodewords.apply(logits, codebook, temperature, False, use_kernel, known, known_table)[0]
+    already computed; ``known_table``: the codewords of its indices, if already gathered (returned as the table);
+    ``forecast_to``: receives the hard indices and soft-index sums of the logits as an in-backward Adam on the GPU
+    leaves them."""
+    return _StraightThroughCodewords.apply(
+        logits, codebook, temperature, False, use_kernel, known, known_table, forecast_to
+    )[0]
 
 
 def straight_through_codewords_and_rate(
@@ -301,11 +329,15 @@ def straight_through_codewords_and_rate(
     use_kernel: bool = True,
     known: Optional[StepIndices] = None,
     known_table: Optional[Float[Tensor, "m k"]] = None,
+    forecast_to: Optional[Callable[[Tensor, Tensor], None]] = None,
 ) -> Tuple[Float[Tensor, "m k"], Float[Tensor, ""]]:
     """:func:`straight_through_codewords` and :func:`soft_index_rate_bits` in one pass: equal values and gradients,
     one gradient buffer and one softmax recomputation for both. ``known``: :func:`step_indices` of these logits and
-    temperature with the rate, if already computed; ``known_table``: as in :func:`straight_through_codewords`."""
-    return _StraightThroughCodewords.apply(logits, codebook, temperature, True, use_kernel, known, known_table)
+    temperature with the rate, if already computed; ``known_table`` and ``forecast_to``: as in
+    :func:`straight_through_codewords`."""
+    return _StraightThroughCodewords.apply(
+        logits, codebook, temperature, True, use_kernel, known, known_table, forecast_to
+    )
 
 
 def nonzero_gradient_lookups(grad: Float[Tensor, "n k"], *indices: Int[Tensor, "n"]) -> Tuple[Tensor, ...]:
@@ -633,6 +665,10 @@ class CodebookFeatures(FeatureStore):
         self._hard_table: Optional[Tuple[Tuple, Tensor]] = None
         """In eval mode, the hard table of the first lookup without gradients, and the parameters' state it belongs to
         (kept until the mode changes or the parameters are replaced: renders then share one table)."""
+        self._forecast: Optional[Tuple[Tensor, Tensor, Tuple]] = None
+        """The hard indices and soft-index column sums that the last in-backward Adam update of the logits forecast
+        on the GPU, and the logits' state and temperature they hold for: the next step's indices, without a pass
+        over the logits (:meth:`_indices_of_step`)."""
 
     @property
     def num_rows(self) -> int:
@@ -642,6 +678,7 @@ class CodebookFeatures(FeatureStore):
 
     def train(self, mode: bool = True) -> "CodebookFeatures":
         self._hard_table = None  # optimisers may change the parameters in place without a version bump (fused Adam)
+        self._forecast = None
         return super().train(mode)
 
     @property
@@ -689,11 +726,25 @@ class CodebookFeatures(FeatureStore):
                 self._held_codebook = rounded
         return straight_through(self.codebook, rounded)
 
+    def _logit_state(self) -> Tuple:
+        """What a forecast of the indices must match: the logits' storage, shape and version, and the temperature."""
+        return self.logits.data_ptr(), self.logits.shape, self.logits._version, self.temperature
+
+    def _keep_forecast(self, hard: Int[Tensor, "m"], sums: Float[Tensor, "c"]) -> None:
+        """Keep the indices an in-backward Adam update forecast for the logits it has just updated."""
+        self._forecast = hard, sums, self._logit_state()
+
     def _indices_of_step(self) -> StepIndices:
-        """:func:`step_indices` of the logits as they are, held inside :meth:`hold_indices`."""
+        """:func:`step_indices` of the logits as they are, held inside :meth:`hold_indices`: the last update's
+        forecast where it holds for them, else one pass over the logits."""
         if self._held_indices is not None:
             return self._held_indices
-        known = step_indices(self.logits, self.temperature, self.fuse_rate and self._holding, self.use_kernels)
+        with_rate = self.fuse_rate and self._holding
+        forecast, self._forecast = self._forecast, None
+        if forecast is not None and forecast[2] == self._logit_state():
+            known = step_indices_of_sums(forecast[0], forecast[1], with_rate)
+        else:
+            known = step_indices(self.logits, self.temperature, with_rate, self.use_kernels)
         if self._holding:
             self._held_indices = known
         return known
@@ -737,13 +788,16 @@ class CodebookFeatures(FeatureStore):
             return self._hard_table[1]
         held, held_table = (self._held_indices, self._held_table) if self.training else (None, None)
         codebook = self.lookup_codebook()
+        forecast_to = self._keep_forecast if self.training else None
         if self.fuse_rate and self.training:
             table, rate = straight_through_codewords_and_rate(
-                self.logits, codebook, self.temperature, self.use_kernels, held, held_table
+                self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to
             )
             self._rate_of_table = rate, self.logits._version
             return table
-        return straight_through_codewords(self.logits, codebook, self.temperature, self.use_kernels, held, held_table)
+        return straight_through_codewords(
+            self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to
+        )
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores (``RuntimeError`` in the float warm-up)."""
@@ -780,8 +834,7 @@ class CodebookFeatures(FeatureStore):
         indices = self.hard_indices().to(torch.int32)
         self.frozen = True
         self.indices = indices
-        self._hard_table = None
-        self._rate_of_table = None
+        self._hard_table = self._rate_of_table = self._forecast = None
         return _replace_parameter(self, "logits", self.logits.data.new_empty(0, 2**self.index_bits), in_place=False)
 
     @torch.no_grad()
@@ -886,7 +939,7 @@ class CodebookFeatures(FeatureStore):
 
     def remap(self, source_rows: Int[Tensor, "m_new"], in_place: bool = False) -> List[ParameterSwap]:
         device = self.codebook.device
-        self._hard_table = None
+        self._hard_table = self._forecast = None
         swaps = []
         if self.has_float_rows:
             self.float_rows = rows_from(self.float_rows, source_rows)
@@ -922,6 +975,7 @@ class CodebookFeatures(FeatureStore):
         it is.
         """
         ours = prefix + "logits" in state_dict or prefix + "indices" in state_dict
+        self._forecast = None
         saved_indices = state_dict.get(prefix + "indices")
         if saved_indices is not None and not self.frozen:  # saved after freeze_indices
             self.frozen = True

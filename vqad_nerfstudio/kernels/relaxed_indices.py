@@ -66,11 +66,16 @@ if triton is not None:
         mask = row_ok[:, None] & (column < C)[None, :]
         x = tl.load(logits + row[:, None].to(tl.int64) * C + column[None, :], mask=mask, other=float("-inf"))
         x = x.to(tl.float32)
+        return row, row_ok, column, mask, x, _softmax(x, row_ok, mask, inv_temperature)
+
+    @triton.jit
+    def _softmax(x, row_ok, mask, inv_temperature):
+        """``softmax(x * inv_t)`` of a block's rows, whose ``x`` is -inf outside ``mask`` (0 there)."""
         scaled = x * inv_temperature
         peak = tl.where(row_ok, tl.max(scaled, axis=1), 0.0)
         exponentials = tl.where(mask, tl.exp(scaled - peak[:, None]), 0.0)
         total = tl.where(row_ok, tl.sum(exponentials, axis=1), 1.0)
-        return row, row_ok, column, mask, x, exponentials / total[:, None]
+        return exponentials / total[:, None]
 
     @triton.jit
     def _hard_and_shares_kernel(
@@ -146,6 +151,8 @@ if triton is not None:
         out,
         exp_avg,
         exp_avg_sq,
+        next_hard,
+        next_sums,
         n_rows,
         inv_temperature,
         step_size,
@@ -159,6 +166,7 @@ if triton is not None:
         C_POW2: tl.constexpr,
         K: tl.constexpr,
         BLOCK: tl.constexpr,
+        ROWS_PER_PROGRAM: tl.constexpr,
         HAS_SOFT: tl.constexpr,
         HAS_ROWS: tl.constexpr,
         HAS_SHARE: tl.constexpr,
@@ -167,15 +175,41 @@ if triton is not None:
         LOGIT_DROPPED: tl.constexpr,
         LOGIT_LARGEST: tl.constexpr,
         EXP_AVG_SQ_DROPPED: tl.constexpr,
+        FORECAST: tl.constexpr,
     ):
         """The logits' gradient into ``out``, or with ``ADAM`` Adam's update of the logits (``out`` is the logits) and
-        of their moments from it, tile by tile: the gradient is never stored. 16-bit logits and second moments
-        (``*_DROPPED`` > 0) are stored stochastically rounded with random bits hashed from ``seed`` and each element's
-        offset (the logits' from the hash's low bits, the moment's from its high 16); the first moment rounds to
-        nearest, as :func:`vqad_nerfstudio.optim.adam_update_` rounds them."""
-        row, row_ok, column, mask, x, soft = _softmax_rows(
-            logits, tl.program_id(0) * BLOCK, n_rows, inv_temperature, C, C_POW2, BLOCK
-        )
+        of their moments from it, block by block (``ROWS_PER_PROGRAM`` rows a program): the gradient is never
+        stored. 16-bit logits and second moments (``*_DROPPED`` > 0) are stored stochastically rounded with random
+        bits hashed from ``seed`` and each element's offset (the logits' from the hash's low bits, the moment's from
+        its high 16); the first moment rounds to nearest, as :func:`vqad_nerfstudio.optim.adam_update_` rounds them.
+        With ``FORECAST`` (and ``ADAM``) also the updated logits' hard indices into ``next_hard`` and the column
+        sums of their softmax into ``next_sums`` (one row per program), as :func:`_hard_and_shares_kernel` would
+        read them back."""
+        program = tl.program_id(0)
+        sums = tl.zeros((BLOCK, C_POW2), dtype=tl.float32)  # summed over the rows once, after the last block
+        for start in range(0, ROWS_PER_PROGRAM, BLOCK):
+            sums += _logit_grad_block(
+                logits, grad_soft, grad_rows, codebook_t, grad_share, share_scale, out, exp_avg, exp_avg_sq,
+                next_hard, program * ROWS_PER_PROGRAM + start, n_rows, inv_temperature, step_size, beta1, beta2, eps,
+                sqrt_bias2, weight_decay, seed, C, C_POW2, K, BLOCK, HAS_SOFT, HAS_ROWS, HAS_SHARE, HAS_SCALE, ADAM,
+                LOGIT_DROPPED, LOGIT_LARGEST, EXP_AVG_SQ_DROPPED, FORECAST,
+            )  # fmt: skip
+        if FORECAST:
+            column = tl.arange(0, C_POW2)
+            tl.store(next_sums + program * C + column, tl.sum(sums, axis=0), mask=column < C)
+
+    @triton.jit
+    def _logit_grad_block(
+        logits, grad_soft, grad_rows, codebook_t, grad_share, share_scale, out, exp_avg, exp_avg_sq, next_hard,
+        first_row, n_rows, inv_temperature, step_size, beta1, beta2, eps, sqrt_bias2, weight_decay, seed,
+        C: tl.constexpr, C_POW2: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, HAS_SOFT: tl.constexpr,
+        HAS_ROWS: tl.constexpr, HAS_SHARE: tl.constexpr, HAS_SCALE: tl.constexpr, ADAM: tl.constexpr,
+        LOGIT_DROPPED: tl.constexpr, LOGIT_LARGEST: tl.constexpr, EXP_AVG_SQ_DROPPED: tl.constexpr,
+        FORECAST: tl.constexpr,
+    ):  # fmt: skip
+        """One block of :func:`_logit_grad_kernel` from ``first_row``; returns the softmax of its updated logits
+        with ``FORECAST`` (zeros otherwise)."""
+        row, row_ok, column, mask, x, soft = _softmax_rows(logits, first_row, n_rows, inv_temperature, C, C_POW2, BLOCK)
         offsets = row[:, None].to(tl.int64) * C + column[None, :]
         column_ok = column < C
         if HAS_SOFT:
@@ -204,11 +238,17 @@ if triton is not None:
             noise = _hash(offsets.to(tl.uint32) ^ seed.to(tl.uint32))
             x = _stochastically_rounded(x, noise, LOGIT_DROPPED, LOGIT_LARGEST)
             v = _stochastically_rounded(v, noise >> 16, EXP_AVG_SQ_DROPPED, 0.0)
-            tl.store(out + offsets, x.to(out.dtype.element_ty), mask=mask)
+            stored = x.to(out.dtype.element_ty)
+            tl.store(out + offsets, stored, mask=mask)
             tl.store(exp_avg + offsets, m.to(exp_avg.dtype.element_ty), mask=mask)
             tl.store(exp_avg_sq + offsets, v.to(exp_avg_sq.dtype.element_ty), mask=mask)
+            if FORECAST:  # the stored logits, as the next read of them sees them
+                x = tl.where(mask, stored.to(tl.float32), float("-inf"))
+                tl.store(next_hard + row, tl.argmax(x, axis=1).to(tl.int64), mask=row_ok)
+                return _softmax(x, row_ok, mask, inv_temperature)
         else:
             tl.store(out + offsets, grad.to(out.dtype.element_ty), mask=mask)
+        return tl.zeros((BLOCK, C_POW2), dtype=tl.float32)
 
     @triton.jit
     def _codebook_grad_kernel(
@@ -317,13 +357,19 @@ def hard_indices_and_rate(
     rows``) and its gradient in each count: one read of the logits and one small kernel, where the PyTorch path
     takes a dozen operations."""
     hard, sums = hard_indices_and_shares(logits, temperature, True)
-    rows, codewords = logits.shape
-    bits = torch.empty((), device=logits.device)
-    grad_counts = torch.empty(codewords, device=logits.device)
+    return (hard, *rate_of_sums(sums, logits.shape[0], min_share))
+
+
+def rate_of_sums(sums: Float[Tensor, "c"], rows: int, min_share: float) -> Tuple[Float[Tensor, ""], Float[Tensor, "c"]]:
+    """:func:`hard_indices_and_rate`'s bits and their gradient per count, from the soft indices' column ``sums`` over
+    ``rows`` rows (:func:`hard_indices_and_shares`, or a forecast of :func:`relaxed_logit_adam_`): one small kernel."""
+    codewords = sums.shape[0]
+    bits = torch.empty((), device=sums.device)
+    grad_counts = torch.empty(codewords, device=sums.device)
     _rate_kernel[(1,)](
         sums, rows, bits, grad_counts, C=codewords, C_POW2=triton.next_power_of_2(codewords), MIN_SHARE=min_share
     )  # fmt: skip
-    return hard, bits, grad_counts
+    return bits, grad_counts
 
 
 def relaxed_logit_grad(
@@ -357,15 +403,19 @@ def relaxed_logit_adam_(
     codebook: Optional[Float[Tensor, "c k"]] = None,
     grad_share: Optional[Float[Tensor, "c"]] = None,
     share_scale: Optional[Float[Tensor, ""]] = None,
-) -> None:
+    forecast: bool = False,
+) -> Optional[Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]]:
     """Adam's ``update`` of ``logits`` (and of its moments) in place from the gradient :func:`relaxed_logit_grad`
-    gives for the same arguments, without storing that gradient. ``logits`` and the moments must be contiguous."""
+    gives for the same arguments, without storing that gradient. ``logits`` and the moments must be contiguous.
+    With ``forecast``, also what :func:`hard_indices_and_shares` (with shares) would return for the updated logits
+    at ``temperature``, from the same pass: the next step need not read them for it."""
     if not (logits.is_contiguous() and update.exp_avg.is_contiguous() and update.exp_avg_sq.is_contiguous()):
         raise ValueError("the logits and their moments must be contiguous (they are updated in place)")
     grad_rows, codebook_t, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
-    _launch_logit_grad(
-        logits.detach(), temperature, logits.detach(), False, grad_rows, codebook_t, share, share_scale, update
-    )
+    return _launch_logit_grad(
+        logits.detach(), temperature, logits.detach(), False, grad_rows, codebook_t, share, share_scale, update,
+        forecast,
+    )  # fmt: skip
 
 
 def _gradient_terms(
@@ -393,11 +443,18 @@ def _launch_logit_grad(
     share: Tensor,
     share_scale: Optional[Tensor],
     update: Optional["AdamStep"],
-) -> None:
+    forecast: bool = False,
+) -> Optional[Tuple[Tensor, Tensor]]:
+    """Launches :func:`_logit_grad_kernel`; with ``forecast`` (an Adam ``update``) returns the updated logits' hard
+    indices and softmax column sums."""
     rows, codewords = logits.shape
-    if not rows:
-        return
     columns, block, warps = _block_rows(logits)
+    rows_per_program = max(triton.next_power_of_2(ROWS_PER_PROGRAM), block) if forecast else block
+    programs = triton.cdiv(rows, rows_per_program)
+    next_hard = torch.empty(rows if forecast else 0, dtype=torch.long, device=logits.device)
+    next_sums = torch.empty(programs if forecast else 0, codewords, device=logits.device)  # each row written
+    if not rows:
+        return (next_hard, next_sums.sum(dim=0)) if forecast else None
     moments = (update.exp_avg, update.exp_avg_sq) if update is not None else (out, out)
     scalars = (
         (update.step_size, update.beta1, update.beta2, update.eps, update.sqrt_bias2, update.weight_decay)
@@ -413,15 +470,16 @@ def _launch_logit_grad(
         if update is not None
         else dict(LOGIT_DROPPED=0, LOGIT_LARGEST=0.0, EXP_AVG_SQ_DROPPED=0)
     )
-    _logit_grad_kernel[(triton.cdiv(rows, block),)](
-        logits, out, grad_rows, codebook_t, share, share if share_scale is None else share_scale, out, *moments, rows,
-        1.0 / temperature, *scalars,
+    _logit_grad_kernel[(programs,)](
+        logits, out, grad_rows, codebook_t, share, share if share_scale is None else share_scale, out, *moments,
+        next_hard, next_sums, rows, 1.0 / temperature, *scalars,
         update.seed if update is not None else 0,
         C=codewords, C_POW2=columns, K=codebook_t.shape[0] if grad_rows.numel() else 1, BLOCK=block,
-        HAS_SOFT=has_soft, HAS_ROWS=grad_rows.numel() > 0, HAS_SHARE=share.numel() > 0,
-        HAS_SCALE=share_scale is not None, ADAM=update is not None,
-        **rounding, num_warps=warps,
+        ROWS_PER_PROGRAM=rows_per_program, HAS_SOFT=has_soft, HAS_ROWS=grad_rows.numel() > 0,
+        HAS_SHARE=share.numel() > 0, HAS_SCALE=share_scale is not None, ADAM=update is not None,
+        **rounding, FORECAST=forecast, num_warps=warps,
     )  # fmt: skip
+    return (next_hard, next_sums.sum(dim=0)) if forecast else None
 
 
 __all__ = [
@@ -431,6 +489,7 @@ __all__ = [
     "codeword_table",
     "hard_indices_and_shares",
     "hard_indices_and_rate",
+    "rate_of_sums",
     "relaxed_logit_adam_",
     "relaxed_logit_grad",
 ]
