@@ -20,6 +20,7 @@ Plain torch: imported by the encodings (which look up a parameter's pending upda
 from __future__ import annotations
 
 import math
+import random
 import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple
@@ -146,7 +147,8 @@ class InBackwardAdam(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.moment_dtypes = {"exp_avg": _moment_dtype(exp_avg_dtype), "exp_avg_sq": _moment_dtype(exp_avg_sq_dtype)}
         """Each moment's dtype, None where it follows its parameter's (:func:`_moment_dtype_for`)."""
-        self._seeds = torch.Generator().manual_seed(torch.initial_seed())
+        self._seeds = random.Random(torch.initial_seed())
+        """Each update's rounding seed (Python's generator: no tensor operation per update)."""
         self.in_backward = in_backward
         """Whether backward passes may apply the update (False: every update comes from ``.grad`` in :meth:`step`)."""
         for group in self.param_groups:
@@ -176,7 +178,7 @@ class InBackwardAdam(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         return AdamStep(
             state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-            state["step"], int(torch.randint(1 << 31, (), generator=self._seeds)),
+            state["step"], self._seeds.getrandbits(31),
         )  # fmt: skip
 
     @torch.no_grad()
