@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
-from vqad_nerfstudio.kernels import relaxed_indices
+from vqad_nerfstudio.kernels import column_rounding, relaxed_indices
 from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update, widened
 from vqad_nerfstudio.rounding import QUANTIZED_BITS, rounded_columns, straight_through
 
@@ -133,6 +133,16 @@ class _CodewordTable(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:  # type: ignore[override]
         (indices,) = ctx.saved_tensors
         return relaxed_indices.codebook_grad(indices, grad, ctx.codewords).to(ctx.dtype), None
+
+
+def rounded_codebooks(
+    codebooks: Float[Tensor, "*b c k"], bits: int, use_kernel: bool = True
+) -> Float[Tensor, "*b c k"]:
+    """:func:`~vqad_nerfstudio.rounding.rounded_columns` of ``codebooks``: on the GPU (``use_kernel``) one kernel
+    launch, equal bit for bit."""
+    if use_kernel and column_rounding.available(codebooks):
+        return column_rounding.rounded_columns(codebooks, bits)
+    return rounded_columns(codebooks, bits)
 
 
 def codeword_table(
@@ -721,7 +731,7 @@ class CodebookFeatures(FeatureStore):
             return self.codebook
         rounded = self._held_codebook
         if rounded is None:
-            rounded = rounded_columns(self.codebook, self.codebook_bits)
+            rounded = rounded_codebooks(self.codebook, self.codebook_bits, self.use_kernels)
             if self._holding:
                 self._held_codebook = rounded
         return straight_through(self.codebook, rounded)
@@ -1021,14 +1031,14 @@ def round_held_codebooks(stores: Sequence[FeatureStore]) -> None:
     """Round the codebooks of ``stores`` inside :meth:`~CodebookFeatures.hold_indices` (those with
     ``codebook_bits``, past their float warm-up) now, those of equal shape and bits in one pass: one set of
     operations for all levels of a grid instead of one per level."""
-    groups: Dict[Tuple[int, torch.Size, torch.device], List[CodebookFeatures]] = {}
+    groups: Dict[Tuple[int, torch.Size, torch.device, bool], List[CodebookFeatures]] = {}
     for store in stores:
         if isinstance(store, CodebookFeatures) and store.codebook_bits is not None and not store.in_float_warmup:
             if store._holding:
-                key = (store.codebook_bits, store.codebook.shape, store.codebook.device)
+                key = (store.codebook_bits, store.codebook.shape, store.codebook.device, store.use_kernels)
                 groups.setdefault(key, []).append(store)
-    for (bits, _, _), group in groups.items():
-        rounded = rounded_columns(torch.stack([store.codebook for store in group]), bits)
+    for (bits, _, _, use_kernel), group in groups.items():
+        rounded = rounded_codebooks(torch.stack([store.codebook for store in group]), bits, use_kernel)
         for store, codebook in zip(group, rounded.unbind(0)):
             store._held_codebook = codebook
 

@@ -1,0 +1,75 @@
+"""The codebook-rounding kernel against :func:`vqad_nerfstudio.rounding.rounded_columns`, bit for bit (a file decodes
+what training read), and a store's step reading it.
+
+These run where CUDA and Triton are present, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqad_nerfstudio.encodings import vertex_features
+from vqad_nerfstudio.kernels import column_rounding
+from vqad_nerfstudio.rounding import rounded_columns
+
+from kernel_device import DEVICE, needs_kernel
+
+pytestmark = needs_kernel
+
+
+def _codebooks(count: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random codebooks with the cases rounding can get wrong: values on the halfway points of their column's grid
+    (they go to the even level), a zero column (the smallest fp16 scale) and a column whose peak divides exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    books = torch.randn(count, rows, cols, generator=generator) * torch.rand(count, 1, cols, generator=generator)
+    if rows >= 4 and cols >= 3:
+        books[:, :, 0] = 0.0
+        books[:, 0, 1] = 7.0  # the peak: with 4 bits (q = 7) the scale is exactly 1
+        books[:, 1:4, 1] = torch.tensor([0.5, 1.5, -2.5])  # halfway: 0, 2, -2 (torch.round's halves to even)
+    return books.to(DEVICE)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 256, 16), (2, 70, 3), (1, 1024, 16), (3, 16, 256)])
+def test_the_kernel_rounds_as_the_reference_bit_for_bit(bits, shape) -> None:
+    books = _codebooks(*shape)
+    got = column_rounding.rounded_columns(books, bits)
+    expected = rounded_columns(books, bits)
+    assert got.dtype == torch.float32 and got.shape == books.shape
+    assert torch.equal(got, expected)
+    if shape[1] >= 4 and shape[2] >= 3 and bits == 4:
+        assert got[0, :4, 1].tolist() == [7.0, 0.0, 2.0, -2.0]
+
+
+def test_a_single_codebook_and_an_empty_one() -> None:
+    book = _codebooks(1, 256, 16)[0]
+    assert torch.equal(column_rounding.rounded_columns(book, 6), rounded_columns(book, 6))
+    empty = torch.zeros(0, 256, 16, device=DEVICE)
+    assert column_rounding.rounded_columns(empty, 6).shape == (0, 256, 16)
+
+
+def test_bad_bits_and_unsupported_matrices_are_refused() -> None:
+    with pytest.raises(ValueError, match="2..8 bits, got 9"):
+        column_rounding.rounded_columns(_codebooks(1, 4, 4), 9)
+    assert not column_rounding.available(_codebooks(1, 4, 4).double())
+    assert not column_rounding.available(torch.zeros(4, column_rounding.MAX_COLUMNS + 1, device=DEVICE))
+    assert not column_rounding.available(torch.zeros(4, device=DEVICE))
+
+
+def test_held_codebooks_are_rounded_by_the_kernel_as_by_the_reference(monkeypatch) -> None:
+    """round_held_codebooks rounds a grid's codebooks with one launch where the stores use kernels, and the
+    codebooks lookups read are those of the reference; stores without kernels keep the reference."""
+    stores = []
+    for use_kernels in (True, True, False):
+        store = vertex_features.CodebookFeatures(64, 4, 8, codebook_init_std=0.5, use_kernels=use_kernels)
+        store.codebook_bits = 6
+        stores.append(store.to(DEVICE).train())
+    calls = []
+    kernel = column_rounding.rounded_columns
+    monkeypatch.setattr(column_rounding, "rounded_columns", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    for store in stores:
+        store.hold_indices(True)
+    vertex_features.round_held_codebooks(stores)
+    assert calls == [(2, 16, 8)]
+    for store in stores:
+        torch.testing.assert_close(store.lookup_codebook(), rounded_columns(store.codebook, 6), rtol=0, atol=0)

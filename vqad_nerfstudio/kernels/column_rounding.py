@@ -1,0 +1,95 @@
+"""Codebooks rounded to a file's grid in one GPU pass (Triton): :func:`vqad_nerfstudio.rounding.rounded_columns`.
+
+A training step with ``codebook_bits`` reads every level's codebook rounded to its bits, one fp16 scale per feature
+channel. PyTorch's path takes about 17 operations (a launch each on a GPU) for the stacked codebooks of a grid, in
+every step. This kernel computes the same numbers, bit for bit: the column peak in float32, the scale
+``fp16(fp32(peak / q))``, and ``clamp(round(w / scale), -q, q) * scale`` in float64, halves to even. The PyTorch
+function stays the reference and the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from vqad_nerfstudio.kernels import runs_on
+from vqad_nerfstudio.rounding import QUANTIZED_BITS
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path is used
+    triton = None
+
+_ROW_BLOCK = 64
+"""Rows of a matrix a program reads at a time (its columns whole)."""
+_SMALLEST_FP16 = 2.0**-24
+"""The smallest positive (subnormal) fp16: the scale of an all-zero column (as :mod:`vqad_nerfstudio.rounding`)."""
+MAX_COLUMNS = 256
+"""Widest matrix the kernel takes (a block holds whole rows)."""
+
+
+def available(matrices: Tensor) -> bool:
+    """Whether the kernel can round ``matrices`` (float32 ``[..., rows, cols]`` on a device it runs on, at most
+    MAX_COLUMNS columns)."""
+    return (
+        runs_on(matrices)
+        and matrices.dtype == torch.float32
+        and matrices.dim() >= 2
+        and 0 < matrices.shape[-1] <= MAX_COLUMNS
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rounded_columns_kernel(
+        values, out, n_rows, n_cols, TOP: tl.constexpr, SMALLEST: tl.constexpr, COLS_POW2: tl.constexpr,
+        ROW_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """Matrix ``program_id(0)`` of ``values`` rounded per column into ``out``: two passes over its rows (the
+        column peaks, then the rounded values)."""
+        first = tl.program_id(0).to(tl.int64) * n_rows * n_cols
+        column = tl.arange(0, COLS_POW2)
+        column_ok = column < n_cols
+        peak = tl.zeros((COLS_POW2,), dtype=tl.float32)
+        for start in range(0, n_rows, ROW_BLOCK):
+            row = start + tl.arange(0, ROW_BLOCK)
+            mask = (row < n_rows)[:, None] & column_ok[None, :]
+            x = tl.load(values + first + row[:, None] * n_cols + column[None, :], mask=mask, other=0.0)
+            peak = tl.maximum(peak, tl.max(tl.abs(x), axis=0))
+        # fp16(fp32(peak / q)): float64's quotient rounds to float32's correctly rounded one, since q = 2**(b-1) - 1
+        # has a binary period of at most 7 bits (no tie can appear where none was)
+        scale = (peak.to(tl.float64) / TOP).to(tl.float32).to(tl.float16).to(tl.float64)
+        scale = tl.maximum(scale, SMALLEST)
+        for start in range(0, n_rows, ROW_BLOCK):
+            row = start + tl.arange(0, ROW_BLOCK)
+            mask = (row < n_rows)[:, None] & column_ok[None, :]
+            offsets = first + row[:, None] * n_cols + column[None, :]
+            quotient = tl.load(values + offsets, mask=mask, other=0.0).to(tl.float64) / scale[None, :]
+            below = tl.floor(quotient)
+            fraction = quotient - below  # exact: |quotient| is at most about q
+            odd = (below.to(tl.int64) & 1) == 1
+            up = (fraction > 0.5) | ((fraction == 0.5) & odd)  # halves to even, as torch.round
+            levels = tl.minimum(tl.maximum(below + up.to(tl.float64), -TOP), TOP)
+            tl.store(out + offsets, (levels * scale[None, :]).to(tl.float32), mask=mask)
+
+
+def rounded_columns(matrices: Float[Tensor, "*b rows cols"], bits: int) -> Float[Tensor, "*b rows cols"]:
+    """:func:`vqad_nerfstudio.rounding.rounded_columns` in one launch, equal bit for bit (see :func:`available`)."""
+    if bits not in QUANTIZED_BITS:
+        raise ValueError(f"quantised parameters take 2..8 bits, got {bits!r}")
+    values = matrices.detach().contiguous()
+    out = torch.empty_like(values)
+    rows, cols = values.shape[-2:]
+    count = values.numel() // max(rows * cols, 1)
+    if values.numel():
+        _rounded_columns_kernel[(count,)](
+            values, out, rows, cols, TOP=2 ** (bits - 1) - 1, SMALLEST=_SMALLEST_FP16,
+            COLS_POW2=triton.next_power_of_2(cols), ROW_BLOCK=_ROW_BLOCK,
+        )  # fmt: skip
+    return out
+
+
+__all__ = ["MAX_COLUMNS", "available", "rounded_columns"]
