@@ -276,7 +276,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
         use_kernel: bool,
         known: Optional[StepIndices],
         known_table: Optional[Tensor],
-        forecast_to: Optional[Callable[[Tensor, Tensor], None]],
+        forecast_to: Optional[Callable[[Tensor, Tensor, float], None]],
     ) -> Tuple[Tensor, Tensor]:
         hard, bits, grad_counts = step_indices(logits, temperature, with_rate, use_kernel) if known is None else known
         ctx.save_for_backward(hard, logits, codebook, grad_counts)
@@ -305,7 +305,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
                 forecast = relaxed_logit_adam_(logits, ctx.temperature, update, *terms, forecast=wanted)
                 torch.autograd.graph.increment_version(parameter)
                 if forecast is not None:
-                    ctx.forecast_to(*forecast)
+                    ctx.forecast_to(*forecast, ctx.temperature)
             else:
                 grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms)
         if ctx.needs_input_grad[1] and grad_out is not None:
@@ -320,13 +320,13 @@ def straight_through_codewords(
     use_kernel: bool = True,
     known: Optional[StepIndices] = None,
     known_table: Optional[Float[Tensor, "m k"]] = None,
-    forecast_to: Optional[Callable[[Tensor, Tensor], None]] = None,
+    forecast_to: Optional[Callable[[Tensor, Tensor, float], None]] = None,
 ) -> Float[Tensor, "m k"]:
     """Chosen codewords of every row, ``codebook[argmax(logits)]``, with straight-through softmax gradients
     to the logits and the chosen codewords. ``known``: :func:`step_indices` of these logits without the rate, if
     already computed; ``known_table``: the codewords of its indices, if already gathered (returned as the table);
     ``forecast_to``: receives the hard indices and soft-index sums of the logits as an in-backward Adam on the GPU
-    leaves them."""
+    leaves them, and the temperature of the sums."""
     return _StraightThroughCodewords.apply(
         logits, codebook, temperature, False, use_kernel, known, known_table, forecast_to
     )[0]
@@ -339,7 +339,7 @@ def straight_through_codewords_and_rate(
     use_kernel: bool = True,
     known: Optional[StepIndices] = None,
     known_table: Optional[Float[Tensor, "m k"]] = None,
-    forecast_to: Optional[Callable[[Tensor, Tensor], None]] = None,
+    forecast_to: Optional[Callable[[Tensor, Tensor, float], None]] = None,
 ) -> Tuple[Float[Tensor, "m k"], Float[Tensor, ""]]:
     """:func:`straight_through_codewords` and :func:`soft_index_rate_bits` in one pass: equal values and gradients,
     one gradient buffer and one softmax recomputation for both. ``known``: :func:`step_indices` of these logits and
@@ -736,13 +736,14 @@ class CodebookFeatures(FeatureStore):
                 self._held_codebook = rounded
         return straight_through(self.codebook, rounded)
 
-    def _logit_state(self) -> Tuple:
+    def _logit_state(self, temperature: float) -> Tuple:
         """What a forecast of the indices must match: the logits' storage, shape and version, and the temperature."""
-        return self.logits.data_ptr(), self.logits.shape, self.logits._version, self.temperature
+        return self.logits.data_ptr(), self.logits.shape, self.logits._version, temperature
 
-    def _keep_forecast(self, hard: Int[Tensor, "m"], sums: Float[Tensor, "c"]) -> None:
-        """Keep the indices an in-backward Adam update forecast for the logits it has just updated."""
-        self._forecast = hard, sums, self._logit_state()
+    def _keep_forecast(self, hard: Int[Tensor, "m"], sums: Float[Tensor, "c"], temperature: float) -> None:
+        """Keep the indices an in-backward Adam update forecast at ``temperature`` for the logits it has just
+        updated."""
+        self._forecast = hard, sums, self._logit_state(temperature)
 
     def _indices_of_step(self) -> StepIndices:
         """:func:`step_indices` of the logits as they are, held inside :meth:`hold_indices`: the last update's
@@ -751,7 +752,7 @@ class CodebookFeatures(FeatureStore):
             return self._held_indices
         with_rate = self.fuse_rate and self._holding
         forecast, self._forecast = self._forecast, None
-        if forecast is not None and forecast[2] == self._logit_state():
+        if forecast is not None and forecast[2] == self._logit_state(self.temperature):
             known = step_indices_of_sums(forecast[0], forecast[1], with_rate)
         else:
             known = step_indices(self.logits, self.temperature, with_rate, self.use_kernels)
