@@ -73,3 +73,33 @@ def test_held_codebooks_are_rounded_by_the_kernel_as_by_the_reference(monkeypatc
     assert calls == [(2, 16, 8)]
     for store in stores:
         torch.testing.assert_close(store.lookup_codebook(), rounded_columns(store.codebook, 6), rtol=0, atol=0)
+
+
+def test_transposed_storage_holds_the_same_values_for_column_reads() -> None:
+    books = _codebooks(3, 256, 16)
+    got = column_rounding.rounded_columns(books, 6, transposed_storage=True)
+    assert got.shape == books.shape and not got.is_contiguous() and got.transpose(-1, -2).is_contiguous()
+    assert torch.equal(got, rounded_columns(books, 6))
+
+
+def test_a_training_steps_codebook_reaches_the_adam_kernel_without_a_copy() -> None:
+    """Held codebooks are stored transposed: the logits' gradient kernel's ``[k, c]`` operand is a view of them, and
+    the codeword table reads them as they are."""
+    from vqad_nerfstudio.kernels import relaxed_indices
+
+    store = vertex_features.CodebookFeatures(300, 8, 16, logit_init_std=3.0, codebook_init_std=0.5)
+    store.codebook_bits = 6
+    store = store.to(DEVICE).train()
+    store.hold_indices(True)
+    vertex_features.round_held_codebooks([store])
+    codebook = store.lookup_codebook()
+    _, codebook_t, _ = relaxed_indices._gradient_terms(
+        store.logits, torch.zeros(300, 16, device=DEVICE), codebook, None
+    )
+    assert codebook_t.data_ptr() == codebook.data_ptr()
+    hard = store.hard_indices()
+    assert torch.equal(relaxed_indices.codeword_table(hard, codebook), codebook.index_select(0, hard))
+    with torch.no_grad():
+        table = store.table()
+    assert torch.equal(table, rounded_columns(store.codebook, 6).index_select(0, hard))
+    store.hold_indices(False)

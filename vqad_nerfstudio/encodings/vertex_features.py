@@ -136,12 +136,13 @@ class _CodewordTable(torch.autograd.Function):
 
 
 def rounded_codebooks(
-    codebooks: Float[Tensor, "*b c k"], bits: int, use_kernel: bool = True
+    codebooks: Float[Tensor, "*b c k"], bits: int, use_kernel: bool = True, transposed_storage: bool = False
 ) -> Float[Tensor, "*b c k"]:
     """:func:`~vqad_nerfstudio.rounding.rounded_columns` of ``codebooks``: on the GPU (``use_kernel``) one kernel
-    launch, equal bit for bit."""
+    launch, equal bit for bit, stored transposed with ``transposed_storage`` (see
+    :func:`~vqad_nerfstudio.kernels.column_rounding.rounded_columns`)."""
     if use_kernel and column_rounding.available(codebooks):
-        return column_rounding.rounded_columns(codebooks, bits)
+        return column_rounding.rounded_columns(codebooks, bits, transposed_storage)
     return rounded_columns(codebooks, bits)
 
 
@@ -1031,7 +1032,8 @@ class CodebookFeatures(FeatureStore):
 def round_held_codebooks(stores: Sequence[FeatureStore]) -> None:
     """Round the codebooks of ``stores`` inside :meth:`~CodebookFeatures.hold_indices` (those with
     ``codebook_bits``, past their float warm-up) now, those of equal shape and bits in one pass: one set of
-    operations for all levels of a grid instead of one per level."""
+    operations for all levels of a grid instead of one per level. On the GPU they are stored transposed: the
+    logits' gradient kernel reads each feature channel's codewords contiguously, without a copy per level."""
     groups: Dict[Tuple[int, torch.Size, torch.device, bool], List[CodebookFeatures]] = {}
     for store in stores:
         if isinstance(store, CodebookFeatures) and store.codebook_bits is not None and not store.in_float_warmup:
@@ -1039,7 +1041,7 @@ def round_held_codebooks(stores: Sequence[FeatureStore]) -> None:
                 key = (store.codebook_bits, store.codebook.shape, store.codebook.device, store.use_kernels)
                 groups.setdefault(key, []).append(store)
     for (bits, _, _, use_kernel), group in groups.items():
-        rounded = rounded_codebooks(torch.stack([store.codebook for store in group]), bits, use_kernel)
+        rounded = rounded_codebooks(torch.stack([store.codebook for store in group]), bits, use_kernel, True)
         for store, codebook in zip(group, rounded.unbind(0)):
             store._held_codebook = codebook
 

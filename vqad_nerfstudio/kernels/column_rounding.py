@@ -46,10 +46,10 @@ if triton is not None:
     @triton.jit
     def _rounded_columns_kernel(
         values, out, n_rows, n_cols, TOP: tl.constexpr, SMALLEST: tl.constexpr, COLS_POW2: tl.constexpr,
-        ROW_BLOCK: tl.constexpr,
+        ROW_BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr,
     ):  # fmt: skip
-        """Matrix ``program_id(0)`` of ``values`` rounded per column into ``out``: two passes over its rows (the
-        column peaks, then the rounded values)."""
+        """Matrix ``program_id(0)`` of ``values`` rounded per column into ``out`` (with ``TRANSPOSED``, each matrix
+        of ``out`` is ``[cols, rows]``): two passes over its rows (the column peaks, then the rounded values)."""
         first = tl.program_id(0).to(tl.int64) * n_rows * n_cols
         column = tl.arange(0, COLS_POW2)
         column_ok = column < n_cols
@@ -73,23 +73,29 @@ if triton is not None:
             odd = (below.to(tl.int64) & 1) == 1
             up = (fraction > 0.5) | ((fraction == 0.5) & odd)  # halves to even, as torch.round
             levels = tl.minimum(tl.maximum(below + up.to(tl.float64), -TOP), TOP)
+            if TRANSPOSED:
+                offsets = first + column[None, :] * n_rows + row[:, None]
             tl.store(out + offsets, (levels * scale[None, :]).to(tl.float32), mask=mask)
 
 
-def rounded_columns(matrices: Float[Tensor, "*b rows cols"], bits: int) -> Float[Tensor, "*b rows cols"]:
-    """:func:`vqad_nerfstudio.rounding.rounded_columns` in one launch, equal bit for bit (see :func:`available`)."""
+def rounded_columns(
+    matrices: Float[Tensor, "*b rows cols"], bits: int, transposed_storage: bool = False
+) -> Float[Tensor, "*b rows cols"]:
+    """:func:`vqad_nerfstudio.rounding.rounded_columns` in one launch, equal bit for bit (see :func:`available`).
+    With ``transposed_storage`` the result is the transpose of a contiguous ``[*b, cols, rows]`` tensor: its
+    ``.transpose(-1, -2)`` is contiguous, as kernels that read one column at a time want it."""
     if bits not in QUANTIZED_BITS:
         raise ValueError(f"quantised parameters take 2..8 bits, got {bits!r}")
     values = matrices.detach().contiguous()
-    out = torch.empty_like(values)
     rows, cols = values.shape[-2:]
+    out = values.new_empty(*values.shape[:-2], cols, rows) if transposed_storage else torch.empty_like(values)
     count = values.numel() // max(rows * cols, 1)
     if values.numel():
         _rounded_columns_kernel[(count,)](
             values, out, rows, cols, TOP=2 ** (bits - 1) - 1, SMALLEST=_SMALLEST_FP16,
-            COLS_POW2=triton.next_power_of_2(cols), ROW_BLOCK=_ROW_BLOCK,
+            COLS_POW2=triton.next_power_of_2(cols), ROW_BLOCK=_ROW_BLOCK, TRANSPOSED=transposed_storage,
         )  # fmt: skip
-    return out
+    return out.transpose(-1, -2) if transposed_storage else out
 
 
 __all__ = ["MAX_COLUMNS", "available", "rounded_columns"]

@@ -267,15 +267,15 @@ if triton is not None:
         tl.atomic_add(partials + target[:, None] * K + channel[None, :], grad, mask=mask & (grad != 0.0))
 
     @triton.jit
-    def _codeword_table_kernel(indices, codebook, table, n_rows, K: tl.constexpr, K_POW2: tl.constexpr,
-                               BLOCK: tl.constexpr):  # fmt: skip
-        """Row ``r`` of ``table`` = row ``indices[r]`` of ``codebook`` (a few kB, read from cache)."""
+    def _codeword_table_kernel(indices, codebook, table, n_rows, codeword_stride, channel_stride, K: tl.constexpr,
+                               K_POW2: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        """Row ``r`` of ``table`` = row ``indices[r]`` of ``codebook`` (a few kB, read from cache, in any layout)."""
         row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         row_ok = row < n_rows
         channel = tl.arange(0, K_POW2)
         mask = row_ok[:, None] & (channel < K)[None, :]
         index = tl.load(indices + row, mask=row_ok, other=0).to(tl.int64)
-        values = tl.load(codebook + index[:, None] * K + channel[None, :], mask=mask)
+        values = tl.load(codebook + index[:, None] * codeword_stride + channel[None, :] * channel_stride, mask=mask)
         tl.store(table + row[:, None].to(tl.int64) * K + channel[None, :], values, mask=mask)
 
 
@@ -308,13 +308,13 @@ _CODEWORD_TABLE_BLOCK = 256
 def codeword_table(indices: Int[Tensor, "m"], codebook: Float[Tensor, "c k"]) -> Float[Tensor, "m k"]:
     """``codebook.index_select(0, indices)``: each row's codeword, one index read and one row written per vertex.
     On lego's 1.1 M vertices 0.031 ms against ``index_select``'s 0.666 (one H100,
-    ``benchmarks/relaxed_index_speed.py``): torch's gather was 0.67 ms of each training step there."""
-    codebook = codebook.contiguous()
+    ``benchmarks/relaxed_index_speed.py``): torch's gather was 0.67 ms of each training step there. The codebook
+    may be strided (a transposed one is read as it is)."""
     rows, channels = indices.shape[0], codebook.shape[1]
     table = codebook.new_empty(rows, channels)
     if rows and channels:
         _codeword_table_kernel[(triton.cdiv(rows, _CODEWORD_TABLE_BLOCK),)](
-            indices.contiguous(), codebook, table, rows,
+            indices.contiguous(), codebook, table, rows, *codebook.stride(),
             K=channels, K_POW2=triton.next_power_of_2(channels), BLOCK=_CODEWORD_TABLE_BLOCK,
         )  # fmt: skip
     return table
@@ -423,7 +423,8 @@ def _gradient_terms(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The kernel's operands for the softmax's gradient terms, empty where absent: the rows' gradient, the codebook
     transposed to ``[k, c]`` (each feature channel's codewords one contiguous read; ``[c, k]`` made a block read the
-    whole codebook once per channel, the step's largest cost at 1024 codewords) and the shares' gradient."""
+    whole codebook once per channel, the step's largest cost at 1024 codewords; no copy where the codebook is
+    stored transposed, as a training step's rounded codebooks are) and the shares' gradient."""
     if (grad_rows is None) != (codebook is None):
         raise ValueError("grad_rows and codebook come together")
     empty = logits.new_empty(0)
