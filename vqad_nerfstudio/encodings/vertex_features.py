@@ -205,14 +205,10 @@ StepIndices = Tuple[Tensor, Tensor, Tensor]
 
 def step_indices_of_sums(hard: Int[Tensor, "m"], sums: Float[Tensor, "c"], with_rate: bool) -> StepIndices:
     """:func:`step_indices` from the hard indices and soft-index column sums of the same logits (a forecast of
-    :func:`relaxed_logit_adam_`), without reading the logits."""
+    :func:`relaxed_logit_adam_`, on a device the kernels run on), without reading the logits."""
     if not with_rate:
         return hard, sums.new_zeros(()), sums.new_zeros(0)
-    rows = hard.shape[0]
-    if relaxed_indices.available(sums):
-        return (hard, *relaxed_indices.rate_of_sums(sums, rows, _MIN_SHARE))
-    shares = sums / max(rows, 1)
-    return hard, _order_zero_bits(shares, rows), _order_zero_soft_grad(shares, shares.new_ones(()))
+    return (hard, *relaxed_indices.rate_of_sums(sums, hard.shape[0], _MIN_SHARE))
 
 
 @torch.no_grad()
