@@ -25,18 +25,24 @@ def check_weight_bits(name: str, bits: int) -> None:
         raise ValueError(f"{name} must be 16 (fp16) or an integer in 2..8, got {bits!r}")
 
 
-_SMALLEST_FP16 = 2.0**-24
+SMALLEST_FP16 = 2.0**-24
 """The smallest positive (subnormal) fp16: the scale of an all-zero row."""
+
+
+def quantized_top(bits: int) -> int:
+    """``q = 2**(bits - 1) - 1``, the largest level of a ``bits``-bit quantised value (``ValueError`` outside
+    QUANTIZED_BITS)."""
+    if bits not in QUANTIZED_BITS:
+        raise ValueError(f"quantised parameters take 2..8 bits, got {bits!r}")
+    return 2 ** (bits - 1) - 1
 
 
 def _levels_and_scales(values: Float[Tensor, "..."], bits: int, dim: int) -> Tuple[Tensor, Tensor]:
     """The rule on slices along ``dim`` (rows: the last dim; columns: the one before): float64 integers ``v`` and
     float64 scales holding fp16 values, broadcastable against ``values``."""
-    if bits not in QUANTIZED_BITS:
-        raise ValueError(f"quantised parameters take 2..8 bits, got {bits!r}")
-    top = 2 ** (bits - 1) - 1
+    top = quantized_top(bits)
     values = values.detach().float()
-    scale = (values.abs().amax(dim=dim, keepdim=True) / top).half().clamp_min(_SMALLEST_FP16).double()
+    scale = (values.abs().amax(dim=dim, keepdim=True) / top).half().clamp_min(SMALLEST_FP16).double()
     return torch.round(values.double() / scale).clamp_(-top, top), scale
 
 
@@ -88,8 +94,10 @@ def straight_through(parameter: Tensor, rounded: Tensor) -> Tensor:
 
 __all__ = [
     "QUANTIZED_BITS",
+    "SMALLEST_FP16",
     "check_weight_bits",
     "quantize_rows",
+    "quantized_top",
     "dequantize_rows",
     "rounded_rows",
     "rounded_columns",

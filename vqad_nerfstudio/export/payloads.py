@@ -23,7 +23,7 @@ from vqad_nerfstudio.codec import (
 )
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.symbols import decode_symbols
-from vqad_nerfstudio.rounding import QUANTIZED_BITS, quantize_rows
+from vqad_nerfstudio.rounding import QUANTIZED_BITS, quantize_rows, quantized_top
 
 __all__ = [
     "fp16_array",
@@ -83,9 +83,7 @@ def encode_quantized_parameters(parameters: Dict[str, Tensor], bits: int) -> byt
 
     Layout (``docs/format.md``): u8 bits, u32 length of a named-arrays record, the record, a categorical payload.
     """
-    if bits not in QUANTIZED_BITS:
-        raise ValueError(f"quantised parameters take 2..8 bits, got {bits!r}")
-    top = 2 ** (bits - 1) - 1
+    top = quantized_top(bits)
     record: Dict[str, np.ndarray] = {}
     symbols = [np.zeros(0, dtype=np.int64)]
     for name, parameter in parameters.items():

@@ -14,7 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vqad_nerfstudio.kernels import runs_on
-from vqad_nerfstudio.rounding import QUANTIZED_BITS
+from vqad_nerfstudio.rounding import SMALLEST_FP16, quantized_top
 
 try:
     import triton
@@ -24,8 +24,6 @@ except ImportError:  # CPU-only installs: the PyTorch path is used
 
 _ROW_BLOCK = 64
 """Rows of a matrix a program reads at a time (its columns whole)."""
-_SMALLEST_FP16 = 2.0**-24
-"""The smallest positive (subnormal) fp16: the scale of an all-zero column (as :mod:`vqad_nerfstudio.rounding`)."""
 MAX_COLUMNS = 256
 """Widest matrix the kernel takes (a block holds whole rows)."""
 
@@ -84,15 +82,14 @@ def rounded_columns(
     """:func:`vqad_nerfstudio.rounding.rounded_columns` in one launch, equal bit for bit (see :func:`available`).
     With ``transposed_storage`` the result is the transpose of a contiguous ``[*b, cols, rows]`` tensor: its
     ``.transpose(-1, -2)`` is contiguous, as kernels that read one column at a time want it."""
-    if bits not in QUANTIZED_BITS:
-        raise ValueError(f"quantised parameters take 2..8 bits, got {bits!r}")
+    top = quantized_top(bits)
     values = matrices.detach().contiguous()
     rows, cols = values.shape[-2:]
     out = values.new_empty(*values.shape[:-2], cols, rows) if transposed_storage else torch.empty_like(values)
     count = values.numel() // max(rows * cols, 1)
     if values.numel():
         _rounded_columns_kernel[(count,)](
-            values, out, rows, cols, TOP=2 ** (bits - 1) - 1, SMALLEST=_SMALLEST_FP16,
+            values, out, rows, cols, TOP=top, SMALLEST=SMALLEST_FP16,
             COLS_POW2=triton.next_power_of_2(cols), ROW_BLOCK=_ROW_BLOCK, TRANSPOSED=transposed_storage,
         )  # fmt: skip
     return out.transpose(-1, -2) if transposed_storage else out

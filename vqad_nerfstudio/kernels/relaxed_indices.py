@@ -327,6 +327,12 @@ def _block_rows(logits: Tensor) -> Tuple[int, int, int]:
     return columns, max(1, _TILE_BYTES // (logits.element_size() * columns)), 16 // logits.element_size()
 
 
+def _whole_blocks(rows_per_program: int, block: int) -> int:
+    """Rows per program: ``rows_per_program`` raised to a power of two of at least one ``block`` (no row read twice).
+    The forward pass and the Adam pass's forecast sum the soft indices over the same rows per program."""
+    return max(triton.next_power_of_2(rows_per_program), block)
+
+
 def hard_indices_and_shares(
     logits: Float[Tensor, "m c"], temperature: float, with_shares: bool, rows_per_program: int = ROWS_PER_PROGRAM
 ) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
@@ -337,7 +343,7 @@ def hard_indices_and_shares(
     rows, codewords = logits.shape
     hard = torch.empty(rows, dtype=torch.long, device=logits.device)
     columns, block, warps = _block_rows(logits)
-    rows_per_program = max(triton.next_power_of_2(rows_per_program), block)  # whole blocks: no row read twice
+    rows_per_program = _whole_blocks(rows_per_program, block)
     programs = triton.cdiv(rows, rows_per_program)
     partial_sums = torch.empty(programs if with_shares else 0, codewords, device=logits.device)  # each row written
     if rows:
@@ -450,7 +456,7 @@ def _launch_logit_grad(
     indices and softmax column sums."""
     rows, codewords = logits.shape
     columns, block, warps = _block_rows(logits)
-    rows_per_program = max(triton.next_power_of_2(ROWS_PER_PROGRAM), block) if forecast else block
+    rows_per_program = _whole_blocks(ROWS_PER_PROGRAM, block) if forecast else block
     programs = triton.cdiv(rows, rows_per_program)
     next_hard = torch.empty(rows if forecast else 0, dtype=torch.long, device=logits.device)
     next_sums = torch.empty(programs if forecast else 0, codewords, device=logits.device)  # each row written
