@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor, nn
 
+from vqad_nerfstudio.encodings.grouped_indices import GroupedIndices
 from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap, round_held_codebooks
 from vqad_nerfstudio.kernels import cell_lookup, grid_interpolation
 
@@ -258,6 +259,12 @@ class SparseFeatureGrid(nn.Module):
         self.fused = True
         """Interpolate with the fused GPU kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
         self._topology_cache: Dict[str, Tuple[Tuple, Tensor]] = {}
+        self._grouped = GroupedIndices()
+        """Steps the levels' learned indices together where they are alike (see :meth:`indices_once`)."""
+
+    def train(self, mode: bool = True) -> "SparseFeatureGrid":
+        self._grouped.forget()
+        return super().train(mode)
 
     @property
     def pruned(self) -> bool:
@@ -356,7 +363,10 @@ class SparseFeatureGrid(nn.Module):
         """:meth:`forward`'s features by one fused kernel over the located levels (their tables concatenated)."""
         levels = self.levels[: located.shape[1]]
         corner_rows = self._topology_cached(f"corner_rows{len(levels)}", lambda: self._concatenated_corner_rows(levels))
-        tables = torch.cat([level.features.table() for level in levels])
+        if self._grouped.active and len(levels) == len(self._grouped.stores):
+            tables = self._grouped.table()
+        else:
+            tables = torch.cat([level.features.table() for level in levels])
         return grid_interpolation.fused_interpolation(
             tables, unit_positions, lod, located, corner_rows, self.resolutions[0]
         )
@@ -387,15 +397,30 @@ class SparseFeatureGrid(nn.Module):
     @contextmanager
     def indices_once(self) -> Iterator[None]:
         """Within this block each level derives its hard indices (and rate) from its logits once, however many
-        lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it."""
-        for level in self.levels:
-            level.features.hold_indices(True)
-        round_held_codebooks([level.features for level in self.levels])
+        lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it. In training
+        on the fused path, levels that :func:`~vqad_nerfstudio.encodings.grouped_indices.groupable` takes are
+        stepped together (:class:`~vqad_nerfstudio.encodings.grouped_indices.GroupedIndices`: each kernel of their
+        step launched once for all of them)."""
+        stores = [level.features for level in self.levels]
+        grouped = self.fused and self._grouped.begin(stores)
+        if not grouped:
+            for store in stores:
+                store.hold_indices(True)
+            round_held_codebooks(stores)
         try:
             yield
         finally:
-            for level in self.levels:
-                level.features.hold_indices(False)
+            self._grouped.end()
+            for store in stores if not grouped else ():
+                store.hold_indices(False)
+
+    def index_rate_bits(self, stores: Sequence[FeatureStore]) -> Float[Tensor, ""]:
+        """The summed :meth:`~vqad_nerfstudio.encodings.vertex_features.CodebookFeatures.index_rate_bits` of
+        ``stores`` (this grid's, with learned indices): from the last grouped step where it computed them."""
+        grouped = self._grouped.rate_bits(stores)
+        if grouped is not None:
+            return grouped
+        return torch.stack([store.index_rate_bits() for store in stores]).sum()
 
     def occupancy_bits(self) -> UInt8[Tensor, "v"]:
         """Per voxel of the finest level (row-major linear ids), bit ``l`` set where level ``l`` holds the voxel's

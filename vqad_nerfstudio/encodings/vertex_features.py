@@ -172,19 +172,19 @@ def hard_indices_and_shares(
     return hard, sums / max(logits.shape[0], 1) if with_shares else sums
 
 
-_MIN_SHARE = 1e-12
+MIN_SHARE = 1e-12
 """Smallest codeword share inside the rate's logarithm (an unused codeword costs nothing, not -inf)."""
 
 
 def _order_zero_bits(shares: Float[Tensor, "c"], num_rows: int) -> Float[Tensor, ""]:
     """``sum_c -counts[c] * log2(shares[c])`` with ``counts = shares * num_rows``."""
-    return -(shares * num_rows * torch.log2(shares.clamp_min(_MIN_SHARE))).sum()
+    return -(shares * num_rows * torch.log2(shares.clamp_min(MIN_SHARE))).sum()
 
 
 def _order_zero_soft_grad(shares: Float[Tensor, "c"], grad_bits: Tensor) -> Float[Tensor, "c"]:
     """Gradient of :func:`_order_zero_bits` in every row's soft index (the same for every row): d/dcounts of
     ``-counts * log2(max(share, eps))``, the log plus counts' own term where the clamp lets it through."""
-    return -(torch.log2(shares.clamp_min(_MIN_SHARE)) + (shares >= _MIN_SHARE) / math.log(2)) * grad_bits
+    return -(torch.log2(shares.clamp_min(MIN_SHARE)) + (shares >= MIN_SHARE) / math.log(2)) * grad_bits
 
 
 def hard_indices_and_rate(
@@ -194,7 +194,7 @@ def hard_indices_and_rate(
     gradient in every row's soft index (:func:`_order_zero_soft_grad` per bit). On the GPU (``use_kernel``) one pass
     over the logits and one small kernel."""
     if use_kernel and relaxed_indices.available(logits):
-        return relaxed_indices.hard_indices_and_rate(logits, temperature, _MIN_SHARE)
+        return relaxed_indices.hard_indices_and_rate(logits, temperature, MIN_SHARE)
     hard, shares = hard_indices_and_shares(logits, temperature, use_kernel=False)
     return hard, _order_zero_bits(shares, logits.shape[0]), _order_zero_soft_grad(shares, shares.new_ones(()))
 
@@ -208,7 +208,7 @@ def step_indices_of_sums(hard: Int[Tensor, "m"], sums: Float[Tensor, "c"], with_
     :func:`relaxed_logit_adam_`, on a device the kernels run on), without reading the logits."""
     if not with_rate:
         return hard, sums.new_zeros(()), sums.new_zeros(0)
-    return (hard, *relaxed_indices.rate_of_sums(sums, hard.shape[0], _MIN_SHARE))
+    return (hard, *relaxed_indices.rate_of_sums(sums, hard.shape[0], MIN_SHARE))
 
 
 @torch.no_grad()
@@ -1078,6 +1078,7 @@ class FloatFeatures(FeatureStore):
 
 __all__ = [
     "ParameterSwap",
+    "MIN_SHARE",
     "check_codewords",
     "FeatureStore",
     "CodebookFeatures",

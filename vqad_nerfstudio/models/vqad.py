@@ -769,7 +769,7 @@ class VQADModel(Model):
             stores = [level.features for level in self.grid.levels if isinstance(level.features, CodebookFeatures)]
             stores = [s for s in stores if s.num_rows > 0 and not s.in_float_warmup and not s.frozen]
             if stores:
-                bits = torch.stack([store.index_rate_bits() for store in stores]).sum()
+                bits = self.grid.index_rate_bits(stores)
                 loss_dict["index_rate"] = self.config.index_rate_weight * bits / sum(s.num_rows for s in stores)
         self.camera_optimizer.get_loss_dict(loss_dict)
         if self.training:
