@@ -148,7 +148,7 @@ def _train(grid: SparseFeatureGrid, steps: int) -> List[torch.Tensor]:
     """``steps`` training steps as the model runs them (a pass without gradients, then the graded pass with the
     rate in the loss); returns the last step's features and loss."""
     generator = torch.Generator().manual_seed(5)
-    stores = [level.features for level in grid.levels]
+    stores = [level.features for level in grid.levels if not level.features.frozen]  # frozen: no rate
     for _ in range(steps):
         points = torch.rand(300, 3, generator=generator).to(DEVICE)
         target = torch.randn(300, 4, generator=generator).to(DEVICE)
@@ -156,7 +156,7 @@ def _train(grid: SparseFeatureGrid, steps: int) -> List[torch.Tensor]:
             with torch.no_grad():
                 grid(points)
             features, _ = grid(points)
-        loss = ((features - target) ** 2).mean() + 1e-4 * grid.index_rate_bits(stores)
+        loss = ((features - target) ** 2).mean() + (1e-4 * grid.index_rate_bits(stores) if stores else 0.0)
         loss.backward()
         grid.codebook_optimizer.step()
         grid.codebook_optimizer.zero_grad()
@@ -192,6 +192,28 @@ def test_a_grid_steps_its_levels_together_as_one_by_one(monkeypatch, codebook_bi
             for name in ("logits", "codebook"):
                 ours_value, theirs_value = getattr(ours.features, name), getattr(theirs.features, name)
                 torch.testing.assert_close(ours_value, theirs_value, rtol=tolerance, atol=tolerance)
+
+
+def test_frozen_levels_step_together_as_one_by_one(monkeypatch) -> None:
+    """Levels whose indices are frozen (their codebooks still train): one codebook gradient a step for all levels,
+    equal features and codebooks."""
+    results, gradients = [], []
+    single = relaxed_indices.codebook_grad
+    counted = lambda *args: gradients.append(1) or single(*args)  # noqa: E731
+    monkeypatch.setattr(relaxed_indices, "codebook_grad", counted)
+    for grouped in (True, False):
+        with monkeypatch.context() as patch:
+            if not grouped:
+                patch.setattr(grouped_indices, "groupable", lambda stores: False)
+            grid = _grid(6)
+            for level in grid.levels:
+                level.features.freeze_indices()
+            results.append((_train(grid, 2), [level.features.codebook.detach() for level in grid.levels]))
+            assert grid._grouped.stores or not grouped
+        gradients.append(None)
+    assert gradients == [1, 1, None] + [1] * 6 + [None]
+    for got, expected in zip(*(outputs + codebooks for outputs, codebooks in results)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_levels_step_one_by_one_where_they_are_not_alike() -> None:

@@ -7,11 +7,14 @@ forecast's sums and the codebook's gradient backward, seven launches per level a
 levels' logits stay separate parameters; the kernels find them through a table of their addresses), and the
 levels' codeword tables are written as one concatenated table, as the fused interpolation reads them.
 
+Frozen levels (indices fixed, codebooks still training) step together too: one codeword table and one codebook
+gradient for all levels.
+
 It takes over only where the levels are alike and past every phase that a per-level store handles on its own: all
-levels straight-through (past their float warm-up, not relaxed, not frozen, without float rows), on the kernels,
-with equal index bits, codebook bits, feature width, temperature and logit dtype, and logits that an
-:class:`~vqad_nerfstudio.optim.InBackwardAdam` updates in the backward pass. Elsewhere the grid steps its stores one
-by one; both give the same values and updates.
+levels straight-through (past their float warm-up, not relaxed, without float rows), or all frozen, on the kernels,
+with equal index bits, codebook bits and feature width, and where they train their logits, equal temperature and
+logit dtype and an :class:`~vqad_nerfstudio.optim.InBackwardAdam` that updates them in the backward pass. Elsewhere
+the grid steps its stores one by one; both give the same values and updates.
 """
 
 from __future__ import annotations
@@ -34,18 +37,25 @@ def groupable(stores: Sequence[FeatureStore]) -> bool:
     first: CodebookFeatures = stores[0]  # type: ignore[assignment]
     for store in stores:
         assert isinstance(store, CodebookFeatures)
-        if not store.training or store.frozen or store.in_float_warmup or store.relaxed or store.has_float_rows:
+        if not store.training or store.in_float_warmup or store.relaxed or store.has_float_rows:
             return False
-        if not store.use_kernels or not relaxed_indices.available(store.logits):
+        settings = (store.frozen, store.index_bits, store.codebook_bits, store.feature_dim, store.codebook.device)
+        if settings != (first.frozen, first.index_bits, first.codebook_bits, first.feature_dim, first.codebook.device):
             return False
-        if pending_update(store.logits) is None:
+        if not store.use_kernels or not relaxed_indices.available(store.codebook):
             return False
-        settings = (store.index_bits, store.codebook_bits, store.feature_dim, store.temperature, store.fuse_rate)
-        if settings != (first.index_bits, first.codebook_bits, first.feature_dim, first.temperature, first.fuse_rate):
-            return False
-        if (store.logits.dtype, store.codebook.device) != (first.logits.dtype, first.codebook.device):
+        if not store.frozen and not _trainable_alike(store, first):
             return False
     return first.codebook_bits is None or column_rounding.available(first.codebook)
+
+
+def _trainable_alike(store: CodebookFeatures, first: CodebookFeatures) -> bool:
+    """Whether ``store``'s logits step as ``first``'s do: on the kernels, by an in-backward Adam, at its temperature
+    and dtype, with its rate setting."""
+    if not relaxed_indices.available(store.logits) or pending_update(store.logits) is None:
+        return False
+    settings = (store.temperature, store.fuse_rate, store.logits.dtype)
+    return settings == (first.temperature, first.fuse_rate, first.logits.dtype)
 
 
 class GroupedIndices:
@@ -64,6 +74,8 @@ class GroupedIndices:
         """Within a step: the codebooks as lookups read them (``[l, c, k]``) and transposed (``[l, k, c]``)."""
         self._rate: Optional[Tuple[Tensor, Tuple]] = None
         """The rate the last graded table computed, and the logits' state it belongs to."""
+        self._frozen_indices: Optional[Tuple[Tuple, Tensor]] = None
+        """Frozen levels' indices offset by their first codeword and concatenated, and the indices they are of."""
 
     @property
     def active(self) -> bool:
@@ -102,8 +114,9 @@ class GroupedIndices:
         if not torch.is_grad_enabled():
             return self._step()[3]
         codebooks = torch.stack([store.codebook for store in self.stores])
-        table, bits = _GroupedStraightThrough.apply(self, codebooks, *(store.logits for store in self.stores))
-        if self.stores[0].fuse_rate:
+        logits = () if self.frozen else (store.logits for store in self.stores)
+        table, bits = _GroupedStraightThrough.apply(self, codebooks, *logits)
+        if self.stores[0].fuse_rate and not self.frozen:
             self._rate = bits, self._logit_state()
         return table
 
@@ -117,6 +130,11 @@ class GroupedIndices:
             return None
         return pending[0].sum()
 
+    @property
+    def frozen(self) -> bool:
+        """Whether the grouped levels' indices are frozen (no logits to step)."""
+        return self.stores[0].frozen
+
     def _logit_state(self) -> Tuple:
         """What a forecast must match: each level's logits' storage, shape and version, and the temperature."""
         states = tuple((s.logits.data_ptr(), s.logits.shape, s.logits._version) for s in self.stores)
@@ -129,33 +147,50 @@ class GroupedIndices:
     @torch.no_grad()
     def _step(self) -> Tuple[Int[Tensor, "m"], Float[Tensor, "l"], Float[Tensor, "l c"], Float[Tensor, "m k"]]:
         """This step's hard indices (offset by ``level * codewords``), rate bits and gradient per count (empty
-        without ``fuse_rate``) and codeword table: the forecast's indices where it holds, else one pass over each
-        level's logits."""
+        without ``fuse_rate`` or when frozen) and codeword table: the forecast's indices where it holds, else one
+        pass over each level's logits."""
         if self._held is not None:
             return self._held
         codewords = 2 ** self.stores[0].index_bits
-        forecast, self._forecast = self._forecast, None
-        if forecast is not None and forecast[1] == self._logit_state():
-            hard, sums, rows = forecast[0].hard, forecast[0].sums, forecast[0].rows
+        if self.frozen:
+            hard = self._frozen_hard(codewords)
+            bits = grad_counts = self._codebooks[0].new_zeros(0)
         else:
-            temperature = self.stores[0].temperature
-            per_level = [relaxed_indices.hard_indices_and_shares(s.logits, temperature, True) for s in self.stores]
-            hard = torch.cat([level_hard + level * codewords for level, (level_hard, _) in enumerate(per_level)])
-            sums = torch.stack([level_sums for _, level_sums in per_level])
-            rows = torch.tensor([store.num_rows for store in self.stores], device=hard.device)
-        if self.stores[0].fuse_rate:
-            bits, grad_counts = relaxed_indices.rate_of_sums(sums, rows, MIN_SHARE)
-        else:
-            bits, grad_counts = sums.new_zeros(len(self.stores)), sums.new_zeros(0)
+            hard, sums, rows = self._indices_and_sums(codewords)
+            if self.stores[0].fuse_rate:
+                bits, grad_counts = relaxed_indices.rate_of_sums(sums, rows, MIN_SHARE)
+            else:
+                bits, grad_counts = sums.new_zeros(len(self.stores)), sums.new_zeros(0)
         table = relaxed_indices.codeword_table(hard, self._codebooks[0], codewords)
         self._held = hard, bits, grad_counts, table
         return self._held
+
+    def _indices_and_sums(self, codewords: int) -> Tuple[Int[Tensor, "m"], Float[Tensor, "l c"], Int[Tensor, "l"]]:
+        """The levels' hard indices (offset by ``level * codewords``), soft-index column sums and rows: the forecast
+        where it holds for the logits as they are, else one pass over each level's logits."""
+        forecast, self._forecast = self._forecast, None
+        if forecast is not None and forecast[1] == self._logit_state():
+            return forecast[0].hard, forecast[0].sums, forecast[0].rows
+        temperature = self.stores[0].temperature
+        per_level = [relaxed_indices.hard_indices_and_shares(s.logits, temperature, True) for s in self.stores]
+        hard = torch.cat([level_hard + level * codewords for level, (level_hard, _) in enumerate(per_level)])
+        sums = torch.stack([level_sums for _, level_sums in per_level])
+        return hard, sums, torch.tensor([store.num_rows for store in self.stores], device=hard.device)
+
+    def _frozen_hard(self, codewords: int) -> Int[Tensor, "m"]:
+        """The frozen levels' indices offset by ``level * codewords`` and concatenated, kept while they are those."""
+        key = tuple((store.indices.data_ptr(), store.indices._version, store.indices.shape) for store in self.stores)
+        if self._frozen_indices is None or self._frozen_indices[0] != key:
+            offset = [store.indices.long() + level * codewords for level, store in enumerate(self.stores)]
+            self._frozen_indices = key, torch.cat(offset)
+        return self._frozen_indices[1]
 
 
 class _GroupedStraightThrough(torch.autograd.Function):
     """The levels' hard codewords forward (the step's held table) and their rate; backward, the softmax-relaxed
     gradient of every level's logits applied by its in-backward Adam in one launch (which forecasts the next step's
-    indices), and the codebooks' gradient through the hard indices in one launch, straight through the rounding."""
+    indices), and the codebooks' gradient through the hard indices in one launch, straight through the rounding
+    (frozen levels: the codebooks' gradient alone)."""
 
     @staticmethod
     def forward(ctx, group: GroupedIndices, codebooks: Tensor, *logits: Tensor) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
@@ -170,7 +205,7 @@ class _GroupedStraightThrough(torch.autograd.Function):
         hard, grad_counts = ctx.saved_tensors
         stores, codebooks_t = ctx.stores, ctx.codebooks_t
         grad_bits = grad_bits if grad_counts.numel() else None
-        if grad_table is not None or grad_bits is not None:
+        if not stores[0].frozen and (grad_table is not None or grad_bits is not None):
             parameters = [store.logits for store in stores]
             updates = [pending_update(parameter).begin_update(parameter) for parameter in parameters]
             forecast = relaxed_indices.grouped_logit_adam_(
