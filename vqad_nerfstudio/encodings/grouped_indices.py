@@ -72,6 +72,8 @@ class GroupedIndices:
         """Within a step: the hard indices (level-offset), the rate's bits and gradient per count, the table."""
         self._codebooks: Optional[Tuple[Tensor, Tensor]] = None
         """Within a step: the codebooks as lookups read them (``[l, c, k]``) and transposed (``[l, k, c]``)."""
+        self._stacked: Optional[Tensor] = None
+        """Within a step: the float codebooks stacked, with their gradients."""
         self._rate: Optional[Tuple[Tensor, Tuple]] = None
         """The rate the last graded table computed, and the logits' state it belongs to."""
         self._frozen_indices: Optional[Tuple[Tuple, Tensor]] = None
@@ -86,17 +88,16 @@ class GroupedIndices:
         """Drop the forecast (the logits may change without a version bump: a mode switch, a load)."""
         self._forecast = None
 
-    @torch.no_grad()
     def begin(self, stores: Sequence[FeatureStore]) -> bool:
         """Start a training step of ``stores`` if they are :func:`groupable` (returns whether): the codebooks are
-        rounded for the step here, once."""
+        stacked (the graded table's input) and rounded for the step here, once."""
         self.end()
         if not groupable(stores):
             self._forecast = None
             return False
         self.stores = tuple(stores)  # type: ignore[arg-type]
-        codebooks = torch.stack([store.codebook for store in self.stores])
-        bits = self.stores[0].codebook_bits
+        self._stacked = torch.stack([store.codebook for store in self.stores])
+        codebooks, bits = self._stacked.detach(), self.stores[0].codebook_bits
         if bits is None:
             self._codebooks = codebooks, codebooks.transpose(1, 2).contiguous()
         else:
@@ -106,14 +107,16 @@ class GroupedIndices:
 
     def end(self) -> None:
         """End the step: what it held is dropped (the forecast for the next step is kept)."""
-        self._held = self._codebooks = None
+        self._held = self._codebooks = self._stacked = None
 
     def table(self) -> Float[Tensor, "m k"]:
         """The levels' codeword tables concatenated: with gradients (straight through to the logits, updated in the
         backward pass, and to the codebooks) where they are recorded."""
         if not torch.is_grad_enabled():
             return self._step()[3]
-        codebooks = torch.stack([store.codebook for store in self.stores])
+        codebooks = self._stacked
+        if not codebooks.requires_grad:  # stacked where gradients were not recorded
+            codebooks = torch.stack([store.codebook for store in self.stores])
         logits = () if self.frozen else (store.logits for store in self.stores)
         table, bits = _GroupedStraightThrough.apply(self, codebooks, *logits)
         if self.stores[0].fuse_rate and not self.frozen:
@@ -154,13 +157,13 @@ class GroupedIndices:
         codewords = 2 ** self.stores[0].index_bits
         if self.frozen:
             hard = self._frozen_hard(codewords)
-            bits = grad_counts = self._codebooks[0].new_zeros(0)
+            bits = grad_counts = self._codebooks[0].new_empty(0)
         else:
             hard, sums, rows = self._indices_and_sums(codewords)
             if self.stores[0].fuse_rate:
                 bits, grad_counts = relaxed_indices.rate_of_sums(sums, rows, MIN_SHARE)
             else:
-                bits, grad_counts = sums.new_zeros(len(self.stores)), sums.new_zeros(0)
+                bits = grad_counts = sums.new_empty(0)  # no rate
         table = relaxed_indices.codeword_table(hard, self._codebooks[0], codewords)
         self._held = hard, bits, grad_counts, table
         return self._held
