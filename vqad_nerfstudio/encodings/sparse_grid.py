@@ -398,20 +398,20 @@ class SparseFeatureGrid(nn.Module):
     def indices_once(self) -> Iterator[None]:
         """Within this block each level derives its hard indices (and rate) from its logits once, however many
         lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it. In training
-        on the fused path, levels that :func:`~vqad_nerfstudio.encodings.grouped_indices.groupable` takes are
+        on the fused path, grown levels that :func:`~vqad_nerfstudio.encodings.grouped_indices.groupable` takes are
         stepped together (:class:`~vqad_nerfstudio.encodings.grouped_indices.GroupedIndices`: each kernel of their
         step launched once for all of them)."""
         stores = [level.features for level in self.levels]
-        grouped = self.fused and self._grouped.begin(stores)
-        if not grouped:
-            for store in stores:
-                store.hold_indices(True)
-            round_held_codebooks(stores)
+        grown = stores[: self.grown_levels()]  # the levels lookups locate
+        held = stores[len(grown) :] if self.fused and self._grouped.begin(grown) else stores
+        for store in held:
+            store.hold_indices(True)
+        round_held_codebooks(held)
         try:
             yield
         finally:
             self._grouped.end()
-            for store in stores if not grouped else ():
+            for store in held:
                 store.hold_indices(False)
 
     def index_rate_bits(self, stores: Sequence[FeatureStore]) -> Float[Tensor, ""]:
