@@ -350,9 +350,9 @@ if triton is not None:
                 C, C_POW2, K, BLOCK, False, HAS_ROWS, HAS_SHARE, HAS_SHARE, True, LOGIT_DROPPED, LOGIT_LARGEST,
                 EXP_AVG_SQ_DROPPED, FORECAST,
             )  # fmt: skip
-        if FORECAST:
+        if FORECAST:  # added into the level's row: atomics, so the last bits' order may vary from run to run
             column = tl.arange(0, C_POW2)
-            tl.store(next_sums + program * C + column, tl.sum(sums, axis=0), mask=column < C)
+            tl.atomic_add(next_sums + level * C + column, tl.sum(sums, axis=0), mask=column < C)
 
 
 CODEBOOK_GRAD_GROUPS = 32
@@ -543,7 +543,9 @@ def grouped_logit_adam_(
     share the logits' dtype and width, the moments' dtypes, and Adam's betas, eps and weight decay (their steps and
     seeds may differ). With ``forecast``, also the updated logits' hard indices and sums (:class:`GroupedForecast`).
 
-    The levels' addresses and scalars travel in one small table, copied to the device per call."""
+    The levels' addresses and scalars travel in one small table, copied to the device per call. Each program adds
+    its rows' soft-index sums into its level's with atomics (the last bits' order may vary from run to run; PyTorch's
+    segmented sum over the programs' partial sums loops over a level's programs in one thread per column)."""
     if len(logits) != len(updates) or not logits:
         raise ValueError("one Adam update per level's logits, and at least one level")
     first, update = logits[0], updates[0]
@@ -566,9 +568,9 @@ def grouped_logit_adam_(
     if grad_rows is not None and grad_rows.shape[0] != sum(rows):
         raise ValueError(f"grad_rows has {grad_rows.shape[0]} rows for levels of {sum(rows)}")
     table = _level_table(logits, updates, rows, programs, device)
-    pointers, level_rows, first_rows, first_programs, seeds, level_programs, step_sizes, sqrt_bias2s = table
+    pointers, level_rows, first_rows, first_programs, seeds, step_sizes, sqrt_bias2s = table
     next_hard = torch.empty(sum(rows) if forecast else 0, dtype=torch.long, device=device)
-    next_sums = torch.empty(sum(programs) if forecast else 0, codewords, device=device)  # each row written
+    next_sums = torch.zeros(len(logits) if forecast else 0, codewords, device=device)
     empty = first.new_empty(0, dtype=torch.float32)
     has_rows, has_share = grad_rows is not None, grad_counts is not None
     if sum(programs):
@@ -586,18 +588,15 @@ def grouped_logit_adam_(
             LOGIT_DROPPED=dropped_bits(first.dtype), LOGIT_LARGEST=saturation(first.dtype),
             EXP_AVG_SQ_DROPPED=dropped_bits(update.exp_avg_sq.dtype), FORECAST=forecast, num_warps=warps,
         )  # fmt: skip
-    if not forecast:
-        return None
-    sums = torch.segment_reduce(next_sums, "sum", lengths=level_programs, axis=0, unsafe=True)
-    return GroupedForecast(next_hard, sums, level_rows)
+    return GroupedForecast(next_hard, next_sums, level_rows) if forecast else None
 
 
 def _level_table(
     logits: Sequence[Tensor], updates: Sequence["AdamStep"], rows: List[int], programs: List[int], device: torch.device
 ) -> List[Tensor]:
     """:func:`grouped_logit_adam_`'s per-level operands, made on the host and copied to ``device`` at once: the
-    addresses of the logits and moments (3 per level), the rows, first rows, first programs, seeds and programs
-    (int64) and the step sizes and square roots of the second moments' bias corrections (float64)."""
+    addresses of the logits and moments (3 per level), the rows, first rows, first programs and seeds (int64) and
+    the step sizes and square roots of the second moments' bias corrections (float64)."""
     integers = [
         [address for level, update in zip(logits, updates) for address in
          (level.data_ptr(), update.exp_avg.data_ptr(), update.exp_avg_sq.data_ptr())],
@@ -605,11 +604,11 @@ def _level_table(
         [sum(rows[:level]) for level in range(len(rows))],
         [sum(programs[:level]) for level in range(len(programs))],
         [update.seed for update in updates],
-        programs,
     ]  # fmt: skip
     floats = [[update.step_size for update in updates], [update.sqrt_bias2 for update in updates]]
     packed = np.concatenate(
-        [np.asarray(v, dtype=np.int64) for v in integers] + [np.asarray(v).view(np.int64) for v in floats]
+        [np.asarray(values, dtype=np.int64) for values in integers]
+        + [np.asarray(values, dtype=np.float64).view(np.int64) for values in floats]
     )
     table = torch.from_numpy(packed).to(device, non_blocking=True)
     sections = table.split([len(v) for v in integers + floats])
