@@ -230,7 +230,7 @@ def test_levels_step_one_by_one_where_they_are_not_alike() -> None:
     assert not grouped_indices.groupable([level.features for level in grid.eval().levels])
 
 
-def test_a_models_training_steps_step_its_levels_together(monkeypatch) -> None:
+def test_a_models_training_steps_step_its_levels_together() -> None:
     """vqad's model under its trainer's optimisers (the logits' Adam in the backward pass), straight-through from the
     first step with the rate in the loss: its steps step the grown levels together (the finest, grown by a pruning
     not run here, has no rows yet), with the losses the levels stepped one by one give."""
@@ -252,11 +252,11 @@ def test_a_models_training_steps_step_its_levels_together(monkeypatch) -> None:
     batch = {"image": torch.rand(64, 3, generator=torch.Generator().manual_seed(2)).to(DEVICE)}
     optimizer_configs = vqad_trainer_config("vqad", vqad_model_config()).optimizers
 
-    def train():
+    def train(grouped: bool):
         torch.manual_seed(0)
         config = VQADModelConfig(num_levels=3, base_resolution=4, dense_resolution=8, num_samples=48, hidden_dim=16,
                                  index_bits=4, index_warmup_steps=0, coarse_lod_fraction=0.0, tf32=False,
-                                 index_rate_weight=1e-3)  # fmt: skip
+                                 index_rate_weight=1e-3, grouped_levels=grouped)  # fmt: skip
         model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
         model = model.to(DEVICE).train()
         model._quantize_float_warmup()  # the warm-up's end, which the training callbacks run at step 0
@@ -273,9 +273,8 @@ def test_a_models_training_steps_step_its_levels_together(monkeypatch) -> None:
             losses.append(torch.stack([loss_dict["rgb_loss"], loss_dict["index_rate"]]).detach())
         return torch.stack(losses), model.grid._grouped
 
-    grouped_losses, group = train()
+    grouped_losses, group = train(True)
     assert len(group.stores) == 2 and group._forecast is not None  # the grown levels
-    monkeypatch.setattr(grouped_indices, "groupable", lambda stores: False)
-    losses, group = train()
+    losses, group = train(False)
     assert not group.stores
     torch.testing.assert_close(grouped_losses, losses, rtol=1e-4, atol=1e-6)

@@ -259,8 +259,10 @@ class SparseFeatureGrid(nn.Module):
         self.fused = True
         """Interpolate with the fused GPU kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
         self._topology_cache: Dict[str, Tuple[Tuple, Tensor]] = {}
+        self.grouped_levels = True
+        """On the fused path, step the levels' learned indices together where they are alike (see
+        :meth:`indices_once`)."""
         self._grouped = GroupedIndices()
-        """Steps the levels' learned indices together where they are alike (see :meth:`indices_once`)."""
 
     def train(self, mode: bool = True) -> "SparseFeatureGrid":
         self._grouped.forget()
@@ -398,12 +400,14 @@ class SparseFeatureGrid(nn.Module):
     def indices_once(self) -> Iterator[None]:
         """Within this block each level derives its hard indices (and rate) from its logits once, however many
         lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it. In training
-        on the fused path, grown levels that :func:`~vqad_nerfstudio.encodings.grouped_indices.groupable` takes are
-        stepped together (:class:`~vqad_nerfstudio.encodings.grouped_indices.GroupedIndices`: each kernel of their
-        step launched once for all of them)."""
+        on the fused path with ``grouped_levels``, grown levels that
+        :func:`~vqad_nerfstudio.encodings.grouped_indices.groupable` takes are stepped together
+        (:class:`~vqad_nerfstudio.encodings.grouped_indices.GroupedIndices`: each kernel of their step launched once
+        for all of them)."""
         stores = [level.features for level in self.levels]
         grown = stores[: self.grown_levels()]  # the levels lookups locate
-        held = stores[len(grown) :] if self.fused and self._grouped.begin(grown) else stores
+        grouped = self.fused and self.grouped_levels and self._grouped.begin(grown)
+        held = stores[len(grown) :] if grouped else stores
         for store in held:
             store.hold_indices(True)
         round_held_codebooks(held)
