@@ -93,7 +93,7 @@ class GroupedIndices:
         stacked (the graded table's input) and rounded for the step here, once."""
         self.end()
         if not groupable(stores):
-            self._forecast = None
+            self.forget()
             return False
         self.stores = tuple(stores)  # type: ignore[arg-type]
         self._stacked = torch.stack([store.codebook for store in self.stores])
@@ -139,9 +139,8 @@ class GroupedIndices:
         return self.stores[0].frozen
 
     def _logit_state(self) -> Tuple:
-        """What a forecast must match: each level's logits' storage, shape and version, and the temperature."""
-        states = tuple((s.logits.data_ptr(), s.logits.shape, s.logits._version) for s in self.stores)
-        return states, self.stores[0].temperature
+        """What a forecast must match: each level's :meth:`CodebookFeatures._logit_state` at its temperature."""
+        return tuple(store._logit_state(store.temperature) for store in self.stores)
 
     def keep_forecast(self, forecast: relaxed_indices.GroupedForecast) -> None:
         """Keep what an Adam update of the levels forecast for the logits it has just left."""

@@ -507,8 +507,7 @@ def relaxed_logit_adam_(
     gives for the same arguments, without storing that gradient. ``logits`` and the moments must be contiguous.
     With ``forecast``, also what :func:`hard_indices_and_shares` (with shares) would return for the updated logits
     at ``temperature``, from the same pass: the next step need not read them for it."""
-    if not (logits.is_contiguous() and update.exp_avg.is_contiguous() and update.exp_avg_sq.is_contiguous()):
-        raise ValueError("the logits and their moments must be contiguous (they are updated in place)")
+    _check_updated_in_place(logits, update)
     grad_rows, codebook_t, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
     return _launch_logit_grad(
         logits.detach(), temperature, logits.detach(), False, grad_rows, codebook_t, share, share_scale, update,
@@ -556,8 +555,7 @@ def grouped_logit_adam_(
             update.beta1, update.beta2, update.eps, update.weight_decay)  # fmt: skip
         if not same:
             raise ValueError("grouped levels share their logits' dtype and width, moments' dtypes and Adam's settings")
-        if not (level_logits.is_contiguous() and level.exp_avg.is_contiguous() and level.exp_avg_sq.is_contiguous()):
-            raise ValueError("the logits and their moments must be contiguous (they are updated in place)")
+        _check_updated_in_place(level_logits, level)
     if (grad_rows is None) != (codebooks_t is None) or (grad_counts is None) != (grad_bits is None):
         raise ValueError("grad_rows and codebooks_t come together, and grad_counts and grad_bits")
     device, codewords = first.device, first.shape[1]
@@ -613,6 +611,12 @@ def _level_table(
     table = torch.from_numpy(packed).to(device, non_blocking=True)
     sections = table.split([len(v) for v in integers + floats])
     return [*sections[: len(integers)], *(section.view(torch.float64) for section in sections[len(integers) :])]
+
+
+def _check_updated_in_place(logits: Tensor, update: "AdamStep") -> None:
+    """``ValueError`` unless ``logits`` and ``update``'s moments are contiguous (the kernels update them in place)."""
+    if not (logits.is_contiguous() and update.exp_avg.is_contiguous() and update.exp_avg_sq.is_contiguous()):
+        raise ValueError("the logits and their moments must be contiguous (they are updated in place)")
 
 
 def _gradient_terms(
