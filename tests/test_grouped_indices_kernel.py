@@ -101,12 +101,13 @@ def test_rates_and_tables_of_several_levels_equal_each_level_s() -> None:
     sums = (torch.rand(4, CODEWORDS, generator=generator) * 5).to(DEVICE)
     sums[1] = 0  # an empty level
     rows = [90, 0, 3, 1000]
-    bits, grad_counts = relaxed_indices.rate_of_sums(sums, torch.tensor(rows, device=DEVICE), 1e-12)
-    for level, level_rows in enumerate(rows):
-        level_bits, level_grad = relaxed_indices.rate_of_sums(sums[level], level_rows, 1e-12)
-        assert torch.equal(bits[level], level_bits) and torch.equal(grad_counts[level], level_grad)
-    with pytest.raises(ValueError, match="rows as an int"):
-        relaxed_indices.rate_of_sums(sums, 3, 1e-12)
+    bits, grad_counts = relaxed_indices.rate_per_row_of_sums(sums, torch.tensor(rows, device=DEVICE), 1e-12)
+    per_level = [relaxed_indices.rate_of_sums(sums[level], n, 1e-12) for level, n in enumerate(rows)]
+    torch.testing.assert_close(bits, sum(level_bits for level_bits, _ in per_level) / sum(rows))
+    torch.testing.assert_close(grad_counts, torch.stack([level_grad for _, level_grad in per_level]) / sum(rows))
+    assert float(bits) > 0
+    with pytest.raises(ValueError, match="as many rows"):
+        relaxed_indices.rate_per_row_of_sums(sums, torch.tensor(rows[:3], device=DEVICE), 1e-12)
 
     codebooks = torch.randn(3, CODEWORDS, 5, generator=generator).to(DEVICE)
     local = torch.randint(0, CODEWORDS, (3, 40), generator=generator).to(DEVICE)
@@ -156,7 +157,7 @@ def _train(grid: SparseFeatureGrid, steps: int) -> List[torch.Tensor]:
             with torch.no_grad():
                 grid(points)
             features, _ = grid(points)
-        loss = ((features - target) ** 2).mean() + (1e-4 * grid.index_rate_bits(stores) if stores else 0.0)
+        loss = ((features - target) ** 2).mean() + (0.1 * grid.index_bits_per_row(stores) if stores else 0.0)
         loss.backward()
         grid.codebook_optimizer.step()
         grid.codebook_optimizer.zero_grad()
@@ -166,9 +167,9 @@ def _train(grid: SparseFeatureGrid, steps: int) -> List[torch.Tensor]:
 @pytest.mark.parametrize("codebook_bits", [None, 6])
 def test_a_grid_steps_its_levels_together_as_one_by_one(monkeypatch, codebook_bits) -> None:
     """Training steps of a grid whose levels step together, and of the same grid stepping them one by one: after
-    the first step equal logits bit for bit, and features, losses and codebooks within rounding (the codebooks'
-    gradients are added in another order); after two more (indices and rate from the forecast, whose soft-index sums
-    are added in another order too) all within rounding; the grouped grid launched the
+    the first step logits, features, losses and codebooks within rounding (the codebooks' gradients are added, and
+    the rate's divided by the rows, in another order); after two more (indices and rate from the forecast, whose
+    soft-index sums are added in another order too) all within looser rounding; the grouped grid launched the
     per-level Adam update not once. (float32 logits: float16 ones round stochastically with seeds drawn in the order
     of the updates, which autograd runs one by one in another order.)"""
     per_level_updates = []
@@ -176,7 +177,7 @@ def test_a_grid_steps_its_levels_together_as_one_by_one(monkeypatch, codebook_bi
     counted = lambda *args, **kwargs: per_level_updates.append(1) or single(*args, **kwargs)  # noqa: E731
     monkeypatch.setattr(relaxed_indices, "relaxed_logit_adam_", counted)
     grouped, one_by_one = _grid(codebook_bits), _grid(codebook_bits)
-    for steps, tolerance in ((1, 1e-6), (2, 1e-3)):
+    for steps, tolerance in ((1, 1e-4), (2, 1e-3)):
         got = _train(grouped, steps)
         assert not per_level_updates and grouped._grouped._forecast is not None
         with monkeypatch.context() as patch:
@@ -187,8 +188,6 @@ def test_a_grid_steps_its_levels_together_as_one_by_one(monkeypatch, codebook_bi
         for value, want in zip(got, expected):
             torch.testing.assert_close(value, want, rtol=tolerance, atol=tolerance)
         for ours, theirs in zip(grouped.levels, one_by_one.levels):
-            if steps == 1:
-                assert torch.equal(ours.features.logits, theirs.features.logits)
             for name in ("logits", "codebook"):
                 ours_value, theirs_value = getattr(ours.features, name), getattr(theirs.features, name)
                 torch.testing.assert_close(ours_value, theirs_value, rtol=tolerance, atol=tolerance)

@@ -69,7 +69,8 @@ class GroupedIndices:
         self.stores: Tuple[CodebookFeatures, ...] = ()
         self._forecast: Optional[Tuple[relaxed_indices.GroupedForecast, Tuple]] = None
         self._held: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None
-        """Within a step: the hard indices (level-offset), the rate's bits and gradient per count, the table."""
+        """Within a step: the hard indices (level-offset), the rate's bits per row and gradient per count, the
+        table."""
         self._codebooks: Optional[Tuple[Tensor, Tensor]] = None
         """Within a step: the codebooks as lookups read them (``[l, c, k]``) and transposed (``[l, k, c]``)."""
         self._stacked: Optional[Tensor] = None
@@ -123,15 +124,15 @@ class GroupedIndices:
             self._rate = bits, self._logit_state()
         return table
 
-    def rate_bits(self, stores: Sequence[FeatureStore]) -> Optional[Float[Tensor, ""]]:
-        """The summed index rate of ``stores`` (those with rows, in order) if the last graded table computed it for
-        their logits as they are, once; else None."""
+    def rate_bits_per_row(self, stores: Sequence[FeatureStore]) -> Optional[Float[Tensor, ""]]:
+        """The index rate of ``stores`` (those with rows, in order) summed and divided by their rows, if the last
+        graded table computed it for their logits as they are, once; else None."""
         pending, self._rate = self._rate, None
         if pending is None or pending[1] != self._logit_state():
             return None
         if list(stores) != [store for store in self.stores if store.num_rows > 0]:
             return None
-        return pending[0].sum()
+        return pending[0]
 
     @property
     def frozen(self) -> bool:
@@ -147,8 +148,8 @@ class GroupedIndices:
         self._forecast = forecast, self._logit_state()
 
     @torch.no_grad()
-    def _step(self) -> Tuple[Int[Tensor, "m"], Float[Tensor, "l"], Float[Tensor, "l c"], Float[Tensor, "m k"]]:
-        """This step's hard indices (offset by ``level * codewords``), rate bits and gradient per count (empty
+    def _step(self) -> Tuple[Int[Tensor, "m"], Float[Tensor, "_"], Float[Tensor, "l c"], Float[Tensor, "m k"]]:
+        """This step's hard indices (offset by ``level * codewords``), rate bits per row and gradient per count (empty
         without ``fuse_rate`` or when frozen) and codeword table: the forecast's indices where it holds, else one
         pass over each level's logits."""
         if self._held is not None:
@@ -160,7 +161,7 @@ class GroupedIndices:
         else:
             hard, sums, rows = self._indices_and_sums(codewords)
             if self.stores[0].fuse_rate:
-                bits, grad_counts = relaxed_indices.rate_of_sums(sums, rows, MIN_SHARE)
+                bits, grad_counts = relaxed_indices.rate_per_row_of_sums(sums, rows, MIN_SHARE)
             else:
                 bits = grad_counts = sums.new_empty(0)  # no rate
         table = relaxed_indices.codeword_table(hard, self._codebooks[0], codewords)
@@ -206,7 +207,7 @@ class _GroupedStraightThrough(torch.autograd.Function):
     def backward(ctx, grad_table: Optional[Tensor], grad_bits: Optional[Tensor]):  # type: ignore[override]
         hard, grad_counts = ctx.saved_tensors
         stores, codebooks_t = ctx.stores, ctx.codebooks_t
-        grad_bits = grad_bits if grad_counts.numel() else None
+        grad_bits = grad_bits.expand(len(ctx.stores)) if grad_bits is not None and grad_counts.numel() else None
         if not stores[0].frozen and (grad_table is not None or grad_bits is not None):
             parameters = [store.logits for store in stores]
             updates = [pending_update(parameter).begin_update(parameter) for parameter in parameters]

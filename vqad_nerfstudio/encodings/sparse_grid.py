@@ -418,13 +418,14 @@ class SparseFeatureGrid(nn.Module):
             for store in held:
                 store.hold_indices(False)
 
-    def index_rate_bits(self, stores: Sequence[FeatureStore]) -> Float[Tensor, ""]:
+    def index_bits_per_row(self, stores: Sequence[FeatureStore]) -> Float[Tensor, ""]:
         """The summed :meth:`~vqad_nerfstudio.encodings.vertex_features.CodebookFeatures.index_rate_bits` of
-        ``stores`` (this grid's, with learned indices): from the last grouped step where it computed them."""
-        grouped = self._grouped.rate_bits(stores)
+        ``stores`` (this grid's, with learned indices and rows) over their rows, as a rate term weighs it: from the
+        last grouped step where it computed that (in its kernel, so no operation here)."""
+        grouped = self._grouped.rate_bits_per_row(stores)
         if grouped is not None:
             return grouped
-        return torch.stack([store.index_rate_bits() for store in stores]).sum()
+        return torch.stack([store.index_rate_bits() for store in stores]).sum() / sum(s.num_rows for s in stores)
 
     def occupancy_bits(self) -> UInt8[Tensor, "v"]:
         """Per voxel of the finest level (row-major linear ids), bit ``l`` set where level ``l`` holds the voxel's

@@ -107,22 +107,27 @@ if triton is not None:
 
     @triton.jit
     def _rate_kernel(
-        sums, n_rows, level_rows, bits, grad_counts, C: tl.constexpr, C_POW2: tl.constexpr, MIN_SHARE: tl.constexpr,
-        LEVEL_ROWS: tl.constexpr,
+        sums, n_rows, level_rows, levels, out, grad_counts, C: tl.constexpr, C_POW2: tl.constexpr,
+        L_POW2: tl.constexpr, MIN_SHARE: tl.constexpr, LEVEL_ROWS: tl.constexpr, PER_ROW: tl.constexpr,
     ):  # fmt: skip
-        """The shares (the soft indices' column ``sums`` over ``n_rows``), the order-0 bits of ``n_rows`` indices
-        under them and the bits' gradient in each count, in one program (a few thousand values) per level: program
-        ``l`` reads row ``l`` of ``sums`` and, with ``LEVEL_ROWS``, its rows from ``level_rows[l]``."""
-        level = tl.program_id(0)
+        """The order-0 bits of ``levels`` levels' indices, each level's coded under its shares (the soft indices'
+        column ``sums`` over its rows: ``n_rows``, or with ``LEVEL_ROWS`` ``level_rows[l]``), summed (with
+        ``PER_ROW``, per row of all levels), and their gradient in each count: one program (a few thousand values)."""
+        level = tl.arange(0, L_POW2)[:, None]
+        column = tl.arange(0, C_POW2)[None, :]
+        level_ok = level < levels
+        ok = level_ok & (column < C)
         if LEVEL_ROWS:
-            n_rows = tl.load(level_rows + level)
-        column = tl.arange(0, C_POW2)
-        column_ok = column < C
-        shares = tl.load(sums + level * C + column, mask=column_ok, other=0.0) / tl.maximum(n_rows, 1).to(tl.float32)
+            rows = tl.load(level_rows + level, mask=level_ok, other=0).to(tl.float32)
+        else:
+            rows = tl.where(level_ok, n_rows, 0).to(tl.float32)
+        shares = tl.load(sums + level * C + column, mask=ok, other=0.0) / tl.maximum(rows, 1.0)
         log_shares = tl.log2(tl.maximum(shares, MIN_SHARE))
-        tl.store(bits + level, -tl.sum(tl.where(column_ok, shares * n_rows.to(tl.float32) * log_shares, 0.0), axis=0))
+        scale = 1.0 / tl.maximum(tl.sum(tl.sum(rows, axis=1), axis=0), 1.0) if PER_ROW else 1.0
+        bits = -tl.sum(tl.sum(tl.where(ok, shares * rows * log_shares, 0.0), axis=1), axis=0)
+        tl.store(out, bits * scale)
         used = tl.where(shares >= MIN_SHARE, 1.4426950408889634, 0.0)  # 1 / ln 2
-        tl.store(grad_counts + level * C + column, -(log_shares + used), mask=column_ok)
+        tl.store(grad_counts + level * C + column, -(log_shares + used) * scale, mask=ok)
 
     @triton.jit
     def _hash(x):
@@ -449,25 +454,38 @@ def hard_indices_and_rate(
     return (hard, *rate_of_sums(sums, logits.shape[0], min_share))
 
 
-def rate_of_sums(
-    sums: Float[Tensor, "*l c"], rows: Union[int, Int[Tensor, "l"]], min_share: float
-) -> Tuple[Float[Tensor, "*l"], Float[Tensor, "*l c"]]:
+def rate_of_sums(sums: Float[Tensor, "c"], rows: int, min_share: float) -> Tuple[Float[Tensor, ""], Float[Tensor, "c"]]:
     """:func:`hard_indices_and_rate`'s bits and their gradient per count, from the soft indices' column ``sums`` over
-    ``rows`` rows (:func:`hard_indices_and_shares`, or a forecast of :func:`relaxed_logit_adam_`): one small kernel.
-    Several levels' ``[l, c]`` sums take their rows as a tensor on their device, one per level."""
-    levels = sums.shape[:-1]
-    if len(levels) != (0 if isinstance(rows, int) else 1):
-        raise ValueError("one level's sums come with its rows as an int, a stack of levels' with a tensor of rows")
-    codewords = sums.shape[-1]
-    bits = torch.empty(levels, device=sums.device)
+    ``rows`` rows (:func:`hard_indices_and_shares`, or a forecast of :func:`relaxed_logit_adam_`): one small kernel."""
+    bits, grad_counts = _launch_rate(sums[None], rows, min_share)
+    return bits, grad_counts[0]
+
+
+def rate_per_row_of_sums(
+    sums: Float[Tensor, "l c"], rows: Int[Tensor, "l"], min_share: float
+) -> Tuple[Float[Tensor, ""], Float[Tensor, "l c"]]:
+    """Several levels' :func:`rate_of_sums` (level ``l``'s sums ``sums[l]`` over ``rows[l]`` rows, a tensor on their
+    device) summed and divided by their rows, the mean bits per row that a loss weighs, and its gradient in each
+    level's counts: one small kernel, as the levels' rows are not read on the host."""
+    return _launch_rate(sums, rows, min_share)
+
+
+def _launch_rate(
+    sums: Float[Tensor, "l c"], rows: Union[int, Int[Tensor, "l"]], min_share: float
+) -> Tuple[Float[Tensor, ""], Float[Tensor, "l c"]]:
+    """:func:`rate_of_sums` (``rows`` an int) and :func:`rate_per_row_of_sums` (``rows`` a tensor)."""
+    per_row = not isinstance(rows, int)
+    if per_row and rows.shape != sums.shape[:1]:
+        raise ValueError(f"{sums.shape[0]} levels' sums come with as many rows, got rows of shape {tuple(rows.shape)}")
+    levels, codewords = sums.shape
+    out = torch.empty((), device=sums.device)
     grad_counts = torch.empty(sums.shape, device=sums.device)
-    level_rows = bits if isinstance(rows, int) else rows
-    if bits.numel():
-        _rate_kernel[(bits.numel(),)](
-            sums.contiguous(), rows if isinstance(rows, int) else 0, level_rows, bits, grad_counts, C=codewords,
-            C_POW2=triton.next_power_of_2(codewords), MIN_SHARE=min_share, LEVEL_ROWS=not isinstance(rows, int),
-        )  # fmt: skip
-    return bits, grad_counts
+    _rate_kernel[(1,)](
+        sums.contiguous(), 0 if per_row else rows, rows if per_row else out, levels, out, grad_counts, C=codewords,
+        C_POW2=triton.next_power_of_2(codewords), L_POW2=triton.next_power_of_2(max(levels, 1)), MIN_SHARE=min_share,
+        LEVEL_ROWS=per_row, PER_ROW=per_row,
+    )  # fmt: skip
+    return out, grad_counts
 
 
 def relaxed_logit_grad(
@@ -519,7 +537,7 @@ def relaxed_logit_adam_(
 class GroupedForecast:
     """What :func:`grouped_logit_adam_` forecasts for the next step of its levels: every level's hard indices,
     offset by ``level * codewords`` and concatenated, each level's soft-index column sums and its rows (a tensor on
-    the device, for :func:`rate_of_sums`)."""
+    the device, for :func:`rate_per_row_of_sums`)."""
 
     hard: Int[Tensor, "m"]
     sums: Float[Tensor, "l c"]
@@ -694,6 +712,7 @@ __all__ = [
     "hard_indices_and_shares",
     "hard_indices_and_rate",
     "rate_of_sums",
+    "rate_per_row_of_sums",
     "relaxed_logit_adam_",
     "relaxed_logit_grad",
 ]

@@ -774,8 +774,7 @@ class VQADModel(Model):
             stores = [level.features for level in self.grid.levels if isinstance(level.features, CodebookFeatures)]
             stores = [s for s in stores if s.num_rows > 0 and not s.in_float_warmup and not s.frozen]
             if stores:
-                bits = self.grid.index_rate_bits(stores)
-                loss_dict["index_rate"] = self.config.index_rate_weight * bits / sum(s.num_rows for s in stores)
+                loss_dict["index_rate"] = self.config.index_rate_weight * self.grid.index_bits_per_row(stores)
         self.camera_optimizer.get_loss_dict(loss_dict)
         if self.training:
             self._last_loss = sum(loss.detach() for loss in loss_dict.values())
