@@ -207,7 +207,7 @@ class _GroupedStraightThrough(torch.autograd.Function):
     def backward(ctx, grad_table: Optional[Tensor], grad_bits: Optional[Tensor]):  # type: ignore[override]
         hard, grad_counts = ctx.saved_tensors
         stores, codebooks_t = ctx.stores, ctx.codebooks_t
-        grad_bits = grad_bits.expand(len(ctx.stores)) if grad_bits is not None and grad_counts.numel() else None
+        grad_bits = grad_bits.expand(len(stores)) if grad_bits is not None and grad_counts.numel() else None
         if not stores[0].frozen and (grad_table is not None or grad_bits is not None):
             parameters = [store.logits for store in stores]
             updates = [pending_update(parameter).begin_update(parameter) for parameter in parameters]

@@ -108,11 +108,12 @@ if triton is not None:
     @triton.jit
     def _rate_kernel(
         sums, n_rows, level_rows, levels, out, grad_counts, C: tl.constexpr, C_POW2: tl.constexpr,
-        L_POW2: tl.constexpr, MIN_SHARE: tl.constexpr, LEVEL_ROWS: tl.constexpr, PER_ROW: tl.constexpr,
+        L_POW2: tl.constexpr, MIN_SHARE: tl.constexpr, LEVEL_ROWS: tl.constexpr,
     ):  # fmt: skip
         """The order-0 bits of ``levels`` levels' indices, each level's coded under its shares (the soft indices'
         column ``sums`` over its rows: ``n_rows``, or with ``LEVEL_ROWS`` ``level_rows[l]``), summed (with
-        ``PER_ROW``, per row of all levels), and their gradient in each count: one program (a few thousand values)."""
+        ``LEVEL_ROWS``, per row of all levels), and their gradient in each count: one program (a few thousand
+        values)."""
         level = tl.arange(0, L_POW2)[:, None]
         column = tl.arange(0, C_POW2)[None, :]
         level_ok = level < levels
@@ -123,7 +124,7 @@ if triton is not None:
             rows = tl.where(level_ok, n_rows, 0).to(tl.float32)
         shares = tl.load(sums + level * C + column, mask=ok, other=0.0) / tl.maximum(rows, 1.0)
         log_shares = tl.log2(tl.maximum(shares, MIN_SHARE))
-        scale = 1.0 / tl.maximum(tl.sum(tl.sum(rows, axis=1), axis=0), 1.0) if PER_ROW else 1.0
+        scale = 1.0 / tl.maximum(tl.sum(tl.sum(rows, axis=1), axis=0), 1.0) if LEVEL_ROWS else 1.0
         bits = -tl.sum(tl.sum(tl.where(ok, shares * rows * log_shares, 0.0), axis=1), axis=0)
         tl.store(out, bits * scale)
         used = tl.where(shares >= MIN_SHARE, 1.4426950408889634, 0.0)  # 1 / ln 2
@@ -483,7 +484,7 @@ def _launch_rate(
     _rate_kernel[(1,)](
         sums.contiguous(), 0 if per_row else rows, rows if per_row else out, levels, out, grad_counts, C=codewords,
         C_POW2=triton.next_power_of_2(codewords), L_POW2=triton.next_power_of_2(max(levels, 1)), MIN_SHARE=min_share,
-        LEVEL_ROWS=per_row, PER_ROW=per_row,
+        LEVEL_ROWS=per_row,
     )  # fmt: skip
     return out, grad_counts
 
