@@ -73,10 +73,11 @@ def test_one_launch_updates_every_level_as_its_own_launch_does(logit_dtype, mome
         hard, sums = relaxed_indices.relaxed_logit_adam_(
             logits[level], 0.4, update, level_rows, codebooks[level], share[0], share[1], forecast=True
         )
-        assert torch.equal(grouped_logits[level], logits[level])
-        assert torch.equal(grouped_updates[level].exp_avg, update.exp_avg)
-        assert torch.equal(grouped_updates[level].exp_avg_sq, update.exp_avg_sq)
-        assert torch.equal(forecast.hard.split(LEVEL_ROWS)[level], hard + level * CODEWORDS)
+        exactly = dict(rtol=0, atol=0)  # assert_close reports where and by how much
+        torch.testing.assert_close(grouped_logits[level], logits[level], **exactly)
+        torch.testing.assert_close(grouped_updates[level].exp_avg, update.exp_avg, **exactly)
+        torch.testing.assert_close(grouped_updates[level].exp_avg_sq, update.exp_avg_sq, **exactly)
+        torch.testing.assert_close(forecast.hard.split(LEVEL_ROWS)[level], hard + level * CODEWORDS, **exactly)
         torch.testing.assert_close(forecast.sums[level], sums, rtol=1e-6, atol=1e-6)
     assert forecast.rows.tolist() == LEVEL_ROWS
     assert not torch.equal(grouped_logits[0], _level_logits(logit_dtype)[0])
@@ -91,6 +92,10 @@ def test_the_grouped_update_refuses_unlike_levels() -> None:
     with pytest.raises(ValueError, match="share"):
         relaxed_indices.grouped_logit_adam_(logits, 0.4, updates)
     updates = _updates(logits, torch.float32)
+    shifted = torch.zeros(logits[0].numel() + 1, device=DEVICE)[1:].view_as(logits[0])  # contiguous, 4 bytes off
+    misaligned = [shifted, *logits[1:]]
+    with pytest.raises(ValueError, match="aligned"):
+        relaxed_indices.grouped_logit_adam_(misaligned, 0.4, _updates(misaligned, torch.float32))
     with pytest.raises(ValueError, match="grad_rows has 3 rows"):
         codebooks_t = torch.zeros(len(logits), 2, CODEWORDS, device=DEVICE)
         relaxed_indices.grouped_logit_adam_(logits, 0.4, updates, torch.zeros(3, 2, device=DEVICE), codebooks_t)

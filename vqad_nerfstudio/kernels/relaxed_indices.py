@@ -341,9 +341,12 @@ if triton is not None:
         level = program * 0
         for candidate in range(1, n_levels):
             level += (program >= tl.load(first_programs + candidate)).to(tl.int32)
-        logits = tl.load(pointers + 3 * level).to(tl.pointer_type(like_logits.dtype.element_ty))
+        # 16-byte aligned (checked on the host): without the hint every element is loaded and stored on its own
+        logits = tl.multiple_of(tl.load(pointers + 3 * level).to(tl.pointer_type(like_logits.dtype.element_ty)), 16)
         exp_avg = tl.load(pointers + 3 * level + 1).to(tl.pointer_type(like_exp_avg.dtype.element_ty))
+        exp_avg = tl.multiple_of(exp_avg, 16)
         exp_avg_sq = tl.load(pointers + 3 * level + 2).to(tl.pointer_type(like_exp_avg_sq.dtype.element_ty))
+        exp_avg_sq = tl.multiple_of(exp_avg_sq, 16)
         first_row = tl.load(first_rows + level)
         first = (program - tl.load(first_programs + level)) * ROWS_PER_PROGRAM
         sums = tl.zeros((BLOCK, C_POW2), dtype=tl.float32)  # summed over the rows once, after the last block
@@ -575,6 +578,8 @@ def grouped_logit_adam_(
         if not same:
             raise ValueError("grouped levels share their logits' dtype and width, moments' dtypes and Adam's settings")
         _check_updated_in_place(level_logits, level)
+        if any(tensor.data_ptr() % 16 for tensor in (level_logits, level.exp_avg, level.exp_avg_sq)):
+            raise ValueError("grouped levels' logits and moments must start at 16-byte aligned addresses")
     if (grad_rows is None) != (codebooks_t is None) or (grad_counts is None) != (grad_bits is None):
         raise ValueError("grad_rows and codebooks_t come together, and grad_counts and grad_bits")
     device, codewords = first.device, first.shape[1]
