@@ -41,6 +41,14 @@ PSNR by -0.01 to +0.07 dB and left a 12.6 MB checkpoint instead of 2.9 GB (8-bit
 also x1.5 faster steps and 4 GB less memory once frozen; docs/benchmarks.md). The CPU quick start keeps it off:
 frozen for its last seventh it scored 0.13 dB lower."""
 
+GPU_BASE_INDEX_BITS = 4
+"""vqad's level-0 index width on CUDA (base_index_bits): 16 codewords instead of 256 in the coarsest stream prefix.
+With NETWORK_BITS-bit decoders that prefix is 9.5 KiB on lego instead of 21.3 KiB, at 31.98 dB against 31.79 dB
+for the whole file in one call at 60 s on an H100 (docs/benchmarks.md); the CPU's indices are 4-bit already."""
+NETWORK_BITS = 7
+"""vqad's network_bits: the decoder MLPs train rounded to 7 bits per weight (after the float warm-up) and are stored
+so, 8.4 kB instead of 17.4 kB in fp16; part of every stream prefix (docs/benchmarks.md)."""
+
 CODEBOOK_BITS = 6
 """vqad's codebook_bits: each level's codebook trains rounded to 6 bits per value and is stored so, about a third of
 its fp16 bytes (8.2 kB per level at 8-bit indices). On the CPU quick start over four seeds, 26.78 dB in 36.8 kB
@@ -107,8 +115,9 @@ def cpu_changes(gpu_steps: int = GPU_STEPS, index_bits: bool = False) -> str:
 
 def vqad_model_config() -> "VQADModelConfig":
     """vqad's model: on CUDA GPU_INDEX_BITS-bit indices, a GPU_INDEX_WARMUP_STEPS-step float warm-up that the
-    grown levels share and indices frozen from GPU_INDEX_FREEZE_STEP; on the CPU CPU_INDEX_BITS-bit ones and the
-    config's warm-up without the grown levels, never frozen; CODEBOOK_BITS-bit codebooks on both."""
+    grown levels share, indices frozen from GPU_INDEX_FREEZE_STEP and a GPU_BASE_INDEX_BITS-bit level 0; on the CPU
+    CPU_INDEX_BITS-bit ones and the config's warm-up without the grown levels, never frozen; NETWORK_BITS-bit decoders
+    and CODEBOOK_BITS-bit codebooks on both."""
     import torch
 
     from vqad_nerfstudio.models.vqad import VQADModelConfig
@@ -119,9 +128,11 @@ def vqad_model_config() -> "VQADModelConfig":
             index_warmup_steps=GPU_INDEX_WARMUP_STEPS,
             warmup_grown_levels=True,
             index_freeze_step=GPU_INDEX_FREEZE_STEP,
+            base_index_bits=GPU_BASE_INDEX_BITS,
+            network_bits=NETWORK_BITS,
             codebook_bits=CODEBOOK_BITS,
         )
-    return VQADModelConfig(index_bits=CPU_INDEX_BITS, codebook_bits=CODEBOOK_BITS)
+    return VQADModelConfig(index_bits=CPU_INDEX_BITS, network_bits=NETWORK_BITS, codebook_bits=CODEBOOK_BITS)
 
 
 def _build() -> "MethodSpecification":

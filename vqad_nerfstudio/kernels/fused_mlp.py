@@ -283,11 +283,11 @@ if triton is not None:
         """Add a ``[PN, PK]`` weight gradient (its ``[N, K]`` part) to ``grad`` atomically."""
         n = tl.arange(0, PN)[:, None]
         k = tl.arange(0, PK)[None, :]
-        tl.atomic_add(grad + n * K + k, values, mask=(n < N) & (k < K))
+        tl.atomic_add(grad + n * K + k, values, mask=(n < N) & (k < K), sem="relaxed")
 
     @triton.jit
     def _add_bias(grad, values, N: tl.constexpr, PN: tl.constexpr):
-        tl.atomic_add(grad + tl.arange(0, PN), values, mask=tl.arange(0, PN) < N)
+        tl.atomic_add(grad + tl.arange(0, PN), values, mask=tl.arange(0, PN) < N, sem="relaxed")
 
     @triton.jit
     def _backward(

@@ -277,7 +277,7 @@ if triton is not None:
         grad = tl.load(grad_rows + row[:, None].to(tl.int64) * K + channel[None, :], mask=mask, other=0.0)
         index = tl.load(hard + row, mask=row_ok, other=0)
         target = ((program % GROUPS) * C + index).to(tl.int64)
-        tl.atomic_add(partials + target[:, None] * K + channel[None, :], grad, mask=mask & (grad != 0.0))
+        tl.atomic_add(partials + target[:, None] * K + channel[None, :], grad, mask=mask & (grad != 0.0), sem="relaxed")
 
     @triton.jit
     def _codeword_table_kernel(indices, codebooks, table, n_rows, codewords, level_stride, codeword_stride,
@@ -361,7 +361,7 @@ if triton is not None:
             )  # fmt: skip
         if FORECAST:  # added into the level's row: atomics, so the last bits' order may vary from run to run
             column = tl.arange(0, C_POW2)
-            tl.atomic_add(next_sums + level * C + column, tl.sum(sums, axis=0), mask=column < C)
+            tl.atomic_add(next_sums + level * C + column, tl.sum(sums, axis=0), mask=column < C, sem="relaxed")
 
 
 CODEBOOK_GRAD_GROUPS = 32
