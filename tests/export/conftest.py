@@ -89,6 +89,7 @@ def _train(scene: Path, output_dir: Path) -> TrainedRun:
     model.num_samples, model.prune_steps, model.coarse_lod_fraction = 32, (STEPS // 4,), 0.5
     model.index_warmup_steps = STEPS // 3  # what ns-train's cap gives a run this short
     model.codebook_bits = 16  # fp16 codebooks (CBOK), the format's base case; CBKQ: test_quantized_codebooks.py
+    model.network_bits = 16  # fp16 decoders (MLPS), the format's base case; MLPQ: test_quantized_decoders.py
     model.occupancy_update_every = STEPS + 1  # once, at step 0: the occupancy estimate only speeds training up
     for group in config.optimizers.values():
         group["scheduler"].max_steps = STEPS
