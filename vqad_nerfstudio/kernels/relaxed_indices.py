@@ -330,6 +330,7 @@ if triton is not None:
         LOGIT_LARGEST: tl.constexpr,
         EXP_AVG_SQ_DROPPED: tl.constexpr,
         FORECAST: tl.constexpr,
+        FORECAST_GROUPS: tl.constexpr,
     ):
         """:func:`_logit_grad_kernel`'s Adam update for several levels in one launch: level ``l``'s programs start at
         ``first_programs[l]``, its logits and moments are at the addresses ``pointers[3 l : 3 l + 3]`` (of the dtypes
@@ -359,14 +360,18 @@ if triton is not None:
                 C, C_POW2, K, BLOCK, False, HAS_ROWS, HAS_SHARE, HAS_SHARE, True, LOGIT_DROPPED, LOGIT_LARGEST,
                 EXP_AVG_SQ_DROPPED, FORECAST,
             )  # fmt: skip
-        if FORECAST:  # added into the level's row: atomics, so the last bits' order may vary from run to run
+        if FORECAST:  # added into one of the level's partial rows: atomics, so the last bits' order may vary
             column = tl.arange(0, C_POW2)
-            tl.atomic_add(next_sums + level * C + column, tl.sum(sums, axis=0), mask=column < C, sem="relaxed")
+            partial = (level * FORECAST_GROUPS + program % FORECAST_GROUPS) * C
+            tl.atomic_add(next_sums + partial + column, tl.sum(sums, axis=0), mask=column < C, sem="relaxed")
 
 
 CODEBOOK_GRAD_GROUPS = 32
 """Partial sums the codebook's gradient is spread over: each codeword's additions wait on one another (atomics on
 one address), and ``torch.index_add_`` makes every row of a level wait on the rows that share its codeword."""
+FORECAST_SUM_GROUPS = 32
+"""Partial rows per level into which the grouped Adam's programs add their forecast's column sums (as the codebook
+gradient's): with one row per level, thousands of programs added into the same few cache lines."""
 _CODEBOOK_GRAD_BLOCK = 128
 """Rows per program of the codebook's gradient."""
 
@@ -565,8 +570,9 @@ def grouped_logit_adam_(
     seeds may differ). With ``forecast``, also the updated logits' hard indices and sums (:class:`GroupedForecast`).
 
     The levels' addresses and scalars travel in one small table, copied to the device per call. Each program adds
-    its rows' soft-index sums into its level's with atomics (the last bits' order may vary from run to run; PyTorch's
-    segmented sum over the programs' partial sums loops over a level's programs in one thread per column)."""
+    its rows' soft-index sums into one of its level's :data:`FORECAST_SUM_GROUPS` partial rows with atomics, summed
+    after the launch (the last bits' order may vary from run to run; PyTorch's segmented sum over the programs' own
+    rows loops over a level's programs in one thread per column)."""
     if len(logits) != len(updates) or not logits:
         raise ValueError("one Adam update per level's logits, and at least one level")
     first, update = logits[0], updates[0]
@@ -592,7 +598,7 @@ def grouped_logit_adam_(
     table = _level_table(logits, updates, rows, programs, device)
     pointers, level_rows, first_rows, first_programs, seeds, step_sizes, sqrt_bias2s = table
     next_hard = torch.empty(sum(rows) if forecast else 0, dtype=torch.long, device=device)
-    next_sums = torch.zeros(len(logits) if forecast else 0, codewords, device=device)
+    next_sums = torch.zeros(len(logits) if forecast else 0, FORECAST_SUM_GROUPS, codewords, device=device)
     empty = first.new_empty(0, dtype=torch.float32)
     has_rows, has_share = grad_rows is not None, grad_counts is not None
     if sum(programs):
@@ -608,9 +614,10 @@ def grouped_logit_adam_(
             C=codewords, C_POW2=columns, K=codebooks_t.shape[1] if has_rows else 1, BLOCK=block,
             ROWS_PER_PROGRAM=rows_per_program, HAS_ROWS=has_rows, HAS_SHARE=has_share,
             LOGIT_DROPPED=dropped_bits(first.dtype), LOGIT_LARGEST=saturation(first.dtype),
-            EXP_AVG_SQ_DROPPED=dropped_bits(update.exp_avg_sq.dtype), FORECAST=forecast, num_warps=warps,
+            EXP_AVG_SQ_DROPPED=dropped_bits(update.exp_avg_sq.dtype), FORECAST=forecast,
+            FORECAST_GROUPS=FORECAST_SUM_GROUPS, num_warps=warps,
         )  # fmt: skip
-    return GroupedForecast(next_hard, next_sums, level_rows) if forecast else None
+    return GroupedForecast(next_hard, next_sums.sum(dim=1), level_rows) if forecast else None
 
 
 def _level_table(
