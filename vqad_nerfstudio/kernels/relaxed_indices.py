@@ -342,11 +342,12 @@ if triton is not None:
         level = program * 0
         for candidate in range(1, n_levels):
             level += (program >= tl.load(first_programs + candidate)).to(tl.int32)
-        # 16-byte aligned (checked on the host): without the hint every element is loaded and stored on its own
-        logits = tl.multiple_of(tl.load(pointers + 3 * level).to(tl.pointer_type(like_logits.dtype.element_ty)), 16)
+        logits = tl.load(pointers + 3 * level).to(tl.pointer_type(like_logits.dtype.element_ty))
         exp_avg = tl.load(pointers + 3 * level + 1).to(tl.pointer_type(like_exp_avg.dtype.element_ty))
-        exp_avg = tl.multiple_of(exp_avg, 16)
         exp_avg_sq = tl.load(pointers + 3 * level + 2).to(tl.pointer_type(like_exp_avg_sq.dtype.element_ty))
+        # 16-byte aligned (checked on the host): without the hint every element is loaded and stored on its own
+        logits = tl.multiple_of(logits, 16)
+        exp_avg = tl.multiple_of(exp_avg, 16)
         exp_avg_sq = tl.multiple_of(exp_avg_sq, 16)
         first_row = tl.load(first_rows + level)
         first = (program - tl.load(first_programs + level)) * ROWS_PER_PROGRAM
