@@ -337,7 +337,8 @@ if triton is not None:
         of ``like_*``), its ``level_rows[l]`` rows at row ``first_rows[l]`` of ``grad_rows`` and ``next_hard``
         (whose hard indices are offset by ``l * C``: one index space for the levels' codebooks), its transposed
         codebook, rate gradient and bits' gradient the ``l``-th of ``codebooks_t``, ``grad_counts`` and
-        ``grad_bits``; its Adam scalars and seed the ``l``-th of theirs."""
+        ``grad_bits``; its Adam scalars and seed the ``l``-th of theirs. A program adds its forecast's column sums
+        into ``next_sums[l, program % FORECAST_GROUPS]``."""
         program = tl.program_id(0)
         level = program * 0
         for candidate in range(1, n_levels):
