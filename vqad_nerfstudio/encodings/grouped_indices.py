@@ -50,9 +50,9 @@ def groupable(stores: Sequence[FeatureStore]) -> bool:
 
 
 def _trainable_alike(store: CodebookFeatures, first: CodebookFeatures) -> bool:
-    """Whether ``store``'s logits step as ``first``'s do: on the kernels, by an in-backward Adam, at its temperature
-    and dtype, with its rate setting."""
-    if not relaxed_indices.available(store.logits) or pending_update(store.logits) is None:
+    """Whether ``store``'s logits step as ``first``'s do: on the kernels (one factor), by an in-backward Adam, at its
+    temperature and dtype, with its rate setting."""
+    if store.index_factors > 1 or not relaxed_indices.available(store.logits) or pending_update(store.logits) is None:
         return False
     settings = (store.temperature, store.fuse_rate, store.logits.dtype)
     return settings == (first.temperature, first.fuse_rate, first.logits.dtype)

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from vqad_nerfstudio.encodings import index_factors as factored
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
 from vqad_nerfstudio.kernels import column_rounding, relaxed_indices
 from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update, widened
@@ -47,20 +48,28 @@ def relaxed_logit_grad(
     grad_share: Optional[Float[Tensor, "c"]] = None,
     use_kernel: bool = True,
     share_scale: Optional[Float[Tensor, ""]] = None,
-) -> Float[Tensor, "m c"]:
+    factors: int = 1,
+) -> Float[Tensor, "m w"]:
     """Gradient of the logits through ``softmax(logits / temperature)``, given the gradient of the softmax as the sum
     of ``grad_soft``, ``grad_rows @ codebook.T`` and ``grad_share`` (one value per codeword, for every row; times
     ``share_scale``, a one-value tensor, if given: no operation of its own on the GPU), any of them absent.
 
     ``grad_soft`` (a temporary of the caller's), if given, is overwritten and returned; nothing else of the logits'
     size is allocated. On the GPU (``use_kernel``) one kernel pass (:mod:`vqad_nerfstudio.kernels.relaxed_indices`),
-    else in chunks of rows."""
-    if use_kernel and relaxed_indices.available(logits):
+    else in chunks of rows. Logits of two ``factors`` (:mod:`~vqad_nerfstudio.encodings.index_factors`) take no
+    ``grad_soft`` and get a new float32 gradient, in chunks of rows."""
+    if factors > 1 and grad_soft is not None:
+        raise ValueError("factored indices take the codewords' gradient (grad_rows), not the soft indices'")
+    if use_kernel and factors == 1 and relaxed_indices.available(logits):
         return relaxed_indices.relaxed_logit_grad(
             logits, temperature, grad_soft, grad_rows, codebook, grad_share, share_scale
         )
     if grad_share is not None and share_scale is not None:
         grad_share = grad_share * share_scale
+    if factors > 1:
+        chunks = range(0, logits.shape[0], ROW_CHUNK)
+        grads = [_factored_logit_grad(logits, temperature, start, grad_rows, codebook, grad_share) for start in chunks]
+        return torch.cat(grads) if grads else logits.new_zeros(logits.shape, dtype=torch.float32)
     out = grad_soft if grad_soft is not None else torch.zeros_like(logits)
     for start, (chunk_logits, chunk_out) in zip(range(0, logits.shape[0], ROW_CHUNK), _row_chunks(logits, out)):
         chunk_grad = widened(chunk_out)  # chunk_out itself unless 16-bit
@@ -75,6 +84,21 @@ def relaxed_logit_grad(
     return out
 
 
+def _factored_logit_grad(
+    logits: Float[Tensor, "m w"],
+    temperature: float,
+    start: int,
+    grad_rows: Optional[Float[Tensor, "m k"]],
+    codebook: Optional[Float[Tensor, "c k"]],
+    grad_share: Optional[Float[Tensor, "c"]],
+) -> Float[Tensor, "r w"]:
+    """:func:`~vqad_nerfstudio.encodings.index_factors.logit_grad` of the ROW_CHUNK rows of ``logits`` from
+    ``start``."""
+    rows = slice(start, start + ROW_CHUNK)
+    chunk_rows = None if grad_rows is None else grad_rows[rows]
+    return factored.logit_grad(logits[rows], temperature, chunk_rows, codebook, grad_share)
+
+
 def relaxed_logit_adam_(
     logits: Float[Tensor, "m c"],
     temperature: float,
@@ -85,13 +109,14 @@ def relaxed_logit_adam_(
     use_kernel: bool = True,
     share_scale: Optional[Float[Tensor, ""]] = None,
     forecast: bool = False,
+    factors: int = 1,
 ) -> Optional[Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]]:
     """Adam's ``update`` of ``logits`` in place from the gradient :func:`relaxed_logit_grad` gives for the same
     arguments, without allocating that gradient: on the GPU (``use_kernel``) tile by tile in one kernel pass, else
     ROW_CHUNK rows at a time. With ``forecast``, on the GPU the kernel also returns the updated logits' hard indices
     and soft-index column sums at ``temperature`` (else None: the next step computes them)."""
     logits = logits.detach()
-    if use_kernel and relaxed_indices.available(logits):
+    if use_kernel and factors == 1 and relaxed_indices.available(logits):
         return relaxed_indices.relaxed_logit_adam_(
             logits, temperature, update, grad_rows, codebook, grad_share, share_scale, forecast
         )
@@ -99,9 +124,12 @@ def relaxed_logit_adam_(
         grad_share = grad_share * share_scale
     for start in range(0, logits.shape[0], ROW_CHUNK):
         rows = slice(start, start + ROW_CHUNK)
-        chunk_rows = None if grad_rows is None else grad_rows[rows]
-        grad = widened(logits[rows].new_zeros(logits[rows].shape))
-        relaxed_logit_grad(logits[rows], temperature, grad, chunk_rows, codebook, grad_share, False)
+        if factors > 1:
+            grad = _factored_logit_grad(logits, temperature, start, grad_rows, codebook, grad_share)
+        else:
+            grad = widened(logits[rows].new_zeros(logits[rows].shape))
+            chunk_rows = None if grad_rows is None else grad_rows[rows]
+            relaxed_logit_grad(logits[rows], temperature, grad, chunk_rows, codebook, grad_share, False)
         chunk_update = replace(
             update, exp_avg=update.exp_avg[rows], exp_avg_sq=update.exp_avg_sq[rows], seed=update.seed + start
         )
@@ -157,12 +185,21 @@ def codeword_table(
 
 
 def hard_indices_and_shares(
-    logits: Float[Tensor, "m c"], temperature: float, with_shares: bool = True, use_kernel: bool = True
+    logits: Float[Tensor, "m w"],
+    temperature: float,
+    with_shares: bool = True,
+    use_kernel: bool = True,
+    factors: int = 1,
 ) -> Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]:
     """Each row's hard index (argmax) and, with ``with_shares``, the mean of the rows' ``softmax(logits /
     temperature)`` (else an empty tensor). On the GPU (``use_kernel``) one kernel pass over the logits, else in chunks
-    of rows."""
-    if use_kernel and relaxed_indices.available(logits):
+    of rows. Two ``factors``: :mod:`~vqad_nerfstudio.encodings.index_factors`' hard index and soft index."""
+    if factors > 1:
+        hard = factored.hard_indices(logits)
+        sums = widened(logits.new_zeros((logits.shape[1] // 2) ** 2 if with_shares else 0))
+        for (chunk,) in _row_chunks(logits) if with_shares else ():
+            sums += factored.share_sums(factored.factor_softmax(chunk, temperature))
+    elif use_kernel and relaxed_indices.available(logits):
         hard, sums = relaxed_indices.hard_indices_and_shares(logits, temperature, with_shares)
     else:
         hard = logits.argmax(dim=-1)
@@ -188,14 +225,14 @@ def _order_zero_soft_grad(shares: Float[Tensor, "c"], grad_bits: Tensor) -> Floa
 
 
 def hard_indices_and_rate(
-    logits: Float[Tensor, "m c"], temperature: float, use_kernel: bool = True
+    logits: Float[Tensor, "m w"], temperature: float, use_kernel: bool = True, factors: int = 1
 ) -> Tuple[Int[Tensor, "m"], Float[Tensor, ""], Float[Tensor, "c"]]:
     """Each row's hard index, :func:`_order_zero_bits` of the soft indices ``softmax(logits / temperature)`` and its
     gradient in every row's soft index (:func:`_order_zero_soft_grad` per bit). On the GPU (``use_kernel``) one pass
     over the logits and one small kernel."""
-    if use_kernel and relaxed_indices.available(logits):
+    if use_kernel and factors == 1 and relaxed_indices.available(logits):
         return relaxed_indices.hard_indices_and_rate(logits, temperature, MIN_SHARE)
-    hard, shares = hard_indices_and_shares(logits, temperature, use_kernel=False)
+    hard, shares = hard_indices_and_shares(logits, temperature, use_kernel=False, factors=factors)
     return hard, _order_zero_bits(shares, logits.shape[0]), _order_zero_soft_grad(shares, shares.new_ones(()))
 
 
@@ -212,12 +249,14 @@ def step_indices_of_sums(hard: Int[Tensor, "m"], sums: Float[Tensor, "c"], with_
 
 
 @torch.no_grad()
-def step_indices(logits: Float[Tensor, "m c"], temperature: float, with_rate: bool, use_kernel: bool) -> StepIndices:
+def step_indices(
+    logits: Float[Tensor, "m w"], temperature: float, with_rate: bool, use_kernel: bool, factors: int = 1
+) -> StepIndices:
     """The rows' hard indices and, with ``with_rate``, :func:`hard_indices_and_rate`'s rate and its gradient per
-    count (else 0 and an empty tensor)."""
+    count (else 0 and an empty tensor), for logits of ``factors`` factors."""
     if with_rate:
-        return hard_indices_and_rate(logits, temperature, use_kernel)
-    hard, _ = hard_indices_and_shares(logits, temperature, False, use_kernel)
+        return hard_indices_and_rate(logits, temperature, use_kernel, factors)
+    hard, _ = hard_indices_and_shares(logits, temperature, False, use_kernel, factors)
     return hard, logits.new_zeros(()), logits.new_zeros(0)
 
 
@@ -226,25 +265,28 @@ class _OrderZeroRate(torch.autograd.Function):
     chunks of rows in both passes instead of being kept: no ``[m, c]`` activation."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, temperature: float, use_kernel: bool) -> Tensor:  # type: ignore[override]
-        _, shares = hard_indices_and_shares(logits, temperature, use_kernel=use_kernel)
+    def forward(ctx, logits: Tensor, temperature: float, use_kernel: bool, factors: int) -> Tensor:  # type: ignore[override]
+        _, shares = hard_indices_and_shares(logits, temperature, use_kernel=use_kernel, factors=factors)
         ctx.save_for_backward(logits, shares)
-        ctx.temperature, ctx.use_kernel = temperature, use_kernel
+        ctx.temperature, ctx.use_kernel, ctx.factors = temperature, use_kernel, factors
         return _order_zero_bits(shares, logits.shape[0])
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor) -> Tuple[Optional[Tensor], None, None, None]:  # type: ignore[override]
         logits, shares = ctx.saved_tensors
         grad_share = _order_zero_soft_grad(shares, grad_out)
-        return relaxed_logit_grad(logits, ctx.temperature, grad_share=grad_share, use_kernel=ctx.use_kernel), None, None
+        grad = relaxed_logit_grad(
+            logits, ctx.temperature, grad_share=grad_share, use_kernel=ctx.use_kernel, factors=ctx.factors
+        )
+        return grad.to(logits.dtype), None, None, None
 
 
 def soft_index_rate_bits(
-    logits: Float[Tensor, "m c"], temperature: float, use_kernel: bool = True
+    logits: Float[Tensor, "m w"], temperature: float, use_kernel: bool = True, factors: int = 1
 ) -> Float[Tensor, ""]:
     """Bits of an order-0 code of the soft indices ``softmax(logits / temperature)`` under their own marginal,
-    differentiable (see :meth:`CodebookFeatures.index_rate_bits`)."""
-    return _OrderZeroRate.apply(logits, temperature, use_kernel)
+    differentiable (see :meth:`CodebookFeatures.index_rate_bits`), for logits of ``factors`` factors."""
+    return _OrderZeroRate.apply(logits, temperature, use_kernel, factors)
 
 
 class _StraightThroughCodewords(torch.autograd.Function):
@@ -274,10 +316,13 @@ class _StraightThroughCodewords(torch.autograd.Function):
         known: Optional[StepIndices],
         known_table: Optional[Tensor],
         forecast_to: Optional[Callable[[Tensor, Tensor, float], None]],
+        factors: int,
     ) -> Tuple[Tensor, Tensor]:
-        hard, bits, grad_counts = step_indices(logits, temperature, with_rate, use_kernel) if known is None else known
+        if known is None:
+            known = step_indices(logits, temperature, with_rate, use_kernel, factors)
+        hard, bits, grad_counts = known
         ctx.save_for_backward(hard, logits, codebook, grad_counts)
-        ctx.temperature, ctx.with_rate, ctx.use_kernel = temperature, with_rate, use_kernel
+        ctx.temperature, ctx.with_rate, ctx.use_kernel, ctx.factors = temperature, with_rate, use_kernel, factors
         ctx.forecast_to = forecast_to
         optimizer = pending_update(logits)
         ctx.in_backward = None if optimizer is None else (optimizer, logits)  # the parameter itself, to update
@@ -288,7 +333,7 @@ class _StraightThroughCodewords(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_out: Optional[Tensor], grad_bits: Optional[Tensor]
-    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None, None, None, None]:
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None, None, None, None, None]:
         hard, logits, codebook, grad_counts = ctx.saved_tensors
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
@@ -299,15 +344,17 @@ class _StraightThroughCodewords(torch.autograd.Function):
                 optimizer, parameter = ctx.in_backward
                 update = optimizer.begin_update(parameter)
                 wanted = ctx.forecast_to is not None
-                forecast = relaxed_logit_adam_(logits, ctx.temperature, update, *terms, forecast=wanted)
+                forecast = relaxed_logit_adam_(
+                    logits, ctx.temperature, update, *terms, forecast=wanted, factors=ctx.factors
+                )
                 torch.autograd.graph.increment_version(parameter)
                 if forecast is not None:
                     ctx.forecast_to(*forecast, ctx.temperature)
             else:
-                grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms)
+                grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms, factors=ctx.factors)
         if ctx.needs_input_grad[1] and grad_out is not None:
             grad_codebook = codebook_grad(hard, grad_out, codebook, ctx.use_kernel)
-        return grad_logits, grad_codebook, None, None, None, None, None, None
+        return grad_logits, grad_codebook, None, None, None, None, None, None, None
 
 
 def straight_through_codewords(
@@ -318,14 +365,16 @@ def straight_through_codewords(
     known: Optional[StepIndices] = None,
     known_table: Optional[Float[Tensor, "m k"]] = None,
     forecast_to: Optional[Callable[[Tensor, Tensor, float], None]] = None,
+    factors: int = 1,
 ) -> Float[Tensor, "m k"]:
     """Chosen codewords of every row, ``codebook[argmax(logits)]``, with straight-through softmax gradients
     to the logits and the chosen codewords. ``known``: :func:`step_indices` of these logits without the rate, if
     already computed; ``known_table``: the codewords of its indices, if already gathered (returned as the table);
     ``forecast_to``: receives the hard indices and soft-index sums of the logits as an in-backward Adam on the GPU
-    leaves them, and the temperature of the sums."""
+    leaves them, and the temperature of the sums; ``factors``: the logits' (see
+    :mod:`~vqad_nerfstudio.encodings.index_factors`)."""
     return _StraightThroughCodewords.apply(
-        logits, codebook, temperature, False, use_kernel, known, known_table, forecast_to
+        logits, codebook, temperature, False, use_kernel, known, known_table, forecast_to, factors
     )[0]
 
 
@@ -337,13 +386,14 @@ def straight_through_codewords_and_rate(
     known: Optional[StepIndices] = None,
     known_table: Optional[Float[Tensor, "m k"]] = None,
     forecast_to: Optional[Callable[[Tensor, Tensor, float], None]] = None,
+    factors: int = 1,
 ) -> Tuple[Float[Tensor, "m k"], Float[Tensor, ""]]:
     """:func:`straight_through_codewords` and :func:`soft_index_rate_bits` in one pass: equal values and gradients,
     one gradient buffer and one softmax recomputation for both. ``known``: :func:`step_indices` of these logits and
-    temperature with the rate, if already computed; ``known_table`` and ``forecast_to``: as in
+    temperature with the rate, if already computed; ``known_table``, ``forecast_to`` and ``factors``: as in
     :func:`straight_through_codewords`."""
     return _StraightThroughCodewords.apply(
-        logits, codebook, temperature, True, use_kernel, known, known_table, forecast_to
+        logits, codebook, temperature, True, use_kernel, known, known_table, forecast_to, factors
     )
 
 
@@ -443,9 +493,12 @@ def interpolated_codewords(
 
 
 def soft_codewords(
-    logits: Float[Tensor, "m c"], codebook: Float[Tensor, "c k"], temperature: float = 1.0
+    logits: Float[Tensor, "m w"], codebook: Float[Tensor, "c k"], temperature: float = 1.0, factors: int = 1
 ) -> Float[Tensor, "m k"]:
-    """Relaxed codewords ``softmax(C / temperature) @ codebook`` of every row (soft indices, forward too)."""
+    """Relaxed codewords ``softmax(C / temperature) @ codebook`` of every row (soft indices, forward too), for logits
+    of ``factors`` factors."""
+    if factors > 1:
+        return factored.soft_codewords(logits, codebook, temperature)
     return torch.softmax(widened(logits) / temperature, dim=-1) @ codebook
 
 
@@ -456,17 +509,19 @@ def straight_through_lookup(
     temperature: float = 1.0,
     relaxed: bool = False,
     use_kernel: bool = True,
+    factors: int = 1,
 ) -> Float[Tensor, "n k"]:
     """Codewords of ``rows``, with straight-through gradients (computed per row, not per lookup).
 
     ``relaxed=True`` returns the soft codewords instead (soft-to-hard annealing warm-up). ``use_kernel``: the
     softmax side on the GPU by :mod:`vqad_nerfstudio.kernels.relaxed_indices` (else the PyTorch reference).
+    ``factors``: the logits' (see :mod:`~vqad_nerfstudio.encodings.index_factors`).
     """
 
     def per_row(row_logits: Tensor) -> Tensor:
         if relaxed:
-            return soft_codewords(row_logits, codebook, temperature)
-        return straight_through_codewords(row_logits, codebook, temperature, use_kernel)
+            return soft_codewords(row_logits, codebook, temperature, factors)
+        return straight_through_codewords(row_logits, codebook, temperature, use_kernel, factors=factors)
 
     if rows.numel() < logits.shape[0]:  # few lookups: relax only the rows that are used
         used, inverse = torch.unique(rows, return_inverse=True)
@@ -606,6 +661,9 @@ class CodebookFeatures(FeatureStore):
     ``use_kernels=False`` keeps the softmax side of the indices on the PyTorch reference path on a GPU too.
     ``logit_dtype`` is the logits' storage (float16: half the memory and bytes of float32; every computation on them
     is float32, and Adam's updates round stochastically, see :mod:`vqad_nerfstudio.optim`).
+    ``index_factors=2`` learns each index as two ``index_bits / 2``-bit factors
+    (:mod:`~vqad_nerfstudio.encodings.index_factors`): ``2 * 2**(b/2)`` logits a row instead of ``2**b``, the same
+    codebook and hard indices; its softmax side runs on the PyTorch path.
     """
 
     temperature: float = 1.0
@@ -624,15 +682,19 @@ class CodebookFeatures(FeatureStore):
         use_kernels: bool = True,
         codebook_bits: Optional[int] = None,
         logit_dtype: torch.dtype = torch.float32,
+        index_factors: int = 1,
     ) -> None:
         super().__init__()
         if not 1 <= index_bits <= 16:
             raise ValueError(f"index_bits must be in 1..16, got {index_bits}")
+        factored.check_factors(index_bits, index_factors)
         if codebook_bits is not None and codebook_bits not in QUANTIZED_BITS:
             raise ValueError(f"codebook_bits must be None (as trained) or 2..8, got {codebook_bits!r}")
         self.codebook_bits = codebook_bits
         """None: lookups read the codebook as it is; 2..8: rounded per feature channel to that many bits."""
         self.index_bits = index_bits
+        self.index_factors = index_factors
+        """Factors each index is learned as (1: ``2**b`` logits a row; 2: two ``2**(b/2)``-way factors)."""
         self.feature_dim = feature_dim
         self.logit_init_std = logit_init_std
         self.codebook_init_std = codebook_init_std
@@ -645,7 +707,8 @@ class CodebookFeatures(FeatureStore):
             self.register_buffer("indices", torch.zeros(num_rows, dtype=torch.int32))
         else:
             logit_rows = 0 if self._float_warmup else num_rows
-            self.logits = nn.Parameter((torch.randn(logit_rows, 2**index_bits) * logit_init_std).to(logit_dtype))
+            width = factored.logit_width(index_bits, index_factors)
+            self.logits = nn.Parameter((torch.randn(logit_rows, width) * logit_init_std).to(logit_dtype))
             self.register_buffer("indices", None)
         self.codebook = nn.Parameter(torch.randn(2**index_bits, feature_dim) * codebook_init_std)
         warmup_rows = num_rows if self._float_warmup else 0
@@ -752,7 +815,7 @@ class CodebookFeatures(FeatureStore):
         if forecast is not None and forecast[2] == self._logit_state(self.temperature):
             known = step_indices_of_sums(forecast[0], forecast[1], with_rate)
         else:
-            known = step_indices(self.logits, self.temperature, with_rate, self.use_kernels)
+            known = step_indices(self.logits, self.temperature, with_rate, self.use_kernels, self.index_factors)
         if self._holding:
             self._held_indices = known
         return known
@@ -775,8 +838,14 @@ class CodebookFeatures(FeatureStore):
             return codebook.index_select(0, self.indices.index_select(0, rows))
         relaxed = self.relaxed and self.training
         if not torch.is_grad_enabled() and not relaxed:
-            return codebook.index_select(0, self.logits.index_select(0, rows).argmax(dim=-1))
-        return straight_through_lookup(rows, self.logits, codebook, self.temperature, relaxed, self.use_kernels)
+            return codebook.index_select(0, self._argmax(self.logits.index_select(0, rows)))
+        return straight_through_lookup(
+            rows, self.logits, codebook, self.temperature, relaxed, self.use_kernels, self.index_factors
+        )
+
+    def _argmax(self, logits: Float[Tensor, "m w"]) -> Int[Tensor, "m"]:
+        """The hard indices of rows of this store's logits."""
+        return factored.hard_indices(logits) if self.index_factors > 1 else logits.argmax(dim=-1)
 
     def _codeword_table(self) -> Float[Tensor, "m k"]:
         """:meth:`table` without the rows kept in float."""
@@ -785,13 +854,13 @@ class CodebookFeatures(FeatureStore):
         if self.frozen:
             return codeword_table(self.lookup_codebook(), self.indices, self.use_kernels)
         if self.relaxed and self.training:
-            return soft_codewords(self.logits, self.lookup_codebook(), self.temperature)
+            return soft_codewords(self.logits, self.lookup_codebook(), self.temperature, self.index_factors)
         if not torch.is_grad_enabled():
             if self.training:
                 return self._hard_table_of_step()
             state = (self.codebook_bits, *((t.data_ptr(), t._version, t.shape) for t in (self.logits, self.codebook)))
             if self._hard_table is None or self._hard_table[0] != state:
-                hard = self.logits.argmax(dim=-1)
+                hard = self._argmax(self.logits)
                 self._hard_table = state, codeword_table(self.lookup_codebook(), hard, self.use_kernels)
             return self._hard_table[1]
         held, held_table = (self._held_indices, self._held_table) if self.training else (None, None)
@@ -799,19 +868,20 @@ class CodebookFeatures(FeatureStore):
         forecast_to = self._keep_forecast if self.training else None
         if self.fuse_rate and self.training:
             table, rate = straight_through_codewords_and_rate(
-                self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to
-            )
+                self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to,
+                self.index_factors,
+            )  # fmt: skip
             self._rate_of_table = rate, self.logits._version
             return table
         return straight_through_codewords(
-            self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to
+            self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to, self.index_factors
         )
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores (``RuntimeError`` in the float warm-up)."""
         if self.in_float_warmup:
             raise RuntimeError("a store in its float warm-up has no indices yet (see quantize_float_warmup)")
-        return self.indices.long() if self.frozen else self.logits.detach().argmax(dim=-1)
+        return self.indices.long() if self.frozen else self._argmax(self.logits.detach())
 
     def index_rate_bits(self) -> Float[Tensor, ""]:
         """Differentiable estimate of the bits an order-0 entropy coder spends on this store's indices.
@@ -829,7 +899,7 @@ class CodebookFeatures(FeatureStore):
         pending, self._rate_of_table = self._rate_of_table, None
         if pending is not None and pending[1] == self.logits._version:
             return pending[0]
-        return soft_index_rate_bits(self.logits, self.temperature, self.use_kernels)
+        return soft_index_rate_bits(self.logits, self.temperature, self.use_kernels, self.index_factors)
 
     @torch.no_grad()
     def freeze_indices(self) -> List[ParameterSwap]:
@@ -843,7 +913,8 @@ class CodebookFeatures(FeatureStore):
         self.frozen = True
         self.indices = indices
         self._hard_table = self._rate_of_table = self._forecast = None
-        return _replace_parameter(self, "logits", self.logits.data.new_empty(0, 2**self.index_bits), in_place=False)
+        empty = self.logits.data.new_empty(0, self.logits.shape[1])
+        return _replace_parameter(self, "logits", empty, in_place=False)
 
     @torch.no_grad()
     def load_codewords(
@@ -911,10 +982,13 @@ class CodebookFeatures(FeatureStore):
         quantized = ~kept
         weights = None if importance is None else importance[quantized]
         centroids, logits = vector_quantize(features[quantized], codewords, weights, iterations, generator)
+        logits = logits.neg_() if self.index_factors == 1 else factored.logits_of_joint(logits.neg_())
         lowest = -torch.finfo(self.logits.dtype).max  # float16 logits saturate instead of becoming -inf
-        logits = logits.neg_().clamp_(min=lowest).to(self.logits.dtype)  # the costs' own memory: no second table
+        logits = logits.clamp_(min=lowest).to(self.logits.dtype)  # the costs' own memory: no second table
         if bool(kept.any()):
-            logits = logits.new_zeros(features.shape[0], codewords).index_copy_(0, quantized.nonzero()[:, 0], logits)
+            logits = logits.new_zeros(features.shape[0], logits.shape[1]).index_copy_(
+                0, quantized.nonzero()[:, 0], logits
+            )
         self.codebook.data = centroids.to(self.codebook.dtype)
         self.codebook.grad = None
         swaps = _replace_parameter(self, "logits", logits, in_place=False)
@@ -960,7 +1034,7 @@ class CodebookFeatures(FeatureStore):
             swaps += _remap_rows(self, "warmup_features", source_rows, fresh, in_place)
             if self.logits.shape[0] == 0:  # no logits until the warm-up ends (a checkpoint from before may have them)
                 return swaps
-        fresh = _normal_rows(2**self.index_bits, self.logit_init_std, device)
+        fresh = _normal_rows(self.logits.shape[1], self.logit_init_std, device)
         return swaps + _remap_rows(self, "logits", source_rows, fresh, in_place)
 
     def _load_from_state_dict(  # type: ignore[override]
@@ -1003,6 +1077,12 @@ class CodebookFeatures(FeatureStore):
             if shape is not None and shape != tensor.shape:
                 tensor.data = tensor.data.new_empty(shape)
         saved_logits = state_dict.get(prefix + "logits")
+        if saved_logits is not None and self.logits is not None and saved_logits.shape[1:] != self.logits.shape[1:]:
+            raise ValueError(
+                f"{prefix}logits: the checkpoint has {saved_logits.shape[1]} logits a row, this store "
+                f"{self.logits.shape[1]} ({self.index_bits}-bit indices in {self.index_factors} factor(s)): train or "
+                "load with the run's index_bits and index_factors"
+            )
         if saved_logits is not None and self.logits is not None and saved_logits.shape != self.logits.shape:
             self.logits.data = self.logits.data.new_empty(saved_logits.shape)
         super()._load_from_state_dict(

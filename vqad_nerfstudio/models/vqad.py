@@ -38,6 +38,7 @@ from torch.nn import Parameter
 
 from vqad_nerfstudio import kernels
 from vqad_nerfstudio.compat import allow_nerfstudio_checkpoints, optional_lpips
+from vqad_nerfstudio.encodings.index_factors import check_factors
 from vqad_nerfstudio.encodings.occupancy import OccupancyEstimator
 from vqad_nerfstudio.encodings.sparse_grid import RowRemap, SparseFeatureGrid, cell_vertex_ids, coords_of
 from vqad_nerfstudio.encodings.vertex_features import (
@@ -102,6 +103,11 @@ class VQADModelConfig(ModelConfig):
     base_index_bits: Optional[int] = None
     """b of level 0, the coarsest (1..16; None: index_bits). Its codebook is part of the coarsest stream prefix:
     4 bits store 16 codewords (0.5 kB in fp16) where 8 store 256 (8 kB)."""
+    index_factors: Literal[1, 2] = 1
+    """How each index is learned: 1, as 2**b logits per vertex (VQAD); 2, as two 2**(b/2)-way choices whose
+    softmaxes multiply (32 logits per vertex at b = 8 instead of 256, 64 at b = 10 instead of 1024: a fraction of the
+    memory and bytes a training step moves through them). The codebooks, the hard indices and the file are the same;
+    index_bits and base_index_bits must be even. The softmax side then runs in PyTorch, also on a GPU."""
     num_levels: int = 5
     """L: number of levels of detail, coarse to fine (>= 1)."""
     base_resolution: int = 16
@@ -218,8 +224,8 @@ class VQADModelConfig(ModelConfig):
     bytes each training step moves through them; every computation is float32, and Adam's updates (with the second
     moment then in bfloat16) round stochastically, so that steps below float16's resolution survive on average. On
     an H200 (lego, 60 s) it cut peak training memory from x2.6 to x1.8 the float twin's at equal step time and PSNR
-    (docs/benchmarks.md). 'auto': float16 where the fused kernels run (CUDA with Triton), float32 on the CPU, whose
-    reference path only widens and rounds 16-bit logits at a cost."""
+    (docs/benchmarks.md). 'auto': float16 where the fused kernels run (CUDA with Triton, one index factor), float32
+    on the CPU and with two factors, whose reference path only widens and rounds 16-bit logits at a cost."""
     frozen_indices: bool = False
     """Hold each vertex's index as an integer instead of 2**b trainable logits: what decoding a file builds (memory
     in proportion to the file). Such indices render and export, but do not train."""
@@ -247,6 +253,8 @@ class VQADModelConfig(ModelConfig):
         check_int("index_bits (b)", self.index_bits, 1, 16)
         if self.base_index_bits is not None:
             check_int("base_index_bits", self.base_index_bits, 1, 16)
+        check_factors(self.index_bits, self.index_factors, "index_bits (b)")
+        check_factors(self.level_index_bits(0), self.index_factors, "base_index_bits")
         check_int("num_levels (L)", self.num_levels, 1, MAX_NUM_LEVELS)
         check_int("base_resolution", self.base_resolution, 1, MAX_RESOLUTION)
         finest = self.base_resolution * 2 ** (self.num_levels - 1)
@@ -291,7 +299,8 @@ class VQADModelConfig(ModelConfig):
     def logit_storage(self) -> torch.dtype:
         """The logits' dtype that logit_dtype names ('auto' resolved on this machine)."""
         if self.logit_dtype == "auto":
-            fast = self.fused_kernels and kernels.triton is not None and torch.cuda.is_available()
+            fast = self.fused_kernels and self.index_factors == 1 and kernels.triton is not None
+            fast = fast and torch.cuda.is_available()
             return torch.float16 if fast else torch.float32
         return getattr(torch, self.logit_dtype)
 
@@ -412,6 +421,7 @@ class VQADModel(Model):
                 use_kernels=cfg.fused_kernels,
                 codebook_bits=None if cfg.codebook_bits == 16 else cfg.codebook_bits,
                 logit_dtype=cfg.logit_storage(),
+                index_factors=cfg.index_factors,
             )
 
         return make
