@@ -41,12 +41,12 @@ def logit_width(index_bits: int, factors: int) -> int:
 
 def factor_softmax(logits: Float[Tensor, "m w"], temperature: float) -> Float[Tensor, "m 2 s"]:
     """Each factor's ``softmax(logits / temperature)``, in float32."""
-    return torch.softmax(widened(logits).view(logits.shape[0], 2, -1) / temperature, dim=-1)
+    return torch.softmax(widened(logits).view(logits.shape[0], 2, logits.shape[1] // 2) / temperature, dim=-1)
 
 
 def hard_indices(logits: Float[Tensor, "m w"]) -> Int[Tensor, "m"]:
     """Each row's index ``i * S + j``, ``i`` and ``j`` the argmaxes of the two factors."""
-    choices = logits.view(logits.shape[0], 2, -1).argmax(dim=-1)
+    choices = logits.view(logits.shape[0], 2, logits.shape[1] // 2).argmax(dim=-1)
     return choices[:, 0] * (logits.shape[1] // 2) + choices[:, 1]
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings import index_factors as factored
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
-from vqad_nerfstudio.kernels import column_rounding, relaxed_indices
+from vqad_nerfstudio.kernels import column_rounding, factored_indices, relaxed_indices
 from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update, widened
 from vqad_nerfstudio.rounding import QUANTIZED_BITS, rounded_columns, straight_through
 
@@ -112,10 +112,15 @@ def relaxed_logit_adam_(
     factors: int = 1,
 ) -> Optional[Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]]:
     """Adam's ``update`` of ``logits`` in place from the gradient :func:`relaxed_logit_grad` gives for the same
-    arguments, without allocating that gradient: on the GPU (``use_kernel``) tile by tile in one kernel pass, else
-    ROW_CHUNK rows at a time. With ``forecast``, on the GPU the kernel also returns the updated logits' hard indices
-    and soft-index column sums at ``temperature`` (else None: the next step computes them)."""
+    arguments, without allocating that gradient: on the GPU (``use_kernel``) tile by tile in one kernel pass
+    (:mod:`~vqad_nerfstudio.kernels.factored_indices` for two ``factors``), else ROW_CHUNK rows at a time. With
+    ``forecast``, on the GPU the kernel also returns the updated logits' hard indices and soft-index column sums at
+    ``temperature`` (else None: the next step computes them)."""
     logits = logits.detach()
+    if use_kernel and factors > 1 and factored_indices.available(logits, update):
+        return factored_indices.factored_logit_adam_(
+            logits, temperature, update, grad_rows, codebook, grad_share, share_scale, forecast
+        )
     if use_kernel and factors == 1 and relaxed_indices.available(logits):
         return relaxed_indices.relaxed_logit_adam_(
             logits, temperature, update, grad_rows, codebook, grad_share, share_scale, forecast
@@ -663,7 +668,7 @@ class CodebookFeatures(FeatureStore):
     is float32, and Adam's updates round stochastically, see :mod:`vqad_nerfstudio.optim`).
     ``index_factors=2`` learns each index as two ``index_bits / 2``-bit factors
     (:mod:`~vqad_nerfstudio.encodings.index_factors`): ``2 * 2**(b/2)`` logits a row instead of ``2**b``, the same
-    codebook and hard indices; its softmax side runs on the PyTorch path.
+    codebook and hard indices; on the GPU its Adam pass has a kernel of its own, the rest runs in PyTorch.
     """
 
     temperature: float = 1.0

@@ -107,7 +107,7 @@ class VQADModelConfig(ModelConfig):
     """How each index is learned: 1, as 2**b logits per vertex (VQAD); 2, as two 2**(b/2)-way choices whose
     softmaxes multiply (32 logits per vertex at b = 8 instead of 256, 64 at b = 10 instead of 1024: a fraction of the
     memory and bytes a training step moves through them). The codebooks, the hard indices and the file are the same;
-    index_bits and base_index_bits must be even. The softmax side then runs in PyTorch, also on a GPU."""
+    index_bits and base_index_bits must be even."""
     num_levels: int = 5
     """L: number of levels of detail, coarse to fine (>= 1)."""
     base_resolution: int = 16
