@@ -40,11 +40,13 @@ def test_the_update_matches_the_reference(size: int, rows: int, terms: str, exp_
         results.append((logits, update.exp_avg, update.exp_avg_sq, forecast))
     (logits, exp_avg, exp_avg_sq, forecast), (want, want_avg, want_avg_sq, none) = results
     assert none is None  # the reference forecasts nothing: the next step reads the logits
-    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
+    # float32 within 1e-4 as the one-factor kernel's test: the softmax gradient's cancellation leaves the GPU's
+    # exponentials and sums a few 1e-6 from PyTorch's (1.3e-5 seen in a second moment on an H100)
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(exp_avg.float(), want_avg.float(), rtol=2**-7, atol=1e-7)
-    torch.testing.assert_close(exp_avg_sq, want_avg_sq, rtol=1e-5, atol=1e-12)
-    hard, sums = vertex_features.hard_indices_and_shares(want, 0.4, use_kernel=False, factors=2)
-    assert torch.equal(forecast[0], hard)
+    torch.testing.assert_close(exp_avg_sq, want_avg_sq, rtol=1e-4, atol=1e-10)
+    hard, sums = vertex_features.hard_indices_and_shares(logits, 0.4, use_kernel=False, factors=2)
+    assert torch.equal(forecast[0], hard)  # of the kernel's own update, as the next step reads it
     torch.testing.assert_close(forecast[1], sums * max(rows, 1), rtol=1e-5, atol=1e-5)
     if rows:
         assert not torch.equal(logits, start)
