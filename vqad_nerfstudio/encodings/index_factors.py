@@ -94,7 +94,8 @@ def logit_grad(
     codebook: Optional[Float[Tensor, "c k"]] = None,
     grad_share: Optional[Float[Tensor, "c"]] = None,
 ) -> Float[Tensor, "m w"]:
-    """The logits' gradient (float32) through each factor's softmax, given :func:`soft_grad`'s terms."""
+    """The logits' gradient (in float32 for 16-bit logits) through each factor's softmax, given :func:`soft_grad`'s
+    terms."""
     soft = factor_softmax(logits, temperature)
     grad = soft_grad(soft, grad_rows, codebook, grad_share)
     grad = soft * (grad - (soft * grad).sum(dim=-1, keepdim=True)) / temperature
