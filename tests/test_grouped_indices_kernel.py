@@ -16,6 +16,7 @@ from vqad_nerfstudio.kernels import relaxed_indices
 from vqad_nerfstudio.optim import AdamStep, InBackwardAdam
 
 from kernel_device import DEVICE, ON_GPU, needs_kernel
+from model_steps import straight_through_steps
 
 pytestmark = needs_kernel
 
@@ -238,44 +239,10 @@ def test_a_models_training_steps_step_its_levels_together() -> None:
     """vqad's model under its trainer's optimisers (the logits' Adam in the backward pass), straight-through from the
     first step with the rate in the loss: its steps step the grown levels together (the finest, grown by a pruning
     not run here, has no rows yet), with the losses the levels stepped one by one give."""
-    from nerfstudio.cameras.rays import RayBundle
-    from nerfstudio.data.scene_box import SceneBox
-    from nerfstudio.engine.optimizers import Optimizers
-    from vqad_nerfstudio.method_configs.vqad import vqad_model_config, vqad_trainer_config
-
-    from vqad_nerfstudio.models.vqad import VQADModelConfig
-
-    origins = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
-    origins = 3 * origins / origins.norm(dim=-1, keepdim=True)
-    bundle_values = dict(
-        origins=origins.to(DEVICE),
-        directions=(-origins / origins.norm(dim=-1, keepdim=True)).to(DEVICE),
-        pixel_area=torch.ones(64, 1, device=DEVICE),
-        camera_indices=torch.zeros(64, 1, dtype=torch.long, device=DEVICE),
-    )
-    batch = {"image": torch.rand(64, 3, generator=torch.Generator().manual_seed(2)).to(DEVICE)}
-    optimizer_configs = vqad_trainer_config("vqad", vqad_model_config()).optimizers
 
     def train(grouped: bool):
-        torch.manual_seed(0)
-        config = VQADModelConfig(num_levels=3, base_resolution=4, dense_resolution=8, num_samples=48, hidden_dim=16,
-                                 index_bits=4, index_warmup_steps=0, coarse_lod_fraction=0.0, tf32=False,
-                                 index_rate_weight=1e-3, grouped_levels=grouped)  # fmt: skip
-        model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
-        model = model.to(DEVICE).train()
-        model._quantize_float_warmup()  # the warm-up's end, which the training callbacks run at step 0
-        groups = model.get_param_groups()
-        optimizers = Optimizers({name: optimizer_configs[name] for name in groups}, groups)
-        losses = []
-        for _ in range(3):
-            optimizers.zero_grad_all()
-            torch.manual_seed(3)  # the sampler's jitter
-            outputs = model.get_outputs(model.collider(RayBundle(**bundle_values)))
-            loss_dict = model.get_loss_dict(outputs, batch)
-            sum(loss_dict.values()).backward()
-            optimizers.optimizer_step_all()
-            losses.append(torch.stack([loss_dict["rgb_loss"], loss_dict["index_rate"]]).detach())
-        return torch.stack(losses), model.grid._grouped
+        losses, model = straight_through_steps(grouped_levels=grouped)
+        return losses, model.grid._grouped
 
     grouped_losses, group = train(True)
     assert len(group.stores) == 2 and group._forecast is not None  # the grown levels
