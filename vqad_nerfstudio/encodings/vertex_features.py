@@ -189,6 +189,12 @@ def codeword_table(
     return codebook.index_select(0, indices)
 
 
+def hard_indices_of(logits: Float[Tensor, "m w"], factors: int) -> Int[Tensor, "m"]:
+    """Each row's hard index: the argmax of one factor's logits, or of two factors' (see
+    :func:`~vqad_nerfstudio.encodings.index_factors.hard_indices`)."""
+    return logits.argmax(dim=-1) if factors == 1 else factored.hard_indices(logits)
+
+
 def hard_indices_and_shares(
     logits: Float[Tensor, "m w"],
     temperature: float,
@@ -199,18 +205,17 @@ def hard_indices_and_shares(
     """Each row's hard index (argmax) and, with ``with_shares``, the mean of the rows' ``softmax(logits /
     temperature)`` (else an empty tensor). On the GPU (``use_kernel``) one kernel pass over the logits, else in chunks
     of rows. Two ``factors``: :mod:`~vqad_nerfstudio.encodings.index_factors`' hard index and soft index."""
-    if factors > 1:
-        hard = factored.hard_indices(logits)
-        sums = widened(logits.new_zeros((logits.shape[1] // 2) ** 2 if with_shares else 0))
-        for (chunk,) in _row_chunks(logits) if with_shares else ():
-            sums += factored.share_sums(factored.factor_softmax(chunk, temperature))
-    elif use_kernel and relaxed_indices.available(logits):
+    if use_kernel and factors == 1 and relaxed_indices.available(logits):
         hard, sums = relaxed_indices.hard_indices_and_shares(logits, temperature, with_shares)
     else:
-        hard = logits.argmax(dim=-1)
-        sums = widened(logits.new_zeros(logits.shape[-1] if with_shares else 0))
+        hard = hard_indices_of(logits, factors)
+        codewords = logits.shape[-1] if factors == 1 else (logits.shape[-1] // 2) ** 2
+        sums = widened(logits.new_zeros(codewords if with_shares else 0))
         for (chunk,) in _row_chunks(logits) if with_shares else ():
-            sums += torch.softmax(widened(chunk) / temperature, dim=-1).sum(dim=0)
+            if factors == 1:
+                sums += torch.softmax(widened(chunk) / temperature, dim=-1).sum(dim=0)
+            else:
+                sums += factored.share_sums(factored.factor_softmax(chunk, temperature))
     return hard, sums / max(logits.shape[0], 1) if with_shares else sums
 
 
@@ -843,14 +848,10 @@ class CodebookFeatures(FeatureStore):
             return codebook.index_select(0, self.indices.index_select(0, rows))
         relaxed = self.relaxed and self.training
         if not torch.is_grad_enabled() and not relaxed:
-            return codebook.index_select(0, self._argmax(self.logits.index_select(0, rows)))
+            return codebook.index_select(0, hard_indices_of(self.logits.index_select(0, rows), self.index_factors))
         return straight_through_lookup(
             rows, self.logits, codebook, self.temperature, relaxed, self.use_kernels, self.index_factors
         )
-
-    def _argmax(self, logits: Float[Tensor, "m w"]) -> Int[Tensor, "m"]:
-        """The hard indices of rows of this store's logits."""
-        return factored.hard_indices(logits) if self.index_factors > 1 else logits.argmax(dim=-1)
 
     def _codeword_table(self) -> Float[Tensor, "m k"]:
         """:meth:`table` without the rows kept in float."""
@@ -865,7 +866,7 @@ class CodebookFeatures(FeatureStore):
                 return self._hard_table_of_step()
             state = (self.codebook_bits, *((t.data_ptr(), t._version, t.shape) for t in (self.logits, self.codebook)))
             if self._hard_table is None or self._hard_table[0] != state:
-                hard = self._argmax(self.logits)
+                hard = hard_indices_of(self.logits, self.index_factors)
                 self._hard_table = state, codeword_table(self.lookup_codebook(), hard, self.use_kernels)
             return self._hard_table[1]
         held, held_table = (self._held_indices, self._held_table) if self.training else (None, None)
@@ -886,7 +887,7 @@ class CodebookFeatures(FeatureStore):
         """The b-bit index of every row: what a compressed file stores (``RuntimeError`` in the float warm-up)."""
         if self.in_float_warmup:
             raise RuntimeError("a store in its float warm-up has no indices yet (see quantize_float_warmup)")
-        return self.indices.long() if self.frozen else self._argmax(self.logits.detach())
+        return self.indices.long() if self.frozen else hard_indices_of(self.logits.detach(), self.index_factors)
 
     def index_rate_bits(self) -> Float[Tensor, ""]:
         """Differentiable estimate of the bits an order-0 entropy coder spends on this store's indices.
