@@ -27,6 +27,8 @@ triton = relaxed_indices.triton
 if triton is not None:
     import triton.language as tl
 
+    from vqad_nerfstudio.kernels.relaxed_indices import _softmax
+
 _TILE_VALUES = 2048
 """Values of the ``[rows, S, S]`` soft-index gradient a block holds in registers (8 rows at 8 bits)."""
 ROWS_PER_PROGRAM = relaxed_indices.ROWS_PER_PROGRAM
@@ -56,14 +58,7 @@ if triton is not None:
         that do not exist)."""
         mask = row_ok[:, None] & (column < S)[None, :]
         x = tl.load(logits + row[:, None].to(tl.int64) * (2 * S) + first_column + column[None, :], mask=mask, other=0.0)
-        return x, _softmax(x, row_ok, inv_temperature)
-
-    @triton.jit
-    def _softmax(x, row_ok, inv_temperature):
-        """``softmax(x * inv_t)`` per row of a block (0 on rows that do not exist)."""
-        scaled = x * inv_temperature
-        exponentials = tl.exp(scaled - tl.max(scaled, axis=1)[:, None])
-        return tl.where(row_ok[:, None], exponentials / tl.sum(exponentials, axis=1)[:, None], 0.0)
+        return x, _softmax(x, row_ok, mask, inv_temperature)
 
     @triton.jit
     def _adam(x, grad, offsets, mask, exp_avg, exp_avg_sq, step_size, beta1, beta2, eps, sqrt_bias2, weight_decay):
@@ -120,7 +115,7 @@ if triton is not None:
             if FORECAST:
                 hard = tl.argmax(x1, axis=1).to(tl.int64) * S + tl.argmax(x2, axis=1).to(tl.int64)
                 tl.store(next_hard + row, hard, mask=row_ok)
-                q1, q2 = _softmax(x1, row_ok, inv_temperature), _softmax(x2, row_ok, inv_temperature)
+                q1, q2 = _softmax(x1, row_ok, mask, inv_temperature), _softmax(x2, row_ok, mask, inv_temperature)
                 sums += tl.sum(q1[:, :, None] * q2[:, None, :], axis=0)
         if FORECAST:
             tl.store(next_sums + program * S * S + pair, sums)
