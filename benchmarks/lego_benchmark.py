@@ -26,10 +26,12 @@ import ast
 import collections
 import copy
 import gc
+import gzip
 import json
 import math
 import os
 import re
+import shutil
 import statistics
 import time
 from contextlib import contextmanager
@@ -90,8 +92,8 @@ class BenchmarkConfig:
     profile: Tuple[str, ...] = ()
     """Methods (as named in the run, e.g. vqad-hash@14) whose training steps --profile-from .. +4 run under torch's
     profiler and Python's cProfile; the busiest operators (by GPU and by CPU time) and Python functions are printed
-    and written to METHOD.profile.txt (@ written as -); one eval view is rendered again under the profilers into
-    METHOD.eval-profile.txt."""
+    and written to METHOD.profile.txt (@ written as -), with torch's trace in METHOD.profile.trace.json.gz (for
+    chrome://tracing or Perfetto); one eval view is rendered again under the profilers into METHOD.eval-profile.txt."""
     profile_from: int = 5
     """First profiled training step (after the first steps' one-off costs; later steps see the pruned grid)."""
     network_bits: Optional[int] = None
@@ -573,10 +575,17 @@ class _Profiler:
         if self.cuda:
             tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=25))
         python = io.StringIO()
-        pstats.Stats(self.python_profiler, stream=python).sort_stats("cumulative").print_stats(45)
+        stats = pstats.Stats(self.python_profiler, stream=python)
+        stats.sort_stats("cumulative").print_stats(45)
+        stats.sort_stats("tottime").print_stats(60)
         text = "\n".join(tables) + "\n" + python.getvalue()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(text)
+        trace = self.path.with_suffix(".trace.json")
+        self.torch_profiler.export_chrome_trace(str(trace))
+        with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        trace.unlink()
         print(f"\n{self.title}:\n{text}", flush=True)
 
 

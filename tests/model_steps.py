@@ -44,6 +44,7 @@ def straight_through_steps(steps: int = 3, **settings: Any) -> Tuple[torch.Tenso
     optimizers = Optimizers({name: optimizer_configs[name] for name in groups}, groups)
     losses = []
     for _ in range(steps):
+        model.train()  # nerfstudio's trainer calls the pipeline's train() before every step
         optimizers.zero_grad_all()
         torch.manual_seed(3)  # the sampler's jitter
         outputs = model.get_outputs(model.collider(RayBundle(**bundle_values)))

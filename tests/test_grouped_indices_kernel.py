@@ -249,3 +249,23 @@ def test_a_models_training_steps_step_its_levels_together() -> None:
     losses, group = train(False)
     assert not group.stores
     torch.testing.assert_close(grouped_losses, losses, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_each_step_reads_the_indices_its_last_update_forecast(monkeypatch: pytest.MonkeyPatch, grouped: bool) -> None:
+    """Past the first step, no step reads its logits for their hard indices and soft-index sums: the last step's
+    Adam update forecast them, and the forecast outlives the train() that nerfstudio's trainer calls before every
+    step (when that call dropped it, every step read every level's logits once more)."""
+    reads = []
+    read = relaxed_indices.hard_indices_and_shares
+
+    def counted(*args, **kwargs):
+        reads.append(args[0].shape)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(relaxed_indices, "hard_indices_and_shares", counted)
+    straight_through_steps(steps=1, grouped_levels=grouped)
+    first_step = len(reads)
+    assert first_step == 2  # the two grown levels' logits, once
+    straight_through_steps(steps=3, grouped_levels=grouped)
+    assert len(reads) == 2 * first_step

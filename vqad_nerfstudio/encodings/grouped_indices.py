@@ -86,7 +86,7 @@ class GroupedIndices:
         return self._codebooks is not None
 
     def forget(self) -> None:
-        """Drop the forecast (the logits may change without a version bump: a mode switch, a load)."""
+        """Drop the forecast (a load may give the logits new values without a version bump the forecast sees)."""
         self._forecast = None
 
     def begin(self, stores: Sequence[FeatureStore]) -> bool:

@@ -263,10 +263,7 @@ class SparseFeatureGrid(nn.Module):
         """On the fused path, step the levels' learned indices together where they are alike (see
         :meth:`indices_once`)."""
         self._grouped = GroupedIndices()
-
-    def train(self, mode: bool = True) -> "SparseFeatureGrid":
-        self._grouped.forget()
-        return super().train(mode)
+        self.register_load_state_dict_post_hook(lambda module, _: module._grouped.forget())
 
     @property
     def pruned(self) -> bool:

@@ -757,8 +757,9 @@ class CodebookFeatures(FeatureStore):
         return self.warmup_features.shape[0] if self._float_warmup else self.logits.shape[0]
 
     def train(self, mode: bool = True) -> "CodebookFeatures":
-        self._hard_table = None  # optimisers may change the parameters in place without a version bump (fused Adam)
-        self._forecast = None
+        # optimisers may change the codebook in place without a version bump (fused Adam). The forecast stays: it
+        # is checked against the logits' version, and nerfstudio's trainer calls train() before every step.
+        self._hard_table = None
         return super().train(mode)
 
     @property
