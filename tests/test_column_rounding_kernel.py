@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from vqad_nerfstudio.encodings import vertex_features
+from vqad_nerfstudio.fields.quantized_linear import QuantizedConvTranspose2d, QuantizedLinear
 from vqad_nerfstudio.kernels import column_rounding
-from vqad_nerfstudio.rounding import rounded_columns
+from vqad_nerfstudio.rounding import rounded_columns, rounded_rows
 
 from kernel_device import DEVICE, needs_kernel
 
@@ -54,6 +55,32 @@ def test_bad_bits_and_unsupported_matrices_are_refused() -> None:
     assert not column_rounding.available(_codebooks(1, 4, 4).double())
     assert not column_rounding.available(torch.zeros(4, column_rounding.MAX_COLUMNS + 1, device=DEVICE))
     assert not column_rounding.available(torch.zeros(4, device=DEVICE))
+
+
+@pytest.mark.parametrize("bits", [2, 7, 8])
+@pytest.mark.parametrize("shape", [(64, 35), (1, 1), (16, 64), (256, 3), (8, 4, 3, 3)])
+def test_weights_are_rounded_by_rows_as_the_reference_bit_for_bit(bits, shape) -> None:
+    """Decoder weights (linear ``[out, in]``, transposed convolutions ``[in, out, h, w]``) rounded per row of their
+    2-d flattening, halfway points and an all-zero row among them (the columns of :func:`_codebooks`)."""
+    weight = _codebooks(1, int(torch.tensor(shape[1:]).prod()), shape[0], seed=bits)[0].t().reshape(shape)
+    assert column_rounding.rows_available(weight)
+    got = column_rounding.rounded_rows(weight, bits)
+    assert got.shape == weight.shape and got.is_contiguous()
+    assert torch.equal(got, rounded_rows(weight, bits))
+
+
+def test_quantised_layers_round_their_weights_with_the_kernel() -> None:
+    """A decoder layer's rounded weight is the kernel's where it runs, and equal to the reference's; weights it
+    cannot take (more than MAX_COLUMNS rows) take the reference."""
+    torch.manual_seed(0)
+    for layer in (QuantizedLinear(35, 64), QuantizedConvTranspose2d(8, 4, 3), QuantizedLinear(3, 300)):
+        layer = layer.to(DEVICE)
+        layer.bits = 7
+        layer.hold_rounding(True)
+        assert torch.equal(layer._held, rounded_rows(layer.weight, 7))
+    assert column_rounding.rows_available(torch.zeros(64, 35, device=DEVICE))
+    assert not column_rounding.rows_available(torch.zeros(column_rounding.MAX_COLUMNS + 1, 3, device=DEVICE))
+    assert not column_rounding.rows_available(torch.zeros(4, device=DEVICE))
 
 
 def test_held_codebooks_are_rounded_by_the_kernel_as_by_the_reference(monkeypatch) -> None:

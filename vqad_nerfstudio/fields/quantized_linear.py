@@ -13,6 +13,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vqad_nerfstudio.kernels import column_rounding
 from vqad_nerfstudio.rounding import rounded_rows, straight_through
 
 
@@ -35,6 +36,8 @@ class _RoundedWeight(nn.Module):
 
     def _rounded(self) -> Tensor:
         assert self.bits is not None
+        if column_rounding.rows_available(self.weight):  # on the GPU: the same numbers in two launches
+            return column_rounding.rounded_rows(self.weight, self.bits)
         return rounded_rows(self.weight, self.bits)
 
     def rounded_weight(self) -> Tensor:
