@@ -191,6 +191,7 @@ def _step_counts(model: VQADModel, bundle: RayBundle) -> Tuple[_Counter, _Counte
         return sum(model.get_loss_dict(outputs, batch).values())
 
     loss().backward()  # a first step: caches, compilation
+    model.train()  # as nerfstudio's trainer does before each step (until `86a8d4e` this dropped the forecast)
     model.zero_grad(set_to_none=True)  # as nerfstudio's optimisers do before each step: gradients assigned, not added
     forward, backward = _Counter(), _Counter()
     with _counting(forward):
