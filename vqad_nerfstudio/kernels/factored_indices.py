@@ -27,7 +27,7 @@ triton = relaxed_indices.triton
 if triton is not None:
     import triton.language as tl
 
-    from vqad_nerfstudio.kernels.relaxed_indices import _softmax
+    from vqad_nerfstudio.kernels.relaxed_indices import _adam_arithmetic, _softmax
 
 _TILE_VALUES = 2048
 """Values of the ``[rows, S, S]`` soft-index gradient a block holds in registers (8 rows at 8 bits)."""
@@ -64,12 +64,12 @@ if triton is not None:
     def _adam(x, grad, offsets, mask, exp_avg, exp_avg_sq, step_size, beta1, beta2, eps, sqrt_bias2, weight_decay):
         """torch.optim.Adam's update of one factor's logits ``x`` from ``grad``, its moments read and written at
         ``offsets``; returns the updated logits."""
-        grad += weight_decay * x
-        m = tl.load(exp_avg + offsets, mask=mask, other=0.0).to(tl.float32) * beta1 + (1.0 - beta1) * grad
-        v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0) * beta2 + (1.0 - beta2) * grad * grad
+        m = tl.load(exp_avg + offsets, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0)
+        x, m, v = _adam_arithmetic(x, grad, m, v, step_size, beta1, beta2, eps, sqrt_bias2, weight_decay)
         tl.store(exp_avg + offsets, m.to(exp_avg.dtype.element_ty), mask=mask)
         tl.store(exp_avg_sq + offsets, v, mask=mask)
-        return x - step_size * m / (tl.sqrt(v) / sqrt_bias2 + eps)
+        return x
 
     @triton.jit
     def _factored_adam_kernel(

@@ -71,6 +71,15 @@ if triton is not None:
         return row, row_ok, column, mask, x, _softmax(x, row_ok, mask, inv_temperature)
 
     @triton.jit
+    def _adam_arithmetic(x, grad, m, v, step_size, beta1, beta2, eps, sqrt_bias2, weight_decay):
+        """torch.optim.Adam's update of ``x`` from ``grad`` and its moments ``m`` and ``v`` (float32 values): the
+        updated ``x``, ``m`` and ``v``."""
+        grad += weight_decay * x
+        m = m * beta1 + (1.0 - beta1) * grad
+        v = v * beta2 + (1.0 - beta2) * grad * grad
+        return x - step_size * m / (tl.sqrt(v) / sqrt_bias2 + eps), m, v
+
+    @triton.jit
     def _softmax(x, row_ok, mask, inv_temperature):
         """``softmax(x * inv_t)`` of a block's rows, whose ``x`` is -inf outside ``mask`` (0 there)."""
         scaled = x * inv_temperature
@@ -241,13 +250,12 @@ if triton is not None:
             grad += share[None, :]
         expected = tl.sum(soft * grad, axis=1)
         grad = soft * (grad - expected[:, None]) * inv_temperature
-        if ADAM:  # torch.optim.Adam's arithmetic, in float32; the moments are stored in their own dtype
-            x = tl.where(mask, x, 0.0)
-            grad += weight_decay * x
-            m = tl.load(exp_avg + offsets, mask=mask, other=0.0).to(tl.float32) * beta1 + (1.0 - beta1) * grad
-            v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0).to(tl.float32) * beta2
-            v += (1.0 - beta2) * grad * grad
-            x -= step_size * m / (tl.sqrt(v) / sqrt_bias2 + eps)
+        if ADAM:  # in float32; the moments are stored in their own dtype
+            m = tl.load(exp_avg + offsets, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(exp_avg_sq + offsets, mask=mask, other=0.0).to(tl.float32)
+            x, m, v = _adam_arithmetic(
+                tl.where(mask, x, 0.0), grad, m, v, step_size, beta1, beta2, eps, sqrt_bias2, weight_decay
+            )
             noise = _hash(offsets.to(tl.uint32) ^ seed.to(tl.uint32))
             x = _stochastically_rounded(x, noise, LOGIT_DROPPED, LOGIT_LARGEST)
             v = _stochastically_rounded(v, noise >> 16, EXP_AVG_SQ_DROPPED, 0.0)
