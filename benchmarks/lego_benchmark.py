@@ -349,8 +349,13 @@ def _train(method: str, bench: BenchmarkConfig, tensorf_checkpoint: Optional[Pat
     profiler = None
     if method in bench.profile:
         path = bench.output_dir / f"{method.replace('@', '-')}.profile.txt"
-        callbacks, profiler = _profiled_steps(path, range(bench.profile_from, bench.profile_from + 5))
+        profiled = range(bench.profile_from, bench.profile_from + 5)
+        callbacks, profiler = _profiled_steps(path, profiled)
         trainer.callbacks += callbacks
+        pruned = sorted(set(getattr(trainer.pipeline.model.config, "prune_steps", ())) & set(profiled))
+        if pruned:  # a pruning evaluates the field at every cell's corners: it would dominate the profile
+            print(f"{method}: the profiled steps {profiled[0]}..{profiled[-1]} include a pruning (step "
+                  f"{pruned[0]}); --profile-from past it profiles training steps alone")  # fmt: skip
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
