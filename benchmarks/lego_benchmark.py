@@ -26,12 +26,10 @@ import ast
 import collections
 import copy
 import gc
-import gzip
 import json
 import math
 import os
 import re
-import shutil
 import statistics
 import time
 from contextlib import contextmanager
@@ -586,11 +584,7 @@ class _Profiler:
         text = "\n".join(tables) + "\n" + python.getvalue()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(text)
-        trace = self.path.with_suffix(".trace.json")
-        self.torch_profiler.export_chrome_trace(str(trace))
-        with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
-            shutil.copyfileobj(raw, packed)
-        trace.unlink()
+        self.torch_profiler.export_chrome_trace(str(self.path.with_suffix(".trace.json.gz")))  # gzipped by torch
         print(f"\n{self.title}:\n{text}", flush=True)
 
 
