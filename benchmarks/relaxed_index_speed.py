@@ -2,8 +2,8 @@
 with the soft indices' shares (one read of the logits; at each ``rows_per_program``), the same with the index
 rate, and the logits' Adam update in the backward pass (logits, bfloat16 first and float32 second moment, read and
 written; also with float16 logits and a bfloat16 second moment, stochastically rounded, and with the next step's
-hard indices and shares forecast from the updated logits; and that update over several levels, launched per level
-and once for all), with ``torch.argmax`` over the same logits as a yardstick of what one read costs. Also the codebook's
+hard indices and shares forecast from the updated logits; and that update over several levels, a launch per level),
+with ``torch.argmax`` over the same logits as a yardstick of what one read costs. Also the codebook's
 gradient through the hard indices (``torch.index_add_`` against the kernel that skips untouched rows), and the
 table of every vertex's codeword that the straight-through lookup gathers each step (index_select and the kernel).
 
@@ -39,7 +39,7 @@ class Args:
     channels: int = 16
     """Features per codeword (the codebook gradient's width)."""
     level_shares: Tuple[float, ...] = (0.002, 0.01, 0.06, 0.25, 0.678)
-    """Shares of the rows in each level of detail, for the grouped Adam update (about lego's five levels)."""
+    """Shares of the rows in each level of detail, for the Adam update level by level (about lego's five levels)."""
     touched_share: float = 0.5
     """Share of vertices with a nonzero gradient in the codebook-gradient rows."""
     repeats: int = 50
@@ -106,7 +106,7 @@ def main(args: Args) -> None:
     )
     rows.append(
         (
-            "the same, forecasting the next step's hard indices and shares (default)",
+            "the same, forecasting the next step's hard indices and shares",
             lambda: relaxed_indices.relaxed_logit_adam_(
                 half_logits, 0.5, half_update, grad_rows, codebook, forecast=True
             ),
@@ -126,16 +126,8 @@ def main(args: Args) -> None:
         for level, update_of_level, grad_of_level in zip(levels, level_updates, level_grads):
             relaxed_indices.relaxed_logit_adam_(level, 0.5, update_of_level, grad_of_level, codebook, forecast=True)
 
-    codebooks_t = codebook.t().expand(len(levels), -1, -1).contiguous()
-    rows.append((f"the same in {len(levels)} levels, a launch per level", level_by_level, adam_bytes * 6 // 10))
     rows.append(
-        (
-            f"the same in {len(levels)} levels, one launch (grouped; default)",
-            lambda: relaxed_indices.grouped_logit_adam_(
-                levels, 0.5, level_updates, grad_rows, codebooks_t, forecast=True
-            ),
-            adam_bytes * 6 // 10,
-        )
+        (f"the same in {len(levels)} levels, a launch per level (default)", level_by_level, adam_bytes * 6 // 10)
     )
     hard = half_logits.argmax(dim=-1)
     table_grad = torch.randn(args.rows, args.channels, device="cuda")

@@ -12,6 +12,7 @@ from vqad_nerfstudio.encodings import vertex_features
 from vqad_nerfstudio.kernels import relaxed_indices
 
 from kernel_device import DEVICE, ON_GPU, needs_kernel
+from model_steps import straight_through_steps
 
 ROWS = 5000 if ON_GPU else 700  # the interpreter is slow
 CODEBOOK_SIZES = [16, 256, relaxed_indices.MAX_CODEWORDS]
@@ -364,3 +365,22 @@ def test_a_store_takes_its_forecast_only_for_the_logits_it_was_made_for() -> Non
     step()
     store.temperature = 0.5
     torch.testing.assert_close(held_indices()[1:], read()[1:])
+
+
+def test_each_step_reads_the_indices_its_last_update_forecast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the first step, no step reads its logits for their hard indices and soft-index sums: the last step's
+    Adam update forecast them, and the forecast outlives the train() that nerfstudio's trainer calls before every
+    step (when that call dropped it, every step read every level's logits once more)."""
+    reads = []
+    read = relaxed_indices.hard_indices_and_shares
+
+    def counted(*args, **kwargs):
+        reads.append(args[0].shape)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(relaxed_indices, "hard_indices_and_shares", counted)
+    straight_through_steps(steps=1)
+    first_step = len(reads)
+    assert first_step == 2  # the two grown levels' logits, once
+    straight_through_steps(steps=3)
+    assert len(reads) == 2 * first_step

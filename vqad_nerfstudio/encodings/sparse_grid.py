@@ -29,7 +29,6 @@ import torch
 from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor, nn
 
-from vqad_nerfstudio.encodings.grouped_indices import GroupedIndices
 from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap, round_held_codebooks
 from vqad_nerfstudio.kernels import cell_lookup, grid_interpolation
 
@@ -259,11 +258,6 @@ class SparseFeatureGrid(nn.Module):
         self.fused = True
         """Interpolate with the fused GPU kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
         self._topology_cache: Dict[str, Tuple[Tuple, Tensor]] = {}
-        self.grouped_levels = True
-        """On the fused path, step the levels' learned indices together where they are alike (see
-        :meth:`indices_once`)."""
-        self._grouped = GroupedIndices()
-        self.register_load_state_dict_post_hook(lambda module, _: module._grouped.forget())
 
     @property
     def pruned(self) -> bool:
@@ -362,10 +356,7 @@ class SparseFeatureGrid(nn.Module):
         """:meth:`forward`'s features by one fused kernel over the located levels (their tables concatenated)."""
         levels = self.levels[: located.shape[1]]
         corner_rows = self._topology_cached(f"corner_rows{len(levels)}", lambda: self._concatenated_corner_rows(levels))
-        if self._grouped.active and len(levels) == len(self._grouped.stores):
-            tables = self._grouped.table()
-        else:
-            tables = torch.cat([level.features.table() for level in levels])
+        tables = torch.cat([level.features.table() for level in levels])
         return grid_interpolation.fused_interpolation(
             tables, unit_positions, lod, located, corner_rows, self.resolutions[0]
         )
@@ -396,32 +387,20 @@ class SparseFeatureGrid(nn.Module):
     @contextmanager
     def indices_once(self) -> Iterator[None]:
         """Within this block each level derives its hard indices (and rate) from its logits once, however many
-        lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it. In training
-        on the fused path with ``grouped_levels``, grown levels that
-        :func:`~vqad_nerfstudio.encodings.grouped_indices.groupable` takes are stepped together
-        (:class:`~vqad_nerfstudio.encodings.grouped_indices.GroupedIndices`: each kernel of their step launched once
-        for all of them)."""
-        stores = [level.features for level in self.levels]
-        grown = stores[: self.grown_levels()]  # the levels lookups locate
-        grouped = self.fused and self.grouped_levels and self._grouped.begin(grown)
-        held = stores[len(grown) :] if grouped else stores
+        lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it."""
+        held = [level.features for level in self.levels]
         for store in held:
             store.hold_indices(True)
         round_held_codebooks(held)
         try:
             yield
         finally:
-            self._grouped.end()
             for store in held:
                 store.hold_indices(False)
 
     def index_bits_per_row(self, stores: Sequence[FeatureStore]) -> Float[Tensor, ""]:
         """The summed :meth:`~vqad_nerfstudio.encodings.vertex_features.CodebookFeatures.index_rate_bits` of
-        ``stores`` (this grid's, with learned indices and rows) over their rows, as a rate term weighs it: from the
-        last grouped step where it computed that (in its kernel, so no operation here)."""
-        grouped = self._grouped.rate_bits_per_row(stores)
-        if grouped is not None:
-            return grouped
+        ``stores`` (this grid's, with learned indices and rows) over their rows, as a rate term weighs it."""
         return torch.stack([store.index_rate_bits() for store in stores]).sum() / sum(s.num_rows for s in stores)
 
     def occupancy_bits(self) -> UInt8[Tensor, "v"]:

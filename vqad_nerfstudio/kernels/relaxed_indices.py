@@ -12,10 +12,8 @@ functions are the reference the tests compare against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -115,29 +113,17 @@ if triton is not None:
             tl.store(partial_sums + program * C + column, tl.sum(blocks, axis=0), mask=column < C)
 
     @triton.jit
-    def _rate_kernel(
-        sums, n_rows, level_rows, levels, out, grad_counts, C: tl.constexpr, C_POW2: tl.constexpr,
-        L_POW2: tl.constexpr, MIN_SHARE: tl.constexpr, LEVEL_ROWS: tl.constexpr,
-    ):  # fmt: skip
-        """The order-0 bits of ``levels`` levels' indices, each level's coded under its shares (the soft indices'
-        column ``sums`` over its rows: ``n_rows``, or with ``LEVEL_ROWS`` ``level_rows[l]``), summed (with
-        ``LEVEL_ROWS``, per row of all levels), and their gradient in each count: one program (a few thousand
-        values)."""
-        level = tl.arange(0, L_POW2)[:, None]
-        column = tl.arange(0, C_POW2)[None, :]
-        level_ok = level < levels
-        ok = level_ok & (column < C)
-        if LEVEL_ROWS:
-            rows = tl.load(level_rows + level, mask=level_ok, other=0).to(tl.float32)
-        else:
-            rows = tl.where(level_ok, n_rows, 0).to(tl.float32)
-        shares = tl.load(sums + level * C + column, mask=ok, other=0.0) / tl.maximum(rows, 1.0)
+    def _rate_kernel(sums, n_rows, bits, grad_counts, C: tl.constexpr, C_POW2: tl.constexpr, MIN_SHARE: tl.constexpr):
+        """The shares (the soft indices' column ``sums`` over ``n_rows``), the order-0 bits of ``n_rows`` indices
+        under them and the bits' gradient in each count, in one program (a few thousand values)."""
+        column = tl.arange(0, C_POW2)
+        column_ok = column < C
+        rows = tl.where(column_ok, n_rows, 0).to(tl.float32)  # a tensor: n_rows may be specialised to a constant
+        shares = tl.load(sums + column, mask=column_ok, other=0.0) / tl.maximum(rows, 1.0)
         log_shares = tl.log2(tl.maximum(shares, MIN_SHARE))
-        scale = 1.0 / tl.maximum(tl.sum(tl.sum(rows, axis=1), axis=0), 1.0) if LEVEL_ROWS else 1.0
-        bits = -tl.sum(tl.sum(tl.where(ok, shares * rows * log_shares, 0.0), axis=1), axis=0)
-        tl.store(out, bits * scale)
+        tl.store(bits, -tl.sum(tl.where(column_ok, shares * rows * log_shares, 0.0), axis=0))
         used = tl.where(shares >= MIN_SHARE, 1.4426950408889634, 0.0)  # 1 / ln 2
-        tl.store(grad_counts + level * C + column, -(log_shares + used) * scale, mask=ok)
+        tl.store(grad_counts + column, -(log_shares + used), mask=column_ok)
 
     @triton.jit
     def _hash(x):
@@ -212,7 +198,7 @@ if triton is not None:
         for start in range(0, ROWS_PER_PROGRAM, BLOCK):
             sums += _logit_grad_block(
                 logits, grad_soft, grad_rows, codebook_t, grad_share, share_scale, out, exp_avg, exp_avg_sq,
-                next_hard, 0, program * ROWS_PER_PROGRAM + start, n_rows, inv_temperature, step_size, beta1, beta2, eps,
+                next_hard, program * ROWS_PER_PROGRAM + start, n_rows, inv_temperature, step_size, beta1, beta2, eps,
                 sqrt_bias2, weight_decay, seed, C, C_POW2, K, BLOCK, HAS_SOFT, HAS_ROWS, HAS_SHARE, HAS_SCALE, ADAM,
                 LOGIT_DROPPED, LOGIT_LARGEST, EXP_AVG_SQ_DROPPED, FORECAST,
             )  # fmt: skip
@@ -223,14 +209,14 @@ if triton is not None:
     @triton.jit
     def _logit_grad_block(
         logits, grad_soft, grad_rows, codebook_t, grad_share, share_scale, out, exp_avg, exp_avg_sq, next_hard,
-        hard_offset, first_row, n_rows, inv_temperature, step_size, beta1, beta2, eps, sqrt_bias2, weight_decay, seed,
+        first_row, n_rows, inv_temperature, step_size, beta1, beta2, eps, sqrt_bias2, weight_decay, seed,
         C: tl.constexpr, C_POW2: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, HAS_SOFT: tl.constexpr,
         HAS_ROWS: tl.constexpr, HAS_SHARE: tl.constexpr, HAS_SCALE: tl.constexpr, ADAM: tl.constexpr,
         LOGIT_DROPPED: tl.constexpr, LOGIT_LARGEST: tl.constexpr, EXP_AVG_SQ_DROPPED: tl.constexpr,
         FORECAST: tl.constexpr,
     ):  # fmt: skip
         """One block of :func:`_logit_grad_kernel` from ``first_row``; returns the softmax of its updated logits
-        with ``FORECAST`` (zeros otherwise), whose hard indices it stores plus ``hard_offset``."""
+        with ``FORECAST`` (zeros otherwise), whose hard indices it stores."""
         row, row_ok, column, mask, x, soft = _softmax_rows(logits, first_row, n_rows, inv_temperature, C, C_POW2, BLOCK)
         offsets = row[:, None].to(tl.int64) * C + column[None, :]
         column_ok = column < C
@@ -265,7 +251,7 @@ if triton is not None:
             tl.store(exp_avg_sq + offsets, v.to(exp_avg_sq.dtype.element_ty), mask=mask)
             if FORECAST:  # the stored logits, as the next read of them sees them
                 x = tl.where(mask, stored.to(tl.float32), float("-inf"))
-                tl.store(next_hard + row, tl.argmax(x, axis=1).to(tl.int64) + hard_offset, mask=row_ok)
+                tl.store(next_hard + row, tl.argmax(x, axis=1).to(tl.int64), mask=row_ok)
                 return _softmax(x, row_ok, mask, inv_temperature)
         else:
             tl.store(out + offsets, grad.to(out.dtype.element_ty), mask=mask)
@@ -288,100 +274,21 @@ if triton is not None:
         tl.atomic_add(partials + target[:, None] * K + channel[None, :], grad, mask=mask & (grad != 0.0), sem="relaxed")
 
     @triton.jit
-    def _codeword_table_kernel(indices, codebooks, table, n_rows, codewords, level_stride, codeword_stride,
-                               channel_stride, K: tl.constexpr, K_POW2: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        """Row ``r`` of ``table`` = codeword ``indices[r] % codewords`` of codebook ``indices[r] // codewords`` of
-        ``codebooks`` (a few kB, read from cache, in any layout)."""
+    def _codeword_table_kernel(indices, codebook, table, n_rows, codeword_stride, channel_stride, K: tl.constexpr,
+                               K_POW2: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        """Row ``r`` of ``table`` = row ``indices[r]`` of ``codebook`` (a few kB, read from cache, in any layout)."""
         row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         row_ok = row < n_rows
         channel = tl.arange(0, K_POW2)
         mask = row_ok[:, None] & (channel < K)[None, :]
         index = tl.load(indices + row, mask=row_ok, other=0).to(tl.int64)
-        level, codeword = index // codewords, index % codewords
-        first = level * level_stride + codeword * codeword_stride
-        values = tl.load(codebooks + first[:, None] + channel[None, :] * channel_stride, mask=mask)
+        values = tl.load(codebook + index[:, None] * codeword_stride + channel[None, :] * channel_stride, mask=mask)
         tl.store(table + row[:, None].to(tl.int64) * K + channel[None, :], values, mask=mask)
-
-    @triton.jit(do_not_specialize=["n_levels"])
-    def _grouped_adam_kernel(
-        pointers,
-        level_rows,
-        first_rows,
-        first_programs,
-        seeds,
-        step_sizes,
-        sqrt_bias2s,
-        like_logits,
-        like_exp_avg,
-        like_exp_avg_sq,
-        grad_rows,
-        codebooks_t,
-        grad_counts,
-        grad_bits,
-        grad_bits_stride,
-        next_hard,
-        next_sums,
-        n_levels,
-        inv_temperature,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        C: tl.constexpr,
-        C_POW2: tl.constexpr,
-        K: tl.constexpr,
-        BLOCK: tl.constexpr,
-        ROWS_PER_PROGRAM: tl.constexpr,
-        HAS_ROWS: tl.constexpr,
-        HAS_SHARE: tl.constexpr,
-        LOGIT_DROPPED: tl.constexpr,
-        LOGIT_LARGEST: tl.constexpr,
-        EXP_AVG_SQ_DROPPED: tl.constexpr,
-        FORECAST: tl.constexpr,
-        FORECAST_GROUPS: tl.constexpr,
-    ):
-        """:func:`_logit_grad_kernel`'s Adam update for several levels in one launch: level ``l``'s programs start at
-        ``first_programs[l]``, its logits and moments are at the addresses ``pointers[3 l : 3 l + 3]`` (of the dtypes
-        of ``like_*``), its ``level_rows[l]`` rows at row ``first_rows[l]`` of ``grad_rows`` and ``next_hard``
-        (whose hard indices are offset by ``l * C``: one index space for the levels' codebooks), its transposed
-        codebook, rate gradient and bits' gradient the ``l``-th of ``codebooks_t``, ``grad_counts`` and
-        ``grad_bits``; its Adam scalars and seed the ``l``-th of theirs. A program adds its forecast's column sums
-        into ``next_sums[l, program % FORECAST_GROUPS]``."""
-        program = tl.program_id(0)
-        level = program * 0
-        for candidate in range(1, n_levels):
-            level += (program >= tl.load(first_programs + candidate)).to(tl.int32)
-        logits = tl.load(pointers + 3 * level).to(tl.pointer_type(like_logits.dtype.element_ty))
-        exp_avg = tl.load(pointers + 3 * level + 1).to(tl.pointer_type(like_exp_avg.dtype.element_ty))
-        exp_avg_sq = tl.load(pointers + 3 * level + 2).to(tl.pointer_type(like_exp_avg_sq.dtype.element_ty))
-        # 16-byte aligned (checked on the host): without the hint every element is loaded and stored on its own
-        logits = tl.multiple_of(logits, 16)
-        exp_avg = tl.multiple_of(exp_avg, 16)
-        exp_avg_sq = tl.multiple_of(exp_avg_sq, 16)
-        first_row = tl.load(first_rows + level)
-        first = (program - tl.load(first_programs + level)) * ROWS_PER_PROGRAM
-        sums = tl.zeros((BLOCK, C_POW2), dtype=tl.float32)  # summed over the rows once, after the last block
-        for start in range(0, ROWS_PER_PROGRAM, BLOCK):
-            sums += _logit_grad_block(
-                logits, logits, grad_rows + first_row * K, codebooks_t + level * K * C, grad_counts + level * C,
-                grad_bits + level * grad_bits_stride, logits, exp_avg, exp_avg_sq, next_hard + first_row, level * C,
-                first + start, tl.load(level_rows + level), inv_temperature, tl.load(step_sizes + level).to(tl.float32),
-                beta1, beta2, eps, tl.load(sqrt_bias2s + level).to(tl.float32), weight_decay, tl.load(seeds + level),
-                C, C_POW2, K, BLOCK, False, HAS_ROWS, HAS_SHARE, HAS_SHARE, True, LOGIT_DROPPED, LOGIT_LARGEST,
-                EXP_AVG_SQ_DROPPED, FORECAST,
-            )  # fmt: skip
-        if FORECAST:  # added into one of the level's partial rows: atomics, so the last bits' order may vary
-            column = tl.arange(0, C_POW2)
-            partial = (level * FORECAST_GROUPS + program % FORECAST_GROUPS) * C
-            tl.atomic_add(next_sums + partial + column, tl.sum(sums, axis=0), mask=column < C, sem="relaxed")
 
 
 CODEBOOK_GRAD_GROUPS = 32
 """Partial sums the codebook's gradient is spread over: each codeword's additions wait on one another (atomics on
 one address), and ``torch.index_add_`` makes every row of a level wait on the rows that share its codeword."""
-FORECAST_SUM_GROUPS = 32
-"""Partial rows per level into which the grouped Adam's programs add their forecast's column sums (as the codebook
-gradient's): with one row per level, thousands of programs added into the same few cache lines."""
 _CODEBOOK_GRAD_BLOCK = 128
 """Rows per program of the codebook's gradient."""
 
@@ -405,23 +312,16 @@ _CODEWORD_TABLE_BLOCK = 256
 """Rows per program of the codeword table."""
 
 
-def codeword_table(
-    indices: Int[Tensor, "m"], codebook: Float[Tensor, "*l c k"], codewords: Optional[int] = None
-) -> Float[Tensor, "m k"]:
+def codeword_table(indices: Int[Tensor, "m"], codebook: Float[Tensor, "c k"]) -> Float[Tensor, "m k"]:
     """``codebook.index_select(0, indices)``: each row's codeword, one index read and one row written per vertex.
     On lego's 1.1 M vertices 0.031 ms against ``index_select``'s 0.666 (one H100,
     ``benchmarks/relaxed_index_speed.py``): torch's gather was 0.67 ms of each training step there. The codebook
-    may be strided (a transposed one is read as it is). Several levels' codebooks ``[l, c, k]`` take indices
-    offset by ``level * c`` (``codewords``: ``c``, given with them)."""
-    rows, channels = indices.shape[0], codebook.shape[-1]
-    if (codebook.dim() == 3) != (codewords is not None):
-        raise ValueError("a stack of codebooks comes with its codewords per codebook, a single codebook without")
-    stride = codebook.stride()
-    level_stride = stride[0] if codebook.dim() == 3 else 0
+    may be strided (a transposed one is read as it is)."""
+    rows, channels = indices.shape[0], codebook.shape[1]
     table = codebook.new_empty(rows, channels)
     if rows and channels:
         _codeword_table_kernel[(triton.cdiv(rows, _CODEWORD_TABLE_BLOCK),)](
-            indices.contiguous(), codebook, table, rows, codewords or codebook.shape[0], level_stride, *stride[-2:],
+            indices.contiguous(), codebook, table, rows, *codebook.stride(),
             K=channels, K_POW2=triton.next_power_of_2(channels), BLOCK=_CODEWORD_TABLE_BLOCK,
         )  # fmt: skip
     return table
@@ -476,33 +376,12 @@ def hard_indices_and_rate(
 def rate_of_sums(sums: Float[Tensor, "c"], rows: int, min_share: float) -> Tuple[Float[Tensor, ""], Float[Tensor, "c"]]:
     """:func:`hard_indices_and_rate`'s bits and their gradient per count, from the soft indices' column ``sums`` over
     ``rows`` rows (:func:`hard_indices_and_shares`, or a forecast of :func:`relaxed_logit_adam_`): one small kernel."""
-    bits, grad_counts = _launch_rate(sums[None], rows, min_share)
-    return bits, grad_counts[0]
-
-
-def rate_per_row_of_sums(
-    sums: Float[Tensor, "l c"], rows: Int[Tensor, "l"], min_share: float
-) -> Tuple[Float[Tensor, ""], Float[Tensor, "l c"]]:
-    """Several levels' :func:`rate_of_sums` (level ``l``'s sums ``sums[l]`` over ``rows[l]`` rows, a tensor on their
-    device) summed and divided by their rows, the mean bits per row that a loss weighs, and its gradient in each
-    level's counts: one small kernel, as the levels' rows are not read on the host."""
-    return _launch_rate(sums, rows, min_share)
-
-
-def _launch_rate(
-    sums: Float[Tensor, "l c"], rows: Union[int, Int[Tensor, "l"]], min_share: float
-) -> Tuple[Float[Tensor, ""], Float[Tensor, "l c"]]:
-    """:func:`rate_of_sums` (``rows`` an int) and :func:`rate_per_row_of_sums` (``rows`` a tensor)."""
-    per_row = not isinstance(rows, int)
-    if per_row and rows.shape != sums.shape[:1]:
-        raise ValueError(f"{sums.shape[0]} levels' sums come with as many rows, got rows of shape {tuple(rows.shape)}")
-    levels, codewords = sums.shape
     out = torch.empty((), device=sums.device)
     grad_counts = torch.empty(sums.shape, device=sums.device)
+    codewords = sums.shape[0]
     _rate_kernel[(1,)](
-        sums.contiguous(), 0 if per_row else rows, rows if per_row else out, levels, out, grad_counts, C=codewords,
-        C_POW2=triton.next_power_of_2(codewords), L_POW2=triton.next_power_of_2(max(levels, 1)), MIN_SHARE=min_share,
-        LEVEL_ROWS=per_row,
+        sums.contiguous(), rows, out, grad_counts, C=codewords, C_POW2=triton.next_power_of_2(codewords),
+        MIN_SHARE=min_share,
     )  # fmt: skip
     return out, grad_counts
 
@@ -550,108 +429,6 @@ def relaxed_logit_adam_(
         logits.detach(), temperature, logits.detach(), False, grad_rows, codebook_t, share, share_scale, update,
         forecast,
     )  # fmt: skip
-
-
-@dataclass
-class GroupedForecast:
-    """What :func:`grouped_logit_adam_` forecasts for the next step of its levels: every level's hard indices,
-    offset by ``level * codewords`` and concatenated, each level's soft-index column sums and its rows (a tensor on
-    the device, for :func:`rate_per_row_of_sums`)."""
-
-    hard: Int[Tensor, "m"]
-    sums: Float[Tensor, "l c"]
-    rows: Int[Tensor, "l"]
-
-
-def grouped_logit_adam_(
-    logits: Sequence[Float[Tensor, "_ c"]],
-    temperature: float,
-    updates: Sequence["AdamStep"],
-    grad_rows: Optional[Float[Tensor, "m k"]] = None,
-    codebooks_t: Optional[Float[Tensor, "l k c"]] = None,
-    grad_counts: Optional[Float[Tensor, "l c"]] = None,
-    grad_bits: Optional[Float[Tensor, "l"]] = None,
-    forecast: bool = False,
-) -> Optional[GroupedForecast]:
-    """:func:`relaxed_logit_adam_` of several levels' logits in one launch: level ``l``'s gradient terms are its
-    rows of ``grad_rows`` (the levels' rows concatenated in order) with ``codebooks_t[l]`` (its codebook transposed,
-    ``[k, c]``), and ``grad_counts[l]`` times ``grad_bits[l]`` (the rate's); each level's ``updates[l]``. The levels
-    share the logits' dtype and width, the moments' dtypes, and Adam's betas, eps and weight decay (their steps and
-    seeds may differ). With ``forecast``, also the updated logits' hard indices and sums (:class:`GroupedForecast`).
-
-    The levels' addresses and scalars travel in one small table, copied to the device per call. Each program adds
-    its rows' soft-index sums into one of its level's :data:`FORECAST_SUM_GROUPS` partial rows with atomics, summed
-    after the launch (the last bits' order may vary from run to run; PyTorch's segmented sum over the programs' own
-    rows loops over a level's programs in one thread per column)."""
-    if len(logits) != len(updates) or not logits:
-        raise ValueError("one Adam update per level's logits, and at least one level")
-    first, update = logits[0], updates[0]
-    for level_logits, level in zip(logits, updates):
-        same = (level_logits.dtype, level_logits.shape[1], level.exp_avg.dtype, level.exp_avg_sq.dtype) == (
-            first.dtype, first.shape[1], update.exp_avg.dtype, update.exp_avg_sq.dtype)  # fmt: skip
-        same = same and (level.beta1, level.beta2, level.eps, level.weight_decay) == (
-            update.beta1, update.beta2, update.eps, update.weight_decay)  # fmt: skip
-        if not same:
-            raise ValueError("grouped levels share their logits' dtype and width, moments' dtypes and Adam's settings")
-        _check_updated_in_place(level_logits, level)
-        if any(tensor.data_ptr() % 16 for tensor in (level_logits, level.exp_avg, level.exp_avg_sq)):
-            raise ValueError("grouped levels' logits and moments must start at 16-byte aligned addresses")
-    if (grad_rows is None) != (codebooks_t is None) or (grad_counts is None) != (grad_bits is None):
-        raise ValueError("grad_rows and codebooks_t come together, and grad_counts and grad_bits")
-    device, codewords = first.device, first.shape[1]
-    columns, block, warps = _block_rows(first)
-    rows_per_program = _whole_blocks(ROWS_PER_PROGRAM, block) if forecast else block
-    rows = [level_logits.shape[0] for level_logits in logits]
-    programs = [triton.cdiv(n, rows_per_program) for n in rows]
-    if grad_rows is not None and grad_rows.shape[0] != sum(rows):
-        raise ValueError(f"grad_rows has {grad_rows.shape[0]} rows for levels of {sum(rows)}")
-    table = _level_table(logits, updates, rows, programs, device)
-    pointers, level_rows, first_rows, first_programs, seeds, step_sizes, sqrt_bias2s = table
-    next_hard = torch.empty(sum(rows) if forecast else 0, dtype=torch.long, device=device)
-    next_sums = torch.zeros(len(logits) if forecast else 0, FORECAST_SUM_GROUPS, codewords, device=device)
-    empty = first.new_empty(0, dtype=torch.float32)
-    has_rows, has_share = grad_rows is not None, grad_counts is not None
-    if sum(programs):
-        _grouped_adam_kernel[(sum(programs),)](
-            pointers, level_rows, first_rows, first_programs, seeds, step_sizes, sqrt_bias2s,
-            first, update.exp_avg, update.exp_avg_sq,
-            grad_rows.contiguous().float() if has_rows else empty,
-            codebooks_t.detach().float().contiguous() if has_rows else empty,
-            grad_counts.contiguous().float() if has_share else empty,
-            grad_bits if has_share else empty, grad_bits.stride(0) if has_share else 0,
-            next_hard, next_sums, len(logits), 1.0 / temperature,
-            update.beta1, update.beta2, update.eps, update.weight_decay,
-            C=codewords, C_POW2=columns, K=codebooks_t.shape[1] if has_rows else 1, BLOCK=block,
-            ROWS_PER_PROGRAM=rows_per_program, HAS_ROWS=has_rows, HAS_SHARE=has_share,
-            LOGIT_DROPPED=dropped_bits(first.dtype), LOGIT_LARGEST=saturation(first.dtype),
-            EXP_AVG_SQ_DROPPED=dropped_bits(update.exp_avg_sq.dtype), FORECAST=forecast,
-            FORECAST_GROUPS=FORECAST_SUM_GROUPS, num_warps=warps,
-        )  # fmt: skip
-    return GroupedForecast(next_hard, next_sums.sum(dim=1), level_rows) if forecast else None
-
-
-def _level_table(
-    logits: Sequence[Tensor], updates: Sequence["AdamStep"], rows: List[int], programs: List[int], device: torch.device
-) -> List[Tensor]:
-    """:func:`grouped_logit_adam_`'s per-level operands, made on the host and copied to ``device`` at once: the
-    addresses of the logits and moments (3 per level), the rows, first rows, first programs and seeds (int64) and
-    the step sizes and square roots of the second moments' bias corrections (float64)."""
-    integers = [
-        [address for level, update in zip(logits, updates) for address in
-         (level.data_ptr(), update.exp_avg.data_ptr(), update.exp_avg_sq.data_ptr())],
-        rows,
-        [sum(rows[:level]) for level in range(len(rows))],
-        [sum(programs[:level]) for level in range(len(programs))],
-        [update.seed for update in updates],
-    ]  # fmt: skip
-    floats = [[update.step_size for update in updates], [update.sqrt_bias2 for update in updates]]
-    packed = np.concatenate(
-        [np.asarray(values, dtype=np.int64) for values in integers]
-        + [np.asarray(values, dtype=np.float64).view(np.int64) for values in floats]
-    )
-    table = torch.from_numpy(packed).to(device, non_blocking=True)
-    sections = table.split([len(v) for v in integers + floats])
-    return [*sections[: len(integers)], *(section.view(torch.float64) for section in sections[len(integers) :])]
 
 
 def _check_updated_in_place(logits: Tensor, update: "AdamStep") -> None:
@@ -728,14 +505,11 @@ def _launch_logit_grad(
 __all__ = [
     "MAX_CODEWORDS",
     "available",
-    "GroupedForecast",
     "codebook_grad",
     "codeword_table",
-    "grouped_logit_adam_",
     "hard_indices_and_shares",
     "hard_indices_and_rate",
     "rate_of_sums",
-    "rate_per_row_of_sums",
     "relaxed_logit_adam_",
     "relaxed_logit_grad",
 ]

@@ -159,10 +159,6 @@ class VQADModelConfig(ModelConfig):
     """With fused_kernels: run each decoder MLP's forward and backward pass as one Triton kernel each
     (kernels/fused_mlp.py; same parameters and file layout; on an H200, lego's float twin evaluated ×1.49 faster in
     half the peak training memory); False: nerfstudio's MLP."""
-    grouped_levels: bool = True
-    """With fused_kernels: step the levels' learned indices together where they are alike (each kernel of a
-    straight-through or frozen step launched once for all levels; encodings/grouped_indices.py; the same values and
-    updates as level by level); False: level by level."""
     tf32: bool = True
     """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
     set_float32_matmul_precision("high"), which applies to the whole process."""
@@ -340,7 +336,6 @@ class VQADModel(Model):
             shell_lod=cfg.background_lod,
         )
         self.grid.fused = cfg.fused_kernels
-        self.grid.grouped_levels = cfg.grouped_levels
         if cfg.tf32 and torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
         self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=cfg.unbounded, hidden_dim=cfg.hidden_dim)
