@@ -16,7 +16,7 @@ each pass must move (logits read once; for Adam also its moments, and all three 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Tuple
 
 import torch
@@ -40,6 +40,11 @@ class Args:
     """Features per codeword (the codebook gradient's width)."""
     level_shares: Tuple[float, ...] = (0.002, 0.01, 0.06, 0.25, 0.678)
     """Shares of the rows in each level of detail, for the Adam update level by level (about lego's five levels)."""
+    adam_tilings: Tuple[str, ...] = tuple(
+        f"{tile}:{rows}:{warps}" for tile in (4096, 8192, 16384) for rows in (16, 64, 256) for warps in (4, 8, 16)
+    )
+    """Tilings of the logits' Adam pass (float16 logits, bfloat16 moments, with the forecast) to time, each
+    ``TILE_BYTES:ROWS_PER_PROGRAM:WARPS`` (see ``relaxed_indices.Tiling``); the default's row is marked."""
     touched_share: float = 0.5
     """Share of vertices with a nonzero gradient in the codebook-gradient rows."""
     repeats: int = 50
@@ -113,6 +118,21 @@ def main(args: Args) -> None:
             adam_bytes * 6 // 10,
         )
     )
+    default_tiling = relaxed_indices.ADAM_TILING  # its warps resolved for 16-bit logits
+    default_tiling = replace(default_tiling, warps=default_tiling.warps or 16 // half_logits.element_size())
+    for text in args.adam_tilings:
+        tile_bytes, rows_per_program, warps = (int(value) for value in text.split(":"))
+        tiling = relaxed_indices.Tiling(tile_bytes, rows_per_program, warps)
+        default = " (default)" if tiling == default_tiling else ""
+        rows.append(
+            (
+                f"the same, tiling {text}{default}",
+                lambda tiling=tiling: relaxed_indices.relaxed_logit_adam_(
+                    half_logits, 0.5, half_update, grad_rows, codebook, forecast=True, tiling=tiling
+                ),
+                adam_bytes * 6 // 10,
+            )
+        )
     level_rows = [round(share * args.rows) for share in args.level_shares[:-1]]
     level_rows.append(args.rows - sum(level_rows))
     levels = list(half_logits.split(level_rows))

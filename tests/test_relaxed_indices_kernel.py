@@ -384,3 +384,31 @@ def test_each_step_reads_the_indices_its_last_update_forecast(monkeypatch: pytes
     assert first_step == 2  # the two grown levels' logits, once
     straight_through_steps(steps=3)
     assert len(reads) == 2 * first_step
+
+
+@pytest.mark.parametrize("tiling", [(4096, 16, 4), (16384, 256, 16)])
+def test_the_adam_pass_s_tiling_changes_no_update(tiling) -> None:
+    """Another tiling of the Adam pass (blocks, rows and warps per program) updates the logits and moments bit for
+    bit as the default does (stochastic rounding's noise follows each element, not its program), and forecasts
+    the same indices and sums (their partial sums per program added in another order)."""
+    from vqad_nerfstudio.optim import AdamStep
+
+    codewords = 256
+    base = _logits(300, codewords).half()
+    grad_rows = torch.randn(300, 4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    codebook = torch.randn(codewords, 4, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = []
+    for chosen in (None, relaxed_indices.Tiling(*tiling)):
+        logits = base.clone()
+        update = AdamStep(
+            torch.zeros_like(logits, dtype=torch.bfloat16), torch.zeros_like(logits, dtype=torch.bfloat16),
+            lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-15, weight_decay=0.0, step=3, seed=1,
+        )  # fmt: skip
+        forecast = relaxed_indices.relaxed_logit_adam_(
+            logits, 0.5, update, grad_rows, codebook, forecast=True, tiling=chosen
+        )
+        results.append((logits, update.exp_avg, update.exp_avg_sq, *forecast))
+    (*default, sums), (*other, other_sums) = results
+    assert not torch.equal(default[0], base)
+    assert all(torch.equal(a, b) for a, b in zip(default, other))
+    torch.testing.assert_close(other_sums, sums, rtol=1e-6, atol=1e-5)

@@ -12,6 +12,7 @@ functions are the reference the tests compare against.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
@@ -42,6 +43,21 @@ logits one after the other, and the passes over lego's 8-bit logits (1.1 M rows)
 about 6x the time their bytes need (one H100, ``--profile vqad``); ``benchmarks/relaxed_index_speed.py`` times
 the choices."""
 
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a pass over the logits is cut into programs: ``tile_bytes`` of logits per block (whole rows), blocks
+    chained into ``rows_per_program`` rows per program (raised to a whole block; one partial sum of soft indices
+    each), and ``warps`` per program (None: 4 for float32 logits, 8 for 16-bit ones, so that each thread holds the
+    same share of a block)."""
+
+    tile_bytes: int = _TILE_BYTES
+    rows_per_program: int = ROWS_PER_PROGRAM
+    warps: Optional[int] = None
+
+
+ADAM_TILING = Tiling()
+"""The logits' Adam pass's tiling (``benchmarks/relaxed_index_speed.py --adam-tilings`` times others)."""
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The dtypes of logits the kernels read (and update)."""
@@ -327,16 +343,19 @@ def codeword_table(indices: Int[Tensor, "m"], codebook: Float[Tensor, "c k"]) ->
     return table
 
 
-def _block_rows(logits: Tensor) -> Tuple[int, int, int]:
+def _block_rows(logits: Tensor, tiling: Tiling = Tiling()) -> Tuple[int, int, int]:
     """The column tile (a power of two), the rows per block and the warps per program for ``logits``' columns and
-    dtype (16-bit blocks hold twice the logits: twice the warps keep each thread's share)."""
+    dtype under ``tiling`` (by default 16-bit blocks hold twice the logits: twice the warps keep each thread's
+    share)."""
     columns = triton.next_power_of_2(logits.shape[-1])
-    return columns, max(1, _TILE_BYTES // (logits.element_size() * columns)), 16 // logits.element_size()
+    block = max(1, tiling.tile_bytes // (logits.element_size() * columns))
+    return columns, block, tiling.warps or 16 // logits.element_size()
 
 
 def _whole_blocks(rows_per_program: int, block: int) -> int:
     """Rows per program: ``rows_per_program`` raised to a power of two of at least one ``block`` (no row read twice).
-    The forward pass and the Adam pass's forecast sum the soft indices over the same rows per program."""
+    At the default tilings the forward pass and the Adam pass's forecast sum the soft indices over the same rows per
+    program."""
     return max(triton.next_power_of_2(rows_per_program), block)
 
 
@@ -418,16 +437,18 @@ def relaxed_logit_adam_(
     grad_share: Optional[Float[Tensor, "c"]] = None,
     share_scale: Optional[Float[Tensor, ""]] = None,
     forecast: bool = False,
+    tiling: Optional[Tiling] = None,
 ) -> Optional[Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]]:
     """Adam's ``update`` of ``logits`` (and of its moments) in place from the gradient :func:`relaxed_logit_grad`
     gives for the same arguments, without storing that gradient. ``logits`` and the moments must be contiguous.
     With ``forecast``, also what :func:`hard_indices_and_shares` (with shares) would return for the updated logits
-    at ``temperature``, from the same pass: the next step need not read them for it."""
+    at ``temperature``, from the same pass: the next step need not read them for it. ``tiling``: the pass's (None:
+    :data:`ADAM_TILING`)."""
     _check_updated_in_place(logits, update)
     grad_rows, codebook_t, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
     return _launch_logit_grad(
         logits.detach(), temperature, logits.detach(), False, grad_rows, codebook_t, share, share_scale, update,
-        forecast,
+        forecast, tiling or ADAM_TILING,
     )  # fmt: skip
 
 
@@ -464,12 +485,13 @@ def _launch_logit_grad(
     share_scale: Optional[Tensor],
     update: Optional["AdamStep"],
     forecast: bool = False,
+    tiling: Tiling = Tiling(),
 ) -> Optional[Tuple[Tensor, Tensor]]:
-    """Launches :func:`_logit_grad_kernel`; with ``forecast`` (an Adam ``update``) returns the updated logits' hard
-    indices and softmax column sums."""
+    """Launches :func:`_logit_grad_kernel` (with an Adam ``update`` cut by ``tiling``, else a block per program);
+    with ``forecast`` (and ``update``) returns the updated logits' hard indices and softmax column sums."""
     rows, codewords = logits.shape
-    columns, block, warps = _block_rows(logits)
-    rows_per_program = _whole_blocks(ROWS_PER_PROGRAM, block) if forecast else block
+    columns, block, warps = _block_rows(logits, tiling)
+    rows_per_program = _whole_blocks(tiling.rows_per_program, block) if update is not None else block
     programs = triton.cdiv(rows, rows_per_program)
     next_hard = torch.empty(rows if forecast else 0, dtype=torch.long, device=logits.device)
     next_sums = torch.empty(programs if forecast else 0, codewords, device=logits.device)  # each row written
