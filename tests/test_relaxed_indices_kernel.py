@@ -412,3 +412,33 @@ def test_the_adam_pass_s_tiling_changes_no_update(tiling) -> None:
     assert not torch.equal(default[0], base)
     assert all(torch.equal(a, b) for a, b in zip(default, other))
     torch.testing.assert_close(other_sums, sums, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("codebook_bits", [None, 6])
+def test_a_frozen_store_gathers_its_table_once_a_step(monkeypatch: pytest.MonkeyPatch, codebook_bits) -> None:
+    """Inside a step's hold, frozen indices' codewords are gathered by the density pass (without gradients) and
+    returned again by the graded pass, whose codebook gradient is still each row's gradient added to its codeword."""
+    store = vertex_features.CodebookFeatures(
+        num_rows=300, index_bits=4, feature_dim=3, frozen=True, codebook_bits=codebook_bits
+    ).to(DEVICE)
+    store.indices = torch.randint(0, 16, (300,), dtype=torch.int32, generator=torch.Generator().manual_seed(0)).to(
+        DEVICE
+    )
+    gathers = []
+    gather = relaxed_indices.codeword_table
+    monkeypatch.setattr(relaxed_indices, "codeword_table", lambda *args: gathers.append(1) or gather(*args))
+    weights = torch.randn(300, 3, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    store.hold_indices(True)
+    with torch.no_grad():
+        density_pass = store.table()
+    graded = store.table()
+    (graded * weights).sum().backward()
+    store.hold_indices(False)
+    assert len(gathers) == 1 and torch.equal(graded, density_pass)
+    torch.testing.assert_close(graded, store.lookup_codebook().detach()[store.indices.long()], rtol=0, atol=0)
+    expected = torch.zeros_like(store.codebook).index_add_(0, store.indices.long(), weights)
+    torch.testing.assert_close(store.codebook.grad, expected)
+    store.codebook.grad = None
+    (store.table() * weights).sum().backward()  # outside the hold: gathered again
+    assert len(gathers) == 2
+    torch.testing.assert_close(store.codebook.grad, expected)

@@ -153,19 +153,19 @@ def codebook_grad(
 
 
 class _CodewordTable(torch.autograd.Function):
-    """``codebook.index_select(0, indices)`` with the kernels: their gather forward, :func:`codebook_grad`
-    backward."""
+    """``codebook.index_select(0, indices)`` with the kernels: their gather forward (or ``known``, the same table
+    gathered before without gradients), :func:`codebook_grad` backward."""
 
     @staticmethod
-    def forward(ctx, codebook: Tensor, indices: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, codebook: Tensor, indices: Tensor, known: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(indices)
         ctx.codewords, ctx.dtype = codebook.shape[0], codebook.dtype
-        return relaxed_indices.codeword_table(indices, codebook)
+        return relaxed_indices.codeword_table(indices, codebook) if known is None else known
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None, None]:  # type: ignore[override]
         (indices,) = ctx.saved_tensors
-        return relaxed_indices.codebook_grad(indices, grad, ctx.codewords).to(ctx.dtype), None
+        return relaxed_indices.codebook_grad(indices, grad, ctx.codewords).to(ctx.dtype), None, None
 
 
 def rounded_codebooks(
@@ -180,12 +180,16 @@ def rounded_codebooks(
 
 
 def codeword_table(
-    codebook: Float[Tensor, "c k"], indices: Int[Tensor, "m"], use_kernel: bool = True
+    codebook: Float[Tensor, "c k"],
+    indices: Int[Tensor, "m"],
+    use_kernel: bool = True,
+    known_table: Optional[Float[Tensor, "m k"]] = None,
 ) -> Float[Tensor, "m k"]:
     """Each row's codeword, ``codebook.index_select(0, indices)``, differentiable in the codebook; on the GPU
-    (``use_kernel``) the kernels' gather and codebook gradient."""
+    (``use_kernel``) the kernels' gather and codebook gradient, and ``known_table`` (this table, gathered without
+    gradients for the same codebook values) returned instead of a second gather."""
     if use_kernel and relaxed_indices.available(codebook):
-        return _CodewordTable.apply(codebook, indices)
+        return _CodewordTable.apply(codebook, indices, known_table)
     return codebook.index_select(0, indices)
 
 
@@ -859,7 +863,7 @@ class CodebookFeatures(FeatureStore):
         if self.in_float_warmup:
             return self.warmup_features
         if self.frozen:
-            return codeword_table(self.lookup_codebook(), self.indices, self.use_kernels)
+            return self._frozen_table()
         if self.relaxed and self.training:
             return soft_codewords(self.logits, self.lookup_codebook(), self.temperature, self.index_factors)
         if not torch.is_grad_enabled():
@@ -883,6 +887,16 @@ class CodebookFeatures(FeatureStore):
         return straight_through_codewords(
             self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to, self.index_factors
         )
+
+    def _frozen_table(self) -> Float[Tensor, "m k"]:
+        """The frozen indices' codewords; inside :meth:`hold_indices` the table a lookup without gradients gathers is
+        held, and the step's graded lookup returns it (its codebook gradient still flows) instead of gathering it
+        again."""
+        held = self._held_table
+        table = codeword_table(self.lookup_codebook(), self.indices, self.use_kernels, held)
+        if self._holding and held is None and not torch.is_grad_enabled():
+            self._held_table = table
+        return table
 
     def hard_indices(self) -> Int[Tensor, "m"]:
         """The b-bit index of every row: what a compressed file stores (``RuntimeError`` in the float warm-up)."""
