@@ -386,7 +386,7 @@ def test_each_step_reads_the_indices_its_last_update_forecast(monkeypatch: pytes
     assert len(reads) == 2 * first_step
 
 
-@pytest.mark.parametrize("tiling", [(4096, 16, 4), (16384, 256, 16)])
+@pytest.mark.parametrize("tiling", [(8192, 64, 8), (16384, 16, 16)])
 def test_the_adam_pass_s_tiling_changes_no_update(tiling) -> None:
     """Another tiling of the Adam pass (blocks, rows and warps per program) updates the logits and moments bit for
     bit as the default does (stochastic rounding's noise follows each element, not its program), and forecasts

@@ -56,8 +56,10 @@ class Tiling:
     warps: Optional[int] = None
 
 
-ADAM_TILING = Tiling()
-"""The logits' Adam pass's tiling (``benchmarks/relaxed_index_speed.py --adam-tilings`` times others)."""
+ADAM_TILING = Tiling(tile_bytes=4096, rows_per_program=256, warps=4)
+"""The logits' Adam pass's tiling: on one H100, 1.46 ms for 1.1 M rows of 256 float16 logits (bfloat16 moments, with
+the forecast) against 1.81 ms at the forward pass's tiling (8192 bytes, 64 rows, 8 warps; `858ae09`,
+``benchmarks/relaxed_index_speed.py --adam-tilings``, which times others)."""
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The dtypes of logits the kernels read (and update)."""
