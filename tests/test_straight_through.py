@@ -187,3 +187,16 @@ def test_held_indices_end_with_the_hold() -> None:
         store.hold_indices(False)
         fresh = store.table()
     assert torch.equal(before, held) and not torch.equal(before, fresh)
+
+
+def test_transient_attributes_are_no_parameters_buffers_or_submodules() -> None:
+    """The per-step attributes that skip nn.Module's __setattr__ (TransientState) never name a parameter, buffer or
+    submodule, which that skip would leave unregistered."""
+    from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
+
+    layer = quantizable_layers(torch.nn.Sequential(torch.nn.Linear(3, 4)))[0]
+    for module in (CodebookFeatures(num_rows=10, index_bits=2, feature_dim=3, codebook_bits=6), layer):
+        registered = {name for name, _ in module.named_parameters(recurse=False)}
+        registered |= {name for name, _ in module.named_buffers(recurse=False)}
+        registered |= {name for name, _ in module.named_children()} | set(module._buffers) | set(module._parameters)
+        assert module.TRANSIENT and not module.TRANSIENT & registered

@@ -28,6 +28,7 @@ from vqad_nerfstudio.encodings.kmeans import vector_quantize
 from vqad_nerfstudio.kernels import column_rounding, factored_indices, relaxed_indices
 from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update, widened
 from vqad_nerfstudio.rounding import QUANTIZED_BITS, rounded_columns, straight_through
+from vqad_nerfstudio.transient_state import TransientState
 
 ROW_CHUNK = 1 << 17
 """Rows per chunk of the softmax gradients below: their temporaries stay at ``ROW_CHUNK x 2**b`` values whatever
@@ -646,7 +647,7 @@ def _replace_parameter(module: nn.Module, name: str, new: Tensor, in_place: bool
     return [(param, replacement)]
 
 
-class CodebookFeatures(FeatureStore):
+class CodebookFeatures(TransientState, FeatureStore):
     """``num_rows`` learned ``index_bits``-bit indices into a codebook of ``2**index_bits`` vectors of width
     ``feature_dim``.
 
@@ -682,6 +683,10 @@ class CodebookFeatures(FeatureStore):
 
     temperature: float = 1.0
     relaxed: bool = False
+    TRANSIENT = frozenset(
+        {"temperature", "relaxed", "_rate_of_table", "_held_indices", "_held_table", "_held_codebook", "_holding",
+         "_hard_table", "_forecast"}
+    )  # fmt: skip
 
     def __init__(
         self,

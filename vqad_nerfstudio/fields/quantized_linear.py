@@ -15,9 +15,10 @@ from torch.nn import functional as F
 
 from vqad_nerfstudio.kernels import column_rounding
 from vqad_nerfstudio.rounding import rounded_rows, straight_through
+from vqad_nerfstudio.transient_state import TransientState
 
 
-class _RoundedWeight(nn.Module):
+class _RoundedWeight(TransientState, nn.Module):
     """A layer whose forward pass can use its weight rounded to ``bits`` bits (:func:`quantize_rows`), with
     straight-through gradients to the float weight; its parameters and state-dict keys are its base layer's."""
 
@@ -26,6 +27,7 @@ class _RoundedWeight(nn.Module):
     """None: the float weight; 2..8: the weight as a file of that many bits per weight stores it."""
     _held: Optional[Tensor] = None
     """The rounded weight while :meth:`hold_rounding` holds it."""
+    TRANSIENT = frozenset({"_held"})
 
     @classmethod
     def like(cls, layer: nn.Module) -> "_RoundedWeight":
