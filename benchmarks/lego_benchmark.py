@@ -617,6 +617,28 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def host_speed(operations: int = 2000, repeats: int = 5) -> Dict[str, float]:
+    """Microseconds the host takes per small PyTorch operation (an in-place add on a 16-value tensor; median of
+    ``repeats`` runs of ``operations``): on a CPU tensor (``host_us_per_cpu_op``) and, with CUDA, launched on the GPU
+    (``host_us_per_cuda_launch``, the host's side of a launch, timed before the queue is waited for). Training steps
+    here are bound by the host, whose speed differs between machines of one kind: calls compare through these."""
+    speeds = {}
+    for name, device in (("cpu_op", "cpu"), ("cuda_launch", "cuda")):
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        values = torch.zeros(16, device=device)
+        runs = []
+        for _ in range(repeats):
+            _sync()
+            start = time.perf_counter()
+            for _ in range(operations):
+                values.add_(1.0)
+            runs.append((time.perf_counter() - start) / operations * 1e6)
+        _sync()
+        speeds[f"host_us_per_{name}"] = statistics.median(runs)
+    return speeds
+
+
 def _eval_image(dataset, index: int, device) -> torch.Tensor:
     from nerfstudio.utils import colors
 
@@ -856,6 +878,7 @@ def main(bench: BenchmarkConfig) -> None:
     import nerfstudio.utils.external  # noqa: F401
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    host = host_speed()
     results: List[Dict[str, float]] = []
     methods = list(bench.methods)
     for size in bench.hash_sizes:
@@ -880,13 +903,20 @@ def main(bench: BenchmarkConfig) -> None:
         bench.output_dir.mkdir(parents=True, exist_ok=True)
         (bench.output_dir / "results.json").write_text(  # after every method: a cut-short run keeps its rows
             json.dumps(
-                {"device": device, "budget_s": bench.budget_s, "max_steps": bench.max_steps, "results": results},
+                {
+                    "device": device,
+                    **host,
+                    "budget_s": bench.budget_s,
+                    "max_steps": bench.max_steps,
+                    "results": results,
+                },
                 indent=2,
             )
         )
 
+    host_text = ", ".join(f"{value:.2f} {name.removeprefix('host_')}" for name, value in host.items())
     print(
-        f"\nDevice: {device}; training budget {bench.budget_s:.0f} s per method"
+        f"\nDevice: {device} (host: {host_text}); training budget {bench.budget_s:.0f} s per method"
         f"{f' or {bench.max_steps} steps' if bench.max_steps else ''}; "
         f"eval on {bench.max_eval_views} views of {bench.data}"
     )

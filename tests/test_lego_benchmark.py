@@ -305,3 +305,12 @@ def test_host_tensor_operations_are_counted_by_name_and_size_with_their_first_ca
     assert counter.counts[("aten::cat", False)] == 1 and counter.counts[("aten::mul", True)] == 2
     assert not any(name == "aten::add" for name, _ in counter.counts)
     assert "test_host_tensor_operations" in counter.first_caller[("aten::mul", True)]
+
+
+def test_the_host_speed_is_the_median_time_per_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """host_speed's microseconds per operation: the median run's (a clock that advances 1 s per reading makes each
+    run of 4 operations take 1 s, 250000 us each; on a CPU only the CPU entry)."""
+    readings = iter(range(1000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(readings)))
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    assert bench.host_speed(operations=4, repeats=3) == {"host_us_per_cpu_op": 250000.0}
