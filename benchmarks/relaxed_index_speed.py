@@ -16,7 +16,7 @@ each pass must move (logits read once; for Adam also its moments, and all three 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
 import torch
@@ -118,12 +118,10 @@ def main(args: Args) -> None:
             adam_bytes * 6 // 10,
         )
     )
-    default_tiling = relaxed_indices.ADAM_TILING  # its warps resolved for 16-bit logits
-    default_tiling = replace(default_tiling, warps=default_tiling.warps or 16 // half_logits.element_size())
     for text in args.adam_tilings:
         tile_bytes, rows_per_program, warps = (int(value) for value in text.split(":"))
         tiling = relaxed_indices.Tiling(tile_bytes, rows_per_program, warps)
-        default = " (default)" if tiling == default_tiling else ""
+        default = " (default)" if tiling == relaxed_indices.ADAM_TILING else ""
         rows.append(
             (
                 f"the same, tiling {text}{default}",
