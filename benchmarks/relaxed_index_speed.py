@@ -51,7 +51,17 @@ class Args:
     """Calls per row."""
 
 
+def _tiling(text: str) -> relaxed_indices.Tiling:
+    """A ``TILE_BYTES:ROWS_PER_PROGRAM:WARPS`` tiling (``SystemExit`` on another form)."""
+    try:
+        tile_bytes, rows_per_program, warps = (int(value) for value in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--adam-tilings takes TILE_BYTES:ROWS_PER_PROGRAM:WARPS, got {text!r}") from None
+    return relaxed_indices.Tiling(tile_bytes, rows_per_program, warps)
+
+
 def main(args: Args) -> None:
+    tilings = [_tiling(text) for text in args.adam_tilings]
     if not torch.cuda.is_available() or relaxed_indices.triton is None:
         raise SystemExit("this benchmark needs CUDA and Triton")
     torch.manual_seed(0)
@@ -118,9 +128,7 @@ def main(args: Args) -> None:
             adam_bytes * 6 // 10,
         )
     )
-    for text in args.adam_tilings:
-        tile_bytes, rows_per_program, warps = (int(value) for value in text.split(":"))
-        tiling = relaxed_indices.Tiling(tile_bytes, rows_per_program, warps)
+    for text, tiling in zip(args.adam_tilings, tilings):
         default = " (default)" if tiling == relaxed_indices.ADAM_TILING else ""
         rows.append(
             (

@@ -54,8 +54,11 @@ class _Trace:
 
 
 def _load(path: Path) -> _Trace:
-    with gzip.open(path) as file:
-        events = [e for e in json.load(file)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    try:
+        with gzip.open(path) as file:
+            events = [e for e in json.load(file)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{path} is not a readable gzipped chrome trace ({type(error).__name__}: {error})") from None
     host = sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")), key=lambda e: e["ts"])
     device: Dict[int, List[dict]] = collections.defaultdict(list)
     for event in events:

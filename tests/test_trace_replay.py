@@ -60,3 +60,12 @@ def test_a_trace_without_device_calls_is_refused(tmp_path: Path) -> None:
         json.dump({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 1}]}, file)
     with pytest.raises(SystemExit, match="no CUDA runtime calls"):
         trace_replay._load(path)
+
+
+@pytest.mark.parametrize("content", [None, b"not gzip", gzip.compress(b"{truncated"), gzip.compress(b"{}")])
+def test_a_missing_or_unreadable_trace_is_refused_clearly(tmp_path: Path, content) -> None:
+    path = tmp_path / "step.trace.json.gz"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit, match="not a readable gzipped chrome trace"):
+        trace_replay._load(path)
