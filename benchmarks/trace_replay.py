@@ -11,7 +11,13 @@ a faster kernel, or the same kernel overlapped with the host's next launches, wo
 
     python benchmarks/trace_replay.py out/vqad.profile.trace.json.gz --steps 5 --host-speed 0.5 --kernels logit_grad
 
-Prints, per variant, the replayed milliseconds per step and the host's waits in them.
+Prints, per variant, the replayed milliseconds per step and the host's waits in them. With ``--census`` it prints
+instead the step's launches by kernel and launcher (Triton's launches go through ``cuLaunchKernelEx``, PyTorch's
+through ``cudaLaunchKernel``), beside another trace's with ``--against``: where one method's launches beyond
+another's come from, each of which costs the host its launch path.
+
+    python benchmarks/trace_replay.py out/vqad.profile.trace.json.gz --census \
+        --against out/vqad-float.profile.trace.json.gz
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import tyro
 
@@ -43,6 +49,10 @@ class Args:
     """Substrings of the kernel names that the variants change."""
     scale: Tuple[float, ...] = (0.5, 0.0)
     """Factors on those kernels' durations, one variant each (0: the kernels removed)."""
+    census: bool = False
+    """Print the launches per step by kernel and launcher instead of replaying."""
+    against: Optional[Path] = None
+    """With ``--census``: another trace of as many steps (e.g. the float twin's), whose launches are listed beside."""
 
 
 @dataclass
@@ -94,8 +104,57 @@ def replay(
     return max(end, queue_end, side_end), waits
 
 
+_LAUNCHERS = {"cuLaunchKernelEx": "Triton", "cudaLaunchKernel": "PyTorch"}
+"""Who launches through each runtime call (copies and memsets are listed as their calls)."""
+
+
+def census(trace: _Trace) -> Dict[Tuple[str, str], int]:
+    """Launches in the trace by (launcher, kernel name): a kernel counts once per runtime call that queued it."""
+    counts: Dict[Tuple[str, str], int] = collections.Counter()
+    for call in trace.host:
+        if call["name"] in _LAUNCHES:
+            launcher = _LAUNCHERS.get(call["name"], call["name"])
+            for kernel in trace.device.get(call["args"].get("correlation"), ()):
+                counts[launcher, kernel["name"]] += 1
+    return counts
+
+
+def _short(kernel: str) -> str:
+    """A kernel's name without the namespaces and return type that PyTorch's templated kernels repeat."""
+    for noise in ("void ", "at_cuda_detail::", "at::native::", "(anonymous namespace)::"):
+        kernel = kernel.replace(noise, "")
+    return kernel[:90]
+
+
+def _print_census(args: Args, trace: _Trace) -> None:
+    ours = census(trace)
+    other = census(_load(args.against)) if args.against is not None else {}
+    keys = set(ours) | set(other)
+    if args.against is not None:  # only what differs: the equal rows are the two methods' common step
+        keys = {key for key in keys if ours.get(key, 0) != other.get(key, 0)}
+    rows = sorted(keys, key=lambda key: (-(ours.get(key, 0) - other.get(key, 0)), key))
+    rows.append(("all", ""))
+    beside = args.against is not None
+    title = f"Launches per step of {args.trace.name} ({args.steps} steps)"
+    print(title + (f", beside {args.against.name}'s" if beside else ""))
+    print("| launcher | kernel | launches per step |" + (" beside | difference |" if beside else ""))
+    print("|---|---|---|" + ("---|---|" if beside else ""))
+    for launcher, name in rows:
+        mine = sum(ours.values()) if launcher == "all" else ours.get((launcher, name), 0)
+        cells = [launcher, _short(name), f"{mine / args.steps:g}"]
+        if beside:
+            theirs = sum(other.values()) if launcher == "all" else other.get((launcher, name), 0)
+            cells += [f"{theirs / args.steps:g}", f"{(mine - theirs) / args.steps:+g}"]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main(args: Args) -> None:
     trace = _load(args.trace)
+    if args.census:
+        _print_census(args, trace)
+        return
+    if args.against is not None:
+        raise SystemExit("--against goes with --census")
     variants = [("as profiled", {})]
     variants += [(f"{'+'.join(args.kernels)} x{s:g}", dict(kernels=args.kernels, scale=s)) for s in args.scale]
     variants.append((f"{'+'.join(args.kernels)} on a side stream", dict(kernels=args.kernels, side_stream=True)))

@@ -24,6 +24,12 @@ def _kernel(name: str, dur: float, correlation: int) -> dict:
     return {"ph": "X", "cat": "kernel", "name": name, "ts": 0.0, "dur": dur, "args": {"correlation": correlation}}
 
 
+def _write(path: Path, events: list) -> Path:
+    with gzip.open(path, "wt") as file:
+        json.dump({"traceEvents": events}, file)
+    return path
+
+
 @pytest.fixture()
 def trace(tmp_path: Path):
     """Host: launch an Adam-like kernel of 100 us at 0 and a small one at 10, synchronise at 50 (5 us), launch a
@@ -34,10 +40,7 @@ def trace(tmp_path: Path):
         _call("cudaStreamSynchronize", 50, 5),
         _call("cudaLaunchKernel", 200, 1, 3), _kernel("last", 10, 3),
     ]  # fmt: skip
-    path = tmp_path / "step.trace.json.gz"
-    with gzip.open(path, "wt") as file:
-        json.dump({"traceEvents": events}, file)
-    return trace_replay._load(path)
+    return trace_replay._load(_write(tmp_path / "step.trace.json.gz", events))
 
 
 def test_the_host_waits_at_a_synchronisation_for_the_queue(trace) -> None:
@@ -69,3 +72,34 @@ def test_a_missing_or_unreadable_trace_is_refused_clearly(tmp_path: Path, conten
         path.write_bytes(content)
     with pytest.raises(SystemExit, match="not a readable gzipped chrome trace"):
         trace_replay._load(path)
+
+
+def test_the_census_counts_launches_by_launcher_and_kernel(trace) -> None:
+    assert trace_replay.census(trace) == {
+        ("PyTorch", "_logit_grad_kernel"): 1, ("Triton", "small"): 1, ("PyTorch", "last"): 1,
+    }  # fmt: skip
+
+
+def test_the_census_beside_another_trace_lists_what_differs(tmp_path: Path, capsys) -> None:
+    ours = _write(tmp_path / "ours.trace.json.gz", [
+        _call("cuLaunchKernelEx", 0, 1, 1), _kernel("_rate_kernel", 5, 1),
+        _call("cuLaunchKernelEx", 10, 1, 2), _kernel("_rate_kernel", 5, 2),
+        _call("cudaLaunchKernel", 20, 1, 3), _kernel("void at::native::common", 5, 3),
+    ])  # fmt: skip
+    twin = _write(tmp_path / "twin.trace.json.gz", [
+        _call("cudaLaunchKernel", 0, 1, 1), _kernel("void at::native::common", 5, 1),
+        _call("cudaMemsetAsync", 10, 1, 2), _kernel("Memset (Device)", 1, 2),
+    ])  # fmt: skip
+    trace_replay.main(trace_replay.Args(trace=ours, steps=2, census=True, against=twin))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [
+        "| Triton | _rate_kernel | 1 | 0 | +1 |",
+        "| cudaMemsetAsync | Memset (Device) | 0 | 0.5 | -0.5 |",
+        "| all |  | 1.5 | 1 | +0.5 |",
+    ]  # the common kernel, launched equally often, is left out
+
+
+def test_against_without_census_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "step.trace.json.gz", [_call("cudaLaunchKernel", 0, 1, 1), _kernel("k", 1, 1)])
+    with pytest.raises(SystemExit, match="--against goes with --census"):
+        trace_replay.main(trace_replay.Args(trace=path, against=path))
