@@ -79,6 +79,11 @@ def _load(path: Path) -> _Trace:
     return _Trace(host, device)
 
 
+def _queued(trace: _Trace, call: dict) -> List[dict]:
+    """The device work a launching runtime call queued (its correlation id's kernels, copies or memsets)."""
+    return trace.device.get(call["args"].get("correlation"), [])
+
+
 def replay(
     trace: _Trace, host_speed: float, kernels: Tuple[str, ...] = (), scale: float = 1.0, side_stream: bool = False
 ) -> Tuple[float, float]:
@@ -88,7 +93,7 @@ def replay(
     for call in trace.host:
         now = delay + (call["ts"] - start) * host_speed
         if call["name"] in _LAUNCHES:
-            for kernel in trace.device.get(call["args"].get("correlation"), ()):
+            for kernel in _queued(trace, call):
                 duration, chosen = kernel["dur"], any(name in kernel["name"] for name in kernels)
                 if chosen and side_stream:
                     side_end = max(now, side_end) + duration
@@ -108,13 +113,13 @@ _LAUNCHERS = {"cuLaunchKernelEx": "Triton", "cudaLaunchKernel": "PyTorch"}
 """Who launches through each runtime call (copies and memsets are listed as their calls)."""
 
 
-def census(trace: _Trace) -> Dict[Tuple[str, str], int]:
+def census(trace: _Trace) -> "collections.Counter[Tuple[str, str]]":
     """Launches in the trace by (launcher, kernel name): a kernel counts once per runtime call that queued it."""
-    counts: Dict[Tuple[str, str], int] = collections.Counter()
+    counts: "collections.Counter[Tuple[str, str]]" = collections.Counter()
     for call in trace.host:
         if call["name"] in _LAUNCHES:
             launcher = _LAUNCHERS.get(call["name"], call["name"])
-            for kernel in trace.device.get(call["args"].get("correlation"), ()):
+            for kernel in _queued(trace, call):
                 counts[launcher, kernel["name"]] += 1
     return counts
 
@@ -127,23 +132,18 @@ def _short(kernel: str) -> str:
 
 
 def _print_census(args: Args, trace: _Trace) -> None:
-    ours = census(trace)
-    other = census(_load(args.against)) if args.against is not None else {}
-    keys = set(ours) | set(other)
-    if args.against is not None:  # only what differs: the equal rows are the two methods' common step
-        keys = {key for key in keys if ours.get(key, 0) != other.get(key, 0)}
-    rows = sorted(keys, key=lambda key: (-(ours.get(key, 0) - other.get(key, 0)), key))
-    rows.append(("all", ""))
     beside = args.against is not None
+    ours, other = census(trace), census(_load(args.against)) if beside else collections.Counter()
+    keys = {key for key in ours.keys() | other.keys() if not beside or ours[key] != other[key]}  # beside: what differs
+    rows = [(key, ours[key], other[key]) for key in sorted(keys, key=lambda key: (other[key] - ours[key], key))]
+    rows.append((("all", ""), sum(ours.values()), sum(other.values())))
     title = f"Launches per step of {args.trace.name} ({args.steps} steps)"
     print(title + (f", beside {args.against.name}'s" if beside else ""))
     print("| launcher | kernel | launches per step |" + (" beside | difference |" if beside else ""))
     print("|---|---|---|" + ("---|---|" if beside else ""))
-    for launcher, name in rows:
-        mine = sum(ours.values()) if launcher == "all" else ours.get((launcher, name), 0)
+    for (launcher, name), mine, theirs in rows:
         cells = [launcher, _short(name), f"{mine / args.steps:g}"]
         if beside:
-            theirs = sum(other.values()) if launcher == "all" else other.get((launcher, name), 0)
             cells += [f"{theirs / args.steps:g}", f"{(mine - theirs) / args.steps:+g}"]
         print("| " + " | ".join(cells) + " |")
 
