@@ -3,7 +3,7 @@ of one step."""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -12,16 +12,19 @@ from vqad_nerfstudio.models.vqad import VQADModel
 from kernel_device import DEVICE
 
 
-def straight_through_steps(steps: int = 3, **settings: Any) -> Tuple[torch.Tensor, VQADModel]:
+def straight_through_steps(
+    steps: int = 3, freeze_at: Optional[int] = None, **settings: Any
+) -> Tuple[torch.Tensor, VQADModel]:
     """A three-level model (``settings`` added to its config) under vqad's trainer optimisers (the logits' Adam in the
     backward pass), straight-through from the first step with the rate in the loss, trained ``steps`` steps on 64
-    fixed rays: each step's rgb and rate losses (``[steps, 2]``) and the model."""
+    fixed rays (with ``freeze_at``, on frozen indices from that step on): each step's rgb and rate losses
+    (``[steps, 2]``, the rate 0 once frozen) and the model."""
     from nerfstudio.cameras.rays import RayBundle
     from nerfstudio.data.scene_box import SceneBox
     from nerfstudio.engine.optimizers import Optimizers
     from vqad_nerfstudio.method_configs.vqad import vqad_model_config, vqad_trainer_config
 
-    from vqad_nerfstudio.models.vqad import VQADModelConfig
+    from vqad_nerfstudio.models.vqad import VQADModelConfig, _remap_optimizer_state
 
     origins = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     origins = 3 * origins / origins.norm(dim=-1, keepdim=True)
@@ -43,7 +46,10 @@ def straight_through_steps(steps: int = 3, **settings: Any) -> Tuple[torch.Tenso
     groups = model.get_param_groups()
     optimizers = Optimizers({name: optimizer_configs[name] for name in groups}, groups)
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        if step == freeze_at:
+            for remap in model._freeze_indices():
+                _remap_optimizer_state(optimizers.optimizers.values(), remap)
         model.train()  # nerfstudio's trainer calls the pipeline's train() before every step
         optimizers.zero_grad_all()
         torch.manual_seed(3)  # the sampler's jitter
@@ -51,5 +57,6 @@ def straight_through_steps(steps: int = 3, **settings: Any) -> Tuple[torch.Tenso
         loss_dict = model.get_loss_dict(outputs, batch)
         sum(loss_dict.values()).backward()
         optimizers.optimizer_step_all()
-        losses.append(torch.stack([loss_dict["rgb_loss"], loss_dict["index_rate"]]).detach())
+        rate = loss_dict.get("index_rate", torch.zeros((), device=DEVICE))
+        losses.append(torch.stack([loss_dict["rgb_loss"], rate]).detach())
     return torch.stack(losses), model

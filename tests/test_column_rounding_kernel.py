@@ -84,7 +84,7 @@ def test_quantised_layers_round_their_weights_with_the_kernel() -> None:
 
 
 def test_held_codebooks_are_rounded_by_the_kernel_as_by_the_reference(monkeypatch) -> None:
-    """round_held_codebooks rounds a grid's codebooks with one launch where the stores use kernels, and the
+    """prepare_held_steps rounds a grid's codebooks with one launch where the stores use kernels, and the
     codebooks lookups read are those of the reference; stores without kernels keep the reference."""
     stores = []
     for use_kernels in (True, True, False):
@@ -96,7 +96,7 @@ def test_held_codebooks_are_rounded_by_the_kernel_as_by_the_reference(monkeypatc
     monkeypatch.setattr(column_rounding, "rounded_columns", lambda *args: calls.append(args[0].shape) or kernel(*args))
     for store in stores:
         store.hold_indices(True)
-    vertex_features.round_held_codebooks(stores)
+    vertex_features.prepare_held_steps(stores)
     assert calls == [(2, 16, 8)]
     for store in stores:
         torch.testing.assert_close(store.lookup_codebook(), rounded_columns(store.codebook, 6), rtol=0, atol=0)
@@ -118,7 +118,7 @@ def test_a_training_steps_codebook_reaches_the_adam_kernel_without_a_copy() -> N
     store.codebook_bits = 6
     store = store.to(DEVICE).train()
     store.hold_indices(True)
-    vertex_features.round_held_codebooks([store])
+    vertex_features.prepare_held_steps([store])
     codebook = store.lookup_codebook()
     _, codebook_t, _ = relaxed_indices._gradient_terms(
         store.logits, torch.zeros(300, 16, device=DEVICE), codebook, None

@@ -203,7 +203,7 @@ def test_a_store_step_matches_reference(reference, codebook_bits, logit_dtype) -
         store.codebook_bits, store.fuse_rate, store.temperature = codebook_bits, True, 0.2
         store = store.to(DEVICE).train()
         store.hold_indices(True)
-        vertex_features.round_held_codebooks([store])
+        vertex_features.prepare_held_steps([store])
         with torch.no_grad():
             store.table()
         table = store.table()

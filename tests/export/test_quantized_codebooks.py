@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vqad_nerfstudio.codec import Chunk, FormatError, describe, read_container, write_container
-from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, round_held_codebooks
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, prepare_held_steps
 from vqad_nerfstudio.export.vqad_codec import encode_model, load_compressed
 from vqad_nerfstudio.rounding import rounded_rows
 
@@ -72,7 +72,7 @@ def test_the_levels_of_a_step_round_together_as_each_alone() -> None:
     stores = [_store(6, seed) for seed in range(3)] + [_store(5, 3), _store(None, 4), _store(6, 5)]
     for store in stores[:-1]:
         store.hold_indices(True)
-    round_held_codebooks(stores)
+    prepare_held_steps(stores)
     with torch.no_grad():
         for store in stores[:4]:
             held = store.lookup_codebook()

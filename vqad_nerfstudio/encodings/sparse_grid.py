@@ -29,8 +29,9 @@ import torch
 from jaxtyping import Bool, Float, Int, UInt8
 from torch import Tensor, nn
 
-from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap, round_held_codebooks
+from vqad_nerfstudio.encodings.vertex_features import FeatureStore, ParameterSwap, prepare_held_steps
 from vqad_nerfstudio.kernels import cell_lookup, grid_interpolation
+from vqad_nerfstudio.kernels.captured import CapturedWork
 
 # Offsets of a cell's 8 corners, in (x, y, z) order; corner c has offsets of its bits (x = bit 2).
 CORNER_OFFSETS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
@@ -258,6 +259,9 @@ class SparseFeatureGrid(nn.Module):
         self.fused = True
         """Interpolate with the fused GPU kernel on CUDA tensors when Triton imports (else the PyTorch path)."""
         self._topology_cache: Dict[str, Tuple[Tuple, Tensor]] = {}
+        self.preparation_graph = CapturedWork()
+        """Prepares a step's held codebooks, indices and tables in one CUDA graph replay on the GPU
+        (:meth:`indices_once`)."""
 
     @property
     def pruned(self) -> bool:
@@ -387,11 +391,13 @@ class SparseFeatureGrid(nn.Module):
     @contextmanager
     def indices_once(self) -> Iterator[None]:
         """Within this block each level derives its hard indices (and rate) from its logits once, however many
-        lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it."""
+        lookups read them (:meth:`FeatureStore.hold_indices`): the parameters must not change inside it. What can be
+        derived up front is, by one replay of :attr:`preparation_graph` on the GPU
+        (:func:`~vqad_nerfstudio.encodings.vertex_features.prepare_held_steps`)."""
         held = [level.features for level in self.levels]
         for store in held:
             store.hold_indices(True)
-        round_held_codebooks(held)
+        prepare_held_steps(held, self.preparation_graph)
         try:
             yield
         finally:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from vqad_nerfstudio.encodings import index_factors as factored
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
 from vqad_nerfstudio.kernels import column_rounding, factored_indices, relaxed_indices
+from vqad_nerfstudio.kernels.captured import CapturedWork
 from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update, widened
 from vqad_nerfstudio.rounding import QUANTIZED_BITS, rounded_columns, straight_through
 from vqad_nerfstudio.transient_state import TransientState
@@ -825,6 +826,23 @@ class CodebookFeatures(TransientState, FeatureStore):
         updated."""
         self._forecast = hard, sums, self._logit_state(temperature)
 
+    def _table_from_held_state(self) -> bool:
+        """Whether this step's training table can be derived without reading the logits (on the kernels' path):
+        from frozen indices, or from a forecast that holds for the logits as they are (:func:`prepare_held_steps`)."""
+        if not (self.training and self._holding and self.use_kernels and relaxed_indices.available(self.codebook)):
+            return False
+        if self.in_float_warmup or self.relaxed:
+            return False
+        forecast = self._forecast
+        return self.frozen or (forecast is not None and forecast[2] == self._logit_state(self.temperature))
+
+    def _take_forecast(self) -> Tuple[Tensor, Tensor]:
+        """The forecast hard indices and soft-index sums, consumed (see :meth:`_table_from_held_state`)."""
+        assert self._forecast is not None
+        hard, sums, _ = self._forecast
+        self._forecast = None
+        return hard, sums
+
     def _indices_of_step(self) -> StepIndices:
         """:func:`step_indices` of the logits as they are, held inside :meth:`hold_indices`: the last update's
         forecast where it holds for them, else one pass over the logits."""
@@ -1131,21 +1149,65 @@ class CodebookFeatures(TransientState, FeatureStore):
 
 
 @torch.no_grad()
-def round_held_codebooks(stores: Sequence[FeatureStore]) -> None:
-    """Round the codebooks of ``stores`` inside :meth:`~CodebookFeatures.hold_indices` (those with
-    ``codebook_bits``, past their float warm-up) now, those of equal shape and bits in one pass: one set of
-    operations for all levels of a grid instead of one per level. On the GPU they are stored transposed: the
-    logits' gradient kernel reads each feature channel's codewords contiguously, without a copy per level."""
+def prepare_held_steps(stores: Sequence[FeatureStore], graph: Optional[CapturedWork] = None) -> None:
+    """What the lookups of ``stores`` inside :meth:`~CodebookFeatures.hold_indices` derive from their parameters,
+    computed now in one pass, on the GPU one replay of ``graph`` (None: run as it is):
+
+    - the codebooks rounded to ``codebook_bits`` (past their float warm-up), those of equal shape and bits
+      together; on the GPU stored transposed, as the logits' gradient kernel reads each channel's codewords;
+    - for stores that train on hard indices, the codeword table: of the frozen indices, or of the hard indices that
+      the last in-backward update forecast (with their rate where the table computes it), where that forecast
+      holds for the logits as they are. Other stores derive theirs at their first lookup, as before.
+    """
+    holding = [s for s in stores if isinstance(s, CodebookFeatures) and s._holding]
     groups: Dict[Tuple[int, torch.Size, torch.device, bool], List[CodebookFeatures]] = {}
-    for store in stores:
-        if isinstance(store, CodebookFeatures) and store.codebook_bits is not None and not store.in_float_warmup:
-            if store._holding:
-                key = (store.codebook_bits, store.codebook.shape, store.codebook.device, store.use_kernels)
-                groups.setdefault(key, []).append(store)
-    for (bits, _, _, use_kernel), group in groups.items():
-        rounded = rounded_codebooks(torch.stack([store.codebook for store in group]), bits, use_kernel, True)
-        for store, codebook in zip(group, rounded.unbind(0)):
-            store._held_codebook = codebook
+    for store in holding:
+        if store.codebook_bits is not None and not store.in_float_warmup:
+            key = (store.codebook_bits, store.codebook.shape, store.codebook.device, store.use_kernels)
+            groups.setdefault(key, []).append(store)
+    rounded_stores = [store for group in groups.values() for store in group]
+    tabled = [store for store in holding if store._table_from_held_state()]
+    if not rounded_stores and not tabled:
+        return
+    forecasts = [store._take_forecast() for store in tabled if not store.frozen]
+    inputs = [t for forecast in forecasts for t in forecast]
+
+    def work(inputs: Sequence[Tensor]) -> List[Tensor]:
+        outputs: List[Tensor] = []
+        for (bits, _, _, use_kernel), group in groups.items():
+            outputs += rounded_codebooks(torch.stack([s.codebook for s in group]), bits, use_kernel, True).unbind(0)
+        codebook_of = {id(store): codebook for store, codebook in zip(rounded_stores, outputs)}
+        forecast = iter(inputs)
+        for store in tabled:
+            codebook = codebook_of.get(id(store), store.codebook).detach()
+            if store.frozen:
+                outputs.append(codeword_table(codebook, store.indices, store.use_kernels))
+                continue
+            known = step_indices_of_sums(next(forecast), next(forecast), store.fuse_rate)
+            outputs += [*known, codeword_table(codebook, known[0], store.use_kernels)]
+        return outputs
+
+    key = (
+        tuple((k, tuple(_place(s.codebook) for s in group)) for k, group in groups.items()),
+        tuple((_place(s.codebook), s.frozen and _place(s.indices), s.fuse_rate, s.use_kernels) for s in tabled),
+    )
+    device = (rounded_stores or tabled)[0].codebook.device
+    if graph is None:
+        with torch.no_grad():
+            outputs = iter(work(inputs))
+    else:
+        outputs = iter(graph.run(key, inputs, work, device))
+    for store in rounded_stores:
+        store._held_codebook = next(outputs)
+    for store in tabled:
+        if not store.frozen:
+            store._held_indices = (next(outputs), next(outputs), next(outputs))
+        store._held_table = next(outputs)
+
+
+def _place(tensor: Tensor) -> Tuple[int, torch.Size]:
+    """Where ``tensor`` lives and its shape: what a recorded graph that reads it depends on."""
+    return tensor.data_ptr(), tensor.shape
 
 
 class FloatFeatures(FeatureStore):
@@ -1189,7 +1251,7 @@ __all__ = [
     "FeatureStore",
     "CodebookFeatures",
     "FloatFeatures",
-    "round_held_codebooks",
+    "prepare_held_steps",
     "soft_codewords",
     "straight_through_codewords",
     "straight_through_codewords_and_rate",

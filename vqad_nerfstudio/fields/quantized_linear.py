@@ -36,7 +36,8 @@ class _RoundedWeight(TransientState, nn.Module):
         quantized.__dict__.update(layer.__dict__)
         return quantized
 
-    def _rounded(self) -> Tensor:
+    def round_weight(self) -> Tensor:
+        """The weight rounded to ``bits`` (set), without gradients to it."""
         assert self.bits is not None
         if column_rounding.rows_available(self.weight):  # on the GPU: the same numbers in two launches
             return column_rounding.rounded_rows(self.weight, self.bits)
@@ -46,12 +47,16 @@ class _RoundedWeight(TransientState, nn.Module):
         """The weight the forward pass uses (rounded once per :meth:`hold_rounding` span, else at every call)."""
         if self.bits is None:
             return self.weight
-        return straight_through(self.weight, self._held if self._held is not None else self._rounded())
+        return straight_through(self.weight, self._held if self._held is not None else self.round_weight())
 
-    def hold_rounding(self, hold: bool) -> None:
-        """Round the weight now and reuse it until ``hold_rounding(False)`` (the weight must not change meanwhile:
-        optimisers update in place without telling)."""
-        self._held = self._rounded() if hold and self.bits is not None else None
+    def hold_rounding(self, hold: bool, rounded: Optional[Tensor] = None) -> None:
+        """Round the weight now (or take ``rounded``, :meth:`round_weight` computed already) and reuse it until
+        ``hold_rounding(False)`` (the weight must not change meanwhile: optimisers update in place without
+        telling)."""
+        if not hold or self.bits is None:
+            self._held = None
+        else:
+            self._held = self.round_weight() if rounded is None else rounded
 
 
 class QuantizedLinear(_RoundedWeight, nn.Linear):

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
 from vqad_nerfstudio.kernels import fused_mlp, spherical_harmonics
+from vqad_nerfstudio.kernels.captured import CapturedWork
 
 
 class VQADField(Field):
@@ -67,6 +68,8 @@ class VQADField(Field):
         )
 
         self.decoder_layers = quantizable_layers(self.density_mlp) + quantizable_layers(self.color_mlp)
+        self.rounding_graph = CapturedWork()
+        """Rounds the decoder weights in one CUDA graph replay on the GPU (:meth:`decoders_rounded_once`)."""
 
     def set_weight_bits(self, bits: Optional[int]) -> None:
         """Forward passes use the decoder weights rounded to ``bits`` bits per weight (None: as they are)."""
@@ -75,9 +78,14 @@ class VQADField(Field):
 
     @contextmanager
     def decoders_rounded_once(self) -> Iterator[None]:
-        """Within this block the decoder weights are rounded once (to the bits set), not at every pass."""
-        for layer in self.decoder_layers:
-            layer.hold_rounding(True)
+        """Within this block the decoder weights are rounded once (to the bits set), not at every pass; on the GPU
+        all of them by one replay of :attr:`rounding_graph`."""
+        rounded = [layer for layer in self.decoder_layers if layer.bits is not None]
+        key = tuple((layer.weight.data_ptr(), layer.weight.shape, layer.bits) for layer in rounded)
+        work = lambda _: [layer.round_weight() for layer in rounded]  # noqa: E731
+        weights = self.rounding_graph.run(key, (), work, self.aabb.device) if rounded else ()
+        for layer, weight in zip(rounded, weights):
+            layer.hold_rounding(True, weight)
         try:
             yield
         finally:

@@ -159,6 +159,11 @@ class VQADModelConfig(ModelConfig):
     """With fused_kernels: run each decoder MLP's forward and backward pass as one Triton kernel each
     (kernels/fused_mlp.py; same parameters and file layout; on an H200, lego's float twin evaluated ×1.49 faster in
     half the peak training memory); False: nerfstudio's MLP."""
+    cuda_graphs: bool = True
+    """With fused_kernels, on CUDA: prepare each step's quantised tensors (decoder weights and codebooks rounded to
+    their bits, the levels' hard indices, index rates and codeword tables) by replaying two CUDA graphs instead of
+    about twenty launches, recorded again whenever the parameters move (pruning, freezing); False: launched one by
+    one (same numbers)."""
     tf32: bool = True
     """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
     set_float32_matmul_precision("high"), which applies to the whole process."""
@@ -340,6 +345,7 @@ class VQADModel(Model):
             torch.set_float32_matmul_precision("high")
         self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=cfg.unbounded, hidden_dim=cfg.hidden_dim)
         self.field.fused_decoders = cfg.fused_kernels and cfg.fused_decoders
+        self.grid.preparation_graph.enabled = self.field.rounding_graph.enabled = cfg.fused_kernels and cfg.cuda_graphs
 
         if cfg.unbounded:
             self.collider = NearFarCollider(near_plane=0.05, far_plane=1000.0)

@@ -1,0 +1,105 @@
+"""Small device work replayed as one CUDA graph.
+
+A vqad training step starts by preparing what its lookups read: the decoder weights and codebooks rounded to their
+bits, and each level's hard indices, index rate and codeword table from the last update's forecast. That is about
+twenty small launches, each with its Python around it, and the step is bound by the host that issues them
+(docs/benchmarks.md, "GPU fast path"). :class:`CapturedWork` records such work once as a CUDA graph and then issues
+it as one replay, for as long as the tensors it reads stay where they are.
+
+Work must be pure device work: it reads its inputs and the tensors its key names, returns new tensors, and neither
+synchronises with the host nor depends on values it reads (a graph replays the same launches with the same sizes).
+Elsewhere (the CPU, Triton's interpreter, while another graph is being captured, or disabled) it simply runs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Hashable, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from vqad_nerfstudio.kernels import INTERPRETED
+
+Work = Callable[[Sequence[Tensor]], Sequence[Tensor]]
+"""Device work: from its inputs (see :meth:`CapturedWork.run`) to the tensors it makes."""
+
+
+def input_layout(inputs: Sequence[Tensor]) -> Tuple:
+    """What a graph recorded for ``inputs`` depends on, besides their values: shapes, dtypes and devices."""
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+
+
+class _Recording:
+    """A recorded graph with the buffers it reads its inputs from and writes its outputs to."""
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph", inputs: Tuple[Tensor, ...], outputs: Tuple[Tensor, ...]):
+        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+
+
+class CapturedWork:
+    """Runs :data:`Work` and, on a CUDA device, replays it as a CUDA graph recorded at the first call of each key.
+
+    ``key`` must change whenever what the work reads other than ``inputs`` moves or changes shape (the data
+    pointers and shapes of the parameters it reads, the settings it branches on); ``inputs`` are copied into the
+    graph's own buffers before each replay (one launch for all), so they may live anywhere. The tensors a replay
+    returns are the graph's: the next replay of that key overwrites them, so they must not be needed beyond it.
+    The last ``slots`` keys keep their graphs (a training step's and an evaluation's work differ).
+    """
+
+    def __init__(self, enabled: bool = True, slots: int = 2) -> None:
+        self.enabled = enabled
+        """Whether to record graphs at all (False: the work always runs as it is)."""
+        self.slots = slots
+        self._recordings: "OrderedDict[Hashable, _Recording]" = OrderedDict()
+        self.captures = 0
+        """Graphs recorded so far (each for a key not held at the time)."""
+
+    def release(self) -> None:
+        """Drop the recorded graphs and their buffers."""
+        self._recordings.clear()
+
+    def capturable(self, device: torch.device) -> bool:
+        """Whether work on ``device`` would be recorded (enabled, CUDA, no graph being captured already)."""
+        return (
+            self.enabled and device.type == "cuda" and not INTERPRETED and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def run(self, key: Hashable, inputs: Sequence[Tensor], work: Work, device: torch.device) -> Tuple[Tensor, ...]:
+        """``work(inputs)``, on a capturable ``device`` as a replay of its graph for ``(key, input_layout(inputs))``
+        (recorded now if not held)."""
+        if not self.capturable(device):
+            self.release()
+            with torch.no_grad():
+                return tuple(work(inputs))
+        full_key = (key, input_layout(inputs))
+        recording = self._recordings.get(full_key)
+        if recording is None:
+            recording = self._record(inputs, work, device)
+            self._recordings[full_key] = recording
+            while len(self._recordings) > self.slots:
+                self._recordings.popitem(last=False)
+        self._recordings.move_to_end(full_key)
+        if recording.inputs:
+            torch._foreach_copy_(list(recording.inputs), list(inputs))
+        recording.graph.replay()
+        return recording.outputs
+
+    def _record(self, inputs: Sequence[Tensor], work: Work, device: torch.device) -> _Recording:
+        """Records ``work`` on its own buffers of ``inputs``: a first run on a side stream (kernels compile, memory
+        settles), as CUDA graphs require, then the capture."""
+        with torch.no_grad():
+            own_inputs = tuple(t.clone() for t in inputs)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                work(own_inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outputs = tuple(work(own_inputs))
+        self.captures += 1
+        return _Recording(graph, own_inputs, outputs)
+
+
+__all__ = ["CapturedWork", "Work", "input_layout"]
