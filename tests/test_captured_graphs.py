@@ -53,6 +53,23 @@ def test_replays_follow_inputs_and_parameters_and_record_again_for_a_new_key() -
 
 
 @needs_cuda
+def test_work_that_updates_in_place_runs_once_per_call_also_when_recorded() -> None:
+    """The run before a recording changes nothing that the work names as updated: every call updates once."""
+    captured = CapturedWork()
+    total = torch.zeros(4, device="cuda")
+    step = torch.ones(4, device="cuda")
+
+    def accumulate(inputs):
+        total.add_(inputs[0])
+        return [total * 2]
+
+    for _ in range(3):
+        doubled = captured.run(("total", total.data_ptr()), [step], accumulate, step.device, updated=[total])
+    assert captured.captures == 1
+    assert torch.equal(total, torch.full((4,), 3.0, device="cuda")) and torch.equal(doubled[0], total * 2)
+
+
+@needs_cuda
 def test_disabled_work_is_never_recorded() -> None:
     captured = CapturedWork(enabled=False)
     x, weight = torch.randn(3, 8, device="cuda"), torch.randn(8, 4, device="cuda")
@@ -76,3 +93,6 @@ def test_straight_through_steps_with_graphs_equal_launches_one_by_one(freeze: bo
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
     assert graph_model.grid.preparation_graph.captures >= 1 and graph_model.field.rounding_graph.captures == 1
     assert model.grid.preparation_graph.captures == 0 and model.field.rounding_graph.captures == 0
+    updates = [level.features.update_graph.captures for level in graph_model.grid.levels]
+    assert all(0 < captures <= 2 for captures in updates)  # one graph for the logits while they stay put
+    assert all(level.features.update_graph.captures == 0 for level in model.grid.levels)

@@ -322,6 +322,37 @@ def test_the_adam_pass_forecasts_the_next_step_indices(rows: int, logit_dtype: t
     assert relaxed_indices.relaxed_logit_adam_(logits, 0.4, update, grad_share=share) is None
 
 
+@pytest.mark.parametrize("logit_dtype", [torch.float32, torch.float16])
+def test_the_adam_pass_reads_its_scalars_from_memory_as_from_its_arguments(logit_dtype: torch.dtype) -> None:
+    """With ``scalars`` (:func:`relaxed_indices.adam_scalars` on the device) the Adam pass updates the logits and
+    moments and forecasts as with the scalars as arguments, compiled bit for bit (a recorded graph replays it so)."""
+    from vqad_nerfstudio.optim import AdamStep
+
+    codewords = 256
+    base = _logits(ROWS, codewords).to(logit_dtype)
+    grad_rows = torch.randn(ROWS, 4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    codebook = torch.randn(codewords, 4, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    share = torch.randn(codewords, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    results = []
+    for in_memory in (False, True):
+        logits = base.clone()
+        update = AdamStep(
+            torch.full_like(logits, 0.01, dtype=torch.bfloat16), torch.full_like(logits, 1e-4, dtype=logit_dtype),
+            lr=0.05, beta1=0.9, beta2=0.999, eps=1e-15, weight_decay=0.01, step=3, seed=2**31 - 5,
+        )  # fmt: skip
+        scalars = relaxed_indices.adam_scalars(0.3, update).to(DEVICE) if in_memory else None
+        forecast = relaxed_indices.relaxed_logit_adam_(
+            logits, 0.3, update, grad_rows, codebook, share, torch.tensor(0.5, device=DEVICE), True, None, scalars
+        )
+        results.append((logits, update.exp_avg, update.exp_avg_sq, *forecast))
+    assert not torch.equal(results[0][0], base)
+    for got, expected in zip(*results):
+        if ON_GPU:  # compiled, the arguments are float32 as the values in memory
+            assert torch.equal(got, expected)
+        else:  # the interpreter computes with float64 arguments
+            torch.testing.assert_close(got.float(), expected.float(), rtol=1e-3, atol=1e-4)
+
+
 def test_a_store_takes_its_forecast_only_for_the_logits_it_was_made_for() -> None:
     """A store's step under an in-backward Adam keeps the update's forecast; the next step's held indices (and rate)
     equal a pass over the logits, without that pass; logits changed since, or another temperature, ignore it."""

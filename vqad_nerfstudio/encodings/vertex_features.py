@@ -333,13 +333,14 @@ class _StraightThroughCodewords(torch.autograd.Function):
         known_table: Optional[Tensor],
         forecast_to: Optional[Callable[[Tensor, Tensor, float], None]],
         factors: int,
+        update_graph: Optional[CapturedWork],
     ) -> Tuple[Tensor, Tensor]:
         if known is None:
             known = step_indices(logits, temperature, with_rate, use_kernel, factors)
         hard, bits, grad_counts = known
         ctx.save_for_backward(hard, logits, codebook, grad_counts)
         ctx.temperature, ctx.with_rate, ctx.use_kernel, ctx.factors = temperature, with_rate, use_kernel, factors
-        ctx.forecast_to = forecast_to
+        ctx.forecast_to, ctx.update_graph = forecast_to, update_graph
         optimizer = pending_update(logits)
         ctx.in_backward = None if optimizer is None else (optimizer, logits)  # the parameter itself, to update
         ctx.set_materialize_grads(False)
@@ -349,10 +350,31 @@ class _StraightThroughCodewords(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_out: Optional[Tensor], grad_bits: Optional[Tensor]
-    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None, None, None, None, None]:
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], None, None, None, None, None, None, None, None]:
         hard, logits, codebook, grad_counts = ctx.saved_tensors
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
+        graphed = (
+            ctx.update_graph is not None
+            and ctx.in_backward is not None
+            and grad_out is not None
+            and all(ctx.needs_input_grad[:2])
+            and ctx.use_kernel
+            and ctx.factors == 1
+            and relaxed_indices.available(logits)
+        )
+        if graphed:
+            optimizer, parameter = ctx.in_backward
+            update = optimizer.begin_update(parameter)
+            grad_share = grad_counts if grad_bits is not None else None
+            forecast, grad_codebook = _graphed_update(
+                ctx.update_graph, logits, codebook, hard, grad_out, grad_share, grad_bits, update, ctx.temperature,
+                ctx.forecast_to is not None,
+            )  # fmt: skip
+            torch.autograd.graph.increment_version(parameter)
+            if forecast is not None:
+                ctx.forecast_to(*forecast, ctx.temperature)
+            return None, grad_codebook, None, None, None, None, None, None, None, None
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_bits is not None):
             grad_share = grad_counts if grad_bits is not None else None  # times grad_bits
             terms = (grad_out, None if grad_out is None else codebook, grad_share, ctx.use_kernel, grad_bits)
@@ -370,7 +392,40 @@ class _StraightThroughCodewords(torch.autograd.Function):
                 grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms, factors=ctx.factors)
         if ctx.needs_input_grad[1] and grad_out is not None:
             grad_codebook = codebook_grad(hard, grad_out, codebook, ctx.use_kernel)
-        return grad_logits, grad_codebook, None, None, None, None, None, None, None
+        return grad_logits, grad_codebook, None, None, None, None, None, None, None, None
+
+
+def _graphed_update(
+    graph: CapturedWork,
+    logits: Float[Tensor, "m c"],
+    codebook: Float[Tensor, "c k"],
+    hard: Int[Tensor, "m"],
+    grad_rows: Float[Tensor, "m k"],
+    grad_share: Optional[Float[Tensor, "c"]],
+    share_scale: Optional[Float[Tensor, ""]],
+    update: AdamStep,
+    temperature: float,
+    forecast: bool,
+) -> Tuple[Optional[Tuple[Tensor, Tensor]], Float[Tensor, "c k"]]:
+    """The straight-through backward pass's work on the kernels' path, :func:`relaxed_logit_adam_` of the logits (with
+    the forecast if ``forecast``) and :func:`codebook_grad`, as one replay of ``graph``: the Adam pass reads its
+    scalars from memory, and what varies from step to step is copied in (the codebook and indices included, a few
+    kB and MB); the logits and moments, updated in place, are the graph's as long as they stay where they are."""
+    inputs = [grad_rows, codebook.detach(), hard, relaxed_indices.adam_scalars(temperature, update)]
+    if grad_share is not None and share_scale is not None:
+        inputs += [grad_share, share_scale]
+
+    def work(inputs: Sequence[Tensor]) -> List[Tensor]:
+        rows, book, indices, scalars, *share = inputs
+        predicted = relaxed_indices.relaxed_logit_adam_(
+            logits.detach(), temperature, update, rows, book, *(share or (None, None)), forecast, None, scalars
+        )
+        return [*(predicted or ()), relaxed_indices.codebook_grad(indices, rows, book.shape[0]).to(book.dtype)]
+
+    key = (_place(logits), logits.dtype, *(_place(m) + (m.dtype,) for m in (update.exp_avg, update.exp_avg_sq)))
+    updated = (logits.detach(), update.exp_avg, update.exp_avg_sq)
+    outputs = graph.run((key, forecast), inputs, work, logits.device, updated)
+    return (tuple(outputs[:2]) if forecast else None), outputs[-1]
 
 
 def straight_through_codewords(
@@ -382,15 +437,17 @@ def straight_through_codewords(
     known_table: Optional[Float[Tensor, "m k"]] = None,
     forecast_to: Optional[Callable[[Tensor, Tensor, float], None]] = None,
     factors: int = 1,
+    update_graph: Optional[CapturedWork] = None,
 ) -> Float[Tensor, "m k"]:
     """Chosen codewords of every row, ``codebook[argmax(logits)]``, with straight-through softmax gradients
     to the logits and the chosen codewords. ``known``: :func:`step_indices` of these logits without the rate, if
     already computed; ``known_table``: the codewords of its indices, if already gathered (returned as the table);
     ``forecast_to``: receives the hard indices and soft-index sums of the logits as an in-backward Adam on the GPU
     leaves them, and the temperature of the sums; ``factors``: the logits' (see
-    :mod:`~vqad_nerfstudio.encodings.index_factors`)."""
+    :mod:`~vqad_nerfstudio.encodings.index_factors`); ``update_graph``: replays the backward pass's in-backward Adam
+    update and codebook gradient on the GPU (:func:`_graphed_update`; None: launched one by one)."""
     return _StraightThroughCodewords.apply(
-        logits, codebook, temperature, False, use_kernel, known, known_table, forecast_to, factors
+        logits, codebook, temperature, False, use_kernel, known, known_table, forecast_to, factors, update_graph
     )[0]
 
 
@@ -403,13 +460,14 @@ def straight_through_codewords_and_rate(
     known_table: Optional[Float[Tensor, "m k"]] = None,
     forecast_to: Optional[Callable[[Tensor, Tensor, float], None]] = None,
     factors: int = 1,
+    update_graph: Optional[CapturedWork] = None,
 ) -> Tuple[Float[Tensor, "m k"], Float[Tensor, ""]]:
     """:func:`straight_through_codewords` and :func:`soft_index_rate_bits` in one pass: equal values and gradients,
     one gradient buffer and one softmax recomputation for both. ``known``: :func:`step_indices` of these logits and
-    temperature with the rate, if already computed; ``known_table``, ``forecast_to`` and ``factors``: as in
-    :func:`straight_through_codewords`."""
+    temperature with the rate, if already computed; ``known_table``, ``forecast_to``, ``factors`` and
+    ``update_graph``: as in :func:`straight_through_codewords`."""
     return _StraightThroughCodewords.apply(
-        logits, codebook, temperature, True, use_kernel, known, known_table, forecast_to, factors
+        logits, codebook, temperature, True, use_kernel, known, known_table, forecast_to, factors, update_graph
     )
 
 
@@ -755,6 +813,9 @@ class CodebookFeatures(TransientState, FeatureStore):
         self._hard_table: Optional[Tuple[Tuple, Tensor]] = None
         """In eval mode, the hard table of the first lookup without gradients, and the parameters' state it belongs to
         (kept until the mode changes or the parameters are replaced: renders then share one table)."""
+        self.update_graph = CapturedWork()
+        """Replays the straight-through backward pass's in-backward Adam update of the logits and the codebook
+        gradient on the GPU (see :func:`straight_through_codewords`); disabled: launched one by one."""
         self._forecast: Optional[Tuple[Tensor, Tensor, Tuple]] = None
         """The hard indices and soft-index column sums that the last in-backward Adam update of the logits forecast
         on the GPU, and the logits' state and temperature they hold for: the next step's indices, without a pass
@@ -900,16 +961,18 @@ class CodebookFeatures(TransientState, FeatureStore):
         held, held_table = (self._held_indices, self._held_table) if self.training else (None, None)
         codebook = self.lookup_codebook()
         forecast_to = self._keep_forecast if self.training else None
+        graph = self.update_graph if self.update_graph.enabled else None
         if self.fuse_rate and self.training:
             table, rate = straight_through_codewords_and_rate(
                 self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to,
-                self.index_factors,
+                self.index_factors, graph,
             )  # fmt: skip
             self._rate_of_table = rate, self.logits._version
             return table
         return straight_through_codewords(
-            self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to, self.index_factors
-        )
+            self.logits, codebook, self.temperature, self.use_kernels, held, held_table, forecast_to,
+            self.index_factors, graph,
+        )  # fmt: skip
 
     def _frozen_table(self) -> Float[Tensor, "m k"]:
         """The frozen indices' codewords; inside :meth:`hold_indices` the table a lookup without gradients gathers is

@@ -6,8 +6,10 @@ twenty small launches, each with its Python around it, and the step is bound by 
 (docs/benchmarks.md, "GPU fast path"). :class:`CapturedWork` records such work once as a CUDA graph and then issues
 it as one replay, for as long as the tensors it reads stay where they are.
 
-Work must be pure device work: it reads its inputs and the tensors its key names, returns new tensors, and neither
-synchronises with the host nor depends on values it reads (a graph replays the same launches with the same sizes).
+Work must be device work that neither synchronises with the host nor depends on values it reads (a graph replays the
+same launches with the same sizes): it reads its inputs and the tensors its key names and returns new tensors; what
+it updates in place it names as ``updated``, so that the run before a recording (which CUDA graphs need) changes
+nothing.
 Elsewhere (the CPU, Triton's interpreter, while another graph is being captured, or disabled) it simply runs.
 """
 
@@ -42,7 +44,8 @@ class CapturedWork:
 
     ``key`` must change whenever what the work reads other than ``inputs`` moves or changes shape (the data
     pointers and shapes of the parameters it reads, the settings it branches on); ``inputs`` are copied into the
-    graph's own buffers before each replay (one launch for all), so they may live anywhere. The tensors a replay
+    graph's own buffers on ``device`` before each replay (one launch for all; host tensors without waiting), so
+    they may live anywhere. The tensors a replay
     returns are the graph's: the next replay of that key overwrites them, so they must not be needed beyond it.
     The last ``slots`` keys keep their graphs (a training step's and an evaluation's work differ).
     """
@@ -65,36 +68,49 @@ class CapturedWork:
             self.enabled and device.type == "cuda" and not INTERPRETED and not torch.cuda.is_current_stream_capturing()
         )
 
-    def run(self, key: Hashable, inputs: Sequence[Tensor], work: Work, device: torch.device) -> Tuple[Tensor, ...]:
+    def run(
+        self,
+        key: Hashable,
+        inputs: Sequence[Tensor],
+        work: Work,
+        device: torch.device,
+        updated: Sequence[Tensor] = (),
+    ) -> Tuple[Tensor, ...]:
         """``work(inputs)``, on a capturable ``device`` as a replay of its graph for ``(key, input_layout(inputs))``
-        (recorded now if not held)."""
+        (recorded now if not held). ``updated``: the tensors the work changes in place (the key must name them)."""
         if not self.capturable(device):
             self.release()
             with torch.no_grad():
-                return tuple(work(inputs))
+                return tuple(work([t.to(device, non_blocking=True) for t in inputs]))
         full_key = (key, input_layout(inputs))
         recording = self._recordings.get(full_key)
         if recording is None:
-            recording = self._record(inputs, work, device)
+            recording = self._record(inputs, work, device, updated)
             self._recordings[full_key] = recording
             while len(self._recordings) > self.slots:
                 self._recordings.popitem(last=False)
         self._recordings.move_to_end(full_key)
-        if recording.inputs:
-            torch._foreach_copy_(list(recording.inputs), list(inputs))
+        if recording.inputs:  # host inputs (the CPU's scalars) without waiting for the device
+            torch._foreach_copy_(list(recording.inputs), list(inputs), non_blocking=True)
         recording.graph.replay()
         return recording.outputs
 
-    def _record(self, inputs: Sequence[Tensor], work: Work, device: torch.device) -> _Recording:
+    def _record(
+        self, inputs: Sequence[Tensor], work: Work, device: torch.device, updated: Sequence[Tensor]
+    ) -> _Recording:
         """Records ``work`` on its own buffers of ``inputs``: a first run on a side stream (kernels compile, memory
-        settles), as CUDA graphs require, then the capture."""
+        settles), as CUDA graphs require, whose updates of ``updated`` are undone, then the capture."""
         with torch.no_grad():
-            own_inputs = tuple(t.clone() for t in inputs)
+            own_inputs = tuple(t.to(device, copy=True) for t in inputs)
+            before = [t.clone() for t in updated]
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 work(own_inputs)
             torch.cuda.current_stream(device).wait_stream(side)
+            for tensor, value in zip(updated, before):
+                tensor.copy_(value)
+            del before
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = tuple(work(own_inputs))

@@ -188,6 +188,7 @@ if triton is not None:
         sqrt_bias2,
         weight_decay,
         seed,
+        scalars,
         C: tl.constexpr,
         C_POW2: tl.constexpr,
         K: tl.constexpr,
@@ -202,6 +203,7 @@ if triton is not None:
         LOGIT_LARGEST: tl.constexpr,
         EXP_AVG_SQ_DROPPED: tl.constexpr,
         FORECAST: tl.constexpr,
+        SCALARS_IN_MEMORY: tl.constexpr,
     ):
         """The logits' gradient into ``out``, or with ``ADAM`` Adam's update of the logits (``out`` is the logits) and
         of their moments from it, block by block (``ROWS_PER_PROGRAM`` rows a program): the gradient is never
@@ -210,7 +212,18 @@ if triton is not None:
         its high 16); the first moment rounds to nearest, as :func:`vqad_nerfstudio.optim.adam_update_` rounds them.
         With ``FORECAST`` (and ``ADAM``) also the updated logits' hard indices into ``next_hard`` and the column
         sums of their softmax into ``next_sums`` (one row per program), as :func:`_hard_and_shares_kernel` would
-        read them back."""
+        read them back. With ``SCALARS_IN_MEMORY`` the scalars from ``inv_temperature`` to ``seed`` are read from
+        ``scalars`` (float32 values, the seed's bits last) instead of the arguments: a recorded graph replays
+        with the step's values (:data:`DEVICE_SCALARS`)."""
+        if SCALARS_IN_MEMORY:
+            inv_temperature = tl.load(scalars)
+            step_size = tl.load(scalars + 1)
+            beta1 = tl.load(scalars + 2)
+            beta2 = tl.load(scalars + 3)
+            eps = tl.load(scalars + 4)
+            sqrt_bias2 = tl.load(scalars + 5)
+            weight_decay = tl.load(scalars + 6)
+            seed = tl.load(scalars + 7).to(tl.int32, bitcast=True)
         program = tl.program_id(0)
         sums = tl.zeros((BLOCK, C_POW2), dtype=tl.float32)  # summed over the rows once, after the last block
         for start in range(0, ROWS_PER_PROGRAM, BLOCK):
@@ -440,18 +453,33 @@ def relaxed_logit_adam_(
     share_scale: Optional[Float[Tensor, ""]] = None,
     forecast: bool = False,
     tiling: Optional[Tiling] = None,
+    scalars: Optional[Float[Tensor, "8"]] = None,
 ) -> Optional[Tuple[Int[Tensor, "m"], Float[Tensor, "c"]]]:
     """Adam's ``update`` of ``logits`` (and of its moments) in place from the gradient :func:`relaxed_logit_grad`
     gives for the same arguments, without storing that gradient. ``logits`` and the moments must be contiguous.
     With ``forecast``, also what :func:`hard_indices_and_shares` (with shares) would return for the updated logits
     at ``temperature``, from the same pass: the next step need not read them for it. ``tiling``: the pass's (None:
-    :data:`ADAM_TILING`)."""
+    :data:`ADAM_TILING`). ``scalars``: :func:`adam_scalars` of ``temperature`` and ``update`` on the logits' device,
+    which the kernel then reads instead of them (a recorded graph's launch replays with new values)."""
     _check_updated_in_place(logits, update)
     grad_rows, codebook_t, share = _gradient_terms(logits, grad_rows, codebook, grad_share)
     return _launch_logit_grad(
         logits.detach(), temperature, logits.detach(), False, grad_rows, codebook_t, share, share_scale, update,
-        forecast, tiling or ADAM_TILING,
+        forecast, tiling or ADAM_TILING, scalars,
     )  # fmt: skip
+
+
+def adam_scalars(temperature: float, update: "AdamStep") -> Float[Tensor, "8"]:
+    """The scalars of :func:`relaxed_logit_adam_`'s pass as its kernel reads them from memory, on the CPU: float32
+    ``1 / temperature``, step size, betas, eps, the second moment's bias correction's root and the weight decay,
+    then the rounding seed's int32 bits."""
+    values = torch.tensor(
+        [1.0 / temperature, update.step_size, update.beta1, update.beta2, update.eps, update.sqrt_bias2,
+         update.weight_decay, 0.0],
+        dtype=torch.float32,
+    )  # fmt: skip
+    values.view(torch.int32)[7] = update.seed
+    return values
 
 
 def _check_updated_in_place(logits: Tensor, update: "AdamStep") -> None:
@@ -488,9 +516,11 @@ def _launch_logit_grad(
     update: Optional["AdamStep"],
     forecast: bool = False,
     tiling: Tiling = Tiling(),
+    device_scalars: Optional[Tensor] = None,
 ) -> Optional[Tuple[Tensor, Tensor]]:
     """Launches :func:`_logit_grad_kernel` (with an Adam ``update`` cut by ``tiling``, else a block per program);
-    with ``forecast`` (and ``update``) returns the updated logits' hard indices and softmax column sums."""
+    with ``forecast`` (and ``update``) returns the updated logits' hard indices and softmax column sums; with
+    ``device_scalars`` (and ``update``) the kernel reads its scalars from them."""
     rows, codewords = logits.shape
     columns, block, warps = _block_rows(logits, tiling)
     rows_per_program = _whole_blocks(tiling.rows_per_program, block) if update is not None else block
@@ -517,17 +547,19 @@ def _launch_logit_grad(
     _logit_grad_kernel[(programs,)](
         logits, out, grad_rows, codebook_t, share, share if share_scale is None else share_scale, out, *moments,
         next_hard, next_sums, rows, 1.0 / temperature, *scalars,
-        update.seed if update is not None else 0,
+        update.seed if update is not None else 0, out if device_scalars is None else device_scalars,
         C=codewords, C_POW2=columns, K=codebook_t.shape[0] if grad_rows.numel() else 1, BLOCK=block,
         ROWS_PER_PROGRAM=rows_per_program, HAS_SOFT=has_soft, HAS_ROWS=grad_rows.numel() > 0,
         HAS_SHARE=share.numel() > 0, HAS_SCALE=share_scale is not None, ADAM=update is not None,
-        **rounding, FORECAST=forecast, num_warps=warps,
+        **rounding, FORECAST=forecast, SCALARS_IN_MEMORY=device_scalars is not None and update is not None,
+        num_warps=warps,
     )  # fmt: skip
     return (next_hard, next_sums.sum(dim=0)) if forecast else None
 
 
 __all__ = [
     "MAX_CODEWORDS",
+    "adam_scalars",
     "available",
     "codebook_grad",
     "codeword_table",

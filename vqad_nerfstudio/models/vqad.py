@@ -160,10 +160,11 @@ class VQADModelConfig(ModelConfig):
     (kernels/fused_mlp.py; same parameters and file layout; on an H200, lego's float twin evaluated ×1.49 faster in
     half the peak training memory); False: nerfstudio's MLP."""
     cuda_graphs: bool = True
-    """With fused_kernels, on CUDA: prepare each step's quantised tensors (decoder weights and codebooks rounded to
-    their bits, the levels' hard indices, index rates and codeword tables) by replaying two CUDA graphs instead of
-    about twenty launches, recorded again whenever the parameters move (pruning, freezing); False: launched one by
-    one (same numbers)."""
+    """With fused_kernels, on CUDA: replay CUDA graphs for a training step's small launches instead of issuing them
+    one by one: its preparation (decoder weights and codebooks rounded to their bits, the levels' hard indices,
+    index rates and codeword tables) and each level's in-backward Adam update of its logits with its codebook
+    gradient; recorded again whenever the parameters move (pruning, freezing). False: launched one by one (the same
+    numbers)."""
     tf32: bool = True
     """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
     set_float32_matmul_precision("high"), which applies to the whole process."""
@@ -345,7 +346,11 @@ class VQADModel(Model):
             torch.set_float32_matmul_precision("high")
         self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=cfg.unbounded, hidden_dim=cfg.hidden_dim)
         self.field.fused_decoders = cfg.fused_kernels and cfg.fused_decoders
-        self.grid.preparation_graph.enabled = self.field.rounding_graph.enabled = cfg.fused_kernels and cfg.cuda_graphs
+        graphs = cfg.fused_kernels and cfg.cuda_graphs
+        self.grid.preparation_graph.enabled = self.field.rounding_graph.enabled = graphs
+        for level in self.grid.levels:
+            if isinstance(level.features, CodebookFeatures):
+                level.features.update_graph.enabled = graphs
 
         if cfg.unbounded:
             self.collider = NearFarCollider(near_plane=0.05, far_plane=1000.0)
