@@ -42,7 +42,8 @@ def straight_through_steps(
                              index_rate_weight=1e-3, **settings)  # fmt: skip
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
     model = model.to(DEVICE).train()
-    model._quantize_float_warmup()  # the warm-up's end, which the training callbacks run at step 0
+    model._quantize_float_warmup()  # the warm-up's end, which the training callbacks run at step 0, with:
+    model.round_decoder_weights()
     groups = model.get_param_groups()
     optimizers = Optimizers({name: optimizer_configs[name] for name in groups}, groups)
     losses = []

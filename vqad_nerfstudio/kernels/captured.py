@@ -32,6 +32,17 @@ def input_layout(inputs: Sequence[Tensor]) -> Tuple:
     return tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
 
 
+def _copy_into(buffers: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+    """``buffers[i].copy_(values[i])``: those on the buffers' device in one launch, host tensors (a step's scalars)
+    one by one without waiting for the device."""
+    same = [(b, v) for b, v in zip(buffers, values) if v.device == b.device]
+    if same:
+        torch._foreach_copy_([b for b, _ in same], [v for _, v in same])
+    for buffer, value in zip(buffers, values):
+        if value.device != buffer.device:
+            buffer.copy_(value, non_blocking=True)
+
+
 class _Recording:
     """A recorded graph with the buffers it reads its inputs from and writes its outputs to."""
 
@@ -90,8 +101,7 @@ class CapturedWork:
             while len(self._recordings) > self.slots:
                 self._recordings.popitem(last=False)
         self._recordings.move_to_end(full_key)
-        if recording.inputs:  # host inputs (the CPU's scalars) without waiting for the device
-            torch._foreach_copy_(list(recording.inputs), list(inputs), non_blocking=True)
+        _copy_into(recording.inputs, inputs)
         recording.graph.replay()
         return recording.outputs
 
