@@ -27,34 +27,42 @@ def test_work_off_cuda_runs_as_it_is() -> None:
 
 @needs_cuda
 def test_replays_follow_inputs_and_parameters_and_record_again_for_a_new_key() -> None:
+    """A key's first call runs as it is, its second records the graph; replays read the inputs given and the
+    parameters where they are; another key or input shape records again."""
     captured = CapturedWork()
     weight = torch.randn(8, 4, device="cuda")
     work = _matmul_and_sum(weight)
+    key = ("w", weight.data_ptr())
     x = torch.randn(3, 8, device="cuda")
-    first = captured.run(("w", weight.data_ptr()), [x], work, x.device)
-    torch.testing.assert_close(first[0], x @ weight)
+    torch.testing.assert_close(captured.run(key, [x], work, x.device)[0], x @ weight)
+    assert captured.captures == 0  # the warm-up
     y = torch.randn(3, 8, device="cuda")
-    second = captured.run(("w", weight.data_ptr()), [y], work, y.device)
+    first = captured.run(key, [y], work, y.device)
+    assert captured.captures == 1
+    torch.testing.assert_close(first[0], y @ weight)
+    second = captured.run(key, [x], work, x.device)
     assert captured.captures == 1 and second[0] is first[0]  # one graph, its own output buffers
-    torch.testing.assert_close(second[0], y @ weight)
-    torch.testing.assert_close(second[1], y.sum())
+    torch.testing.assert_close(second[0], x @ weight)
+    torch.testing.assert_close(second[1], x.sum())
     weight.mul_(2)  # in place: the graph reads it where it is
-    torch.testing.assert_close(captured.run(("w", weight.data_ptr()), [y], work, y.device)[0], y @ weight)
-    z = torch.randn(5, 8, device="cuda")  # another shape: recorded again
-    torch.testing.assert_close(captured.run(("w", weight.data_ptr()), [z], work, z.device)[0], z @ weight)
+    torch.testing.assert_close(captured.run(key, [y], work, y.device)[0], y @ weight)
+    z = torch.randn(5, 8, device="cuda")  # another shape: warmed up, then recorded again
+    for _ in range(2):
+        torch.testing.assert_close(captured.run(key, [z], work, z.device)[0], z @ weight)
     assert captured.captures == 2
     other = torch.randn(8, 4, device="cuda")
-    moved = captured.run(("w", other.data_ptr()), [z], _matmul_and_sum(other), z.device)
-    torch.testing.assert_close(moved[0], z @ other)
+    for _ in range(2):
+        moved = captured.run(("w", other.data_ptr()), [z], _matmul_and_sum(other), z.device)
+        torch.testing.assert_close(moved[0], z @ other)
     assert captured.captures == 3
-    captured.run(("w", weight.data_ptr()), [z], work, z.device)  # the last two keys keep their graphs
-    captured.run(("w", weight.data_ptr()), [x], work, x.device)  # dropped for the two since: recorded again
-    assert captured.captures == 4
+    captured.run(key, [z], work, z.device)  # the last two keys keep their graphs
+    captured.run(key, [x], work, x.device)  # dropped for the two since: warmed up again
+    assert captured.captures == 3
 
 
 @needs_cuda
-def test_work_that_updates_in_place_runs_once_per_call_also_when_recorded() -> None:
-    """The run before a recording changes nothing that the work names as updated: every call updates once."""
+def test_work_that_updates_in_place_runs_once_per_call() -> None:
+    """The warm-up is a call's own run and a capture runs nothing: every call updates once."""
     captured = CapturedWork()
     total = torch.zeros(4, device="cuda")
     step = torch.ones(4, device="cuda")
@@ -63,10 +71,10 @@ def test_work_that_updates_in_place_runs_once_per_call_also_when_recorded() -> N
         total.add_(inputs[0])
         return [total * 2]
 
-    for _ in range(3):
-        doubled = captured.run(("total", total.data_ptr()), [step], accumulate, step.device, updated=[total])
+    for _ in range(4):
+        doubled = captured.run(("total", total.data_ptr()), [step], accumulate, step.device)
     assert captured.captures == 1
-    assert torch.equal(total, torch.full((4,), 3.0, device="cuda")) and torch.equal(doubled[0], total * 2)
+    assert torch.equal(total, torch.full((4,), 4.0, device="cuda")) and torch.equal(doubled[0], total * 2)
 
 
 @needs_cuda

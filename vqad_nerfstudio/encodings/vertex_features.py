@@ -423,8 +423,7 @@ def _graphed_update(
         return [*(predicted or ()), relaxed_indices.codebook_grad(indices, rows, book.shape[0]).to(book.dtype)]
 
     key = (_place(logits), logits.dtype, *(_place(m) + (m.dtype,) for m in (update.exp_avg, update.exp_avg_sq)))
-    updated = (logits.detach(), update.exp_avg, update.exp_avg_sq)
-    outputs = graph.run((key, forecast), inputs, work, logits.device, updated)
+    outputs = graph.run((key, forecast), inputs, work, logits.device)
     return (tuple(outputs[:2]) if forecast else None), outputs[-1]
 
 

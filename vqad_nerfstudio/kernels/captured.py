@@ -1,15 +1,16 @@
 """Small device work replayed as one CUDA graph.
 
-A vqad training step starts by preparing what its lookups read: the decoder weights and codebooks rounded to their
-bits, and each level's hard indices, index rate and codeword table from the last update's forecast. That is about
-twenty small launches, each with its Python around it, and the step is bound by the host that issues them
-(docs/benchmarks.md, "GPU fast path"). :class:`CapturedWork` records such work once as a CUDA graph and then issues
-it as one replay, for as long as the tensors it reads stay where they are.
+A vqad training step starts by preparing what its lookups read (the decoder weights and codebooks rounded to their
+bits, each level's hard indices, index rate and codeword table from the last update's forecast), and its backward
+pass updates each level's logits and sums its codebook gradient. That is a few dozen small launches, each with its
+Python around it, and the step is bound by the host that issues them (docs/benchmarks.md, "GPU fast path").
+:class:`CapturedWork` records such work as a CUDA graph and then issues it as one replay, for as long as the tensors
+it reads stay where they are.
 
 Work must be device work that neither synchronises with the host nor depends on values it reads (a graph replays the
-same launches with the same sizes): it reads its inputs and the tensors its key names and returns new tensors; what
-it updates in place it names as ``updated``, so that the run before a recording (which CUDA graphs need) changes
-nothing.
+same launches with the same sizes): it reads its inputs and the tensors its key names, may update the latter in place,
+and returns new tensors. The first call of a key runs it as it is, which is the warm-up CUDA graphs need (kernels
+compile, memory settles); the second records it (a capture runs nothing) and replays it, as do the calls after.
 Elsewhere (the CPU, Triton's interpreter, while another graph is being captured, or disabled) it simply runs.
 """
 
@@ -51,13 +52,13 @@ class _Recording:
 
 
 class CapturedWork:
-    """Runs :data:`Work` and, on a CUDA device, replays it as a CUDA graph recorded at the first call of each key.
+    """Runs :data:`Work` and, on a CUDA device, replays it as a CUDA graph recorded at the second call of each key.
 
     ``key`` must change whenever what the work reads other than ``inputs`` moves or changes shape (the data
     pointers and shapes of the parameters it reads, the settings it branches on); ``inputs`` are copied into the
     graph's own buffers on ``device`` before each replay (one launch for all; host tensors without waiting), so
-    they may live anywhere. The tensors a replay
-    returns are the graph's: the next replay of that key overwrites them, so they must not be needed beyond it.
+    they may live anywhere. The tensors a replay returns are the graph's: the next replay of that key overwrites
+    them, so they must not be needed beyond it.
     The last ``slots`` keys keep their graphs (a training step's and an evaluation's work differ).
     """
 
@@ -66,12 +67,15 @@ class CapturedWork:
         """Whether to record graphs at all (False: the work always runs as it is)."""
         self.slots = slots
         self._recordings: "OrderedDict[Hashable, _Recording]" = OrderedDict()
+        self._warmed: "OrderedDict[Hashable, None]" = OrderedDict()
+        """Keys whose work ran once as it is (recorded at their next call)."""
         self.captures = 0
         """Graphs recorded so far (each for a key not held at the time)."""
 
     def release(self) -> None:
         """Drop the recorded graphs and their buffers."""
         self._recordings.clear()
+        self._warmed.clear()
 
     def capturable(self, device: torch.device) -> bool:
         """Whether work on ``device`` would be recorded (enabled, CUDA, no graph being captured already)."""
@@ -79,24 +83,21 @@ class CapturedWork:
             self.enabled and device.type == "cuda" and not INTERPRETED and not torch.cuda.is_current_stream_capturing()
         )
 
-    def run(
-        self,
-        key: Hashable,
-        inputs: Sequence[Tensor],
-        work: Work,
-        device: torch.device,
-        updated: Sequence[Tensor] = (),
-    ) -> Tuple[Tensor, ...]:
-        """``work(inputs)``, on a capturable ``device`` as a replay of its graph for ``(key, input_layout(inputs))``
-        (recorded now if not held). ``updated``: the tensors the work changes in place (the key must name them)."""
+    def run(self, key: Hashable, inputs: Sequence[Tensor], work: Work, device: torch.device) -> Tuple[Tensor, ...]:
+        """``work(inputs)``, on a capturable ``device`` from the second call of ``(key, input_layout(inputs))`` on as
+        a replay of its graph (recorded at that call)."""
         if not self.capturable(device):
             self.release()
-            with torch.no_grad():
-                return tuple(work([t.to(device, non_blocking=True) for t in inputs]))
+            return _run_as_it_is(inputs, work, device)
         full_key = (key, input_layout(inputs))
         recording = self._recordings.get(full_key)
         if recording is None:
-            recording = self._record(inputs, work, device, updated)
+            if full_key not in self._warmed:  # the warm-up: this call's work, as it is
+                self._warmed[full_key] = None
+                while len(self._warmed) > self.slots:
+                    self._warmed.popitem(last=False)
+                return _run_as_it_is(inputs, work, device)
+            recording = self._record(inputs, work, device)
             self._recordings[full_key] = recording
             while len(self._recordings) > self.slots:
                 self._recordings.popitem(last=False)
@@ -105,27 +106,27 @@ class CapturedWork:
         recording.graph.replay()
         return recording.outputs
 
-    def _record(
-        self, inputs: Sequence[Tensor], work: Work, device: torch.device, updated: Sequence[Tensor]
-    ) -> _Recording:
-        """Records ``work`` on its own buffers of ``inputs``: a first run on a side stream (kernels compile, memory
-        settles), as CUDA graphs require, whose updates of ``updated`` are undone, then the capture."""
+    def _record(self, inputs: Sequence[Tensor], work: Work, device: torch.device) -> _Recording:
+        """Records ``work`` on its own buffers of ``inputs``."""
         with torch.no_grad():
             own_inputs = tuple(t.to(device, copy=True) for t in inputs)
-            before = [t.clone() for t in updated]
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                work(own_inputs)
-            torch.cuda.current_stream(device).wait_stream(side)
-            for tensor, value in zip(updated, before):
-                tensor.copy_(value)
-            del before
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                outputs = tuple(work(own_inputs))
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    outputs = tuple(work(own_inputs))
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"recording a CUDA graph failed ({error}); train with --pipeline.model.cuda-graphs False to "
+                    "launch the kernels one by one"
+                ) from error
         self.captures += 1
         return _Recording(graph, own_inputs, outputs)
+
+
+def _run_as_it_is(inputs: Sequence[Tensor], work: Work, device: torch.device) -> Tuple[Tensor, ...]:
+    """``work`` on ``inputs`` moved to ``device``, without gradients."""
+    with torch.no_grad():
+        return tuple(work([t.to(device, non_blocking=True) for t in inputs]))
 
 
 __all__ = ["CapturedWork", "Work", "input_layout"]
