@@ -67,8 +67,8 @@ class CapturedWork:
         """Whether to record graphs at all (False: the work always runs as it is)."""
         self.slots = slots
         self._recordings: "OrderedDict[Hashable, _Recording]" = OrderedDict()
-        self._warmed: "OrderedDict[Hashable, None]" = OrderedDict()
-        """Keys whose work ran once as it is (recorded at their next call)."""
+        self._warmed: "OrderedDict[Hashable, Tuple[Tensor, ...]]" = OrderedDict()
+        """Keys whose work ran once as it is (recorded at their next call), with the input buffers it ran on."""
         self.captures = 0
         """Graphs recorded so far (each for a key not held at the time)."""
 
@@ -92,12 +92,15 @@ class CapturedWork:
         full_key = (key, input_layout(inputs))
         recording = self._recordings.get(full_key)
         if recording is None:
-            if full_key not in self._warmed:  # the warm-up: this call's work, as it is
-                self._warmed[full_key] = None
+            own_inputs = self._warmed.pop(full_key, None)
+            if own_inputs is None:  # the warm-up: this call's work, as it is, on the buffers the graph will read
+                own_inputs = tuple(t.to(device, copy=True) for t in inputs)
+                self._warmed[full_key] = own_inputs
                 while len(self._warmed) > self.slots:
                     self._warmed.popitem(last=False)
-                return _run_as_it_is(inputs, work, device)
-            recording = self._record(inputs, work, device)
+                with torch.no_grad():
+                    return tuple(work(own_inputs))
+            recording = self._record(own_inputs, work)
             self._recordings[full_key] = recording
             while len(self._recordings) > self.slots:
                 self._recordings.popitem(last=False)
@@ -106,10 +109,10 @@ class CapturedWork:
         recording.graph.replay()
         return recording.outputs
 
-    def _record(self, inputs: Sequence[Tensor], work: Work, device: torch.device) -> _Recording:
-        """Records ``work`` on its own buffers of ``inputs``."""
+    def _record(self, own_inputs: Tuple[Tensor, ...], work: Work) -> _Recording:
+        """Records ``work`` on ``own_inputs``, the buffers its warm-up ran on (so that it launches the kernels that
+        warm-up compiled)."""
         with torch.no_grad():
-            own_inputs = tuple(t.to(device, copy=True) for t in inputs)
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
