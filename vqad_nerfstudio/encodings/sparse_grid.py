@@ -261,7 +261,7 @@ class SparseFeatureGrid(nn.Module):
         self._topology_cache: Dict[str, Tuple[Tuple, Tensor]] = {}
         self.preparation_graph = CapturedWork()
         """Prepares a step's held codebooks, indices and tables in one CUDA graph replay on the GPU
-        (:meth:`indices_once`)."""
+        (:meth:`indices_once`; two graphs: a training step's and a render's)."""
 
     @property
     def pruned(self) -> bool:

@@ -812,9 +812,10 @@ class CodebookFeatures(TransientState, FeatureStore):
         self._hard_table: Optional[Tuple[Tuple, Tensor]] = None
         """In eval mode, the hard table of the first lookup without gradients, and the parameters' state it belongs to
         (kept until the mode changes or the parameters are replaced: renders then share one table)."""
-        self.update_graph = CapturedWork()
+        self.update_graph = CapturedWork(slots=1)
         """Replays the straight-through backward pass's in-backward Adam update of the logits and the codebook
-        gradient on the GPU (see :func:`straight_through_codewords`); disabled: launched one by one."""
+        gradient on the GPU (see :func:`straight_through_codewords`; one graph: the logits' last place); disabled:
+        launched one by one."""
         self._forecast: Optional[Tuple[Tensor, Tensor, Tuple]] = None
         """The hard indices and soft-index column sums that the last in-backward Adam update of the logits forecast
         on the GPU, and the logits' state and temperature they hold for: the next step's indices, without a pass

@@ -68,8 +68,9 @@ class VQADField(Field):
         )
 
         self.decoder_layers = quantizable_layers(self.density_mlp) + quantizable_layers(self.color_mlp)
-        self.rounding_graph = CapturedWork()
-        """Rounds the decoder weights in one CUDA graph replay on the GPU (:meth:`decoders_rounded_once`)."""
+        self.rounding_graph = CapturedWork(slots=1)
+        """Rounds the decoder weights in one CUDA graph replay on the GPU (:meth:`decoders_rounded_once`; training and
+        renders round the same weights)."""
 
     def set_weight_bits(self, bits: Optional[int]) -> None:
         """Forward passes use the decoder weights rounded to ``bits`` bits per weight (None: as they are)."""
