@@ -1255,11 +1255,7 @@ def prepare_held_steps(stores: Sequence[FeatureStore], graph: Optional[CapturedW
         tuple((_place(s.codebook), s.frozen and _place(s.indices), s.fuse_rate, s.use_kernels) for s in tabled),
     )
     device = (rounded_stores or tabled)[0].codebook.device
-    if graph is None:
-        with torch.no_grad():
-            outputs = iter(work(inputs))
-    else:
-        outputs = iter(graph.run(key, inputs, work, device))
+    outputs = iter(work(inputs) if graph is None else graph.run(key, inputs, work, device))
     for store in rounded_stores:
         store._held_codebook = next(outputs)
     for store in tabled:

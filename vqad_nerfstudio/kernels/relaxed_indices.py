@@ -214,7 +214,7 @@ if triton is not None:
         sums of their softmax into ``next_sums`` (one row per program), as :func:`_hard_and_shares_kernel` would
         read them back. With ``SCALARS_IN_MEMORY`` the scalars from ``inv_temperature`` to ``seed`` are read from
         ``scalars`` (float32 values, the seed's bits last) instead of the arguments: a recorded graph replays
-        with the step's values (:data:`DEVICE_SCALARS`)."""
+        with the step's values (:func:`adam_scalars`)."""
         if SCALARS_IN_MEMORY:
             inv_temperature = tl.load(scalars)
             step_size = tl.load(scalars + 1)
