@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from vqad_nerfstudio.encodings import index_factors as factored
 from vqad_nerfstudio.encodings.kmeans import vector_quantize
 from vqad_nerfstudio.kernels import column_rounding, factored_indices, relaxed_indices
-from vqad_nerfstudio.kernels.captured import CapturedWork
+from vqad_nerfstudio.kernels.captured import CapturedWork, place
 from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update, widened
 from vqad_nerfstudio.rounding import QUANTIZED_BITS, rounded_columns, straight_through
 from vqad_nerfstudio.transient_state import TransientState
@@ -354,27 +354,6 @@ class _StraightThroughCodewords(torch.autograd.Function):
         hard, logits, codebook, grad_counts = ctx.saved_tensors
         grad_bits = grad_bits if ctx.with_rate else None
         grad_logits = grad_codebook = None
-        graphed = (
-            ctx.update_graph is not None
-            and ctx.in_backward is not None
-            and grad_out is not None
-            and all(ctx.needs_input_grad[:2])
-            and ctx.use_kernel
-            and ctx.factors == 1
-            and relaxed_indices.available(logits)
-        )
-        if graphed:
-            optimizer, parameter = ctx.in_backward
-            update = optimizer.begin_update(parameter)
-            grad_share = grad_counts if grad_bits is not None else None
-            forecast, grad_codebook = _graphed_update(
-                ctx.update_graph, logits, codebook, hard, grad_out, grad_share, grad_bits, update, ctx.temperature,
-                ctx.forecast_to is not None,
-            )  # fmt: skip
-            torch.autograd.graph.increment_version(parameter)
-            if forecast is not None:
-                ctx.forecast_to(*forecast, ctx.temperature)
-            return None, grad_codebook, None, None, None, None, None, None, None, None
         if ctx.needs_input_grad[0] and (grad_out is not None or grad_bits is not None):
             grad_share = grad_counts if grad_bits is not None else None  # times grad_bits
             terms = (grad_out, None if grad_out is None else codebook, grad_share, ctx.use_kernel, grad_bits)
@@ -382,15 +361,29 @@ class _StraightThroughCodewords(torch.autograd.Function):
                 optimizer, parameter = ctx.in_backward
                 update = optimizer.begin_update(parameter)
                 wanted = ctx.forecast_to is not None
-                forecast = relaxed_logit_adam_(
-                    logits, ctx.temperature, update, *terms, forecast=wanted, factors=ctx.factors
+                graphed = (  # the Adam pass and the codebook's gradient as one replay
+                    ctx.update_graph is not None
+                    and grad_out is not None
+                    and ctx.needs_input_grad[1]
+                    and ctx.use_kernel
+                    and ctx.factors == 1
+                    and relaxed_indices.available(logits)
                 )
+                if graphed:
+                    forecast, grad_codebook = _graphed_update(
+                        ctx.update_graph, logits, codebook, hard, grad_out, grad_share, grad_bits, update,
+                        ctx.temperature, wanted,
+                    )  # fmt: skip
+                else:
+                    forecast = relaxed_logit_adam_(
+                        logits, ctx.temperature, update, *terms, forecast=wanted, factors=ctx.factors
+                    )
                 torch.autograd.graph.increment_version(parameter)
                 if forecast is not None:
                     ctx.forecast_to(*forecast, ctx.temperature)
             else:
                 grad_logits = relaxed_logit_grad(logits, ctx.temperature, None, *terms, factors=ctx.factors)
-        if ctx.needs_input_grad[1] and grad_out is not None:
+        if ctx.needs_input_grad[1] and grad_out is not None and grad_codebook is None:
             grad_codebook = codebook_grad(hard, grad_out, codebook, ctx.use_kernel)
         return grad_logits, grad_codebook, None, None, None, None, None, None, None, None
 
@@ -422,7 +415,7 @@ def _graphed_update(
         )
         return [*(predicted or ()), relaxed_indices.codebook_grad(indices, rows, book.shape[0]).to(book.dtype)]
 
-    key = (_place(logits), logits.dtype, *(_place(m) + (m.dtype,) for m in (update.exp_avg, update.exp_avg_sq)))
+    key = (place(logits), logits.dtype, *(place(m) + (m.dtype,) for m in (update.exp_avg, update.exp_avg_sq)))
     outputs = graph.run((key, forecast), inputs, work, logits.device)
     return (tuple(outputs[:2]) if forecast else None), outputs[-1]
 
@@ -1251,8 +1244,8 @@ def prepare_held_steps(stores: Sequence[FeatureStore], graph: Optional[CapturedW
         return outputs
 
     key = (
-        tuple((k, tuple(_place(s.codebook) for s in group)) for k, group in groups.items()),
-        tuple((_place(s.codebook), s.frozen and _place(s.indices), s.fuse_rate, s.use_kernels) for s in tabled),
+        tuple((k, tuple(place(s.codebook) for s in group)) for k, group in groups.items()),
+        tuple((place(s.codebook), s.frozen and place(s.indices), s.fuse_rate, s.use_kernels) for s in tabled),
     )
     device = (rounded_stores or tabled)[0].codebook.device
     outputs = iter(work(inputs) if graph is None else graph.run(key, inputs, work, device))
@@ -1262,11 +1255,6 @@ def prepare_held_steps(stores: Sequence[FeatureStore], graph: Optional[CapturedW
         if not store.frozen:
             store._held_indices = (next(outputs), next(outputs), next(outputs))
         store._held_table = next(outputs)
-
-
-def _place(tensor: Tensor) -> Tuple[int, torch.Size]:
-    """Where ``tensor`` lives and its shape: what a recorded graph that reads it depends on."""
-    return tensor.data_ptr(), tensor.shape
 
 
 class FloatFeatures(FeatureStore):

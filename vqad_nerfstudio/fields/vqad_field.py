@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
 from vqad_nerfstudio.kernels import fused_mlp, spherical_harmonics
-from vqad_nerfstudio.kernels.captured import CapturedWork
+from vqad_nerfstudio.kernels.captured import CapturedWork, place
 
 
 class VQADField(Field):
@@ -82,7 +82,7 @@ class VQADField(Field):
         """Within this block the decoder weights are rounded once (to the bits set), not at every pass; on the GPU
         all of them by one replay of :attr:`rounding_graph`."""
         rounded = [layer for layer in self.decoder_layers if layer.bits is not None]
-        key = tuple((layer.weight.data_ptr(), layer.weight.shape, layer.bits) for layer in rounded)
+        key = tuple((place(layer.weight), layer.bits) for layer in rounded)
         work = lambda _: [layer.round_weight() for layer in rounded]  # noqa: E731
         weights = self.rounding_graph.run(key, (), work, self.aabb.device) if rounded else ()
         for layer, weight in zip(rounded, weights):

@@ -33,6 +33,18 @@ def input_layout(inputs: Sequence[Tensor]) -> Tuple:
     return tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
 
 
+def place(tensor: Tensor) -> Tuple[int, torch.Size]:
+    """Where ``tensor`` lives and its shape: what a graph that reads it (not as an input) depends on, for keys."""
+    return tensor.data_ptr(), tensor.shape
+
+
+def _remember(entries: "OrderedDict[Hashable, object]", key: Hashable, value: object, slots: int) -> None:
+    """``entries[key] = value``, dropping the oldest entries beyond ``slots``."""
+    entries[key] = value
+    while len(entries) > slots:
+        entries.popitem(last=False)
+
+
 def _copy_into(buffers: Sequence[Tensor], values: Sequence[Tensor]) -> None:
     """``buffers[i].copy_(values[i])``: those on the buffers' device in one launch, host tensors (a step's scalars)
     one by one without waiting for the device."""
@@ -95,15 +107,11 @@ class CapturedWork:
             own_inputs = self._warmed.pop(full_key, None)
             if own_inputs is None:  # the warm-up: this call's work, as it is, on the buffers the graph will read
                 own_inputs = tuple(t.to(device, copy=True) for t in inputs)
-                self._warmed[full_key] = own_inputs
-                while len(self._warmed) > self.slots:
-                    self._warmed.popitem(last=False)
+                _remember(self._warmed, full_key, own_inputs, self.slots)
                 with torch.no_grad():
                     return tuple(work(own_inputs))
             recording = self._record(own_inputs, work)
-            self._recordings[full_key] = recording
-            while len(self._recordings) > self.slots:
-                self._recordings.popitem(last=False)
+            _remember(self._recordings, full_key, recording, self.slots)
         self._recordings.move_to_end(full_key)
         _copy_into(recording.inputs, inputs)
         recording.graph.replay()
@@ -132,4 +140,4 @@ def _run_as_it_is(inputs: Sequence[Tensor], work: Work, device: torch.device) ->
         return tuple(work([t.to(device, non_blocking=True) for t in inputs]))
 
 
-__all__ = ["CapturedWork", "Work", "input_layout"]
+__all__ = ["CapturedWork", "Work", "input_layout", "place"]
