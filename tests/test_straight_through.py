@@ -176,6 +176,33 @@ def test_held_indices_are_computed_once_and_change_nothing(monkeypatch, fuse_rat
     assert torch.equal(held[2], held[3])
 
 
+def test_a_steps_rounded_decoders_and_codebooks_are_one_autograd_node_each() -> None:
+    """Inside a training step's holds every rounded decoder weight is one straight-through node, every prepared
+    rounded codebook another, whichever pass reads them; the float decoder weights and the coarsest codebook (the
+    finer levels have no rows before their growth) get gradients."""
+    from nerfstudio.cameras.rays import RayBundle
+
+    from model_steps import straight_through_steps
+
+    _, model = straight_through_steps(1, network_bits=7, codebook_bits=6)
+    origins = torch.tensor([[0.0, 0.0, 3.0], [0.2, 0.1, 3.0]], device=model.field.aabb.device)
+    rays = RayBundle(origins=origins, directions=-origins / origins.norm(dim=-1, keepdim=True),
+                     pixel_area=torch.ones(2, 1, device=origins.device))  # fmt: skip
+    model.train()
+    stores = [level.features for level in model.grid.levels]
+    layers = model.field.decoder_layers
+    for parameter in model.parameters():
+        parameter.grad = None
+    with model.field.decoders_rounded_once(), model.grid.indices_once():
+        decoder_nodes = {id(layer.rounded_weight().grad_fn) for layer in layers}
+        codebook_nodes = {id(store.lookup_codebook().grad_fn) for store in stores}
+        outputs = model._outputs(model.collider(rays))
+    assert len(decoder_nodes) == 1 and len(codebook_nodes) == 1 and decoder_nodes != codebook_nodes
+    outputs["rgb"].sum().backward()
+    assert all(layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0 for layer in layers)
+    assert stores[0].codebook.grad is not None and stores[0].codebook.grad.abs().sum() > 0  # every sample reads it
+
+
 def test_held_indices_end_with_the_hold() -> None:
     """Held indices do not follow the logits (the caller's promise); after hold_indices(False) they do again."""
     store = CodebookFeatures(10, 2, 3, logit_init_std=1.0, use_kernels=False).train()

@@ -9,7 +9,7 @@ after decoding exactly as it did in training; rounding a rounded matrix again ch
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from jaxtyping import Float, Int
@@ -92,6 +92,29 @@ def straight_through(parameter: Tensor, rounded: Tensor) -> Tensor:
     return rounded
 
 
+class _StraightThroughGroup(torch.autograd.Function):
+    """:class:`_StraightThrough` for several parameters as one autograd node (one Python call each way)."""
+
+    @staticmethod
+    def forward(ctx, count: int, *tensors: Tensor) -> Tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)  # a rounded tensor no pass read gets None, not zeros
+        return tuple(rounded.view_as(rounded) for rounded in tensors[count:])
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        return (None, *grads, *(None for _ in grads))
+
+
+def straight_through_group(parameters: Sequence[Tensor], rounded: Sequence[Tensor]) -> List[Tensor]:
+    """:func:`straight_through` of each pair, as one autograd node where gradients are recorded: the host pays one
+    node a step for all of a model's rounded weights, not one per weight and pass."""
+    if len(parameters) != len(rounded):
+        raise ValueError(f"{len(parameters)} parameters but {len(rounded)} rounded tensors")
+    if parameters and torch.is_grad_enabled() and any(parameter.requires_grad for parameter in parameters):
+        return list(_StraightThroughGroup.apply(len(parameters), *parameters, *rounded))
+    return list(rounded)
+
+
 __all__ = [
     "QUANTIZED_BITS",
     "SMALLEST_FP16",
@@ -102,4 +125,5 @@ __all__ = [
     "rounded_rows",
     "rounded_columns",
     "straight_through",
+    "straight_through_group",
 ]

@@ -10,7 +10,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from vqad_nerfstudio.fields.quantized_linear import QuantizedConvTranspose2d, QuantizedLinear, quantizable_layers
-from vqad_nerfstudio.rounding import dequantize_rows, quantize_rows, rounded_columns, rounded_rows
+from vqad_nerfstudio.rounding import (
+    dequantize_rows,
+    quantize_rows,
+    rounded_columns,
+    rounded_rows,
+    straight_through_group,
+)
 
 
 def _weight(seed: int = 0, shape=(7, 5)) -> torch.Tensor:
@@ -81,6 +87,26 @@ def test_gradients_pass_straight_through_the_rounding() -> None:
     rounded = dequantize_rows(*quantize_rows(quantized.weight, 3), quantized.weight.shape).requires_grad_()
     F.linear(x, rounded, quantized.bias.detach()).square().sum().backward()
     torch.testing.assert_close(quantized.weight.grad, rounded.grad)
+
+
+def test_a_straight_through_group_is_one_node_with_each_parameters_gradient() -> None:
+    """Rounded tensors forward, each gradient unchanged to its own parameter, all through one autograd node; a
+    rounded tensor no pass reads leaves its parameter without a gradient."""
+    weights = [torch.randn(4, 3, requires_grad=True), torch.randn(2, 5, requires_grad=True), torch.randn(6, 1)]
+    rounded = [rounded_rows(weight, 4) for weight in weights]
+    linked = straight_through_group(weights, rounded)
+    assert all(torch.equal(a, b) for a, b in zip(linked, rounded))
+    assert len({id(tensor.grad_fn) for tensor in linked}) == 1
+    x = torch.randn(3)
+    (linked[0] @ x).square().sum().backward()
+    expected = rounded[0].clone().requires_grad_()
+    (expected @ x).square().sum().backward()
+    assert torch.equal(weights[0].grad, expected.grad)
+    assert weights[1].grad is None and weights[2].grad is None
+    with torch.no_grad():
+        assert all(a is b for a, b in zip(straight_through_group(weights, rounded), rounded))
+    with pytest.raises(ValueError, match="3 parameters but 2 rounded"):
+        straight_through_group(weights, rounded[:2])
 
 
 @pytest.mark.parametrize("implementation", ["for-loop", "foreach", "fused"])

@@ -28,7 +28,7 @@ from vqad_nerfstudio.encodings.kmeans import vector_quantize
 from vqad_nerfstudio.kernels import column_rounding, factored_indices, relaxed_indices
 from vqad_nerfstudio.kernels.captured import CapturedWork, place
 from vqad_nerfstudio.optim import AdamStep, adam_update_, pending_update, widened
-from vqad_nerfstudio.rounding import QUANTIZED_BITS, rounded_columns, straight_through
+from vqad_nerfstudio.rounding import QUANTIZED_BITS, rounded_columns, straight_through, straight_through_group
 from vqad_nerfstudio.transient_state import TransientState
 
 ROW_CHUNK = 1 << 17
@@ -865,6 +865,8 @@ class CodebookFeatures(TransientState, FeatureStore):
         if self.codebook_bits is None:
             return self.codebook
         rounded = self._held_codebook
+        if rounded is not None and (rounded.requires_grad or not torch.is_grad_enabled()):
+            return rounded  # held already straight-through (prepare_held_steps)
         if rounded is None:
             rounded = rounded_codebooks(self.codebook, self.codebook_bits, self.use_kernels)
             if self._holding:
@@ -1204,13 +1206,13 @@ class CodebookFeatures(TransientState, FeatureStore):
         }
 
 
-@torch.no_grad()
 def prepare_held_steps(stores: Sequence[FeatureStore], graph: Optional[CapturedWork] = None) -> None:
     """What the lookups of ``stores`` inside :meth:`~CodebookFeatures.hold_indices` derive from their parameters,
     computed now in one pass, on the GPU one replay of ``graph`` (None: run as it is):
 
     - the codebooks rounded to ``codebook_bits`` (past their float warm-up), those of equal shape and bits
-      together; on the GPU stored transposed, as the logits' gradient kernel reads each channel's codewords;
+      together; on the GPU stored transposed, as the logits' gradient kernel reads each channel's codewords; where
+      gradients are recorded, all of them straight-through to their float codebooks by one autograd node;
     - for stores that train on hard indices, the codeword table: of the frozen indices, or of the hard indices that
       the last in-backward update forecast (with their rate where the table computes it), where that forecast
       holds for the logits as they are. Other stores derive theirs at their first lookup, as before.
@@ -1248,9 +1250,11 @@ def prepare_held_steps(stores: Sequence[FeatureStore], graph: Optional[CapturedW
         tuple((place(s.codebook), s.frozen and place(s.indices), s.fuse_rate, s.use_kernels) for s in tabled),
     )
     device = (rounded_stores or tabled)[0].codebook.device
-    outputs = iter(work(inputs) if graph is None else graph.run(key, inputs, work, device))
-    for store in rounded_stores:
-        store._held_codebook = next(outputs)
+    with torch.no_grad():
+        outputs = iter(work(inputs) if graph is None else graph.run(key, inputs, work, device))
+    codebooks = [next(outputs) for _ in rounded_stores]
+    for store, codebook in zip(rounded_stores, straight_through_group([s.codebook for s in rounded_stores], codebooks)):
+        store._held_codebook = codebook
     for store in tabled:
         if not store.frozen:
             store._held_indices = (next(outputs), next(outputs), next(outputs))

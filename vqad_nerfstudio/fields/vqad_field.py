@@ -25,6 +25,7 @@ from vqad_nerfstudio.encodings.sparse_grid import SparseFeatureGrid
 from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
 from vqad_nerfstudio.kernels import fused_mlp, spherical_harmonics
 from vqad_nerfstudio.kernels.captured import CapturedWork, place
+from vqad_nerfstudio.rounding import straight_through_group
 
 
 class VQADField(Field):
@@ -79,13 +80,14 @@ class VQADField(Field):
 
     @contextmanager
     def decoders_rounded_once(self) -> Iterator[None]:
-        """Within this block the decoder weights are rounded once (to the bits set), not at every pass; on the GPU
-        all of them by one replay of :attr:`rounding_graph`."""
+        """Within this block the decoder weights are rounded once (to the bits set), not at every pass, and reach
+        their float weights' gradients through one autograd node; on the GPU all of them by one replay of
+        :attr:`rounding_graph`."""
         rounded = [layer for layer in self.decoder_layers if layer.bits is not None]
         key = tuple((place(layer.weight), layer.bits) for layer in rounded)
         work = lambda _: [layer.round_weight() for layer in rounded]  # noqa: E731
         weights = self.rounding_graph.run(key, (), work, self.aabb.device) if rounded else ()
-        for layer, weight in zip(rounded, weights):
+        for layer, weight in zip(rounded, straight_through_group([layer.weight for layer in rounded], weights)):
             layer.hold_rounding(True, weight)
         try:
             yield
