@@ -1,12 +1,12 @@
 """The Adam pass of two-factor indices (kernels/factored_indices.py) against the PyTorch reference
-(vertex_features.relaxed_logit_adam_ with use_kernel=False): the updated logits and moments, and the forecast."""
+(straight_through.relaxed_logit_adam_ with use_kernel=False): the updated logits and moments, and the forecast."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vqad_nerfstudio.encodings import vertex_features
+from vqad_nerfstudio.encodings import straight_through
 from vqad_nerfstudio.kernels import factored_indices
 from vqad_nerfstudio.optim import AdamStep
 
@@ -35,7 +35,7 @@ def test_the_update_matches_the_reference(size: int, rows: int, terms: str, exp_
     for use_kernel in (True, False):
         logits = start.clone()
         update = _update(logits, exp_avg_dtype)
-        forecast = vertex_features.relaxed_logit_adam_(
+        forecast = straight_through.relaxed_logit_adam_(
             logits, 0.4, update, grad_rows, codebook, share, use_kernel, scale, forecast=True, factors=2
         )
         results.append((logits, update.exp_avg, update.exp_avg_sq, forecast))
@@ -46,7 +46,7 @@ def test_the_update_matches_the_reference(size: int, rows: int, terms: str, exp_
     torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(exp_avg.float(), want_avg.float(), rtol=2**-7, atol=1e-7)
     torch.testing.assert_close(exp_avg_sq, want_avg_sq, rtol=1e-4, atol=1e-10)
-    hard, sums = vertex_features.hard_indices_and_shares(logits, 0.4, use_kernel=False, factors=2)
+    hard, sums = straight_through.hard_indices_and_shares(logits, 0.4, use_kernel=False, factors=2)
     assert torch.equal(forecast[0], hard)  # of the kernel's own update, as the next step reads it
     torch.testing.assert_close(forecast[1], sums * max(rows, 1), rtol=1e-5, atol=1e-5)
     if rows:

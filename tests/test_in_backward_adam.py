@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from vqad_nerfstudio.encodings import vertex_features
-from vqad_nerfstudio.encodings.vertex_features import straight_through_codewords_and_rate
+from vqad_nerfstudio.encodings import straight_through
+from vqad_nerfstudio.encodings.straight_through import straight_through_codewords_and_rate
 from vqad_nerfstudio.optim import InBackwardAdam, pending_update, stochastically_rounded
 
 SETTINGS = dict(lr=0.05, eps=1e-15, weight_decay=0.0)
@@ -34,9 +34,9 @@ def _train(optimizer_class, steps: int = 4, **options):
     return logits.detach(), optimizer, grads
 
 
-@pytest.mark.parametrize("row_chunk", [vertex_features.ROW_CHUNK, 64])
+@pytest.mark.parametrize("row_chunk", [straight_through.ROW_CHUNK, 64])
 def test_update_in_backward_equals_torch_adam(monkeypatch, row_chunk: int) -> None:
-    monkeypatch.setattr(vertex_features, "ROW_CHUNK", row_chunk)
+    monkeypatch.setattr(straight_through, "ROW_CHUNK", row_chunk)
     expected, _, _ = _train(torch.optim.Adam)
     logits, optimizer, grads = _train(InBackwardAdam, exp_avg_dtype="float32")
     assert all(grad is None for grad in grads)  # updated in the backward pass: no gradient was stored

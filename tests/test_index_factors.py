@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqad_nerfstudio.encodings import index_factors, vertex_features
-from vqad_nerfstudio.encodings.vertex_features import (
-    CodebookFeatures,
+from vqad_nerfstudio.encodings import index_factors, straight_through
+from vqad_nerfstudio.encodings.straight_through import (
     _order_zero_bits,
     soft_index_rate_bits,
     straight_through_codewords_and_rate,
     straight_through_lookup,
 )
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
 from vqad_nerfstudio.export.vqad_codec import load_compressed
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 from vqad_nerfstudio.optim import InBackwardAdam
@@ -81,9 +81,9 @@ def test_straight_through_lookup_of_factors_matches_the_reference(num_rows: int,
     torch.testing.assert_close(codebook.grad, codebook_ref.grad)
 
 
-@pytest.mark.parametrize("row_chunk", [vertex_features.ROW_CHUNK, 16])
+@pytest.mark.parametrize("row_chunk", [straight_through.ROW_CHUNK, 16])
 def test_the_rate_of_factors_is_the_order_zero_rate_of_the_joint(monkeypatch, row_chunk: int) -> None:
-    monkeypatch.setattr(vertex_features, "ROW_CHUNK", row_chunk)
+    monkeypatch.setattr(straight_through, "ROW_CHUNK", row_chunk)
     logits, codebook, _ = _inputs(rows=50)
     logits.requires_grad_()
     bits = soft_index_rate_bits(logits, 0.7, use_kernel=False, factors=2)

@@ -8,7 +8,7 @@ import torch
 from nerfstudio.data.scene_box import SceneBox
 
 from vqad_nerfstudio.codec import encode_categorical
-from vqad_nerfstudio.encodings import vertex_features
+from vqad_nerfstudio.encodings import straight_through
 from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures
 from vqad_nerfstudio.models.vqad import VQADModelConfig
 
@@ -107,9 +107,7 @@ def test_negative_rate_weight_is_rejected():
 def test_chunked_softmax_gradients_equal_plain_autograd(monkeypatch, rows: int) -> None:
     """The rate and the straight-through gradients, computed chunk by chunk without [rows, 2**b] activations, are the
     plain formulas' (chunks of 256 rows here, so 700 rows take three); unused codewords (clamped shares) included."""
-    from vqad_nerfstudio.encodings import vertex_features
-
-    monkeypatch.setattr(vertex_features, "ROW_CHUNK", 256)
+    monkeypatch.setattr(straight_through, "ROW_CHUNK", 256)
     generator = torch.Generator().manual_seed(4)
     logits = (3 * torch.randn(rows, 32, generator=generator, dtype=torch.float64)).requires_grad_()
     codebook = torch.randn(32, 5, generator=generator, dtype=torch.float64).requires_grad_()
@@ -127,8 +125,8 @@ def test_chunked_softmax_gradients_equal_plain_autograd(monkeypatch, rows: int) 
         return (features - target).square().sum() + 0.1 * rate
 
     def chunked() -> torch.Tensor:
-        features = vertex_features.straight_through_codewords(logits, codebook, temperature)
-        rate = vertex_features.soft_index_rate_bits(logits, temperature) if rows else 0.0
+        features = straight_through.straight_through_codewords(logits, codebook, temperature)
+        rate = straight_through.soft_index_rate_bits(logits, temperature) if rows else 0.0
         return (features - target).square().sum() + 0.1 * rate
 
     expected = torch.autograd.grad(plain(), (logits, codebook))
@@ -156,6 +154,6 @@ def test_rate_fused_with_the_table_has_the_same_values_and_gradients():
             with torch.no_grad():
                 store.logits.add_(1.0)  # an optimiser step
             stale = store.index_rate_bits()
-            torch.testing.assert_close(stale, vertex_features.soft_index_rate_bits(store.logits, store.temperature))
+            torch.testing.assert_close(stale, straight_through.soft_index_rate_bits(store.logits, store.temperature))
     for separate, fused in zip(losses[False], losses[True]):
         torch.testing.assert_close(separate, fused)

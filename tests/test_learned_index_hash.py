@@ -10,7 +10,7 @@ from vqad_nerfstudio.encodings.learned_index_hash import (
     level_layouts,
 )
 from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS
-from vqad_nerfstudio.encodings.vertex_features import candidate_rows
+from vqad_nerfstudio.encodings.straight_through import candidate_rows
 
 SMALL = dict(num_levels=3, min_res=4, max_res=16, features_per_level=2)
 

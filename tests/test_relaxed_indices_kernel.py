@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqad_nerfstudio.encodings import vertex_features
+from vqad_nerfstudio.encodings import straight_through, vertex_features
 from vqad_nerfstudio.kernels import relaxed_indices
 
 from kernel_device import DEVICE, ON_GPU, needs_kernel
@@ -38,7 +38,7 @@ def full_precision_matmul():
 
 @pytest.fixture
 def reference(monkeypatch):
-    """Calls the PyTorch reference of vertex_features' functions (the kernels made unavailable) on demand."""
+    """Calls the PyTorch reference of straight_through's functions (the kernels made unavailable) on demand."""
 
     def call(function, *args, **kwargs):
         with monkeypatch.context() as patch:
@@ -63,13 +63,13 @@ def test_hard_indices_and_shares_match_reference(reference, rows: int, codewords
     rows = min(rows, _rows_for(codewords))
     logits = _logits(rows, codewords)
     assert relaxed_indices.available(logits)
-    hard, shares = vertex_features.hard_indices_and_shares(logits, 0.3)
-    expected_hard, expected_shares = reference(vertex_features.hard_indices_and_shares, logits, 0.3)
+    hard, shares = straight_through.hard_indices_and_shares(logits, 0.3)
+    expected_hard, expected_shares = reference(straight_through.hard_indices_and_shares, logits, 0.3)
     assert torch.equal(hard, expected_hard)
     torch.testing.assert_close(shares, expected_shares, rtol=1e-5, atol=1e-7)
     if rows:
         torch.testing.assert_close(shares.sum(), torch.ones((), device=DEVICE))
-    hard_only, no_shares = vertex_features.hard_indices_and_shares(logits, 0.3, with_shares=False)
+    hard_only, no_shares = straight_through.hard_indices_and_shares(logits, 0.3, with_shares=False)
     assert torch.equal(hard_only, expected_hard) and no_shares.numel() == 0
 
 
@@ -113,7 +113,7 @@ def test_codeword_table_matches_index_select(rows: int, channels: int, index_dty
         table.backward(grad)
         return table.detach(), codebook.grad
 
-    got = table_and_grad(vertex_features.codeword_table)
+    got = table_and_grad(straight_through.codeword_table)
     expected = table_and_grad(lambda codebook, rows: codebook.index_select(0, rows))
     assert got[0].shape == (rows, channels)
     assert torch.equal(got[0], expected[0])
@@ -138,12 +138,12 @@ def test_logit_grad_matches_reference(reference, inputs: str, codewords: int) ->
 
     scale = torch.tensor(-2.5, device=DEVICE) if "scale" in inputs else None
     generator.manual_seed(1)
-    got = vertex_features.relaxed_logit_grad(logits, 0.7, *arguments(), share_scale=scale)
+    got = straight_through.relaxed_logit_grad(logits, 0.7, *arguments(), share_scale=scale)
     generator.manual_seed(1)
-    expected = reference(vertex_features.relaxed_logit_grad, logits, 0.7, *arguments(), share_scale=scale)
+    expected = reference(straight_through.relaxed_logit_grad, logits, 0.7, *arguments(), share_scale=scale)
     if scale is not None:  # the scale reaches the result
         generator.manual_seed(1)
-        assert not torch.allclose(got, vertex_features.relaxed_logit_grad(logits, 0.7, *arguments()))
+        assert not torch.allclose(got, straight_through.relaxed_logit_grad(logits, 0.7, *arguments()))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     # a softmax gradient sums to zero over each row's codewords
     torch.testing.assert_close(got.sum(dim=-1), torch.zeros(rows, device=DEVICE), rtol=0, atol=1e-4)
@@ -176,10 +176,10 @@ def test_straight_through_step_with_rate_matches_reference(reference, fuse_rate:
     def step():
         logits, codebook = logits0.clone().requires_grad_(), codebook0.clone().requires_grad_()
         if fuse_rate:
-            table, bits = vertex_features.straight_through_codewords_and_rate(logits, codebook, 0.2)
+            table, bits = straight_through.straight_through_codewords_and_rate(logits, codebook, 0.2)
         else:
-            table = vertex_features.straight_through_codewords(logits, codebook, 0.2)
-            bits = vertex_features.soft_index_rate_bits(logits, 0.2)
+            table = straight_through.straight_through_codewords(logits, codebook, 0.2)
+            bits = straight_through.soft_index_rate_bits(logits, 0.2)
         ((table * grad_table).sum() + 1e-3 * bits).backward()
         return table.detach(), bits.detach(), logits.grad, codebook.grad
 
@@ -226,12 +226,12 @@ def test_use_kernel_false_keeps_the_reference(monkeypatch) -> None:
     monkeypatch.setattr(relaxed_indices, "hard_indices_and_shares", unexpected)
     monkeypatch.setattr(relaxed_indices, "hard_indices_and_rate", unexpected)
     logits = _logits(50, 16).requires_grad_()
-    table, bits = vertex_features.straight_through_codewords_and_rate(
+    table, bits = straight_through.straight_through_codewords_and_rate(
         logits, torch.ones(16, 4, device=DEVICE), 0.5, False
     )
     (table.sum() + bits).backward()
     with pytest.raises(AssertionError, match="the kernel ran"):
-        vertex_features.soft_index_rate_bits(logits, 0.5)
+        straight_through.soft_index_rate_bits(logits, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -263,7 +263,7 @@ def test_in_backward_adam_matches_reference(
             torch.full_like(logits, 1e-4, dtype=exp_avg_sq_dtype),
         )
         update = AdamStep(*moments, lr=0.05, beta1=0.9, beta2=0.999, eps=1e-15, weight_decay=0.01, step=3)
-        call(vertex_features.relaxed_logit_adam_, logits, 0.4, update, grad_rows, codebook, grad_share)
+        call(straight_through.relaxed_logit_adam_, logits, 0.4, update, grad_rows, codebook, grad_share)
         return logits, *moments
 
     kernel = updated(lambda function, *args: function(*args))
@@ -292,7 +292,7 @@ def test_float16_steps_below_its_resolution_survive_on_average() -> None:
             torch.zeros_like(logits, dtype=torch.bfloat16), torch.zeros_like(logits, dtype=moment_dtype),
             lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-15, weight_decay=0.0, step=1, seed=7,
         )  # fmt: skip
-        vertex_features.relaxed_logit_adam_(logits, 1.0, update, grad_share=share)
+        straight_through.relaxed_logit_adam_(logits, 1.0, update, grad_share=share)
         moved[dtype] = (logits.float() - 4.0).mean(dim=0).cpu()
     assert moved[torch.float32].abs().min() > 0.9e-4  # every column moves by lr (the middle ones' sign aside)
     torch.testing.assert_close(moved[torch.float16], moved[torch.float32], rtol=0, atol=0.25e-4)
@@ -377,13 +377,14 @@ def test_a_store_takes_its_forecast_only_for_the_logits_it_was_made_for() -> Non
         return held
 
     def read(with_rate: bool = True):
-        return vertex_features.step_indices(store.logits, store.temperature, with_rate, True)
+        return straight_through.step_indices(store.logits, store.temperature, with_rate, True)
 
     step()
     assert optimizer.state[store.logits]["step"] == 1 and store._forecast is not None
     expected = read()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vertex_features, "step_indices", lambda *args: pytest.fail("the logits were read"))
+        for module in (vertex_features, straight_through):
+            patch.setattr(module, "step_indices", lambda *args: pytest.fail("the logits were read"))
         got = held_indices()
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1:], expected[1:], rtol=1e-5, atol=1e-5)

@@ -3,11 +3,8 @@
 import pytest
 import torch
 
-from vqad_nerfstudio.encodings.vertex_features import (
-    CodebookFeatures,
-    FloatFeatures,
-    straight_through_lookup,
-)
+from vqad_nerfstudio.encodings.straight_through import straight_through_lookup
+from vqad_nerfstudio.encodings.vertex_features import CodebookFeatures, FloatFeatures
 
 
 def reference_lookup(rows, logits, codebook, temperature=1.0):
@@ -149,11 +146,12 @@ def test_held_indices_are_computed_once_and_change_nothing(monkeypatch, fuse_rat
     """Inside hold_indices a training step's table without gradients and its graded table share one computation of
     the hard indices (and rate) and one gather of their codewords: the same table, rate and gradients as computing
     them twice."""
-    from vqad_nerfstudio.encodings import vertex_features
+    from vqad_nerfstudio.encodings import straight_through, vertex_features
 
     calls = []
-    step_indices = vertex_features.step_indices
-    monkeypatch.setattr(vertex_features, "step_indices", lambda *args: calls.append(args) or step_indices(*args))
+    step_indices = straight_through.step_indices
+    for module in (vertex_features, straight_through):  # the store's calls and the lookups'
+        monkeypatch.setattr(module, "step_indices", lambda *args: calls.append(args) or step_indices(*args))
 
     def step(hold: bool):
         torch.manual_seed(0)

@@ -3,7 +3,7 @@
 With 8-bit indices every vertex holds 256 float32 logits; trained with torch's Adam the logits exist four times at
 the peak (values, gradient, two moments: 4.25 GB on lego's 1.1 M vertices). :class:`InBackwardAdam` keeps the
 first moment in bfloat16 (by default) and lets the store's backward pass apply the update as it computes the
-gradient, one tile of rows at a time (:func:`vqad_nerfstudio.encodings.vertex_features.relaxed_logit_adam_`), so
+gradient, one tile of rows at a time (:func:`vqad_nerfstudio.encodings.straight_through.relaxed_logit_adam_`), so
 that the full gradient is never allocated: 2.5 copies of the logits instead of 4. Where a parameter receives an
 ordinary gradient instead (the CPU reference lookups, the rate computed on its own), :meth:`InBackwardAdam.step`
 applies the same update from ``.grad``.

@@ -15,7 +15,7 @@ feature vector in its level's table:
   that many buckets. A vertex's candidates are the ``2**b`` consecutive codebook rows starting at a
   second hash of the vertex, and its entry says which one it uses. Entries are trained as logits
   with the straight-through estimator VQAD's grid uses
-  (:func:`~vqad_nerfstudio.encodings.vertex_features.interpolated_codewords`, fused with the trilinear
+  (:func:`~vqad_nerfstudio.encodings.straight_through.interpolated_codewords`, fused with the trilinear
   interpolation and computed for all levels at once).
 
 With ``index_bits == log2_codebook_size`` a dense level is exactly a VQAD level: every vertex holds a
@@ -38,7 +38,8 @@ from nerfstudio.field_components.encodings import Encoding, HashEncoding
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import CORNER_OFFSETS, trilinear_weights
-from vqad_nerfstudio.encodings.vertex_features import candidate_rows, check_codewords, interpolated_codewords
+from vqad_nerfstudio.encodings.straight_through import candidate_rows, interpolated_codewords
+from vqad_nerfstudio.encodings.vertex_features import check_codewords
 from vqad_nerfstudio.kernels import learned_hash
 
 IndexMode = Literal["learned", "random"]
@@ -208,7 +209,7 @@ class LearnedIndexHashEncoding(Encoding):
     ) -> Tuple[Int[Tensor, "*b levels 8"], Int[Tensor, "*b levels 8"]]:
         """Where the vertices of every level look up: their index entries (rows of all levels' index logits
         concatenated) and their first candidates (rows of all levels' codebooks concatenated; see
-        :func:`~vqad_nerfstudio.encodings.vertex_features.candidate_rows`)."""
+        :func:`~vqad_nerfstudio.encodings.straight_through.candidate_rows`)."""
         side, rows, dense, entry_offset = self.level_geometry.unbind(dim=-1)
         side, rows, entry_offset = side[:, None], rows[:, None], entry_offset[:, None]
         dense_entry = (vertices[..., 0] * side + vertices[..., 1]) * side + vertices[..., 2]

@@ -22,7 +22,7 @@ from nerfstudio.field_components.encodings import HashEncoding
 from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import trilinear_weights
-from vqad_nerfstudio.encodings.vertex_features import nonzero_gradient_lookups
+from vqad_nerfstudio.encodings.straight_through import nonzero_gradient_lookups
 
 
 class _GatherRows(torch.autograd.Function):

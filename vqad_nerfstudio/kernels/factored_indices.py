@@ -5,7 +5,7 @@ A vertex holds ``2 * S`` logits (:mod:`vqad_nerfstudio.encodings.index_factors`,
 in the ``S * S`` soft index, ``grad_rows[r] . codebook[i * S + j] + grad_share[i * S + j]``, is formed in registers
 a block of rows at a time and reduced against the other factor's softmax, so that only the ``2 * S`` logits, their
 moments and the row's feature gradient cross memory: 32 logits a vertex at 8 bits where one factor reads 256.
-:func:`vqad_nerfstudio.encodings.vertex_features.relaxed_logit_adam_` uses it on float32 logits with a float32
+:func:`vqad_nerfstudio.encodings.straight_through.relaxed_logit_adam_` uses it on float32 logits with a float32
 second moment (what ``logit_dtype='auto'`` gives two factors); its PyTorch path is the reference the tests compare
 against.
 """

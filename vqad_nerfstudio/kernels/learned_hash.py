@@ -13,7 +13,7 @@ The learned mode of :class:`~vqad_nerfstudio.encodings.learned_index_hash.Learne
    gradient of the chosen codebook rows and, for trained logits, each lookup's gradient with respect to its entry's
    soft index (the dot product of the weighted output gradient with each candidate row) into an
    ``[entries, 2**index_bits]`` table. PyTorch applies the softmax Jacobian of the straight-through estimator to it,
-   exactly as the reference (:func:`~vqad_nerfstudio.encodings.vertex_features.interpolated_codewords`) does.
+   exactly as the reference (:func:`~vqad_nerfstudio.encodings.straight_through.interpolated_codewords`) does.
 
 Positions get no gradient: the encoding keeps its PyTorch path, the reference the tests compare against, when they
 need one.
@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from vqad_nerfstudio.encodings.vertex_features import relaxed_logit_grad
+from vqad_nerfstudio.encodings.straight_through import relaxed_logit_grad
 from vqad_nerfstudio.kernels import runs_on
 
 try:

@@ -6,7 +6,7 @@ times (argmax, softmax for the rate, and in the backward pass the codeword produ
 its Jacobian, op by op and chunk by chunk). Here the forward pass reads the logits once, and the backward pass
 reads them once and writes their gradient once, the only ``[rows, 2**b]`` tensor it allocates.
 
-:mod:`vqad_nerfstudio.encodings.vertex_features` uses these on CUDA tensors when Triton imports; its PyTorch
+:mod:`vqad_nerfstudio.encodings.straight_through` uses these on CUDA tensors when Triton imports; its PyTorch
 functions are the reference the tests compare against.
 """
 
