@@ -176,6 +176,8 @@ def test_missing_data_fails_in_one_line(make_dir, message, tmp_path, offline_env
     assert result.returncode != 0
     assert f"vqad-nerfstudio: error: {message}" in result.stderr
     assert "Traceback" not in result.stderr
+    if not make_dir:  # refused before nerfstudio writes the run's config: no run folder left behind
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

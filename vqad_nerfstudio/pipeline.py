@@ -27,14 +27,15 @@ class CheckedPipeline(VanillaPipeline):
     def __init__(self, config: VanillaPipelineConfig, *args, **kwargs) -> None:
         problem = missing_data_message(config)
         if problem is not None:
-            _fail(problem)
+            fail(problem)
         try:
             super().__init__(config, *args, **kwargs)
         except FileNotFoundError as error:  # e.g. a scene folder without its transforms.json
-            _fail(f"cannot read the data: {error.strerror}: '{error.filename}'")
+            fail(f"cannot read the data: {error.strerror}: '{error.filename}'")
 
 
-def _fail(problem: str) -> None:
+def fail(problem: str) -> None:
+    """Stop the command with ``problem`` in one line on stderr (exit status 2), no traceback."""
     print(f"vqad-nerfstudio: error: {problem}", file=sys.stderr)
     raise SystemExit(2)
 

@@ -19,6 +19,7 @@ from nerfstudio.utils import comms
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from vqad_nerfstudio.optim import InBackwardAdam
+from vqad_nerfstudio.pipeline import fail, missing_data_message
 
 if TYPE_CHECKING:
     from nerfstudio.models.base_model import ModelConfig
@@ -83,6 +84,13 @@ class VQADTrainerConfig(TrainerConfig):
     _target: Type = field(default_factory=lambda: VQADTrainer)
     device_note: tyro.conf.Suppress[str] = ""
     """Printed when a run starts on the CPU: the defaults the method changed for a machine without CUDA."""
+
+    def save_config(self) -> None:
+        """nerfstudio's, once the data path is known to exist: a run that cannot start leaves no run folder."""
+        problem = missing_data_message(self.pipeline)
+        if problem is not None:
+            fail(problem)
+        super().save_config()
 
 
 @dataclass
