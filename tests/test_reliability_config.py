@@ -110,3 +110,34 @@ def test_a_config_yml_with_the_former_field_names_loads():
     assert "index_bits" not in legacy and "index_relaxation_steps" in legacy
     config = yaml.load(legacy, Loader=yaml.Loader)  # how nerfstudio reads a run's config.yml
     assert (config.index_bits, config.index_warmup_steps) == (6, 123) and not hasattr(config, "bits")
+
+
+def _run_config(tmp_path, **settings):
+    import copy
+
+    from vqad_nerfstudio.method_configs.vqad import vqad
+
+    config = copy.deepcopy(vqad.config)
+    config.pipeline.datamanager.data = tmp_path
+    config.output_dir, config.timestamp = tmp_path / "out", "t"
+    for name, value in settings.items():
+        setattr(config, name, value)
+    return config
+
+
+def test_a_run_never_lands_silently_on_an_earlier_runs_checkpoints(tmp_path, capsys):
+    """nerfstudio loads a folder's latest checkpoint whichever run wrote it: a second run with the same
+    --timestamp is refused, replaces the first with --overwrite True, and may resume it with --load-dir."""
+    first = _run_config(tmp_path)
+    first.save_config()
+    checkpoints = first.get_checkpoint_dir()
+    checkpoints.mkdir()
+    (checkpoints / "step-000000599.ckpt").write_bytes(b"first run")
+    with pytest.raises(SystemExit):
+        _run_config(tmp_path).save_config()
+    assert "already holds a run" in capsys.readouterr().err
+    assert (checkpoints / "step-000000599.ckpt").exists()
+    _run_config(tmp_path, load_dir=checkpoints).save_config()  # resuming in place
+    assert (checkpoints / "step-000000599.ckpt").exists()
+    _run_config(tmp_path, overwrite=True).save_config()
+    assert not any(checkpoints.iterdir()) and (first.get_base_dir() / "config.yml").exists()

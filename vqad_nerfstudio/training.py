@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Type
 
 import tyro
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
@@ -85,12 +85,41 @@ class VQADTrainerConfig(TrainerConfig):
     device_note: tyro.conf.Suppress[str] = ""
     """Printed when a run starts on the CPU: the defaults the method changed for a machine without CUDA."""
 
+    overwrite: bool = False
+    """Replace a run already in this run's folder (same --output-dir, method and --timestamp): its checkpoints and
+    event logs are deleted first. Without it such a run is refused, unless it resumes from that folder
+    (--load-dir)."""
+
     def save_config(self) -> None:
-        """nerfstudio's, once the data path is known to exist: a run that cannot start leaves no run folder."""
+        """nerfstudio's, once the data path is known to exist (a run that cannot start leaves no run folder) and
+        the run folder holds no other run (:func:`earlier_run_files`)."""
         problem = missing_data_message(self.pipeline)
         if problem is not None:
             fail(problem)
+        base_dir = self.get_base_dir()
+        earlier = earlier_run_files(base_dir, self.get_checkpoint_dir())
+        resumes_here = (
+            self.load_dir is not None and Path(self.load_dir).resolve() == self.get_checkpoint_dir().resolve()
+        )
+        if earlier and not resumes_here:
+            if not self.overwrite:
+                fail(
+                    f"{base_dir} already holds a run ({len(earlier)} checkpoint and log files): pass another "
+                    f"--timestamp, --overwrite True to replace it, or --load-dir {self.get_checkpoint_dir()} to "
+                    "resume it"
+                )
+            for path in earlier:
+                path.unlink()
+            CONSOLE.print(
+                f"--overwrite: deleted the earlier run's {len(earlier)} checkpoint and log files in {base_dir}"
+            )
         super().save_config()
+
+
+def earlier_run_files(base_dir: Path, checkpoint_dir: Path) -> List[Path]:
+    """The checkpoints and event logs a run already wrote to ``base_dir``: a new run there would mix with them
+    (nerfstudio loads the latest step's checkpoint, whichever run wrote it)."""
+    return sorted(checkpoint_dir.glob("*.ckpt")) + sorted(base_dir.glob("events.out.tfevents.*"))
 
 
 @dataclass
