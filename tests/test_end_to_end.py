@@ -164,7 +164,7 @@ def test_checkpoint_needs_and_gets_the_loading_fix(trained_run):
     assert any(key.endswith("grid.levels.0.cells") for key in state["pipeline"])
 
 
-@pytest.mark.parametrize("make_dir,message", [(False, "data path"), (True, "cannot read the data")])
+@pytest.mark.parametrize("make_dir,message", [(False, "data path"), (True, "cannot read the data: no transforms.json")])
 def test_missing_data_fails_in_one_line(make_dir, message, tmp_path, offline_env):
     data = tmp_path / "scene"
     if make_dir:  # a folder without transforms.json
@@ -176,8 +176,7 @@ def test_missing_data_fails_in_one_line(make_dir, message, tmp_path, offline_env
     assert result.returncode != 0
     assert f"vqad-nerfstudio: error: {message}" in result.stderr
     assert "Traceback" not in result.stderr
-    if not make_dir:  # refused before nerfstudio writes the run's config: no run folder left behind
-        assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # refused before nerfstudio writes the run's config: no run folder
 
 
 @pytest.mark.parametrize(

@@ -118,6 +118,7 @@ def _run_config(tmp_path, **settings):
     from vqad_nerfstudio.method_configs.vqad import vqad
 
     config = copy.deepcopy(vqad.config)
+    (tmp_path / "transforms.json").write_text("{}")  # only its existence is checked before the run starts
     config.pipeline.datamanager.data = tmp_path
     config.output_dir, config.timestamp = tmp_path / "out", "t"
     for name, value in settings.items():
@@ -141,3 +142,16 @@ def test_a_run_never_lands_silently_on_an_earlier_runs_checkpoints(tmp_path, cap
     assert (checkpoints / "step-000000599.ckpt").exists()
     _run_config(tmp_path, overwrite=True).save_config()
     assert not any(checkpoints.iterdir()) and (first.get_base_dir() / "config.yml").exists()
+
+
+def test_runs_of_a_parser_subcommand_are_named_after_their_data(tmp_path):
+    """``ns-train vqad blender-data --data lego`` gives the data to the parser, not the datamanager: its runs go
+    to outputs/lego as nerfstudio's default parser's do, not outputs/unnamed."""
+    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+
+    config = _run_config(tmp_path)
+    config.pipeline.datamanager.data = None
+    config.pipeline.datamanager.dataparser = BlenderDataParserConfig(data=tmp_path / "lego")
+    assert config.get_base_dir() == tmp_path / "out" / "lego" / "vqad" / "t"
+    named = _run_config(tmp_path, experiment_name="mine")
+    assert named.get_base_dir() == tmp_path / "out" / "mine" / "vqad" / "t"

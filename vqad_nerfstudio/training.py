@@ -90,6 +90,16 @@ class VQADTrainerConfig(TrainerConfig):
     event logs are deleted first. Without it such a run is refused, unless it resumes from that folder
     (--load-dir)."""
 
+    def set_experiment_name(self) -> None:
+        """nerfstudio's (the data folder's name), also where the data is given to a parser subcommand
+        (``ns-train vqad blender-data --data lego`` runs in ``outputs/lego``, not ``outputs/unnamed``)."""
+        datamanager = self.pipeline.datamanager
+        parser_data = getattr(datamanager.dataparser, "data", None)
+        if self.experiment_name is None and datamanager.data is None and parser_data is not None:
+            data = Path(parser_data)
+            self.experiment_name = (data.parent if data.suffix == ".json" else data).stem  # as nerfstudio names it
+        super().set_experiment_name()
+
     def save_config(self) -> None:
         """nerfstudio's, once the data path is known to exist (a run that cannot start leaves no run folder) and
         the run folder holds no other run (:func:`earlier_run_files`)."""
