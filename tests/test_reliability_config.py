@@ -139,6 +139,7 @@ def test_a_run_never_lands_silently_on_an_earlier_runs_checkpoints(tmp_path, cap
     assert "already holds a run" in capsys.readouterr().err
     assert (checkpoints / "step-000000599.ckpt").exists()
     _run_config(tmp_path, load_dir=checkpoints).save_config()  # resuming in place
+    _run_config(tmp_path, load_checkpoint=checkpoints / "step-000000599.ckpt").save_config()
     assert (checkpoints / "step-000000599.ckpt").exists()
     _run_config(tmp_path, overwrite=True).save_config()
     assert not any(checkpoints.iterdir()) and (first.get_base_dir() / "config.yml").exists()

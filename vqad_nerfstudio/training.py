@@ -88,7 +88,7 @@ class VQADTrainerConfig(TrainerConfig):
     overwrite: bool = False
     """Replace a run already in this run's folder (same --output-dir, method and --timestamp): its checkpoints and
     event logs are deleted first. Without it such a run is refused, unless it resumes from that folder
-    (--load-dir)."""
+    (--load-dir, or --load-checkpoint of one of its checkpoints)."""
 
     def set_experiment_name(self) -> None:
         """nerfstudio's (the data folder's name), also where the data is given to a parser subcommand
@@ -108,8 +108,9 @@ class VQADTrainerConfig(TrainerConfig):
             fail(problem)
         base_dir = self.get_base_dir()
         earlier = earlier_run_files(base_dir, self.get_checkpoint_dir())
-        resumes_here = (
-            self.load_dir is not None and Path(self.load_dir).resolve() == self.get_checkpoint_dir().resolve()
+        here = self.get_checkpoint_dir().resolve()
+        resumes_here = (self.load_dir is not None and Path(self.load_dir).resolve() == here) or (
+            self.load_checkpoint is not None and Path(self.load_checkpoint).resolve().parent == here
         )
         if earlier and not resumes_here:
             if not self.overwrite:
