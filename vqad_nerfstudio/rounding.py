@@ -86,8 +86,9 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def straight_through(parameter: Tensor, rounded: Tensor) -> Tensor:
-    """``rounded`` in the forward pass; where gradients are recorded, they flow to ``parameter`` unchanged."""
-    if torch.is_grad_enabled() and parameter.requires_grad:
+    """``rounded`` in the forward pass; where gradients are recorded, they flow to ``parameter`` unchanged. A
+    ``rounded`` that carries gradients already (a :func:`straight_through_group` output) is returned as it is."""
+    if torch.is_grad_enabled() and parameter.requires_grad and not rounded.requires_grad:
         return _StraightThrough.apply(parameter, rounded)
     return rounded
 

@@ -15,6 +15,7 @@ from vqad_nerfstudio.rounding import (
     quantize_rows,
     rounded_columns,
     rounded_rows,
+    straight_through,
     straight_through_group,
 )
 
@@ -97,6 +98,7 @@ def test_a_straight_through_group_is_one_node_with_each_parameters_gradient() ->
     linked = straight_through_group(weights, rounded)
     assert all(torch.equal(a, b) for a, b in zip(linked, rounded))
     assert len({id(tensor.grad_fn) for tensor in linked}) == 1
+    assert straight_through(weights[0], linked[0]) is linked[0]  # linked already: no second node
     x = torch.randn(3)
     (linked[0] @ x).square().sum().backward()
     expected = rounded[0].clone().requires_grad_()

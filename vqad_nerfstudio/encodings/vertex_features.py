@@ -312,8 +312,6 @@ class CodebookFeatures(TransientState, FeatureStore):
         if self.codebook_bits is None:
             return self.codebook
         rounded = self._held_codebook
-        if rounded is not None and (rounded.requires_grad or not torch.is_grad_enabled()):
-            return rounded  # held already straight-through (prepare_held_steps)
         if rounded is None:
             rounded = rounded_codebooks(self.codebook, self.codebook_bits, self.use_kernels)
             if self._holding:

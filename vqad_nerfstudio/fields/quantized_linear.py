@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple, Union
 
-import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -48,10 +47,7 @@ class _RoundedWeight(TransientState, nn.Module):
         """The weight the forward pass uses (rounded once per :meth:`hold_rounding` span, else at every call)."""
         if self.bits is None:
             return self.weight
-        held = self._held
-        if held is not None and (held.requires_grad or not torch.is_grad_enabled()):
-            return held  # held already straight-through (straight_through_group)
-        return straight_through(self.weight, held if held is not None else self.round_weight())
+        return straight_through(self.weight, self._held if self._held is not None else self.round_weight())
 
     def hold_rounding(self, hold: bool, rounded: Optional[Tensor] = None) -> None:
         """Round the weight now (or take ``rounded``: :meth:`round_weight` computed already, or its
