@@ -9,6 +9,8 @@ from typing import Optional, Type
 
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
+from vqad_nerfstudio.data.scene_format import metadata_file
+
 
 def missing_data_message(config: VanillaPipelineConfig) -> Optional[str]:
     """Why the configured data cannot be read, or ``None`` when it can be."""
@@ -18,22 +20,9 @@ def missing_data_message(config: VanillaPipelineConfig) -> Optional[str]:
         return "no data given: pass --data PATH (a nerfstudio-format scene, or a parser subcommand's data)"
     if not Path(data).exists():
         return f"data path '{data}' does not exist"
-    wanted = _metadata_file(datamanager.dataparser, Path(data))
+    wanted = metadata_file(datamanager.dataparser, Path(data))
     if wanted is not None and not wanted.exists():
         return f"cannot read the data: no {wanted.name} in '{data}'"
-    return None
-
-
-def _metadata_file(dataparser: object, data: Path) -> Optional[Path]:
-    """The file nerfstudio's own parsers of the nerfstudio and Blender formats read first, where ``dataparser`` is
-    one of them (None for other parsers, which check their data themselves)."""
-    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
-    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-
-    if isinstance(dataparser, NerfstudioDataParserConfig) and data.suffix != ".json":
-        return data / "transforms.json"
-    if isinstance(dataparser, BlenderDataParserConfig):
-        return data / "transforms_train.json"
     return None
 
 
