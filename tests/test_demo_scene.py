@@ -342,7 +342,7 @@ def test_cli_writes_scene_and_prints_next_command(tmp_path: Path, capsys: pytest
     assert len(_meta(out)["train_filenames"]) == 3
     dome = tmp_path / "dome"
     cli.main([str(dome), "--resolution", "16", "--num-train", "1", "--num-eval", "1", "--background", "textured"])
-    assert f"ns-train vqad --data {dome} --pipeline.model.unbounded True\n" in capsys.readouterr().out
+    assert f"ns-train vqad --data {dome}\n" in capsys.readouterr().out  # its bounds are found in its images
     generator = json.loads((dome / "scene.json").read_text())["generator"]
     assert (generator["camera_radius"], generator["fov_degrees"]) == (1.4, 60.0)  # the textured scene's cameras
     transforms = _meta(dome)

@@ -120,6 +120,7 @@ def _run_config(tmp_path, **settings):
     config = copy.deepcopy(vqad.config)
     (tmp_path / "transforms.json").write_text("{}")  # only its existence is checked before the run starts
     config.pipeline.datamanager.data = tmp_path
+    config.pipeline.model.unbounded = False  # given: no images to decide it from
     config.output_dir, config.timestamp = tmp_path / "out", "t"
     for name, value in settings.items():
         setattr(config, name, value)

@@ -1,14 +1,18 @@
-"""nerfstudio's VanillaPipeline, with input checks that fail in one line instead of a traceback."""
+"""nerfstudio's VanillaPipeline, with input checks that fail in one line instead of a traceback, and the scene's
+bounds decided from its photos where the model leaves them open."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Type
+from typing import List, Optional, Type
 
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
 
+from vqad_nerfstudio.data.scene_bounds import FLAT_BORDER_SHARE, flat_border_share
 from vqad_nerfstudio.data.scene_format import metadata_file
 
 
@@ -26,14 +30,62 @@ def missing_data_message(config: VanillaPipelineConfig) -> Optional[str]:
     return None
 
 
+def training_images(config: VanillaPipelineConfig) -> List[Path]:
+    """The training images of the configured data, as its parser lists them."""
+    datamanager = config.datamanager
+    parser = copy.deepcopy(datamanager.dataparser)
+    if getattr(datamanager, "data", None) is not None:  # as nerfstudio's datamanagers hand it to their parser
+        parser.data = Path(datamanager.data)
+    return list(parser.setup().get_dataparser_outputs(split="train").image_filenames)
+
+
+def decide_scene_bounds(config: VanillaPipelineConfig) -> None:
+    """Where the model's ``unbounded`` is None (vqad's default), set it from the training images' borders, in
+    place: True where they show a background (a capture of the real world), False where they are one flat colour
+    or transparent (an object scene); say which in one line. Does nothing where it is already set."""
+    model = config.model
+    if getattr(model, "unbounded", False) is not None:
+        return
+    try:
+        share = flat_border_share(training_images(config))
+    except FileNotFoundError as error:
+        fail(f"cannot read the data: {error.strerror}: '{error.filename}'")
+    except OSError as error:  # PIL's UnidentifiedImageError among them
+        fail(f"cannot read a training image to decide the scene's bounds: {error}")
+    except (AssertionError, KeyError, IndexError, ValueError) as error:  # nerfstudio's parsers' checks, no images
+        fail(f"cannot read the data's cameras and images: {type(error).__name__}: {error}")
+    model.unbounded = share < FLAT_BORDER_SHARE
+    if model.unbounded:
+        CONSOLE.print(
+            f"The training images' borders show a background ({share:.0%} of them one flat colour): training in "
+            "contracted space with a coarse background (--pipeline.model.unbounded False keeps to the scene box).",
+            soft_wrap=True,
+            markup=False,
+        )
+    else:
+        CONSOLE.print(
+            f"The training images' borders are one flat colour or transparent ({share:.0%}): an object scene inside "
+            "the scene box (--pipeline.model.unbounded True also fits a background).",
+            soft_wrap=True,
+            markup=False,
+        )
+        if getattr(model, "shell_lod", None) not in (None, -1):
+            fail(
+                "shell_lod caps the background of unbounded scenes, and these images show none: pass "
+                "--pipeline.model.unbounded True to train it unbounded anyway"
+            )
+
+
 class CheckedPipeline(VanillaPipeline):
-    """A VanillaPipeline that refuses to start on data that is not there."""
+    """A VanillaPipeline that refuses to start on data that is not there, and decides the scene's bounds where the
+    model leaves them open (:func:`decide_scene_bounds`)."""
 
     def __init__(self, config: VanillaPipelineConfig, *args, **kwargs) -> None:
         problem = missing_data_message(config)
         if problem is not None:
             fail(problem)
         try:
+            decide_scene_bounds(config)
             super().__init__(config, *args, **kwargs)
         except FileNotFoundError as error:  # e.g. a scene folder without its transforms.json
             fail(f"cannot read the data: {error.strerror}: '{error.filename}'")

@@ -19,7 +19,7 @@ from nerfstudio.utils import comms
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from vqad_nerfstudio.optim import InBackwardAdam
-from vqad_nerfstudio.pipeline import fail, missing_data_message
+from vqad_nerfstudio.pipeline import decide_scene_bounds, fail, missing_data_message
 
 if TYPE_CHECKING:
     from nerfstudio.models.base_model import ModelConfig
@@ -102,7 +102,8 @@ class VQADTrainerConfig(TrainerConfig):
 
     def save_config(self) -> None:
         """nerfstudio's, once the data path is known to exist (a run that cannot start leaves no run folder) and
-        the run folder holds no other run (:func:`earlier_run_files`)."""
+        the run folder holds no other run (:func:`earlier_run_files`), with the scene's bounds decided
+        (:func:`~vqad_nerfstudio.pipeline.decide_scene_bounds`)."""
         problem = missing_data_message(self.pipeline)
         if problem is not None:
             fail(problem)
@@ -124,6 +125,7 @@ class VQADTrainerConfig(TrainerConfig):
             CONSOLE.print(
                 f"--overwrite: deleted the earlier run's {len(earlier)} checkpoint and log files in {base_dir}"
             )
+        decide_scene_bounds(self.pipeline)  # config.yml records the decision
         super().save_config()
 
 

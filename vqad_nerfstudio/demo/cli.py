@@ -54,8 +54,7 @@ def main(args: Optional[Sequence[str]] = None) -> None:
         f"{config.resolution}x{config.resolution} px) to {output_dir.resolve()} in {elapsed:.1f} s."
     )
     print("Next, train on it with:")
-    unbounded = " --pipeline.model.unbounded True" if config.background == "textured" else ""
-    print(f"  ns-train vqad --data {shlex.quote(str(output_dir))}{unbounded}")
+    print(f"  ns-train vqad --data {shlex.quote(str(output_dir))}")
 
 
 if __name__ == "__main__":

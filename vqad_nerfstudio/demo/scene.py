@@ -92,7 +92,7 @@ class DemoSceneConfig:
     """Anti-aliasing: each pixel averages supersample x supersample rays (1 disables it)."""
     background: Literal["white", "textured"] = "white"
     """What rays that miss the solids see: 'white' (an object scene: train with the default settings) or a
-    'textured' dome far around them (an unbounded scene: train with --pipeline.model.unbounded True)."""
+    'textured' dome far around them (an unbounded scene, which ns-train vqad finds in the images' borders)."""
 
     @property
     def radius(self) -> float:

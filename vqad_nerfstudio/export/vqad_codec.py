@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -258,7 +258,7 @@ def encode_model(
     aabb = model.scene_box.aabb.detach().cpu().to(torch.float32)
     header = {
         "method": method,
-        "model": {key: getattr(config, key) for key in MODEL_KEYS},
+        "model": {key: getattr(config, key) for key in MODEL_KEYS} | {"unbounded": bool(config.unbounded)},
         "aabb": aabb.tolist(),
         "levels": levels,
     }
@@ -441,6 +441,8 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, "VQADModelConfig", Tenso
         if key not in stored:
             raise FormatError(f"header: model lacks {key!r}")
         value, hint = stored[key], hints[key]
+        if get_origin(hint) is Union:  # Optional[X]: a file holds an X (unbounded: decided before any file exists)
+            hint = next(arg for arg in get_args(hint) if arg is not type(None))
         valid = value in get_args(hint) if get_origin(hint) is Literal else type(value) is hint
         if not valid:
             raise FormatError(f"header: model.{key} = {value!r} is not a valid {hint}")

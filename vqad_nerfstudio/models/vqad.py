@@ -168,8 +168,12 @@ class VQADModelConfig(ModelConfig):
     tf32: bool = True
     """On CUDA, let float32 matrix products (the MLPs) use TF32 tensor cores: torch's
     set_float32_matmul_precision("high"), which applies to the whole process."""
-    unbounded: bool = False
-    """Contract space (as nerfacto does) for unbounded real captures; off for object scenes inside the scene box."""
+    unbounded: Optional[bool] = None
+    """True: contract space (as nerfacto does) for captures of the real world, whose photos show a background
+    beyond the scene box; False: an object scene inside the box. None: decided from the training images when a
+    run starts (True where their borders show a background, False where they are one flat colour or transparent,
+    as Blender scenes are; data/scene_bounds.py), and recorded in the run's config.yml; a model built without data
+    is bounded."""
     shell_lod: Optional[int] = None
     """Unbounded scenes: the finest level of detail of the background, the contracted space outside the scene box
     (finer levels hold cells only inside the box). None: DEFAULT_SHELL_LOD (level 2) when unbounded; -1: every
@@ -295,7 +299,7 @@ class VQADModelConfig(ModelConfig):
         check_real("coarse_lod_fraction", self.coarse_lod_fraction, 0.0, 1.0)
         if self.shell_lod is not None:
             check_int("shell_lod", self.shell_lod, -1, self.num_levels - 1)
-            if self.shell_lod >= 0 and not self.unbounded:
+            if self.shell_lod >= 0 and self.unbounded is False:
                 raise ValueError("shell_lod caps the background of unbounded scenes: it needs unbounded=True")
 
     def logit_storage(self) -> torch.dtype:
@@ -344,7 +348,7 @@ class VQADModel(Model):
         self.grid.fused = cfg.fused_kernels
         if cfg.tf32 and torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
-        self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=cfg.unbounded, hidden_dim=cfg.hidden_dim)
+        self.field = VQADField(self.scene_box.aabb, self.grid, unbounded=bool(cfg.unbounded), hidden_dim=cfg.hidden_dim)
         self.field.fused_decoders = cfg.fused_kernels and cfg.fused_decoders
         graphs = cfg.fused_kernels and cfg.cuda_graphs
         self.grid.preparation_graph.enabled = self.field.rounding_graph.enabled = graphs
