@@ -58,7 +58,8 @@ def test_bad_shell_lods_are_refused() -> None:
     with pytest.raises(ValueError, match="shell_lod must be a level of detail in 0..2"):
         _grid(3)
     with pytest.raises(ValueError, match="needs unbounded=True"):
-        VQADModelConfig(shell_lod=1)
+        VQADModelConfig(unbounded=False, shell_lod=1)
+    assert VQADModelConfig(shell_lod=1).unbounded is None  # decided from the images (tests/test_scene_bounds.py)
     with pytest.raises(ValueError, match="shell_lod must be an integer in -1..4"):
         VQADModelConfig(unbounded=True, shell_lod=5)
 
