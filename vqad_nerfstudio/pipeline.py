@@ -55,25 +55,19 @@ def decide_scene_bounds(config: VanillaPipelineConfig) -> None:
     except (AssertionError, KeyError, IndexError, ValueError) as error:  # nerfstudio's parsers' checks, no images
         fail(f"cannot read the data's cameras and images: {type(error).__name__}: {error}")
     model.unbounded = share < FLAT_BORDER_SHARE
-    if model.unbounded:
-        CONSOLE.print(
-            f"The training images' borders show a background ({share:.0%} of them one flat colour): training in "
-            "contracted space with a coarse background (--pipeline.model.unbounded False keeps to the scene box).",
-            soft_wrap=True,
-            markup=False,
+    decision = (
+        f"The training images' borders show a background ({share:.0%} of them one flat colour): training in "
+        "contracted space with a coarse background (--pipeline.model.unbounded False keeps to the scene box)."
+        if model.unbounded
+        else f"The training images' borders are one flat colour or transparent ({share:.0%}): an object scene "
+        "inside the scene box (--pipeline.model.unbounded True also fits a background)."
+    )
+    CONSOLE.print(decision, soft_wrap=True, markup=False)
+    if not model.unbounded and getattr(model, "shell_lod", None) not in (None, -1):
+        fail(
+            "shell_lod caps the background of unbounded scenes, and these images show none: pass "
+            "--pipeline.model.unbounded True to train it unbounded anyway"
         )
-    else:
-        CONSOLE.print(
-            f"The training images' borders are one flat colour or transparent ({share:.0%}): an object scene inside "
-            "the scene box (--pipeline.model.unbounded True also fits a background).",
-            soft_wrap=True,
-            markup=False,
-        )
-        if getattr(model, "shell_lod", None) not in (None, -1):
-            fail(
-                "shell_lod caps the background of unbounded scenes, and these images show none: pass "
-                "--pipeline.model.unbounded True to train it unbounded anyway"
-            )
 
 
 class CheckedPipeline(VanillaPipeline):

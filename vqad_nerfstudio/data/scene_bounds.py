@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from jaxtyping import Float
+from jaxtyping import Float, Shaped
 
 __all__ = ["FLAT_BORDER_SHARE", "FLAT_TOLERANCE", "SAMPLED_IMAGES", "border_pixels", "flat_border_share"]
 
@@ -27,7 +27,7 @@ SAMPLED_IMAGES = 8
 """Training images read, evenly spaced through the list."""
 
 
-def border_pixels(image: Float[np.ndarray, "h w c"]) -> Float[np.ndarray, "n c"]:
+def border_pixels(image: Shaped[np.ndarray, "h w c"]) -> Shaped[np.ndarray, "n c"]:
     """The pixels of ``image``'s outer ring, ``max(1, min(h, w) // 32)`` pixels wide."""
     height, width = image.shape[:2]
     ring = max(1, min(height, width) // 32)
@@ -36,14 +36,14 @@ def border_pixels(image: Float[np.ndarray, "h w c"]) -> Float[np.ndarray, "n c"]
     return np.concatenate([part.reshape(-1, image.shape[2]) for part in rows])
 
 
-def _read(path: Path) -> Float[np.ndarray, "h w c"]:
-    """``path`` as RGB or RGBA values in [0, 1]."""
+def _border_of(path: Path) -> Float[np.ndarray, "n c"]:
+    """The outer ring of the image at ``path`` (:func:`border_pixels`) as RGB or RGBA values in [0, 1]."""
     from PIL import Image
 
     with Image.open(path) as image:
         has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
         pixels = np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
-    return pixels.astype(np.float32) / 255.0
+    return border_pixels(pixels).astype(np.float32) / 255.0  # only the ring in float, not the whole photo
 
 
 def flat_border_share(image_paths: Sequence[Path], sampled: int = SAMPLED_IMAGES) -> float:
@@ -51,7 +51,7 @@ def flat_border_share(image_paths: Sequence[Path], sampled: int = SAMPLED_IMAGES
     if not image_paths:
         raise ValueError("no training images to read the scene's borders from")
     picks = np.unique(np.linspace(0, len(image_paths) - 1, min(sampled, len(image_paths))).round().astype(int))
-    borders = [border_pixels(_read(Path(image_paths[i]))) for i in picks]
+    borders = [_border_of(Path(image_paths[i])) for i in picks]
     transparent = np.concatenate([b[:, 3] < 0.5 if b.shape[1] == 4 else np.zeros(len(b), bool) for b in borders])
     colours = np.concatenate([b[:, :3] for b in borders])
     opaque = colours[~transparent]
