@@ -59,3 +59,23 @@ def test_hash_nerfacto_uses_the_sparse_backward_only_when_asked(backward, change
     grids = [m for m in model.modules() if isinstance(m, HashEncoding)]
     assert len(grids) == 3  # the field's and the two proposal networks'
     assert all((getattr(g.pytorch_fwd, "func", None) is hash_grid_forward) == changed for g in grids)
+
+
+def test_rounded_tables_look_up_rounded_features_and_pass_gradients_straight_through():
+    """A table rounded to 4 bits (one scale per level): lookups read its rounded values, as a file decodes them,
+    and the gradient reaches the float table as if it had not been rounded."""
+    float_grid, rounded_grid = _grid(), _grid()
+    sparse_backward_hash_grids(float_grid)
+    sparse_backward_hash_grids(rounded_grid, table_bits=4)
+    positions, upstream = torch.rand(200, 3), torch.randn(200, float_grid.get_out_dim())
+    by_level = rounded_grid.hash_table.detach().view(rounded_grid.num_levels, -1)
+    scales = (by_level.abs().amax(dim=1) / 7).half().float()[:, None]
+    expected_table = ((by_level / scales).round() * scales).view_as(rounded_grid.hash_table)
+    assert not torch.equal(expected_table, rounded_grid.hash_table)
+    with torch.no_grad():
+        float_grid.hash_table.copy_(expected_table)
+    rounded, reference = rounded_grid(positions), float_grid(positions)
+    torch.testing.assert_close(rounded, reference, rtol=0, atol=1e-6)
+    (rounded * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(rounded_grid.hash_table.grad, float_grid.hash_table.grad)

@@ -6,19 +6,20 @@ import math
 
 import pytest
 import torch
+from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.scene_box import SceneBox
 from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
 
-from vqad_nerfstudio.codec import TruncatedError, decode_array, read_container, write_container
+from vqad_nerfstudio.codec import FormatError, TruncatedError, decode_array, read_container, write_container
 from vqad_nerfstudio.export.formats import encode_any, load_any
 from vqad_nerfstudio.export.methods import UnsupportedMethodError
 from vqad_nerfstudio.export.size_report import size_report
 
 
-def _model(mode: str):
+def _model(mode: str, network_bits: int = 16):
     torch.manual_seed(0)
     config = hash_model_config(mode, 8)
-    config.num_levels, config.max_res = 4, 64
+    config.num_levels, config.max_res, config.network_bits = 4, 64, network_bits
     if mode == "learned":
         config.log2_codebook_size, config.index_table_size = 6, 3000
     model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
@@ -54,6 +55,66 @@ def test_round_trip_is_exact(mode):
         fresh.load_state_dict(decoded.state_dict())
         again = encode_any(fresh.eval())
         assert write_container(again.header, again.chunks) == write_container(encoded.header, encoded.chunks)
+
+
+def _rays(count: int = 64) -> RayBundle:
+    generator = torch.Generator().manual_seed(1)
+    directions = torch.nn.functional.normalize(torch.randn(count, 3, generator=generator), dim=-1)
+    return RayBundle(
+        origins=-1.8 * directions + 0.1 * torch.randn(count, 3, generator=generator),
+        directions=directions,
+        pixel_area=torch.full((count, 1), 1e-4),
+        camera_indices=torch.zeros(count, 1, dtype=torch.long),
+    )
+
+
+@pytest.mark.parametrize("mode", ["learned", "random"])
+def test_quantised_networks_decode_to_what_was_rendered(mode):
+    """network_bits 6: the file stores the networks and hash tables in NETQ, smaller than fp16 NETS, and the decoded
+    model renders exactly what the trained one rendered (both read the same rounded weights)."""
+    model, fp16_model = _model(mode, network_bits=6), _model(mode)
+    encoded = encode_any(model)
+    assert encoded.header["requires"] == ["network_bits"] and encoded.header["model"]["network_bits"] == 6
+    nets = {chunk.tag: len(chunk.payload) for chunk in encoded.chunks if chunk.tag in ("NETS", "NETQ")}
+    fp16_nets = {chunk.tag: len(chunk.payload) for chunk in encode_any(fp16_model).chunks if chunk.tag == "NETS"}
+    assert set(nets) == {"NETQ"} and nets["NETQ"] < 0.5 * fp16_nets["NETS"]
+    decoded, _ = load_any(write_container(encoded.header, encoded.chunks))
+    assert decoded.config.network_bits == 6
+    with torch.no_grad():
+        trained, rendered, unrounded = model(_rays()), decoded(_rays()), fp16_model(_rays())
+    assert torch.equal(rendered["rgb"], trained["rgb"]) and torch.equal(rendered["depth"], trained["depth"])
+    assert not torch.equal(unrounded["rgb"], trained["rgb"])  # the rounding is in what renders
+    again = encode_any(decoded)
+    assert write_container(again.header, again.chunks) == write_container(encoded.header, encoded.chunks)
+
+
+def test_quantised_network_headers_are_checked():
+    encoded = encode_any(_model("random", network_bits=8))
+    unrequired = {**encoded.header, "requires": []}
+    with pytest.raises(FormatError, match="set but not required"):
+        load_any(write_container(unrequired, encoded.chunks))
+    wide = {**encoded.header, "model": {**encoded.header["model"], "network_bits": 12}}
+    with pytest.raises(FormatError, match="integer in 2..8"):
+        load_any(write_container(wide, encoded.chunks))
+    fp16_chunks = encode_any(_model("random")).chunks
+    with pytest.raises(FormatError, match="one NETQ chunk"):
+        load_any(write_container(encoded.header, fp16_chunks))
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"network_bits": 9}, "network_bits must be 16"),
+        ({"network_bits": 8, "hash_grid_backward": "nerfstudio"}, "hash_grid_backward 'sparse'"),
+        ({"network_bits": 8, "implementation": "tcnn"}, "implementation 'torch'"),
+    ],
+)
+def test_bad_network_bits_are_refused(settings, message):
+    config = hash_model_config("learned", 8)
+    for key, value in settings.items():
+        setattr(config, key, value)
+    with pytest.raises(ValueError, match=message):
+        config.__post_init__()
 
 
 @pytest.mark.parametrize("index_coding", ["raw", "entropy"])

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from vqad_nerfstudio.encodings.sparse_grid import trilinear_weights
 from vqad_nerfstudio.encodings.straight_through import nonzero_gradient_lookups
+from vqad_nerfstudio.rounding import rounded_rows, straight_through
 
 
 class _GatherRows(torch.autograd.Function):
@@ -52,10 +53,21 @@ _PRIMES = (1, 2654435761, 805459861)
 """The coordinate multipliers of ``HashEncoding.hash_fn`` (Instant-NGP's)."""
 
 
-def hash_grid_forward(encoding: HashEncoding, positions: Float[Tensor, "*bs 3"]) -> Float[Tensor, "*bs out"]:
+def rounded_table(encoding: HashEncoding, bits: int) -> Float[Tensor, "rows f"]:
+    """``encoding``'s hash table as a file of ``bits`` bits per value stores it: each level's entries rounded with
+    one scale (:func:`~vqad_nerfstudio.rounding.rounded_rows` of the table viewed as one row per level), with
+    straight-through gradients to the table."""
+    table = encoding.hash_table
+    return straight_through(table, rounded_rows(table.view(encoding.num_levels, -1), bits).view_as(table))
+
+
+def hash_grid_forward(
+    encoding: HashEncoding, positions: Float[Tensor, "*bs 3"], table_bits: Optional[int] = None
+) -> Float[Tensor, "*bs out"]:
     """What ``encoding.pytorch_fwd`` computes (same hash, table and trilinear weights), gathering with
-    :func:`gather_rows`. Each coordinate's hash term is formed once for its lower and upper corner; the 8 corners
-    combine them (corner ``4 bx + 2 by + bz`` takes the upper corner on the axes whose bit is set, the order of
+    :func:`gather_rows`, from the table rounded to ``table_bits`` (:func:`rounded_table`) where given. Each
+    coordinate's hash term is formed once for its lower and upper corner; the 8 corners combine them (corner
+    ``4 bx + 2 by + bz`` takes the upper corner on the axes whose bit is set, the order of
     :func:`~vqad_nerfstudio.encodings.sparse_grid.trilinear_weights`)."""
     scaled = positions[..., None, :] * encoding.scalings.view(-1, 1).to(positions.device)  # [..., L, 3]
     lower = torch.floor(scaled)
@@ -65,19 +77,21 @@ def hash_grid_forward(encoding: HashEncoding, positions: Float[Tensor, "*bs 3"])
     hashed = terms[0][..., :, None, None] ^ terms[1][..., None, :, None] ^ terms[2][..., None, None, :]
     offsets = encoding.hash_offset.to(positions.device)[:, None]
     hashed = torch.remainder(hashed.flatten(start_dim=-3), encoding.hash_table_size) + offsets  # [..., L, 8]
-    features = gather_rows(encoding.hash_table, hashed)  # [..., L, 8, f]
+    table = encoding.hash_table if table_bits is None else rounded_table(encoding, table_bits)
+    features = gather_rows(table, hashed)  # [..., L, 8, f]
     return (features * trilinear_weights(upper_weight)[..., None]).sum(dim=-2).flatten(start_dim=-2)
 
 
-def sparse_backward_hash_grids(module: nn.Module) -> int:
-    """Make every torch-fallback :class:`HashEncoding` in ``module`` look up through :func:`hash_grid_forward`;
-    returns how many it changed (tinycudann grids keep their own kernels)."""
+def sparse_backward_hash_grids(module: nn.Module, table_bits: Optional[int] = None) -> int:
+    """Make every torch-fallback :class:`HashEncoding` in ``module`` look up through :func:`hash_grid_forward`
+    (from tables rounded to ``table_bits`` where given); returns how many it changed (tinycudann grids keep their
+    own kernels)."""
     changed = 0
     for encoding in module.modules():
         if isinstance(encoding, HashEncoding) and encoding.tcnn_encoding is None:
-            encoding.pytorch_fwd = partial(hash_grid_forward, encoding)  # type: ignore[method-assign]
+            encoding.pytorch_fwd = partial(hash_grid_forward, encoding, table_bits=table_bits)  # type: ignore[method-assign]
             changed += 1
     return changed
 
 
-__all__ = ["gather_rows", "hash_grid_forward", "sparse_backward_hash_grids"]
+__all__ = ["gather_rows", "hash_grid_forward", "rounded_table", "sparse_backward_hash_grids"]

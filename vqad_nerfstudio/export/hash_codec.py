@@ -1,7 +1,8 @@
 """``vqad-hash`` and ``vqad-hash-random`` models <-> VQNF files (method payload in docs/format.md).
 
 Chunks: ``NETS`` (every parameter except the learned encoding's codebooks and index logits, fp16,
-as named arrays: nerfacto's MLPs, its proposal networks and, in random mode, the hash table), then
+as named arrays: nerfacto's MLPs, its proposal networks and, in random mode, the hash table) or
+``NETQ`` (the same quantised to the model's ``network_bits``, each hash table as one row per level), then
 per level of the learned encoding its ``CBOK`` (fp16 codebook) and ``IDXE`` or ``IDXR`` (the b-bit
 index entries, range-coded or bit-packed). All levels are needed to render (nerfacto concatenates
 them), so a truncated file is refused rather than decoded to fewer levels.
@@ -25,10 +26,11 @@ from vqad_nerfstudio.codec import (
 )
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.payloads import (
-    encode_parameters,
     fp16_array,
     load_fp16_array,
     load_parameters,
+    load_quantized_parameters,
+    parameters_chunk,
     parse_aabb,
     read_complete_container,
 )
@@ -43,11 +45,14 @@ from vqad_nerfstudio.export.vqad_codec import (
     LevelStats,
 )
 from vqad_nerfstudio.progress import track
+from vqad_nerfstudio.rounding import QUANTIZED_BITS
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
 
-TAG_NETS = "NETS"
+TAG_NETS, TAG_NETQ = "NETS", "NETQ"
+NETWORK_BITS_KEY = "network_bits"
+"""Model key (and required feature) of a file whose networks are quantised (``NETQ``)."""
 HASH_METHODS = ("vqad-hash", "vqad-hash-random")
 
 MODEL_KEYS = (
@@ -79,11 +84,19 @@ MODEL_KEYS = (
 
 def _net_parameters(model: "LearnedIndexNerfactoModel") -> Dict[str, torch.Tensor]:
     """Every parameter (each once, by its first name) except the learned encoding's codebooks and logits, and
-    the training cameras' pose corrections (not part of the radiance field)."""
+    the training cameras' pose corrections (not part of the radiance field). Where the networks are quantised,
+    each hash table is a view of one row per level, the rows its rounding scales (rounded_table)."""
+    from nerfstudio.field_components.encodings import HashEncoding
+
     encoding = model.encoding
     skip = set() if encoding.mode == "random" else {id(p) for p in (*encoding.codebooks, *encoding.index_logits)}
     skip |= {id(p) for p in model.camera_optimizer.parameters()}
-    return {name: p for name, p in model.named_parameters() if id(p) not in skip}
+    parameters = {name: p for name, p in model.named_parameters() if id(p) not in skip}
+    if model.config.network_bits != 16:
+        for name, module in model.named_modules():
+            if isinstance(module, HashEncoding) and f"{name}.hash_table" in parameters:
+                parameters[f"{name}.hash_table"] = module.hash_table.view(module.num_levels, -1)
+    return parameters
 
 
 def encode_hash_model(
@@ -104,7 +117,10 @@ def encode_hash_model(
         "aabb": model.scene_box.aabb.detach().cpu().to(torch.float32).tolist(),
         "levels": len(encoding.layouts),
     }
-    chunks = [Chunk(TAG_NETS, None, encode_parameters(_net_parameters(model)))]
+    if config.network_bits != 16:
+        header["model"][NETWORK_BITS_KEY] = config.network_bits
+        header["requires"] = [NETWORK_BITS_KEY]
+    chunks = [parameters_chunk(_net_parameters(model), config.network_bits, (TAG_NETS, TAG_NETQ), None)]
     stats = []
     for level, layout in enumerate(track(encoding.layouts, "Encoding hash levels")):
         indices = encoding.hard_indices(level).cpu().numpy()
@@ -134,12 +150,16 @@ def load_hash_compressed(source: Source) -> Tuple["LearnedIndexNerfactoModel", D
     """Rebuild a vqad-hash or vqad-hash-random model (CPU, eval mode) from a complete VQNF file."""
     container = read_complete_container(source, "every level of their encoding")
     method, config, aabb, levels = _parse_header(container.header)
-    nets, parts = _group_chunks(container.chunks, levels, config.index_mode)
+    nets_tag = TAG_NETS if config.network_bits == 16 else TAG_NETQ
+    nets, parts = _group_chunks(container.chunks, levels, config.index_mode, nets_tag)
 
     from nerfstudio.data.scene_box import SceneBox
 
     model: "LearnedIndexNerfactoModel" = config.setup(scene_box=SceneBox(aabb=aabb), num_train_data=1)
-    load_parameters(_net_parameters(model), nets, TAG_NETS)
+    if nets_tag == TAG_NETS:
+        load_parameters(_net_parameters(model), nets, TAG_NETS)
+    elif load_quantized_parameters(_net_parameters(model), nets, TAG_NETQ) != config.network_bits:
+        raise FormatError(f"{TAG_NETQ}: its bits differ from the header's model.{NETWORK_BITS_KEY}")
     encoding = model.encoding
     for level, level_parts in enumerate(track(parts, "Decoding hash levels")):
         shape = tuple(encoding.codebooks[level].shape)
@@ -159,12 +179,22 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, torch.Tensor, int]:
 
     from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModelConfig
 
-    check_requirements(header, ())
+    check_requirements(header, (NETWORK_BITS_KEY,))
     method = header.get("method")
     settings = header.get("model")
-    if method not in HASH_METHODS or not isinstance(settings, dict) or set(settings) != set(MODEL_KEYS):
+    if (
+        method not in HASH_METHODS
+        or not isinstance(settings, dict)
+        or set(settings) - {NETWORK_BITS_KEY} != set(MODEL_KEYS)
+    ):
         raise FormatError(f"header: not a {' / '.join(HASH_METHODS)} header (method {method!r})")
     settings = dict(settings)
+    if NETWORK_BITS_KEY in settings:  # files before network_bits (and fp16 ones) leave it out
+        bits = settings[NETWORK_BITS_KEY]
+        if NETWORK_BITS_KEY not in header.get("requires", []):
+            raise FormatError(f"header: model.{NETWORK_BITS_KEY} is set but not required")
+        if type(bits) is not int or bits not in QUANTIZED_BITS:
+            raise FormatError(f"header: model.{NETWORK_BITS_KEY} must be an integer in 2..8, got {bits!r}")
     for key in ("num_proposal_samples_per_ray",):
         settings[key] = tuple(settings[key])
     try:
@@ -180,10 +210,11 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, torch.Tensor, int]:
     return method, config, parse_aabb(header.get("aabb")), levels
 
 
-def _group_chunks(chunks: List[Chunk], levels: int, mode: str) -> Tuple[bytes, List[Dict[str, bytes]]]:
-    nets = [chunk.payload for chunk in chunks if chunk.tag == TAG_NETS]
-    if len(nets) != 1:
-        raise FormatError(f"expected one {TAG_NETS} chunk, found {len(nets)}")
+def _group_chunks(chunks: List[Chunk], levels: int, mode: str, nets_tag: str) -> Tuple[bytes, List[Dict[str, bytes]]]:
+    """The networks' payload (the one ``nets_tag`` chunk: NETS or NETQ) and each level's CBOK and IDXE/IDXR."""
+    nets = [chunk.payload for chunk in chunks if chunk.tag == nets_tag]
+    if len(nets) != 1 or any(chunk.tag in (TAG_NETS, TAG_NETQ) and chunk.tag != nets_tag for chunk in chunks):
+        raise FormatError(f"expected one {nets_tag} chunk and no other networks chunk, found {len(nets)}")
     parts: List[Dict[str, bytes]] = [{} for _ in range(levels)] if mode == "learned" else []
     for chunk in chunks:
         if chunk.tag in (TAG_CBOK, TAG_IDXE, TAG_IDXR):
@@ -196,4 +227,4 @@ def _group_chunks(chunks: List[Chunk], levels: int, mode: str) -> Tuple[bytes, L
     return nets[0], parts
 
 
-__all__ = ["HASH_METHODS", "TAG_NETS", "encode_hash_model", "load_hash_compressed"]
+__all__ = ["HASH_METHODS", "TAG_NETQ", "TAG_NETS", "encode_hash_model", "load_hash_compressed"]

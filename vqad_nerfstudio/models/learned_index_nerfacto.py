@@ -17,6 +17,7 @@ from vqad_nerfstudio.compat import SkippedLPIPS, allow_nerfstudio_checkpoints, o
 from vqad_nerfstudio.encodings.learned_index_hash import IndexMode, LearnedIndexHashEncoding
 from vqad_nerfstudio.encodings.torch_hash_grid import sparse_backward_hash_grids
 from vqad_nerfstudio.fields.hash_base import replace_base_encoding
+from vqad_nerfstudio.fields.quantized_linear import quantizable_layers
 from vqad_nerfstudio.models.limits import (
     MAX_HASH_LEVELS,
     MAX_HASH_RESOLUTION,
@@ -26,6 +27,7 @@ from vqad_nerfstudio.models.limits import (
     check_int,
     check_real,
 )
+from vqad_nerfstudio.rounding import check_weight_bits
 
 allow_nerfstudio_checkpoints()
 
@@ -53,12 +55,24 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
     tinycudann is absent: 'sparse' gives nerfstudio's gradients through a scatter-add that skips zero-gradient
     lookups on a GPU (samples outside the scene box all read one vertex, and nerfstudio's ``index_put_`` serialises
     them); 'nerfstudio' keeps nerfstudio's own."""
+    network_bits: int = 16
+    """Bits per value of what a file stores besides the learned encoding (the field's MLPs, the proposal networks'
+    MLPs and hash grids, and in 'random' mode the field's hash table): 16, fp16 as trained; 2..8, every weight
+    matrix rounded per output row and every hash table per level, range-coded, and trained on that grid from the
+    first step (straight-through gradients), so that the decoded file renders what was trained. The networks are
+    0.33 MB of a default file in fp16."""
 
     def __post_init__(self) -> None:
         check_int("log2_codebook_size", self.log2_codebook_size, 1, MAX_LOG2_TABLE)
         check_int("index_bits", self.index_bits, 1, min(16, self.log2_codebook_size))
         check_int("index_table_size", self.index_table_size, 1, 1 << MAX_LOG2_TABLE)
         check_real("index_temperature", self.index_temperature, 0, open_low=True)
+        check_weight_bits("network_bits", self.network_bits)
+        if self.network_bits != 16 and (self.implementation != "torch" or self.hash_grid_backward != "sparse"):
+            raise ValueError(
+                "network_bits below 16 rounds PyTorch's networks and hash grids: it needs implementation 'torch' and "
+                "hash_grid_backward 'sparse'"
+            )
         check_int("num_levels", self.num_levels, 1, MAX_HASH_LEVELS)
         check_int("max_res", self.max_res, 1, MAX_HASH_RESOLUTION)
         check_int("base_res", self.base_res, 1, self.max_res)
@@ -113,8 +127,12 @@ class LearnedIndexNerfactoModel(NerfactoModel):
             super().populate_modules()
         cfg = self.config
         replace_base_encoding(self.field, encoding_of(cfg), 2, cfg.hidden_dim, cfg.implementation)
+        bits = None if cfg.network_bits == 16 else cfg.network_bits
         if cfg.hash_grid_backward == "sparse":
-            sparse_backward_hash_grids(self)
+            sparse_backward_hash_grids(self, table_bits=bits)
+        if bits is not None:
+            for layer in quantizable_layers(self.field) + quantizable_layers(self.proposal_networks):
+                layer.bits = bits
 
     @property
     def encoding(self) -> LearnedIndexHashEncoding:
