@@ -45,7 +45,6 @@ HASH_FLAGS = [
     "--pipeline.model.index-table-size", "8192",
     "--pipeline.model.num-proposal-samples-per-ray", "64", "32",
     "--pipeline.model.num-nerf-samples-per-ray", "24",
-    "--pipeline.model.network-bits", "8",  # trained and stored on 8 bits: the file's NETQ renders what trained
     "--pipeline.datamanager.train-num-rays-per-batch", "512",
 ]  # fmt: skip
 

@@ -70,8 +70,8 @@ def _rays(count: int = 64) -> RayBundle:
 
 @pytest.mark.parametrize("mode", ["learned", "random"])
 def test_quantised_networks_decode_to_what_was_rendered(mode):
-    """network_bits 6: the file stores the networks and hash tables in NETQ, smaller than fp16 NETS, and the decoded
-    model renders exactly what the trained one rendered (both read the same rounded weights)."""
+    """network_bits 6: the file stores the networks and proposal grids in NETQ, smaller than fp16 NETS, and the
+    decoded model renders exactly what the trained one rendered (both read the same rounded weights)."""
     model, fp16_model = _model(mode, network_bits=6), _model(mode)
     encoded = encode_any(model)
     assert encoded.header["requires"] == ["network_bits"] and encoded.header["model"]["network_bits"] == 6
@@ -84,6 +84,9 @@ def test_quantised_networks_decode_to_what_was_rendered(mode):
         trained, rendered, unrounded = model(_rays()), decoded(_rays()), fp16_model(_rays())
     assert torch.equal(rendered["rgb"], trained["rgb"]) and torch.equal(rendered["depth"], trained["depth"])
     assert not torch.equal(unrounded["rgb"], trained["rgb"])  # the rounding is in what renders
+    points = torch.rand(300, 3)
+    with torch.no_grad():  # ... but not in the position encoding (the random twin's table stays fp16)
+        assert torch.equal(model.encoding(points), fp16_model.encoding(points))
     again = encode_any(decoded)
     assert write_container(again.header, again.chunks) == write_container(encoded.header, encoded.chunks)
 

@@ -2,7 +2,8 @@
 
 Chunks: ``NETS`` (every parameter except the learned encoding's codebooks and index logits, fp16,
 as named arrays: nerfacto's MLPs, its proposal networks and, in random mode, the hash table) or
-``NETQ`` (the same quantised to the model's ``network_bits``, each hash table as one row per level), then
+``NETQ`` (the same quantised to the model's ``network_bits``, each proposal grid as one row per level, the
+position encoding's table in fp16), then
 per level of the learned encoding its ``CBOK`` (fp16 codebook) and ``IDXE`` or ``IDXR`` (the b-bit
 index entries, range-coded or bit-packed). All levels are needed to render (nerfacto concatenates
 them), so a truncated file is refused rather than decoded to fewer levels.
@@ -85,7 +86,8 @@ MODEL_KEYS = (
 def _net_parameters(model: "LearnedIndexNerfactoModel") -> Dict[str, torch.Tensor]:
     """Every parameter (each once, by its first name) except the learned encoding's codebooks and logits, and
     the training cameras' pose corrections (not part of the radiance field). Where the networks are quantised,
-    each hash table is a view of one row per level, the rows its rounding scales (rounded_table)."""
+    each proposal network's hash table is a view of one row per level, the rows its rounding scales
+    (rounded_table), and the field's own table ('random' mode: the position encoding) a flat fp16 vector."""
     from nerfstudio.field_components.encodings import HashEncoding
 
     encoding = model.encoding
@@ -95,7 +97,9 @@ def _net_parameters(model: "LearnedIndexNerfactoModel") -> Dict[str, torch.Tenso
     if model.config.network_bits != 16:
         for name, module in model.named_modules():
             if isinstance(module, HashEncoding) and f"{name}.hash_table" in parameters:
-                parameters[f"{name}.hash_table"] = module.hash_table.view(module.num_levels, -1)
+                by_level = name.startswith("proposal_networks.")
+                table = module.hash_table
+                parameters[f"{name}.hash_table"] = table.view(module.num_levels, -1) if by_level else table.view(-1)
     return parameters
 
 

@@ -56,11 +56,11 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
     lookups on a GPU (samples outside the scene box all read one vertex, and nerfstudio's ``index_put_`` serialises
     them); 'nerfstudio' keeps nerfstudio's own."""
     network_bits: int = 16
-    """Bits per value of what a file stores besides the learned encoding (the field's MLPs, the proposal networks'
-    MLPs and hash grids, and in 'random' mode the field's hash table): 16, fp16 as trained; 2..8, every weight
-    matrix rounded per output row and every hash table per level, range-coded, and trained on that grid from the
-    first step (straight-through gradients), so that the decoded file renders what was trained. The networks are
-    0.33 MB of a default file in fp16."""
+    """Bits per value of the networks a file stores (the field's MLPs, the proposal networks' MLPs and hash grids;
+    not the position encoding, whose codebooks or 'random' table stay fp16): 16, fp16 as trained; 2..8, every
+    weight matrix rounded per output row and every proposal grid per level, range-coded, and trained on that grid
+    from the first step (straight-through gradients), so that the decoded file renders what was trained.
+    ``ns-train vqad-hash`` and ``vqad-hash-random`` set 8 (method_configs/vqad_hash.py)."""
 
     def __post_init__(self) -> None:
         check_int("log2_codebook_size", self.log2_codebook_size, 1, MAX_LOG2_TABLE)
@@ -71,7 +71,7 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
         if self.network_bits != 16 and (self.implementation != "torch" or self.hash_grid_backward != "sparse"):
             raise ValueError(
                 "network_bits below 16 rounds PyTorch's networks and hash grids: it needs implementation 'torch' and "
-                "hash_grid_backward 'sparse'"
+                "hash_grid_backward 'sparse' (network_bits 16 trains any of them in float)"
             )
         check_int("num_levels", self.num_levels, 1, MAX_HASH_LEVELS)
         check_int("max_res", self.max_res, 1, MAX_HASH_RESOLUTION)
@@ -129,7 +129,8 @@ class LearnedIndexNerfactoModel(NerfactoModel):
         replace_base_encoding(self.field, encoding_of(cfg), 2, cfg.hidden_dim, cfg.implementation)
         bits = None if cfg.network_bits == 16 else cfg.network_bits
         if cfg.hash_grid_backward == "sparse":
-            sparse_backward_hash_grids(self, table_bits=bits)
+            sparse_backward_hash_grids(self.field)  # in 'random' mode the position encoding: kept in fp16
+            sparse_backward_hash_grids(self.proposal_networks, table_bits=bits)
         if bits is not None:
             for layer in quantizable_layers(self.field) + quantizable_layers(self.proposal_networks):
                 layer.bits = bits
