@@ -35,7 +35,6 @@ def hash_model_config(index_mode: str, random_log2_table: int = RANDOM_LOG2_TABL
         # on the CPU, PyTorch's hash grids hold every sample's corners at once: 1 << 15 rays took over 12 GB
         eval_num_rays_per_chunk=1 << 15 if torch.cuda.is_available() else 1 << 12,
         background_color="white",
-        disable_scene_contraction=True,  # object scenes inside the scene box; real captures: pass False
         use_appearance_embedding=False,
         # files hold PyTorch's parameter layout: a run through tinycudann's modules (--pipeline.model.implementation
         # tcnn, where it is installed) trains faster but cannot be exported yet

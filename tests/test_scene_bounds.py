@@ -146,3 +146,28 @@ def test_the_run_config_records_the_decision(scenes, tmp_path):
     config.output_dir, config.timestamp = tmp_path / "out", "t"
     config.save_config()
     assert "unbounded: true" in (config.get_base_dir() / "config.yml").read_text()
+
+
+@pytest.mark.parametrize("scene, contracted", [("white", False), ("textured", True)])
+def test_the_hash_methods_decide_their_scene_contraction_from_the_images(scenes, scene, contracted, capsys):
+    from vqad_nerfstudio.method_configs.vqad_hash import vqad_hash
+
+    config = copy.deepcopy(vqad_hash.config)
+    config.pipeline.datamanager.data = scenes[scene]
+    assert config.pipeline.model.disable_scene_contraction is None and config.pipeline.model.unbounded is None
+    decide_scene_bounds(config.pipeline)
+    assert config.pipeline.model.disable_scene_contraction is (not contracted)
+    assert "--pipeline.model.disable-scene-contraction" in capsys.readouterr().out
+
+
+def test_a_hash_model_built_without_the_decision_keeps_to_the_box():
+    import torch
+    from nerfstudio.data.scene_box import SceneBox
+    from vqad_nerfstudio.method_configs.vqad_hash import hash_model_config
+
+    config = hash_model_config("learned", 8)
+    model = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    assert model.field.spatial_distortion is None and config.disable_scene_contraction is True
+    config.disable_scene_contraction = False
+    contracted = config.setup(scene_box=SceneBox(aabb=torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=1)
+    assert contracted.field.spatial_distortion is not None

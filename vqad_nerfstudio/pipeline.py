@@ -40,9 +40,10 @@ def training_images(config: VanillaPipelineConfig) -> List[Path]:
 
 
 def decide_scene_bounds(config: VanillaPipelineConfig) -> None:
-    """Where the model's ``unbounded`` is None (vqad's default), set it from the training images' borders, in
-    place: True where they show a background (a capture of the real world), False where they are one flat colour
-    or transparent (an object scene); say which in one line. Does nothing where it is already set."""
+    """Where the model's ``unbounded`` is None (the default of vqad's and the hash methods' models), set it from
+    the training images' borders, in place: True where they show a background (a capture of the real world), False
+    where they are one flat colour or transparent (an object scene); say which in one line, naming the model's
+    SCENE_BOUNDS_FLAGS. Does nothing where it is already set or the model has no such setting."""
     model = config.model
     if getattr(model, "unbounded", False) is not None:
         return
@@ -55,12 +56,13 @@ def decide_scene_bounds(config: VanillaPipelineConfig) -> None:
     except (AssertionError, KeyError, IndexError, ValueError) as error:  # nerfstudio's parsers' checks, no images
         fail(f"cannot read the data's cameras and images: {type(error).__name__}: {error}")
     model.unbounded = share < FLAT_BORDER_SHARE
+    box_flag, background_flag = model.SCENE_BOUNDS_FLAGS
     decision = (
         f"The training images' borders show a background ({share:.0%} of them one flat colour): training in "
-        "contracted space with a coarse background (--pipeline.model.unbounded False keeps to the scene box)."
+        f"contracted space ({box_flag} keeps to the scene box)."
         if model.unbounded
         else f"The training images' borders are one flat colour or transparent ({share:.0%}): an object scene "
-        "inside the scene box (--pipeline.model.unbounded True also fits a background)."
+        f"inside the scene box ({background_flag} also fits a background)."
     )
     CONSOLE.print(decision, soft_wrap=True, markup=False)
     if not model.unbounded and getattr(model, "shell_lod", None) not in (None, -1):

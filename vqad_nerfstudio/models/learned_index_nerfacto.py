@@ -8,7 +8,7 @@ checkpoints load on torch >= 2.6.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Tuple, Type
+from typing import ClassVar, Dict, Literal, Optional, Tuple, Type
 
 from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from torch import Tensor
@@ -55,12 +55,32 @@ class LearnedIndexNerfactoModelConfig(NerfactoModelConfig):
     tinycudann is absent: 'sparse' gives nerfstudio's gradients through a scatter-add that skips zero-gradient
     lookups on a GPU (samples outside the scene box all read one vertex, and nerfstudio's ``index_put_`` serialises
     them); 'nerfstudio' keeps nerfstudio's own."""
+    disable_scene_contraction: Optional[bool] = None  # type: ignore[assignment]
+    """nerfacto's switch: True keeps to the scene box (an object scene); False contracts the space beyond it (a
+    capture of the real world, whose photos show a background). None: decided from the training images when a run
+    starts, as vqad's unbounded is (data/scene_bounds.py), and recorded in the run's config.yml; a model built
+    without that decision keeps to the box."""
+    SCENE_BOUNDS_FLAGS: ClassVar[Tuple[str, str]] = (
+        "--pipeline.model.disable-scene-contraction True",
+        "--pipeline.model.disable-scene-contraction False",
+    )
+    """The flags that keep a run to the scene box and that fit a background (what the decision's message names)."""
     network_bits: int = 16
     """Bits per value of the networks a file stores (the field's MLPs, the proposal networks' MLPs and hash grids;
     not the position encoding, whose codebooks or 'random' table stay fp16): 16, fp16 as trained; 2..8, every
     weight matrix rounded per output row and every proposal grid per level, range-coded, and trained on that grid
     from the first step (straight-through gradients), so that the decoded file renders what was trained.
     ``ns-train vqad-hash`` and ``vqad-hash-random`` set 8 (method_configs/vqad_hash.py)."""
+
+    @property
+    def unbounded(self) -> Optional[bool]:
+        """Whether space beyond the scene box is contracted (``not disable_scene_contraction``; None until
+        decided): the name the scene-bounds decision reads and sets."""
+        return None if self.disable_scene_contraction is None else not self.disable_scene_contraction
+
+    @unbounded.setter
+    def unbounded(self, value: bool) -> None:
+        self.disable_scene_contraction = not value
 
     def __post_init__(self) -> None:
         check_int("log2_codebook_size", self.log2_codebook_size, 1, MAX_LOG2_TABLE)
@@ -123,6 +143,8 @@ class LearnedIndexNerfactoModel(NerfactoModel):
     config: LearnedIndexNerfactoModelConfig
 
     def populate_modules(self) -> None:
+        if self.config.disable_scene_contraction is None:  # built without the run's decision: the scene box
+            self.config.disable_scene_contraction = True
         with offline_lpips():
             super().populate_modules()
         cfg = self.config

@@ -16,7 +16,7 @@ every prefix of the levels renders.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Literal, Optional, Tuple, Type
 
 import torch
 from jaxtyping import Float, Int
@@ -174,6 +174,11 @@ class VQADModelConfig(ModelConfig):
     run starts (True where their borders show a background, False where they are one flat colour or transparent,
     as Blender scenes are; data/scene_bounds.py), and recorded in the run's config.yml; a model built without data
     is bounded."""
+    SCENE_BOUNDS_FLAGS: ClassVar[Tuple[str, str]] = (
+        "--pipeline.model.unbounded False",
+        "--pipeline.model.unbounded True",
+    )
+    """The flags that keep a run to the scene box and that fit a background (what the decision's message names)."""
     shell_lod: Optional[int] = None
     """Unbounded scenes: the finest level of detail of the background, the contracted space outside the scene box
     (finer levels hold cells only inside the box). None: DEFAULT_SHELL_LOD (level 2) when unbounded; -1: every
