@@ -27,6 +27,7 @@ from vqad_nerfstudio.codec import (
 )
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.payloads import (
+    check_quantized_bits,
     fp16_array,
     load_fp16_array,
     load_parameters,
@@ -34,6 +35,7 @@ from vqad_nerfstudio.export.payloads import (
     parameters_chunk,
     parse_aabb,
     read_complete_container,
+    require_quantized_bits,
 )
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.vqad_codec import (
@@ -46,7 +48,6 @@ from vqad_nerfstudio.export.vqad_codec import (
     LevelStats,
 )
 from vqad_nerfstudio.progress import track
-from vqad_nerfstudio.rounding import QUANTIZED_BITS
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.models.learned_index_nerfacto import LearnedIndexNerfactoModel
@@ -121,9 +122,7 @@ def encode_hash_model(
         "aabb": model.scene_box.aabb.detach().cpu().to(torch.float32).tolist(),
         "levels": len(encoding.layouts),
     }
-    if config.network_bits != 16:
-        header["model"][NETWORK_BITS_KEY] = config.network_bits
-        header["requires"] = [NETWORK_BITS_KEY]
+    require_quantized_bits(header, {NETWORK_BITS_KEY: config.network_bits})
     chunks = [parameters_chunk(_net_parameters(model), config.network_bits, (TAG_NETS, TAG_NETQ), None)]
     stats = []
     for level, layout in enumerate(track(encoding.layouts, "Encoding hash levels")):
@@ -193,12 +192,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, torch.Tensor, int]:
     ):
         raise FormatError(f"header: not a {' / '.join(HASH_METHODS)} header (method {method!r})")
     settings = dict(settings)
-    if NETWORK_BITS_KEY in settings:  # files before network_bits (and fp16 ones) leave it out
-        bits = settings[NETWORK_BITS_KEY]
-        if NETWORK_BITS_KEY not in header.get("requires", []):
-            raise FormatError(f"header: model.{NETWORK_BITS_KEY} is set but not required")
-        if type(bits) is not int or bits not in QUANTIZED_BITS:
-            raise FormatError(f"header: model.{NETWORK_BITS_KEY} must be an integer in 2..8, got {bits!r}")
+    check_quantized_bits(header, settings, (NETWORK_BITS_KEY,))  # files before it, and fp16 ones, leave it out
     for key in ("num_proposal_samples_per_ray",):
         settings[key] = tuple(settings[key])
     try:

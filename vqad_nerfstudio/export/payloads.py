@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ __all__ = [
     "encode_quantized_parameters",
     "load_quantized_parameters",
     "parameters_chunk",
+    "require_quantized_bits",
+    "check_quantized_bits",
     "parse_aabb",
     "read_complete_container",
 ]
@@ -142,6 +144,26 @@ def parameters_chunk(parameters: Dict[str, Tensor], bits: int, tags: Tuple[str, 
     if bits == 16:
         return Chunk(tags[0], lod, encode_parameters(parameters))
     return Chunk(tags[1], lod, encode_quantized_parameters(parameters, bits))
+
+
+def require_quantized_bits(header: Dict[str, Any], bits_by_key: Mapping[str, int]) -> None:
+    """Record in ``header`` (in place) each model key of ``bits_by_key`` whose parameters are quantised (bits
+    below 16): the key and its bits under ``model``, and the key in ``requires``. fp16 ones are left out."""
+    for key, bits in bits_by_key.items():
+        if bits != 16:
+            header["model"][key] = bits
+            header.setdefault("requires", []).append(key)
+
+
+def check_quantized_bits(header: Mapping[str, Any], settings: Mapping[str, Any], keys: Iterable[str]) -> None:
+    """``FormatError`` unless each of ``keys`` that the header's model ``settings`` set is listed in ``requires``
+    and holds an integer in 2..8 (what :func:`require_quantized_bits` writes)."""
+    for key in settings.keys() & set(keys):
+        bits = settings[key]
+        if key not in header.get("requires", []):
+            raise FormatError(f"header: model.{key} is set but not required")
+        if type(bits) is not int or bits not in QUANTIZED_BITS:
+            raise FormatError(f"header: model.{key} must be an integer in 2..8, got {bits!r}")
 
 
 @torch.no_grad()

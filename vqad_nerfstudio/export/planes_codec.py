@@ -32,17 +32,18 @@ from vqad_nerfstudio.codec import (
 )
 from vqad_nerfstudio.codec.container import Source
 from vqad_nerfstudio.export.payloads import (
+    check_quantized_bits,
     load_parameters,
     load_quantized_parameters,
     parameters_chunk,
     parse_aabb,
     read_complete_container,
+    require_quantized_bits,
 )
 from vqad_nerfstudio.export.symbols import decode_symbols
 from vqad_nerfstudio.export.vqad_codec import DecodeInfo, EncodedModel, LevelStats
 from vqad_nerfstudio.models.limits import MAX_PLANE_RESOLUTION
 from vqad_nerfstudio.progress import status
-from vqad_nerfstudio.rounding import QUANTIZED_BITS
 
 if TYPE_CHECKING:
     from vqad_nerfstudio.models.compressed_tensorf import CompressedTensoRFModel
@@ -115,10 +116,7 @@ def encode_planes_model(model: "CompressedTensoRFModel", method: str) -> Encoded
         "aabb": model.scene_box.aabb.detach().cpu().to(torch.float32).tolist(),
         "plane_resolution": planes.plane_resolution,
     }
-    for key in QUANTISED_KEYS:
-        if getattr(config, key) != 16:
-            header["model"][key] = getattr(config, key)
-            header.setdefault("requires", []).append(key)
+    require_quantized_bits(header, {key: getattr(config, key) for key in QUANTISED_KEYS})
     nets = parameters_chunk(_net_parameters(model), config.field_bits, QUANTISED_KEYS[FIELD_BITS_KEY], None)
     decoder = parameters_chunk(_decoder_parameters(model), config.decoder_bits, QUANTISED_KEYS[DECODER_BITS_KEY], 0)
     masks = planes.hard_masks().cpu().numpy()
@@ -199,12 +197,7 @@ def _parse_header(header: Dict[str, Any]) -> Tuple[str, Any, Tensor, int]:
         or set(settings) - set(QUANTISED_KEYS) != set(MODEL_KEYS)
     ):
         raise FormatError(f"header: not a {' / '.join(PLANE_METHODS)} header (method {method!r})")
-    for key in QUANTISED_KEYS.keys() & settings.keys():  # quantised parameters (PDCQ, NETQ)
-        bits = settings[key]
-        if key not in header.get("requires", []):
-            raise FormatError(f"header: model.{key} is set but not required")
-        if type(bits) is not int or bits not in QUANTIZED_BITS:
-            raise FormatError(f"header: model.{key} must be an integer in 2..8, got {bits!r}")
+    check_quantized_bits(header, settings, QUANTISED_KEYS)  # quantised parameters (PDCQ, NETQ)
     try:
         config = CompressedTensoRFModelConfig(**settings, camera_optimizer=CameraOptimizerConfig(mode="off"))
     except (TypeError, ValueError) as error:
